@@ -1,0 +1,3 @@
+//! `gpg-rl`: the command line of gpg-rl.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Advantage estimators and policy losses, as pure functions over f32.

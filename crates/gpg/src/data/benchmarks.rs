@@ -1,0 +1,1 @@
+//! Evaluation benchmarks shipped with the repository and their gold answers.

@@ -1,0 +1,13 @@
+//! gpg: reinforcement learning from verifiable rewards for language models.
+//!
+//! Data flows top to bottom through these modules and never reaches back up:
+//! `data` → `tokenizer` → `model` (engine) → `rollout` → `reward` → `algo` → `optim`.
+//! See docs/architecture.md.
+
+pub mod algo;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod reward;
+pub mod rollout;
+pub mod tokenizer;

@@ -1,0 +1,1 @@
+//! Fused ops with a CPU kernel each (CUDA kernels later).

@@ -1,0 +1,1 @@
+//! Optimiser (AdamW), global-norm gradient clipping, learning-rate schedules.

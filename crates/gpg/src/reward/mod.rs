@@ -1,0 +1,1 @@
+//! Rewards: a `Reward` trait and the built-in reward functions.

@@ -1,0 +1,1 @@
+//! Hugging Face tokenizer.json via `tokenizers`, chat templates via `minijinja`.
