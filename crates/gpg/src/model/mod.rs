@@ -1,3 +1,50 @@
 //! The Qwen2-family decoder engine: config, weights, training forward/backward, decoding.
+//!
+//! The engine knows nothing about RL: it computes per-token log-probs in a forward pass and,
+//! given one scalar g_t = ∂L/∂log π(o_t) per completion token, the parameter gradients in a
+//! backward pass. SFT (g_t = −1/N), evaluation and every RL objective use it alike.
 
+pub mod config;
 pub mod ops;
+pub mod qwen2;
+pub mod weights;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+
+pub use config::Qwen2Config;
+pub use qwen2::{ForwardCache, Gradients, Qwen2, TokenLogprobs, TrainBatch};
+
+impl Qwen2 {
+    /// Writes the model in Hugging Face format (config.json, model.safetensors in `dtype`),
+    /// loadable by transformers' `Qwen2ForCausalLM.from_pretrained`. Each file is written
+    /// atomically.
+    pub fn save_pretrained(&self, dir: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        let mut config = serde_json::to_value(&self.config)?;
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
+            obj.insert("model_type".into(), "qwen2".into());
+            let name = match dtype {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                _ => "float32",
+            };
+            obj.insert("torch_dtype".into(), name.into());
+            obj.retain(|_, v| !v.is_null());
+        }
+        weights::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        let tensors: Vec<(String, candle_core::Tensor)> = self
+            .parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.clone()))
+            .collect();
+        weights::save_safetensors(&tensors, dtype, &dir.join("model.safetensors"))
+    }
+}

@@ -1,1 +1,256 @@
 //! Batched sampling with a KV cache.
+//!
+//! Prompts of different lengths are prefilled together as one packed batch (no padding); each
+//! prompt's keys and values are then copied into the cache of its `n` sample rows. Every decode
+//! step feeds one token per *unfinished* row: a finished row leaves the batch and its cache is
+//! dropped, so it stops costing work. Each row draws from its own seeded random stream
+//! (`seed`, prompt index, sample index), so results do not depend on batch composition.
+
+pub mod sampling;
+
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::model::ops::{self, VarLen};
+use crate::model::qwen2::{KvStore, Qwen2};
+use crate::tokenizer::Tokenizer;
+pub use sampling::{SamplingParams, TokenSampler};
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token was sampled (it is the last of `token_ids`).
+    Eos,
+    /// The decoded text now contains one of the stop strings.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+/// One sampled completion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completion {
+    pub prompt_index: usize,
+    pub sample_index: usize,
+    /// The new tokens (the EOS token included when it ended the completion).
+    pub token_ids: Vec<u32>,
+    /// log π(token) under the sampling distribution softmax(logits / T) before top-k/top-p
+    /// truncation (T = 1 for greedy).
+    pub logprobs: Vec<f32>,
+    /// The new tokens decoded, special tokens skipped.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// Keys and values of the unfinished rows: `k[layer][row]` is [len, kv_dim] row-major.
+struct KvCache {
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+}
+
+impl KvCache {
+    /// Drops the rows whose `keep` flag is false, in all layers.
+    fn retain(&mut self, keep: &[bool]) {
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let mut i = 0;
+            layer.retain(|_| {
+                let kept = keep[i];
+                i += 1;
+                kept
+            });
+        }
+    }
+}
+
+impl KvStore for KvCache {
+    fn append_and_attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
+        let kv_dim = n_kv_heads * head_dim;
+        let q_dim = n_heads * head_dim;
+        let rows = self.k[layer].len();
+        ensure!(q.len() == rows * q_dim, "decode: query rows do not match cache rows");
+        let mut out = vec![0.0f32; rows * q_dim];
+        self.k[layer]
+            .par_iter_mut()
+            .zip(self.v[layer].par_iter_mut())
+            .zip(out.par_chunks_mut(q_dim))
+            .enumerate()
+            .for_each(|(b, ((kc, vc), o))| {
+                kc.extend_from_slice(&k[b * kv_dim..(b + 1) * kv_dim]);
+                vc.extend_from_slice(&v[b * kv_dim..(b + 1) * kv_dim]);
+                let len = kc.len() / kv_dim;
+                ops::attention_decode(
+                    &q[b * q_dim..(b + 1) * q_dim],
+                    kc,
+                    vc,
+                    len,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    o,
+                );
+            });
+        Ok(out)
+    }
+}
+
+/// State of one unfinished row.
+struct Row {
+    prompt_index: usize,
+    sample_index: usize,
+    prompt_len: usize,
+    sampler: TokenSampler,
+    token_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+/// Samples `params.n` completions for each prompt (token ids, no padding).
+pub fn generate(
+    model: &Qwen2,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    params.validate()?;
+    let max_pos = model.config.max_position_embeddings;
+    for (i, p) in prompts.iter().enumerate() {
+        ensure!(!p.is_empty(), "prompt {i} is empty");
+        ensure!(
+            p.len() + params.max_new_tokens <= max_pos,
+            "prompt {i} has {} tokens; with max_new_tokens {} it exceeds the model's {} positions",
+            p.len(),
+            params.max_new_tokens,
+            max_pos
+        );
+    }
+    let mut done = Vec::with_capacity(prompts.len() * params.n);
+    if prompts.is_empty() || params.n == 0 {
+        return Ok(done);
+    }
+    let stop_ids = params.stop_token_ids(model, tokenizer);
+
+    // Prefill every prompt once, packed.
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let seqs = VarLen::from_lens(&lens);
+    let tokens: Vec<u32> = prompts.concat();
+    let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+    let (h_last, kv) = model.prefill(&tokens, &seqs, &positions)?;
+    let prompt_logits = model.logits(&h_last)?.to_vec2::<f32>()?;
+
+    // Expand to n rows per prompt, each with its own copy of the prompt's cache.
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
+        .into_iter()
+        .map(|(k, v)| Ok((k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?)))
+        .collect::<Result<_>>()?;
+    let kv_dim = model.config.kv_dim();
+    let mut cache = KvCache {
+        k: vec![Vec::new(); kv.len()],
+        v: vec![Vec::new(); kv.len()],
+    };
+    let mut rows = Vec::new();
+    let mut logits: Vec<Vec<f32>> = Vec::new();
+    for (pi, prompt) in prompts.iter().enumerate() {
+        let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
+        for si in 0..params.n {
+            for (layer, (k, v)) in kv.iter().enumerate() {
+                let mut kc = Vec::with_capacity((prompt.len() + params.max_new_tokens) * kv_dim);
+                kc.extend_from_slice(&k[span.clone()]);
+                let mut vc = Vec::with_capacity(kc.capacity());
+                vc.extend_from_slice(&v[span.clone()]);
+                cache.k[layer].push(kc);
+                cache.v[layer].push(vc);
+            }
+            rows.push(Row {
+                prompt_index: pi,
+                sample_index: si,
+                prompt_len: prompt.len(),
+                sampler: TokenSampler::new(params, pi as u64, si as u64),
+                token_ids: Vec::with_capacity(params.max_new_tokens),
+                logprobs: Vec::with_capacity(params.max_new_tokens),
+            });
+            logits.push(prompt_logits[pi].clone());
+        }
+    }
+
+    while !rows.is_empty() && params.max_new_tokens > 0 {
+        // Sample one token per row (rows are independent: parallel).
+        rows.par_iter_mut().zip(logits.par_iter_mut()).for_each(|(row, l)| {
+            let (token, logprob) = row.sampler.sample(l);
+            row.token_ids.push(token);
+            row.logprobs.push(logprob);
+        });
+        // Decide which rows are finished; they leave the batch and their cache is dropped.
+        let mut reasons = Vec::with_capacity(rows.len());
+        for row in &rows {
+            reasons.push(finish_reason(row, params, &stop_ids, tokenizer)?);
+        }
+        if reasons.iter().any(Option::is_some) {
+            let keep: Vec<bool> = reasons.iter().map(Option::is_none).collect();
+            let mut unfinished = Vec::with_capacity(rows.len());
+            for (row, reason) in rows.drain(..).zip(reasons) {
+                match reason {
+                    None => unfinished.push(row),
+                    Some(finish_reason) => done.push(Completion {
+                        prompt_index: row.prompt_index,
+                        sample_index: row.sample_index,
+                        text: tokenizer.decode(&row.token_ids, true)?,
+                        token_ids: row.token_ids,
+                        logprobs: row.logprobs,
+                        finish_reason,
+                    }),
+                }
+            }
+            rows = unfinished;
+            cache.retain(&keep);
+        }
+        if rows.is_empty() {
+            break;
+        }
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token_ids[r.token_ids.len() - 1]).collect();
+        let positions: Vec<u32> = rows
+            .iter()
+            .map(|r| (r.prompt_len + r.token_ids.len() - 1) as u32)
+            .collect();
+        let h = model.decode_step(&tokens, &positions, &mut cache)?;
+        logits = logits_rows(model, &h)?;
+    }
+    done.sort_by_key(|c| (c.prompt_index, c.sample_index));
+    Ok(done)
+}
+
+fn logits_rows(model: &Qwen2, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(model.logits(h)?.to_vec2::<f32>()?)
+}
+
+/// Whether `row` is finished after its latest token, and why.
+fn finish_reason(
+    row: &Row,
+    params: &SamplingParams,
+    stop_ids: &[u32],
+    tokenizer: &Tokenizer,
+) -> Result<Option<FinishReason>> {
+    let last = row.token_ids[row.token_ids.len() - 1];
+    if !params.ignore_eos && stop_ids.contains(&last) {
+        return Ok(Some(FinishReason::Eos));
+    }
+    if !params.stop_strings.is_empty() {
+        let text = tokenizer.decode(&row.token_ids, true)?;
+        if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+            return Ok(Some(FinishReason::Stop));
+        }
+    }
+    if row.token_ids.len() >= params.max_new_tokens {
+        return Ok(Some(FinishReason::Length));
+    }
+    Ok(None)
+}

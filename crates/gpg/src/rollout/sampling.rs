@@ -1,0 +1,267 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p.
+//!
+//! The order follows transformers' logits processors: divide by the temperature, keep the k
+//! most likely tokens, then the smallest set of most likely tokens whose probability reaches
+//! top_p (always at least one), renormalise and draw.
+
+use anyhow::{ensure, Result};
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::qwen2::Qwen2;
+use crate::tokenizer::Tokenizer;
+
+/// How to sample completions.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Completions per prompt.
+    pub n: usize,
+    pub max_new_tokens: usize,
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// 1.0 disables nucleus sampling.
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    pub seed: u64,
+    /// Extra end-of-sequence ids, besides the model's and the tokenizer's EOS.
+    pub stop_token_ids: Vec<u32>,
+    /// A completion ends once its decoded text contains one of these (kept in the output).
+    pub stop_strings: Vec<String>,
+    /// Keep generating through EOS until `max_new_tokens`.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            n: 1,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "temperature must be ≥ 0 (0 = greedy), got {}",
+            self.temperature
+        );
+        ensure!(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top_p must be in (0, 1], got {}",
+            self.top_p
+        );
+        Ok(())
+    }
+
+    /// Token ids that end a completion: the explicit ones, the model config's
+    /// `eos_token_id` (one or several) and the tokenizer's EOS token.
+    pub fn stop_token_ids(&self, model: &Qwen2, tokenizer: &Tokenizer) -> Vec<u32> {
+        let mut ids = self.stop_token_ids.clone();
+        if let Some(eos) = &model.config.eos_token_id {
+            ids.extend(eos.to_vec());
+        }
+        ids.extend(tokenizer.eos_token_id());
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Draws tokens for one completion from its own random stream.
+#[derive(Debug, Clone)]
+pub struct TokenSampler {
+    rng: ChaCha8Rng,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    /// Scratch space for the candidate set, reused across steps.
+    candidates: Vec<(f32, u32)>,
+}
+
+impl TokenSampler {
+    /// The random stream depends only on (seed, prompt, sample): reproducible whatever the
+    /// batch holds.
+    pub fn new(params: &SamplingParams, prompt_index: u64, sample_index: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        rng.set_stream(prompt_index.wrapping_mul(1 << 20).wrapping_add(sample_index));
+        Self {
+            rng,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+            candidates: Vec::new(),
+        }
+    }
+
+    /// Picks the next token from `logits` (overwritten as scratch). Returns the token and its
+    /// log-prob under softmax(logits / T) (T = 1 when greedy), before any truncation.
+    pub fn sample(&mut self, logits: &mut [f32]) -> (u32, f32) {
+        let greedy = self.temperature == 0.0;
+        let inv_t = if greedy { 1.0 } else { 1.0 / self.temperature };
+        let mut max = f32::NEG_INFINITY;
+        let mut argmax = 0usize;
+        for (i, l) in logits.iter_mut().enumerate() {
+            *l *= inv_t;
+            if *l > max {
+                max = *l;
+                argmax = i;
+            }
+        }
+        let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        if greedy {
+            return (argmax as u32, logits[argmax] - lse);
+        }
+        let token = self.draw(logits, max);
+        (token, logits[token as usize] - lse)
+    }
+
+    /// Draws from softmax(logits) restricted by top-k and top-p.
+    fn draw(&mut self, logits: &[f32], max: f32) -> u32 {
+        let truncate = self.top_k > 0 && self.top_k < logits.len() || self.top_p < 1.0;
+        if !truncate {
+            // Inverse-CDF draw over the full distribution.
+            let total: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+            let mut u = self.rng.gen::<f64>() * total;
+            for (i, &l) in logits.iter().enumerate() {
+                u -= ((l - max) as f64).exp();
+                if u <= 0.0 {
+                    return i as u32;
+                }
+            }
+            return (logits.len() - 1) as u32;
+        }
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if self.top_k > 0 && self.top_k < c.len() {
+            c.select_nth_unstable_by(self.top_k - 1, by_logit_desc);
+            c.truncate(self.top_k);
+        }
+        c.sort_unstable_by(by_logit_desc);
+        let weights: Vec<f64> = c.iter().map(|&(l, _)| ((l - max) as f64).exp()).collect();
+        let mut total: f64 = weights.iter().sum();
+        let mut keep = weights.len();
+        if self.top_p < 1.0 {
+            let target = self.top_p as f64 * total;
+            let mut cum = 0.0;
+            for (i, w) in weights.iter().enumerate() {
+                cum += w;
+                if cum >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            total = weights[..keep].iter().sum();
+        }
+        let mut u = self.rng.gen::<f64>() * total;
+        for (i, w) in weights[..keep].iter().enumerate() {
+            u -= w;
+            if u <= 0.0 {
+                return c[i].1;
+            }
+        }
+        c[keep - 1].1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> TokenSampler {
+        let params = SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ..Default::default()
+        };
+        TokenSampler::new(&params, 0, 0)
+    }
+
+    #[test]
+    fn greedy_picks_argmax_with_its_logprob() {
+        let mut s = sampler(0.0, 1.0, 0, 1);
+        let mut logits = vec![0.0, 2.0, 1.0];
+        let (t, lp) = s.sample(&mut logits);
+        assert_eq!(t, 1);
+        // log(e^2 / (1 + e^2 + e)) by hand.
+        let expected = 2.0 - (1.0f32 + 2.0f32.exp() + 1.0f32.exp()).ln();
+        assert!((lp - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_logprob_is_untruncated() {
+        let mut s = sampler(1.0, 1.0, 1, 7);
+        for _ in 0..20 {
+            let mut logits = vec![0.5, -1.0, 3.0, 2.9];
+            let (t, lp) = s.sample(&mut logits);
+            assert_eq!(t, 2);
+            let lse = [0.5f32, -1.0, 3.0, 2.9].iter().map(|x| x.exp()).sum::<f32>().ln();
+            assert!((lp - (3.0 - lse)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_set_reaching_p() {
+        // probabilities 0.5, 0.3, 0.2 : top_p 0.6 keeps {0, 1}; token 2 never drawn.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut s = sampler(1.0, 0.6, 0, 3);
+        let mut counts = [0usize; 3];
+        for _ in 0..4000 {
+            let mut l = logits.to_vec();
+            counts[s.sample(&mut l).0 as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        // Renormalised: 0.5/0.8 = 0.625 for token 0.
+        let share = counts[0] as f64 / 4000.0;
+        assert!((share - 0.625).abs() < 0.03, "share {share}");
+    }
+
+    #[test]
+    fn full_distribution_frequencies_match_softmax() {
+        let logits = [1.0f32, 0.0, -1.0];
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        let mut s = sampler(1.0, 1.0, 0, 11);
+        let mut counts = [0usize; 3];
+        let n = 20000;
+        for _ in 0..n {
+            let mut l = logits.to_vec();
+            counts[s.sample(&mut l).0 as usize] += 1;
+        }
+        for i in 0..3 {
+            let p = logits[i].exp() / z;
+            let share = counts[i] as f32 / n as f32;
+            assert!((share - p).abs() < 0.015, "token {i}: {share} vs {p}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_stream() {
+        let draw = |seed| {
+            let mut s = sampler(1.0, 0.9, 50, seed);
+            (0..50)
+                .map(|i| {
+                    let mut l: Vec<f32> = (0..100).map(|j| ((i * j) % 7) as f32 * 0.3).collect();
+                    s.sample(&mut l).0
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        assert_ne!(draw(5), draw(6));
+    }
+}
