@@ -1,3 +1,46 @@
-//! `gpg-rl`: the command line of gpg-rl.
+//! `gpg-rl`: the command line of gpg-rl. Each subcommand lives in `cmd/<name>.rs`; this file
+//! only parses arguments and reports errors.
 
-fn main() {}
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gpg-rl", version, about = "Teach language models to reason with GPG (Group Policy Gradient)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample completions from a Hugging Face Qwen2 model.
+    Generate(cmd::generate::GenerateArgs),
+    /// Log-prob of every completion token of {"prompt", "completion"} JSONL lines.
+    Logprobs(cmd::logprobs::LogprobsArgs),
+    /// Write a randomly initialised Qwen2 model with a small tokenizer (for tests and benchmarks).
+    Init(cmd::init::InitArgs),
+    /// Check whether predicted answers are mathematically equal to gold answers.
+    MathVerify(cmd::math_verify::MathVerifyArgs),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Logprobs(args) => cmd::logprobs::run(args),
+        Command::Init(args) => cmd::init::run(args),
+        Command::MathVerify(args) => cmd::math_verify::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -11,3 +11,5 @@ pub mod optim;
 pub mod reward;
 pub mod rollout;
 pub mod tokenizer;
+
+pub use candle_core;

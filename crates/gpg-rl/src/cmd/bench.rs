@@ -1,0 +1,186 @@
+//! `gpg-rl bench engine`: train-step time and sampling throughput of the engine, optionally
+//! beside PyTorch/transformers on the same model files in the same run.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use gpg::model::TrainBatch;
+use gpg::rollout::{self, SamplingParams};
+use rand::{Rng, SeedableRng};
+
+use super::init::{write_model, InitArgs, StorageDtype};
+use super::model_dir::ModelDir;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Train step (forward + backward) and batched sampling of a Qwen2 model.
+    Engine(EngineArgs),
+}
+
+#[derive(Args)]
+pub struct EngineArgs {
+    /// Model directory; default: a fresh random model (hidden 256, 4 layers, 4/2 heads,
+    /// intermediate 1024, vocab 4096) written to a temporary directory.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Of which prompt tokens (the rest are scored completion tokens).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Timed train steps (after one warm-up step); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub sample_prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Python interpreter with torch + transformers: also run the PyTorch peer
+    /// (bench/compare/*.py) on the same model and print the ratios.
+    #[arg(long)]
+    pub peer_python: Option<PathBuf>,
+}
+
+pub fn run(cmd: &BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Engine(args) => engine(args),
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Peak resident memory of this process so far, in MiB (VmHWM).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn engine(args: &EngineArgs) -> Result<()> {
+    let tmp;
+    let model_dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            let dir = tmp.path().join("bench-model");
+            write_model(&InitArgs {
+                out: dir.clone(),
+                hidden: 256,
+                layers: 4,
+                heads: 4,
+                kv_heads: 2,
+                intermediate: 1024,
+                vocab: 4096,
+                max_positions: 4096,
+                rope_theta: 1e6,
+                rms_norm_eps: 1e-6,
+                untied: false,
+                init_std: 0.02,
+                seed: 0,
+                dtype: StorageDtype::F32,
+                corpus: None,
+            })?;
+            dir
+        }
+    };
+    let dir = ModelDir::load(&model_dir)?;
+    let model = &dir.model;
+    let vocab = model.config.vocab_size as u32;
+    let threads = rayon::current_num_threads();
+    println!(
+        "model {} ({} parameters), {threads} threads",
+        model_dir.display(),
+        model.parameter_count()
+    );
+
+    // Train step: forward + backward over batch × seq_len tokens.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let seqs: Vec<Vec<u32>> = (0..args.batch)
+        .map(|_| (0..args.seq_len).map(|_| rng.gen_range(0..vocab)).collect())
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| s.split_at(args.prompt_len)).collect();
+    let batch = TrainBatch::new(&pairs)?;
+    let n = batch.num_completion_tokens();
+    let g: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0) / n as f32).collect();
+    let mut times = Vec::new();
+    for step in 0..=args.steps {
+        let t0 = Instant::now();
+        let (_, cache) = model.forward_train(&batch, 1.0)?;
+        let grads = model.backward(&batch, cache, &g)?;
+        drop(grads);
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let train_s = median(times);
+    println!(
+        "train step (fwd+bwd), batch {} x {} tokens: {:.3} s (median of {})",
+        args.batch, args.seq_len, train_s, args.steps
+    );
+
+    // Sampling: batch of random prompts, fixed number of new tokens.
+    let prompts: Vec<Vec<u32>> = (0..args.batch)
+        .map(|_| (0..args.sample_prompt_len).map(|_| rng.gen_range(0..vocab)).collect())
+        .collect();
+    let params = SamplingParams {
+        n: 1,
+        max_new_tokens: args.new_tokens,
+        temperature: 1.0,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    rollout::generate(model, &dir.tokenizer, &prompts[..1], &SamplingParams { max_new_tokens: 4, ..params.clone() })?;
+    let t0 = Instant::now();
+    let out = rollout::generate(model, &dir.tokenizer, &prompts, &params)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let new_tokens: usize = out.iter().map(|c| c.token_ids.len()).sum();
+    let tok_s = new_tokens as f64 / secs;
+    println!(
+        "sampling, batch {} prompt {} new {}: {:.0} tokens/s ({:.2} s)",
+        args.batch, args.sample_prompt_len, args.new_tokens, tok_s, secs
+    );
+    let rss = peak_rss_mib().unwrap_or(f64::NAN);
+    println!("peak RSS: {rss:.0} MiB");
+
+    if let Some(python) = &args.peer_python {
+        let script_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/compare");
+        let peer = |script: &str, extra: &[String]| -> Result<serde_json::Value> {
+            let output = Command::new(python)
+                .arg(script_dir.join(script))
+                .arg("--model")
+                .arg(&model_dir)
+                .args(extra)
+                .output()
+                .with_context(|| format!("cannot run {} {script}", python.display()))?;
+            anyhow::ensure!(
+                output.status.success(),
+                "{script} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            serde_json::from_str(last).with_context(|| format!("{script}: unexpected output {last:?}"))
+        };
+        let torch = peer("torch_train_step.py", &[])?;
+        let hf = peer("hf_generate.py", &[])?;
+        let torch_s = torch["train_step_s"].as_f64().unwrap_or(f64::NAN);
+        let hf_tok_s = hf["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        println!("PyTorch train step: {torch_s:.3} s  -> peer/gpg-rl time ratio {:.2}x", torch_s / train_s);
+        println!("HF generate: {hf_tok_s:.0} tokens/s -> gpg-rl/peer throughput ratio {:.2}x", tok_s / hf_tok_s);
+        println!(
+            "peer peak RSS: train {} MiB, generate {} MiB",
+            torch["peak_rss_mb"], hf["peak_rss_mb"]
+        );
+    }
+    Ok(())
+}

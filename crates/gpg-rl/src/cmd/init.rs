@@ -1,0 +1,157 @@
+//! `gpg-rl init`: a randomly initialised Qwen2 model in Hugging Face format, with a small
+//! byte-level BPE tokenizer trained on a built-in corpus (or `--corpus FILE`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use gpg::candle_core::{DType, Device};
+use gpg::model::{Qwen2, Qwen2Config};
+use gpg::tokenizer::{train_byte_level_bpe, Tokenizer};
+
+#[derive(Args, Clone)]
+pub struct InitArgs {
+    /// Output directory (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub intermediate: usize,
+    /// Vocabulary size of the model; the tokenizer is trained up to this size.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub max_positions: usize,
+    #[arg(long, default_value_t = 1e6)]
+    pub rope_theta: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    pub rms_norm_eps: f64,
+    /// Separate output head instead of sharing the embedding matrix.
+    #[arg(long)]
+    pub untied: bool,
+    /// Standard deviation of the initial weights (transformers uses 0.02).
+    #[arg(long, default_value_t = 0.02)]
+    pub init_std: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = StorageDtype::F32)]
+    pub dtype: StorageDtype,
+    /// Text file to train the tokenizer on (one document per line); default: built-in corpus.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum StorageDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StorageDtype {
+    fn dtype(self) -> DType {
+        match self {
+            StorageDtype::F32 => DType::F32,
+            StorageDtype::Bf16 => DType::BF16,
+            StorageDtype::F16 => DType::F16,
+        }
+    }
+}
+
+pub fn run(args: &InitArgs) -> Result<()> {
+    write_model(args)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// Writes the model and tokenizer described by `args`; returns the model.
+pub fn write_model(args: &InitArgs) -> Result<Qwen2> {
+    let corpus = match &args.corpus {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read corpus", path.display()))?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        None => builtin_corpus(),
+    };
+    let tokenizer = train_byte_level_bpe(&corpus, args.vocab)?;
+    let tokenizer_vocab = tokenizer.vocab_size();
+    anyhow::ensure!(
+        tokenizer_vocab <= args.vocab,
+        "the tokenizer has {tokenizer_vocab} tokens, more than --vocab {}",
+        args.vocab
+    );
+    let eos = tokenizer
+        .eos_token_id()
+        .context("the trained tokenizer has no EOS token")?;
+    let config = Qwen2Config {
+        vocab_size: args.vocab,
+        hidden_size: args.hidden,
+        intermediate_size: args.intermediate,
+        num_hidden_layers: args.layers,
+        num_attention_heads: args.heads,
+        num_key_value_heads: Some(args.kv_heads),
+        head_dim: None,
+        max_position_embeddings: args.max_positions,
+        rope_theta: args.rope_theta,
+        rms_norm_eps: args.rms_norm_eps,
+        tie_word_embeddings: !args.untied,
+        hidden_act: "silu".into(),
+        bos_token_id: Some(eos),
+        eos_token_id: Some(gpg::model::config::TokenIds::One(eos)),
+        rope_scaling: None,
+        use_sliding_window: false,
+        extra: Default::default(),
+    };
+    let model = Qwen2::random(config, args.init_std, args.seed, &Device::Cpu)?;
+    save_with_tokenizer(&model, &tokenizer, &args.out, args.dtype.dtype())?;
+    Ok(model)
+}
+
+/// Writes model, tokenizer and generation_config.json into `dir`.
+pub fn save_with_tokenizer(model: &Qwen2, tokenizer: &Tokenizer, dir: &Path, dtype: DType) -> Result<()> {
+    model.save_pretrained(dir, dtype)?;
+    tokenizer.save_pretrained(dir)?;
+    let mut eos = vec![];
+    eos.extend(tokenizer.eos_token_id());
+    eos.extend(tokenizer.token_to_id("<|im_end|>"));
+    let generation = serde_json::json!({
+        "bos_token_id": tokenizer.eos_token_id(),
+        "eos_token_id": eos,
+    });
+    gpg::model::weights::write_atomic(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&generation)?.as_bytes(),
+    )
+}
+
+/// A small built-in corpus of English and arithmetic, enough for a byte-level BPE of a few
+/// thousand tokens.
+pub fn builtin_corpus() -> Vec<String> {
+    let mut corpus: Vec<String> = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Let's think step by step and put the final answer in \\boxed{}.",
+        "Solve the equation for x. First, subtract 3 from both sides. Then divide by 2.",
+        "The answer is 42. Therefore the result is \\boxed{42}.",
+        "A train travels 60 miles per hour for 3 hours. How far does it travel?",
+        "We compute the sum, the difference, the product and the quotient of two numbers.",
+        "<think> reasoning goes here </think> <answer> 7 </answer>",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for a in 0..100u32 {
+        for b in (0..100u32).step_by(7) {
+            corpus.push(format!("Compute {a}+{b}= {}", a + b));
+            corpus.push(format!("{a} * {b} = {}, so {a} - {b} = {}", a * b, a as i64 - b as i64));
+        }
+    }
+    corpus
+}

@@ -1,0 +1,8 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod generate;
+pub mod init;
+pub mod logprobs;
+pub mod math_verify;
+mod model_dir;
