@@ -1,1 +1,37 @@
 //! Fused ops with a CPU kernel each (CUDA kernels later).
+//!
+//! Every op of the Qwen2-family engine that is hot or needs a hand-written backward lives here:
+//! RMSNorm, rotary embedding, SwiGLU, causal grouped-query attention over a packed variable-length
+//! batch (training and decoding), and the output head fused with log-softmax and gather.
+//!
+//! Layout of the module: each op has one file (`rms_norm.rs`, `rope.rs`, …) holding its public
+//! function(s): the equation, the backward's derivation, shape checks and the dispatch on the
+//! tensors' device. The kernels themselves work on plain `&[f32]` slices and live in `cpu/`
+//! (a `cuda/` sibling slots in later: a new arm in each op's `match device`).
+//!
+//! Conventions: every tensor argument must be a contiguous `f32` tensor; results are fresh
+//! contiguous `f32` tensors on the same device. Errors name the op and the offending argument.
+
+mod attention;
+mod cpu;
+mod lm_head;
+mod rms_norm;
+mod rope;
+mod swiglu;
+mod tensor_io;
+mod varlen;
+
+#[cfg(test)]
+mod bench;
+#[cfg(test)]
+mod test_util;
+
+pub use attention::{attention, attention_backward, attention_decode};
+pub use lm_head::{
+    lm_head_backward, lm_head_backward_chunked, lm_head_logprobs, lm_head_logprobs_chunked,
+    LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
+};
+pub use rms_norm::{rms_norm, rms_norm_backward};
+pub use rope::Rope;
+pub use swiglu::{swiglu, swiglu_backward};
+pub use varlen::VarLen;

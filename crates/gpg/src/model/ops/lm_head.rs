@@ -1,0 +1,306 @@
+//! Output head fused with log-softmax, gather and entropy, chunked over rows so that the
+//! N × V logits never exist at once (Qwen's vocabulary has 151,936 entries).
+//!
+//! Forward, per row n with τ⁻¹ = `inv_temperature`:
+//!   z_n = τ⁻¹·W h_n,  lse_n = log Σ_v e^(z_nv),  logp_n = z_n[target_n] − lse_n,
+//!   p_nv = e^(z_nv − lse_n),  entropy_n = −Σ_v p_nv·log p_nv   (of the tempered distribution).
+//!
+//! Backward, given g_n = ∂L/∂logp_n: ∂logp_n/∂z_nv = 1[v = target_n] − p_nv, so
+//!   dz_nv = g_n·(1[v = target_n] − p_nv)  (p recomputed from lse, chunk by chunk),
+//!   dh_n = τ⁻¹·Σ_v dz_nv·W_v,  dW_v = τ⁻¹·Σ_n dz_nv·h_n.
+//! The entropy output carries no gradient (it is a diagnostic).
+
+use super::cpu;
+use super::cpu::lm_head::HeadDims;
+use super::tensor_io::{backend, cpu_slice, cpu_tensor, f32_dims, Backend};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// Default budget of logits alive at once (chunk_rows × vocab ≤ this): 8M f32 = 32 MiB.
+pub const LM_HEAD_CHUNK_LOGITS: usize = 8 << 20;
+
+/// Per-row results of [`lm_head_logprobs`], each of length N.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LmHeadOutput {
+    /// log p(target_n) under the tempered distribution.
+    pub logprobs: Vec<f32>,
+    /// Entropy of the tempered distribution of row n (nats).
+    pub entropy: Vec<f32>,
+    /// log Σ_v e^(z_nv), kept for the backward pass.
+    pub lse: Vec<f32>,
+}
+
+/// Checks h [N, H], w [V, H], targets (N entries, each < V) and the temperature.
+fn head_dims(
+    op: &str,
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    inv_temperature: f32,
+    chunk_logits: usize,
+) -> Result<HeadDims> {
+    let hd = f32_dims(op, "h", h, 2)?;
+    let (rows, hidden) = (hd[0], hd[1]);
+    let wd = f32_dims(op, "w", w, 2)?;
+    let vocab = wd[0];
+    if wd[1] != hidden {
+        bail!("{op}: `w` has shape {wd:?} but `h` has hidden size {hidden}");
+    }
+    if vocab == 0 {
+        bail!("{op}: `w` has an empty vocabulary");
+    }
+    if targets.len() != rows {
+        bail!("{op}: {} targets for {rows} rows of `h`", targets.len());
+    }
+    if let Some(n) = targets.iter().position(|&t| t as usize >= vocab) {
+        bail!(
+            "{op}: targets[{n}] = {} is outside the vocabulary of {vocab}",
+            targets[n]
+        );
+    }
+    if !inv_temperature.is_finite() || inv_temperature <= 0.0 {
+        bail!("{op}: inv_temperature must be finite and > 0, got {inv_temperature}");
+    }
+    Ok(HeadDims {
+        rows,
+        hidden,
+        vocab,
+        chunk_rows: (chunk_logits / vocab).max(1),
+    })
+}
+
+/// Log-probabilities of `targets`, entropies and log-sum-exps of z = inv_temperature·(h Wᵀ)
+/// for h [N, H], w [V, H], with at most [`LM_HEAD_CHUNK_LOGITS`] logits alive at once.
+pub fn lm_head_logprobs(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    inv_temperature: f32,
+) -> Result<LmHeadOutput> {
+    lm_head_logprobs_chunked(h, w, targets, inv_temperature, LM_HEAD_CHUNK_LOGITS)
+}
+
+/// [`lm_head_logprobs`] with an explicit budget of logits alive at once: rows are processed
+/// max(1, chunk_logits / V) at a time.
+pub fn lm_head_logprobs_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    inv_temperature: f32,
+    chunk_logits: usize,
+) -> Result<LmHeadOutput> {
+    const OP: &str = "lm_head_logprobs";
+    let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
+    match backend(OP, &[("h", h), ("w", w)])? {
+        Backend::Cpu => {
+            let (hs, hl) = h.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let mut out = LmHeadOutput {
+                logprobs: vec![0.0; d.rows],
+                entropy: vec![0.0; d.rows],
+                lse: vec![0.0; d.rows],
+            };
+            cpu::lm_head::forward(
+                cpu_slice(OP, "h", &hs, hl)?,
+                cpu_slice(OP, "w", &ws, wl)?,
+                targets,
+                inv_temperature,
+                d,
+                &mut out.logprobs,
+                &mut out.entropy,
+                &mut out.lse,
+            );
+            Ok(out)
+        }
+    }
+}
+
+/// Backward of [`lm_head_logprobs`] given g_n = ∂L/∂logp_n and the forward's lse.
+/// Returns `(dh [N, H], dW [V, H])`.
+pub fn lm_head_backward(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    lse: &[f32],
+    g: &[f32],
+    inv_temperature: f32,
+) -> Result<(Tensor, Tensor)> {
+    lm_head_backward_chunked(h, w, targets, lse, g, inv_temperature, LM_HEAD_CHUNK_LOGITS)
+}
+
+/// [`lm_head_backward`] with an explicit budget of logits alive at once.
+pub fn lm_head_backward_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    lse: &[f32],
+    g: &[f32],
+    inv_temperature: f32,
+    chunk_logits: usize,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "lm_head_backward";
+    let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
+    if lse.len() != d.rows || g.len() != d.rows {
+        bail!(
+            "{OP}: lse has {} and g has {} entries, expected {} (rows of `h`)",
+            lse.len(),
+            g.len(),
+            d.rows
+        );
+    }
+    match backend(OP, &[("h", h), ("w", w)])? {
+        Backend::Cpu => {
+            let (hs, hl) = h.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let mut dh = vec![0.0f32; d.rows * d.hidden];
+            let mut dw = vec![0.0f32; d.vocab * d.hidden];
+            cpu::lm_head::backward(
+                cpu_slice(OP, "h", &hs, hl)?,
+                cpu_slice(OP, "w", &ws, wl)?,
+                targets,
+                lse,
+                g,
+                inv_temperature,
+                d,
+                &mut dh,
+                &mut dw,
+            );
+            Ok((
+                cpu_tensor(OP, dh, (d.rows, d.hidden))?,
+                cpu_tensor(OP, dw, (d.vocab, d.hidden))?,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::test_util::*;
+
+    /// Full-logits log-softmax in f64: (logp, entropy, lse) per row.
+    fn naive(
+        h: &[f32],
+        w: &[f32],
+        n: usize,
+        hid: usize,
+        v: usize,
+        targets: &[u32],
+        inv_t: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut lp, mut ent, mut lses) = (vec![], vec![], vec![]);
+        for r in 0..n {
+            let z: Vec<f64> = (0..v)
+                .map(|c| {
+                    inv_t
+                        * (0..hid)
+                            .map(|j| h[r * hid + j] as f64 * w[c * hid + j] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            lp.push(z[targets[r] as usize] - lse);
+            ent.push(-z.iter().map(|x| (x - lse).exp() * (x - lse)).sum::<f64>());
+            lses.push(lse);
+        }
+        (lp, ent, lses)
+    }
+
+    fn setup(seed: u64, n: usize, hid: usize, v: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let mut g = rng(seed);
+        let h = rand_vec(&mut g, n * hid, 1.0);
+        let w = rand_vec(&mut g, v * hid, 1.0);
+        let targets = (0..n).map(|i| ((i * 7 + 3) % v) as u32).collect();
+        (h, w, targets)
+    }
+
+    #[test]
+    fn forward_matches_full_log_softmax_with_temperature_and_chunks() {
+        let (n, hid, v) = (13, 16, 37);
+        let (h, w, targets) = setup(12, n, hid, v);
+        let (ht, wt) = (tensor(&h, &[n, hid]), tensor(&w, &[v, hid]));
+        for inv_t in [1.0f32, 1.0 / 0.7, 0.25] {
+            let (lp, ent, lse) = naive(&h, &w, n, hid, v, &targets, inv_t as f64);
+            // Budgets: all rows at once, 4 rows per chunk (13 = 3·4 + 1), and 1 row.
+            for budget in [LM_HEAD_CHUNK_LOGITS, 4 * v + 5, 1] {
+                let out = lm_head_logprobs_chunked(&ht, &wt, &targets, inv_t, budget).unwrap();
+                assert_close(&out.logprobs, &lp, 1e-6, 2e-6, "logprobs");
+                assert_close(&out.entropy, &ent, 1e-6, 2e-6, "entropy");
+                assert_close(&out.lse, &lse, 1e-6, 2e-6, "lse");
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_logits_have_log_v_entropy() {
+        // h = 0 → all logits 0: logp = −ln V, entropy = ln V.
+        let (n, hid, v) = (2, 3, 5);
+        let out = lm_head_logprobs(
+            &tensor(&vec![0.0; n * hid], &[n, hid]),
+            &tensor(&vec![1.0; v * hid], &[v, hid]),
+            &[0, 4],
+            1.0,
+        )
+        .unwrap();
+        let ln_v = (v as f64).ln();
+        assert_close(&out.logprobs, &[-ln_v, -ln_v], 1e-7, 0.0, "logp");
+        assert_close(&out.entropy, &[ln_v, ln_v], 1e-6, 0.0, "entropy");
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (n, hid, v) = (5, 6, 11);
+        let (h, w, targets) = setup(13, n, hid, v);
+        let mut gen = rng(14);
+        let g = rand_vec(&mut gen, n, 1.0);
+        let inv_t = 1.0 / 0.6;
+        let loss = |h: &[f32], w: &[f32]| {
+            let out = lm_head_logprobs(
+                &tensor(h, &[n, hid]),
+                &tensor(w, &[v, hid]),
+                &targets,
+                inv_t,
+            )
+            .unwrap();
+            weighted_sum(&out.logprobs, &g)
+        };
+        let fwd = lm_head_logprobs(
+            &tensor(&h, &[n, hid]),
+            &tensor(&w, &[v, hid]),
+            &targets,
+            inv_t,
+        )
+        .unwrap();
+        let dh_fd = finite_diff(&h, 1e-2, |x| loss(x, &w));
+        let dw_fd = finite_diff(&w, 1e-2, |x| loss(&h, x));
+        // A 2-row budget exercises the accumulation of dW over chunks (5 = 2 + 2 + 1).
+        for budget in [LM_HEAD_CHUNK_LOGITS, 2 * v] {
+            let (dh, dw) = lm_head_backward_chunked(
+                &tensor(&h, &[n, hid]),
+                &tensor(&w, &[v, hid]),
+                &targets,
+                &fwd.lse,
+                &g,
+                inv_t,
+                budget,
+            )
+            .unwrap();
+            assert_close(&values(&dh), &dh_fd, 2e-3, 2e-4, "dh");
+            assert_close(&values(&dw), &dw_fd, 2e-3, 2e-4, "dw");
+        }
+    }
+
+    #[test]
+    fn bad_targets_and_temperature_are_errors() {
+        let h = tensor(&[0.0; 4], &[2, 2]);
+        let w = tensor(&[0.0; 6], &[3, 2]);
+        let err = lm_head_logprobs(&h, &w, &[0, 3], 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("targets[1] = 3"), "{err}");
+        assert!(lm_head_logprobs(&h, &w, &[0], 1.0).is_err());
+        assert!(lm_head_logprobs(&h, &w, &[0, 1], 0.0).is_err());
+        assert!(lm_head_backward(&h, &w, &[0, 1], &[0.0], &[0.0, 0.0], 1.0).is_err());
+    }
+}
