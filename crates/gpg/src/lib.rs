@@ -5,11 +5,13 @@
 //! See docs/architecture.md.
 
 pub mod algo;
+pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;
 pub mod reward;
 pub mod rollout;
 pub mod tokenizer;
+pub mod train;
 
 pub use candle_core;
