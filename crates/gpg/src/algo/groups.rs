@@ -43,7 +43,7 @@ impl<'a> RewardGroups<'a> {
             "group size (completions per prompt) must be at least 1"
         );
         ensure!(
-            rewards.len() % group_size == 0,
+            rewards.len().checked_rem(group_size) == Some(0),
             "{} rewards do not form whole groups of {} completions",
             rewards.len(),
             group_size
