@@ -119,6 +119,16 @@ pub struct ResampledBatch<T> {
     pub scale: AgeScale,
 }
 
+impl<T> ResampledBatch<T> {
+    /// All rewards of the batch, group by group (for advantages and [`super::GroupStats`]).
+    pub fn rewards(&self) -> Vec<f32> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.rewards.iter().copied())
+            .collect()
+    }
+}
+
 /// Accumulates scored rounds until the share of valid groups reaches β_th (see module docs).
 #[derive(Debug, Clone)]
 pub struct GroupPool<T> {
@@ -357,6 +367,7 @@ mod tests {
         ));
         let batch = pool.finish();
         assert_eq!(ids(&batch), ["x1", "y0", "y1", "y2"]);
+        assert_eq!(batch.rewards(), [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         assert_eq!(batch.scale.inverse_alpha(), Some(0.5));
     }
 

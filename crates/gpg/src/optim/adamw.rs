@@ -466,6 +466,83 @@ mod tests {
         assert_eq!(restored.state(), big.state());
     }
 
+    /// Twenty steps with varying gradients and learning rates against an independent f64
+    /// transcription of the textbook algorithm (m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t),
+    /// p ← p(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps)).
+    #[test]
+    fn matches_textbook_f64_over_many_steps() {
+        let config = AdamWConfig {
+            beta1: 0.8,
+            beta2: 0.95,
+            eps: 1e-6,
+            weight_decay: 0.05,
+        };
+        let mut opt = AdamW::new(config).unwrap();
+        let n = 7;
+        let mut p: Vec<f32> = (0..n).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let mut p64: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+        let (mut m64, mut v64) = (vec![0.0f64; n], vec![0.0f64; n]);
+        for t in 1..=20u64 {
+            let lr = 1e-2 * (1.0 + (t as f64 * 0.7).sin()) as f32;
+            let grad: Vec<f32> = (0..n)
+                .map(|i| ((t as f32) * 1.3 + i as f32).cos() * (1.0 + i as f32))
+                .collect();
+            opt.update(
+                lr,
+                ParamGrad {
+                    name: "p",
+                    param: &mut p,
+                    grad: &grad,
+                    weight_decay: true,
+                },
+            )
+            .unwrap();
+            let lr = lr as f64;
+            for i in 0..n {
+                let g = grad[i] as f64;
+                p64[i] *= 1.0 - lr * config.weight_decay;
+                m64[i] = config.beta1 * m64[i] + (1.0 - config.beta1) * g;
+                v64[i] = config.beta2 * v64[i] + (1.0 - config.beta2) * g * g;
+                let m_hat = m64[i] / (1.0 - config.beta1.powi(t as i32));
+                let v_hat = v64[i] / (1.0 - config.beta2.powi(t as i32));
+                p64[i] -= lr * m_hat / (v_hat.sqrt() + config.eps);
+            }
+        }
+        for i in 0..n {
+            assert_close(p[i], p64[i], 1e-5, &format!("element {i}"));
+        }
+    }
+
+    /// Throughput of one update over 16 M floats (run with `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let n = 16 << 20;
+        let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        let mut p = vec![0.5f32; n];
+        let g = vec![0.25f32; n];
+        for round in 0..3 {
+            let start = std::time::Instant::now();
+            opt.update(
+                1e-3,
+                ParamGrad {
+                    name: "p",
+                    param: &mut p,
+                    grad: &g,
+                    weight_decay: true,
+                },
+            )
+            .unwrap();
+            let s = start.elapsed().as_secs_f64();
+            println!(
+                "round {round}: {n} floats in {:.1} ms ({:.0} M floats/s, {} threads)",
+                s * 1e3,
+                n as f64 / s / 1e6,
+                rayon::current_num_threads()
+            );
+        }
+    }
+
     #[test]
     fn errors() {
         assert!(AdamW::new(AdamWConfig {
