@@ -34,7 +34,7 @@ pub use advantages::AdvantageEstimator;
 pub use groups::{age_scale, AgeScale, GroupStats, RewardGroups};
 pub use layout::TokenLayout;
 pub use objective::{
-    ClippedSurrogate, DrGrpoLoss, GpgLoss, LossAggregation, Normaliser, ObjectiveMetrics,
+    ClipSide, ClippedSurrogate, DrGrpoLoss, GpgLoss, LossAggregation, Normaliser, ObjectiveMetrics,
     ObjectiveOutput, PolicyLoss, PolicyTokens,
 };
 pub use resample::{GroupPool, PoolStatus, ResampleConfig, ResampledBatch, ScoredGroup};

@@ -495,6 +495,53 @@ pub fn k3_kl_grad(logp: f64, ref_logp: f64) -> f64 {
     1.0 - (ref_logp - logp).exp()
 }
 
+/// Which side of the trust region cut a token's surrogate gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipSide {
+    /// Not clipped: the gradient flows.
+    None,
+    /// Â < 0 and ρ < 1 − ε_low.
+    Low,
+    /// Â > 0 and ρ > 1 + ε_high.
+    High,
+}
+
+/// One token's clipped-surrogate term and its derivative w.r.t. logp.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SurrogateToken {
+    /// −min(ρÂ, clip(ρ, lo, hi)Â).
+    pub loss: f64,
+    /// ∂loss/∂logp = −ρÂ when not clipped, else 0 (∂ρ/∂logp = ρ).
+    pub grad: f64,
+    /// Whether and where the gradient was cut.
+    pub clip: ClipSide,
+}
+
+/// The PPO clipped surrogate at one token, with ρ = exp(logp − old), bounds lo = 1 − ε_low and
+/// hi = 1 + ε_high: loss = −min(ρÂ, clip(ρ, lo, hi)Â). The min picks the clipped branch exactly
+/// when (Â > 0, ρ > hi) or (Â < 0, ρ < lo); there clip(ρ) is constant and the gradient is 0.
+pub fn clipped_surrogate_token(ratio: f64, advantage: f64, lo: f64, hi: f64) -> SurrogateToken {
+    let clip = if advantage < 0.0 && ratio < lo {
+        ClipSide::Low
+    } else if advantage > 0.0 && ratio > hi {
+        ClipSide::High
+    } else {
+        ClipSide::None
+    };
+    match clip {
+        ClipSide::None => SurrogateToken {
+            loss: -ratio * advantage,
+            grad: -ratio * advantage,
+            clip,
+        },
+        _ => SurrogateToken {
+            loss: -ratio.clamp(lo, hi) * advantage,
+            grad: 0.0,
+            clip,
+        },
+    }
+}
+
 /// GRPO-family objective: clipped surrogate + β k3 KL, aggregated per `config.aggregation`,
 /// scaled by α (pass 1 for plain GRPO). See the module docs for the equations.
 pub fn clipped_surrogate_loss(
@@ -548,16 +595,11 @@ pub fn clipped_surrogate_loss(
                 Some(old) => (logp - old[t] as f64).exp(),
                 None => 1.0,
             };
-            let low_cut = adv < 0.0 && ratio < lo;
-            let high_cut = adv > 0.0 && ratio > hi;
-            n_low += low_cut as usize;
-            n_high += high_cut as usize;
+            let term = clipped_surrogate_token(ratio, adv, lo, hi);
+            n_low += (term.clip == ClipSide::Low) as usize;
+            n_high += (term.clip == ClipSide::High) as usize;
             ratio_sum += ratio;
-            let (mut token_loss, mut grad) = if low_cut || high_cut {
-                (-ratio.clamp(lo, hi) * adv, 0.0)
-            } else {
-                (-ratio * adv, -ratio * adv)
-            };
+            let (mut token_loss, mut grad) = (term.loss, term.grad);
             if let Some(r) = ref_logp {
                 let r = r[t] as f64;
                 let kl = k3_kl(logp, r);
@@ -591,6 +633,33 @@ mod tests {
 
     fn assert_close(a: f64, b: f64, tol: f64, what: &str) {
         assert!((a - b).abs() <= tol, "{what}: {a} vs {b} (tol {tol})");
+    }
+
+    #[test]
+    fn surrogate_token_by_hand() {
+        // lo = 0.8, hi = 1.2.
+        // Â = 2, ρ = 1.5: min(3, 2.4) = 2.4 → loss −2.4, clipped high, grad 0.
+        // Â = 2, ρ = 0.5: min(1, 1.6) = 1 → loss −1, grad −ρÂ = −1.
+        // Â = −2, ρ = 0.5: min(−1, −1.6) = −1.6 → loss 1.6, clipped low, grad 0.
+        // Â = −2, ρ = 1.5: min(−3, −2.4) = −3 → loss 3, grad −ρÂ = 3.
+        // Â = 1, ρ = 1.1: inside → loss −1.1, grad −1.1.
+        let cases = [
+            (1.5, 2.0, -2.4, 0.0, ClipSide::High),
+            (0.5, 2.0, -1.0, -1.0, ClipSide::None),
+            (0.5, -2.0, 1.6, 0.0, ClipSide::Low),
+            (1.5, -2.0, 3.0, 3.0, ClipSide::None),
+            (1.1, 1.0, -1.1, -1.1, ClipSide::None),
+        ];
+        for (ratio, adv, loss, grad, clip) in cases {
+            let t = clipped_surrogate_token(ratio, adv, 0.8, 1.2);
+            assert_close(t.loss, loss, 1e-12, "loss");
+            assert_close(t.grad, grad, 1e-12, "grad");
+            assert_eq!(t.clip, clip);
+        }
+        // k3 at ref − logp = ln 2: 2 − ln 2 − 1 = 0.306853; ∂/∂logp = 1 − 2 = −1.
+        assert_close(k3_kl(0.0, 2f64.ln()), 1.0 - 2f64.ln(), 1e-12, "k3");
+        assert_close(k3_kl_grad(0.0, 2f64.ln()), -1.0, 1e-12, "k3 grad");
+        assert_eq!(k3_kl(-0.7, -0.7), 0.0);
     }
 
     #[test]
