@@ -50,6 +50,7 @@ use std::str::FromStr;
 use anyhow::{bail, ensure, Result};
 
 use super::advantages::AdvantageEstimator;
+use super::groups::AgeScale;
 use super::layout::TokenLayout;
 
 /// The per-token inputs of one (micro-)batch, laid out by a [`TokenLayout`].
@@ -281,10 +282,27 @@ impl ClippedSurrogate {
     }
 }
 
-/// GPG's objective has no parameter: it is fully determined by Â, α and N_tok.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+fn default_true() -> bool {
+    true
+}
+
+/// GPG's objective: fully determined by Â, α and N_tok; the one switch is whether α is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GpgLoss {}
+pub struct GpgLoss {
+    /// Scale the loss by α = B / (B − M) (Accurate Gradient Estimation; the reference's
+    /// `--adjust_gd`). Default true; false gives α = 1 (REINFORCE with a group-mean baseline).
+    #[serde(default = "default_true")]
+    pub scale_by_alpha: bool,
+}
+
+impl Default for GpgLoss {
+    fn default() -> Self {
+        Self {
+            scale_by_alpha: true,
+        }
+    }
+}
 
 /// Dr.GRPO: GRPO's per-token loss divided by the constant N_seq · max_completion_length.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -346,7 +364,7 @@ impl PolicyLoss {
     pub fn from_name(name: &str, max_completion_length: usize) -> Result<Self> {
         let wanted = name.trim().to_ascii_lowercase().replace('_', "-");
         Ok(match wanted.as_str() {
-            "gpg" => Self::Gpg(GpgLoss {}),
+            "gpg" => Self::Gpg(GpgLoss::default()),
             "grpo" => Self::Grpo(ClippedSurrogate::default()),
             "dr-grpo" => Self::DrGrpo(DrGrpoLoss::new(max_completion_length)),
             _ => bail!(
@@ -371,6 +389,23 @@ impl PolicyLoss {
             Self::Gpg(_) => AdvantageEstimator::Gpg,
             Self::Grpo(_) => AdvantageEstimator::Grpo,
             Self::DrGrpo(_) => AdvantageEstimator::DrGrpo,
+        }
+    }
+
+    /// The loss scale to pass to [`PolicyLoss::compute`] for a batch with this [`AgeScale`], or
+    /// `None` to skip the optimiser step.
+    ///
+    /// * GPG: α (or 1 with `scale_by_alpha = false`); `None` when no group is valid, since the
+    ///   batch then carries no gradient (the reference would divide by inverse_alpha = 0).
+    /// * GRPO, Dr.GRPO: always 1, never skipped, as in TRL (with β ≠ 0 the KL term still has a
+    ///   gradient when every advantage is zero).
+    pub fn loss_scale(&self, age: AgeScale) -> Option<f32> {
+        match self {
+            Self::Gpg(g) => match age {
+                AgeScale::SkipUpdate => None,
+                AgeScale::Scale { alpha, .. } => Some(if g.scale_by_alpha { alpha } else { 1.0 }),
+            },
+            Self::Grpo(_) | Self::DrGrpo(_) => Some(1.0),
         }
     }
 
@@ -891,6 +926,25 @@ mod tests {
     }
 
     #[test]
+    fn loss_scale_per_objective() {
+        let age = AgeScale::Scale {
+            inverse_alpha: 0.25,
+            alpha: 4.0,
+        };
+        let gpg = PolicyLoss::Gpg(GpgLoss::default());
+        assert_eq!(gpg.loss_scale(age), Some(4.0));
+        assert_eq!(gpg.loss_scale(AgeScale::SkipUpdate), None);
+        let plain = PolicyLoss::Gpg(GpgLoss {
+            scale_by_alpha: false,
+        });
+        assert_eq!(plain.loss_scale(age), Some(1.0));
+        assert_eq!(plain.loss_scale(AgeScale::SkipUpdate), None);
+        let grpo = PolicyLoss::Grpo(ClippedSurrogate::default());
+        assert_eq!(grpo.loss_scale(age), Some(1.0));
+        assert_eq!(grpo.loss_scale(AgeScale::SkipUpdate), Some(1.0));
+    }
+
+    #[test]
     fn config_names_and_serde() {
         for name in PolicyLoss::NAMES {
             assert_eq!(PolicyLoss::from_name(name, 8).unwrap().name(), name);
@@ -917,7 +971,15 @@ mod tests {
             })
         );
         let gpg: PolicyLoss = serde_json::from_str(r#"{"name":"gpg"}"#).unwrap();
-        assert_eq!(gpg, PolicyLoss::Gpg(GpgLoss {}));
+        assert_eq!(gpg, PolicyLoss::Gpg(GpgLoss::default()));
+        let plain: PolicyLoss =
+            serde_json::from_str(r#"{"name":"gpg","scale_by_alpha":false}"#).unwrap();
+        assert_eq!(
+            plain,
+            PolicyLoss::Gpg(GpgLoss {
+                scale_by_alpha: false
+            })
+        );
         assert!(serde_json::from_str::<PolicyLoss>(r#"{"name":"gpg","beta":1}"#).is_err());
         assert!(serde_json::from_str::<PolicyLoss>(r#"{"name":"grpo","epsilon":0.1}"#).is_err());
         assert!(serde_json::from_str::<PolicyLoss>(r#"{"name":"dr-grpo"}"#).is_err());
@@ -999,7 +1061,7 @@ mod tests {
             ref_logp: Some(&reference),
             advantages: &[0.8, -1.2, -0.3, 0.0],
         };
-        let mut losses = vec![PolicyLoss::Gpg(GpgLoss {})];
+        let mut losses = vec![PolicyLoss::Gpg(GpgLoss::default())];
         for aggregation in LossAggregation::ALL {
             losses.push(PolicyLoss::Grpo(ClippedSurrogate {
                 epsilon_low: 0.2,
