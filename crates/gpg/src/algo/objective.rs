@@ -11,14 +11,19 @@
 //!
 //! # GPG (`gpg`): surrogate-free, token-level
 //!
-//!     L   = −α · Σ_i Σ_t Â_i · logp_t / N_tok
-//!     g_t = −α · Â_i / N_tok
+//! ```text
+//! L   = −α · Σ_i Σ_t Â_i · logp_t / N_tok
+//! g_t = −α · Â_i / N_tok
+//! ```
 //!
 //! # GRPO (`grpo`): clipped surrogate + k3 KL
 //!
-//!     ρ_t = exp(logp_t − old_t)
-//!     ℓ_t = −min(ρ_t Â_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) Â_i) + β · (exp(ref_t − logp_t) − (ref_t − logp_t) − 1)
-//!     ∂ℓ_t/∂logp_t = −ρ_t Â_i · [not clipped] + β · (1 − exp(ref_t − logp_t))
+//! ```text
+//! ρ_t = exp(logp_t − old_t)
+//! ℓ_t = −min(ρ_t Â_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) Â_i)
+//!       + β · (exp(ref_t − logp_t) − (ref_t − logp_t) − 1)
+//! ∂ℓ_t/∂logp_t = −ρ_t Â_i · [not clipped] + β · (1 − exp(ref_t − logp_t))
+//! ```
 //!
 //! where "clipped" (the gradient of the surrogate is cut) means
 //! (Â_i > 0 and ρ_t > 1 + ε_high) or (Â_i < 0 and ρ_t < 1 − ε_low). The per-token losses are
