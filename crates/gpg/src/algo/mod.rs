@@ -9,9 +9,11 @@
 //!   `gpg-std`, `grpo`, `dr-grpo`);
 //! * [`resample`]: β_th resampling as a state machine the trainer drives ([`GroupPool`]);
 //! * [`layout`]: where each completion's tokens sit in a flat per-token vector;
-//! * [`objective`]: the registered policy objectives ([`PolicyLoss`]: `gpg`, `grpo`,
-//!   `dr-grpo`), each turning per-token log-probs into a loss value and the per-token weights
-//!   g_t = ∂L/∂logp_t from which the engine computes parameter gradients.
+//! * [`objective`]: the policy objectives' equations, each turning per-token log-probs into a
+//!   loss value and the per-token weights g_t = ∂L/∂logp_t from which the engine computes
+//!   parameter gradients;
+//! * [`policy_loss`]: the registry of objectives ([`PolicyLoss`]: `gpg`, `grpo`, `dr-grpo`)
+//!   that a config selects by name.
 //!
 //! One step, as the trainer uses this module:
 //!
@@ -28,13 +30,15 @@ pub mod advantages;
 pub mod groups;
 pub mod layout;
 pub mod objective;
+pub mod policy_loss;
 pub mod resample;
 
 pub use advantages::AdvantageEstimator;
 pub use groups::{age_scale, AgeScale, GroupStats, RewardGroups};
 pub use layout::TokenLayout;
 pub use objective::{
-    ClipSide, ClippedSurrogate, DrGrpoLoss, GpgLoss, LossAggregation, Normaliser, ObjectiveMetrics,
-    ObjectiveOutput, PolicyLoss, PolicyTokens,
+    ClipSide, ClippedSurrogate, LossAggregation, Normaliser, ObjectiveMetrics, ObjectiveOutput,
+    PolicyTokens,
 };
+pub use policy_loss::{DrGrpoLoss, GpgLoss, PolicyLoss};
 pub use resample::{GroupPool, PoolStatus, ResampleConfig, ResampledBatch, ScoredGroup};
