@@ -23,6 +23,10 @@
 //!   the batch holds min(n_valid_seen, B) valid groups. No valid group at all gives
 //!   [`AgeScale::SkipUpdate`].
 //!
+//! * The reference logs the identical/easy/hard counts of the *last* round; the trainer can
+//!   compute [`super::GroupStats`] of any round, or of the assembled batch via
+//!   [`ResampledBatch::rewards`].
+//!
 //! Deliberate differences: when `max_rounds` is reached below the threshold the reference
 //! aborts (`assert n_gen < max_gen`, which also fires when the threshold is first met in the
 //! last allowed round); here the batch is assembled from what was gathered and reported with
