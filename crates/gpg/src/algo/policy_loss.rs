@@ -98,6 +98,13 @@ pub enum PolicyLoss {
     DrGrpo(DrGrpoLoss),
 }
 
+impl Default for PolicyLoss {
+    /// GPG with α (the method this project implements).
+    fn default() -> Self {
+        Self::Gpg(GpgLoss::default())
+    }
+}
+
 impl PolicyLoss {
     /// The registered names.
     pub const NAMES: [&'static str; 3] = ["gpg", "grpo", "dr-grpo"];

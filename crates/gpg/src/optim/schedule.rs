@@ -101,6 +101,18 @@ pub struct LrScheduleConfig {
     pub min_lr_rate: f64,
 }
 
+impl Default for LrScheduleConfig {
+    /// A constant learning rate, no warm-up.
+    fn default() -> Self {
+        Self {
+            kind: LrScheduleKind::Constant,
+            warmup_steps: None,
+            warmup_ratio: None,
+            min_lr_rate: 0.0,
+        }
+    }
+}
+
 impl LrScheduleConfig {
     /// The schedule for a run of `total_steps` optimiser steps at base learning rate `lr`.
     pub fn build(&self, lr: f32, total_steps: u64) -> Result<LrSchedule> {
