@@ -21,8 +21,12 @@ pub struct Qwen2Config {
     pub head_dim: Option<usize>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// transformers 4 writes `rope_theta` at the top level; transformers 5 writes it inside
+    /// `rope_parameters`. Read through [`Qwen2Config::rope_theta`].
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default)]
@@ -63,9 +67,6 @@ impl TokenIds {
 fn default_max_position_embeddings() -> usize {
     32768
 }
-fn default_rope_theta() -> f64 {
-    10000.0
-}
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
@@ -90,6 +91,18 @@ impl Qwen2Config {
             .validate()
             .with_context(|| format!("{}: unsupported configuration", path.display()))?;
         Ok(config)
+    }
+
+    /// The RoPE base: top-level `rope_theta`, else `rope_parameters.rope_theta`, else 10000.
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|t| t.as_f64())
+            })
+            .unwrap_or(10000.0)
     }
 
     pub fn num_kv_heads(&self) -> usize {
@@ -148,15 +161,21 @@ impl Qwen2Config {
         if self.hidden_act != "silu" {
             bail!("field `hidden_act` is {:?}; only \"silu\" is supported", self.hidden_act);
         }
-        if let Some(scaling) = &self.rope_scaling {
-            if !scaling.is_null() {
-                bail!("field `rope_scaling` is set ({scaling}); only plain RoPE is supported");
+        for (field, value) in [
+            ("rope_scaling", &self.rope_scaling),
+            ("rope_parameters", &self.rope_parameters),
+        ] {
+            let Some(value) = value else { continue };
+            let rope_type = value.get("rope_type").or_else(|| value.get("type"));
+            let plain = value.is_null() || rope_type.is_none_or(|t| t == "default");
+            if !plain {
+                bail!("field `{field}` asks for {value}; only plain (\"default\") RoPE is supported");
             }
         }
         if self.use_sliding_window {
             bail!("field `use_sliding_window` is true; sliding-window attention is not supported");
         }
-        if self.rope_theta <= 0.0 || self.rms_norm_eps <= 0.0 {
+        if self.rope_theta() <= 0.0 || self.rms_norm_eps <= 0.0 {
             bail!("fields `rope_theta` and `rms_norm_eps` must be positive");
         }
         Ok(())

@@ -273,7 +273,11 @@ impl Qwen2 {
         } else {
             Some(w.take("lm_head.weight", &[config.vocab_size, h])?)
         };
-        let rope = Rope::new(config.head_dim(), config.rope_theta, config.max_position_embeddings);
+        let rope = Rope::new(
+            config.head_dim(),
+            config.rope_theta(),
+            config.max_position_embeddings,
+        );
         Ok(Self {
             config,
             embed_tokens,
@@ -331,7 +335,11 @@ impl Qwen2 {
             Some(randn(&[config.vocab_size, h])?)
         };
         let norm = ones(h)?;
-        let rope = Rope::new(config.head_dim(), config.rope_theta, config.max_position_embeddings);
+        let rope = Rope::new(
+            config.head_dim(),
+            config.rope_theta(),
+            config.max_position_embeddings,
+        );
         Ok(Self {
             config,
             embed_tokens,
@@ -617,10 +625,6 @@ impl Qwen2 {
     /// Logits of the next token after each row of `h` (final-normed hidden states [B, H]).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         Ok(h.matmul(&self.head_weight().t()?)?)
-    }
-
-    pub(crate) fn rope(&self) -> &Rope {
-        &self.rope
     }
 
     /// Prefill for sampling: runs packed prompts through the model, returns the final-normed
