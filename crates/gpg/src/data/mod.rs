@@ -13,6 +13,7 @@ mod fields;
 mod parquet_rows;
 mod record;
 mod sampler;
+pub mod synthetic;
 
 pub use dataset::{LongPromptPolicy, PromptDataset};
 pub use fields::{

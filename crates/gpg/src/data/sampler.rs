@@ -33,7 +33,7 @@ pub struct EpochSampler {
 
 /// A uniform integer in 0..n (n > 0), without modulo bias: draws below the threshold
 /// 2^64 mod n are rejected so the accepted range is a multiple of n.
-fn uniform_below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+pub(crate) fn uniform_below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
     let threshold = n.wrapping_neg() % n;
     loop {
         let x = rng.next_u64();
