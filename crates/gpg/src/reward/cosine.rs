@@ -54,9 +54,11 @@ impl CosineOptions {
 
     /// The reward for a completion of `len` tokens that is (or is not) correct:
     ///
-    ///     p = min(len / max_len, 1),   c = cos(π p)
-    ///     correct: r = min_c + ½ (max_c − min_c)(1 + c)   (max_c at len 0, min_c at max_len)
-    ///     wrong:   r = max_w + ½ (min_w − max_w)(1 + c)   (min_w at len 0, max_w at max_len)
+    /// ```text
+    /// p = min(len / max_len, 1),   c = cos(π p)
+    /// correct: r = min_c + ½ (max_c − min_c)(1 + c)   (max_c at len 0, min_c at max_len)
+    /// wrong:   r = max_w + ½ (min_w − max_w)(1 + c)   (min_w at len 0, max_w at max_len)
+    /// ```
     ///
     /// So short correct answers earn most and short wrong answers are punished most.
     /// Unlike open-r1, p is clamped at 1 so lengths beyond `max_len` keep the end value

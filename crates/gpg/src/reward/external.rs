@@ -3,7 +3,9 @@
 //! Protocol: the program is started once per batch. It receives on stdin one JSON object per
 //! completion, one per line, in batch order:
 //!
-//!     {"prompt": "...", "completion": "...", "answer": "..." | null}
+//! ```text
+//! {"prompt": "...", "completion": "...", "answer": "..." | null}
+//! ```
 //!
 //! and must write on stdout exactly one line per input line, in the same order, each either a
 //! JSON number (`0.5`) or an object with a numeric `reward` field (`{"reward": 0.5}`), then
