@@ -179,7 +179,7 @@ struct Expr {
     value: u64,
 }
 
-/// Draws one problem from `rng` (see [`build_problem`]).
+/// Draws one problem from `rng`; the draw order is documented on `build_problem`.
 pub fn generate_problem(config: &SyntheticConfig, rng: &mut ChaCha8Rng) -> SyntheticProblem {
     build_problem(config, &mut |n| uniform_below(rng, n))
 }
