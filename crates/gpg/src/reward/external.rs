@@ -166,19 +166,25 @@ impl ExternalReward {
             )
         };
 
-        let stdout =
-            match stdout_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(bytes) => {
-                    bytes.with_context(|| format!("external reward `{cmd}`: reading stdout"))?
-                }
-                Err(_) => return Err(timed_out(&mut child)),
-            };
+        let stdout = match stdout_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                kill_tree(&mut child);
+                return Err(e).with_context(|| format!("external reward `{cmd}`: reading stdout"));
+            }
+            Err(_) => return Err(timed_out(&mut child)),
+        };
         let status = loop {
-            if let Some(status) = child
-                .try_wait()
-                .with_context(|| format!("external reward `{cmd}`: waiting for it"))?
-            {
-                break status;
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => {
+                    kill_tree(&mut child);
+                    return Err(e)
+                        .with_context(|| format!("external reward `{cmd}`: waiting for it"));
+                }
             }
             if Instant::now() >= deadline {
                 return Err(timed_out(&mut child));
@@ -360,6 +366,34 @@ mod tests {
             err.contains("timed out") && err.contains("sleep 30"),
             "{err}"
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn timeout_also_kills_grandchildren() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > '{}'; wait", pid_file.display());
+        let err = sh(&script, 0.5)
+            .score(&batch(&["a"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timed out"), "{err}");
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        // Killed: gone, or a zombie waiting for init to reap it.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| !stat.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+                .unwrap_or(false)
+        };
+        let start = Instant::now();
+        while alive() && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(), "grandchild {pid} survived the timeout");
     }
 
     #[test]
