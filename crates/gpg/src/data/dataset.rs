@@ -78,7 +78,7 @@ impl PromptDataset {
                 .map_err(|e| anyhow::anyhow!("{location}: malformed JSON: {e}"))?;
             let Value::Object(fields) = value else {
                 anyhow::bail!(
-                    "{location}: expected a JSON object, got a {}",
+                    "{location}: expected a JSON object, got {}",
                     type_name(&value)
                 );
             };

@@ -89,15 +89,15 @@ impl PromptDatasetConfig {
     }
 }
 
-/// JSON type name for messages.
+/// JSON type name with its article, for messages ("a number", "an array").
 pub(super) fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -134,7 +134,13 @@ pub fn record_from_fields(
 
     let answer_candidates = config.answer_candidates();
     let answer = match first_present(fields, &answer_candidates) {
-        Some(name) => answer_from_value(&fields[name], name, &location)?,
+        Some(name) => answer_from_value(&fields[name], name, &location).map_err(|e| {
+            if config.answer_field.is_none() {
+                anyhow::anyhow!("{e} (set answer_field to read the answer from another field)")
+            } else {
+                e
+            }
+        })?,
         None if config.answer_field.is_some() => anyhow::bail!(
             "{location}: missing answer field `{}`",
             answer_candidates[0]
@@ -157,7 +163,7 @@ pub fn record_from_fields(
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
         Some(other) => anyhow::bail!(
-            "{location}: field `{id_name}` is a {}, expected a string or an integer",
+            "{location}: field `{id_name}` is {}, expected a string or an integer",
             type_name(other)
         ),
     };
@@ -208,7 +214,7 @@ fn prompt_from_value(
             Ok(Prompt::Chat(messages))
         }
         other => anyhow::bail!(
-            "{location}: field `{name}` is a {}, expected a string or a list of {{role, content}} messages",
+            "{location}: field `{name}` is {}, expected a string or a list of {{role, content}} messages",
             type_name(other)
         ),
     }
@@ -222,7 +228,7 @@ fn message_from_value(
 ) -> anyhow::Result<ChatMessage> {
     let object = item.as_object().ok_or_else(|| {
         anyhow::anyhow!(
-            "{location}: field `{name}[{index}]` is a {}, expected a {{role, content}} object",
+            "{location}: field `{name}[{index}]` is {}, expected a {{role, content}} object",
             type_name(item)
         )
     })?;
@@ -230,7 +236,7 @@ fn message_from_value(
         match object.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(other) => anyhow::bail!(
-                "{location}: field `{name}[{index}].{key}` is a {}, expected a string",
+                "{location}: field `{name}[{index}].{key}` is {}, expected a string",
                 type_name(other)
             ),
             None => anyhow::bail!("{location}: field `{name}[{index}]` has no `{key}`"),
@@ -249,7 +255,7 @@ fn answer_from_value(
         Value::String(s) => Ok(Some(s.clone())),
         Value::Number(n) => Ok(Some(n.to_string())),
         other => anyhow::bail!(
-            "{location}: field `{name}` is a {}, expected a string or a number",
+            "{location}: field `{name}` is {}, expected a string or a number",
             type_name(other)
         ),
     }
@@ -357,7 +363,12 @@ mod tests {
             (
                 json!({"problem": "q", "answer": [1]}),
                 config.clone(),
-                &["`answer`", "array"],
+                &["line 7", "`answer`", "an array", "answer_field"],
+            ),
+            (
+                json!({"problem": "q", "solution": {"a": 1}}),
+                config.clone(),
+                &["line 7", "`solution`", "an object"],
             ),
             (
                 json!({"problem": "q", "id": 1.5}),
