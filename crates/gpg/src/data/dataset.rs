@@ -71,10 +71,16 @@ impl PromptDataset {
         for (i, line) in reader.lines().enumerate() {
             let location = Location::new(source, "line", i + 1);
             let line = line.with_context(|| format!("{location}: cannot read the line"))?;
+            // Tolerate a UTF-8 byte-order mark at the start of the file.
+            let line = if i == 0 {
+                line.strip_prefix('\u{feff}').unwrap_or(&line)
+            } else {
+                &line
+            };
             if line.trim().is_empty() {
                 continue;
             }
-            let value: Value = serde_json::from_str(&line)
+            let value: Value = serde_json::from_str(line)
                 .map_err(|e| anyhow::anyhow!("{location}: malformed JSON: {e}"))?;
             let Value::Object(fields) = value else {
                 anyhow::bail!(
@@ -225,6 +231,10 @@ mod tests {
             d.records[1].location.to_string(),
             format!("{} line 3", path.display())
         );
+        let bom_crlf = "\u{feff}{\"problem\": \"a\"}\r\n{\"problem\": \"b\"}\r\n";
+        let d2 = PromptDataset::from_jsonl_reader(bom_crlf.as_bytes(), "w.jsonl", &raw_config())
+            .unwrap();
+        assert_eq!(d2.records[1].prompt, Prompt::Text("b".into()));
         let batch = d.batch(&[1, 0]).unwrap();
         assert_eq!(batch[0].id, "q2");
         assert!(d.batch(&[2]).is_err());
