@@ -1,3 +1,24 @@
 //! Datasets: JSONL and Parquet prompts, field mapping, benchmarks, synthetic tasks.
+//!
+//! * [`PromptDataset`] loads prompts from a `.jsonl` or `.parquet` file, mapping its fields
+//!   with a [`PromptDatasetConfig`] into [`PromptRecord`]s (chat messages or raw text, plus
+//!   the gold answer), and applies a maximum prompt length.
+//! * [`EpochSampler`] hands out seeded, epoch-shuffled batches of indices; its
+//!   [`SamplerState`] resumes the exact same stream.
+//! * [`synthetic`] generates the multi-step arithmetic task used by the demo.
 
 pub mod benchmarks;
+mod dataset;
+mod fields;
+mod parquet_rows;
+mod record;
+mod sampler;
+pub mod synthetic;
+
+pub use dataset::{LongPromptPolicy, PromptDataset};
+pub use fields::{
+    record_from_fields, PromptDatasetConfig, DEFAULT_ANSWER_FIELDS, DEFAULT_ID_FIELD,
+    DEFAULT_PROMPT_FIELDS,
+};
+pub use record::{ChatMessage, Location, Prompt, PromptRecord};
+pub use sampler::{epoch_order, EpochSampler, SamplerState};

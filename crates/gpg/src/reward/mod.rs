@@ -1,1 +1,68 @@
 //! Rewards: a `Reward` trait and the built-in reward functions.
+//!
+//! A reward function maps a batch of (prompt, completion, gold answer, completion length)
+//! to one score per completion. Scoring is batched so that a reward backed by an external
+//! process pays its start-up cost once per batch, not once per completion.
+//!
+//! Built-ins (names as used in [`RewardConfig`]):
+//! * `accuracy`: 1 if the completion's answer equals the gold answer (mathverify), else 0;
+//! * `format`: 1 if the completion is `<think>…</think> <answer>…</answer>`, else 0;
+//! * `boxed_format`: 1 if the completion contains a non-empty `\boxed{…}`, else 0;
+//! * `cosine`: accuracy scaled by completion length with a cosine schedule;
+//! * `exact_match`: 1 if the trimmed completion equals the trimmed gold answer, else 0;
+//! * `external`: scores computed by a child process speaking JSON lines.
+//!
+//! [`WeightedSum`] combines several of them; [`RewardConfig`] builds one from a config file.
+
+mod accuracy;
+mod config;
+mod cosine;
+mod exact;
+mod external;
+mod format;
+mod weighted;
+
+pub use accuracy::AccuracyReward;
+pub use config::{RewardConfig, RewardSpec, REWARD_NAMES};
+pub use cosine::{CosineLengthReward, CosineOptions};
+pub use exact::ExactMatchReward;
+pub use external::{ExternalOptions, ExternalReward};
+pub use format::{BoxedFormatReward, ThinkAnswerFormatReward};
+pub use weighted::{RewardScores, WeightedSum};
+
+/// One completion to score, with what a reward function may need to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewardInput {
+    /// The prompt text as shown to the model (rendered, or the raw question).
+    pub prompt: String,
+    /// The model's completion (generated text only, without the prompt).
+    pub completion: String,
+    /// The reference answer, when the dataset has one.
+    pub answer: Option<String>,
+    /// Number of tokens in the completion.
+    pub completion_tokens: usize,
+}
+
+/// A reward function over a batch of completions.
+///
+/// Invariant: `score(batch)` returns exactly `batch.len()` finite scores, in batch order.
+pub trait Reward: Send + Sync {
+    /// Short name used in logs and configs (e.g. `accuracy`).
+    fn name(&self) -> &str;
+    /// One score per completion of `batch`, in order.
+    fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<f32>>;
+}
+
+/// The gold answer of batch item `index`, or an error naming the reward and the item.
+fn require_answer<'a>(
+    reward: &str,
+    index: usize,
+    input: &'a RewardInput,
+) -> anyhow::Result<&'a str> {
+    input.answer.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "reward `{reward}` needs a gold answer, but batch item {index} has none \
+             (does the dataset have an answer field?)"
+        )
+    })
+}
