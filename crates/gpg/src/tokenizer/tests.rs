@@ -595,3 +595,32 @@ fn set_chat_template_validates() {
     tk.set_chat_template(None).unwrap();
     assert!(!tk.has_chat_template());
 }
+
+#[test]
+fn qwen25_normalizer_and_pre_tokenizer_load_and_apply() {
+    // Qwen2.5's tokenizer.json normalizer and pre-tokenizer (digits split one by one, NFC)
+    // over our vocabulary; fancy-regex must handle its look-ahead `\s+(?!\S)`.
+    let tk = trained(400);
+    let dir = tempfile::tempdir().unwrap();
+    tk.save_pretrained(dir.path()).unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    j["normalizer"] = json!({"type": "NFC"});
+    j["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]});
+    std::fs::write(&path, j.to_string()).unwrap();
+    let qwen = Tokenizer::from_dir(dir.path()).unwrap();
+    let id = |s: &str| qwen.token_to_id(s).unwrap();
+    assert_eq!(
+        qwen.encode("1234", false).unwrap(),
+        vec![id("1"), id("2"), id("3"), id("4")]
+    );
+    // NFC: a decomposed "é" encodes like the composed one.
+    assert_eq!(
+        qwen.encode("cafe\u{301}", false).unwrap(),
+        qwen.encode("caf\u{e9}", false).unwrap()
+    );
+}
