@@ -301,7 +301,7 @@ mod tests {
             (f64::NAN, "NaN"),
             (f64::INFINITY, "Infinity"),
             (f64::NEG_INFINITY, "-Infinity"),
-            (3.141592653589793, "3.141592653589793"),
+            (std::f64::consts::PI, "3.141592653589793"),
         ];
         for (x, want) in cases {
             assert_eq!(python_float_repr(x), want, "repr({x:e})");
