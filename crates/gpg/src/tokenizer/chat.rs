@@ -74,7 +74,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
             .map_err(|e| anyhow::anyhow!("{}", describe(&e)))
             .context("compiling the chat template")?;
         Ok(ChatTemplate {
@@ -123,6 +123,54 @@ impl ChatTemplate {
             .map_err(|e| anyhow::anyhow!("{}", describe(&e)))
             .context("rendering the chat template")
     }
+}
+
+/// Replaces transformers' `{% generation %}` … `{% endgeneration %}` block (its
+/// AssistantTracker extension, which only records where assistant text lies and renders its
+/// body unchanged) by `{% if true %}` … `{% endif %}`, keeping the whitespace-control marks
+/// (`-`, `+`) so that the output is the same.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let open_mark = inner.chars().next().filter(|c| matches!(c, '-' | '+'));
+        let close_mark = inner.chars().last().filter(|c| matches!(c, '-' | '+'));
+        let mut body = inner;
+        if open_mark.is_some() {
+            body = &body[1..];
+        }
+        if close_mark.is_some() && !body.is_empty() {
+            body = &body[..body.len() - 1];
+        }
+        let body = body.trim();
+        let replacement = match body {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => {
+                out.push_str("{%");
+                out.extend(open_mark);
+                out.push(' ');
+                out.push_str(r);
+                out.push(' ');
+                out.extend(close_mark);
+                out.push_str("%}");
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A minijinja error with its whole cause chain (the template line is in the detail).
@@ -226,6 +274,17 @@ mod tests {
         let err = ChatTemplate::compile("line one\n{% if %}").unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("chat_template:2"), "{msg}");
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let src = "{% for m in messages %}{%- generation -%}\n  [{{ m.content }}]  \n{%- endgeneration %}\n{% endfor %}";
+        let out = render(src, &[ChatMessage::new("assistant", "a")], false).unwrap();
+        assert_eq!(out, "[a]");
+        assert_eq!(
+            rewrite_generation_tags("x{%- generation %}y{%endgeneration+%}z{% if a %}"),
+            "x{%- if true %}y{% endif +%}z{% if a %}"
+        );
     }
 
     #[test]

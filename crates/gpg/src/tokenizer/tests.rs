@@ -624,3 +624,22 @@ fn qwen25_normalizer_and_pre_tokenizer_load_and_apply() {
         qwen.encode("caf\u{e9}", false).unwrap()
     );
 }
+
+#[test]
+fn tokenizer_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<IncrementalDecoder>();
+    let tk = trained(300);
+    let texts = tricky_texts();
+    let ids: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = texts
+            .iter()
+            .map(|t| s.spawn(|| tk.encode(t, false).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, ids) in texts.iter().zip(ids) {
+        assert_eq!(ids, tk.encode(t, false).unwrap());
+    }
+}
