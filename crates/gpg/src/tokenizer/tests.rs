@@ -435,6 +435,9 @@ fn added_tokens_decoder_adds_missing_tokens() {
     let ids = tk.encode("a<think>b", false).unwrap();
     assert!(ids.contains(&300));
     assert_eq!(tk.decode(&ids, true).unwrap(), "a<think>b");
+    let ids = tk.encode("a<|fim|>b", false).unwrap();
+    assert!(ids.contains(&301));
+    assert_eq!(tk.decode(&ids, true).unwrap(), "ab");
 }
 
 #[test]
