@@ -11,7 +11,8 @@
 //! * [`Tokenizer::apply_chat_template`] renders the model's Jinja chat template as
 //!   `apply_chat_template(messages, tokenize=False)` does. Encode its output with
 //!   `add_special_tokens = false`, as transformers does.
-//! * [`IncrementalDecoder`] decodes a growing completion in O(1) per token (for stop strings).
+//! * [`IncrementalDecoder`] decodes a growing completion with one short decode per token,
+//!   independent of its length (for stop strings and streaming).
 //! * [`train_byte_level_bpe`] builds a small Qwen2-like byte-level BPE tokenizer from a corpus
 //!   (for tests, demos and models trained from scratch).
 
@@ -37,7 +38,8 @@ use config::{AddedTokenEntry, TokenizerConfig};
 /// File names inside a tokenizer directory.
 const TOKENIZER_FILE: &str = "tokenizer.json";
 const CONFIG_FILE: &str = "tokenizer_config.json";
-/// transformers ≥ 4.50 may save the chat template here instead of in tokenizer_config.json;
+/// Recent transformers versions save the chat template here instead of in
+/// tokenizer_config.json;
 /// when present it takes precedence.
 const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 

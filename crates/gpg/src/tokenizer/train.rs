@@ -48,7 +48,8 @@ const END_OF_TEXT: &str = "<|endoftext|>";
 const BYTE_TOKENS: usize = 256;
 
 /// Trains a byte-level BPE tokenizer on `corpus` with at most `vocab_size` tokens in all
-/// (256 bytes + merges + 3 special tokens; fewer if the corpus runs out of pairs to merge).
+/// (256 bytes + merges + 3 special tokens). Only pairs seen at least twice are merged, so a
+/// small corpus may give fewer; size the model by [`Tokenizer::vocab_size`].
 /// eos and pad are `<|endoftext|>`, there is no bos, and the chat template is
 /// [`CHATML_TEMPLATE`].
 pub fn train_byte_level_bpe(corpus: &[String], vocab_size: usize) -> Result<Tokenizer> {
