@@ -14,28 +14,12 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
-use serde::{Deserialize, Serialize};
 
 use super::pyjson::{dumps, DumpOptions};
 use super::strftime::{strftime, DateTime};
 
 /// One turn of a conversation, as chat templates read it (`message.role`, `message.content`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// "system", "user", "assistant", …
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A message with the given role and content.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
+pub use crate::data::ChatMessage;
 
 /// The special-token strings a template may refer to.
 #[derive(Debug, Clone, Default)]

@@ -339,6 +339,17 @@ impl Tokenizer {
         template.render(messages, add_generation_prompt, &tokens)
     }
 
+    /// Token ids of a dataset prompt: raw text as is, chat messages through the chat template
+    /// with the generation prompt appended. No special tokens are added beyond the template's.
+    pub fn encode_prompt(&self, prompt: &crate::data::Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            crate::data::Prompt::Text(text) => self.encode(text, false),
+            crate::data::Prompt::Chat(messages) => {
+                self.encode(&self.apply_chat_template(messages, true)?, false)
+            }
+        }
+    }
+
     /// Replaces the chat template (`None` removes it); a template that does not compile is
     /// an error and leaves the tokenizer unchanged.
     pub fn set_chat_template(&mut self, source: Option<&str>) -> Result<()> {
