@@ -125,17 +125,23 @@ fn relation_as_set(e: &Expr) -> Option<Expr> {
             ]),
         })
     };
+    let is_var = |x: &Expr| eval::real_value(x).is_none() && only_symbols(x);
     match e {
-        Expr::Rel(op, a, b) => match (&**a, &**b) {
-            (Expr::Sym(_), s) if *op == RelOp::Eq && s.is_set_like() => Some(s.clone()),
-            (Expr::Sym(_), c) => simple(*op, true, c),
-            (c, Expr::Sym(_)) => simple(*op, false, c),
-            _ => None,
-        },
+        Expr::Rel(op, a, b) => {
+            if is_var(a) && *op == RelOp::Eq && b.is_set_like() {
+                Some((**b).clone())
+            } else if is_var(a) {
+                simple(*op, true, b)
+            } else if is_var(b) {
+                simple(*op, false, a)
+            } else {
+                None
+            }
+        }
         Expr::And(v) if v.len() == 2 => {
             let (op1, a, x1) = rel_parts(&v[0])?;
             let (op2, x2, b) = rel_parts(&v[1])?;
-            if !matches!(x1, Expr::Sym(_)) || x1 != x2 {
+            if !is_var(x1) || x1 != x2 {
                 return None;
             }
             eval::real_value(a)?;
@@ -370,7 +376,10 @@ fn sets_eq(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
         }
     }
     match (&a, &b) {
-        (Expr::Set(g), Expr::Set(p)) => unordered_eq(g, p, opts, depth),
+        (Expr::Set(g), Expr::Set(p)) => {
+            let (g, p) = (dedup(g, opts, depth), dedup(p, opts, depth));
+            unordered_eq(&g, &p, opts, depth)
+        }
         (Expr::Tuple(g), Expr::Tuple(p)) | (Expr::Tuple(g), Expr::Set(p)) => ordered_eq(g, p, opts, depth),
         (Expr::Set(g), Expr::Tuple(p)) => unordered_eq(g, p, opts, depth),
         (Expr::Interval { lo, hi, left_open: true, right_open: true }, Expr::Set(p) | Expr::Tuple(p)) => {
@@ -389,6 +398,17 @@ fn sets_eq(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
         },
         _ => false,
     }
+}
+
+/// A set's distinct elements (a set lists each element once: `{1, 1}` = `{1}`).
+fn dedup(v: &[Expr], opts: &Options, depth: usize) -> Vec<Expr> {
+    let mut out: Vec<Expr> = Vec::with_capacity(v.len());
+    for x in v.iter().take(MAX_ELEMENTS * 2) {
+        if !out.iter().any(|y| y == x || expr_eq_depth(y, x, opts, depth + 1)) {
+            out.push(x.clone());
+        }
+    }
+    out
 }
 
 fn ordered_eq(g: &[Expr], p: &[Expr], opts: &Options, depth: usize) -> bool {

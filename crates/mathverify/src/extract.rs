@@ -44,6 +44,8 @@ enum Kind {
     Latex(Vec<LatexPart>),
     Number { int: String, frac: String, float: bool, percent: bool, shown: String },
     Formula(String),
+    /// The inside of `<answer>…</answer>`.
+    Tagged(String),
 }
 
 #[derive(Clone, Debug)]
@@ -420,10 +422,10 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
             }
         }
         // raw \boxed{ … } spanning to the last closing brace
-        let first_box = (0..n).find(|&i| t.starts_with(i, "\\boxed{"));
+        let first_box = (0..n).find(|&i| t.starts_with(i, "\\boxed{") || t.starts_with(i, "\\fbox{"));
         let last_close = t.c.iter().rposition(|&c| c == '}');
         if let (Some(s), Some(e)) = (first_box, last_close) {
-            if e > s + 7 {
+            if e > s + 6 {
                 out.push(Candidate {
                     priority: bp,
                     start: s,
@@ -770,7 +772,7 @@ fn extract_latex(parts: &[LatexPart]) -> Extracted {
     Extracted { expr: exprs.into_iter().next().flatten(), text: strs.into_iter().next().unwrap_or_default() }
 }
 
-fn extract_kind(kind: &Kind) -> Extracted {
+fn extract_kind(kind: &Kind, opts: &Options) -> Extracted {
     match kind {
         Kind::Latex(parts) => extract_latex(parts),
         Kind::Number { int, frac, float, percent, shown } => {
@@ -784,6 +786,17 @@ fn extract_kind(kind: &Kind) -> Extracted {
             let e = if *percent { Expr::Percent(Box::new(e)) } else { e };
             Extracted { expr: Some(e), text: shown.clone() }
         }
+        Kind::Tagged(inner) => {
+            let norm = normalize_latex(inner.trim(), BoxedMode::Last);
+            if let Some(e) = parse_latex_normalized(&norm) {
+                return Extracted { expr: Some(e), text: norm };
+            }
+            let (parsed, fallback) = extract_inner(inner, opts);
+            match parsed {
+                Some(ex) => ex,
+                None => Extracted { expr: None, text: fallback.unwrap_or(norm) },
+            }
+        }
         Kind::Formula(s) => {
             let cleaned = s.replace('\n', " ");
             Extracted { expr: parse_math(cleaned.trim()).ok(), text: s.clone() }
@@ -794,6 +807,14 @@ fn extract_kind(kind: &Kind) -> Extracted {
 /// Extract answers from free text: the first candidate (by priority, then rightmost) that
 /// parses, and the first candidate's text as a string fallback.
 pub fn extract(text: &str, opts: &Options) -> (Option<Extracted>, Option<String>) {
+    extract_with_tags(text, opts, true)
+}
+
+fn extract_inner(text: &str, opts: &Options) -> (Option<Extracted>, Option<String>) {
+    extract_with_tags(text, opts, false)
+}
+
+fn extract_with_tags(text: &str, opts: &Options, tags: bool) -> (Option<Extracted>, Option<String>) {
     let t = Text::new(text);
     let mut cands: Vec<Candidate> = Vec::new();
     if opts.match_types.contains(&MatchType::Latex) {
@@ -802,13 +823,22 @@ pub fn extract(text: &str, opts: &Options) -> (Option<Extracted>, Option<String>
     if opts.match_types.contains(&MatchType::Expr) {
         expr_candidates(&t, opts, &mut cands);
     }
+    // <answer>…</answer>: the last complete pair, at the boxed priority
+    if let Some(close) = text.rfind("</answer>").filter(|_| tags) {
+        if let Some(open) = text[..close].rfind("<answer>") {
+            let inner = &text[open + 8..close];
+            let start = text[..open].chars().count();
+            let end = text[..close + 9].chars().count();
+            cands.push(Candidate { priority: opts.boxed_match_priority.unwrap_or(0), start, end, kind: Kind::Tagged(inner.to_string()) });
+        }
+    }
     cands.sort_by(|a, b| a.priority.cmp(&b.priority).then(b.end.cmp(&a.end)).then(a.start.cmp(&b.start)));
     let mut fallback: Option<String> = None;
     for (attempts, c) in cands.iter().enumerate() {
         if attempts >= MAX_PARSE_ATTEMPTS {
             break;
         }
-        let ex = extract_kind(&c.kind);
+        let ex = extract_kind(&c.kind, opts);
         if fallback.is_none() && !ex.text.is_empty() {
             fallback = Some(ex.text.clone());
         }

@@ -242,9 +242,8 @@ fn replace_control_spaces(s: &str) -> String {
                 _ => {}
             }
             let rest: String = chars[i + 1..chars.len().min(i + 7)].iter().collect();
-            let quad = ["qquad", "quad"]
-                .into_iter()
-                .find(|q| rest.starts_with(q) && !chars.get(i + 1 + q.len()).is_some_and(|c| c.is_ascii_alphabetic()));
+            // `\quadx` (a missing space) is read as `\quad x`: no other command starts with "quad"
+            let quad = ["qquad", "quad"].into_iter().find(|q| rest.starts_with(q));
             if let Some(q) = quad {
                 out.push(' ');
                 i += 1 + q.len();

@@ -284,6 +284,8 @@ struct Parser {
     pos: usize,
     depth: usize,
     abs_depth: usize,
+    /// whether the primary just parsed was a `\frac` (for mixed numbers)
+    last_was_frac: bool,
 }
 
 impl Parser {
@@ -474,7 +476,7 @@ impl Parser {
             if self.is_op('*') || self.is_cmd("cdot") || self.is_cmd("times") || self.is_cmd("ast") {
                 self.pos += 1;
                 factors.push(self.parse_unary()?);
-            } else if self.is_op('/') || self.is_cmd("div") {
+            } else if self.is_op('/') || self.is_cmd("div") || self.is_op(':') {
                 self.pos += 1;
                 let d = self.parse_unary()?;
                 let n = if factors.len() == 1 { factors.pop().unwrap_or_else(|| Expr::int(1)) } else { Expr::Mul(std::mem::take(&mut factors)) };
@@ -482,7 +484,18 @@ impl Parser {
             } else if self.is_cmd("over") {
                 return Err("\\over not supported".into());
             } else if self.starts_primary() {
-                factors.push(self.parse_postfix()?);
+                let next = self.parse_postfix()?;
+                // a mixed number: `4\frac{2}{3}` = 4 + 2/3 (an integer followed by a proper fraction)
+                if factors.len() == 1 && self.toks.get(self.pos.wrapping_sub(1)).is_some() {
+                    if let (Expr::Num(whole), Some(frac)) = (&factors[0], proper_fraction(&next)) {
+                        if !whole.float && whole.value.is_integer() && !whole.value.is_zero() && self.last_was_frac {
+                            let total = if whole.value < BigRational::zero() { &whole.value - frac } else { &whole.value + frac };
+                            factors[0] = Expr::rational(total);
+                            continue;
+                        }
+                    }
+                }
+                factors.push(next);
             } else {
                 break;
             }
@@ -789,6 +802,7 @@ impl Parser {
     }
 
     fn parse_primary(&mut self) -> PResult<Expr> {
+        self.last_was_frac = false;
         self.enter()?;
         let r = self.parse_primary_inner();
         self.leave();
@@ -910,6 +924,7 @@ impl Parser {
             "frac" => {
                 let n = self.parse_macro_arg()?;
                 let d = self.parse_macro_arg()?;
+                self.last_was_frac = true;
                 Ok(Expr::div(n, d))
             }
             "binom" | "choose" => {
@@ -990,6 +1005,21 @@ impl Parser {
             other => Err(format!("unknown command \\{other}")),
         }
     }
+}
+
+/// The value p/q of `\frac{p}{q}` with integers 0 < p < q, else `None`.
+fn proper_fraction(e: &Expr) -> Option<BigRational> {
+    if let Expr::Mul(v) = e {
+        if let [Expr::Num(p), Expr::Pow(q, m)] = v.as_slice() {
+            if let (Expr::Num(q), true) = (&**q, is_minus_one(m)) {
+                let zero = BigRational::zero();
+                if !p.float && !q.float && p.value.is_integer() && q.value.is_integer() && p.value > zero && p.value < q.value {
+                    return Some(&p.value / &q.value);
+                }
+            }
+        }
+    }
+    None
 }
 
 fn is_minus_one(e: &Expr) -> bool {
@@ -1203,6 +1233,7 @@ pub fn parse_math(s: &str) -> PResult<Expr> {
         pos: 0,
         depth: 0,
         abs_depth: 0,
+        last_was_frac: false,
     };
     let items = p.parse_list()?;
     if p.pos < p.toks.len() {
@@ -1233,8 +1264,8 @@ mod tests {
 
     #[test]
     fn basic_forms() {
-        assert_eq!(p("\\frac12"), "1*2**-1");
-        assert_eq!(p("\\sqrt2"), "2**1/2");
+        assert_eq!(p("\\frac12"), "1*2**(-1)");
+        assert_eq!(p("\\sqrt2"), "2**(1/2)");
         assert_eq!(p("2^{10}"), "2**10");
         assert_eq!(p("x_1+y"), "x_1 + y");
         assert_eq!(p("204_5"), "204");
