@@ -7,7 +7,7 @@
 
 use crate::expr::{Constant, Expr, Func};
 use num_bigint::{BigInt, Sign};
-use num_integer::{Integer, Roots};
+use num_integer::Integer;
 use num_rational::BigRational;
 use num_traits::{One, Signed, ToPrimitive, Zero};
 
