@@ -160,13 +160,34 @@ fn relation_as_set(e: &Expr) -> Option<Expr> {
     }
 }
 
+/// Most element comparisons one [`expr_eq`] call may make (nested sets of tuples…).
+pub const MAX_COMPARISONS: u32 = 20_000;
+
+thread_local! {
+    static BUDGET: std::cell::Cell<u32> = const { std::cell::Cell::new(MAX_COMPARISONS) };
+}
+
+/// Spend one unit of the per-call comparison budget; false when it is exhausted.
+fn spend() -> bool {
+    BUDGET.with(|b| {
+        let left = b.get();
+        if left == 0 {
+            false
+        } else {
+            b.set(left - 1);
+            true
+        }
+    })
+}
+
 /// Compare two parsed answers under `opts` (math-verify's `sympy_expr_eq`).
 pub fn expr_eq(gold: &Expr, pred: &Expr, opts: &Options) -> bool {
+    BUDGET.with(|b| b.set(MAX_COMPARISONS));
     expr_eq_depth(gold, pred, opts, 0)
 }
 
 fn expr_eq_depth(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
-    if depth > 12 || gold.size() > eval::MAX_EXPR_NODES || pred.size() > eval::MAX_EXPR_NODES {
+    if depth > 12 || !spend() || gold.size() > eval::MAX_EXPR_NODES || pred.size() > eval::MAX_EXPR_NODES {
         return false;
     }
     let mut gold = gold.clone();

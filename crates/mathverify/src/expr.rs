@@ -410,15 +410,46 @@ impl fmt::Display for Expr {
                 Ok(())
             }
             Expr::Mul(v) => {
-                for (i, t) in v.iter().enumerate() {
-                    if i > 0 {
-                        write!(f, "*")?;
+                // factors x^(-1) print as a denominator: a*b/(c*d)
+                let is_recip = |t: &Expr| matches!(t, Expr::Pow(_, e) if matches!(&**e, Expr::Num(n) if n.value == -BigRational::one()));
+                let num: Vec<&Expr> = v.iter().filter(|t| !is_recip(t)).collect();
+                let den: Vec<&Expr> = v
+                    .iter()
+                    .filter_map(|t| match t {
+                        Expr::Pow(b, _) if is_recip(t) => Some(&**b),
+                        _ => None,
+                    })
+                    .collect();
+                let write_factors = |f: &mut fmt::Formatter<'_>, items: &[&Expr], group: bool| -> fmt::Result {
+                    let paren_all = group && items.len() > 1;
+                    if paren_all {
+                        write!(f, "(")?;
                     }
-                    if matches!(t, Expr::Add(_) | Expr::Rel(..) | Expr::PlusMinus(..)) {
-                        write!(f, "({t})")?;
-                    } else {
-                        write!(f, "{t}")?;
+                    for (i, t) in items.iter().enumerate() {
+                        if i > 0 {
+                            write!(f, "*")?;
+                        }
+                        let wrap = matches!(t, Expr::Add(_) | Expr::Rel(..) | Expr::PlusMinus(..))
+                            || (group && items.len() == 1 && (needs_parens(t) || matches!(t, Expr::Pow(..))));
+                        if wrap {
+                            write!(f, "({t})")?;
+                        } else {
+                            write!(f, "{t}")?;
+                        }
                     }
+                    if paren_all {
+                        write!(f, ")")?;
+                    }
+                    Ok(())
+                };
+                if num.is_empty() {
+                    write!(f, "1")?;
+                } else {
+                    write_factors(f, &num, false)?;
+                }
+                if !den.is_empty() {
+                    write!(f, "/")?;
+                    write_factors(f, &den, true)?;
                 }
                 Ok(())
             }

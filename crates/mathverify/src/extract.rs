@@ -20,6 +20,9 @@ use crate::normalize::{normalize_latex, BoxedMode};
 use crate::parser::{decimal_number, parse_math};
 use crate::{MatchType, Options};
 
+/// Spans longer than this (bytes) are not normalised or parsed.
+pub const MAX_SPAN_BYTES: usize = 20_000;
+
 /// At most this many candidate spans are parsed for one text.
 pub const MAX_PARSE_ATTEMPTS: usize = 64;
 
@@ -753,6 +756,12 @@ fn extract_latex(parts: &[LatexPart]) -> Extracted {
     let mut exprs: Vec<Option<Expr>> = Vec::new();
     let mut strs: Vec<String> = Vec::new();
     for part in parts {
+        if part.content.len() > MAX_SPAN_BYTES && !part.boxed_raw {
+            // far longer than any answer: not parsed, kept only as a string fallback
+            strs.push(part.content.chars().take(200).collect());
+            exprs.push(None);
+            continue;
+        }
         let mode = if part.boxed_raw { BoxedMode::Last } else { BoxedMode::All };
         let norm = normalize_latex(&part.content, mode);
         let parsed = parse_latex_normalized(&norm).map(|e| if part.percent { Expr::Percent(Box::new(e)) } else { e });

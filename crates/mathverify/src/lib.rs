@@ -111,7 +111,7 @@ pub fn extract_answers(text: &str, opts: &Options) -> Vec<Answer> {
 }
 
 fn has_latex_delimiters(s: &str) -> bool {
-    s.contains('$') || s.contains("\\boxed") || s.contains("\\fbox") || s.contains("\\(") || s.contains("\\[")
+    s.replace("\\$", "").contains('$') || s.contains("\\boxed") || s.contains("\\fbox") || s.contains("\\(") || s.contains("\\[")
 }
 
 /// Parse a reference answer: a bare LaTeX or plain answer (`\frac{14}{3}`, `x^2+1`, `1,000`)

@@ -3,6 +3,9 @@
 //!
 //! Every rule works on plain strings with bounded, linear scans (no regular expressions).
 
+/// Longest text (bytes) normalised after boxed extraction; the rest is cut off.
+pub const MAX_NORMALIZE_BYTES: usize = 20_000;
+
 /// How `\boxed{…}` content is taken out of a string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BoxedMode {
@@ -182,6 +185,18 @@ fn strip_sizing(s: &str) -> String {
         out.push(c);
         rest = &rest[c.len_utf8()..];
     }
+    out
+}
+
+/// Remove `\!` and the whitespace after it, in one pass.
+fn remove_negative_spaces(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find("\\!") {
+        out.push_str(&rest[..p]);
+        rest = rest[p + 2..].trim_start();
+    }
+    out.push_str(rest);
     out
 }
 
@@ -500,6 +515,14 @@ pub fn normalize_latex(text: &str, boxed: BoxedMode) -> String {
         Some(b) => b,
         None => text.to_string(),
     };
+    if s.len() > MAX_NORMALIZE_BYTES {
+        // not an answer; keep a bounded prefix so later passes stay cheap
+        let mut cut = MAX_NORMALIZE_BYTES;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
     s = fix_doubled_backslashes(&s);
     s = replace_all(&s, "\\mathrm{T}", "T");
     s = replace_all(&s, "\\mathrm{d}", "d");
@@ -521,9 +544,8 @@ pub fn normalize_latex(text: &str, boxed: BoxedMode) -> String {
     s = replace_all(&s, "%", "\\%");
     s = replace_all(&s, "\u{1}", "\\%");
     // `\!` and the spaces after it
-    while let Some(p) = s.find("\\!") {
-        let rest = s[p + 2..].trim_start().to_string();
-        s = format!("{}{}", &s[..p], rest);
+    if s.contains("\\!") {
+        s = remove_negative_spaces(&s);
     }
     s = replace_all(&s, "\\text{}", "");
     s = replace_all(&s, "\\text{ }", "");

@@ -1264,7 +1264,7 @@ mod tests {
 
     #[test]
     fn basic_forms() {
-        assert_eq!(p("\\frac12"), "1*2**(-1)");
+        assert_eq!(p("\\frac12"), "1/2");
         assert_eq!(p("\\sqrt2"), "2**(1/2)");
         assert_eq!(p("2^{10}"), "2**10");
         assert_eq!(p("x_1+y"), "x_1 + y");

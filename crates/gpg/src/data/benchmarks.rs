@@ -227,6 +227,34 @@ mod tests {
         assert_eq!(g.items[0].answer, "18");
     }
 
+    /// Share of gold answers that parse to an expression, per available benchmark
+    /// (vendored ones always; the others when `GPG_RL_DATA` points at them).
+    /// `cargo test --release -p gpg gold_parse_share -- --nocapture` prints the table.
+    #[test]
+    fn gold_parse_share() {
+        let opts = mathverify::Options::default();
+        for name in BENCHMARK_NAMES {
+            let Ok(b) = load_benchmark(name) else {
+                println!("{name}: not available (set {DATA_ENV})");
+                continue;
+            };
+            let mut failures = Vec::new();
+            for it in &b.items {
+                let parsed = mathverify::parse_gold(&it.answer, &opts);
+                if !matches!(parsed.first(), Some(mathverify::Answer::Expr { .. })) {
+                    failures.push(format!("{}: {}", it.id, it.answer));
+                }
+            }
+            let n = b.items.len();
+            let ok = n - failures.len();
+            println!("{name}: {ok}/{n} golds parse ({:.1}%)", 100.0 * ok as f64 / n.max(1) as f64);
+            for f in &failures {
+                println!("    unparsed {f}");
+            }
+            assert!(ok as f64 >= 0.95 * n as f64, "{name}: only {ok}/{n} golds parse");
+        }
+    }
+
     #[test]
     fn unknown_name_is_a_clear_error() {
         let e = load_benchmark("no-such-benchmark").err().map(|e| e.to_string()).unwrap_or_default();
