@@ -36,12 +36,57 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-ONSETS = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
-          "w", "z", "st", "tr", "pl", "ch", "sh", "th", "br", "gr"]
+ONSETS = [""] + [
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "st",
+    "tr",
+    "pl",
+    "ch",
+    "sh",
+    "th",
+    "br",
+    "gr",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "y"]
-CODAS = ["", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck"]
-FUNCTION_WORDS = ["the", "a", "of", "and", "to", "is", "in", "that", "it", "for", "so",
-                  "we", "then", "answer", "number", "sum", "product", "equals", "step"]
+CODAS = ["", ""] + ["n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck"]
+FUNCTION_WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "is",
+    "in",
+    "that",
+    "it",
+    "for",
+    "so",
+    "we",
+    "then",
+    "answer",
+    "number",
+    "sum",
+    "product",
+    "equals",
+    "step",
+]
 
 
 def synthetic_corpus(seed: int, n_sentences: int = 20000) -> list[str]:
@@ -64,11 +109,15 @@ def synthetic_corpus(seed: int, n_sentences: int = 20000) -> list[str]:
         kind = rng.random()
         if kind < 0.15:
             a, b = rng.randint(0, 999), rng.randint(0, 999)
-            sentences.append(f"The sum of {a} and {b} is {a + b}, so the answer is \\boxed{{{a + b}}}.")
+            sentences.append(
+                f"The sum of {a} and {b} is {a + b}, so the answer is \\boxed{{{a + b}}}."
+            )
             continue
         n = rng.randint(4, 16)
         words = [
-            rng.choice(FUNCTION_WORDS) if rng.random() < 0.3 else rng.choices(lexicon, cum_weights=cum_weights)[0]
+            rng.choice(FUNCTION_WORDS)
+            if rng.random() < 0.3
+            else rng.choices(lexicon, cum_weights=cum_weights)[0]
             for _ in range(n)
         ]
         words[0] = words[0].capitalize()
@@ -169,8 +218,17 @@ def main() -> int:
         json.dumps(tokenizer_config(tok), indent=2) + "\n", encoding="utf-8"
     )
     n_params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"model_dir": str(args.out), "parameters": n_params, "vocab": VOCAB_SIZE,
-                      "dtype": args.dtype, "tied": not args.untied}))
+    print(
+        json.dumps(
+            {
+                "model_dir": str(args.out),
+                "parameters": n_params,
+                "vocab": VOCAB_SIZE,
+                "dtype": args.dtype,
+                "tied": not args.untied,
+            }
+        )
+    )
     return 0
 
 
