@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -106,6 +107,7 @@ def main() -> int:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": args.device,
         "dtype": args.dtype,
         "attn": args.attn,

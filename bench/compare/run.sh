@@ -5,6 +5,9 @@
 #   bench/compare/run.sh MODEL_DIR [--threads N]
 #
 # Python comes from $GPG_RL_VENV (default bench/compare/.venv, made by setup.sh).
+# OMP_WAIT_POLICY defaults to PASSIVE here: with OpenMP's default spinning, 2 threads on a
+# shared, oversubscribed machine ran 4-10x slower than 1 thread (see README.md). Set
+# OMP_WAIT_POLICY=ACTIVE (or anything) to override on an idle machine.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,6 +18,7 @@ if [ $# -lt 1 ]; then
     exit 2
 fi
 model="$1"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 shift
 if [ ! -x "$py" ]; then
     echo "no venv at $venv: run $here/setup.sh first (or set GPG_RL_VENV)" >&2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -116,6 +117,7 @@ def main() -> int:
         "seq_len": args.seq_len,
         "completion_len": args.completion_len,
         "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": args.device,
         "attn": args.attn,
         "parameters": sum(p.numel() for p in model.parameters()),
