@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train with GPG (or GRPO / Dr.GRPO) from a TOML recipe; with no recipe, the built-in demo.
+    Train(cmd::train::TrainArgs),
+    /// Supervised fine-tuning (warm start) from a TOML recipe.
+    Sft(cmd::sft::SftArgs),
     /// Sample completions from a Hugging Face Qwen2 model.
     Generate(cmd::generate::GenerateArgs),
     /// Log-prob of every completion token of {"prompt", "completion"} JSONL lines.
@@ -43,6 +47,8 @@ fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Train(args) => cmd::train::run(args),
+        Command::Sft(args) => cmd::sft::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Logprobs(args) => cmd::logprobs::run(args),
         Command::Init(args) => cmd::init::run(args),
