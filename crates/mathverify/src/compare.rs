@@ -21,7 +21,7 @@ use crate::expr::{Constant, Expr, Func, RelOp};
 use crate::Options;
 use num_bigint::BigInt;
 use num_rational::BigRational;
-use num_traits::{Signed, Zero};
+use num_traits::Signed;
 
 /// Relative tolerance of numeric comparisons at random points.
 pub const NUMERIC_TOLERANCE: f64 = 1e-9;
@@ -664,10 +664,6 @@ pub fn scalar_eq(a: &Expr, b: &Expr, opts: &Options) -> bool {
     if let (Some(x), Some(y)) = (eval::exact(a), eval::exact(b)) {
         return x == y;
     }
-    if is_atomic_number(a) || is_atomic_number(b) {
-        // one side is a plain rational, the other is not exactly computable: compare values
-        // with the tight numeric tolerance below
-    }
     points_eq(a, b)
 }
 
@@ -677,7 +673,11 @@ fn points_eq(a: &Expr, b: &Expr) -> bool {
     let constant = a.free_symbols().is_empty() && b.free_symbols().is_empty() && !has_apply(a) && !has_apply(b);
     let mut valid = 0;
     let points = if constant { 1 } else { NUM_POINTS };
-    for point in 0..points {
+    // step functions (floor, ceil, factorial, …) of variables are also sampled at integers,
+    // where small real samples would hide differences
+    let integer_points = if !constant && (has_integer_function(a) || has_integer_function(b)) { INTEGER_POINTS } else { 0 };
+    let all_points = (0..points).chain(eval::INTEGER_POINTS_START..eval::INTEGER_POINTS_START + integer_points);
+    for point in all_points {
         match (eval::numeric(a, point), eval::numeric(b, point)) {
             (Some(x), Some(y)) => {
                 let d = C64::new(x.re - y.re, x.im - y.im).abs();
@@ -697,21 +697,20 @@ fn points_eq(a: &Expr, b: &Expr) -> bool {
         }
     }
     if constant {
-        valid == 1 && !is_zero_vs_tiny(a, b)
+        valid == 1
     } else {
         valid >= 2
     }
 }
 
-fn is_zero_vs_tiny(_a: &Expr, _b: &Expr) -> bool {
-    false
+/// Number of integer evaluation points for step functions.
+pub const INTEGER_POINTS: u64 = 12;
+
+fn has_integer_function(e: &Expr) -> bool {
+    matches!(e, Expr::Func(Func::Floor | Func::Ceil | Func::Factorial | Func::Binom | Func::Gcd | Func::Lcm, _))
+        || e.children().into_iter().any(has_integer_function)
 }
 
 fn has_apply(e: &Expr) -> bool {
     matches!(e, Expr::Apply(..)) || matches!(e, Expr::Func(Func::Gcd | Func::Lcm, _)) || e.children().into_iter().any(has_apply)
-}
-
-#[allow(dead_code)]
-fn is_zero(e: &Expr) -> bool {
-    eval::exact(e).is_some_and(|v| v.is_zero())
 }

@@ -354,9 +354,16 @@ fn unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Value of variable `name` at evaluation point `point`: in ±[0.3, 2.3], sign varying.
+/// First evaluation point of the integer family (used for floor/ceil/factorial answers).
+pub const INTEGER_POINTS_START: u64 = 1000;
+
+/// Value of variable `name` at evaluation point `point`: in ±[0.3, 2.3] with varying sign, or
+/// an integer in [2, 61] for points ≥ [`INTEGER_POINTS_START`].
 pub fn symbol_value(name: &str, point: u64) -> f64 {
     let h = hash_str(name, point);
+    if point >= INTEGER_POINTS_START {
+        return 2.0 + (h % 60) as f64;
+    }
     let mag = 0.3 + 2.0 * unit(h);
     if point % 3 == 2 && (h >> 7) & 1 == 1 {
         -mag

@@ -276,8 +276,11 @@ const TRANSPARENT: &[&str] = &[
     "underbrace", "overbrace",
 ];
 
-/// Letters read as function names when directly followed by `(`.
-const FUNCTION_LETTERS: &[char] = &['f', 'g', 'h', 'F', 'G', 'H'];
+/// Whether a letter directly followed by `(` names a function: `f`, `g`, `h` and capitals
+/// (`f(x)`, `P(A)`, `I(0)`); other lower-case letters multiply (`x(x+1)`).
+fn is_function_letter(c: char) -> bool {
+    matches!(c, 'f' | 'g' | 'h') || c.is_ascii_uppercase()
+}
 
 struct Parser {
     toks: Vec<Token>,
@@ -585,7 +588,22 @@ impl Parser {
                 }
                 if self.is_cmd("prime") {
                     self.pos += 1;
+                    base = prime_of(base)?;
                     continue;
+                }
+                if self.is_op('{') && matches!(self.peek_at(1), Some(Tok::Cmd(c)) if c == "prime") {
+                    // ^{\prime}, ^{\prime\prime}
+                    let mut k = 1;
+                    while matches!(self.peek_at(k), Some(Tok::Cmd(c)) if c == "prime") {
+                        k += 1;
+                    }
+                    if self.peek_at(k) == Some(&Tok::Op('}')) {
+                        self.pos += k + 1;
+                        for _ in 1..k {
+                            base = prime_of(base)?;
+                        }
+                        continue;
+                    }
                 }
                 let exp = self.parse_script_arg()?;
                 base = Expr::Pow(Box::new(base), Box::new(exp));
@@ -606,11 +624,7 @@ impl Parser {
                 base = Expr::Percent(Box::new(base));
             } else if self.is_op('\'') {
                 self.pos += 1;
-                base = match base {
-                    Expr::Sym(n) => Expr::Sym(format!("{n}'")),
-                    Expr::Apply(n, a) => Expr::Apply(format!("{n}'"), a),
-                    other => return Err(format!("prime after {other}")),
-                };
+                base = prime_of(base)?;
             } else {
                 break;
             }
@@ -819,7 +833,7 @@ impl Parser {
             }
             Tok::Letter(c) => {
                 self.pos += 1;
-                if FUNCTION_LETTERS.contains(&c) && self.is_op('(') && !self.space_before() {
+                if is_function_letter(c) && self.is_op('(') && !self.space_before() {
                     self.pos += 1;
                     let (args, _) = self.parse_group_contents(&[')'])?;
                     if args.is_empty() {
@@ -1004,6 +1018,15 @@ impl Parser {
             n if TRANSPARENT.contains(&n) => self.parse_macro_arg(),
             other => Err(format!("unknown command \\{other}")),
         }
+    }
+}
+
+/// `y'`: a derivative symbol, named with a prime.
+fn prime_of(base: Expr) -> PResult<Expr> {
+    match base {
+        Expr::Sym(n) => Ok(Expr::Sym(format!("{n}'"))),
+        Expr::Apply(n, a) => Ok(Expr::Apply(format!("{n}'"), a)),
+        other => Err(format!("prime after {other}")),
     }
 }
 

@@ -1,0 +1,601 @@
+//! The RL training loop. One step, top to bottom:
+//!
+//! ```text
+//! prompts ─► rollout (G completions each) ─► rewards ─► groups (β_th: sample more rounds)
+//!   ─► advantages, α ─► per micro-batch: engine forward (logp_t) ─► objective (g_t)
+//!   ─► engine backward (gradients, accumulated) ─► clip ─► AdamW ─► metrics / checkpoint
+//! ```
+//!
+//! Every random draw is a pure function of (seed, step, round), and the data position is part
+//! of the checkpoint, so a resumed run continues exactly as an uninterrupted one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::algo::{
+    GroupPool, GroupStats, Normaliser, PoolStatus, PolicyTokens, RewardGroups, ScoredGroup,
+    TokenLayout,
+};
+use crate::checkpoint;
+use crate::data::{synthetic, EpochSampler, PromptDataset, PromptRecord, SamplerState};
+use crate::model::{Qwen2, TrainBatch};
+use crate::optim::{clip_grad_norm, AdamW, AdamWState, LrSchedule, ParamGrad};
+use crate::reward::{RewardInput, WeightedSum};
+use crate::rollout::{self, Completion, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+use super::config::TrainConfig;
+use super::metrics::{MetricsLog, StepMetrics};
+
+/// A prompt ready for sampling.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    pub record: PromptRecord,
+    pub ids: Vec<u32>,
+}
+
+/// Prompts and their token ids, loaded and filtered as the recipe says. Returns the training
+/// set and, for the synthetic task, its held-out split.
+pub fn load_prompts(
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+) -> Result<(Vec<PreparedPrompt>, Option<Vec<PreparedPrompt>>)> {
+    let data = &config.data;
+    let (mut train, heldout) = if data.train == "synthetic" {
+        let task = data.synthetic.resolve()?;
+        let split = synthetic::generate_split(
+            &task,
+            data.synthetic.seed,
+            data.synthetic.n_train,
+            data.synthetic.n_heldout,
+        )?;
+        (
+            synthetic::to_dataset(&split.train, &data.fields)?,
+            Some(synthetic::to_dataset(&split.heldout, &data.fields)?),
+        )
+    } else {
+        (PromptDataset::load(&data.train, &data.fields)?, None)
+    };
+    let dropped = train.limit_prompt_length_with(data.max_prompt_tokens, data.long_prompts, &|p| {
+        Ok(tokenizer.encode_prompt(p)?.len())
+    })?;
+    if dropped > 0 {
+        eprintln!(
+            "dropped {dropped} prompts longer than {} tokens from {}",
+            data.max_prompt_tokens, train.source
+        );
+    }
+    ensure!(
+        !train.is_empty(),
+        "{}: no prompt left after dropping those longer than {} tokens",
+        train.source,
+        data.max_prompt_tokens
+    );
+    let prepare = |ds: PromptDataset| -> Result<Vec<PreparedPrompt>> {
+        ds.records
+            .into_iter()
+            .map(|record| {
+                let ids = tokenizer
+                    .encode_prompt(&record.prompt)
+                    .with_context(|| format!("{}: tokenizing the prompt", record.location))?;
+                ensure!(!ids.is_empty(), "{}: the prompt is empty", record.location);
+                Ok(PreparedPrompt { record, ids })
+            })
+            .collect()
+    };
+    Ok((prepare(train)?, heldout.map(prepare).transpose()?))
+}
+
+/// What a checkpoint stores besides the model and the optimiser moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps completed.
+    pub step: u64,
+    pub sampler: SamplerState,
+    pub tokens_seen: u64,
+    pub optimizer_config: crate::optim::AdamWConfig,
+    /// Per-parameter AdamW step counts (moments are in the buffers file).
+    pub optimizer_steps: BTreeMap<String, u64>,
+}
+
+/// One training run.
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: Qwen2,
+    pub tokenizer: Tokenizer,
+    prompts: Vec<PreparedPrompt>,
+    pub heldout: Option<Vec<PreparedPrompt>>,
+    sampler: EpochSampler,
+    reward: WeightedSum,
+    optimizer: AdamW,
+    schedule: LrSchedule,
+    /// f32 master copy of every parameter, in `model.parameters()` order.
+    params: Vec<Vec<f32>>,
+    shapes: Vec<Vec<usize>>,
+    names: Vec<String>,
+    pub step: u64,
+    tokens_seen: u64,
+    log: MetricsLog,
+}
+
+/// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
+fn derive_seed(seed: u64, step: u64, round: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Trainer {
+    /// Sets up a run: loads model, tokenizer, data; resumes from the latest checkpoint in the
+    /// run folder when `resume` is true.
+    pub fn new(config: TrainConfig, resume: bool) -> Result<Self> {
+        config.validate()?;
+        let device = Device::Cpu;
+        let out = &config.output_dir;
+        let latest = if resume { checkpoint::latest(out)? } else { None };
+        if resume && latest.is_none() {
+            bail!(
+                "{}: --resume given but the run folder holds no checkpoint-<step> directory",
+                out.display()
+            );
+        }
+        if !resume && out.join("metrics.jsonl").exists() {
+            bail!(
+                "{}: the run folder already holds a run (metrics.jsonl); pass --resume to continue it or choose another output_dir",
+                out.display()
+            );
+        }
+        let model_dir = latest.as_ref().map(|(_, p)| p.clone()).unwrap_or_else(|| config.model.clone());
+        let model = Qwen2::from_dir(&model_dir, &device)
+            .with_context(|| format!("loading the model from {}", model_dir.display()))?;
+        let tokenizer = Tokenizer::from_dir(&model_dir)?;
+        let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
+        let reward = config.reward.build()?;
+        let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
+        let names = model.parameter_names();
+        let mut params = Vec::with_capacity(names.len());
+        let mut shapes = Vec::with_capacity(names.len());
+        for (_, t) in model.parameters() {
+            shapes.push(t.dims().to_vec());
+            params.push(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let (step, sampler, optimizer, tokens_seen) = match &latest {
+            None => (
+                0,
+                EpochSampler::new(prompts.len(), config.seed)?,
+                AdamW::new(config.optim.adamw.clone())?,
+                0,
+            ),
+            Some((_, dir)) => {
+                let (state, mut buffers) = checkpoint::load_state(dir)?;
+                let state: TrainerState = serde_json::from_value(state)
+                    .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
+                let mut opt_state = AdamWState {
+                    config: state.optimizer_config.clone(),
+                    params: BTreeMap::new(),
+                };
+                for (name, step) in &state.optimizer_steps {
+                    let exp_avg = buffers
+                        .remove(&format!("exp_avg.{name}"))
+                        .with_context(|| format!("{}: optimiser moment exp_avg.{name} missing", dir.display()))?;
+                    let exp_avg_sq = buffers
+                        .remove(&format!("exp_avg_sq.{name}"))
+                        .with_context(|| format!("{}: optimiser moment exp_avg_sq.{name} missing", dir.display()))?;
+                    opt_state.params.insert(
+                        name.clone(),
+                        crate::optim::ParamState {
+                            step: *step,
+                            exp_avg,
+                            exp_avg_sq,
+                        },
+                    );
+                }
+                (
+                    state.step,
+                    EpochSampler::resume(state.sampler, prompts.len())?,
+                    AdamW::from_state(opt_state)?,
+                    state.tokens_seen,
+                )
+            }
+        };
+        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+        std::fs::write(out.join("config.toml"), config.to_toml()?)
+            .with_context(|| format!("{}: cannot write config.toml", out.display()))?;
+        let log = MetricsLog::open(out, step)?;
+        Ok(Self {
+            config,
+            model,
+            tokenizer,
+            prompts,
+            heldout,
+            sampler,
+            reward,
+            optimizer,
+            schedule,
+            params,
+            shapes,
+            names,
+            step,
+            tokens_seen,
+            log,
+        })
+    }
+
+    fn sampling_params(&self, seed: u64) -> SamplingParams {
+        let r = &self.config.rollout;
+        SamplingParams {
+            n: r.num_generations,
+            max_new_tokens: r.max_new_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            seed,
+            stop_token_ids: self.tokenizer.token_to_id("<|im_end|>").into_iter().collect(),
+            stop_strings: r.stop.clone(),
+            ignore_eos: false,
+        }
+    }
+
+    /// Runs until `config.steps` optimiser steps are done (or `until` when given).
+    pub fn train(&mut self, until: Option<u64>) -> Result<()> {
+        let end = until.unwrap_or(self.config.steps).min(self.config.steps);
+        let progress = self.config.logging.progress.then(|| super::progress::Progress::new(self.step, self.config.steps));
+        while self.step < end {
+            let metrics = self.train_step()?;
+            if let Some(p) = &progress {
+                p.update(&metrics);
+            }
+            let save_every = self.config.logging.save_every;
+            if (save_every > 0 && self.step % save_every == 0) || self.step == self.config.steps {
+                self.save_checkpoint()?;
+            }
+        }
+        if let Some(p) = progress {
+            p.finish();
+        }
+        Ok(())
+    }
+
+    /// One optimiser step (sampling, rewards, update); returns its metrics, also logged.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t_step = Instant::now();
+        let step = self.step;
+        let lr = self.schedule.lr_at(step);
+        let g = self.config.rollout.num_generations;
+        let b = self.config.rollout.prompts_per_step;
+
+        // Rollout and rewards, with β_th resampling rounds when configured.
+        let mut pool = GroupPool::new(self.config.algorithm.resample, b, g)?;
+        let mut time_rollout = 0.0;
+        let mut time_reward = 0.0;
+        let mut per_function: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let mut round = 0u64;
+        let mut samples_log = Vec::new();
+        loop {
+            let indices = self.sampler.next_batch(b);
+            let prompt_ids: Vec<Vec<u32>> = indices.iter().map(|&i| self.prompts[i].ids.clone()).collect();
+            let t0 = Instant::now();
+            let params = self.sampling_params(derive_seed(self.config.seed, step, round));
+            let completions = rollout::generate(&self.model, &self.tokenizer, &prompt_ids, &params)?;
+            time_rollout += t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let inputs: Vec<RewardInput> = completions
+                .iter()
+                .map(|c| {
+                    let p = &self.prompts[indices[c.prompt_index]];
+                    RewardInput {
+                        prompt: p.record.prompt.plain_text(),
+                        completion: c.text.clone(),
+                        answer: p.record.answer.clone(),
+                        completion_tokens: c.token_ids.len(),
+                    }
+                })
+                .collect();
+            let scores = self.reward.score_all(&inputs)?;
+            time_reward += t0.elapsed().as_secs_f64();
+            for (name, values) in &scores.per_function {
+                let e = per_function.entry(name.clone()).or_insert((0.0, 0));
+                e.0 += values.iter().map(|&v| v as f64).sum::<f64>();
+                e.1 += values.len();
+            }
+            if round == 0 {
+                for (c, r) in completions.iter().zip(&scores.total).take(self.config.logging.log_completions) {
+                    samples_log.push((self.prompts[indices[c.prompt_index]].record.prompt.plain_text(), c.text.clone(), *r));
+                }
+            }
+            let mut groups = Vec::with_capacity(b);
+            let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); indices.len()];
+            for c in completions {
+                by_prompt[c.prompt_index].push(c);
+            }
+            for (k, completions) in by_prompt.into_iter().enumerate() {
+                let rewards = scores.total[k * g..(k + 1) * g].to_vec();
+                groups.push(ScoredGroup {
+                    rewards,
+                    payload: (indices[k], completions),
+                });
+            }
+            round += 1;
+            if let PoolStatus::Ready { .. } = pool.add_round(groups)? {
+                break;
+            }
+        }
+        let batch = pool.finish();
+        let rewards = batch.rewards();
+        let reward_groups = RewardGroups::new(&rewards, g)?;
+        let stats = GroupStats::of(&reward_groups);
+        let advantages = self.config.advantage_estimator().compute(&reward_groups)?;
+        let loss_scale = self.config.algorithm.loss.loss_scale(batch.scale);
+
+        // Sequences of the update, in group order.
+        let mut seqs: Vec<(usize, Vec<u32>, Vec<f32>)> = Vec::new(); // (prompt index, completion ids, sampling logprobs)
+        for group in &batch.groups {
+            for c in &group.payload.1 {
+                seqs.push((group.payload.0, c.token_ids.clone(), c.logprobs.clone()));
+            }
+        }
+        let completion_lengths: Vec<usize> = seqs.iter().map(|s| s.1.len()).collect();
+        let n_tokens: usize = completion_lengths.iter().sum();
+        self.tokens_seen += n_tokens as u64;
+
+        let t_update = Instant::now();
+        let mut update = UpdateOutcome::default();
+        let skipped = match loss_scale {
+            None => Some("no group has differing rewards: the batch carries no gradient".to_string()),
+            Some(_) if n_tokens == 0 => Some("every completion is empty".to_string()),
+            Some(alpha) => {
+                update = self.update(&seqs, &advantages, alpha, lr)?;
+                update.skipped.clone()
+            }
+        };
+        if let Some(reason) = &skipped {
+            eprintln!("step {}: update skipped: {reason}", step + 1);
+        }
+        let time_update = t_update.elapsed().as_secs_f64();
+
+        self.step += 1;
+        let inverse_alpha = match batch.scale {
+            crate::algo::AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
+            crate::algo::AgeScale::SkipUpdate => 0.0,
+        };
+        let metrics = StepMetrics {
+            step: self.step,
+            lr: lr as f64,
+            loss: update.loss,
+            grad_norm: update.grad_norm,
+            reward: stats.reward_mean,
+            reward_std: stats.reward_std_mean,
+            rewards: per_function.into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect(),
+            completion_length: n_tokens as f64 / completion_lengths.len().max(1) as f64,
+            completion_length_max: completion_lengths.iter().copied().max().unwrap_or(0),
+            groups: stats.n_groups,
+            valid_groups: stats.n_valid,
+            identical_groups: stats.n_identical,
+            easy_groups: stats.n_easy,
+            hard_groups: stats.n_hard,
+            inverse_alpha,
+            resample_rounds: batch.rounds_used,
+            entropy: update.entropy,
+            clip_fraction: update.clip_fraction,
+            kl: update.kl,
+            tokens: n_tokens as u64,
+            tokens_seen: self.tokens_seen,
+            skipped,
+            eval_pass_at_1: None,
+            time_rollout_s: time_rollout,
+            time_reward_s: time_reward,
+            time_update_s: time_update,
+            time_step_s: t_step.elapsed().as_secs_f64(),
+        };
+        self.log.write(&metrics, &samples_log)?;
+        Ok(metrics)
+    }
+
+    /// Forward/backward over micro-batches, gradient clipping and the AdamW step.
+    fn update(
+        &mut self,
+        seqs: &[(usize, Vec<u32>, Vec<f32>)],
+        advantages: &[f32],
+        alpha: f32,
+        lr: f32,
+    ) -> Result<UpdateOutcome> {
+        let cfg = self.config.clone();
+        let loss_fn = cfg.algorithm.loss;
+        let inv_t = if cfg.rollout.temperature > 0.0 { 1.0 / cfg.rollout.temperature } else { 1.0 };
+        let total_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
+        let normaliser = Normaliser::new(seqs.len(), total_tokens);
+        // Micro-batches by token budget (prompt + completion).
+        let mut micro: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut start = 0;
+        let mut tokens = 0;
+        for (i, (p, c, _)) in seqs.iter().enumerate() {
+            let len = self.prompts[*p].ids.len() + c.len();
+            if i > start && tokens + len > cfg.algorithm.micro_batch_tokens {
+                micro.push(start..i);
+                start = i;
+                tokens = 0;
+            }
+            tokens += len;
+        }
+        micro.push(start..seqs.len());
+
+        // Old-policy log-probs for several updates per batch (GRPO's num_iterations > 1).
+        let old_logp: Option<Vec<f32>> = if loss_fn.uses_importance_ratio() && cfg.algorithm.num_iterations > 1 {
+            let mut all = Vec::with_capacity(total_tokens);
+            for r in &micro {
+                let batch = self.train_batch(&seqs[r.clone()])?;
+                all.extend(self.model.logprobs(&batch, inv_t)?.logprobs);
+            }
+            Some(all)
+        } else {
+            None
+        };
+        if loss_fn.needs_reference_logp() {
+            bail!("a KL penalty (beta > 0) needs a reference model, which this trainer does not keep yet; set beta = 0");
+        }
+
+        let mut outcome = UpdateOutcome::default();
+        for _iteration in 0..cfg.algorithm.num_iterations {
+            let mut grads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.len()]).collect();
+            let mut loss = 0.0;
+            let mut entropy_sum = 0.0;
+            let mut clip_sum = 0.0;
+            let mut kl_sum = 0.0;
+            let mut token_offset = 0;
+            for r in &micro {
+                let part = &seqs[r.clone()];
+                let batch = self.train_batch(part)?;
+                let (lp, cache) = self.model.forward_train(&batch, inv_t)?;
+                let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
+                let layout = TokenLayout::from_lengths(&lengths);
+                let n = batch.num_completion_tokens();
+                let old = old_logp.as_ref().map(|o| &o[token_offset..token_offset + n]);
+                let out = loss_fn.compute(
+                    &PolicyTokens {
+                        layout: &layout,
+                        logp: &lp.logprobs,
+                        old_logp: old,
+                        ref_logp: None,
+                        advantages: &advantages[r.clone()],
+                    },
+                    alpha,
+                    normaliser,
+                )?;
+                loss += out.loss;
+                entropy_sum += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
+                clip_sum += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
+                kl_sum += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
+                let grad = self.model.backward(&batch, cache, &out.token_weights)?;
+                for (acc, t) in grads.iter_mut().zip(&grad.tensors) {
+                    let v = t.flatten_all()?.to_vec1::<f32>()?;
+                    acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+                token_offset += n;
+            }
+            outcome.loss = loss;
+            outcome.entropy = entropy_sum / total_tokens.max(1) as f64;
+            outcome.clip_fraction = loss_fn.uses_importance_ratio().then_some(clip_sum / total_tokens.max(1) as f64);
+            outcome.kl = loss_fn
+                .needs_reference_logp()
+                .then_some(kl_sum / total_tokens.max(1) as f64);
+            if !loss.is_finite() {
+                outcome.skipped = Some(format!("non-finite loss ({loss})"));
+                return Ok(outcome);
+            }
+            let mut grad_refs: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
+            let clip = clip_grad_norm(&mut grad_refs, cfg.optim.max_grad_norm);
+            outcome.grad_norm = clip.norm;
+            if !clip.finite {
+                outcome.skipped = Some(format!("non-finite gradient norm ({})", clip.norm));
+                return Ok(outcome);
+            }
+            for ((name, param), grad) in self.names.iter().zip(self.params.iter_mut()).zip(&grads) {
+                self.optimizer.update(
+                    lr,
+                    ParamGrad {
+                        name,
+                        param,
+                        grad,
+                        weight_decay: true,
+                    },
+                )?;
+            }
+            self.write_back_params()?;
+        }
+        Ok(outcome)
+    }
+
+    fn train_batch(&self, part: &[(usize, Vec<u32>, Vec<f32>)]) -> Result<TrainBatch> {
+        let pairs: Vec<(&[u32], &[u32])> = part
+            .iter()
+            .map(|(p, c, _)| (self.prompts[*p].ids.as_slice(), c.as_slice()))
+            .collect();
+        TrainBatch::new(&pairs)
+    }
+
+    /// Copies the master weights into the model's tensors.
+    fn write_back_params(&mut self) -> Result<()> {
+        let device = self.model.device().clone();
+        for ((slot, data), shape) in self.model.parameters_mut().into_iter().zip(&self.params).zip(&self.shapes) {
+            *slot = Tensor::from_slice(data, shape.as_slice(), &device)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `checkpoint-<step>` (model, tokenizer, optimiser, data position) atomically and
+    /// prunes old ones.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let out = self.config.output_dir.clone();
+        let dir = out.join(format!("checkpoint-{}", self.step));
+        let opt = self.optimizer.state();
+        let state = TrainerState {
+            step: self.step,
+            sampler: self.sampler.state(),
+            tokens_seen: self.tokens_seen,
+            optimizer_config: opt.config.clone(),
+            optimizer_steps: opt.params.iter().map(|(k, v)| (k.clone(), v.step)).collect(),
+        };
+        let mut buffers = Vec::new();
+        for (name, p) in &opt.params {
+            buffers.push((format!("exp_avg.{name}"), vec![p.exp_avg.len()], p.exp_avg.clone()));
+            buffers.push((format!("exp_avg_sq.{name}"), vec![p.exp_avg_sq.len()], p.exp_avg_sq.clone()));
+        }
+        let generation = serde_json::json!({
+            "eos_token_id": self.model.config.eos_token_id,
+        });
+        checkpoint::save(
+            &dir,
+            &self.model,
+            &self.tokenizer,
+            &[
+                ("generation_config.json", serde_json::to_vec_pretty(&generation)?),
+                ("config.toml", self.config.to_toml()?.into_bytes()),
+            ],
+            &serde_json::to_value(&state)?,
+            &buffers,
+        )?;
+        self.log.flush()?;
+        prune_checkpoints(&out, self.config.logging.keep_checkpoints)?;
+        Ok(dir)
+    }
+}
+
+/// Removes all but the newest `keep` checkpoints (never the newest one).
+fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+    let mut steps = Vec::new();
+    for entry in std::fs::read_dir(out)? {
+        let entry = entry?;
+        if let Some(step) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            steps.push((step, entry.path()));
+        }
+    }
+    steps.sort();
+    let keep = keep.max(1);
+    if steps.len() > keep {
+        for (_, path) in &steps[..steps.len() - keep] {
+            std::fs::remove_dir_all(path).with_context(|| format!("{}: cannot remove", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone)]
+struct UpdateOutcome {
+    loss: f64,
+    grad_norm: f64,
+    entropy: f64,
+    clip_fraction: Option<f64>,
+    kl: Option<f64>,
+    skipped: Option<String>,
+}
