@@ -43,7 +43,8 @@ pub struct InitArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = StorageDtype::F32)]
     pub dtype: StorageDtype,
-    /// Text file to train the tokenizer on (one document per line); default: built-in corpus.
+    /// Text file to train the tokenizer on (one document per line), or `synthetic` for the
+    /// built-in arithmetic task's texts; default: a small built-in English/arithmetic corpus.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
 }
@@ -74,6 +75,7 @@ pub fn run(args: &InitArgs) -> Result<()> {
 /// Writes the model and tokenizer described by `args`; returns the model.
 pub fn write_model(args: &InitArgs) -> Result<Qwen2> {
     let corpus = match &args.corpus {
+        Some(path) if path.as_os_str() == "synthetic" => synthetic_corpus()?,
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read corpus", path.display()))?
             .lines()
@@ -155,4 +157,15 @@ pub fn builtin_corpus() -> Vec<String> {
         }
     }
     corpus
+}
+
+/// Questions and worked solutions of the built-in arithmetic task (all difficulty levels).
+fn synthetic_corpus() -> Result<Vec<String>> {
+    use gpg::data::synthetic;
+    let mut corpus = Vec::new();
+    for level in 1..=4 {
+        let split = synthetic::generate_split(&synthetic::SyntheticConfig::level(level)?, 7, 2000, 0)?;
+        corpus.extend(synthetic::corpus(&split.train));
+    }
+    Ok(corpus)
 }

@@ -6,3 +6,5 @@ pub mod init;
 pub mod logprobs;
 pub mod math_verify;
 mod model_dir;
+pub mod sft;
+pub mod train;

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use gpg::candle_core::Device;
 use gpg::model::Qwen2;
 use gpg::tokenizer::Tokenizer;
 

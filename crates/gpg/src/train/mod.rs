@@ -1,10 +1,13 @@
 //! The training loop and what it writes: metrics, TensorBoard events, checkpoints.
 
 pub mod config;
+pub mod heldout;
 pub mod metrics;
 pub mod progress;
+pub mod sft;
 pub mod tensorboard;
 pub mod trainer;
+pub mod update;
 
 pub use config::TrainConfig;
 pub use metrics::StepMetrics;

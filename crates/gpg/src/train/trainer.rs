@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::algo::{
@@ -24,13 +24,14 @@ use crate::algo::{
 use crate::checkpoint;
 use crate::data::{synthetic, EpochSampler, PromptDataset, PromptRecord, SamplerState};
 use crate::model::{Qwen2, TrainBatch};
-use crate::optim::{clip_grad_norm, AdamW, AdamWState, LrSchedule, ParamGrad};
+use crate::optim::{AdamW, LrSchedule};
 use crate::reward::{RewardInput, WeightedSum};
 use crate::rollout::{self, Completion, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
+use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
 
 /// A prompt ready for sampling.
 #[derive(Debug, Clone)]
@@ -76,18 +77,7 @@ pub fn load_prompts(
         train.source,
         data.max_prompt_tokens
     );
-    let prepare = |ds: PromptDataset| -> Result<Vec<PreparedPrompt>> {
-        ds.records
-            .into_iter()
-            .map(|record| {
-                let ids = tokenizer
-                    .encode_prompt(&record.prompt)
-                    .with_context(|| format!("{}: tokenizing the prompt", record.location))?;
-                ensure!(!ids.is_empty(), "{}: the prompt is empty", record.location);
-                Ok(PreparedPrompt { record, ids })
-            })
-            .collect()
-    };
+    let prepare = |ds| super::heldout::prepare(tokenizer, ds);
     Ok((prepare(train)?, heldout.map(prepare).transpose()?))
 }
 
@@ -98,9 +88,8 @@ pub struct TrainerState {
     pub step: u64,
     pub sampler: SamplerState,
     pub tokens_seen: u64,
-    pub optimizer_config: crate::optim::AdamWConfig,
-    /// Per-parameter AdamW step counts (moments are in the buffers file).
-    pub optimizer_steps: BTreeMap<String, u64>,
+    /// AdamW configuration and step counts (moments are in the buffers file).
+    pub optimizer: OptimizerMeta,
 }
 
 /// One training run.
@@ -112,15 +101,13 @@ pub struct Trainer {
     pub heldout: Option<Vec<PreparedPrompt>>,
     sampler: EpochSampler,
     reward: WeightedSum,
-    optimizer: AdamW,
+    updater: ModelUpdater,
     schedule: LrSchedule,
-    /// f32 master copy of every parameter, in `model.parameters()` order.
-    params: Vec<Vec<f32>>,
-    shapes: Vec<Vec<usize>>,
-    names: Vec<String>,
     pub step: u64,
     tokens_seen: u64,
     log: MetricsLog,
+    /// Prompts of the periodic evaluation (eval.data), when configured.
+    eval_prompts: Option<Vec<PreparedPrompt>>,
 }
 
 /// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
@@ -158,13 +145,6 @@ impl Trainer {
         let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
         let reward = config.reward.build()?;
         let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
-        let names = model.parameter_names();
-        let mut params = Vec::with_capacity(names.len());
-        let mut shapes = Vec::with_capacity(names.len());
-        for (_, t) in model.parameters() {
-            shapes.push(t.dims().to_vec());
-            params.push(t.flatten_all()?.to_vec1::<f32>()?);
-        }
         let (step, sampler, optimizer, tokens_seen) = match &latest {
             None => (
                 0,
@@ -176,38 +156,38 @@ impl Trainer {
                 let (state, mut buffers) = checkpoint::load_state(dir)?;
                 let state: TrainerState = serde_json::from_value(state)
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
-                let mut opt_state = AdamWState {
-                    config: state.optimizer_config.clone(),
-                    params: BTreeMap::new(),
-                };
-                for (name, step) in &state.optimizer_steps {
-                    let exp_avg = buffers
-                        .remove(&format!("exp_avg.{name}"))
-                        .with_context(|| format!("{}: optimiser moment exp_avg.{name} missing", dir.display()))?;
-                    let exp_avg_sq = buffers
-                        .remove(&format!("exp_avg_sq.{name}"))
-                        .with_context(|| format!("{}: optimiser moment exp_avg_sq.{name} missing", dir.display()))?;
-                    opt_state.params.insert(
-                        name.clone(),
-                        crate::optim::ParamState {
-                            step: *step,
-                            exp_avg,
-                            exp_avg_sq,
-                        },
-                    );
-                }
+                let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
+                    .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
                 (
                     state.step,
                     EpochSampler::resume(state.sampler, prompts.len())?,
-                    AdamW::from_state(opt_state)?,
+                    optimizer,
                     state.tokens_seen,
                 )
             }
         };
+        let updater = ModelUpdater::new(&model, optimizer)?;
         std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
         std::fs::write(out.join("config.toml"), config.to_toml()?)
             .with_context(|| format!("{}: cannot write config.toml", out.display()))?;
         let log = MetricsLog::open(out, step)?;
+        let eval_prompts = match &config.eval {
+            None => None,
+            Some(e) => {
+                let mut prompts = if e.data == "synthetic" {
+                    heldout
+                        .clone()
+                        .context("eval.data = \"synthetic\" needs data.train = \"synthetic\"")?
+                } else {
+                    let ds = PromptDataset::load(&e.data, &config.data.fields)?;
+                    super::heldout::prepare(&tokenizer, ds)?
+                };
+                if let Some(limit) = e.limit {
+                    prompts.truncate(limit);
+                }
+                Some(prompts)
+            }
+        };
         Ok(Self {
             config,
             model,
@@ -216,14 +196,12 @@ impl Trainer {
             heldout,
             sampler,
             reward,
-            optimizer,
+            updater,
             schedule,
-            params,
-            shapes,
-            names,
             step,
             tokens_seen,
             log,
+            eval_prompts,
         })
     }
 
@@ -240,6 +218,23 @@ impl Trainer {
             stop_strings: r.stop.clone(),
             ignore_eos: false,
         }
+    }
+
+    /// Held-out pass@1 of the current model (None when no evaluation is configured).
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let (Some(e), Some(prompts)) = (&self.config.eval, &self.eval_prompts) else {
+            return Ok(None);
+        };
+        let max_new = e.max_new_tokens.unwrap_or(self.config.rollout.max_new_tokens);
+        let seed = derive_seed(self.config.seed, u64::MAX, 0);
+        super::heldout::pass_at_1(&self.model, &self.tokenizer, prompts, e.samples, e.temperature, max_new, seed).map(Some)
+    }
+
+    fn eval_due(&self) -> bool {
+        self.config
+            .eval
+            .as_ref()
+            .is_some_and(|e| self.step % e.every == 0 || self.step == self.config.steps)
     }
 
     /// Runs until `config.steps` optimiser steps are done (or `until` when given).
@@ -364,6 +359,7 @@ impl Trainer {
             crate::algo::AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
             crate::algo::AgeScale::SkipUpdate => 0.0,
         };
+        let eval_pass_at_1 = if self.eval_due() { self.evaluate()? } else { None };
         let metrics = StepMetrics {
             step: self.step,
             lr: lr as f64,
@@ -387,7 +383,7 @@ impl Trainer {
             tokens: n_tokens as u64,
             tokens_seen: self.tokens_seen,
             skipped,
-            eval_pass_at_1: None,
+            eval_pass_at_1,
             time_rollout_s: time_rollout,
             time_reward_s: time_reward,
             time_update_s: time_update,
@@ -442,7 +438,6 @@ impl Trainer {
 
         let mut outcome = UpdateOutcome::default();
         for _iteration in 0..cfg.algorithm.num_iterations {
-            let mut grads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.len()]).collect();
             let mut loss = 0.0;
             let mut entropy_sum = 0.0;
             let mut clip_sum = 0.0;
@@ -472,10 +467,7 @@ impl Trainer {
                 clip_sum += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 kl_sum += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
                 let grad = self.model.backward(&batch, cache, &out.token_weights)?;
-                for (acc, t) in grads.iter_mut().zip(&grad.tensors) {
-                    let v = t.flatten_all()?.to_vec1::<f32>()?;
-                    acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
-                }
+                self.updater.accumulate(&grad)?;
                 token_offset += n;
             }
             outcome.loss = loss;
@@ -485,28 +477,18 @@ impl Trainer {
                 .needs_reference_logp()
                 .then_some(kl_sum / total_tokens.max(1) as f64);
             if !loss.is_finite() {
+                self.updater.zero_grad();
                 outcome.skipped = Some(format!("non-finite loss ({loss})"));
                 return Ok(outcome);
             }
-            let mut grad_refs: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
-            let clip = clip_grad_norm(&mut grad_refs, cfg.optim.max_grad_norm);
-            outcome.grad_norm = clip.norm;
-            if !clip.finite {
-                outcome.skipped = Some(format!("non-finite gradient norm ({})", clip.norm));
-                return Ok(outcome);
+            match self.updater.step(&mut self.model, lr, cfg.optim.max_grad_norm)? {
+                StepOutcome::Applied(clip) => outcome.grad_norm = clip.norm,
+                StepOutcome::Skipped(clip) => {
+                    outcome.grad_norm = clip.norm;
+                    outcome.skipped = Some(format!("non-finite gradient norm ({})", clip.norm));
+                    return Ok(outcome);
+                }
             }
-            for ((name, param), grad) in self.names.iter().zip(self.params.iter_mut()).zip(&grads) {
-                self.optimizer.update(
-                    lr,
-                    ParamGrad {
-                        name,
-                        param,
-                        grad,
-                        weight_decay: true,
-                    },
-                )?;
-            }
-            self.write_back_params()?;
         }
         Ok(outcome)
     }
@@ -519,12 +501,37 @@ impl Trainer {
         TrainBatch::new(&pairs)
     }
 
-    /// Copies the master weights into the model's tensors.
-    fn write_back_params(&mut self) -> Result<()> {
-        let device = self.model.device().clone();
-        for ((slot, data), shape) in self.model.parameters_mut().into_iter().zip(&self.params).zip(&self.shapes) {
-            *slot = Tensor::from_slice(data, shape.as_slice(), &device)?;
+    /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl`.
+    pub fn record_eval(&self, step: u64, pass_at_1: f64) -> Result<()> {
+        let path = self.config.output_dir.join("eval.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        use std::io::Write;
+        writeln!(f, "{}", serde_json::json!({"step": step, "pass_at_1": pass_at_1}))?;
+        Ok(())
+    }
+
+    /// The first recorded held-out evaluation of this run (from `eval.jsonl`).
+    pub fn first_eval(&self) -> Option<f64> {
+        let text = std::fs::read_to_string(self.config.output_dir.join("eval.jsonl")).ok()?;
+        let first: serde_json::Value = serde_json::from_str(text.lines().next()?).ok()?;
+        first.get("pass_at_1")?.as_f64()
+    }
+
+    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir`.
+    pub fn save_final(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.with_extension("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
         }
+        self.model.save_pretrained(&tmp, candle_core::DType::F32)?;
+        self.tokenizer.save_pretrained(&tmp)?;
+        let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
+        std::fs::write(tmp.join("generation_config.json"), serde_json::to_vec_pretty(&generation)?)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
         Ok(())
     }
 
@@ -533,19 +540,13 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = self.config.output_dir.clone();
         let dir = out.join(format!("checkpoint-{}", self.step));
-        let opt = self.optimizer.state();
+        let (optimizer, buffers) = self.updater.checkpoint_state();
         let state = TrainerState {
             step: self.step,
             sampler: self.sampler.state(),
             tokens_seen: self.tokens_seen,
-            optimizer_config: opt.config.clone(),
-            optimizer_steps: opt.params.iter().map(|(k, v)| (k.clone(), v.step)).collect(),
+            optimizer,
         };
-        let mut buffers = Vec::new();
-        for (name, p) in &opt.params {
-            buffers.push((format!("exp_avg.{name}"), vec![p.exp_avg.len()], p.exp_avg.clone()));
-            buffers.push((format!("exp_avg_sq.{name}"), vec![p.exp_avg_sq.len()], p.exp_avg_sq.clone()));
-        }
         let generation = serde_json::json!({
             "eos_token_id": self.model.config.eos_token_id,
         });

@@ -1,0 +1,158 @@
+//! Supervised fine-tuning with the same engine: the mean negative log-likelihood of the
+//! completion tokens, L = −(1/N) Σ_t log π(o_t | context), so g_t = −1/N for every token.
+//! Used for the warm start of the demo model (`gpg-rl sft`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{synthetic, EpochSampler};
+use crate::model::{Qwen2, TrainBatch};
+use crate::optim::{AdamW, AdamWConfig, LrScheduleConfig, LrScheduleKind};
+use crate::tokenizer::Tokenizer;
+
+use super::config::SyntheticTask;
+use super::heldout;
+use super::update::{ModelUpdater, StepOutcome};
+
+/// An SFT recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// Model directory to start from.
+    pub model: PathBuf,
+    /// Where the fine-tuned model (and sft_metrics.jsonl) is written.
+    pub output_dir: PathBuf,
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch_size: usize,
+    pub seed: u64,
+    pub lr: f32,
+    #[serde(default = "default_adamw")]
+    pub adamw: AdamWConfig,
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f32,
+    #[serde(default = "default_schedule")]
+    pub schedule: LrScheduleConfig,
+    /// `synthetic`: the built-in task's question → worked solution pairs.
+    pub data: String,
+    #[serde(default)]
+    pub synthetic: SyntheticTask,
+    /// Measure held-out pass@1 (sampled, temperature 1) every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    #[serde(default = "default_eval_samples")]
+    pub eval_samples: usize,
+    #[serde(default = "default_eval_max_new_tokens")]
+    pub eval_max_new_tokens: usize,
+}
+
+fn default_adamw() -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    }
+}
+fn default_max_grad_norm() -> f32 {
+    1.0
+}
+fn default_schedule() -> LrScheduleConfig {
+    LrScheduleConfig {
+        kind: LrScheduleKind::CosineWithMinLr,
+        warmup_steps: None,
+        warmup_ratio: Some(0.05),
+        min_lr_rate: 0.1,
+    }
+}
+fn default_eval_samples() -> usize {
+    1
+}
+fn default_eval_max_new_tokens() -> usize {
+    96
+}
+
+impl SftConfig {
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let c: SftConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(c.steps > 0 && c.batch_size > 0, "steps and batch_size must be positive");
+        ensure!(c.data == "synthetic", "data = {:?}: only \"synthetic\" is supported by sft so far", c.data);
+        Ok(c)
+    }
+}
+
+/// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
+pub fn run_sft(config: &SftConfig) -> Result<f64> {
+    let device = Device::Cpu;
+    let mut model = Qwen2::from_dir(&config.model, &device)?;
+    let tokenizer = Tokenizer::from_dir(&config.model)?;
+    let eos = tokenizer
+        .eos_token_id()
+        .context("the tokenizer has no EOS token; SFT completions must end with one")?;
+    let task = config.synthetic.resolve()?;
+    let split = synthetic::generate_split(&task, config.synthetic.seed, config.synthetic.n_train, config.synthetic.n_heldout)?;
+    let fields = crate::data::PromptDatasetConfig {
+        apply_chat_template: false,
+        ..Default::default()
+    };
+    let mut pairs = Vec::with_capacity(split.train.len());
+    for p in &split.train {
+        let record = p.prompt_record(0, &fields);
+        let prompt = tokenizer.encode_prompt(&record.prompt)?;
+        let mut completion = tokenizer.encode(&p.solution, false)?;
+        completion.push(eos);
+        pairs.push((prompt, completion));
+    }
+    let heldout = heldout::prepare(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
+
+    let schedule = config.schedule.build(config.lr, config.steps)?;
+    let mut updater = ModelUpdater::new(&model, AdamW::new(config.adamw.clone())?)?;
+    let mut sampler = EpochSampler::new(pairs.len(), config.seed)?;
+    std::fs::create_dir_all(&config.output_dir)
+        .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
+    let log_path = config.output_dir.join("sft_metrics.jsonl");
+    let mut log = std::fs::File::create(&log_path).with_context(|| format!("{}: cannot create", log_path.display()))?;
+    let eval = |model: &Qwen2, seed: u64| {
+        heldout::pass_at_1(model, &tokenizer, &heldout, config.eval_samples, 1.0, config.eval_max_new_tokens, seed)
+    };
+    let t0 = Instant::now();
+    let mut pass = f64::NAN;
+    for step in 0..config.steps {
+        let lr = schedule.lr_at(step);
+        let idx = sampler.next_batch(config.batch_size);
+        let batch_pairs: Vec<(&[u32], &[u32])> = idx.iter().map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice())).collect();
+        let batch = TrainBatch::new(&batch_pairs)?;
+        let n = batch.num_completion_tokens();
+        let (lp, cache) = model.forward_train(&batch, 1.0)?;
+        let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+        let g = vec![-1.0 / n as f32; n];
+        let grads = model.backward(&batch, cache, &g)?;
+        updater.accumulate(&grads)?;
+        let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
+            StepOutcome::Applied(c) => c.norm,
+            StepOutcome::Skipped(c) => {
+                eprintln!("sft step {}: non-finite gradient norm, update skipped", step + 1);
+                c.norm
+            }
+        };
+        let last = step + 1 == config.steps;
+        let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
+        if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
+            pass = eval(&model, config.seed)?;
+            line["heldout_pass_at_1"] = pass.into();
+            eprintln!("sft step {}: loss {loss:.4}, held-out pass@1 {pass:.3} ({:.0} s)", step + 1, t0.elapsed().as_secs_f64());
+        }
+        writeln!(log, "{line}")?;
+    }
+    model.save_pretrained(&config.output_dir, DType::F32)?;
+    tokenizer.save_pretrained(&config.output_dir)?;
+    let generation = serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]});
+    crate::model::weights::write_atomic(
+        &config.output_dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&generation)?.as_bytes(),
+    )?;
+    Ok(pass)
+}
