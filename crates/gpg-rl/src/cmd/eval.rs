@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gpg::data::benchmarks::{load_benchmark, BENCHMARK_NAMES};
+use gpg::data::benchmarks::load_benchmark;
 use gpg::eval::{
     benchmark_items, evaluate_with_progress, write_item_line, EvalConfig, EvalReport, PromptStyle,
     DEFAULT_SYSTEM_PROMPT,
@@ -98,7 +98,11 @@ impl EvalArgs {
         let system_prompt = if self.no_system {
             None
         } else {
-            Some(self.system.clone().unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string()))
+            Some(
+                self.system
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string()),
+            )
         };
         PromptStyle {
             system_prompt,
@@ -127,17 +131,21 @@ fn partial_path(path: &Path) -> PathBuf {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let benchmark = load_benchmark(&args.benchmark).with_context(|| {
-        format!("--benchmark {}: known names are {}", args.benchmark, BENCHMARK_NAMES.join(", "))
-    })?;
+    let benchmark = load_benchmark(&args.benchmark)
+        .with_context(|| format!("--benchmark {}", args.benchmark))?;
     anyhow::ensure!(
         !benchmark.items.is_empty(),
         "{}: the benchmark has no problems",
         benchmark.path.display()
     );
-    let dir = ModelDir::load(&args.model)
-        .with_context(|| format!("--model {}", args.model.display()))?;
-    let stop_ids = dir.generation.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
+    let dir =
+        ModelDir::load(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+    let stop_ids = dir
+        .generation
+        .eos_token_id
+        .as_ref()
+        .map(|e| e.to_vec())
+        .unwrap_or_default();
     let config = args.config(stop_ids);
     config.validate()?;
     let style = args.style();
@@ -166,45 +174,94 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             benchmark.name,
             items.len(),
             config.samples,
-            if style.uses_chat(&dir.tokenizer) { "chat template" } else { "raw text" },
+            if style.uses_chat(&dir.tokenizer) {
+                "chat template"
+            } else {
+                "raw text"
+            },
             config.temperature,
             config.top_p,
             config.max_new_tokens
         );
     }
     let quiet = args.quiet;
-    let report = evaluate_with_progress(&dir.model, &dir.tokenizer, &items, &config, &mut |new, progress| {
-        if let Some((partial, w)) = writer.as_mut() {
-            for item in new {
-                write_item_line(item, w).with_context(|| partial.display().to_string())?;
+    let mut written = 0usize;
+    let result = evaluate_with_progress(
+        &dir.model,
+        &dir.tokenizer,
+        &items,
+        &config,
+        &mut |new, progress| {
+            if let Some((partial, w)) = writer.as_mut() {
+                for item in new {
+                    write_item_line(item, w).with_context(|| partial.display().to_string())?;
+                    written += 1;
+                }
+                w.flush()
+                    .with_context(|| format!("{}: cannot write", partial.display()))?;
             }
-            w.flush().with_context(|| format!("{}: cannot write", partial.display()))?;
+            if !quiet {
+                eprintln!(
+                    "eval: {}/{} problems, pass@1 so far {:.4}, {} tokens, {:.1} s",
+                    progress.items_done,
+                    progress.items_total,
+                    progress.pass_at_1_so_far,
+                    progress.generated_tokens,
+                    progress.seconds
+                );
+            }
+            Ok(())
+        },
+    );
+    let report = match result {
+        Ok(report) => report,
+        Err(err) => {
+            return Err(match writer {
+                // Nothing was written: leave no file behind.
+                Some((partial, _)) if written == 0 => {
+                    let _ = std::fs::remove_file(&partial);
+                    err
+                }
+                Some((partial, _)) => err.context(format!(
+                    "the results of the {written} problems done are in {}",
+                    partial.display()
+                )),
+                None => err,
+            });
         }
-        if !quiet {
-            eprintln!(
-                "eval: {}/{} problems, pass@1 so far {:.4}, {} tokens, {:.1} s",
-                progress.items_done,
-                progress.items_total,
-                progress.pass_at_1_so_far,
-                progress.generated_tokens,
-                progress.seconds
-            );
-        }
-        Ok(())
-    })?;
+    };
     if let (Some((partial, w)), Some(path)) = (writer, &output) {
-        drop(w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: cannot write", partial.display()))?);
-        std::fs::rename(&partial, path)
-            .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
+        drop(
+            w.into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(|| format!("{}: cannot write", partial.display()))?,
+        );
+        std::fs::rename(&partial, path).with_context(|| {
+            format!("cannot rename {} to {}", partial.display(), path.display())
+        })?;
     }
     print_summary(args, &benchmark.name, &report, output.as_deref())
 }
 
-fn print_summary(args: &EvalArgs, benchmark: &str, report: &EvalReport, output: Option<&Path>) -> Result<()> {
+/// `x` as the f64 with the same shortest decimal form (0.6f32 prints 0.6, not 0.6000000238).
+fn json_f32(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+fn print_summary(
+    args: &EvalArgs,
+    benchmark: &str,
+    report: &EvalReport,
+    output: Option<&Path>,
+) -> Result<()> {
     let s = &report.summary;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let tokens_per_second = if s.seconds > 0.0 { s.generated_tokens as f64 / s.seconds } else { 0.0 };
+    let tokens_per_second = if s.seconds > 0.0 {
+        s.generated_tokens as f64 / s.seconds
+    } else {
+        0.0
+    };
     if args.json {
         let line = serde_json::json!({
             "benchmark": benchmark,
@@ -219,8 +276,8 @@ fn print_summary(args: &EvalArgs, benchmark: &str, report: &EvalReport, output: 
             "generated_tokens": s.generated_tokens,
             "seconds": s.seconds,
             "tokens_per_second": tokens_per_second,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
+            "temperature": json_f32(args.temperature),
+            "top_p": json_f32(args.top_p),
             "top_k": args.top_k,
             "max_new_tokens": args.max_new_tokens,
             "seed": args.seed,
@@ -229,8 +286,16 @@ fn print_summary(args: &EvalArgs, benchmark: &str, report: &EvalReport, output: 
         writeln!(out, "{line}")?;
         return Ok(());
     }
-    writeln!(out, "benchmark    {benchmark} ({} problems, {} samples each)", s.n_items, s.samples)?;
-    writeln!(out, "pass@1       {:.4} ± {:.4}", s.pass_at_1, s.pass_at_1_stderr)?;
+    writeln!(
+        out,
+        "benchmark    {benchmark} ({} problems, {} samples each)",
+        s.n_items, s.samples
+    )?;
+    writeln!(
+        out,
+        "pass@1       {:.4} ± {:.4}",
+        s.pass_at_1, s.pass_at_1_stderr
+    )?;
     writeln!(out, "pass@{:<7} {:.4}", s.samples, s.pass_at_k)?;
     writeln!(
         out,
@@ -238,7 +303,11 @@ fn print_summary(args: &EvalArgs, benchmark: &str, report: &EvalReport, output: 
         s.mean_completion_tokens,
         100.0 * s.truncated_fraction
     )?;
-    writeln!(out, "time         {:.1} s ({:.0} tokens/s)", s.seconds, tokens_per_second)?;
+    writeln!(
+        out,
+        "time         {:.1} s ({:.0} tokens/s)",
+        s.seconds, tokens_per_second
+    )?;
     if let Some(path) = output {
         writeln!(out, "results      {}", path.display())?;
     }
@@ -268,13 +337,31 @@ mod tests {
         let config = args.config(vec![]);
         assert_eq!(config, EvalConfig::default());
         assert_eq!(args.style(), PromptStyle::default());
-        assert_eq!(args.output_path("math500"), Some(PathBuf::from("m/eval-math500.jsonl")));
+        assert_eq!(
+            args.output_path("math500"),
+            Some(PathBuf::from("m/eval-math500.jsonl"))
+        );
     }
 
     #[test]
     fn prompt_and_output_flags() {
-        let args = parse(&["--no-chat", "--system", "Think.", "--output", "r.jsonl", "-k", "4"]).unwrap();
-        assert_eq!(args.style(), PromptStyle { system_prompt: Some("Think.".into()), chat_template: false });
+        let args = parse(&[
+            "--no-chat",
+            "--system",
+            "Think.",
+            "--output",
+            "r.jsonl",
+            "-k",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.style(),
+            PromptStyle {
+                system_prompt: Some("Think.".into()),
+                chat_template: false
+            }
+        );
         assert_eq!(args.output_path("x"), Some(PathBuf::from("r.jsonl")));
         assert_eq!(args.config(vec![7]).samples, 4);
         assert_eq!(args.config(vec![7]).stop_token_ids, vec![7]);
@@ -283,6 +370,9 @@ mod tests {
         assert_eq!(args.output_path("x"), None);
         assert!(parse(&["--no-output", "--output", "r.jsonl"]).is_err());
         assert!(parse(&["--no-system", "--system", "s"]).is_err());
-        assert_eq!(partial_path(Path::new("a/r.jsonl")), PathBuf::from("a/r.jsonl.partial"));
+        assert_eq!(
+            partial_path(Path::new("a/r.jsonl")),
+            PathBuf::from("a/r.jsonl.partial")
+        );
     }
 }

@@ -109,7 +109,9 @@ mod tests {
     use crate::data::{ChatMessage, Location};
 
     fn tokenizer(chat: bool) -> Tokenizer {
-        let corpus: Vec<String> = (0..50).map(|i| format!("{i} plus {i} is {}", 2 * i)).collect();
+        let corpus: Vec<String> = (0..50)
+            .map(|i| format!("{i} plus {i} is {}", 2 * i))
+            .collect();
         let mut tok = crate::tokenizer::train_byte_level_bpe(&corpus, 300).unwrap();
         if !chat {
             tok.set_chat_template(None).unwrap();
@@ -155,7 +157,10 @@ mod tests {
             chat_template: false,
             ..style
         };
-        assert_eq!(benchmark_items(&benchmark(), &no_chat, &tokenizer(true))[0].prompt, expected);
+        assert_eq!(
+            benchmark_items(&benchmark(), &no_chat, &tokenizer(true))[0].prompt,
+            expected
+        );
         let bare = PromptStyle {
             system_prompt: None,
             chat_template: false,
@@ -175,7 +180,10 @@ mod tests {
             location: Location::new("heldout.jsonl", "line", 7),
         };
         let err = EvalItem::from_record(&record).unwrap_err().to_string();
-        assert!(err.contains("heldout.jsonl line 7") && err.contains("q7"), "{err}");
+        assert!(
+            err.contains("heldout.jsonl line 7") && err.contains("q7"),
+            "{err}"
+        );
         record.answer = Some("5".into());
         let item = EvalItem::from_record(&record).unwrap();
         assert_eq!((item.id.as_str(), item.gold.as_str()), ("q7", "5"));

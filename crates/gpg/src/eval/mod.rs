@@ -150,7 +150,11 @@ pub fn evaluate_with_progress(
         let ids = tokenizer
             .encode_prompt(&item.prompt)
             .with_context(|| format!("eval item {}: encoding its prompt", item.id))?;
-        ensure!(!ids.is_empty(), "eval item {}: the prompt is empty", item.id);
+        ensure!(
+            !ids.is_empty(),
+            "eval item {}: the prompt is empty",
+            item.id
+        );
         ensure!(
             ids.len() + config.max_new_tokens <= max_positions,
             "eval item {}: the prompt has {} tokens; with max_new_tokens {} that exceeds the model's {} positions",
@@ -171,7 +175,13 @@ pub fn evaluate_with_progress(
         let params = config.sampling_params(first);
         let completions = rollout::generate(model, tokenizer, &prompt_ids[first..end], &params)
             .with_context(|| {
-                format!("eval: sampling items {}..={} (ids {} to {})", first + 1, end, chunk[0].id, chunk[chunk.len() - 1].id)
+                format!(
+                    "eval: sampling items {}..={} (ids {} to {})",
+                    first + 1,
+                    end,
+                    chunk[0].id,
+                    chunk[chunk.len() - 1].id
+                )
             })?;
         ensure!(
             completions.len() == chunk.len() * config.samples,

@@ -26,7 +26,9 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
         return 1.0;
     }
     // C(n−c, k)/C(n, k) = Π_{i=0}^{k−1} (n−c−i)/(n−i) = Π_{i=n−c+1}^{n} (1 − k/i).
-    let all_wrong: f64 = ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product();
+    let all_wrong: f64 = ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product();
     1.0 - all_wrong
 }
 
@@ -70,7 +72,10 @@ mod tests {
     fn pass_at_1_is_the_share_correct() {
         for n in 1..=16 {
             for c in 0..=n {
-                assert!(close(pass_at_k(n, c, 1), c as f64 / n as f64), "n={n} c={c}");
+                assert!(
+                    close(pass_at_k(n, c, 1), c as f64 / n as f64),
+                    "n={n} c={c}"
+                );
             }
         }
     }
@@ -82,7 +87,10 @@ mod tests {
                 for k in 1..=n {
                     let expected = 1.0 - binomial(n - c, k) / binomial(n, k);
                     let got = pass_at_k(n, c, k);
-                    assert!((got - expected).abs() < 1e-9, "n={n} c={c} k={k}: {got} vs {expected}");
+                    assert!(
+                        (got - expected).abs() < 1e-9,
+                        "n={n} c={c} k={k}: {got} vs {expected}"
+                    );
                 }
             }
         }

@@ -263,7 +263,12 @@ mod tests {
     fn empty_report_has_no_nan() {
         let report = EvalReport::from_items(vec![], 3, 0.0).unwrap();
         let s = &report.summary;
-        for v in [s.pass_at_1, s.pass_at_k, s.mean_completion_tokens, s.truncated_fraction] {
+        for v in [
+            s.pass_at_1,
+            s.pass_at_k,
+            s.mean_completion_tokens,
+            s.truncated_fraction,
+        ] {
             assert_eq!(v, 0.0);
         }
         assert_eq!(report.pass_at(2).unwrap(), 0.0);
@@ -272,13 +277,16 @@ mod tests {
     #[test]
     fn wrong_sample_count_is_an_error() {
         let err = EvalReport::from_items(vec![item("a", &[true])], 2, 0.0).unwrap_err();
-        assert!(err.to_string().contains("item a has 1 samples, expected 2"), "{err}");
+        assert!(
+            err.to_string().contains("item a has 1 samples, expected 2"),
+            "{err}"
+        );
     }
 
     #[test]
     fn jsonl_has_one_object_per_item() {
-        let report = EvalReport::from_items(vec![item("a", &[true]), item("b", &[false])], 1, 0.0)
-            .unwrap();
+        let report =
+            EvalReport::from_items(vec![item("a", &[true]), item("b", &[false])], 1, 0.0).unwrap();
         let mut buf = Vec::new();
         report.write_jsonl(&mut buf).unwrap();
         let text = String::from_utf8(buf).unwrap();

@@ -11,7 +11,11 @@ use crate::tokenizer::train_byte_level_bpe;
 fn tiny() -> (Qwen2, Tokenizer) {
     let mut corpus: Vec<String> = Vec::new();
     for a in 0..40u32 {
-        corpus.push(format!("Compute {a}+{a}= {}. The answer is \\boxed{{{}}}.", 2 * a, 2 * a));
+        corpus.push(format!(
+            "Compute {a}+{a}= {}. The answer is \\boxed{{{}}}.",
+            2 * a,
+            2 * a
+        ));
     }
     let tokenizer = train_byte_level_bpe(&corpus, 300).unwrap();
     let config: Qwen2Config = serde_json::from_value(serde_json::json!({
@@ -37,7 +41,8 @@ fn tiny() -> (Qwen2, Tokenizer) {
     let mut rows = head.to_vec2::<f32>().unwrap();
     for (id, row) in rows.iter_mut().enumerate() {
         let text = tokenizer.decode(&[id as u32], false).unwrap();
-        let numeric = !text.trim().is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == ' ');
+        let numeric =
+            !text.trim().is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == ' ');
         let scale = if numeric { 3.0 } else { 0.0 };
         row.iter_mut().for_each(|w| *w *= scale);
     }
@@ -87,12 +92,20 @@ fn gold_equal_to_the_greedy_answer_counts_as_correct() {
             with_answer += 1;
         }
     }
-    assert!(with_answer >= 2, "only {with_answer} greedy completions have an answer: {:?}", texts(&first));
+    assert!(
+        with_answer >= 2,
+        "only {with_answer} greedy completions have an answer: {:?}",
+        texts(&first)
+    );
     let second = evaluate(&model, &tok, &items, &greedy(24)).unwrap();
     assert_eq!(texts(&first), texts(&second), "greedy is deterministic");
     for (item, result) in items.iter().zip(&second.per_item) {
         let expected = item.gold != "-12345";
-        assert_eq!(result.samples[0].correct, expected, "item {}: {result:?}", item.id);
+        assert_eq!(
+            result.samples[0].correct, expected,
+            "item {}: {result:?}",
+            item.id
+        );
         assert_eq!(result.n_correct, expected as usize);
     }
     let share = with_answer as f64 / items.len() as f64;
@@ -136,7 +149,10 @@ fn sampled_flags_match_an_independent_check_and_aggregate() {
             .iter()
             .map(|s| mathverify::is_correct(&item.gold, &s.text))
             .collect();
-        assert_eq!(result.samples.iter().map(|s| s.correct).collect::<Vec<_>>(), flags);
+        assert_eq!(
+            result.samples.iter().map(|s| s.correct).collect::<Vec<_>>(),
+            flags
+        );
         let c = flags.iter().filter(|&&f| f).count();
         assert_eq!(result.n_correct, c);
         if result.samples[0].extracted.is_some() && item.gold != "-12345" {
@@ -144,7 +160,11 @@ fn sampled_flags_match_an_independent_check_and_aggregate() {
         }
         pass1 += c as f64 / 4.0;
         passk += (c > 0) as u8 as f64;
-        tokens += result.samples.iter().map(|s| s.completion_tokens).sum::<usize>();
+        tokens += result
+            .samples
+            .iter()
+            .map(|s| s.completion_tokens)
+            .sum::<usize>();
         for s in &result.samples {
             assert!(s.completion_tokens >= 1 && s.completion_tokens <= 16);
         }
@@ -161,8 +181,26 @@ fn sampled_flags_match_an_independent_check_and_aggregate() {
 fn greedy_does_not_depend_on_chunking_and_one_chunk_matches_generate() {
     let (model, tok) = tiny();
     let items = text_items(5, "1");
-    let one = evaluate(&model, &tok, &items, &EvalConfig { batch_prompts: 1, ..greedy(12) }).unwrap();
-    let all = evaluate(&model, &tok, &items, &EvalConfig { batch_prompts: 8, ..greedy(12) }).unwrap();
+    let one = evaluate(
+        &model,
+        &tok,
+        &items,
+        &EvalConfig {
+            batch_prompts: 1,
+            ..greedy(12)
+        },
+    )
+    .unwrap();
+    let all = evaluate(
+        &model,
+        &tok,
+        &items,
+        &EvalConfig {
+            batch_prompts: 8,
+            ..greedy(12)
+        },
+    )
+    .unwrap();
     assert_eq!(texts(&one), texts(&all));
 
     // A single chunk draws what rollout::generate draws with the same seed.
@@ -176,7 +214,10 @@ fn greedy_does_not_depend_on_chunking_and_one_chunk_matches_generate() {
         ..EvalConfig::default()
     };
     let report = evaluate(&model, &tok, &items, &config).unwrap();
-    let ids: Vec<Vec<u32>> = items.iter().map(|i| tok.encode_prompt(&i.prompt).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = items
+        .iter()
+        .map(|i| tok.encode_prompt(&i.prompt).unwrap())
+        .collect();
     let direct = rollout::generate(&model, &tok, &ids, &config.sampling_params(0)).unwrap();
     let direct_texts: Vec<String> = direct.into_iter().map(|c| c.text).collect();
     assert_eq!(texts(&report).concat(), direct_texts);
@@ -239,16 +280,40 @@ fn bad_input_is_a_clear_error() {
         format!("{:#}", evaluate(&model, &tok, items, config).unwrap_err())
     };
     assert!(err(&[], &greedy(4)).contains("no items"));
-    assert!(err(&items, &EvalConfig { samples: 0, ..greedy(4) }).contains("samples"));
-    assert!(err(&items, &EvalConfig { batch_prompts: 0, ..greedy(4) }).contains("batch_prompts"));
-    assert!(err(&items, &EvalConfig { top_p: 0.0, ..greedy(4) }).contains("top_p"));
+    assert!(err(
+        &items,
+        &EvalConfig {
+            samples: 0,
+            ..greedy(4)
+        }
+    )
+    .contains("samples"));
+    assert!(err(
+        &items,
+        &EvalConfig {
+            batch_prompts: 0,
+            ..greedy(4)
+        }
+    )
+    .contains("batch_prompts"));
+    assert!(err(
+        &items,
+        &EvalConfig {
+            top_p: 0.0,
+            ..greedy(4)
+        }
+    )
+    .contains("top_p"));
     let long = vec![EvalItem {
         id: "long-one".into(),
         prompt: Prompt::Text("~".repeat(300)),
         gold: "1".into(),
     }];
     let msg = err(&long, &greedy(4));
-    assert!(msg.contains("long-one") && msg.contains("256 positions"), "{msg}");
+    assert!(
+        msg.contains("long-one") && msg.contains("256 positions"),
+        "{msg}"
+    );
     let empty = vec![EvalItem {
         id: "blank".into(),
         prompt: Prompt::Text(String::new()),
@@ -261,7 +326,10 @@ fn bad_input_is_a_clear_error() {
 fn config_defaults_and_unknown_keys() {
     let config: EvalConfig = serde_json::from_str(r#"{"samples": 4}"#).unwrap();
     assert_eq!(config.samples, 4);
-    assert_eq!((config.temperature, config.top_p, config.max_new_tokens), (0.6, 0.95, 1024));
+    assert_eq!(
+        (config.temperature, config.top_p, config.max_new_tokens),
+        (0.6, 0.95, 1024)
+    );
     assert!(serde_json::from_str::<EvalConfig>(r#"{"sample": 4}"#).is_err());
     let p = config.sampling_params(0);
     assert_eq!((p.n, p.seed, p.ignore_eos), (4, 0, false));
