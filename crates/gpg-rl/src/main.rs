@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "gpg-rl", version, about = "Teach language models to reason with GPG (Group Policy Gradient)")]
+#[command(
+    name = "gpg-rl",
+    version,
+    about = "Teach language models to reason with GPG (Group Policy Gradient)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -30,7 +30,11 @@ fn tiny_model(tied: bool, seed: u64) -> Qwen2 {
     for (name, p) in names.iter().zip(model.parameters_mut()) {
         if name.ends_with("norm.weight") || name.ends_with(".bias") {
             let n = p.elem_count();
-            let base = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+            let base = if name.ends_with("norm.weight") {
+                1.0
+            } else {
+                0.0
+            };
             let data: Vec<f32> = (0..n).map(|_| base + rng.gen_range(-0.3f32..0.3)).collect();
             *p = Tensor::from_vec(data, p.dims(), &Device::Cpu).unwrap();
         }
@@ -51,13 +55,20 @@ fn sequences(seed: u64) -> Vec<(Vec<u32>, Vec<u32>)> {
 }
 
 fn batch_of(seqs: &[(Vec<u32>, Vec<u32>)]) -> TrainBatch {
-    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, c)| (p.as_slice(), c.as_slice())).collect();
+    let pairs: Vec<(&[u32], &[u32])> = seqs
+        .iter()
+        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .collect();
     TrainBatch::new(&pairs).unwrap()
 }
 
 fn loss(model: &Qwen2, batch: &TrainBatch, g: &[f32]) -> f64 {
     let lp = model.logprobs(batch, 1.0).unwrap();
-    lp.logprobs.iter().zip(g).map(|(&l, &w)| l as f64 * w as f64).sum()
+    lp.logprobs
+        .iter()
+        .zip(g)
+        .map(|(&l, &w)| l as f64 * w as f64)
+        .sum()
 }
 
 #[test]
@@ -65,14 +76,23 @@ fn every_parameter_receives_a_gradient() {
     for tied in [true, false] {
         let model = tiny_model(tied, 1);
         let batch = batch_of(&sequences(2));
-        let g: Vec<f32> = (0..batch.num_completion_tokens()).map(|i| if i % 2 == 0 { 0.3 } else { -0.2 }).collect();
+        let g: Vec<f32> = (0..batch.num_completion_tokens())
+            .map(|i| if i % 2 == 0 { 0.3 } else { -0.2 })
+            .collect();
         let (_, cache) = model.forward_train(&batch, 1.0).unwrap();
         let grads = model.backward(&batch, cache, &g).unwrap();
         assert_eq!(grads.names, model.parameter_names());
-        for (name, (grad, (_, param))) in grads.names.iter().zip(grads.tensors.iter().zip(model.parameters())) {
+        for (name, (grad, (_, param))) in grads
+            .names
+            .iter()
+            .zip(grads.tensors.iter().zip(model.parameters()))
+        {
             assert_eq!(grad.dims(), param.dims(), "{name}");
             let norm: f32 = grad.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(norm > 1e-12 && norm.is_finite(), "{name} got no gradient (norm² {norm})");
+            assert!(
+                norm > 1e-12 && norm.is_finite(),
+                "{name} got no gradient (norm² {norm})"
+            );
         }
     }
 }
@@ -83,13 +103,20 @@ fn gradients_match_finite_differences() {
         let mut model = tiny_model(tied, 3);
         let batch = batch_of(&sequences(4));
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let g: Vec<f32> = (0..batch.num_completion_tokens()).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let g: Vec<f32> = (0..batch.num_completion_tokens())
+            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .collect();
         let (_, cache) = model.forward_train(&batch, 1.0).unwrap();
         let grads = model.backward(&batch, cache, &g).unwrap();
         let names = model.parameter_names();
         for (pi, name) in names.iter().enumerate() {
             let analytic: Vec<f32> = grads.tensors[pi].flatten_all().unwrap().to_vec1().unwrap();
-            let original: Vec<f32> = model.parameters()[pi].1.flatten_all().unwrap().to_vec1().unwrap();
+            let original: Vec<f32> = model.parameters()[pi]
+                .1
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let dims = model.parameters()[pi].1.dims().to_vec();
             // Check the three largest-gradient entries and two random ones of each tensor.
             let mut idx: Vec<usize> = (0..analytic.len()).collect();
@@ -102,11 +129,13 @@ fn gradients_match_finite_differences() {
                 let mut eval = |delta: f32| {
                     let mut data = original.clone();
                     data[i] += delta;
-                    *model.parameters_mut()[pi] = Tensor::from_vec(data, dims.as_slice(), &Device::Cpu).unwrap();
+                    *model.parameters_mut()[pi] =
+                        Tensor::from_vec(data, dims.as_slice(), &Device::Cpu).unwrap();
                     loss(&model, &batch, &g)
                 };
                 let numeric = (eval(h) - eval(-h)) / (2.0 * h as f64);
-                *model.parameters_mut()[pi] = Tensor::from_vec(original.clone(), dims.as_slice(), &Device::Cpu).unwrap();
+                *model.parameters_mut()[pi] =
+                    Tensor::from_vec(original.clone(), dims.as_slice(), &Device::Cpu).unwrap();
                 let a = analytic[i] as f64;
                 let tol = 2e-3 + 2e-2 * a.abs().max(numeric.abs());
                 assert!(
@@ -125,7 +154,12 @@ fn packing_does_not_change_logprobs() {
     let packed = model.logprobs(&batch_of(&seqs), 1.0).unwrap();
     let mut alone = Vec::new();
     for s in &seqs {
-        alone.extend(model.logprobs(&batch_of(std::slice::from_ref(s)), 1.0).unwrap().logprobs);
+        alone.extend(
+            model
+                .logprobs(&batch_of(std::slice::from_ref(s)), 1.0)
+                .unwrap()
+                .logprobs,
+        );
     }
     for (a, b) in packed.logprobs.iter().zip(&alone) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
@@ -133,5 +167,8 @@ fn packing_does_not_change_logprobs() {
     let (train, _) = model.forward_train(&batch_of(&seqs), 1.0).unwrap();
     assert_eq!(train.logprobs, packed.logprobs);
     // Entropy is a proper entropy: 0 ≤ H ≤ ln V.
-    assert!(train.entropy.iter().all(|&h| h >= -1e-5 && h <= (50f32).ln() + 1e-4));
+    assert!(train
+        .entropy
+        .iter()
+        .all(|&h| h >= -1e-5 && h <= (50f32).ln() + 1e-4));
 }

@@ -13,7 +13,9 @@ use serde_json::Value;
 const MODELS: [&str; 2] = ["tied_f32", "untied_bf16"];
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/qwen2")
+        .join(name)
 }
 
 fn jsonl(path: PathBuf) -> Vec<Value> {
@@ -26,11 +28,19 @@ fn jsonl(path: PathBuf) -> Vec<Value> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -44,10 +54,18 @@ fn logprobs_match_transformers_within_1e_4() {
         let mut worst = 0.0f32;
         for case in &cases {
             // Tokenizing separately, without special tokens, reproduces the reference ids.
-            let prompt_ids = tokenizer.encode(case["prompt"].as_str().unwrap(), false).unwrap();
-            let completion_ids = tokenizer.encode(case["completion"].as_str().unwrap(), false).unwrap();
+            let prompt_ids = tokenizer
+                .encode(case["prompt"].as_str().unwrap(), false)
+                .unwrap();
+            let completion_ids = tokenizer
+                .encode(case["completion"].as_str().unwrap(), false)
+                .unwrap();
             assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{name}: prompt ids");
-            assert_eq!(completion_ids, ids(&case["completion_ids"]), "{name}: completion ids");
+            assert_eq!(
+                completion_ids,
+                ids(&case["completion_ids"]),
+                "{name}: completion ids"
+            );
             let batch = TrainBatch::new(&[(&prompt_ids, &completion_ids)]).unwrap();
             let got = model.logprobs(&batch, 1.0).unwrap().logprobs;
             let want = floats(&case["logprobs"]);
@@ -58,9 +76,18 @@ fn logprobs_match_transformers_within_1e_4() {
         }
         assert!(worst < 1e-4, "{name}: worst log-prob difference {worst}");
         // All cases packed in one batch give the same values.
-        let all: Vec<(Vec<u32>, Vec<u32>)> = cases.iter().map(|c| (ids(&c["prompt_ids"]), ids(&c["completion_ids"]))).collect();
-        let pairs: Vec<(&[u32], &[u32])> = all.iter().map(|(p, c)| (p.as_slice(), c.as_slice())).collect();
-        let packed = model.logprobs(&TrainBatch::new(&pairs).unwrap(), 1.0).unwrap().logprobs;
+        let all: Vec<(Vec<u32>, Vec<u32>)> = cases
+            .iter()
+            .map(|c| (ids(&c["prompt_ids"]), ids(&c["completion_ids"])))
+            .collect();
+        let pairs: Vec<(&[u32], &[u32])> = all
+            .iter()
+            .map(|(p, c)| (p.as_slice(), c.as_slice()))
+            .collect();
+        let packed = model
+            .logprobs(&TrainBatch::new(&pairs).unwrap(), 1.0)
+            .unwrap()
+            .logprobs;
         let want: Vec<f32> = cases.iter().flat_map(|c| floats(&c["logprobs"])).collect();
         for (g, w) in packed.iter().zip(&want) {
             assert!((g - w).abs() < 1e-4, "{name}: packed {g} vs {w}");
@@ -86,14 +113,22 @@ fn greedy_generation_matches_transformers_exactly() {
         let out = rollout::generate(&model, &tokenizer, &prompts, &params).unwrap();
         assert_eq!(out.len(), cases.len());
         for (c, case) in out.iter().zip(&cases) {
-            assert_eq!(c.token_ids, ids(&case["new_token_ids"]), "{name}: prompt {}", case["prompt"]);
+            assert_eq!(
+                c.token_ids,
+                ids(&case["new_token_ids"]),
+                "{name}: prompt {}",
+                case["prompt"]
+            );
         }
         // The sampler's log-probs (KV-cache path) equal the training forward's.
         for (c, p) in out.iter().zip(&prompts) {
             let batch = TrainBatch::new(&[(p, &c.token_ids)]).unwrap();
             let lp = model.logprobs(&batch, 1.0).unwrap().logprobs;
             for (a, b) in lp.iter().zip(&c.logprobs) {
-                assert!((a - b).abs() < 1e-4, "{name}: cache path {b} vs forward {a}");
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{name}: cache path {b} vs forward {a}"
+                );
             }
         }
     }
@@ -104,27 +139,63 @@ fn gradients_match_pytorch_within_1e_3_relative() {
     for name in MODELS {
         let dir = fixture_dir(name);
         let model = Qwen2::from_dir(&dir, &Device::Cpu).unwrap();
-        let case: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("grad_case.json")).unwrap()).unwrap();
+        let case: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("grad_case.json")).unwrap())
+                .unwrap();
         let seqs: Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> = case["sequences"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|s| (ids(&s["prompt_ids"]), ids(&s["completion_ids"]), floats(&s["weights"])))
+            .map(|s| {
+                (
+                    ids(&s["prompt_ids"]),
+                    ids(&s["completion_ids"]),
+                    floats(&s["weights"]),
+                )
+            })
             .collect();
-        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, c, _)| (p.as_slice(), c.as_slice())).collect();
+        let pairs: Vec<(&[u32], &[u32])> = seqs
+            .iter()
+            .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
+            .collect();
         let batch = TrainBatch::new(&pairs).unwrap();
         let g: Vec<f32> = seqs.iter().flat_map(|(_, _, w)| w.clone()).collect();
         let (lp, cache) = model.forward_train(&batch, 1.0).unwrap();
-        let loss: f64 = lp.logprobs.iter().zip(&g).map(|(&l, &w)| l as f64 * w as f64).sum();
+        let loss: f64 = lp
+            .logprobs
+            .iter()
+            .zip(&g)
+            .map(|(&l, &w)| l as f64 * w as f64)
+            .sum();
         let want_loss = case["loss"].as_f64().unwrap();
-        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0), "{name}: loss {loss} vs {want_loss}");
+        assert!(
+            (loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
+            "{name}: loss {loss} vs {want_loss}"
+        );
         let grads = model.backward(&batch, cache, &g).unwrap();
-        let expected = gpg::candle_core::safetensors::load(dir.join("expected_grads.safetensors"), &Device::Cpu).unwrap();
-        assert_eq!(expected.len(), grads.names.len(), "{name}: number of gradient tensors");
+        let expected = gpg::candle_core::safetensors::load(
+            dir.join("expected_grads.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            expected.len(),
+            grads.names.len(),
+            "{name}: number of gradient tensors"
+        );
         for (pname, got) in grads.names.iter().zip(&grads.tensors) {
-            let want: &Tensor = expected.get(pname).unwrap_or_else(|| panic!("{name}: no reference for {pname}"));
+            let want: &Tensor = expected
+                .get(pname)
+                .unwrap_or_else(|| panic!("{name}: no reference for {pname}"));
             assert_eq!(got.dims(), want.dims(), "{name}: {pname}");
-            let diff: f32 = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let diff: f32 = (got - want)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             let norm: f32 = want.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
             let rel = (diff / norm.max(1e-30)).sqrt();
             assert!(rel < 1e-3, "{name}: {pname} relative error {rel:e}");

@@ -111,7 +111,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
     let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| s.split_at(args.prompt_len)).collect();
     let batch = TrainBatch::new(&pairs)?;
     let n = batch.num_completion_tokens();
-    let g: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0) / n as f32).collect();
+    let g: Vec<f32> = (0..n)
+        .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
+        .collect();
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let t0 = Instant::now();
@@ -130,7 +132,11 @@ fn engine(args: &EngineArgs) -> Result<()> {
 
     // Sampling: batch of random prompts, fixed number of new tokens.
     let prompts: Vec<Vec<u32>> = (0..args.batch)
-        .map(|_| (0..args.sample_prompt_len).map(|_| rng.gen_range(0..vocab)).collect())
+        .map(|_| {
+            (0..args.sample_prompt_len)
+                .map(|_| rng.gen_range(0..vocab))
+                .collect()
+        })
         .collect();
     let params = SamplingParams {
         n: 1,
@@ -139,7 +145,15 @@ fn engine(args: &EngineArgs) -> Result<()> {
         ignore_eos: true,
         ..Default::default()
     };
-    rollout::generate(model, &dir.tokenizer, &prompts[..1], &SamplingParams { max_new_tokens: 4, ..params.clone() })?;
+    rollout::generate(
+        model,
+        &dir.tokenizer,
+        &prompts[..1],
+        &SamplingParams {
+            max_new_tokens: 4,
+            ..params.clone()
+        },
+    )?;
     let t0 = Instant::now();
     let out = rollout::generate(model, &dir.tokenizer, &prompts, &params)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -155,7 +169,11 @@ fn engine(args: &EngineArgs) -> Result<()> {
     if let Some(python) = &args.peer_python {
         let script_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/compare");
         let peer = |script: &str, extra: &[String]| -> Result<serde_json::Value> {
+            // OpenMP's default spin-waiting makes 2-thread PyTorch several times slower on a
+            // busy machine (bench/compare/README.md); PASSIVE unless the user chose otherwise.
+            let wait_policy = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
             let output = Command::new(python)
+                .env("OMP_WAIT_POLICY", wait_policy)
                 .arg(script_dir.join(script))
                 .arg("--model")
                 .arg(&model_dir)
@@ -169,14 +187,22 @@ fn engine(args: &EngineArgs) -> Result<()> {
             );
             let stdout = String::from_utf8_lossy(&output.stdout);
             let last = stdout.lines().last().unwrap_or_default();
-            serde_json::from_str(last).with_context(|| format!("{script}: unexpected output {last:?}"))
+            serde_json::from_str(last)
+                .with_context(|| format!("{script}: unexpected output {last:?}"))
         };
-        let torch = peer("torch_train_step.py", &[])?;
-        let hf = peer("hf_generate.py", &[])?;
+        let threads = ["--threads".to_string(), threads.to_string()];
+        let torch = peer("torch_train_step.py", &threads)?;
+        let hf = peer("hf_generate.py", &threads)?;
         let torch_s = torch["train_step_s"].as_f64().unwrap_or(f64::NAN);
         let hf_tok_s = hf["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-        println!("PyTorch train step: {torch_s:.3} s  -> peer/gpg-rl time ratio {:.2}x", torch_s / train_s);
-        println!("HF generate: {hf_tok_s:.0} tokens/s -> gpg-rl/peer throughput ratio {:.2}x", tok_s / hf_tok_s);
+        println!(
+            "PyTorch train step: {torch_s:.3} s  -> peer/gpg-rl time ratio {:.2}x",
+            torch_s / train_s
+        );
+        println!(
+            "HF generate: {hf_tok_s:.0} tokens/s -> gpg-rl/peer throughput ratio {:.2}x",
+            tok_s / hf_tok_s
+        );
         println!(
             "peer peak RSS: train {} MiB, generate {} MiB",
             torch["peak_rss_mb"], hf["peak_rss_mb"]

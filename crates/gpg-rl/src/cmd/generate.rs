@@ -72,7 +72,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         top_p: args.top_p.or(generation.top_p).unwrap_or(1.0),
         top_k: args.top_k.or(generation.top_k).unwrap_or(0),
         seed: args.seed,
-        stop_token_ids: generation.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
+        stop_token_ids: generation
+            .eos_token_id
+            .as_ref()
+            .map(|e| e.to_vec())
+            .unwrap_or_default(),
         stop_strings: args.stop.clone(),
         ignore_eos: args.ignore_eos,
     };
@@ -117,7 +121,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             }
             OutputFormat::Text => {
                 if completions.len() > 1 {
-                    writeln!(out, "--- prompt {} sample {} ---", c.prompt_index, c.sample_index)?;
+                    writeln!(
+                        out,
+                        "--- prompt {} sample {} ---",
+                        c.prompt_index, c.sample_index
+                    )?;
                 }
                 writeln!(out, "{}", c.text)?;
             }

@@ -119,7 +119,12 @@ pub fn write_model(args: &InitArgs) -> Result<Qwen2> {
 }
 
 /// Writes model, tokenizer and generation_config.json into `dir`.
-pub fn save_with_tokenizer(model: &Qwen2, tokenizer: &Tokenizer, dir: &Path, dtype: DType) -> Result<()> {
+pub fn save_with_tokenizer(
+    model: &Qwen2,
+    tokenizer: &Tokenizer,
+    dir: &Path,
+    dtype: DType,
+) -> Result<()> {
     model.save_pretrained(dir, dtype)?;
     tokenizer.save_pretrained(dir)?;
     let mut eos = vec![];
@@ -153,7 +158,11 @@ pub fn builtin_corpus() -> Vec<String> {
     for a in 0..100u32 {
         for b in (0..100u32).step_by(7) {
             corpus.push(format!("Compute {a}+{b}= {}", a + b));
-            corpus.push(format!("{a} * {b} = {}, so {a} - {b} = {}", a * b, a as i64 - b as i64));
+            corpus.push(format!(
+                "{a} * {b} = {}, so {a} - {b} = {}",
+                a * b,
+                a as i64 - b as i64
+            ));
         }
     }
     corpus
@@ -164,7 +173,8 @@ fn synthetic_corpus() -> Result<Vec<String>> {
     use gpg::data::synthetic;
     let mut corpus = Vec::new();
     for level in 1..=4 {
-        let split = synthetic::generate_split(&synthetic::SyntheticConfig::level(level)?, 7, 2000, 0)?;
+        let split =
+            synthetic::generate_split(&synthetic::SyntheticConfig::level(level)?, 7, 2000, 0)?;
         corpus.extend(synthetic::corpus(&split.train));
     }
     Ok(corpus)

@@ -55,7 +55,10 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         let prompt_ids = dir.tokenizer.encode(&prompt, false)?;
         let completion_ids = dir.tokenizer.encode(&completion, false)?;
         if prompt_ids.is_empty() {
-            bail!("{}: field `prompt` is empty; a completion needs a prompt token before it", where_());
+            bail!(
+                "{}: field `prompt` is empty; a completion needs a prompt token before it",
+                where_()
+            );
         }
         let len = prompt_ids.len() + completion_ids.len();
         if len > dir.model.config.max_position_embeddings {
@@ -77,7 +80,11 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
     while start < lines.len() {
         let mut end = start;
         let mut tokens = 0;
-        while end < lines.len() && (end == start || tokens + lines[end].prompt_ids.len() + lines[end].completion_ids.len() <= args.batch_tokens) {
+        while end < lines.len()
+            && (end == start
+                || tokens + lines[end].prompt_ids.len() + lines[end].completion_ids.len()
+                    <= args.batch_tokens)
+        {
             tokens += lines[end].prompt_ids.len() + lines[end].completion_ids.len();
             end += 1;
         }
@@ -90,7 +97,10 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         for (j, line) in lines[start..end].iter().enumerate() {
             let span = batch.completion_offsets[j]..batch.completion_offsets[j + 1];
             let mut record = line.record.clone();
-            record.insert("completion_ids".into(), serde_json::json!(line.completion_ids));
+            record.insert(
+                "completion_ids".into(),
+                serde_json::json!(line.completion_ids),
+            );
             record.insert("logprobs".into(), serde_json::json!(result.logprobs[span]));
             writeln!(out, "{}", serde_json::Value::Object(record))?;
         }

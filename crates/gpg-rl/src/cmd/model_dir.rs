@@ -32,7 +32,10 @@ pub struct GenerationDefaults {
 impl ModelDir {
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            anyhow::bail!("{}: not a directory (expected a Hugging Face model directory)", dir.display());
+            anyhow::bail!(
+                "{}: not a directory (expected a Hugging Face model directory)",
+                dir.display()
+            );
         }
         let device = Device::Cpu;
         let model = Qwen2::from_dir(dir, &device)?;

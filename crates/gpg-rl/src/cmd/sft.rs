@@ -16,7 +16,8 @@ pub struct SftArgs {
 pub fn run(args: &SftArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("{}: cannot read the recipe", args.config.display()))?;
-    let config = SftConfig::from_toml_str(&text).with_context(|| format!("{}: invalid recipe", args.config.display()))?;
+    let config = SftConfig::from_toml_str(&text)
+        .with_context(|| format!("{}: invalid recipe", args.config.display()))?;
     let pass = run_sft(&config)?;
     println!(
         "SFT done: model written to {}; held-out pass@1 (sampled, temperature 1) {:.1}%",

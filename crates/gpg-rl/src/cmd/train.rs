@@ -76,7 +76,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     let mut trainer = Trainer::new(config, args.resume)?;
     let start = trainer.step;
-    let before = if start == 0 { trainer.evaluate()? } else { None };
+    let before = if start == 0 {
+        trainer.evaluate()?
+    } else {
+        None
+    };
     if let Some(p) = before {
         eprintln!("held-out pass@1 before training: {:.1}%", 100.0 * p);
         trainer.record_eval(0, p)?;
@@ -84,10 +88,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     trainer.train(None)?;
     let final_dir = trainer.config.output_dir.join("final");
     trainer.save_final(&final_dir)?;
-    let metrics = gpg::train::metrics::read_metrics(&trainer.config.output_dir.join("metrics.jsonl"))?;
+    let metrics =
+        gpg::train::metrics::read_metrics(&trainer.config.output_dir.join("metrics.jsonl"))?;
     let after = metrics.iter().rev().find_map(|m| m.eval_pass_at_1);
     let secs: f64 = metrics.iter().map(|m| m.time_step_s).sum();
-    println!("trained {} steps in {:.0} s; model written to {}", trainer.step - start, secs, final_dir.display());
+    println!(
+        "trained {} steps in {:.0} s; model written to {}",
+        trainer.step - start,
+        secs,
+        final_dir.display()
+    );
     if let Some(p) = before.or_else(|| trainer.first_eval()) {
         println!("held-out pass@1 before: {:.1}%", 100.0 * p);
     }

@@ -149,7 +149,10 @@ impl Qwen2Config {
             );
         }
         if self.head_dim() % 2 != 0 {
-            bail!("head_dim ({}) must be even for rotary embeddings", self.head_dim());
+            bail!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim()
+            );
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             bail!(
@@ -159,7 +162,10 @@ impl Qwen2Config {
             );
         }
         if self.hidden_act != "silu" {
-            bail!("field `hidden_act` is {:?}; only \"silu\" is supported", self.hidden_act);
+            bail!(
+                "field `hidden_act` is {:?}; only \"silu\" is supported",
+                self.hidden_act
+            );
         }
         for (field, value) in [
             ("rope_scaling", &self.rope_scaling),
@@ -169,7 +175,9 @@ impl Qwen2Config {
             let rope_type = value.get("rope_type").or_else(|| value.get("type"));
             let plain = value.is_null() || rope_type.is_none_or(|t| t == "default");
             if !plain {
-                bail!("field `{field}` asks for {value}; only plain (\"default\") RoPE is supported");
+                bail!(
+                    "field `{field}` asks for {value}; only plain (\"default\") RoPE is supported"
+                );
             }
         }
         if self.use_sliding_window {

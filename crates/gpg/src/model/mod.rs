@@ -26,7 +26,10 @@ impl Qwen2 {
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let mut config = serde_json::to_value(&self.config)?;
         if let Some(obj) = config.as_object_mut() {
-            obj.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!(["Qwen2ForCausalLM"]),
+            );
             obj.insert("model_type".into(), "qwen2".into());
             let name = match dtype {
                 DType::BF16 => "bfloat16",

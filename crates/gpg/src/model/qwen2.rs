@@ -235,16 +235,17 @@ impl Qwen2 {
         let h = config.hidden_size;
         let (qd, kvd, inter) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
         let embed_tokens = w.take("model.embed_tokens.weight", &[config.vocab_size, h])?;
-        let linear = |w: &mut WeightMap, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                weight: w.take(&format!("{name}.weight"), &[out, inp])?,
-                bias: if bias {
-                    Some(w.take(&format!("{name}.bias"), &[out])?)
-                } else {
-                    None
-                },
-            })
-        };
+        let linear =
+            |w: &mut WeightMap, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    weight: w.take(&format!("{name}.weight"), &[out, inp])?,
+                    bias: if bias {
+                        Some(w.take(&format!("{name}.bias"), &[out])?)
+                    } else {
+                        None
+                    },
+                })
+            };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -307,7 +308,11 @@ impl Qwen2 {
         let embed_tokens = randn(&[config.vocab_size, h])?;
         let mut layers = Vec::new();
         for _ in 0..config.num_hidden_layers {
-            let lin = |randn: &mut dyn FnMut(&[usize]) -> Result<Tensor>, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let lin = |randn: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
+                       out: usize,
+                       inp: usize,
+                       bias: bool|
+             -> Result<Linear> {
                 Ok(Linear {
                     weight: randn(&[out, inp])?,
                     bias: if bias { Some(zeros(out)?) } else { None },
@@ -365,7 +370,10 @@ impl Qwen2 {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &layer.input_layernorm));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &layer.input_layernorm,
+            ));
             let a = &layer.self_attn;
             let m = &layer.mlp;
             for (name, lin) in [
@@ -490,11 +498,17 @@ impl Qwen2 {
         inv_temperature: f32,
     ) -> Result<(TokenLogprobs, ForwardCache)> {
         self.check_tokens(&batch.tokens)?;
-        let (x_final, layers) = self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, true)?;
+        let (x_final, layers) =
+            self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, true)?;
         let (xf, rstd_final) = ops::rms_norm(&x_final, &self.norm, self.config.rms_norm_eps)?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
         let h_scored = xf.index_select(&rows, 0)?;
-        let out = ops::lm_head_logprobs(&h_scored, self.head_weight(), &batch.targets, inv_temperature)?;
+        let out = ops::lm_head_logprobs(
+            &h_scored,
+            self.head_weight(),
+            &batch.targets,
+            inv_temperature,
+        )?;
         let cache = ForwardCache {
             layers,
             x_final,
@@ -515,11 +529,17 @@ impl Qwen2 {
     /// Log-probs only (evaluation, reference and old-policy log-probs): no activations kept.
     pub fn logprobs(&self, batch: &TrainBatch, inv_temperature: f32) -> Result<TokenLogprobs> {
         self.check_tokens(&batch.tokens)?;
-        let (x_final, _) = self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, false)?;
+        let (x_final, _) =
+            self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, false)?;
         let (xf, _) = ops::rms_norm(&x_final, &self.norm, self.config.rms_norm_eps)?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
         let h_scored = xf.index_select(&rows, 0)?;
-        let out = ops::lm_head_logprobs(&h_scored, self.head_weight(), &batch.targets, inv_temperature)?;
+        let out = ops::lm_head_logprobs(
+            &h_scored,
+            self.head_weight(),
+            &batch.targets,
+            inv_temperature,
+        )?;
         Ok(TokenLogprobs {
             logprobs: out.logprobs,
             entropy: out.entropy,
@@ -527,7 +547,10 @@ impl Qwen2 {
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             bail!(
                 "token id {bad} is outside the model's vocabulary of {}",
                 self.config.vocab_size
@@ -538,7 +561,12 @@ impl Qwen2 {
 
     /// Backward from g_t = ∂L/∂logp_t (one weight per completion token, `targets` order):
     /// the gradient of L with respect to every parameter.
-    pub fn backward(&self, batch: &TrainBatch, cache: ForwardCache, g: &[f32]) -> Result<Gradients> {
+    pub fn backward(
+        &self,
+        batch: &TrainBatch,
+        cache: ForwardCache,
+        g: &[f32],
+    ) -> Result<Gradients> {
         ensure!(
             g.len() == batch.targets.len(),
             "backward: {} token weights for {} completion tokens",
@@ -560,8 +588,10 @@ impl Qwen2 {
             cache.inv_temperature,
         )?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
-        let dxf = Tensor::zeros((t, h), DType::F32, &self.device)?.index_add(&rows, &dh_scored, 0)?;
-        let (mut dx, d_norm) = ops::rms_norm_backward(&dxf, &cache.x_final, &self.norm, &cache.rstd_final)?;
+        let dxf =
+            Tensor::zeros((t, h), DType::F32, &self.device)?.index_add(&rows, &dh_scored, 0)?;
+        let (mut dx, d_norm) =
+            ops::rms_norm_backward(&dxf, &cache.x_final, &self.norm, &cache.rstd_final)?;
 
         let mut layer_grads = Vec::with_capacity(self.layers.len());
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter()).rev() {
@@ -579,15 +609,23 @@ impl Qwen2 {
             let (datt, g_o) = a.o_proj.backward(&dxm, &lc.att)?;
             let att = lc.att.reshape((t, nh, hd))?;
             let datt = datt.reshape((t, nh, hd))?;
-            let (dq, dk, dv) = ops::attention_backward(&datt, &lc.q, &lc.k, &lc.v, &att, &lc.lse, &batch.seqs)?;
-            let dq = self.rope.backward(&dq, &batch.positions)?.reshape((t, nh * hd))?;
-            let dk = self.rope.backward(&dk, &batch.positions)?.reshape((t, nkv * hd))?;
+            let (dq, dk, dv) =
+                ops::attention_backward(&datt, &lc.q, &lc.k, &lc.v, &att, &lc.lse, &batch.seqs)?;
+            let dq = self
+                .rope
+                .backward(&dq, &batch.positions)?
+                .reshape((t, nh * hd))?;
+            let dk = self
+                .rope
+                .backward(&dk, &batch.positions)?
+                .reshape((t, nkv * hd))?;
             let dv = dv.reshape((t, nkv * hd))?;
             let (dxn_q, g_q) = a.q_proj.backward(&dq, &lc.xn)?;
             let (dxn_k, g_k) = a.k_proj.backward(&dk, &lc.xn)?;
             let (dxn_v, g_v) = a.v_proj.backward(&dv, &lc.xn)?;
             let dxn = ((dxn_q + dxn_k)? + dxn_v)?;
-            let (dx_norm, d_ln1) = ops::rms_norm_backward(&dxn, &lc.x, &layer.input_layernorm, &lc.rstd1)?;
+            let (dx_norm, d_ln1) =
+                ops::rms_norm_backward(&dxn, &lc.x, &layer.input_layernorm, &lc.rstd1)?;
             dx = (dxm + dx_norm)?;
             layer_grads.push((d_ln1, [g_q, g_k, g_v, g_o], d_ln2, [g_gate, g_up, g_down]));
         }
@@ -595,7 +633,8 @@ impl Qwen2 {
 
         // Embedding: scatter-add the residual gradient into the rows of the used tokens.
         let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
-        let mut d_embed = Tensor::zeros((c.vocab_size, h), DType::F32, &self.device)?.index_add(&ids, &dx, 0)?;
+        let mut d_embed =
+            Tensor::zeros((c.vocab_size, h), DType::F32, &self.device)?.index_add(&ids, &dx, 0)?;
         if self.lm_head.is_none() {
             d_embed = (d_embed + &d_head)?;
         }
@@ -618,7 +657,10 @@ impl Qwen2 {
             tensors.push(d_head);
         }
         let names = self.parameter_names();
-        ensure!(names.len() == tensors.len(), "internal: gradient list does not match parameters");
+        ensure!(
+            names.len() == tensors.len(),
+            "internal: gradient list does not match parameters"
+        );
         Ok(Gradients { names, tensors })
     }
 
@@ -646,17 +688,26 @@ impl Qwen2 {
         for layer in &self.layers {
             let (xn, _) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
             let a = &layer.self_attn;
-            let q = self.rope.forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
-            let k = self.rope.forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
+            let q = self
+                .rope
+                .forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
+            let k = self
+                .rope
+                .forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
             let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
             let (att, _) = ops::attention(&q, &k, &v, seqs)?;
             x = (&x + a.o_proj.forward(&att.reshape((t, nh * hd))?)?)?;
             let (xn2, _) = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let hmid = ops::swiglu(&layer.mlp.gate_proj.forward(&xn2)?, &layer.mlp.up_proj.forward(&xn2)?)?;
+            let hmid = ops::swiglu(
+                &layer.mlp.gate_proj.forward(&xn2)?,
+                &layer.mlp.up_proj.forward(&xn2)?,
+            )?;
             x = (&x + layer.mlp.down_proj.forward(&hmid)?)?;
             kv.push((k.reshape((t, nkv * hd))?, v.reshape((t, nkv * hd))?));
         }
-        let last: Vec<u32> = (0..seqs.n_seqs()).map(|s| (seqs.offsets[s + 1] - 1) as u32).collect();
+        let last: Vec<u32> = (0..seqs.n_seqs())
+            .map(|s| (seqs.offsets[s + 1] - 1) as u32)
+            .collect();
         let last = Tensor::from_slice(&last, last.len(), &self.device)?;
         let x_last = x.index_select(&last, 0)?;
         let (h_last, _) = ops::rms_norm(&x_last, &self.norm, c.rms_norm_eps)?;
@@ -681,8 +732,12 @@ impl Qwen2 {
         for (li, layer) in self.layers.iter().enumerate() {
             let (xn, _) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
             let a = &layer.self_attn;
-            let q = self.rope.forward(&a.q_proj.forward(&xn)?.reshape((b, nh, hd))?, positions)?;
-            let k = self.rope.forward(&a.k_proj.forward(&xn)?.reshape((b, nkv, hd))?, positions)?;
+            let q = self
+                .rope
+                .forward(&a.q_proj.forward(&xn)?.reshape((b, nh, hd))?, positions)?;
+            let k = self
+                .rope
+                .forward(&a.k_proj.forward(&xn)?.reshape((b, nkv, hd))?, positions)?;
             let v = a.v_proj.forward(&xn)?.reshape((b, nkv, hd))?;
             let q = q.flatten_all()?.to_vec1::<f32>()?;
             let k = k.flatten_all()?.to_vec1::<f32>()?;
@@ -691,7 +746,10 @@ impl Qwen2 {
             let att = Tensor::from_vec(att, (b, nh * hd), &self.device)?;
             x = (&x + a.o_proj.forward(&att)?)?;
             let (xn2, _) = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let hmid = ops::swiglu(&layer.mlp.gate_proj.forward(&xn2)?, &layer.mlp.up_proj.forward(&xn2)?)?;
+            let hmid = ops::swiglu(
+                &layer.mlp.gate_proj.forward(&xn2)?,
+                &layer.mlp.up_proj.forward(&xn2)?,
+            )?;
             x = (&x + layer.mlp.down_proj.forward(&hmid)?)?;
         }
         let (h, _) = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;

@@ -24,12 +24,13 @@ impl WeightMap {
         let mut tensors = HashMap::new();
         let mut source = HashMap::new();
         for file in files {
-            let loaded = candle_core::safetensors::load(&file, &Device::Cpu).with_context(|| {
-                format!(
-                    "{}: cannot read safetensors (the file is corrupt or truncated)",
-                    file.display()
-                )
-            })?;
+            let loaded =
+                candle_core::safetensors::load(&file, &Device::Cpu).with_context(|| {
+                    format!(
+                        "{}: cannot read safetensors (the file is corrupt or truncated)",
+                        file.display()
+                    )
+                })?;
             for (name, tensor) in loaded {
                 let tensor = match tensor.dtype() {
                     DType::F32 => tensor,
@@ -108,18 +109,30 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .with_context(|| format!("{}: field `weight_map` missing or not an object", index.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: field `weight_map` missing or not an object",
+                index.display()
+            )
+        })?;
     let mut files = BTreeSet::new();
     for (name, file) in map {
         let file = file.as_str().with_context(|| {
-            format!("{}: field `weight_map.{name}` is not a string", index.display())
+            format!(
+                "{}: field `weight_map.{name}` is not a string",
+                index.display()
+            )
         })?;
         files.insert(file.to_string());
     }
     let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
     for f in &files {
         if !f.is_file() {
-            bail!("{}: shard {} listed in the index is missing", index.display(), f.display());
+            bail!(
+                "{}: shard {} listed in the index is missing",
+                index.display(),
+                f.display()
+            );
         }
     }
     Ok(files)

@@ -78,7 +78,10 @@ impl KvStore for KvCache {
         let kv_dim = n_kv_heads * head_dim;
         let q_dim = n_heads * head_dim;
         let rows = self.k[layer].len();
-        ensure!(q.len() == rows * q_dim, "decode: query rows do not match cache rows");
+        ensure!(
+            q.len() == rows * q_dim,
+            "decode: query rows do not match cache rows"
+        );
         let mut out = vec![0.0f32; rows * q_dim];
         self.k[layer]
             .par_iter_mut()
@@ -150,7 +153,12 @@ pub fn generate(
     // Expand to n rows per prompt, each with its own copy of the prompt's cache.
     let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
         .into_iter()
-        .map(|(k, v)| Ok((k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?)))
+        .map(|(k, v)| {
+            Ok((
+                k.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let kv_dim = model.config.kv_dim();
     let mut cache = KvCache {
@@ -184,11 +192,13 @@ pub fn generate(
 
     while !rows.is_empty() && params.max_new_tokens > 0 {
         // Sample one token per row (rows are independent: parallel).
-        rows.par_iter_mut().zip(logits.par_iter_mut()).for_each(|(row, l)| {
-            let (token, logprob) = row.sampler.sample(l);
-            row.token_ids.push(token);
-            row.logprobs.push(logprob);
-        });
+        rows.par_iter_mut()
+            .zip(logits.par_iter_mut())
+            .for_each(|(row, l)| {
+                let (token, logprob) = row.sampler.sample(l);
+                row.token_ids.push(token);
+                row.logprobs.push(logprob);
+            });
         // Decide which rows are finished; they leave the batch and their cache is dropped.
         let mut reasons = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -216,7 +226,10 @@ pub fn generate(
         if rows.is_empty() {
             break;
         }
-        let tokens: Vec<u32> = rows.iter().map(|r| r.token_ids[r.token_ids.len() - 1]).collect();
+        let tokens: Vec<u32> = rows
+            .iter()
+            .map(|r| r.token_ids[r.token_ids.len() - 1])
+            .collect();
         let positions: Vec<u32> = rows
             .iter()
             .map(|r| (r.prompt_len + r.token_ids.len() - 1) as u32)
@@ -245,7 +258,11 @@ fn finish_reason(
     }
     if !params.stop_strings.is_empty() {
         let text = tokenizer.decode(&row.token_ids, true)?;
-        if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+        if params
+            .stop_strings
+            .iter()
+            .any(|s| text.contains(s.as_str()))
+        {
             return Ok(Some(FinishReason::Stop));
         }
     }

@@ -95,7 +95,11 @@ impl TokenSampler {
     /// batch holds.
     pub fn new(params: &SamplingParams, prompt_index: u64, sample_index: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        rng.set_stream(prompt_index.wrapping_mul(1 << 20).wrapping_add(sample_index));
+        rng.set_stream(
+            prompt_index
+                .wrapping_mul(1 << 20)
+                .wrapping_add(sample_index),
+        );
         Self {
             rng,
             temperature: params.temperature,
@@ -146,7 +150,8 @@ impl TokenSampler {
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
-        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let by_logit_desc =
+            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if self.top_k > 0 && self.top_k < c.len() {
             c.select_nth_unstable_by(self.top_k - 1, by_logit_desc);
             c.truncate(self.top_k);
@@ -211,7 +216,11 @@ mod tests {
             let mut logits = vec![0.5, -1.0, 3.0, 2.9];
             let (t, lp) = s.sample(&mut logits);
             assert_eq!(t, 2);
-            let lse = [0.5f32, -1.0, 3.0, 2.9].iter().map(|x| x.exp()).sum::<f32>().ln();
+            let lse = [0.5f32, -1.0, 3.0, 2.9]
+                .iter()
+                .map(|x| x.exp())
+                .sum::<f32>()
+                .ln();
             assert!((lp - (3.0 - lse)).abs() < 1e-5);
         }
     }

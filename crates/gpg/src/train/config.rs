@@ -269,15 +269,20 @@ impl TrainConfig {
                 bail!("override {item:?} is not of the form key=value");
             };
             let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-                Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+                Ok(mut t) => t
+                    .remove("v")
+                    .unwrap_or(toml::Value::String(raw.to_string())),
                 Err(_) => toml::Value::String(raw.to_string()),
             };
             let mut node = &mut value;
             let parts: Vec<&str> = key.trim().split('.').collect();
             for (i, part) in parts.iter().enumerate() {
-                let table = node
-                    .as_table_mut()
-                    .with_context(|| format!("override {item:?}: `{}` is not a table", parts[..i].join(".")))?;
+                let table = node.as_table_mut().with_context(|| {
+                    format!(
+                        "override {item:?}: `{}` is not a table",
+                        parts[..i].join(".")
+                    )
+                })?;
                 if i + 1 == parts.len() {
                     table.insert(part.to_string(), parsed.clone());
                     break;

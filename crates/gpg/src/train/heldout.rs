@@ -47,7 +47,11 @@ pub fn pass_at_1(
             ..Default::default()
         };
         for c in rollout::generate(model, tokenizer, &ids, &params)? {
-            let gold = chunk[c.prompt_index].record.answer.as_deref().unwrap_or_default();
+            let gold = chunk[c.prompt_index]
+                .record
+                .answer
+                .as_deref()
+                .unwrap_or_default();
             correct += mathverify::is_correct(gold, &c.text) as usize;
             total += 1;
         }

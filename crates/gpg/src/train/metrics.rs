@@ -64,7 +64,10 @@ impl StepMetrics {
             ("train/completion_length".into(), self.completion_length),
             ("train/grad_norm".into(), self.grad_norm),
             ("train/learning_rate".into(), self.lr),
-            ("train/identical_groups".into(), self.identical_groups as f64),
+            (
+                "train/identical_groups".into(),
+                self.identical_groups as f64,
+            ),
             ("train/easy_groups".into(), self.easy_groups as f64),
             ("train/hard_groups".into(), self.hard_groups as f64),
             ("train/inverse_alpha".into(), self.inverse_alpha),
@@ -121,7 +124,8 @@ impl MetricsLog {
             if !text.is_empty() {
                 text.push('\n');
             }
-            std::fs::write(&path, text).with_context(|| format!("{}: cannot rewrite", path.display()))?;
+            std::fs::write(&path, text)
+                .with_context(|| format!("{}: cannot rewrite", path.display()))?;
         }
         let open = |name: &str| -> Result<BufWriter<File>> {
             let p = dir.join(name);
@@ -163,10 +167,14 @@ impl MetricsLog {
 
 /// Reads a run's metrics.jsonl.
 pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: malformed metrics line", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: malformed metrics line", path.display(), i + 1))
+        })
         .collect()
 }

@@ -78,8 +78,15 @@ fn default_eval_max_new_tokens() -> usize {
 impl SftConfig {
     pub fn from_toml_str(text: &str) -> Result<Self> {
         let c: SftConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        ensure!(c.steps > 0 && c.batch_size > 0, "steps and batch_size must be positive");
-        ensure!(c.data == "synthetic", "data = {:?}: only \"synthetic\" is supported by sft so far", c.data);
+        ensure!(
+            c.steps > 0 && c.batch_size > 0,
+            "steps and batch_size must be positive"
+        );
+        ensure!(
+            c.data == "synthetic",
+            "data = {:?}: only \"synthetic\" is supported by sft so far",
+            c.data
+        );
         Ok(c)
     }
 }
@@ -93,7 +100,12 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         .eos_token_id()
         .context("the tokenizer has no EOS token; SFT completions must end with one")?;
     let task = config.synthetic.resolve()?;
-    let split = synthetic::generate_split(&task, config.synthetic.seed, config.synthetic.n_train, config.synthetic.n_heldout)?;
+    let split = synthetic::generate_split(
+        &task,
+        config.synthetic.seed,
+        config.synthetic.n_train,
+        config.synthetic.n_heldout,
+    )?;
     let fields = crate::data::PromptDatasetConfig {
         apply_chat_template: false,
         ..Default::default()
@@ -114,16 +126,28 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
     let log_path = config.output_dir.join("sft_metrics.jsonl");
-    let mut log = std::fs::File::create(&log_path).with_context(|| format!("{}: cannot create", log_path.display()))?;
-    let eval = |model: &Qwen2, seed: u64| {
-        heldout::pass_at_1(model, &tokenizer, &heldout, config.eval_samples, 1.0, config.eval_max_new_tokens, seed)
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("{}: cannot create", log_path.display()))?;
+    let eval = |model: &Qwen2, seed: u64, temperature: f32| {
+        heldout::pass_at_1(
+            model,
+            &tokenizer,
+            &heldout,
+            config.eval_samples,
+            temperature,
+            config.eval_max_new_tokens,
+            seed,
+        )
     };
     let t0 = Instant::now();
     let mut pass = f64::NAN;
     for step in 0..config.steps {
         let lr = schedule.lr_at(step);
         let idx = sampler.next_batch(config.batch_size);
-        let batch_pairs: Vec<(&[u32], &[u32])> = idx.iter().map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice())).collect();
+        let batch_pairs: Vec<(&[u32], &[u32])> = idx
+            .iter()
+            .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
+            .collect();
         let batch = TrainBatch::new(&batch_pairs)?;
         let n = batch.num_completion_tokens();
         let (lp, cache) = model.forward_train(&batch, 1.0)?;
@@ -134,16 +158,25 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
-                eprintln!("sft step {}: non-finite gradient norm, update skipped", step + 1);
+                eprintln!(
+                    "sft step {}: non-finite gradient norm, update skipped",
+                    step + 1
+                );
                 c.norm
             }
         };
         let last = step + 1 == config.steps;
         let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
         if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
-            pass = eval(&model, config.seed)?;
+            pass = eval(&model, config.seed, 1.0)?;
+            let greedy = eval(&model, config.seed, 0.0)?;
             line["heldout_pass_at_1"] = pass.into();
-            eprintln!("sft step {}: loss {loss:.4}, held-out pass@1 {pass:.3} ({:.0} s)", step + 1, t0.elapsed().as_secs_f64());
+            line["heldout_greedy_accuracy"] = greedy.into();
+            eprintln!(
+                "sft step {}: loss {loss:.4}, held-out pass@1 {pass:.3} (greedy {greedy:.3}) ({:.0} s)",
+                step + 1,
+                t0.elapsed().as_secs_f64()
+            );
         }
         writeln!(log, "{line}")?;
     }

@@ -21,13 +21,15 @@ pub struct EventWriter {
 
 impl EventWriter {
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let path = dir.join(format!("events.out.tfevents.{secs}.gpg-rl"));
-        let file = File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut writer = Self {
             out: BufWriter::new(file),
             path,
@@ -147,7 +149,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
         w.add_scalars(3, &[("train/reward", 0.5)]).unwrap();
-        let path = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let path = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let bytes = std::fs::read(path).unwrap();
         let mut pos = 0;
         let mut records = 0;
@@ -156,7 +163,8 @@ mod tests {
             let len_crc = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().unwrap());
             assert_eq!(len_crc, masked_crc(&bytes[pos..pos + 8]));
             let data = &bytes[pos + 12..pos + 12 + len];
-            let data_crc = u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
+            let data_crc =
+                u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
             assert_eq!(data_crc, masked_crc(data));
             pos += 16 + len;
             records += 1;

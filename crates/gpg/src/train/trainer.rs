@@ -18,7 +18,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::algo::{
-    GroupPool, GroupStats, Normaliser, PoolStatus, PolicyTokens, RewardGroups, ScoredGroup,
+    GroupPool, GroupStats, Normaliser, PolicyTokens, PoolStatus, RewardGroups, ScoredGroup,
     TokenLayout,
 };
 use crate::checkpoint;
@@ -62,9 +62,10 @@ pub fn load_prompts(
     } else {
         (PromptDataset::load(&data.train, &data.fields)?, None)
     };
-    let dropped = train.limit_prompt_length_with(data.max_prompt_tokens, data.long_prompts, &|p| {
-        Ok(tokenizer.encode_prompt(p)?.len())
-    })?;
+    let dropped =
+        train.limit_prompt_length_with(data.max_prompt_tokens, data.long_prompts, &|p| {
+            Ok(tokenizer.encode_prompt(p)?.len())
+        })?;
     if dropped > 0 {
         eprintln!(
             "dropped {dropped} prompts longer than {} tokens from {}",
@@ -112,7 +113,8 @@ pub struct Trainer {
 
 /// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
 fn derive_seed(seed: u64, step: u64, round: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -125,7 +127,11 @@ impl Trainer {
         config.validate()?;
         let device = Device::Cpu;
         let out = &config.output_dir;
-        let latest = if resume { checkpoint::latest(out)? } else { None };
+        let latest = if resume {
+            checkpoint::latest(out)?
+        } else {
+            None
+        };
         if resume && latest.is_none() {
             bail!(
                 "{}: --resume given but the run folder holds no checkpoint-<step> directory",
@@ -138,7 +144,10 @@ impl Trainer {
                 out.display()
             );
         }
-        let model_dir = latest.as_ref().map(|(_, p)| p.clone()).unwrap_or_else(|| config.model.clone());
+        let model_dir = latest
+            .as_ref()
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| config.model.clone());
         let model = Qwen2::from_dir(&model_dir, &device)
             .with_context(|| format!("loading the model from {}", model_dir.display()))?;
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
@@ -167,7 +176,8 @@ impl Trainer {
             }
         };
         let updater = ModelUpdater::new(&model, optimizer)?;
-        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
         std::fs::write(out.join("config.toml"), config.to_toml()?)
             .with_context(|| format!("{}: cannot write config.toml", out.display()))?;
         let log = MetricsLog::open(out, step)?;
@@ -214,7 +224,11 @@ impl Trainer {
             top_p: r.top_p,
             top_k: r.top_k,
             seed,
-            stop_token_ids: self.tokenizer.token_to_id("<|im_end|>").into_iter().collect(),
+            stop_token_ids: self
+                .tokenizer
+                .token_to_id("<|im_end|>")
+                .into_iter()
+                .collect(),
             stop_strings: r.stop.clone(),
             ignore_eos: false,
         }
@@ -225,9 +239,20 @@ impl Trainer {
         let (Some(e), Some(prompts)) = (&self.config.eval, &self.eval_prompts) else {
             return Ok(None);
         };
-        let max_new = e.max_new_tokens.unwrap_or(self.config.rollout.max_new_tokens);
+        let max_new = e
+            .max_new_tokens
+            .unwrap_or(self.config.rollout.max_new_tokens);
         let seed = derive_seed(self.config.seed, u64::MAX, 0);
-        super::heldout::pass_at_1(&self.model, &self.tokenizer, prompts, e.samples, e.temperature, max_new, seed).map(Some)
+        super::heldout::pass_at_1(
+            &self.model,
+            &self.tokenizer,
+            prompts,
+            e.samples,
+            e.temperature,
+            max_new,
+            seed,
+        )
+        .map(Some)
     }
 
     fn eval_due(&self) -> bool {
@@ -240,7 +265,11 @@ impl Trainer {
     /// Runs until `config.steps` optimiser steps are done (or `until` when given).
     pub fn train(&mut self, until: Option<u64>) -> Result<()> {
         let end = until.unwrap_or(self.config.steps).min(self.config.steps);
-        let progress = self.config.logging.progress.then(|| super::progress::Progress::new(self.step, self.config.steps));
+        let progress = self
+            .config
+            .logging
+            .progress
+            .then(|| super::progress::Progress::new(self.step, self.config.steps));
         while self.step < end {
             let metrics = self.train_step()?;
             if let Some(p) = &progress {
@@ -274,10 +303,14 @@ impl Trainer {
         let mut samples_log = Vec::new();
         loop {
             let indices = self.sampler.next_batch(b);
-            let prompt_ids: Vec<Vec<u32>> = indices.iter().map(|&i| self.prompts[i].ids.clone()).collect();
+            let prompt_ids: Vec<Vec<u32>> = indices
+                .iter()
+                .map(|&i| self.prompts[i].ids.clone())
+                .collect();
             let t0 = Instant::now();
             let params = self.sampling_params(derive_seed(self.config.seed, step, round));
-            let completions = rollout::generate(&self.model, &self.tokenizer, &prompt_ids, &params)?;
+            let completions =
+                rollout::generate(&self.model, &self.tokenizer, &prompt_ids, &params)?;
             time_rollout += t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
             let inputs: Vec<RewardInput> = completions
@@ -300,8 +333,19 @@ impl Trainer {
                 e.1 += values.len();
             }
             if round == 0 {
-                for (c, r) in completions.iter().zip(&scores.total).take(self.config.logging.log_completions) {
-                    samples_log.push((self.prompts[indices[c.prompt_index]].record.prompt.plain_text(), c.text.clone(), *r));
+                for (c, r) in completions
+                    .iter()
+                    .zip(&scores.total)
+                    .take(self.config.logging.log_completions)
+                {
+                    samples_log.push((
+                        self.prompts[indices[c.prompt_index]]
+                            .record
+                            .prompt
+                            .plain_text(),
+                        c.text.clone(),
+                        *r,
+                    ));
                 }
             }
             let mut groups = Vec::with_capacity(b);
@@ -342,7 +386,9 @@ impl Trainer {
         let t_update = Instant::now();
         let mut update = UpdateOutcome::default();
         let skipped = match loss_scale {
-            None => Some("no group has differing rewards: the batch carries no gradient".to_string()),
+            None => {
+                Some("no group has differing rewards: the batch carries no gradient".to_string())
+            }
             Some(_) if n_tokens == 0 => Some("every completion is empty".to_string()),
             Some(alpha) => {
                 update = self.update(&seqs, &advantages, alpha, lr)?;
@@ -359,7 +405,11 @@ impl Trainer {
             crate::algo::AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
             crate::algo::AgeScale::SkipUpdate => 0.0,
         };
-        let eval_pass_at_1 = if self.eval_due() { self.evaluate()? } else { None };
+        let eval_pass_at_1 = if self.eval_due() {
+            self.evaluate()?
+        } else {
+            None
+        };
         let metrics = StepMetrics {
             step: self.step,
             lr: lr as f64,
@@ -367,7 +417,10 @@ impl Trainer {
             grad_norm: update.grad_norm,
             reward: stats.reward_mean,
             reward_std: stats.reward_std_mean,
-            rewards: per_function.into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect(),
+            rewards: per_function
+                .into_iter()
+                .map(|(k, (s, n))| (k, s / n.max(1) as f64))
+                .collect(),
             completion_length: n_tokens as f64 / completion_lengths.len().max(1) as f64,
             completion_length_max: completion_lengths.iter().copied().max().unwrap_or(0),
             groups: stats.n_groups,
@@ -403,7 +456,11 @@ impl Trainer {
     ) -> Result<UpdateOutcome> {
         let cfg = self.config.clone();
         let loss_fn = cfg.algorithm.loss;
-        let inv_t = if cfg.rollout.temperature > 0.0 { 1.0 / cfg.rollout.temperature } else { 1.0 };
+        let inv_t = if cfg.rollout.temperature > 0.0 {
+            1.0 / cfg.rollout.temperature
+        } else {
+            1.0
+        };
         let total_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
         let normaliser = Normaliser::new(seqs.len(), total_tokens);
         // Micro-batches by token budget (prompt + completion).
@@ -422,16 +479,17 @@ impl Trainer {
         micro.push(start..seqs.len());
 
         // Old-policy log-probs for several updates per batch (GRPO's num_iterations > 1).
-        let old_logp: Option<Vec<f32>> = if loss_fn.uses_importance_ratio() && cfg.algorithm.num_iterations > 1 {
-            let mut all = Vec::with_capacity(total_tokens);
-            for r in &micro {
-                let batch = self.train_batch(&seqs[r.clone()])?;
-                all.extend(self.model.logprobs(&batch, inv_t)?.logprobs);
-            }
-            Some(all)
-        } else {
-            None
-        };
+        let old_logp: Option<Vec<f32>> =
+            if loss_fn.uses_importance_ratio() && cfg.algorithm.num_iterations > 1 {
+                let mut all = Vec::with_capacity(total_tokens);
+                for r in &micro {
+                    let batch = self.train_batch(&seqs[r.clone()])?;
+                    all.extend(self.model.logprobs(&batch, inv_t)?.logprobs);
+                }
+                Some(all)
+            } else {
+                None
+            };
         if loss_fn.needs_reference_logp() {
             bail!("a KL penalty (beta > 0) needs a reference model, which this trainer does not keep yet; set beta = 0");
         }
@@ -450,7 +508,9 @@ impl Trainer {
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
                 let n = batch.num_completion_tokens();
-                let old = old_logp.as_ref().map(|o| &o[token_offset..token_offset + n]);
+                let old = old_logp
+                    .as_ref()
+                    .map(|o| &o[token_offset..token_offset + n]);
                 let out = loss_fn.compute(
                     &PolicyTokens {
                         layout: &layout,
@@ -472,7 +532,9 @@ impl Trainer {
             }
             outcome.loss = loss;
             outcome.entropy = entropy_sum / total_tokens.max(1) as f64;
-            outcome.clip_fraction = loss_fn.uses_importance_ratio().then_some(clip_sum / total_tokens.max(1) as f64);
+            outcome.clip_fraction = loss_fn
+                .uses_importance_ratio()
+                .then_some(clip_sum / total_tokens.max(1) as f64);
             outcome.kl = loss_fn
                 .needs_reference_logp()
                 .then_some(kl_sum / total_tokens.max(1) as f64);
@@ -481,7 +543,10 @@ impl Trainer {
                 outcome.skipped = Some(format!("non-finite loss ({loss})"));
                 return Ok(outcome);
             }
-            match self.updater.step(&mut self.model, lr, cfg.optim.max_grad_norm)? {
+            match self
+                .updater
+                .step(&mut self.model, lr, cfg.optim.max_grad_norm)?
+            {
                 StepOutcome::Applied(clip) => outcome.grad_norm = clip.norm,
                 StepOutcome::Skipped(clip) => {
                     outcome.grad_norm = clip.norm;
@@ -504,10 +569,17 @@ impl Trainer {
     /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl`.
     pub fn record_eval(&self, step: u64, pass_at_1: f64) -> Result<()> {
         let path = self.config.output_dir.join("eval.jsonl");
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
         use std::io::Write;
-        writeln!(f, "{}", serde_json::json!({"step": step, "pass_at_1": pass_at_1}))?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"step": step, "pass_at_1": pass_at_1})
+        )?;
         Ok(())
     }
 
@@ -527,11 +599,15 @@ impl Trainer {
         self.model.save_pretrained(&tmp, candle_core::DType::F32)?;
         self.tokenizer.save_pretrained(&tmp)?;
         let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
-        std::fs::write(tmp.join("generation_config.json"), serde_json::to_vec_pretty(&generation)?)?;
+        std::fs::write(
+            tmp.join("generation_config.json"),
+            serde_json::to_vec_pretty(&generation)?,
+        )?;
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
-        std::fs::rename(&tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+        std::fs::rename(&tmp, dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
         Ok(())
     }
 
@@ -555,7 +631,10 @@ impl Trainer {
             &self.model,
             &self.tokenizer,
             &[
-                ("generation_config.json", serde_json::to_vec_pretty(&generation)?),
+                (
+                    "generation_config.json",
+                    serde_json::to_vec_pretty(&generation)?,
+                ),
                 ("config.toml", self.config.to_toml()?.into_bytes()),
             ],
             &serde_json::to_value(&state)?,
@@ -585,7 +664,8 @@ fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
     let keep = keep.max(1);
     if steps.len() > keep {
         for (_, path) in &steps[..steps.len() - keep] {
-            std::fs::remove_dir_all(path).with_context(|| format!("{}: cannot remove", path.display()))?;
+            std::fs::remove_dir_all(path)
+                .with_context(|| format!("{}: cannot remove", path.display()))?;
         }
     }
     Ok(())

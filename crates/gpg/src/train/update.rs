@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Buffers;
 use crate::model::{Gradients, Qwen2};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, GradClip, ParamGrad, ParamState};
+use crate::optim::{
+    clip_grad_norm, AdamW, AdamWConfig, AdamWState, GradClip, ParamGrad, ParamState,
+};
 
 /// Parameters, their accumulated gradients and the optimiser.
 pub struct ModelUpdater {
@@ -74,7 +76,12 @@ impl ModelUpdater {
             self.zero_grad();
             return Ok(StepOutcome::Skipped(clip));
         }
-        for ((name, param), grad) in self.names.iter().zip(self.params.iter_mut()).zip(&self.grads) {
+        for ((name, param), grad) in self
+            .names
+            .iter()
+            .zip(self.params.iter_mut())
+            .zip(&self.grads)
+        {
             self.optimizer.update(
                 lr,
                 ParamGrad {
@@ -86,7 +93,12 @@ impl ModelUpdater {
             )?;
         }
         let device = model.device().clone();
-        for ((slot, data), shape) in model.parameters_mut().into_iter().zip(&self.params).zip(&self.shapes) {
+        for ((slot, data), shape) in model
+            .parameters_mut()
+            .into_iter()
+            .zip(&self.params)
+            .zip(&self.shapes)
+        {
             *slot = Tensor::from_slice(data, shape.as_slice(), &device)?;
         }
         self.zero_grad();
@@ -94,7 +106,9 @@ impl ModelUpdater {
     }
 
     pub fn zero_grad(&mut self) {
-        self.grads.iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x = 0.0));
+        self.grads
+            .iter_mut()
+            .for_each(|g| g.iter_mut().for_each(|x| *x = 0.0));
     }
 
     /// The optimiser's state for a checkpoint: metadata and the moment buffers.
@@ -102,27 +116,42 @@ impl ModelUpdater {
         let state = self.optimizer.state();
         let meta = OptimizerMeta {
             config: state.config.clone(),
-            steps: state.params.iter().map(|(k, v)| (k.clone(), v.step)).collect(),
+            steps: state
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.step))
+                .collect(),
         };
         let mut buffers = Vec::new();
         for (name, p) in &state.params {
-            buffers.push((format!("exp_avg.{name}"), vec![p.exp_avg.len()], p.exp_avg.clone()));
-            buffers.push((format!("exp_avg_sq.{name}"), vec![p.exp_avg_sq.len()], p.exp_avg_sq.clone()));
+            buffers.push((
+                format!("exp_avg.{name}"),
+                vec![p.exp_avg.len()],
+                p.exp_avg.clone(),
+            ));
+            buffers.push((
+                format!("exp_avg_sq.{name}"),
+                vec![p.exp_avg_sq.len()],
+                p.exp_avg_sq.clone(),
+            ));
         }
         (meta, buffers)
     }
 
     /// Rebuilds the optimiser from a checkpoint's metadata and buffers.
-    pub fn restore_optimizer(meta: OptimizerMeta, buffers: &mut std::collections::HashMap<String, Vec<f32>>) -> Result<AdamW> {
+    pub fn restore_optimizer(
+        meta: OptimizerMeta,
+        buffers: &mut std::collections::HashMap<String, Vec<f32>>,
+    ) -> Result<AdamW> {
         let mut state = AdamWState {
             config: meta.config,
             params: BTreeMap::new(),
         };
         for (name, step) in meta.steps {
             let mut take = |kind: &str| {
-                buffers
-                    .remove(&format!("{kind}.{name}"))
-                    .with_context(|| format!("optimiser buffer {kind}.{name} is missing from the checkpoint"))
+                buffers.remove(&format!("{kind}.{name}")).with_context(|| {
+                    format!("optimiser buffer {kind}.{name} is missing from the checkpoint")
+                })
             };
             let exp_avg = take("exp_avg")?;
             let exp_avg_sq = take("exp_avg_sq")?;

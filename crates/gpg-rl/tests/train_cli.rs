@@ -1,0 +1,246 @@
+//! `gpg-rl train` end to end on a tiny model: logs, checkpoints, the final model, and exact
+//! resumption after SIGKILL.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpg-rl"))
+}
+
+fn init_model(dir: &Path) {
+    let status = bin()
+        .args([
+            "init",
+            "--hidden",
+            "32",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+        ])
+        .args([
+            "--intermediate",
+            "64",
+            "--vocab",
+            "320",
+            "--max-positions",
+            "256",
+            "--corpus",
+            "synthetic",
+        ])
+        .arg("--out")
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn recipe(model: &Path, out: &Path, steps: u64) -> String {
+    format!(
+        r#"
+model = {model:?}
+output_dir = {out:?}
+steps = {steps}
+seed = 3
+[data]
+train = "synthetic"
+[data.fields]
+apply_chat_template = false
+[data.synthetic]
+level = 1
+n_train = 200
+n_heldout = 8
+[rollout]
+prompts_per_step = 4
+num_generations = 4
+max_new_tokens = 12
+[algorithm]
+loss = {{ name = "gpg" }}
+[optim]
+lr = 1e-3
+[[reward.functions]]
+name = "accuracy"
+[[reward.functions]]
+name = "boxed_format"
+weight = 0.5
+[eval]
+every = 2
+data = "synthetic"
+[logging]
+save_every = 1
+keep_checkpoints = 10
+progress = false
+"#
+    )
+}
+
+fn metrics_without_times(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let obj = v.as_object_mut().unwrap();
+            obj.retain(|k, _| !k.starts_with("time_"));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_model(&model);
+
+    // An uninterrupted run of 4 steps.
+    let full = tmp.path().join("full");
+    let full_recipe = tmp.path().join("full.toml");
+    std::fs::write(&full_recipe, recipe(&model, &full, 4)).unwrap();
+    let out = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&full_recipe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = metrics_without_times(&full.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 4);
+    for key in [
+        "reward",
+        "reward_std",
+        "inverse_alpha",
+        "identical_groups",
+        "easy_groups",
+        "hard_groups",
+        "resample_rounds",
+        "lr",
+        "loss",
+        "grad_norm",
+        "tokens_seen",
+        "completion_length",
+    ] {
+        assert!(metrics[0].get(key).is_some(), "metrics lack {key}");
+    }
+    assert!(metrics[0]["rewards"].get("accuracy").is_some());
+    assert!(metrics[1]["eval_pass_at_1"].is_number());
+    assert!(full.join("config.toml").is_file());
+    assert!(full.join("final/model.safetensors").is_file());
+    assert!(std::fs::read_dir(full.join("tensorboard")).unwrap().count() == 1);
+
+    // The same run killed with SIGKILL once checkpoint-2 exists, then resumed.
+    let cut = tmp.path().join("cut");
+    let cut_recipe = tmp.path().join("cut.toml");
+    std::fs::write(&cut_recipe, recipe(&model, &cut, 4)).unwrap();
+    let mut child = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&cut_recipe)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !cut.join("checkpoint-2").is_dir() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint-2 appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // No half-written checkpoint is ever visible under its final name.
+    for entry in std::fs::read_dir(&cut).unwrap() {
+        let p: PathBuf = entry.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("checkpoint-")
+            && !p.to_str().unwrap().ends_with(".tmp")
+        {
+            assert!(
+                p.join("trainer_state.json").is_file() && p.join("model.safetensors").is_file()
+            );
+        }
+    }
+    let out = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&cut_recipe)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(metrics_without_times(&cut.join("metrics.jsonl")), metrics);
+    let a = std::fs::read(full.join("final/model.safetensors")).unwrap();
+    let b = std::fs::read(cut.join("final/model.safetensors")).unwrap();
+    assert!(a == b, "resumed run ended with different weights");
+
+    // Starting over in a used folder without --resume is refused.
+    let out = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&full_recipe)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+}
+
+#[test]
+fn bad_recipes_fail_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(&recipe, "model = \"x\"\nsteps = 1\nbogus = 3\n").unwrap();
+    let out = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("r.toml"), "{err}");
+
+    let model = tmp.path().join("model");
+    init_model(&model);
+    let text = recipe_text_with_data(
+        &model,
+        &tmp.path().join("out"),
+        &tmp.path().join("data.jsonl"),
+    );
+    std::fs::write(
+        tmp.path().join("data.jsonl"),
+        "{\"problem\": \"1+1\", \"answer\": \"2\"}\n{not json\n",
+    )
+    .unwrap();
+    std::fs::write(&recipe, text).unwrap();
+    let out = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data.jsonl") && err.contains('2'), "{err}");
+}
+
+fn recipe_text_with_data(model: &Path, out: &Path, data: &Path) -> String {
+    recipe(model, out, 1).replace(
+        "train = \"synthetic\"",
+        &format!("train = {:?}", data.display().to_string()),
+    )
+}
