@@ -22,6 +22,8 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Supervised fine-tuning (warm start) from a TOML recipe.
     Sft(cmd::sft::SftArgs),
+    /// pass@1 (mean over k samples) and pass@k on a math benchmark, with per-item results.
+    Eval(cmd::eval::EvalArgs),
     /// Sample completions from a Hugging Face Qwen2 model.
     Generate(cmd::generate::GenerateArgs),
     /// Log-prob of every completion token of {"prompt", "completion"} JSONL lines.
@@ -53,6 +55,7 @@ fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Sft(args) => cmd::sft::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Logprobs(args) => cmd::logprobs::run(args),
         Command::Init(args) => cmd::init::run(args),

@@ -7,6 +7,7 @@
 pub mod algo;
 pub mod checkpoint;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod optim;
 pub mod reward;
