@@ -5,7 +5,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::data::PromptDataset;
 use crate::model::Qwen2;
-use crate::rollout::{self, SamplingParams};
+use crate::eval::{evaluate, EvalConfig, EvalItem};
 use crate::tokenizer::Tokenizer;
 
 use super::trainer::PreparedPrompt;
@@ -24,7 +24,8 @@ pub fn prepare(tokenizer: &Tokenizer, ds: PromptDataset) -> Result<Vec<PreparedP
         .collect()
 }
 
-/// Mean over prompts and samples of 1[completion's answer ≡ gold].
+/// Held-out pass@1: the mean over prompts and `samples` completions of 1[answer ≡ gold],
+/// measured by [`crate::eval::evaluate`].
 pub fn pass_at_1(
     model: &Qwen2,
     tokenizer: &Tokenizer,
@@ -34,27 +35,19 @@ pub fn pass_at_1(
     max_new_tokens: usize,
     seed: u64,
 ) -> Result<f64> {
-    let mut correct = 0usize;
-    let mut total = 0usize;
-    for chunk in prompts.chunks(64) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
-        let params = SamplingParams {
-            n: samples,
-            max_new_tokens,
-            temperature,
-            seed,
-            stop_token_ids: tokenizer.token_to_id("<|im_end|>").into_iter().collect(),
-            ..Default::default()
-        };
-        for c in rollout::generate(model, tokenizer, &ids, &params)? {
-            let gold = chunk[c.prompt_index]
-                .record
-                .answer
-                .as_deref()
-                .unwrap_or_default();
-            correct += mathverify::is_correct(gold, &c.text) as usize;
-            total += 1;
-        }
-    }
-    Ok(correct as f64 / total.max(1) as f64)
+    let items = prompts
+        .iter()
+        .map(|p| EvalItem::from_record(&p.record))
+        .collect::<Result<Vec<_>>>()?;
+    let config = EvalConfig {
+        samples,
+        temperature,
+        top_p: 1.0,
+        max_new_tokens,
+        seed,
+        stop_token_ids: tokenizer.token_to_id("<|im_end|>").into_iter().collect(),
+        batch_prompts: 64,
+        ..Default::default()
+    };
+    Ok(evaluate(model, tokenizer, &items, &config)?.summary.pass_at_1)
 }
