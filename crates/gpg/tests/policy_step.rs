@@ -29,24 +29,49 @@ fn a_gpg_step_raises_good_and_lowers_bad_completions() {
     let before = seq_logp(&lp.logprobs);
     let out = loss_fn
         .compute(
-            &PolicyTokens { layout: &layout, logp: &lp.logprobs, old_logp: None, ref_logp: None, advantages: &advantages },
+            &PolicyTokens {
+                layout: &layout,
+                logp: &lp.logprobs,
+                old_logp: None,
+                ref_logp: None,
+                advantages: &advantages,
+            },
             1.0,
             Normaliser::micro_batch(&layout),
         )
         .unwrap();
     let grads = model.backward(&batch, cache, &out.token_weights).unwrap();
-    let adamw = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
+    let adamw = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
     let mut updater = ModelUpdater::new(&model, AdamW::new(adamw).unwrap()).unwrap();
     updater.accumulate(&grads).unwrap();
     updater.step(&mut model, 1e-3, 0.0).unwrap();
 
     let after_lp = model.logprobs(&batch, 1.0).unwrap().logprobs;
     let after = seq_logp(&after_lp);
-    assert!(after.0 > before.0, "good completion: {} -> {}", before.0, after.0);
-    assert!(after.1 < before.1, "bad completion: {} -> {}", before.1, after.1);
+    assert!(
+        after.0 > before.0,
+        "good completion: {} -> {}",
+        before.0,
+        after.0
+    );
+    assert!(
+        after.1 < before.1,
+        "bad completion: {} -> {}",
+        before.1,
+        after.1
+    );
     let after_loss = loss_fn
         .compute(
-            &PolicyTokens { layout: &layout, logp: &after_lp, old_logp: None, ref_logp: None, advantages: &advantages },
+            &PolicyTokens {
+                layout: &layout,
+                logp: &after_lp,
+                old_logp: None,
+                ref_logp: None,
+                advantages: &advantages,
+            },
             1.0,
             Normaliser::micro_batch(&layout),
         )

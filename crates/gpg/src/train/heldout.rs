@@ -4,8 +4,8 @@
 use anyhow::{ensure, Context, Result};
 
 use crate::data::PromptDataset;
-use crate::model::Qwen2;
 use crate::eval::{evaluate, EvalConfig, EvalItem};
+use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
 
 use super::trainer::PreparedPrompt;
@@ -49,5 +49,7 @@ pub fn pass_at_1(
         batch_prompts: 64,
         ..Default::default()
     };
-    Ok(evaluate(model, tokenizer, &items, &config)?.summary.pass_at_1)
+    Ok(evaluate(model, tokenizer, &items, &config)?
+        .summary
+        .pass_at_1)
 }

@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{synthetic, EpochSampler};
@@ -42,6 +44,12 @@ pub struct SftConfig {
     pub data: String,
     #[serde(default)]
     pub synthetic: SyntheticTask,
+    /// Share of training problems whose target is the bare answer (`\boxed{N}`) instead of the
+    /// worked solution. A warm start that has seen both habits answers directly part of the
+    /// time, which rarely works on multi-step problems: RL then has something to discover —
+    /// that working the steps pays — which is the demo's point.
+    #[serde(default)]
+    pub direct_answer_share: f64,
     /// Measure held-out pass@1 (sampled, temperature 1) every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
@@ -110,11 +118,21 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         apply_chat_template: false,
         ..Default::default()
     };
+    ensure!(
+        (0.0..=1.0).contains(&config.direct_answer_share),
+        "direct_answer_share must be in [0, 1]"
+    );
+    let mut style_rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut pairs = Vec::with_capacity(split.train.len());
     for p in &split.train {
         let record = p.prompt_record(0, &fields);
         let prompt = tokenizer.encode_prompt(&record.prompt)?;
-        let mut completion = tokenizer.encode(&p.solution, false)?;
+        let target = if style_rng.gen::<f64>() < config.direct_answer_share {
+            format!("\\boxed{{{}}}", p.answer)
+        } else {
+            p.solution.clone()
+        };
+        let mut completion = tokenizer.encode(&target, false)?;
         completion.push(eos);
         pairs.push((prompt, completion));
     }
