@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use gpg::model::TrainBatch;
+use gpg::optim::{AdamW, AdamWConfig};
 use gpg::rollout::{self, SamplingParams};
+use gpg::train::update::ModelUpdater;
 use rand::{Rng, SeedableRng};
 
 use super::init::{write_model, InitArgs, StorageDtype};
@@ -114,19 +116,22 @@ fn engine(args: &EngineArgs) -> Result<()> {
     let g: Vec<f32> = (0..n)
         .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
         .collect();
+    let mut train_model = dir.model.clone();
+    let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let t0 = Instant::now();
-        let (_, cache) = model.forward_train(&batch, 1.0)?;
-        let grads = model.backward(&batch, cache, &g)?;
-        drop(grads);
+        let (_, cache) = train_model.forward_train(&batch, 1.0)?;
+        let grads = train_model.backward(&batch, cache, &g)?;
+        updater.accumulate(&grads)?;
+        updater.step(&mut train_model, 1e-5, 1.0)?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
     let train_s = median(times);
     println!(
-        "train step (fwd+bwd), batch {} x {} tokens: {:.3} s (median of {})",
+        "train step (fwd+bwd+AdamW), batch {} x {} tokens: {:.3} s (median of {})",
         args.batch, args.seq_len, train_s, args.steps
     );
 
