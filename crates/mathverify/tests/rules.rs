@@ -105,3 +105,11 @@ fn hostile_inputs_are_bounded() {
     no("1", &"\\boxed{".repeat(2000));
     no("", "anything");
 }
+
+#[test]
+fn plain_text_math() {
+    yes("2\\pi", "The answer is $2pi$.");
+    yes("\\sqrt{2}", "answer: $sqrt(2)$");
+    yes("\\frac{1}{2}", "The answer is 1/2.");
+    yes("1000.99", "It costs 1,000.99€ in total");
+}
