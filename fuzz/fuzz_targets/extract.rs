@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     for ans in &a {
         let _ = ans.display();
     }
-    let latex_only = Options { match_types: vec![MatchType::Latex], boxed_match_priority: None, ..Options::default() };
+    let latex_only = Options {
+        match_types: vec![MatchType::Latex],
+        boxed_match_priority: None,
+        ..Options::default()
+    };
     let _ = extract_answers(&text, &latex_only);
     let g = parse_gold(&text, &opts);
     for ans in &g {

@@ -16,6 +16,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(r1, r2, "verification must be deterministic");
     let v = check(&gold, &pred, &opts);
     assert_eq!(v.correct, r1, "check and is_correct must agree");
-    let strict = Options { strict: false, allow_set_relation_comp: true, float_rounding: 2, ..Options::default() };
+    let strict = Options {
+        strict: false,
+        allow_set_relation_comp: true,
+        float_rounding: 2,
+        ..Options::default()
+    };
     let _ = check(&pred, &gold, &strict);
 });

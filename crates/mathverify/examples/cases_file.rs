@@ -15,7 +15,9 @@ fn main() {
     });
     let (mut total, mut agree) = (0, 0);
     for (i, line) in data.lines().enumerate() {
-        let Ok(case) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(case) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let mut opts = Options::default();
         if let Some(m) = case["match_types"].as_array() {
             opts.match_types = m
@@ -40,8 +42,18 @@ fn main() {
         if got == expected {
             agree += 1;
         } else {
-            let show = |a: &[mathverify::Answer]| a.iter().map(|x| x.display()).collect::<Vec<_>>().join(" | ");
-            println!("line {} expected={expected} got={got}\n  gold: {}\n  pred: {}", i + 1, show(&g), show(&p));
+            let show = |a: &[mathverify::Answer]| {
+                a.iter()
+                    .map(|x| x.display())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            println!(
+                "line {} expected={expected} got={got}\n  gold: {}\n  pred: {}",
+                i + 1,
+                show(&g),
+                show(&p)
+            );
         }
     }
     println!("agreement {agree}/{total}");

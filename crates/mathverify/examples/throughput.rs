@@ -39,9 +39,14 @@ fn golds(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let g = if let Some(fa) = v.get("final_answer").and_then(|x| x.as_array()) {
-            fa.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")
+            fa.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         } else if let Some(a) = v.get("answer") {
             match a {
                 serde_json::Value::String(s) => match s.rfind("#### ") {
@@ -50,7 +55,11 @@ fn golds(path: &Path) -> Vec<String> {
                 },
                 other => other.to_string().trim_end_matches(".0").to_string(),
             }
-        } else if let Some(s) = v.get("solution").and_then(|x| x.as_str()).and_then(last_boxed) {
+        } else if let Some(s) = v
+            .get("solution")
+            .and_then(|x| x.as_str())
+            .and_then(last_boxed)
+        {
             s
         } else {
             continue;
@@ -81,7 +90,13 @@ fn predictions(gold: &str) -> Vec<(String, bool)> {
     if g != "0" {
         v.push((format!("\\boxed{{-({g})}}"), false));
     }
-    v.push((format!("{}Final Answer: The final answer is ${g}$. I hope it is correct.", REASONING.repeat(12)), true));
+    v.push((
+        format!(
+            "{}Final Answer: The final answer is ${g}$. I hope it is correct.",
+            REASONING.repeat(12)
+        ),
+        true,
+    ));
     v.push((format!("answer: ${g}$"), true));
     v.push((format!("\\boxed{{{g}}}\\boxed{{{g}}}"), true));
     v.push((format!("<answer>{g}</answer>"), true));
@@ -89,7 +104,10 @@ fn predictions(gold: &str) -> Vec<(String, bool)> {
 }
 
 fn main() {
-    let mut files: Vec<(String, PathBuf)> = std::env::args().skip(1).map(|p| (p.clone(), PathBuf::from(p))).collect();
+    let mut files: Vec<(String, PathBuf)> = std::env::args()
+        .skip(1)
+        .map(|p| (p.clone(), PathBuf::from(p)))
+        .collect();
     if files.is_empty() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/benchmarks");
         for n in ["math500", "gsm8k"] {
@@ -130,7 +148,10 @@ fn main() {
                     worst = (ms, g.clone(), p.chars().take(120).collect());
                 }
                 if got != should && std::env::var_os("MV_VERBOSE").is_some() {
-                    println!("  mismatch ({name}) expected {should}: gold {g:?} pred {:?}", p.chars().take(200).collect::<String>());
+                    println!(
+                        "  mismatch ({name}) expected {should}: gold {g:?} pred {:?}",
+                        p.chars().take(200).collect::<String>()
+                    );
                 }
                 if k == 0 {
                     boxed_ok += got as usize;
@@ -173,14 +194,26 @@ fn main() {
         correct += mathverify::is_correct(g, p) as usize;
     }
     let secs = t0.elapsed().as_secs_f64();
-    println!("throughput, 1 thread: {n} pairs in {:.3} s = {:.0} pairs/s ({correct} correct)", secs, n as f64 / secs);
-    let threads = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
+    println!(
+        "throughput, 1 thread: {n} pairs in {:.3} s = {:.0} pairs/s ({correct} correct)",
+        secs,
+        n as f64 / secs
+    );
+    let threads = std::thread::available_parallelism()
+        .map(|x| x.get())
+        .unwrap_or(1);
     let t0 = Instant::now();
     let chunk = n.div_ceil(threads);
     let total: usize = std::thread::scope(|s| {
         let handles: Vec<_> = batch
             .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().filter(|(g, p, _)| mathverify::is_correct(g, p)).count()))
+            .map(|c| {
+                s.spawn(move || {
+                    c.iter()
+                        .filter(|(g, p, _)| mathverify::is_correct(g, p))
+                        .count()
+                })
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
     });

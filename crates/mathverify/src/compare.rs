@@ -35,7 +35,10 @@ pub const MAX_ELEMENTS: usize = 64;
 fn only_symbols(e: &Expr) -> bool {
     match e {
         Expr::Sym(_) | Expr::Text(_) => true,
-        Expr::Pow(b, x) => matches!(**x, Expr::Num(ref n) if n.value == BigRational::from_integer(BigInt::from(-1))) && only_symbols(b),
+        Expr::Pow(b, x) => {
+            matches!(**x, Expr::Num(ref n) if n.value == BigRational::from_integer(BigInt::from(-1)))
+                && only_symbols(b)
+        }
         Expr::Num(_) | Expr::Const(_) => false,
         _ => {
             let kids = e.children();
@@ -92,11 +95,11 @@ fn shorten_assignment(e: &Expr) -> Expr {
 }
 
 fn sub(a: &Expr, b: &Expr) -> Expr {
-    Expr::Add(vec![a.clone(), Expr::neg(b.clone())])
+    Expr::Add(vec![a.clone(), Expr::negate(b.clone())])
 }
 
 fn neg_inf() -> Expr {
-    Expr::neg(Expr::Const(Constant::Infinity))
+    Expr::negate(Expr::Const(Constant::Infinity))
 }
 
 fn interval(lo: Expr, hi: Expr, left_open: bool, right_open: bool) -> Expr {
@@ -147,12 +150,18 @@ fn relation_as_set(e: &Expr) -> Option<Expr> {
             eval::real_value(a)?;
             eval::real_value(b)?;
             match (op1, op2) {
-                (RelOp::Lt | RelOp::Le, RelOp::Lt | RelOp::Le) => {
-                    Some(interval(a.clone(), b.clone(), op1 == RelOp::Lt, op2 == RelOp::Lt))
-                }
-                (RelOp::Gt | RelOp::Ge, RelOp::Gt | RelOp::Ge) => {
-                    Some(interval(b.clone(), a.clone(), op2 == RelOp::Gt, op1 == RelOp::Gt))
-                }
+                (RelOp::Lt | RelOp::Le, RelOp::Lt | RelOp::Le) => Some(interval(
+                    a.clone(),
+                    b.clone(),
+                    op1 == RelOp::Lt,
+                    op2 == RelOp::Lt,
+                )),
+                (RelOp::Gt | RelOp::Ge, RelOp::Gt | RelOp::Ge) => Some(interval(
+                    b.clone(),
+                    a.clone(),
+                    op2 == RelOp::Gt,
+                    op1 == RelOp::Gt,
+                )),
                 _ => None,
             }
         }
@@ -187,7 +196,11 @@ pub fn expr_eq(gold: &Expr, pred: &Expr, opts: &Options) -> bool {
 }
 
 fn expr_eq_depth(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
-    if depth > 12 || !spend() || gold.size() > eval::MAX_EXPR_NODES || pred.size() > eval::MAX_EXPR_NODES {
+    if depth > 12
+        || !spend()
+        || gold.size() > eval::MAX_EXPR_NODES
+        || pred.size() > eval::MAX_EXPR_NODES
+    {
         return false;
     }
     let mut gold = gold.clone();
@@ -230,17 +243,11 @@ fn expr_eq_depth(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool
     }
     // percent answers: 28% also accepts 28 (and 0.28 through its value)
     if opts.lenient_percent {
+        let plain =
+            |e: &Expr| !matches!(e, Expr::Percent(_)) && !e.is_relation() && !e.is_set_like();
         match (&gold, &pred) {
-            (Expr::Percent(g), p) if !matches!(p, Expr::Percent(_)) && !p.is_relation() && !p.is_set_like() => {
-                if scalar_eq(g, p, opts) {
-                    return true;
-                }
-            }
-            (g, Expr::Percent(p)) if !matches!(g, Expr::Percent(_)) && !g.is_relation() && !g.is_set_like() => {
-                if scalar_eq(g, p, opts) {
-                    return true;
-                }
-            }
+            (Expr::Percent(g), p) if plain(p) && scalar_eq(g, p, opts) => return true,
+            (g, Expr::Percent(p)) if plain(g) && scalar_eq(g, p, opts) => return true,
             _ => {}
         }
     }
@@ -275,7 +282,11 @@ fn words_eq(gold: &Expr, pred: &Expr) -> Option<bool> {
             Expr::Const(Constant::E) => Some("e".into()),
             Expr::Const(Constant::I) => Some("i".into()),
             Expr::Const(Constant::Pi) => Some("pi".into()),
-            Expr::Mul(v) => v.iter().map(letters).collect::<Option<Vec<_>>>().map(|p| p.concat()),
+            Expr::Mul(v) => v
+                .iter()
+                .map(letters)
+                .collect::<Option<Vec<_>>>()
+                .map(|p| p.concat()),
             _ => None,
         }
     }
@@ -291,7 +302,10 @@ fn words_eq(gold: &Expr, pred: &Expr) -> Option<bool> {
         let same = if g_word || p_word || g.len() > 1 || p.len() > 1 {
             g.to_lowercase() == p.to_lowercase()
         } else {
-            g == p || (g.eq_ignore_ascii_case("e") && p.eq_ignore_ascii_case("e") && (gold == &Expr::Const(Constant::E) || pred == &Expr::Const(Constant::E)))
+            g == p
+                || (g.eq_ignore_ascii_case("e")
+                    && p.eq_ignore_ascii_case("e")
+                    && (gold == &Expr::Const(Constant::E) || pred == &Expr::Const(Constant::E)))
         };
         if same {
             return Some(true);
@@ -306,12 +320,21 @@ fn words_eq(gold: &Expr, pred: &Expr) -> Option<bool> {
 fn relations_eq(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
     match (gold, pred) {
         (Expr::And(g), Expr::And(p)) => {
-            g.len() == p.len() && g.iter().zip(p).all(|(a, b)| relations_eq(a, b, opts, depth + 1))
+            g.len() == p.len()
+                && g.iter()
+                    .zip(p)
+                    .all(|(a, b)| relations_eq(a, b, opts, depth + 1))
         }
         (Expr::Rel(gop, gl, gr), Expr::Rel(pop, pl, pr)) => {
             // relations with sets on a side (x ∈ S): compare side by side
-            if gr.is_set_like() || pr.is_set_like() || matches!(**gr, Expr::Tuple(_)) || matches!(**pr, Expr::Tuple(_)) {
-                return gop == pop && expr_eq_depth(gl, pl, opts, depth + 1) && expr_eq_depth(gr, pr, opts, depth + 1);
+            if gr.is_set_like()
+                || pr.is_set_like()
+                || matches!(**gr, Expr::Tuple(_))
+                || matches!(**pr, Expr::Tuple(_))
+            {
+                return gop == pop
+                    && expr_eq_depth(gl, pl, opts, depth + 1)
+                    && expr_eq_depth(gr, pr, opts, depth + 1);
             }
             let dg = sub(gl, gr);
             if gop == pop && scalar_eq(&dg, &sub(pl, pr), opts) {
@@ -382,11 +405,24 @@ fn sets_eq(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
     let a = as_collection(gold);
     let b = as_collection(pred);
     if let (
-        Expr::Interval { lo: al, hi: ah, left_open: alo, right_open: aro },
-        Expr::Interval { lo: bl, hi: bh, left_open: blo, right_open: bro },
+        Expr::Interval {
+            lo: al,
+            hi: ah,
+            left_open: alo,
+            right_open: aro,
+        },
+        Expr::Interval {
+            lo: bl,
+            hi: bh,
+            left_open: blo,
+            right_open: bro,
+        },
     ) = (&a, &b)
     {
-        return alo == blo && aro == bro && expr_eq_depth(al, bl, opts, depth + 1) && expr_eq_depth(ah, bh, opts, depth + 1);
+        return alo == blo
+            && aro == bro
+            && expr_eq_depth(al, bl, opts, depth + 1)
+            && expr_eq_depth(ah, bh, opts, depth + 1);
     }
     if a == b {
         return true;
@@ -401,22 +437,38 @@ fn sets_eq(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
             let (g, p) = (dedup(g, opts, depth), dedup(p, opts, depth));
             unordered_eq(&g, &p, opts, depth)
         }
-        (Expr::Tuple(g), Expr::Tuple(p)) | (Expr::Tuple(g), Expr::Set(p)) => ordered_eq(g, p, opts, depth),
+        (Expr::Tuple(g), Expr::Tuple(p)) | (Expr::Tuple(g), Expr::Set(p)) => {
+            ordered_eq(g, p, opts, depth)
+        }
         (Expr::Set(g), Expr::Tuple(p)) => unordered_eq(g, p, opts, depth),
-        (Expr::Interval { lo, hi, left_open: true, right_open: true }, Expr::Set(p) | Expr::Tuple(p)) => {
-            ordered_eq(&[(**lo).clone(), (**hi).clone()], p, opts, depth)
-        }
-        (Expr::Set(g) | Expr::Tuple(g), Expr::Interval { lo, hi, left_open: true, right_open: true }) => {
-            ordered_eq(g, &[(**lo).clone(), (**hi).clone()], opts, depth)
-        }
+        (
+            Expr::Interval {
+                lo,
+                hi,
+                left_open: true,
+                right_open: true,
+            },
+            Expr::Set(p) | Expr::Tuple(p),
+        ) => ordered_eq(&[(**lo).clone(), (**hi).clone()], p, opts, depth),
+        (
+            Expr::Set(g) | Expr::Tuple(g),
+            Expr::Interval {
+                lo,
+                hi,
+                left_open: true,
+                right_open: true,
+            },
+        ) => ordered_eq(g, &[(**lo).clone(), (**hi).clone()], opts, depth),
         (Expr::Union(g), Expr::Union(p)) => unordered_eq(g, p, opts, depth),
-        (Expr::Tuple(g), m @ Expr::Matrix(_)) | (m @ Expr::Matrix(_), Expr::Tuple(g)) => match matrix_value(m) {
-            Some(rows) if rows.len() == 1 || rows.iter().all(|r| r.len() == 1) => {
-                let flat: Vec<Expr> = rows.into_iter().flatten().collect();
-                ordered_eq(g, &flat, opts, depth)
+        (Expr::Tuple(g), m @ Expr::Matrix(_)) | (m @ Expr::Matrix(_), Expr::Tuple(g)) => {
+            match matrix_value(m) {
+                Some(rows) if rows.len() == 1 || rows.iter().all(|r| r.len() == 1) => {
+                    let flat: Vec<Expr> = rows.into_iter().flatten().collect();
+                    ordered_eq(g, &flat, opts, depth)
+                }
+                _ => false,
             }
-            _ => false,
-        },
+        }
         _ => false,
     }
 }
@@ -425,7 +477,10 @@ fn sets_eq(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
 fn dedup(v: &[Expr], opts: &Options, depth: usize) -> Vec<Expr> {
     let mut out: Vec<Expr> = Vec::with_capacity(v.len());
     for x in v.iter().take(MAX_ELEMENTS * 2) {
-        if !out.iter().any(|y| y == x || expr_eq_depth(y, x, opts, depth + 1)) {
+        if !out
+            .iter()
+            .any(|y| y == x || expr_eq_depth(y, x, opts, depth + 1))
+        {
             out.push(x.clone());
         }
     }
@@ -433,7 +488,11 @@ fn dedup(v: &[Expr], opts: &Options, depth: usize) -> Vec<Expr> {
 }
 
 fn ordered_eq(g: &[Expr], p: &[Expr], opts: &Options, depth: usize) -> bool {
-    g.len() == p.len() && g.len() <= MAX_ELEMENTS && g.iter().zip(p).all(|(a, b)| expr_eq_depth(a, b, opts, depth + 1))
+    g.len() == p.len()
+        && g.len() <= MAX_ELEMENTS
+        && g.iter()
+            .zip(p)
+            .all(|(a, b)| expr_eq_depth(a, b, opts, depth + 1))
 }
 
 /// Order-insensitive equality: a perfect matching between equal elements (Kuhn's algorithm).
@@ -452,7 +511,12 @@ fn unordered_eq(g: &[Expr], p: &[Expr], opts: &Options, depth: usize) -> bool {
         }
     }
     let mut match_of: Vec<Option<usize>> = vec![None; n];
-    fn augment(i: usize, adj: &[Vec<bool>], seen: &mut [bool], match_of: &mut [Option<usize>]) -> bool {
+    fn augment(
+        i: usize,
+        adj: &[Vec<bool>],
+        seen: &mut [bool],
+        match_of: &mut [Option<usize>],
+    ) -> bool {
         for j in 0..adj.len() {
             if adj[i][j] && !seen[j] {
                 seen[j] = true;
@@ -476,11 +540,21 @@ fn canonical_real_set(e: &Expr) -> Option<Vec<(f64, f64, bool, bool)>> {
     let mut pieces: Vec<(f64, f64, bool, bool)> = Vec::new();
     fn collect(e: &Expr, out: &mut Vec<(f64, f64, bool, bool)>) -> Option<()> {
         match e {
-            Expr::Interval { lo, hi, left_open, right_open } => {
+            Expr::Interval {
+                lo,
+                hi,
+                left_open,
+                right_open,
+            } => {
                 let a = eval::real_value(lo)?;
                 let b = eval::real_value(hi)?;
                 if a < b || (a == b && !left_open && !right_open) {
-                    out.push((a, b, !left_open && a.is_finite(), !right_open && b.is_finite()));
+                    out.push((
+                        a,
+                        b,
+                        !left_open && a.is_finite(),
+                        !right_open && b.is_finite(),
+                    ));
                 }
             }
             Expr::Set(v) => {
@@ -509,7 +583,11 @@ fn canonical_real_set(e: &Expr) -> Option<Vec<(f64, f64, bool, bool)>> {
             let touches = p.0 < last.1 || (close(p.0, last.1) && (p.2 || last.3));
             if touches || (p.0 <= last.1) {
                 if p.1 > last.1 || (close(p.1, last.1) && p.3) {
-                    last.3 = if close(p.1, last.1) { last.3 || p.3 } else { p.3 };
+                    last.3 = if close(p.1, last.1) {
+                        last.3 || p.3
+                    } else {
+                        p.3
+                    };
                     last.1 = last.1.max(p.1);
                 }
                 if close(p.0, last.0) {
@@ -529,7 +607,9 @@ fn close(a: f64, b: f64) -> bool {
 
 fn real_sets_equal(a: &[(f64, f64, bool, bool)], b: &[(f64, f64, bool, bool)]) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| close(x.0, y.0) && close(x.1, y.1) && x.2 == y.2 && x.3 == y.3)
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| close(x.0, y.0) && close(x.1, y.1) && x.2 == y.2 && x.3 == y.3)
 }
 
 /// The value of a matrix expression (sums, products, scalar multiples of matrices).
@@ -544,7 +624,15 @@ fn matrix_value(e: &Expr) -> Option<Vec<Vec<Expr>>> {
             if mats.iter().any(|m| m.len() != r || m[0].len() != c) {
                 return None;
             }
-            Some((0..r).map(|i| (0..c).map(|j| Expr::Add(mats.iter().map(|m| m[i][j].clone()).collect())).collect()).collect())
+            Some(
+                (0..r)
+                    .map(|i| {
+                        (0..c)
+                            .map(|j| Expr::Add(mats.iter().map(|m| m[i][j].clone()).collect()))
+                            .collect()
+                    })
+                    .collect(),
+            )
         }
         Expr::Mul(factors) => {
             let mut scalar: Vec<Expr> = Vec::new();
@@ -560,7 +648,18 @@ fn matrix_value(e: &Expr) -> Option<Vec<Vec<Expr>>> {
                             (0..a.len())
                                 .map(|i| {
                                     (0..m[0].len())
-                                        .map(|j| Expr::Add((0..m.len()).map(|k| Expr::Mul(vec![a[i][k].clone(), m[k][j].clone()])).collect()))
+                                        .map(|j| {
+                                            Expr::Add(
+                                                (0..m.len())
+                                                    .map(|k| {
+                                                        Expr::Mul(vec![
+                                                            a[i][k].clone(),
+                                                            m[k][j].clone(),
+                                                        ])
+                                                    })
+                                                    .collect(),
+                                            )
+                                        })
                                         .collect()
                                 })
                                 .collect()
@@ -576,7 +675,19 @@ fn matrix_value(e: &Expr) -> Option<Vec<Vec<Expr>>> {
             if scalar.is_empty() {
                 return Some(m);
             }
-            Some(m.into_iter().map(|row| row.into_iter().map(|x| { let mut v = scalar.clone(); v.push(x); Expr::Mul(v) }).collect()).collect())
+            Some(
+                m.into_iter()
+                    .map(|row| {
+                        row.into_iter()
+                            .map(|x| {
+                                let mut v = scalar.clone();
+                                v.push(x);
+                                Expr::Mul(v)
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            )
         }
         _ => None,
     }
@@ -584,7 +695,13 @@ fn matrix_value(e: &Expr) -> Option<Vec<Vec<Expr>>> {
 
 fn matrices_eq(g: &[Vec<Expr>], p: &[Vec<Expr>], opts: &Options, depth: usize) -> bool {
     g.len() == p.len()
-        && g.iter().zip(p).all(|(gr, pr)| gr.len() == pr.len() && gr.iter().zip(pr).all(|(a, b)| expr_eq_depth(a, b, opts, depth + 1)))
+        && g.iter().zip(p).all(|(gr, pr)| {
+            gr.len() == pr.len()
+                && gr
+                    .iter()
+                    .zip(pr)
+                    .all(|(a, b)| expr_eq_depth(a, b, opts, depth + 1))
+        })
 }
 
 fn is_atomic_number(e: &Expr) -> bool {
@@ -670,13 +787,21 @@ pub fn scalar_eq(a: &Expr, b: &Expr, opts: &Options) -> bool {
 /// Numeric equality at [`NUM_POINTS`] pseudo-random points (both finite at ≥ 2 points, or at
 /// ≥ 1 for constant expressions, and equal within tolerance at every point where both are).
 fn points_eq(a: &Expr, b: &Expr) -> bool {
-    let constant = a.free_symbols().is_empty() && b.free_symbols().is_empty() && !has_apply(a) && !has_apply(b);
+    let constant = a.free_symbols().is_empty()
+        && b.free_symbols().is_empty()
+        && !has_apply(a)
+        && !has_apply(b);
     let mut valid = 0;
     let points = if constant { 1 } else { NUM_POINTS };
     // step functions (floor, ceil, factorial, …) of variables are also sampled at integers,
     // where small real samples would hide differences
-    let integer_points = if !constant && (has_integer_function(a) || has_integer_function(b)) { INTEGER_POINTS } else { 0 };
-    let all_points = (0..points).chain(eval::INTEGER_POINTS_START..eval::INTEGER_POINTS_START + integer_points);
+    let integer_points = if !constant && (has_integer_function(a) || has_integer_function(b)) {
+        INTEGER_POINTS
+    } else {
+        0
+    };
+    let all_points =
+        (0..points).chain(eval::INTEGER_POINTS_START..eval::INTEGER_POINTS_START + integer_points);
     for point in all_points {
         match (eval::numeric(a, point), eval::numeric(b, point)) {
             (Some(x), Some(y)) => {
@@ -707,10 +832,17 @@ fn points_eq(a: &Expr, b: &Expr) -> bool {
 pub const INTEGER_POINTS: u64 = 12;
 
 fn has_integer_function(e: &Expr) -> bool {
-    matches!(e, Expr::Func(Func::Floor | Func::Ceil | Func::Factorial | Func::Binom | Func::Gcd | Func::Lcm, _))
-        || e.children().into_iter().any(has_integer_function)
+    matches!(
+        e,
+        Expr::Func(
+            Func::Floor | Func::Ceil | Func::Factorial | Func::Binom | Func::Gcd | Func::Lcm,
+            _
+        )
+    ) || e.children().into_iter().any(has_integer_function)
 }
 
 fn has_apply(e: &Expr) -> bool {
-    matches!(e, Expr::Apply(..)) || matches!(e, Expr::Func(Func::Gcd | Func::Lcm, _)) || e.children().into_iter().any(has_apply)
+    matches!(e, Expr::Apply(..))
+        || matches!(e, Expr::Func(Func::Gcd | Func::Lcm, _))
+        || e.children().into_iter().any(has_apply)
 }

@@ -159,8 +159,13 @@ fn exact_depth(e: &Expr, depth: usize) -> Option<BigRational> {
                 (Func::Abs, [x]) => Some(x.abs()),
                 (Func::Floor, [x]) => Some(BigRational::from_integer(x.floor().to_integer())),
                 (Func::Ceil, [x]) => Some(BigRational::from_integer(x.ceil().to_integer())),
-                (Func::Factorial, [x]) => Some(BigRational::from_integer(factorial(&as_integer(x)?)?)),
-                (Func::Binom, [n, k]) => Some(BigRational::from_integer(binomial(&as_integer(n)?, &as_integer(k)?)?)),
+                (Func::Factorial, [x]) => {
+                    Some(BigRational::from_integer(factorial(&as_integer(x)?)?))
+                }
+                (Func::Binom, [n, k]) => Some(BigRational::from_integer(binomial(
+                    &as_integer(n)?,
+                    &as_integer(k)?,
+                )?)),
                 (Func::Gcd, xs) if !xs.is_empty() => {
                     let mut g = as_integer(&xs[0])?;
                     for x in &xs[1..] {
@@ -171,7 +176,8 @@ fn exact_depth(e: &Expr, depth: usize) -> Option<BigRational> {
                 (Func::Lcm, xs) if !xs.is_empty() => {
                     let mut g = as_integer(&xs[0])?;
                     for x in &xs[1..] {
-                        g = checked(BigRational::from_integer(g.lcm(&as_integer(x)?)))?.to_integer();
+                        g = checked(BigRational::from_integer(g.lcm(&as_integer(x)?)))?
+                            .to_integer();
                     }
                     Some(BigRational::from_integer(g))
                 }
@@ -179,7 +185,10 @@ fn exact_depth(e: &Expr, depth: usize) -> Option<BigRational> {
                 (Func::Min, xs) if !xs.is_empty() => xs.iter().min().cloned(),
                 (Func::Log, [x, b]) => {
                     // log_b(x) exact when x = b^k for a small integer k
-                    if *b <= BigRational::zero() || *b == BigRational::one() || *x <= BigRational::zero() {
+                    if *b <= BigRational::zero()
+                        || *b == BigRational::one()
+                        || *x <= BigRational::zero()
+                    {
                         return None;
                     }
                     let mut p = BigRational::one();
@@ -228,11 +237,17 @@ impl C64 {
         C64::new(self.re - o.re, self.im - o.im)
     }
     fn mul(self, o: C64) -> C64 {
-        C64::new(self.re * o.re - self.im * o.im, self.re * o.im + self.im * o.re)
+        C64::new(
+            self.re * o.re - self.im * o.im,
+            self.re * o.im + self.im * o.re,
+        )
     }
     fn div(self, o: C64) -> C64 {
         let d = o.re * o.re + o.im * o.im;
-        C64::new((self.re * o.re + self.im * o.im) / d, (self.im * o.re - self.re * o.im) / d)
+        C64::new(
+            (self.re * o.re + self.im * o.im) / d,
+            (self.im * o.re - self.re * o.im) / d,
+        )
     }
     fn exp(self) -> C64 {
         let m = self.re.exp();
@@ -242,7 +257,11 @@ impl C64 {
         C64::new(self.abs().ln(), self.im.atan2(self.re))
     }
     fn powi(self, mut k: i64) -> C64 {
-        let mut base = if k < 0 { C64::real(1.0).div(self) } else { self };
+        let mut base = if k < 0 {
+            C64::real(1.0).div(self)
+        } else {
+            self
+        };
         k = k.abs();
         let mut acc = C64::real(1.0);
         while k > 0 {
@@ -259,7 +278,11 @@ impl C64 {
             return self.powi(e.re as i64);
         }
         if self.re == 0.0 && self.im == 0.0 {
-            return if e.re > 0.0 { C64::real(0.0) } else { C64::real(f64::NAN) };
+            return if e.re > 0.0 {
+                C64::real(0.0)
+            } else {
+                C64::real(f64::NAN)
+            };
         }
         if self.im == 0.0 && self.re > 0.0 && e.im == 0.0 {
             return C64::real(self.re.powf(e.re));
@@ -270,16 +293,28 @@ impl C64 {
         self.pow(C64::real(0.5))
     }
     fn sin(self) -> C64 {
-        C64::new(self.re.sin() * self.im.cosh(), self.re.cos() * self.im.sinh())
+        C64::new(
+            self.re.sin() * self.im.cosh(),
+            self.re.cos() * self.im.sinh(),
+        )
     }
     fn cos(self) -> C64 {
-        C64::new(self.re.cos() * self.im.cosh(), -self.re.sin() * self.im.sinh())
+        C64::new(
+            self.re.cos() * self.im.cosh(),
+            -self.re.sin() * self.im.sinh(),
+        )
     }
     fn sinh(self) -> C64 {
-        C64::new(self.re.sinh() * self.im.cos(), self.re.cosh() * self.im.sin())
+        C64::new(
+            self.re.sinh() * self.im.cos(),
+            self.re.cosh() * self.im.sin(),
+        )
     }
     fn cosh(self) -> C64 {
-        C64::new(self.re.cosh() * self.im.cos(), self.re.sinh() * self.im.sin())
+        C64::new(
+            self.re.cosh() * self.im.cos(),
+            self.re.sinh() * self.im.sin(),
+        )
     }
     fn one() -> C64 {
         C64::real(1.0)
@@ -459,7 +494,13 @@ fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
             let vals: Option<Vec<C64>> = args.iter().map(|a| numeric_depth(a, point, d)).collect();
             let vals = vals?;
             let x = *vals.first()?;
-            let real = |v: C64| if v.im.abs() < 1e-12 * (1.0 + v.re.abs()) { Some(v.re) } else { None };
+            let real = |v: C64| {
+                if v.im.abs() < 1e-12 * (1.0 + v.re.abs()) {
+                    Some(v.re)
+                } else {
+                    None
+                }
+            };
             match f {
                 Func::Sin => x.sin(),
                 Func::Cos => x.cos(),
@@ -478,7 +519,11 @@ fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
                 Func::Tanh => x.sinh().div(x.cosh()),
                 Func::Asinh => x.add(x.mul(x).add(C64::one()).sqrt()).ln(),
                 Func::Acosh => x.add(x.mul(x).sub(C64::one()).sqrt()).ln(),
-                Func::Atanh => C64::one().add(x).div(C64::one().sub(x)).ln().mul(C64::real(0.5)),
+                Func::Atanh => C64::one()
+                    .add(x)
+                    .div(C64::one().sub(x))
+                    .ln()
+                    .mul(C64::real(0.5)),
                 Func::Log => {
                     if vals.len() == 2 {
                         x.ln().div(vals[1].ln())
@@ -509,7 +554,11 @@ fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
                     let reals: Option<Vec<f64>> = vals.iter().map(|v| real(*v)).collect();
                     let reals = reals?;
                     let it = reals.iter().copied();
-                    C64::real(if *f == Func::Max { it.fold(f64::MIN, f64::max) } else { it.fold(f64::MAX, f64::min) })
+                    C64::real(if *f == Func::Max {
+                        it.fold(f64::MIN, f64::max)
+                    } else {
+                        it.fold(f64::MAX, f64::min)
+                    })
                 }
                 Func::Gcd | Func::Lcm => return None,
             }
@@ -538,7 +587,11 @@ pub fn real_value(e: &Expr) -> Option<f64> {
         Expr::Const(Constant::Infinity) => return Some(f64::INFINITY),
         Expr::Mul(v) if v.len() == 2 && v[1] == Expr::Const(Constant::Infinity) => {
             let s = exact(&v[0])?;
-            return Some(if s.is_negative() { f64::NEG_INFINITY } else { f64::INFINITY });
+            return Some(if s.is_negative() {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            });
         }
         _ => {}
     }
@@ -556,7 +609,8 @@ pub fn real_value(e: &Expr) -> Option<f64> {
 }
 
 fn contains_text_or_apply(e: &Expr) -> bool {
-    matches!(e, Expr::Text(_) | Expr::Apply(..)) || e.children().into_iter().any(contains_text_or_apply)
+    matches!(e, Expr::Text(_) | Expr::Apply(..))
+        || e.children().into_iter().any(contains_text_or_apply)
 }
 
 #[cfg(test)]
@@ -584,9 +638,14 @@ mod tests {
 
     #[test]
     fn numeric_values() {
-        let v = numeric(&parse_math("\\sqrt{17}").unwrap_or(Expr::int(0)), 0).unwrap_or(C64::real(0.0));
+        let v =
+            numeric(&parse_math("\\sqrt{17}").unwrap_or(Expr::int(0)), 0).unwrap_or(C64::real(0.0));
         assert!((v.re - 17f64.sqrt()).abs() < 1e-12);
-        let t = numeric(&parse_math("\\tan^2(y)+1-\\sec^2(y)").unwrap_or(Expr::int(1)), 3).unwrap_or(C64::real(1.0));
+        let t = numeric(
+            &parse_math("\\tan^2(y)+1-\\sec^2(y)").unwrap_or(Expr::int(1)),
+            3,
+        )
+        .unwrap_or(C64::real(1.0));
         assert!(t.abs() < 1e-9);
         assert!((gamma(6.0) - 120.0).abs() < 1e-9);
     }

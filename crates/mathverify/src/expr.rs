@@ -209,7 +209,7 @@ impl Expr {
     }
 
     /// `-e`.
-    pub fn neg(e: Expr) -> Expr {
+    pub fn negate(e: Expr) -> Expr {
         match e {
             Expr::Num(n) => Expr::Num(Number {
                 value: -n.value,
@@ -220,7 +220,7 @@ impl Expr {
     }
 
     /// `a / b` as `a · b^(-1)`.
-    pub fn div(a: Expr, b: Expr) -> Expr {
+    pub fn divide(a: Expr, b: Expr) -> Expr {
         Expr::Mul(vec![a, Expr::Pow(Box::new(b), Box::new(Expr::int(-1)))])
     }
 
@@ -233,7 +233,9 @@ impl Expr {
     pub fn is_equation(&self) -> bool {
         match self {
             Expr::Rel(RelOp::Eq, ..) => true,
-            Expr::And(v) => !v.is_empty() && v.iter().all(|r| matches!(r, Expr::Rel(RelOp::Eq, ..))),
+            Expr::And(v) => {
+                !v.is_empty() && v.iter().all(|r| matches!(r, Expr::Rel(RelOp::Eq, ..)))
+            }
             _ => false,
         }
     }
@@ -329,7 +331,9 @@ impl Expr {
                 left_open: *left_open,
                 right_open: *right_open,
             },
-            Expr::Matrix(rows) => Expr::Matrix(rows.iter().map(|r| r.iter().map(&f).collect()).collect()),
+            Expr::Matrix(rows) => {
+                Expr::Matrix(rows.iter().map(|r| r.iter().map(&f).collect()).collect())
+            }
         }
     }
 }
@@ -351,7 +355,11 @@ fn fmt_rational(v: &BigRational, float: bool, f: &mut fmt::Formatter<'_>) -> fmt
         let s = if p == 0 {
             format!("{digits}.0")
         } else if digits.len() > p {
-            format!("{}.{}", &digits[..digits.len() - p], &digits[digits.len() - p..])
+            format!(
+                "{}.{}",
+                &digits[..digits.len() - p],
+                &digits[digits.len() - p..]
+            )
         } else {
             format!("0.{}{}", "0".repeat(p - digits.len()), digits)
         };
@@ -375,8 +383,10 @@ fn join(f: &mut fmt::Formatter<'_>, items: &[Expr], sep: &str) -> fmt::Result {
 }
 
 fn needs_parens(e: &Expr) -> bool {
-    matches!(e, Expr::Add(_) | Expr::Rel(..) | Expr::And(_) | Expr::PlusMinus(..))
-        || matches!(e, Expr::Num(n) if n.value.is_negative() || !n.value.is_integer())
+    matches!(
+        e,
+        Expr::Add(_) | Expr::Rel(..) | Expr::And(_) | Expr::PlusMinus(..)
+    ) || matches!(e, Expr::Num(n) if n.value.is_negative() || !n.value.is_integer())
         || matches!(e, Expr::Mul(_))
 }
 
@@ -420,28 +430,32 @@ impl fmt::Display for Expr {
                         _ => None,
                     })
                     .collect();
-                let write_factors = |f: &mut fmt::Formatter<'_>, items: &[&Expr], group: bool| -> fmt::Result {
-                    let paren_all = group && items.len() > 1;
-                    if paren_all {
-                        write!(f, "(")?;
-                    }
-                    for (i, t) in items.iter().enumerate() {
-                        if i > 0 {
-                            write!(f, "*")?;
+                let write_factors =
+                    |f: &mut fmt::Formatter<'_>, items: &[&Expr], group: bool| -> fmt::Result {
+                        let paren_all = group && items.len() > 1;
+                        if paren_all {
+                            write!(f, "(")?;
                         }
-                        let wrap = matches!(t, Expr::Add(_) | Expr::Rel(..) | Expr::PlusMinus(..))
-                            || (group && items.len() == 1 && (needs_parens(t) || matches!(t, Expr::Pow(..))));
-                        if wrap {
-                            write!(f, "({t})")?;
-                        } else {
-                            write!(f, "{t}")?;
+                        for (i, t) in items.iter().enumerate() {
+                            if i > 0 {
+                                write!(f, "*")?;
+                            }
+                            let wrap =
+                                matches!(t, Expr::Add(_) | Expr::Rel(..) | Expr::PlusMinus(..))
+                                    || (group
+                                        && items.len() == 1
+                                        && (needs_parens(t) || matches!(t, Expr::Pow(..))));
+                            if wrap {
+                                write!(f, "({t})")?;
+                            } else {
+                                write!(f, "{t}")?;
+                            }
                         }
-                    }
-                    if paren_all {
-                        write!(f, ")")?;
-                    }
-                    Ok(())
-                };
+                        if paren_all {
+                            write!(f, ")")?;
+                        }
+                        Ok(())
+                    };
                 if num.is_empty() {
                     write!(f, "1")?;
                 } else {

@@ -45,7 +45,13 @@ struct LatexPart {
 #[derive(Clone, Debug)]
 enum Kind {
     Latex(Vec<LatexPart>),
-    Number { int: String, frac: String, float: bool, percent: bool, shown: String },
+    Number {
+        int: String,
+        frac: String,
+        float: bool,
+        percent: bool,
+        shown: String,
+    },
     Formula(String),
     /// The inside of `<answer>…</answer>`.
     Tagged(String),
@@ -82,9 +88,24 @@ impl Text {
         let mut next_rparen = vec![n; n + 1];
         let mut next_newline = vec![n; n + 1];
         for i in (0..n).rev() {
-            next_dd[i] = if c[i] == '$' && i + 1 < n && c[i + 1] == '$' && (i == 0 || c[i - 1] != '\\') { i } else { next_dd[i + 1] };
-            next_rbracket[i] = if c[i] == '\\' && i + 1 < n && c[i + 1] == ']' && (i == 0 || c[i - 1] != '\\') { i } else { next_rbracket[i + 1] };
-            next_rparen[i] = if c[i] == '\\' && i + 1 < n && c[i + 1] == ')' && (i == 0 || c[i - 1] != '\\') { i } else { next_rparen[i + 1] };
+            next_dd[i] =
+                if c[i] == '$' && i + 1 < n && c[i + 1] == '$' && (i == 0 || c[i - 1] != '\\') {
+                    i
+                } else {
+                    next_dd[i + 1]
+                };
+            next_rbracket[i] =
+                if c[i] == '\\' && i + 1 < n && c[i + 1] == ']' && (i == 0 || c[i - 1] != '\\') {
+                    i
+                } else {
+                    next_rbracket[i + 1]
+                };
+            next_rparen[i] =
+                if c[i] == '\\' && i + 1 < n && c[i + 1] == ')' && (i == 0 || c[i - 1] != '\\') {
+                    i
+                } else {
+                    next_rparen[i + 1]
+                };
             next_newline[i] = if c[i] == '\n' { i } else { next_newline[i + 1] };
         }
         let mut boxed_count = vec![0u32; n + 1];
@@ -93,7 +114,14 @@ impl Text {
             let hit = i + pat.len() <= n && c[i..i + pat.len()] == pat[..];
             boxed_count[i + 1] = boxed_count[i] + hit as u32;
         }
-        Text { c, next_dd, next_rbracket, next_rparen, next_newline, boxed_count }
+        Text {
+            c,
+            next_dd,
+            next_rbracket,
+            next_rparen,
+            next_newline,
+            boxed_count,
+        }
     }
 
     fn len(&self) -> usize {
@@ -105,30 +133,19 @@ impl Text {
     }
 
     fn slice(&self, a: usize, b: usize) -> String {
-        self.c[a.min(self.len())..b.min(self.len())].iter().collect()
+        self.c[a.min(self.len())..b.min(self.len())]
+            .iter()
+            .collect()
     }
 
     fn starts_with(&self, i: usize, pat: &str) -> bool {
-        let mut k = i;
-        for p in pat.chars() {
-            if self.at(k) != Some(p) {
-                return false;
-            }
-            k += 1;
-        }
-        true
+        (i..).zip(pat.chars()).all(|(k, p)| self.at(k) == Some(p))
     }
 
     fn starts_with_ci(&self, i: usize, pat: &str) -> bool {
-        let mut k = i;
-        for p in pat.chars() {
-            match self.at(k) {
-                Some(c) if c.to_ascii_lowercase() == p => {}
-                _ => return false,
-            }
-            k += 1;
-        }
-        true
+        (i..)
+            .zip(pat.chars())
+            .all(|(k, p)| self.at(k).is_some_and(|c| c.to_ascii_lowercase() == p))
     }
 
     /// Whether `[a, b)` contains a `\boxed{` that starts and ends inside.
@@ -227,7 +244,9 @@ fn bare_fraction_at(t: &Text, p: usize) -> Option<usize> {
         if k == s {
             return None;
         }
-        if matches!(t.at(k), Some('.') | Some(',')) && t.at(k + 1).is_some_and(|c| c.is_ascii_digit()) {
+        if matches!(t.at(k), Some('.') | Some(','))
+            && t.at(k + 1).is_some_and(|c| c.is_ascii_digit())
+        {
             k += 1;
             while t.at(k).is_some_and(|c| c.is_ascii_digit()) {
                 k += 1;
@@ -249,7 +268,16 @@ fn bare_fraction_at(t: &Text, p: usize) -> Option<usize> {
 /// Optional `\s*` + percent word after an environment; returns (end, is_percent).
 fn percent_suffix(t: &Text, e: usize) -> (usize, bool) {
     let k = t.skip_spaces(e);
-    for w in ["\\%", "%", "Percentage", "percentage", "Percent", "percent", "Pct", "pct"] {
+    for w in [
+        "\\%",
+        "%",
+        "Percentage",
+        "percentage",
+        "Percent",
+        "percent",
+        "Pct",
+        "pct",
+    ] {
         if t.starts_with(k, w) {
             return (k + w.chars().count(), true);
         }
@@ -261,12 +289,26 @@ fn percent_suffix(t: &Text, e: usize) -> (usize, bool) {
 fn env_part_at(t: &Text, p: usize, boxed: bool, plain: bool) -> Option<(LatexPart, usize)> {
     if let Some((a, b, e)) = env_at(t, p, boxed) {
         let (end, percent) = percent_suffix(t, e);
-        return Some((LatexPart { content: t.slice(a, b), boxed_raw: false, percent }, end));
+        return Some((
+            LatexPart {
+                content: t.slice(a, b),
+                boxed_raw: false,
+                percent,
+            },
+            end,
+        ));
     }
     if plain && !boxed {
         if let Some(e) = bare_fraction_at(t, p) {
             let (end, percent) = percent_suffix(t, e);
-            return Some((LatexPart { content: t.slice(p, e), boxed_raw: false, percent }, end));
+            return Some((
+                LatexPart {
+                    content: t.slice(p, e),
+                    boxed_raw: false,
+                    percent,
+                },
+                end,
+            ));
         }
     }
     None
@@ -339,7 +381,12 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
         k = t.skip_spaces(k);
         if let Some((parts, e)) = env_group_at(t, k, false) {
             if let Some(end) = i_hope_at(t, e) {
-                out.push(Candidate { priority: 0, start: a, end, kind: Kind::Latex(parts) });
+                out.push(Candidate {
+                    priority: 0,
+                    start: a,
+                    end,
+                    kind: Kind::Latex(parts),
+                });
             }
         }
     }
@@ -368,7 +415,12 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
             }
             j = t.skip_spaces(j);
             if let Some((parts, e)) = env_group_at(t, j, false) {
-                out.push(Candidate { priority: 50, start: a, end: e, kind: Kind::Latex(parts) });
+                out.push(Candidate {
+                    priority: 50,
+                    start: a,
+                    end: e,
+                    kind: Kind::Latex(parts),
+                });
                 next_free = e;
                 break;
             }
@@ -394,7 +446,12 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
                     break;
                 }
                 if let Some((parts, e)) = env_group_at(t, k, false) {
-                    out.push(Candidate { priority: prio, start: a, end: e, kind: Kind::Latex(parts) });
+                    out.push(Candidate {
+                        priority: prio,
+                        start: a,
+                        end: e,
+                        kind: Kind::Latex(parts),
+                    });
                     next_free = e;
                     break;
                 }
@@ -406,7 +463,12 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
         let mut p = 0;
         while p < n {
             if let Some((parts, e)) = env_group_at(t, p, false) {
-                out.push(Candidate { priority: 300, start: p, end: e, kind: Kind::Latex(parts) });
+                out.push(Candidate {
+                    priority: 300,
+                    start: p,
+                    end: e,
+                    kind: Kind::Latex(parts),
+                });
                 p = e.max(p + 1);
             } else {
                 p += 1;
@@ -418,14 +480,20 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
         let mut p = 0;
         while p < n {
             if let Some((parts, e)) = env_group_at(t, p, true) {
-                out.push(Candidate { priority: bp, start: p, end: e, kind: Kind::Latex(parts) });
+                out.push(Candidate {
+                    priority: bp,
+                    start: p,
+                    end: e,
+                    kind: Kind::Latex(parts),
+                });
                 p = e.max(p + 1);
             } else {
                 p += 1;
             }
         }
         // raw \boxed{ … } spanning to the last closing brace
-        let first_box = (0..n).find(|&i| t.starts_with(i, "\\boxed{") || t.starts_with(i, "\\fbox{"));
+        let first_box =
+            (0..n).find(|&i| t.starts_with(i, "\\boxed{") || t.starts_with(i, "\\fbox{"));
         let last_close = t.c.iter().rposition(|&c| c == '}');
         if let (Some(s), Some(e)) = (first_box, last_close) {
             if e > s + 6 {
@@ -433,7 +501,11 @@ fn latex_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
                     priority: bp,
                     start: s,
                     end: e + 1,
-                    kind: Kind::Latex(vec![LatexPart { content: t.slice(s, e + 1), boxed_raw: true, percent: false }]),
+                    kind: Kind::Latex(vec![LatexPart {
+                        content: t.slice(s, e + 1),
+                        boxed_raw: true,
+                        percent: false,
+                    }]),
                 });
             }
         }
@@ -459,11 +531,28 @@ fn number_body_at(t: &Text, b: usize) -> Option<(usize, Kind)> {
         let (pend, percent) = number_percent(t, end);
         let int_clean: String = int.chars().filter(|c| *c != ',' && *c != ' ').collect();
         let trimmed = int_clean.trim_start_matches('0');
-        let int_final = if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() };
+        let int_final = if trimmed.is_empty() {
+            "0".to_string()
+        } else {
+            trimmed.to_string()
+        };
         let float = !frac.is_empty();
-        let shown = if float { format!("{sign}{int_final}.{frac}") } else { format!("{sign}{int_final}") };
+        let shown = if float {
+            format!("{sign}{int_final}.{frac}")
+        } else {
+            format!("{sign}{int_final}")
+        };
         let int_signed = format!("{sign}{int_final}");
-        (pend, Kind::Number { int: int_signed, frac, float, percent, shown })
+        (
+            pend,
+            Kind::Number {
+                int: int_signed,
+                frac,
+                float,
+                percent,
+                shown,
+            },
+        )
     };
     // F1: thousands groups
     if t.at(s).is_some_and(|c| ('1'..='9').contains(&c)) {
@@ -493,7 +582,10 @@ fn number_body_at(t: &Text, b: usize) -> Option<(usize, Kind)> {
     }
     // F2: digits [.,] digits
     let run = digits_from(t, s);
-    if run > s && matches!(t.at(run), Some('.') | Some(',')) && t.at(run + 1).is_some_and(|c| c.is_ascii_digit()) {
+    if run > s
+        && matches!(t.at(run), Some('.') | Some(','))
+        && t.at(run + 1).is_some_and(|c| c.is_ascii_digit())
+    {
         let fe = digits_from(t, run + 1);
         return Some(finish(fe, t.slice(s, run), t.slice(run + 1, fe)));
     }
@@ -511,7 +603,15 @@ fn number_body_at(t: &Text, b: usize) -> Option<(usize, Kind)> {
 
 fn number_percent(t: &Text, e: usize) -> (usize, bool) {
     let k = t.skip_spaces(e);
-    for w in ["%", "Percentage", "percentage", "Percent", "percent", "Pct", "pct"] {
+    for w in [
+        "%",
+        "Percentage",
+        "percentage",
+        "Percent",
+        "percent",
+        "Pct",
+        "pct",
+    ] {
         if t.starts_with(k, w) {
             return (k + w.chars().count(), true);
         }
@@ -573,7 +673,12 @@ fn formula_body_at(t: &Text, b: usize) -> Option<(usize, usize)> {
 }
 
 /// Expression-or-number at a position whose prefix (start, whitespace or '=') is `p`.
-fn expr_or_number_after_prefix(t: &Text, body: usize, allow_formula: bool, allow_number: bool) -> Option<(usize, Kind)> {
+fn expr_or_number_after_prefix(
+    t: &Text,
+    body: usize,
+    allow_formula: bool,
+    allow_number: bool,
+) -> Option<(usize, Kind)> {
     let mut b = body;
     if t.starts_with(b, "**") {
         b += 2;
@@ -594,7 +699,12 @@ fn expr_or_number_after_prefix(t: &Text, body: usize, allow_formula: bool, allow
 }
 
 /// Try the prefix rule at `q`: start of text (no char consumed) or a whitespace/`=` char.
-fn anchored_at(t: &Text, q: usize, allow_formula: bool, allow_number: bool) -> Option<(usize, Kind)> {
+fn anchored_at(
+    t: &Text,
+    q: usize,
+    allow_formula: bool,
+    allow_number: bool,
+) -> Option<(usize, Kind)> {
     if q == 0 {
         if let Some(r) = expr_or_number_after_prefix(t, 0, allow_formula, allow_number) {
             return Some(r);
@@ -629,7 +739,12 @@ fn expr_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
         }
         if let Some((e, kind)) = after_spaces(t, k) {
             if let Some(end) = i_hope_at(t, e) {
-                out.push(Candidate { priority: 0, start: a, end, kind });
+                out.push(Candidate {
+                    priority: 0,
+                    start: a,
+                    end,
+                    kind,
+                });
             }
         }
     }
@@ -651,7 +766,12 @@ fn expr_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
                 j += 1;
             }
             if let Some((e, kind)) = anchored_at(t, j, true, true) {
-                out.push(Candidate { priority: 50, start: a, end: e, kind });
+                out.push(Candidate {
+                    priority: 50,
+                    start: a,
+                    end: e,
+                    kind,
+                });
                 break;
             }
         }
@@ -692,7 +812,12 @@ fn expr_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
                 }
             }
             if let Some((e, kind)) = found {
-                out.push(Candidate { priority: prio, start: a, end: e, kind });
+                out.push(Candidate {
+                    priority: prio,
+                    start: a,
+                    end: e,
+                    kind,
+                });
             }
         }
     }
@@ -700,7 +825,13 @@ fn expr_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
         for (formula, number) in [(true, false), (false, true)] {
             let mut p = 0;
             while p < n {
-                let hit = if p == 0 { anchored_at(t, 0, formula, number) } else { None }.map(|r| (0usize, r)).or_else(|| {
+                let hit = if p == 0 {
+                    anchored_at(t, 0, formula, number)
+                } else {
+                    None
+                }
+                .map(|r| (0usize, r))
+                .or_else(|| {
                     if t.at(p).is_some_and(|c| c.is_whitespace() || c == '=') {
                         expr_or_number_after_prefix(t, p + 1, formula, number).map(|r| (p, r))
                     } else {
@@ -709,7 +840,12 @@ fn expr_candidates(t: &Text, opts: &Options, out: &mut Vec<Candidate>) {
                 });
                 match hit {
                     Some((s, (e, kind))) => {
-                        out.push(Candidate { priority: 300, start: s, end: e, kind });
+                        out.push(Candidate {
+                            priority: 300,
+                            start: s,
+                            end: e,
+                            kind,
+                        });
                         p = e.max(p + 1);
                     }
                     None => p += 1,
@@ -762,9 +898,19 @@ fn extract_latex(parts: &[LatexPart]) -> Extracted {
             exprs.push(None);
             continue;
         }
-        let mode = if part.boxed_raw { BoxedMode::Last } else { BoxedMode::All };
+        let mode = if part.boxed_raw {
+            BoxedMode::Last
+        } else {
+            BoxedMode::All
+        };
         let norm = normalize_latex(&part.content, mode);
-        let parsed = parse_latex_normalized(&norm).map(|e| if part.percent { Expr::Percent(Box::new(e)) } else { e });
+        let parsed = parse_latex_normalized(&norm).map(|e| {
+            if part.percent {
+                Expr::Percent(Box::new(e))
+            } else {
+                e
+            }
+        });
         strs.push(norm);
         exprs.push(parsed);
     }
@@ -776,15 +922,27 @@ fn extract_latex(parts: &[LatexPart]) -> Extracted {
                 other => items.push(other),
             }
         }
-        return Extracted { expr: Some(Expr::Set(items)), text: strs.join(" and ") };
+        return Extracted {
+            expr: Some(Expr::Set(items)),
+            text: strs.join(" and "),
+        };
     }
-    Extracted { expr: exprs.into_iter().next().flatten(), text: strs.into_iter().next().unwrap_or_default() }
+    Extracted {
+        expr: exprs.into_iter().next().flatten(),
+        text: strs.into_iter().next().unwrap_or_default(),
+    }
 }
 
 fn extract_kind(kind: &Kind, opts: &Options) -> Extracted {
     match kind {
         Kind::Latex(parts) => extract_latex(parts),
-        Kind::Number { int, frac, float, percent, shown } => {
+        Kind::Number {
+            int,
+            frac,
+            float,
+            percent,
+            shown,
+        } => {
             let negative = int.starts_with('-');
             let digits = int.trim_start_matches('-');
             let mut num = decimal_number(digits, frac, *float);
@@ -792,23 +950,39 @@ fn extract_kind(kind: &Kind, opts: &Options) -> Extracted {
                 num.value = -num.value;
             }
             let e = Expr::Num(num);
-            let e = if *percent { Expr::Percent(Box::new(e)) } else { e };
-            Extracted { expr: Some(e), text: shown.clone() }
+            let e = if *percent {
+                Expr::Percent(Box::new(e))
+            } else {
+                e
+            };
+            Extracted {
+                expr: Some(e),
+                text: shown.clone(),
+            }
         }
         Kind::Tagged(inner) => {
             let norm = normalize_latex(inner.trim(), BoxedMode::Last);
             if let Some(e) = parse_latex_normalized(&norm) {
-                return Extracted { expr: Some(e), text: norm };
+                return Extracted {
+                    expr: Some(e),
+                    text: norm,
+                };
             }
             let (parsed, fallback) = extract_inner(inner, opts);
             match parsed {
                 Some(ex) => ex,
-                None => Extracted { expr: None, text: fallback.unwrap_or(norm) },
+                None => Extracted {
+                    expr: None,
+                    text: fallback.unwrap_or(norm),
+                },
             }
         }
         Kind::Formula(s) => {
             let cleaned = s.replace('\n', " ");
-            Extracted { expr: parse_math(cleaned.trim()).ok(), text: s.clone() }
+            Extracted {
+                expr: parse_math(cleaned.trim()).ok(),
+                text: s.clone(),
+            }
         }
     }
 }
@@ -823,7 +997,11 @@ fn extract_inner(text: &str, opts: &Options) -> (Option<Extracted>, Option<Strin
     extract_with_tags(text, opts, false)
 }
 
-fn extract_with_tags(text: &str, opts: &Options, tags: bool) -> (Option<Extracted>, Option<String>) {
+fn extract_with_tags(
+    text: &str,
+    opts: &Options,
+    tags: bool,
+) -> (Option<Extracted>, Option<String>) {
     let t = Text::new(text);
     let mut cands: Vec<Candidate> = Vec::new();
     if opts.match_types.contains(&MatchType::Latex) {
@@ -838,10 +1016,20 @@ fn extract_with_tags(text: &str, opts: &Options, tags: bool) -> (Option<Extracte
             let inner = &text[open + 8..close];
             let start = text[..open].chars().count();
             let end = text[..close + 9].chars().count();
-            cands.push(Candidate { priority: opts.boxed_match_priority.unwrap_or(0), start, end, kind: Kind::Tagged(inner.to_string()) });
+            cands.push(Candidate {
+                priority: opts.boxed_match_priority.unwrap_or(0),
+                start,
+                end,
+                kind: Kind::Tagged(inner.to_string()),
+            });
         }
     }
-    cands.sort_by(|a, b| a.priority.cmp(&b.priority).then(b.end.cmp(&a.end)).then(a.start.cmp(&b.start)));
+    cands.sort_by(|a, b| {
+        a.priority
+            .cmp(&b.priority)
+            .then(b.end.cmp(&a.end))
+            .then(a.start.cmp(&b.start))
+    });
     let mut fallback: Option<String> = None;
     for (attempts, c) in cands.iter().enumerate() {
         if attempts >= MAX_PARSE_ATTEMPTS {

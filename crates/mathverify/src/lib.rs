@@ -101,7 +101,10 @@ pub fn extract_answers(text: &str, opts: &Options) -> Vec<Answer> {
     let mut out = Vec::new();
     if let Some(ex) = parsed {
         if let Some(e) = ex.expr {
-            out.push(Answer::Expr { expr: e, text: ex.text });
+            out.push(Answer::Expr {
+                expr: e,
+                text: ex.text,
+            });
         }
     }
     if let Some(f) = fallback {
@@ -111,7 +114,11 @@ pub fn extract_answers(text: &str, opts: &Options) -> Vec<Answer> {
 }
 
 fn has_latex_delimiters(s: &str) -> bool {
-    s.replace("\\$", "").contains('$') || s.contains("\\boxed") || s.contains("\\fbox") || s.contains("\\(") || s.contains("\\[")
+    s.replace("\\$", "").contains('$')
+        || s.contains("\\boxed")
+        || s.contains("\\fbox")
+        || s.contains("\\(")
+        || s.contains("\\[")
 }
 
 /// Parse a reference answer: a bare LaTeX or plain answer (`\frac{14}{3}`, `x^2+1`, `1,000`)
@@ -120,7 +127,13 @@ pub fn parse_gold(gold: &str, opts: &Options) -> Vec<Answer> {
     if !has_latex_delimiters(gold) {
         let norm = normalize::normalize_latex(gold, normalize::BoxedMode::All);
         if let Some(e) = extract::parse_latex_normalized(&norm) {
-            return vec![Answer::Expr { expr: e, text: norm.clone() }, Answer::Text(norm)];
+            return vec![
+                Answer::Expr {
+                    expr: e,
+                    text: norm.clone(),
+                },
+                Answer::Text(norm),
+            ];
         }
     }
     extract_answers(gold, opts)
@@ -131,7 +144,9 @@ pub fn parse_gold(gold: &str, opts: &Options) -> Vec<Answer> {
 pub fn verify(gold: &[Answer], pred: &[Answer], opts: &Options) -> bool {
     gold.iter().any(|g| {
         pred.iter().any(|p| match (g, p) {
-            (Answer::Expr { expr: ge, .. }, Answer::Expr { expr: pe, .. }) => compare::expr_eq(ge, pe, opts),
+            (Answer::Expr { expr: ge, .. }, Answer::Expr { expr: pe, .. }) => {
+                compare::expr_eq(ge, pe, opts)
+            }
             (Answer::Text(a), Answer::Text(b)) => {
                 let (a, b) = (a.trim(), b.trim());
                 !a.is_empty() && a == b

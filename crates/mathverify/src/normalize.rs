@@ -148,7 +148,11 @@ fn fix_doubled_backslashes(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
     let mut i = 0;
     while i < chars.len() {
-        if chars[i] == '\\' && i + 2 < chars.len() + 1 && chars.get(i + 1) == Some(&'\\') && is_letter(chars.get(i + 2).copied()) {
+        if chars[i] == '\\'
+            && i + 2 < chars.len() + 1
+            && chars.get(i + 1) == Some(&'\\')
+            && is_letter(chars.get(i + 2).copied())
+        {
             out.push('\\');
             i += 2;
             continue;
@@ -281,16 +285,8 @@ fn replace_words(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
     let n = chars.len();
     let mut out = String::with_capacity(s.len());
-    let starts_with = |i: usize, w: &str| -> bool {
-        let mut k = i;
-        for c in w.chars() {
-            if k >= n || chars[k] != c {
-                return false;
-            }
-            k += 1;
-        }
-        true
-    };
+    let starts_with =
+        |i: usize, w: &str| -> bool { (i..).zip(w.chars()).all(|(k, c)| k < n && chars[k] == c) };
     let word_at = |i: usize, w: &str| -> bool {
         starts_with(i, w)
             && (i == 0 || !chars[i - 1].is_alphanumeric())
@@ -337,7 +333,11 @@ fn replace_words(s: &str) -> String {
             if starts_with(i, "\\ldots") || starts_with(i, "\\dots") || starts_with(i, "\\cdots") {
                 trim_trailing_comma_space(&mut out);
                 out.push(' ');
-                i += if starts_with(i, "\\ldots") || starts_with(i, "\\cdots") { 6 } else { 5 };
+                i += if starts_with(i, "\\ldots") || starts_with(i, "\\cdots") {
+                    6
+                } else {
+                    5
+                };
                 continue;
             }
             out.push('\\');
@@ -418,17 +418,120 @@ fn trim_trailing_comma_space(out: &mut String) {
 
 /// Multi-letter unit words stripped when they end an answer after a number or `}`.
 const UNITS: &[&str] = &[
-    "feet", "foot", "sue", "digit", "pound", "meal", "edge", "student", "children ticket",
-    "multiple", "east", "degree", "mph", "kmph", "ft", "m square", "sq m", "deg", "mile", "monkey",
-    "prime", "ratio", "gm", "lb", "tile", "per", "dm", "lt", "gain", "way", "west", "no change",
-    "men", "soldier", "pie", "excess", "inches", "inch", "noon", "cent", "gal", "kmh", "acre",
-    "rise", "sq", "mark", "toy", "coin", "sq . m", "gallon", "profit", "yr", "women", "hr",
-    "cu cm", "square", "rupee", "rounds", "cubic", "cc", "mtr", "ohm", "number", "day", "hour",
-    "minute", "min", "second", "man", "woman", "sec", "cube", "mt", "sq inch", "mp", "hectare",
-    "more", "unit", "cm 2", "rs", "kg", "month", "km", "cm", "mm", "apple", "liter", "loss",
-    "yard", "pure", "year", "increase", "decrease", "less", "litre", "metre", "meter", "dollar",
-    "cents", "people", "page", "point", "week", "book", "hours", "units", "sq units", "sq ft",
-    "square units", "square feet", "square inches", "square meters", "cubic feet", "mi",
+    "feet",
+    "foot",
+    "sue",
+    "digit",
+    "pound",
+    "meal",
+    "edge",
+    "student",
+    "children ticket",
+    "multiple",
+    "east",
+    "degree",
+    "mph",
+    "kmph",
+    "ft",
+    "m square",
+    "sq m",
+    "deg",
+    "mile",
+    "monkey",
+    "prime",
+    "ratio",
+    "gm",
+    "lb",
+    "tile",
+    "per",
+    "dm",
+    "lt",
+    "gain",
+    "way",
+    "west",
+    "no change",
+    "men",
+    "soldier",
+    "pie",
+    "excess",
+    "inches",
+    "inch",
+    "noon",
+    "cent",
+    "gal",
+    "kmh",
+    "acre",
+    "rise",
+    "sq",
+    "mark",
+    "toy",
+    "coin",
+    "sq . m",
+    "gallon",
+    "profit",
+    "yr",
+    "women",
+    "hr",
+    "cu cm",
+    "square",
+    "rupee",
+    "rounds",
+    "cubic",
+    "cc",
+    "mtr",
+    "ohm",
+    "number",
+    "day",
+    "hour",
+    "minute",
+    "min",
+    "second",
+    "man",
+    "woman",
+    "sec",
+    "cube",
+    "mt",
+    "sq inch",
+    "mp",
+    "hectare",
+    "more",
+    "unit",
+    "cm 2",
+    "rs",
+    "kg",
+    "month",
+    "km",
+    "cm",
+    "mm",
+    "apple",
+    "liter",
+    "loss",
+    "yard",
+    "pure",
+    "year",
+    "increase",
+    "decrease",
+    "less",
+    "litre",
+    "metre",
+    "meter",
+    "dollar",
+    "cents",
+    "people",
+    "page",
+    "point",
+    "week",
+    "book",
+    "hours",
+    "units",
+    "sq units",
+    "sq ft",
+    "square units",
+    "square feet",
+    "square inches",
+    "square meters",
+    "cubic feet",
+    "mi",
 ];
 
 fn strip_unit_words(s: &str) -> String {
@@ -472,13 +575,21 @@ fn strip_trailing_text_unit(s: &str) -> String {
                 let tail_ok = tail.is_empty()
                     || (tail.len() <= 4
                         && tail.starts_with('^')
-                        && tail[1..].trim_matches(|c| c == '{' || c == '}').chars().all(|c| c.is_ascii_digit()));
+                        && tail[1..]
+                            .trim_matches(|c| c == '{' || c == '}')
+                            .chars()
+                            .all(|c| c.is_ascii_digit()));
                 let before = t[..pos].trim_end();
                 let inner = t[open + 1..close].trim();
                 let inner_is_word = inner.chars().any(|c| c.is_alphabetic());
                 if tail_ok && !before.is_empty() && inner_is_word {
                     let last = before.chars().last().unwrap_or(' ');
-                    if last.is_ascii_digit() || last == '}' || last == ')' || last == '%' || last == '.' {
+                    if last.is_ascii_digit()
+                        || last == '}'
+                        || last == ')'
+                        || last == '%'
+                        || last == '.'
+                    {
                         return before.to_string();
                     }
                 }
@@ -507,7 +618,9 @@ fn strip_thousands(s: &str) -> String {
             && !groups[0].is_empty()
             && groups[0].len() <= 3
             && groups[0].chars().all(|c| c.is_ascii_digit())
-            && groups[1..].iter().all(|g| g.len() == 3 && g.chars().all(|c| c.is_ascii_digit()))
+            && groups[1..]
+                .iter()
+                .all(|g| g.len() == 3 && g.chars().all(|c| c.is_ascii_digit()))
     }
     if is_comma_number(s) {
         return s.replace(',', "");
@@ -606,7 +719,11 @@ pub fn normalize_latex(text: &str, boxed: BoxedMode) -> String {
         let mut out = String::with_capacity(s.len() + 4);
         let cs: Vec<char> = s.chars().collect();
         for (i, c) in cs.iter().enumerate() {
-            if *c == '.' && i > 0 && (cs[i - 1] == ' ' || cs[i - 1] == '{') && cs.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            if *c == '.'
+                && i > 0
+                && (cs[i - 1] == ' ' || cs[i - 1] == '{')
+                && cs.get(i + 1).is_some_and(|d| d.is_ascii_digit())
+            {
                 out.push('0');
             }
             out.push(*c);
@@ -622,24 +739,48 @@ mod tests {
 
     #[test]
     fn boxed_last_and_adjacent() {
-        assert_eq!(extract_boxed("a \\boxed{1} b \\boxed{2}", BoxedMode::Last).unwrap(), "1,2");
-        assert_eq!(extract_boxed("\\boxed{1}\\boxed{2}", BoxedMode::Last).unwrap(), "1,2");
+        assert_eq!(
+            extract_boxed("a \\boxed{1} b \\boxed{2}", BoxedMode::Last).unwrap(),
+            "1,2"
+        );
+        assert_eq!(
+            extract_boxed("\\boxed{1}\\boxed{2}", BoxedMode::Last).unwrap(),
+            "1,2"
+        );
         let far = format!("\\boxed{{1}}{}\\boxed{{2}}", " x".repeat(50));
         assert_eq!(extract_boxed(&far, BoxedMode::Last).unwrap(), "2");
-        assert_eq!(extract_boxed("\\boxed{\\frac{1}{2}}", BoxedMode::Last).unwrap(), "\\frac{1}{2}");
+        assert_eq!(
+            extract_boxed("\\boxed{\\frac{1}{2}}", BoxedMode::Last).unwrap(),
+            "\\frac{1}{2}"
+        );
         assert_eq!(extract_boxed("\\fbox{7}", BoxedMode::Last).unwrap(), "7");
-        assert_eq!(extract_boxed("\\boxed{28 pct", BoxedMode::Last).unwrap(), "{28 pct");
+        assert_eq!(
+            extract_boxed("\\boxed{28 pct", BoxedMode::Last).unwrap(),
+            "{28 pct"
+        );
         assert!(extract_boxed("no box", BoxedMode::Last).is_none());
     }
 
     #[test]
     fn normalisations() {
-        assert_eq!(normalize_latex("\\left( \\dfrac{1}{3} \\right)", BoxedMode::All), "( \\frac{1}{3} )");
-        assert_eq!(normalize_latex("12\\text{ and }13", BoxedMode::All), "12,13");
+        assert_eq!(
+            normalize_latex("\\left( \\dfrac{1}{3} \\right)", BoxedMode::All),
+            "( \\frac{1}{3} )"
+        );
+        assert_eq!(
+            normalize_latex("12\\text{ and }13", BoxedMode::All),
+            "12,13"
+        );
         assert_eq!(normalize_latex("28 percent", BoxedMode::All), "28\\%");
         assert_eq!(normalize_latex("15\\mbox{ cm}^2", BoxedMode::All), "15");
-        assert_eq!(normalize_latex("125\\textnormal{ miles}", BoxedMode::All), "125");
-        assert_eq!(normalize_latex("11,\\! 111,\\! 111,\\! 100", BoxedMode::All), "11111111100");
+        assert_eq!(
+            normalize_latex("125\\textnormal{ miles}", BoxedMode::All),
+            "125"
+        );
+        assert_eq!(
+            normalize_latex("11,\\! 111,\\! 111,\\! 100", BoxedMode::All),
+            "11111111100"
+        );
         assert_eq!(normalize_latex("90^\\circ", BoxedMode::All), "90");
         assert_eq!(normalize_latex(".5", BoxedMode::All), "0.5");
         assert_eq!(normalize_latex("10 cm", BoxedMode::All), "10");

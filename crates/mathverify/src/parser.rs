@@ -67,9 +67,33 @@ fn read_brace_group(chars: &[char], open: usize) -> PResult<(String, usize)> {
 
 const TEXT_COMMANDS: &[&str] = &["text", "mbox", "textup", "hbox", "textsf"];
 const IGNORED_COMMANDS: &[&str] = &[
-    "left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr", "displaystyle",
-    "textstyle", "limits", "nolimits", "quad", "qquad", "mleft", "mright", "middle", "rm", "bf",
-    "it", "scriptstyle", "mathstrut", "strut", "notag", "nonumber",
+    "left",
+    "right",
+    "big",
+    "Big",
+    "bigg",
+    "Bigg",
+    "bigl",
+    "bigr",
+    "Bigl",
+    "Bigr",
+    "displaystyle",
+    "textstyle",
+    "limits",
+    "nolimits",
+    "quad",
+    "qquad",
+    "mleft",
+    "mright",
+    "middle",
+    "rm",
+    "bf",
+    "it",
+    "scriptstyle",
+    "mathstrut",
+    "strut",
+    "notag",
+    "nonumber",
 ];
 
 fn tokenize(s: &str) -> PResult<Vec<Token>> {
@@ -131,7 +155,11 @@ fn tokenize(s: &str) -> PResult<Vec<Token>> {
             }
             let name: String = chars[j..k].iter().collect();
             i = k;
-            if TEXT_COMMANDS.contains(&name.as_str()) || name == "operatorname" || name == "begin" || name == "end" {
+            if TEXT_COMMANDS.contains(&name.as_str())
+                || name == "operatorname"
+                || name == "begin"
+                || name == "end"
+            {
                 while i < chars.len() && chars[i] == ' ' {
                     i += 1;
                 }
@@ -197,7 +225,8 @@ fn tokenize(s: &str) -> PResult<Vec<Token>> {
             continue;
         }
         let tok = match c {
-            '+' | '-' | '*' | '/' | '^' | '_' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | ';' | '|' | '!' | '&' | '\'' | '.' | '%' | ':' => Tok::Op(c),
+            '+' | '-' | '*' | '/' | '^' | '_' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | ';'
+            | '|' | '!' | '&' | '\'' | '.' | '%' | ':' => Tok::Op(c),
             '=' => Tok::Rel(RelOp::Eq),
             '<' => Tok::Rel(RelOp::Lt),
             '>' => Tok::Rel(RelOp::Gt),
@@ -262,18 +291,78 @@ fn func_of(name: &str) -> Option<Func> {
 }
 
 const GREEK: &[&str] = &[
-    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
-    "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "varrho", "sigma", "varsigma", "tau",
-    "upsilon", "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi",
-    "Pi", "Sigma", "Upsilon", "Phi", "Psi", "Omega", "ell", "hbar", "aleph",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "varepsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "vartheta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "rho",
+    "varrho",
+    "sigma",
+    "varsigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "varphi",
+    "chi",
+    "psi",
+    "omega",
+    "Gamma",
+    "Delta",
+    "Theta",
+    "Lambda",
+    "Xi",
+    "Pi",
+    "Sigma",
+    "Upsilon",
+    "Phi",
+    "Psi",
+    "Omega",
+    "ell",
+    "hbar",
+    "aleph",
 ];
 
 /// Commands whose single argument is shown decorated but means the argument itself.
 const TRANSPARENT: &[&str] = &[
-    "mathbf", "boldsymbol", "bm", "mathit", "mathsf", "mathtt", "vec", "overline", "underline",
-    "hat", "bar", "tilde", "widehat", "widetilde", "overrightarrow", "overleftrightarrow",
-    "mathcal", "mathscr", "mathfrak", "operatorname*", "pmb", "textbf", "emph", "dot", "ddot",
-    "underbrace", "overbrace",
+    "mathbf",
+    "boldsymbol",
+    "bm",
+    "mathit",
+    "mathsf",
+    "mathtt",
+    "vec",
+    "overline",
+    "underline",
+    "hat",
+    "bar",
+    "tilde",
+    "widehat",
+    "widetilde",
+    "overrightarrow",
+    "overleftrightarrow",
+    "mathcal",
+    "mathscr",
+    "mathfrak",
+    "operatorname*",
+    "pmb",
+    "textbf",
+    "emph",
+    "dot",
+    "ddot",
+    "underbrace",
+    "overbrace",
 ];
 
 /// Whether a letter directly followed by `(` names a function: `f`, `g`, `h` and capitals
@@ -329,7 +418,7 @@ impl Parser {
         }
     }
     fn leave(&mut self) {
-        self.depth -= 1;
+        self.depth = self.depth.saturating_sub(1);
     }
 
     /// Comma/semicolon separated list; stops at closers.
@@ -358,7 +447,10 @@ impl Parser {
             None => true,
             Some(Tok::Op('|')) => self.abs_depth > 0,
             Some(Tok::Op(c)) => matches!(c, ')' | ']' | '}' | '&'),
-            Some(Tok::Cmd(n)) => matches!(n.as_str(), "}" | "rangle" | "rfloor" | "rceil" | "rvert" | "rbrace" | "rbrack"),
+            Some(Tok::Cmd(n)) => matches!(
+                n.as_str(),
+                "}" | "rangle" | "rfloor" | "rceil" | "rvert" | "rbrace" | "rbrack"
+            ),
             Some(Tok::End(_)) | Some(Tok::RowSep) => true,
             _ => false,
         }
@@ -439,25 +531,34 @@ impl Parser {
             } else if self.is_op('-') {
                 self.pos += 1;
                 let t = self.parse_term()?;
-                terms.push(Expr::neg(t));
+                terms.push(Expr::negate(t));
             } else if self.is_cmd("pm") || self.is_cmd("mp") {
                 let minus_first = self.is_cmd("mp");
                 self.pos += 1;
                 let t = self.parse_term()?;
-                let t = if minus_first { Expr::neg(t) } else { t };
-                let base = if terms.len() == 1 { terms.pop().unwrap_or_else(|| Expr::int(0)) } else { Expr::Add(std::mem::take(&mut terms)) };
+                let t = if minus_first { Expr::negate(t) } else { t };
+                let base = if terms.len() == 1 {
+                    terms.pop().unwrap_or_else(|| Expr::int(0))
+                } else {
+                    Expr::Add(std::mem::take(&mut terms))
+                };
                 terms = vec![Expr::PlusMinus(Box::new(base), Box::new(t))];
             } else {
                 break;
             }
         }
         self.leave();
-        Ok(if terms.len() == 1 { terms.pop().unwrap_or_else(|| Expr::int(0)) } else { Expr::Add(terms) })
+        Ok(if terms.len() == 1 {
+            terms.pop().unwrap_or_else(|| Expr::int(0))
+        } else {
+            Expr::Add(terms)
+        })
     }
 
     fn starts_primary(&self) -> bool {
         match self.peek() {
-            Some(Tok::Digit(_)) | Some(Tok::Letter(_)) | Some(Tok::Text(_)) | Some(Tok::OpName(_)) | Some(Tok::Begin(_)) => true,
+            Some(Tok::Digit(_)) | Some(Tok::Letter(_)) | Some(Tok::Text(_))
+            | Some(Tok::OpName(_)) | Some(Tok::Begin(_)) => true,
             Some(Tok::Op(c)) => match c {
                 '(' | '[' | '{' => true,
                 '|' => self.abs_depth == 0,
@@ -466,7 +567,33 @@ impl Parser {
             },
             Some(Tok::Cmd(n)) => !matches!(
                 n.as_str(),
-                "cdot" | "times" | "div" | "pm" | "mp" | "cup" | "cap" | "setminus" | "}" | "rangle" | "rfloor" | "rceil" | "rvert" | "%" | "to" | "rightarrow" | "Rightarrow" | "implies" | "iff" | "mid" | "colon" | "backslash" | "ast" | "star" | "circ" | "rbrace" | "rbrack"
+                "cdot"
+                    | "times"
+                    | "div"
+                    | "pm"
+                    | "mp"
+                    | "cup"
+                    | "cap"
+                    | "setminus"
+                    | "}"
+                    | "rangle"
+                    | "rfloor"
+                    | "rceil"
+                    | "rvert"
+                    | "%"
+                    | "to"
+                    | "rightarrow"
+                    | "Rightarrow"
+                    | "implies"
+                    | "iff"
+                    | "mid"
+                    | "colon"
+                    | "backslash"
+                    | "ast"
+                    | "star"
+                    | "circ"
+                    | "rbrace"
+                    | "rbrack"
             ),
             _ => false,
         }
@@ -476,14 +603,19 @@ impl Parser {
         self.enter()?;
         let mut factors = vec![self.parse_unary()?];
         loop {
-            if self.is_op('*') || self.is_cmd("cdot") || self.is_cmd("times") || self.is_cmd("ast") {
+            if self.is_op('*') || self.is_cmd("cdot") || self.is_cmd("times") || self.is_cmd("ast")
+            {
                 self.pos += 1;
                 factors.push(self.parse_unary()?);
             } else if self.is_op('/') || self.is_cmd("div") || self.is_op(':') {
                 self.pos += 1;
                 let d = self.parse_unary()?;
-                let n = if factors.len() == 1 { factors.pop().unwrap_or_else(|| Expr::int(1)) } else { Expr::Mul(std::mem::take(&mut factors)) };
-                factors = vec![Expr::div(n, d)];
+                let n = if factors.len() == 1 {
+                    factors.pop().unwrap_or_else(|| Expr::int(1))
+                } else {
+                    Expr::Mul(std::mem::take(&mut factors))
+                };
+                factors = vec![Expr::divide(n, d)];
             } else if self.is_cmd("over") {
                 return Err("\\over not supported".into());
             } else if self.starts_primary() {
@@ -491,8 +623,16 @@ impl Parser {
                 // a mixed number: `4\frac{2}{3}` = 4 + 2/3 (an integer followed by a proper fraction)
                 if factors.len() == 1 && self.toks.get(self.pos.wrapping_sub(1)).is_some() {
                     if let (Expr::Num(whole), Some(frac)) = (&factors[0], proper_fraction(&next)) {
-                        if !whole.float && whole.value.is_integer() && !whole.value.is_zero() && self.last_was_frac {
-                            let total = if whole.value < BigRational::zero() { &whole.value - frac } else { &whole.value + frac };
+                        if !whole.float
+                            && whole.value.is_integer()
+                            && !whole.value.is_zero()
+                            && self.last_was_frac
+                        {
+                            let total = if whole.value < BigRational::zero() {
+                                &whole.value - frac
+                            } else {
+                                &whole.value + frac
+                            };
                             factors[0] = Expr::rational(total);
                             continue;
                         }
@@ -504,14 +644,18 @@ impl Parser {
             }
         }
         self.leave();
-        Ok(if factors.len() == 1 { factors.pop().unwrap_or_else(|| Expr::int(1)) } else { Expr::Mul(factors) })
+        Ok(if factors.len() == 1 {
+            factors.pop().unwrap_or_else(|| Expr::int(1))
+        } else {
+            Expr::Mul(factors)
+        })
     }
 
     fn parse_unary(&mut self) -> PResult<Expr> {
         self.enter()?;
         let r = if self.is_op('-') {
             self.pos += 1;
-            Expr::neg(self.parse_unary()?)
+            Expr::negate(self.parse_unary()?)
         } else if self.is_op('+') {
             self.pos += 1;
             self.parse_unary()?
@@ -536,7 +680,7 @@ impl Parser {
             e
         } else if self.is_op('-') {
             self.pos += 1;
-            Expr::neg(self.parse_script_arg()?)
+            Expr::negate(self.parse_script_arg()?)
         } else if self.is_op('+') {
             self.pos += 1;
             self.parse_script_arg()?
@@ -691,8 +835,9 @@ impl Parser {
     fn parse_group_contents(&mut self, closers: &[char]) -> PResult<(Vec<Expr>, char)> {
         let saved_abs = self.abs_depth;
         self.abs_depth = 0;
-        let items = self.parse_list()?;
+        let items = self.parse_list();
         self.abs_depth = saved_abs;
+        let items = items?;
         match self.peek() {
             Some(Tok::Op(c)) if closers.contains(c) => {
                 let c = *c;
@@ -731,7 +876,11 @@ impl Parser {
             while self.starts_primary() && !self.next_is_function() && !self.is_op('(') {
                 factors.push(self.parse_postfix()?);
             }
-            vec![if factors.len() == 1 { factors.pop().unwrap_or_else(|| Expr::int(0)) } else { Expr::Mul(factors) }]
+            vec![if factors.len() == 1 {
+                factors.pop().unwrap_or_else(|| Expr::int(0))
+            } else {
+                Expr::Mul(factors)
+            }]
         };
         if args.is_empty() {
             return Err("function without argument".into());
@@ -796,7 +945,10 @@ impl Parser {
                 _ => {
                     let cell = self.parse_relation()?;
                     row.push(cell);
-                    if !matches!(self.peek(), Some(Tok::Op('&')) | Some(Tok::RowSep) | Some(Tok::End(_))) {
+                    if !matches!(
+                        self.peek(),
+                        Some(Tok::Op('&')) | Some(Tok::RowSep) | Some(Tok::End(_))
+                    ) {
                         return Err("bad matrix cell".into());
                     }
                 }
@@ -875,7 +1027,11 @@ impl Parser {
                         return Err("determinant not supported".into());
                     }
                     Ok(m)
-                } else if kind == "cases" || kind.starts_with("align") || kind == "equation" || kind == "gather" {
+                } else if kind == "cases"
+                    || kind.starts_with("align")
+                    || kind == "equation"
+                    || kind == "gather"
+                {
                     Err(format!("environment {env} not supported"))
                 } else {
                     Err(format!("unknown environment {env}"))
@@ -903,7 +1059,7 @@ impl Parser {
                 self.pos += 1;
                 self.abs_depth += 1;
                 let inner = self.parse_additive();
-                self.abs_depth -= 1;
+                self.abs_depth = self.abs_depth.saturating_sub(1);
                 let inner = inner?;
                 self.expect_op('|')?;
                 Ok(Expr::Func(Func::Abs, vec![inner]))
@@ -922,7 +1078,9 @@ impl Parser {
         let e = self.parse_additive();
         self.abs_depth = saved;
         let e = e?;
-        if self.is_cmd(close) || (close == "rvert" && (self.is_cmd("vert") || self.is_cmd("|") || self.is_op('|'))) {
+        if self.is_cmd(close)
+            || (close == "rvert" && (self.is_cmd("vert") || self.is_cmd("|") || self.is_op('|')))
+        {
             self.pos += 1;
             Ok(e)
         } else {
@@ -939,7 +1097,7 @@ impl Parser {
                 let n = self.parse_macro_arg()?;
                 let d = self.parse_macro_arg()?;
                 self.last_was_frac = true;
-                Ok(Expr::div(n, d))
+                Ok(Expr::divide(n, d))
             }
             "binom" | "choose" => {
                 let n = self.parse_macro_arg()?;
@@ -993,7 +1151,10 @@ impl Parser {
                     Err("unclosed \\langle".into())
                 }
             }
-            "lfloor" => Ok(Expr::Func(Func::Floor, vec![self.parse_delimited("rfloor")?])),
+            "lfloor" => Ok(Expr::Func(
+                Func::Floor,
+                vec![self.parse_delimited("rfloor")?],
+            )),
             "lceil" => Ok(Expr::Func(Func::Ceil, vec![self.parse_delimited("rceil")?])),
             "lvert" | "vert" | "|" => {
                 let close = if name == "|" { "|" } else { "rvert" };
@@ -1003,7 +1164,7 @@ impl Parser {
                 let arg = self.parse_macro_arg()?;
                 match arg {
                     Expr::Sym(s) if s == "R" => Ok(Expr::Interval {
-                        lo: Box::new(Expr::neg(Expr::Const(Constant::Infinity))),
+                        lo: Box::new(Expr::negate(Expr::Const(Constant::Infinity))),
                         hi: Box::new(Expr::Const(Constant::Infinity)),
                         left_open: true,
                         right_open: true,
@@ -1036,7 +1197,13 @@ fn proper_fraction(e: &Expr) -> Option<BigRational> {
         if let [Expr::Num(p), Expr::Pow(q, m)] = v.as_slice() {
             if let (Expr::Num(q), true) = (&**q, is_minus_one(m)) {
                 let zero = BigRational::zero();
-                if !p.float && !q.float && p.value.is_integer() && q.value.is_integer() && p.value > zero && p.value < q.value {
+                if !p.float
+                    && !q.float
+                    && p.value.is_integer()
+                    && q.value.is_integer()
+                    && p.value > zero
+                    && p.value < q.value
+                {
                     return Some(&p.value / &q.value);
                 }
             }
@@ -1065,7 +1232,11 @@ fn tokens_text(toks: &[Token]) -> String {
 /// Exact value of a decimal literal `int.frac`.
 pub fn decimal_number(int: &str, frac: &str, float: bool) -> Number {
     let digits = format!("{int}{frac}");
-    let numer: BigInt = if digits.is_empty() { BigInt::zero() } else { digits.parse().unwrap_or_default() };
+    let numer: BigInt = if digits.is_empty() {
+        BigInt::zero()
+    } else {
+        digits.parse().unwrap_or_default()
+    };
     let denom = num_traits::pow(BigInt::from(10), frac.len());
     Number {
         value: BigRational::new(numer, denom),
@@ -1081,7 +1252,10 @@ fn text_value(t: &str, depth: usize) -> PResult<Expr> {
     }
     if depth < MAX_DEPTH / 2 {
         let inner = trimmed.trim_start_matches('(').trim_end_matches(')');
-        let is_word = inner.chars().count() > 1 && inner.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '-');
+        let is_word = inner.chars().count() > 1
+            && inner
+                .chars()
+                .all(|c| c.is_alphabetic() || c == ' ' || c == '-');
         if !is_word {
             if let Ok(e) = parse_math(trimmed) {
                 return Ok(e);
@@ -1149,7 +1323,11 @@ fn build_chain(mut terms: Vec<Expr>, ops: Vec<RelOp>) -> Expr {
     }
     let mut rels = Vec::with_capacity(ops.len());
     for (k, op) in ops.iter().enumerate() {
-        rels.push(Expr::Rel(*op, Box::new(terms[k].clone()), Box::new(terms[k + 1].clone())));
+        rels.push(Expr::Rel(
+            *op,
+            Box::new(terms[k].clone()),
+            Box::new(terms[k + 1].clone()),
+        ));
     }
     if rels.len() == 1 {
         rels.pop().unwrap_or_else(|| Expr::int(0))
@@ -1173,13 +1351,18 @@ fn resolve_plus_minus(e: Expr) -> Expr {
                 let mut out = Vec::new();
                 for x in expand(a, budget) {
                     for y in expand(b, budget) {
-                        out.push(Expr::Add(vec![x.clone(), Expr::neg(y.clone())]));
+                        out.push(Expr::Add(vec![x.clone(), Expr::negate(y.clone())]));
                         out.push(Expr::Add(vec![x.clone(), y]));
                     }
                 }
                 out
             }
-            Expr::Set(_) | Expr::Tuple(_) | Expr::Matrix(_) | Expr::Rel(..) | Expr::And(_) | Expr::Interval { .. } => {
+            Expr::Set(_)
+            | Expr::Tuple(_)
+            | Expr::Matrix(_)
+            | Expr::Rel(..)
+            | Expr::And(_)
+            | Expr::Interval { .. } => {
                 vec![resolve_plus_minus(e.clone())]
             }
             _ if !has_pm(e) => vec![e.clone()],
@@ -1228,7 +1411,11 @@ fn resolve_plus_minus(e: Expr) -> Expr {
             Expr::Set(out)
         }
         Expr::Tuple(items) => Expr::Tuple(items.into_iter().map(resolve_plus_minus).collect()),
-        Expr::Rel(op, a, b) => Expr::Rel(op, Box::new(resolve_plus_minus(*a)), Box::new(resolve_plus_minus(*b))),
+        Expr::Rel(op, a, b) => Expr::Rel(
+            op,
+            Box::new(resolve_plus_minus(*a)),
+            Box::new(resolve_plus_minus(*b)),
+        ),
         Expr::And(v) => Expr::And(v.into_iter().map(resolve_plus_minus).collect()),
         other => {
             let mut budget = 8usize;
@@ -1282,7 +1469,9 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> String {
-        parse_math(s).map(|e| e.to_string()).unwrap_or_else(|e| format!("ERR {e}"))
+        parse_math(s)
+            .map(|e| e.to_string())
+            .unwrap_or_else(|e| format!("ERR {e}"))
     }
 
     #[test]
@@ -1305,6 +1494,9 @@ mod tests {
         assert_eq!(p("\\sin^2 x"), "sin(x)**2");
         assert_eq!(p("\\log_2 8"), "log(8, 2)");
         assert!(p("\\zzz").starts_with("ERR"));
-        assert!(p("(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((x").starts_with("ERR"));
+        assert!(p(
+            "(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((x"
+        )
+        .starts_with("ERR"));
     }
 }

@@ -32,15 +32,19 @@ fn options_of(case: &Value) -> Options {
 
 #[test]
 fn conformance_with_math_verify_cases() {
-    let data = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/cases.jsonl"))
-        .unwrap_or_else(|e| panic!("reading tests/data/cases.jsonl: {e}"));
+    let data = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/cases.jsonl"
+    ))
+    .unwrap_or_else(|e| panic!("reading tests/data/cases.jsonl: {e}"));
     let mut total = 0usize;
     let mut agree = 0usize;
     for (lineno, line) in data.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let case: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("cases.jsonl line {}: {e}", lineno + 1));
+        let case: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("cases.jsonl line {}: {e}", lineno + 1));
         let opts = options_of(&case);
         let gold = case["gold"].as_str().unwrap_or_default();
         let pred = case["pred"].as_str().unwrap_or_default();
@@ -52,7 +56,12 @@ fn conformance_with_math_verify_cases() {
         if got == expected {
             agree += 1;
         } else {
-            let show = |a: &[mathverify::Answer]| a.iter().map(|x| x.display()).collect::<Vec<_>>().join(" | ");
+            let show = |a: &[mathverify::Answer]| {
+                a.iter()
+                    .map(|x| x.display())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
             println!(
                 "DISAGREE line {} {} expected={} got={}\n   gold parsed: {}\n   pred parsed: {}",
                 lineno + 1,

@@ -4,11 +4,17 @@
 use mathverify::is_correct;
 
 fn yes(gold: &str, completion: &str) {
-    assert!(is_correct(gold, completion), "expected {gold:?} == answer of {completion:?}");
+    assert!(
+        is_correct(gold, completion),
+        "expected {gold:?} == answer of {completion:?}"
+    );
 }
 
 fn no(gold: &str, completion: &str) {
-    assert!(!is_correct(gold, completion), "expected {gold:?} != answer of {completion:?}");
+    assert!(
+        !is_correct(gold, completion),
+        "expected {gold:?} != answer of {completion:?}"
+    );
 }
 
 #[test]
@@ -37,7 +43,12 @@ fn numbers_and_arithmetic() {
     yes("2^{10}", "\\boxed{1024}");
     yes("\\binom{5}{2}", "\\boxed{10}");
     yes("120", "\\boxed{5!}");
-    yes("\\frac{\\sqrt{3}}{2}", "\\boxed{\\sin 60^\\circ}".replace("60^\\circ", "\\frac{\\pi}{3}").as_str());
+    yes(
+        "\\frac{\\sqrt{3}}{2}",
+        "\\boxed{\\sin 60^\\circ}"
+            .replace("60^\\circ", "\\frac{\\pi}{3}")
+            .as_str(),
+    );
     yes("1000000", "\\boxed{10^6}");
     yes("-\\frac{1}{3}", "\\boxed{-0.333333333}");
     no("\\frac{1}{3}", "\\boxed{0.33}");
@@ -70,15 +81,27 @@ fn algebra() {
 
 #[test]
 fn structures() {
-    yes("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi/2)}");
+    yes(
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "\\boxed{(3, \\pi/2)}",
+    );
     no("(3, 1)", "\\boxed{(1, 3)}");
     yes("[-2, 7]", "\\boxed{[-2,7]}");
     no("[-2, 7]", "\\boxed{(-2,7)}");
-    yes("(-\\infty, 3) \\cup (5, \\infty)", "\\boxed{(5,\\infty)\\cup(-\\infty,3)}");
+    yes(
+        "(-\\infty, 3) \\cup (5, \\infty)",
+        "\\boxed{(5,\\infty)\\cup(-\\infty,3)}",
+    );
     yes("\\{1, 2, 3\\}", "\\boxed{\\{3, 2, 1\\}}");
     yes("1 \\pm \\sqrt{2}", "\\boxed{1+\\sqrt2, 1-\\sqrt2}");
-    yes("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}");
-    no("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\boxed{\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}}");
+    yes(
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}",
+    );
+    no(
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "\\boxed{\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}}",
+    );
     yes("\\text{(C)}", "The answer is \\boxed{C}");
     yes("\\text{Evelyn}", "\\boxed{\\text{Evelyn}}");
     no("\\text{Evelyn}", "\\boxed{\\text{Bob}}");
@@ -104,6 +127,11 @@ fn hostile_inputs_are_bounded() {
     no("1", &"$".repeat(10000));
     no("1", &"\\boxed{".repeat(2000));
     no("", "anything");
+    // found by cargo-fuzz (an underflow in the parser's depth bookkeeping)
+    no(
+        "2^{10|frac{\u{3c4}{2=Sooooooooooooooooooooooooooooooooo ^{10}} r>",
+        "1",
+    );
 }
 
 #[test]

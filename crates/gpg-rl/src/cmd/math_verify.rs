@@ -56,7 +56,12 @@ impl MathVerifyArgs {
     /// The verifier options these arguments select.
     pub fn options(&self) -> Result<Options> {
         let mut match_types = Vec::new();
-        for m in self.match_types.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for m in self
+            .match_types
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             match m {
                 "latex" => match_types.push(MatchType::Latex),
                 "expr" => match_types.push(MatchType::Expr),
@@ -79,18 +84,37 @@ impl MathVerifyArgs {
 }
 
 /// Verify one (gold, pred) pair and return the output object (input fields + results).
-pub fn verify_object(mut obj: Map<String, Value>, gold: &str, pred: &str, opts: &Options) -> Map<String, Value> {
+pub fn verify_object(
+    mut obj: Map<String, Value>,
+    gold: &str,
+    pred: &str,
+    opts: &Options,
+) -> Map<String, Value> {
     let v = check(gold, pred, opts);
     obj.insert("correct".into(), Value::Bool(v.correct));
-    obj.insert("gold_extracted".into(), Value::Array(v.gold.into_iter().map(Value::String).collect()));
-    obj.insert("pred_extracted".into(), Value::Array(v.pred.into_iter().map(Value::String).collect()));
+    obj.insert(
+        "gold_extracted".into(),
+        Value::Array(v.gold.into_iter().map(Value::String).collect()),
+    );
+    obj.insert(
+        "pred_extracted".into(),
+        Value::Array(v.pred.into_iter().map(Value::String).collect()),
+    );
     obj
 }
 
-fn string_field<'a>(obj: &'a Map<String, Value>, field: &str, file: &str, line: usize) -> Result<&'a str> {
+fn string_field<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+    file: &str,
+    line: usize,
+) -> Result<&'a str> {
     match obj.get(field) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => bail!("{file}:{line}: field \"{field}\": expected a string, found {}", kind_of(other)),
+        Some(other) => bail!(
+            "{file}:{line}: field \"{field}\": expected a string, found {}",
+            kind_of(other)
+        ),
         None => bail!("{file}:{line}: missing field \"{field}\""),
     }
 }
@@ -107,7 +131,12 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// Process a JSONL stream: one output line per non-empty input line. Returns (pairs, correct).
-pub fn verify_jsonl(input: impl BufRead, name: &str, out: &mut impl Write, opts: &Options) -> Result<(usize, usize)> {
+pub fn verify_jsonl(
+    input: impl BufRead,
+    name: &str,
+    out: &mut impl Write,
+    opts: &Options,
+) -> Result<(usize, usize)> {
     let (mut n, mut correct) = (0usize, 0usize);
     for (i, line) in input.lines().enumerate() {
         let lineno = i + 1;
@@ -115,7 +144,8 @@ pub fn verify_jsonl(input: impl BufRead, name: &str, out: &mut impl Write, opts:
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(&line).with_context(|| format!("{name}:{lineno}: invalid JSON"))?;
+        let value: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{name}:{lineno}: invalid JSON"))?;
         let Value::Object(obj) = value else {
             bail!("{name}:{lineno}: expected a JSON object with fields \"gold\" and \"pred\"");
         };
@@ -126,7 +156,8 @@ pub fn verify_jsonl(input: impl BufRead, name: &str, out: &mut impl Write, opts:
             correct += 1;
         }
         n += 1;
-        serde_json::to_writer(&mut *out, &Value::Object(result)).with_context(|| format!("{name}:{lineno}: writing result"))?;
+        serde_json::to_writer(&mut *out, &Value::Object(result))
+            .with_context(|| format!("{name}:{lineno}: writing result"))?;
         writeln!(out).context("writing result")?;
     }
     Ok((n, correct))
@@ -136,7 +167,9 @@ pub fn verify_jsonl(input: impl BufRead, name: &str, out: &mut impl Write, opts:
 pub fn run(args: &MathVerifyArgs) -> Result<()> {
     let opts = args.options()?;
     let mut sink: Box<dyn Write> = match &args.output {
-        Some(p) => Box::new(BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
+        Some(p) => Box::new(BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
     match (&args.input, &args.gold, &args.pred) {
@@ -145,7 +178,11 @@ pub fn run(args: &MathVerifyArgs) -> Result<()> {
             let file = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
             let (n, correct) = verify_jsonl(BufReader::new(file), &name, &mut sink, &opts)?;
             sink.flush().context("writing results")?;
-            let share = if n > 0 { 100.0 * correct as f64 / n as f64 } else { 0.0 };
+            let share = if n > 0 {
+                100.0 * correct as f64 / n as f64
+            } else {
+                0.0
+            };
             eprintln!("math-verify: {correct}/{n} correct ({share:.2}%)");
         }
         (None, Some(gold), Some(pred)) => {
@@ -190,7 +227,10 @@ mod tests {
         let (n, correct) = verify_jsonl(input.as_bytes(), "mem", &mut out, &opts).unwrap_or((0, 0));
         assert_eq!((n, correct), (2, 1));
         let text = String::from_utf8(out).unwrap_or_default();
-        let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["correct"], Value::Bool(true));
         assert_eq!(lines[0]["id"], Value::from(7));
@@ -202,17 +242,33 @@ mod tests {
     fn bad_input_names_file_line_and_field() {
         let opts = args().options().unwrap_or_default();
         let mut out = Vec::new();
-        let e = verify_jsonl("{\"gold\": \"1\", \"pred\": \"1\"}\n{\"gold\": \"1\"}\n".as_bytes(), "f.jsonl", &mut out, &opts)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
+        let e = verify_jsonl(
+            "{\"gold\": \"1\", \"pred\": \"1\"}\n{\"gold\": \"1\"}\n".as_bytes(),
+            "f.jsonl",
+            &mut out,
+            &opts,
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
         assert!(e.contains("f.jsonl:2") && e.contains("\"pred\""), "{e}");
-        let e = verify_jsonl("{\"gold\": 1, \"pred\": \"1\"}\n".as_bytes(), "f.jsonl", &mut out, &opts)
+        let e = verify_jsonl(
+            "{\"gold\": 1, \"pred\": \"1\"}\n".as_bytes(),
+            "f.jsonl",
+            &mut out,
+            &opts,
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+        assert!(
+            e.contains("f.jsonl:1") && e.contains("\"gold\"") && e.contains("a number"),
+            "{e}"
+        );
+        let e = verify_jsonl("{not json\n".as_bytes(), "f.jsonl", &mut out, &opts)
             .err()
             .map(|e| format!("{e:#}"))
             .unwrap_or_default();
-        assert!(e.contains("f.jsonl:1") && e.contains("\"gold\"") && e.contains("a number"), "{e}");
-        let e = verify_jsonl("{not json\n".as_bytes(), "f.jsonl", &mut out, &opts).err().map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(e.contains("f.jsonl:1: invalid JSON"), "{e}");
     }
 
@@ -232,10 +288,16 @@ mod tests {
 
     #[test]
     fn run_with_files() {
-        let dir = tempfile::tempdir().map(|d| d.keep()).unwrap_or_else(|_| std::env::temp_dir());
+        let dir = tempfile::tempdir()
+            .map(|d| d.keep())
+            .unwrap_or_else(|_| std::env::temp_dir());
         let input = dir.join("in.jsonl");
         let output = dir.join("out.jsonl");
-        std::fs::write(&input, "{\"gold\": \"x=3\", \"pred\": \"we find $x = 3$.\"}\n").unwrap_or(());
+        std::fs::write(
+            &input,
+            "{\"gold\": \"x=3\", \"pred\": \"we find $x = 3$.\"}\n",
+        )
+        .unwrap_or(());
         let mut a = args();
         a.input = Some(input);
         a.output = Some(output.clone());
@@ -244,7 +306,10 @@ mod tests {
         assert!(text.contains("\"correct\":true"), "{text}");
         let mut bad = args();
         bad.input = Some(dir.join("missing.jsonl"));
-        let e = run(&bad).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let e = run(&bad)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
         assert!(e.contains("missing.jsonl"), "{e}");
     }
 }

@@ -24,7 +24,14 @@ use std::path::{Path, PathBuf};
 pub const DATA_ENV: &str = "GPG_RL_DATA";
 
 /// The benchmark names `load_benchmark` knows.
-pub const BENCHMARK_NAMES: [&str; 6] = ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"];
+pub const BENCHMARK_NAMES: [&str; 6] = [
+    "math500",
+    "gsm8k",
+    "aime24",
+    "amc23",
+    "minerva",
+    "olympiadbench",
+];
 
 /// One benchmark problem with its gold answer.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,7 +84,11 @@ fn candidate_paths(name: &str) -> Vec<PathBuf> {
 /// Load a benchmark by name (see module docs) or from a JSONL path.
 pub fn load_benchmark(name_or_path: &str) -> Result<Benchmark> {
     let key = name_or_path.trim().to_ascii_lowercase();
-    let key = if key == "minerva_math" { "minerva".to_string() } else { key };
+    let key = if key == "minerva_math" {
+        "minerva".to_string()
+    } else {
+        key
+    };
     if BENCHMARK_NAMES.contains(&key.as_str()) {
         let candidates = candidate_paths(&key);
         let path = candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
@@ -90,24 +101,38 @@ pub fn load_benchmark(name_or_path: &str) -> Result<Benchmark> {
     }
     let path = PathBuf::from(name_or_path);
     if !path.is_file() {
-        bail!("{name_or_path}: neither a benchmark name ({}) nor a readable JSONL file", BENCHMARK_NAMES.join("|"));
+        bail!(
+            "{name_or_path}: neither a benchmark name ({}) nor a readable JSONL file",
+            BENCHMARK_NAMES.join("|")
+        );
     }
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "benchmark".into());
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "benchmark".into());
     load_file(&name, &path)
 }
 
 fn load_file(name: &str, path: &Path) -> Result<Benchmark> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let lineno = i + 1;
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{}:{lineno}: invalid JSON", path.display()))?;
-        items.push(parse_record(&v, lineno).with_context(|| format!("{}:{lineno}", path.display()))?);
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{lineno}: invalid JSON", path.display()))?;
+        items.push(
+            parse_record(&v, lineno).with_context(|| format!("{}:{lineno}", path.display()))?,
+        );
     }
-    Ok(Benchmark { name: name.to_string(), path: path.to_path_buf(), items })
+    Ok(Benchmark {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        items,
+    })
 }
 
 fn field_str(v: &Value, key: &str) -> Option<String> {
@@ -122,7 +147,12 @@ fn field_str(v: &Value, key: &str) -> Option<String> {
 fn tidy_number(s: &str) -> String {
     let t = s.trim();
     if let Some(int) = t.strip_suffix(".0") {
-        if !int.is_empty() && int.trim_start_matches('-').chars().all(|c| c.is_ascii_digit()) {
+        if !int.is_empty()
+            && int
+                .trim_start_matches('-')
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        {
             return int.to_string();
         }
     }
@@ -131,7 +161,12 @@ fn tidy_number(s: &str) -> String {
 
 /// The content of the last `\boxed{…}` (or `\fbox{…}`) of `text`, brace matched.
 pub fn last_boxed(text: &str) -> Option<String> {
-    let start = text.rfind("\\boxed").map(|i| (i, 6)).into_iter().chain(text.rfind("\\fbox").map(|i| (i, 5))).max_by_key(|x| x.0)?;
+    let start = text
+        .rfind("\\boxed")
+        .map(|i| (i, 6))
+        .into_iter()
+        .chain(text.rfind("\\fbox").map(|i| (i, 5)))
+        .max_by_key(|x| x.0)?;
     let rest = &text[start.0 + start.1..];
     let open = rest.find('{')?;
     if !rest[..open].trim().is_empty() {
@@ -157,7 +192,14 @@ pub fn last_boxed(text: &str) -> Option<String> {
 fn gold_answer(v: &Value) -> Result<String> {
     if let Some(fa) = v.get("final_answer") {
         let parts: Vec<String> = match fa {
-            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string).or_else(|| x.as_f64().map(|f| f.to_string()))).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .or_else(|| x.as_f64().map(|f| f.to_string()))
+                })
+                .collect(),
             Value::String(s) => vec![s.clone()],
             _ => bail!("field final_answer: expected a list of strings"),
         };
@@ -178,7 +220,8 @@ fn gold_answer(v: &Value) -> Result<String> {
         };
     }
     if let Some(sol) = v.get("solution").and_then(Value::as_str) {
-        return last_boxed(sol).ok_or_else(|| anyhow!("field solution: no \\boxed{{…}} answer in it"));
+        return last_boxed(sol)
+            .ok_or_else(|| anyhow!("field solution: no \\boxed{{…}} answer in it"));
     }
     bail!("missing field: answer (or final_answer, or solution with a \\boxed{{}} answer)")
 }
@@ -187,10 +230,19 @@ fn parse_record(v: &Value, lineno: usize) -> Result<BenchmarkItem> {
     if !v.is_object() {
         bail!("expected a JSON object");
     }
-    let problem = field_str(v, "problem").or_else(|| field_str(v, "question")).ok_or_else(|| anyhow!("missing field: problem (or question)"))?;
+    let problem = field_str(v, "problem")
+        .or_else(|| field_str(v, "question"))
+        .ok_or_else(|| anyhow!("missing field: problem (or question)"))?;
     let answer = gold_answer(v)?;
-    let id = ["unique_id", "id", "idx"].iter().find_map(|k| field_str(v, k)).unwrap_or_else(|| lineno.to_string());
-    Ok(BenchmarkItem { id, problem, answer })
+    let id = ["unique_id", "id", "idx"]
+        .iter()
+        .find_map(|k| field_str(v, k))
+        .unwrap_or_else(|| lineno.to_string());
+    Ok(BenchmarkItem {
+        id,
+        problem,
+        answer,
+    })
 }
 
 #[cfg(test)]
@@ -201,19 +253,34 @@ mod tests {
     #[test]
     fn gold_formats() {
         let gsm = json!({"question": "q", "answer": "3 + 4 = <<3+4=7>>7\n#### 1,234"});
-        assert_eq!(parse_record(&gsm, 1).map(|r| r.answer).ok().as_deref(), Some("1,234"));
+        assert_eq!(
+            parse_record(&gsm, 1).map(|r| r.answer).ok().as_deref(),
+            Some("1,234")
+        );
         let amc = json!({"id": "0", "problem": "p", "answer": 27.0});
-        assert_eq!(parse_record(&amc, 1).map(|r| r.answer).ok().as_deref(), Some("27"));
+        assert_eq!(
+            parse_record(&amc, 1).map(|r| r.answer).ok().as_deref(),
+            Some("27")
+        );
         let amc_s = json!({"id": "0", "problem": "p", "answer": "27.0"});
-        assert_eq!(parse_record(&amc_s, 1).map(|r| r.answer).ok().as_deref(), Some("27"));
+        assert_eq!(
+            parse_record(&amc_s, 1).map(|r| r.answer).ok().as_deref(),
+            Some("27")
+        );
         let minerva = json!({"problem": "p", "solution": "so \\boxed{1} then \\boxed{\\frac{1}{2}}.", "idx": "5"});
         let m = parse_record(&minerva, 1).ok();
         assert_eq!(m.as_ref().map(|r| r.answer.as_str()), Some("\\frac{1}{2}"));
         assert_eq!(m.as_ref().map(|r| r.id.as_str()), Some("5"));
         let ob = json!({"id": 3, "question": "p", "final_answer": ["$1$", "$2$"]});
-        assert_eq!(parse_record(&ob, 1).map(|r| r.answer).ok().as_deref(), Some("$1$, $2$"));
+        assert_eq!(
+            parse_record(&ob, 1).map(|r| r.answer).ok().as_deref(),
+            Some("$1$, $2$")
+        );
         let bad = json!({"problem": "p"});
-        let err = parse_record(&bad, 1).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = parse_record(&bad, 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("missing field: answer"), "{err}");
     }
 
@@ -247,17 +314,26 @@ mod tests {
             }
             let n = b.items.len();
             let ok = n - failures.len();
-            println!("{name}: {ok}/{n} golds parse ({:.1}%)", 100.0 * ok as f64 / n.max(1) as f64);
+            println!(
+                "{name}: {ok}/{n} golds parse ({:.1}%)",
+                100.0 * ok as f64 / n.max(1) as f64
+            );
             for f in &failures {
                 println!("    unparsed {f}");
             }
-            assert!(ok as f64 >= 0.95 * n as f64, "{name}: only {ok}/{n} golds parse");
+            assert!(
+                ok as f64 >= 0.95 * n as f64,
+                "{name}: only {ok}/{n} golds parse"
+            );
         }
     }
 
     #[test]
     fn unknown_name_is_a_clear_error() {
-        let e = load_benchmark("no-such-benchmark").err().map(|e| e.to_string()).unwrap_or_default();
+        let e = load_benchmark("no-such-benchmark")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("neither a benchmark name"), "{e}");
     }
 }
