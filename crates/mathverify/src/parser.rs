@@ -422,24 +422,46 @@ impl Parser {
     }
 
     /// Comma/semicolon separated list; stops at closers.
+    /// A `,`/`;` separated list. When `;` separates groups that themselves hold several
+    /// comma-separated items (`p=5, q=2; p=7, q=2`), each such group becomes one set.
     fn parse_list(&mut self) -> PResult<Vec<Expr>> {
-        let mut items = Vec::new();
+        let mut groups: Vec<Vec<Expr>> = vec![Vec::new()];
         loop {
             if self.at_list_end() {
                 break;
             }
-            if self.is_op(',') || self.is_op(';') {
+            if self.is_op(',') {
                 self.pos += 1;
                 continue;
             }
-            items.push(self.parse_relation()?);
-            if self.is_op(',') || self.is_op(';') {
+            if self.is_op(';') {
                 self.pos += 1;
+                groups.push(Vec::new());
+                continue;
+            }
+            let item = self.parse_relation()?;
+            if let Some(g) = groups.last_mut() {
+                g.push(item);
+            }
+            if self.is_op(',') || self.is_op(';') {
                 continue;
             }
             break;
         }
-        Ok(items)
+        groups.retain(|g| !g.is_empty());
+        if groups.len() > 1 && groups.iter().any(|g| g.len() > 1) {
+            return Ok(groups
+                .into_iter()
+                .map(|g| {
+                    if g.len() == 1 {
+                        g.into_iter().next().unwrap_or_else(|| Expr::int(0))
+                    } else {
+                        Expr::Set(g)
+                    }
+                })
+                .collect());
+        }
+        Ok(groups.into_iter().flatten().collect())
     }
 
     fn at_list_end(&self) -> bool {

@@ -141,3 +141,14 @@ fn plain_text_math() {
     yes("\\frac{1}{2}", "The answer is 1/2.");
     yes("1000.99", "It costs 1,000.99€ in total");
 }
+
+#[test]
+fn relations_against_sets() {
+    yes("-2 \\le x \\le 7", "\\boxed{[-2, 7]}");
+    yes("x > 3", "\\boxed{(3, \\infty)}");
+    yes("1 \\le |z| \\le 2", "\\boxed{[-2,-1] \\cup [1,2]}");
+    no("1 \\le |z| \\le 2", "\\boxed{[1,2]}");
+    yes("x^2 < 4", "\\boxed{(-2, 2)}");
+    no("x^2 \\le 4", "\\boxed{(-2, 2)}");
+    yes("p=5,q=2;p=7,q=2", "\\boxed{(5,2),(7,2)}");
+}
