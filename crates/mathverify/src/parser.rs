@@ -378,6 +378,8 @@ struct Parser {
     abs_depth: usize,
     /// whether the primary just parsed was a `\frac` (for mixed numbers)
     last_was_frac: bool,
+    /// calls of `enter` so far (bounded)
+    steps: usize,
 }
 
 impl Parser {
@@ -410,6 +412,11 @@ impl Parser {
         }
     }
     fn enter(&mut self) -> PResult<()> {
+        // a work bound on top of the depth bound: a few hundred steps per token at most
+        self.steps += 1;
+        if self.steps > 200 * self.toks.len() + 1000 {
+            return Err("parser step budget exceeded".into());
+        }
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             Err("expression nested too deeply".into())
@@ -847,6 +854,9 @@ impl Parser {
                 // trailing "5." : the dot is punctuation
                 self.pos += 1;
             }
+        }
+        if int.is_empty() && frac.is_empty() {
+            return Err("expected a number".into());
         }
         if int.len() + frac.len() > 2000 {
             return Err("number too long".into());
@@ -1466,6 +1476,7 @@ pub fn parse_math(s: &str) -> PResult<Expr> {
         depth: 0,
         abs_depth: 0,
         last_was_frac: false,
+        steps: 0,
     };
     let items = p.parse_list()?;
     if p.pos < p.toks.len() {
