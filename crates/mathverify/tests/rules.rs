@@ -152,3 +152,38 @@ fn relations_against_sets() {
     no("x^2 \\le 4", "\\boxed{(-2, 2)}");
     yes("p=5,q=2;p=7,q=2", "\\boxed{(5,2),(7,2)}");
 }
+
+#[test]
+fn same_results_from_many_threads() {
+    let pairs: Vec<(&str, String)> = vec![
+        ("\\frac{14}{3}", "\\boxed{4\\frac{2}{3}}".to_string()),
+        ("x^2+2x+1", "\\boxed{(x+1)^2}".to_string()),
+        ("\\tan^2 y + 1", "\\boxed{\\sec^2 y}".to_string()),
+        ("3", "The answer is 4.".to_string()),
+        ("[-2, 7]", "so $x \\in [-2,7]$".to_string()),
+        (
+            "\\lfloor \\log_2 n \\rfloor + 1",
+            "\\boxed{\\lfloor \\log_3 n \\rfloor + 1}".to_string(),
+        ),
+    ];
+    let expected: Vec<bool> = pairs.iter().map(|(g, p)| is_correct(g, p)).collect();
+    assert_eq!(expected, vec![true, true, true, false, true, false]);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..50).all(|_| {
+                        pairs
+                            .iter()
+                            .map(|(g, p)| is_correct(g, p))
+                            .collect::<Vec<_>>()
+                            == expected
+                    })
+                })
+            })
+            .collect();
+        for h in handles {
+            assert!(h.join().unwrap_or(false), "a thread saw different results");
+        }
+    });
+}
