@@ -16,7 +16,7 @@ use num_traits::Zero;
 /// Inputs longer than this many characters are not parsed.
 pub const MAX_INPUT_CHARS: usize = 4000;
 /// Maximum nesting depth of the recursive descent.
-pub const MAX_DEPTH: usize = 120;
+pub const MAX_DEPTH: usize = 400;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {

@@ -154,6 +154,25 @@ fn relations_against_sets() {
 }
 
 #[test]
+fn deep_nesting_in_a_small_thread_stack() {
+    let ok = std::thread::Builder::new()
+        .stack_size(1 << 20)
+        .spawn(|| {
+            let deep = format!("\\boxed{{{}x{}}}", "(".repeat(60), ")".repeat(60));
+            let too_deep = format!("\\boxed{{{}x{}}}", "(".repeat(5000), ")".repeat(5000));
+            let braces = format!("\\boxed{{{}1{}}}", "{".repeat(3000), "}".repeat(3000));
+            let powers = format!("\\boxed{{{}2}}", "2^".repeat(3000));
+            is_correct("x", &deep)
+                && !is_correct("x", &too_deep)
+                && !is_correct("2", &braces)
+                && !is_correct("1", &powers)
+        })
+        .map(|h| h.join().unwrap_or(false))
+        .unwrap_or(false);
+    assert!(ok);
+}
+
+#[test]
 fn same_results_from_many_threads() {
     let pairs: Vec<(&str, String)> = vec![
         ("\\frac{14}{3}", "\\boxed{4\\frac{2}{3}}".to_string()),
