@@ -174,6 +174,66 @@ fn main() {
             pct(pos_ok, pos_n)
         );
     }
+    // adversarial inputs: long texts, many spans, big sets, deep nesting
+    let many_envs = "We have $x_1 = 3$ and \\(y\\) then 12, 13 and answer: $z$ so ".repeat(2000);
+    let long_set = format!(
+        "\\boxed{{\\{{{}\\}}}}",
+        (1..=300)
+            .map(|k| format!("\\frac{{{k}}}{{7}}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let long_set_rev = format!(
+        "\\boxed{{\\{{{}\\}}}}",
+        (1..=300)
+            .rev()
+            .map(|k| format!("\\frac{{{}}}{{7}}", k))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let tuples = format!(
+        "\\boxed{{{}}}",
+        (1..=60)
+            .map(|k| format!("({k},{},{})", k + 1, k * 2))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let deep = format!("\\boxed{{{}x{}}}", "(".repeat(60), ")".repeat(60));
+    let too_deep = format!("\\boxed{{{}x{}}}", "(".repeat(1000), ")".repeat(1000));
+    let powers = "\\boxed{2^{3^{4^{5^{6^{7}}}}} + 100000! + \\binom{100000}{50000}}".to_string();
+    let adversarial: Vec<(&str, String, String)> = vec![
+        (
+            "100k-char text, 8000 spans",
+            "3".to_string(),
+            many_envs.clone(),
+        ),
+        (
+            "300-element sets (over the limits: false)",
+            long_set.clone(),
+            long_set_rev.clone(),
+        ),
+        ("60 tuples", tuples.clone(), tuples.clone()),
+        ("60 nested parentheses", "x".to_string(), deep.clone()),
+        (
+            "1000 nested parentheses (over the limit: false)",
+            "x".to_string(),
+            too_deep.clone(),
+        ),
+        ("huge powers/factorials", "1".to_string(), powers.clone()),
+        ("unclosed boxes", "1".to_string(), "\\boxed{".repeat(5000)),
+        ("dollar signs", "1".to_string(), "$".repeat(50_000)),
+    ];
+    println!("\n| adversarial input | result | time (fastest of 3) |\n|---|---|---:|");
+    for (label, g, p) in &adversarial {
+        let mut best = f64::INFINITY;
+        let mut got = false;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            got = mathverify::is_correct(g, p);
+            best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("| {label} | {got} | {best:.3} ms |");
+    }
     if pairs.is_empty() {
         eprintln!("no benchmark files found");
         std::process::exit(1);

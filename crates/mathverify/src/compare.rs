@@ -95,11 +95,11 @@ fn shorten_assignment(e: &Expr) -> Expr {
 }
 
 fn sub(a: &Expr, b: &Expr) -> Expr {
-    Expr::Add(vec![a.clone(), Expr::neg(b.clone())])
+    Expr::Add(vec![a.clone(), Expr::negate(b.clone())])
 }
 
 fn neg_inf() -> Expr {
-    Expr::neg(Expr::Const(Constant::Infinity))
+    Expr::negate(Expr::Const(Constant::Infinity))
 }
 
 fn interval(lo: Expr, hi: Expr, left_open: bool, right_open: bool) -> Expr {
@@ -128,7 +128,7 @@ fn relation_as_set(e: &Expr) -> Option<Expr> {
             ]),
         })
     };
-    let is_var = |x: &Expr| eval::real_value(x).is_none() && only_symbols(x);
+    let is_var = |x: &Expr| matches!(x, Expr::Sym(_) | Expr::Apply(..));
     match e {
         Expr::Rel(op, a, b) => {
             if is_var(a) && *op == RelOp::Eq && b.is_set_like() {
@@ -189,6 +189,76 @@ fn spend() -> bool {
     })
 }
 
+/// Whether a relation in one variable holds exactly on the real set `set` (a union of
+/// intervals and points): checked at every finite end, just beside each end, and on a grid
+/// around them. `None` when the relation has not exactly one variable or the set is not real.
+fn relation_matches_set(rel: &Expr, set: &Expr) -> Option<bool> {
+    let vars = rel.free_symbols();
+    if vars.len() != 1 {
+        return None;
+    }
+    let var = vars[0].as_str();
+    let pieces = canonical_real_set(set)?;
+    let holds = |x: f64| -> bool {
+        let rels: Vec<&Expr> = match rel {
+            Expr::And(v) => v.iter().collect(),
+            other => vec![other],
+        };
+        rels.iter().all(|r| {
+            let Some((op, l, rt)) = rel_parts(r) else {
+                return false;
+            };
+            let (Some(a), Some(b)) = (
+                eval::numeric_bound(l, 0, &[(var, x)]),
+                eval::numeric_bound(rt, 0, &[(var, x)]),
+            ) else {
+                return false;
+            };
+            if a.im.abs() > 1e-9 * (1.0 + a.re.abs()) || b.im.abs() > 1e-9 * (1.0 + b.re.abs()) {
+                return false;
+            }
+            let d = a.re - b.re;
+            let tol = 1e-9 * (1.0 + a.re.abs().max(b.re.abs()));
+            match op {
+                RelOp::Lt => d < -tol,
+                RelOp::Le => d <= tol,
+                RelOp::Gt => d > tol,
+                RelOp::Ge => d >= -tol,
+                RelOp::Eq => d.abs() <= tol,
+                RelOp::Ne => d.abs() > tol,
+            }
+        })
+    };
+    let member = |x: f64| -> bool {
+        pieces
+            .iter()
+            .any(|&(lo, hi, lc, hc)| (lo < x && x < hi) || (x == lo && lc) || (x == hi && hc))
+    };
+    let ends: Vec<f64> = pieces
+        .iter()
+        .flat_map(|p| [p.0, p.1])
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = ends
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let (lo, hi) = if lo.is_finite() {
+        (lo - 5.0, hi + 5.0)
+    } else {
+        (-10.0, 10.0)
+    };
+    let mut xs: Vec<f64> = Vec::new();
+    for &e in &ends {
+        let delta = 1e-6 * e.abs().max(1.0);
+        xs.extend([e, e - delta, e + delta]);
+    }
+    xs.extend((0..=100).map(|k| lo + (hi - lo) * k as f64 / 100.0 + 1e-7));
+    xs.extend([-1e6, 1e6, 0.0]);
+    Some(xs.into_iter().all(|x| holds(x) == member(x)))
+}
+
 /// Compare two parsed answers under `opts` (math-verify's `sympy_expr_eq`).
 pub fn expr_eq(gold: &Expr, pred: &Expr, opts: &Options) -> bool {
     BUDGET.with(|b| b.set(MAX_COMPARISONS));
@@ -196,11 +266,10 @@ pub fn expr_eq(gold: &Expr, pred: &Expr, opts: &Options) -> bool {
 }
 
 fn expr_eq_depth(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool {
-    if depth > 12
-        || !spend()
-        || gold.size() > eval::MAX_EXPR_NODES
-        || pred.size() > eval::MAX_EXPR_NODES
-    {
+    if depth > 12 || !spend() {
+        return false;
+    }
+    if depth == 0 && (gold.size() > eval::MAX_EXPR_NODES || pred.size() > eval::MAX_EXPR_NODES) {
         return false;
     }
     let mut gold = gold.clone();
@@ -229,13 +298,23 @@ fn expr_eq_depth(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool
         gold = last_rhs(&gold);
     }
     if gold.is_relation() && pred.is_set_like() {
-        if let Some(s) = relation_as_set(&gold) {
-            gold = s;
+        match relation_as_set(&gold) {
+            Some(s) => gold = s,
+            None => {
+                if let Some(r) = relation_matches_set(&gold, &pred) {
+                    return r;
+                }
+            }
         }
     }
     if opts.allow_set_relation_comp && pred.is_relation() && gold.is_set_like() {
-        if let Some(s) = relation_as_set(&pred) {
-            pred = s;
+        match relation_as_set(&pred) {
+            Some(s) => pred = s,
+            None => {
+                if let Some(r) = relation_matches_set(&pred, &gold) {
+                    return r;
+                }
+            }
         }
     }
     if gold == pred {
@@ -243,21 +322,11 @@ fn expr_eq_depth(gold: &Expr, pred: &Expr, opts: &Options, depth: usize) -> bool
     }
     // percent answers: 28% also accepts 28 (and 0.28 through its value)
     if opts.lenient_percent {
+        let plain =
+            |e: &Expr| !matches!(e, Expr::Percent(_)) && !e.is_relation() && !e.is_set_like();
         match (&gold, &pred) {
-            (Expr::Percent(g), p)
-                if !matches!(p, Expr::Percent(_)) && !p.is_relation() && !p.is_set_like() =>
-            {
-                if scalar_eq(g, p, opts) {
-                    return true;
-                }
-            }
-            (g, Expr::Percent(p))
-                if !matches!(g, Expr::Percent(_)) && !g.is_relation() && !g.is_set_like() =>
-            {
-                if scalar_eq(g, p, opts) {
-                    return true;
-                }
-            }
+            (Expr::Percent(g), p) if plain(p) && scalar_eq(g, p, opts) => return true,
+            (g, Expr::Percent(p)) if plain(g) && scalar_eq(g, p, opts) => return true,
             _ => {}
         }
     }

@@ -433,7 +433,12 @@ pub fn rational_to_f64(r: &BigRational) -> f64 {
 /// Numeric value of `e` at evaluation point `point` (variables and undefined functions get
 /// deterministic pseudo-random values); `None` when not a finite number.
 pub fn numeric(e: &Expr, point: u64) -> Option<C64> {
-    let v = numeric_depth(e, point, 0)?;
+    numeric_bound(e, point, &[])
+}
+
+/// Like [`numeric`], with the variables in `bind` set to the given values.
+pub fn numeric_bound(e: &Expr, point: u64, bind: &[(&str, f64)]) -> Option<C64> {
+    let v = numeric_depth(e, point, bind, 0)?;
     if v.is_finite() {
         Some(v)
     } else {
@@ -441,14 +446,17 @@ pub fn numeric(e: &Expr, point: u64) -> Option<C64> {
     }
 }
 
-fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
+fn numeric_depth(e: &Expr, point: u64, bind: &[(&str, f64)], depth: usize) -> Option<C64> {
     if depth > 200 {
         return None;
     }
     let d = depth + 1;
     let r = match e {
         Expr::Num(n) => C64::real(rational_to_f64(&n.value)),
-        Expr::Sym(s) => C64::real(symbol_value(s, point)),
+        Expr::Sym(s) => match bind.iter().find(|(n, _)| *n == s.as_str()) {
+            Some((_, v)) => C64::real(*v),
+            None => C64::real(symbol_value(s, point)),
+        },
         Expr::Text(s) => C64::real(symbol_value(&format!("text:{s}"), point)),
         Expr::Const(c) => match c {
             Constant::Pi => C64::real(std::f64::consts::PI),
@@ -459,23 +467,23 @@ fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
         Expr::Add(v) => {
             let mut acc = C64::real(0.0);
             for t in v {
-                acc = acc.add(numeric_depth(t, point, d)?);
+                acc = acc.add(numeric_depth(t, point, bind, d)?);
             }
             acc
         }
         Expr::Mul(v) => {
             let mut acc = C64::one();
             for t in v {
-                acc = acc.mul(numeric_depth(t, point, d)?);
+                acc = acc.mul(numeric_depth(t, point, bind, d)?);
             }
             acc
         }
         Expr::Pow(b, x) => {
             let xv = match exact(x) {
                 Some(r) => C64::real(rational_to_f64(&r)),
-                None => numeric_depth(x, point, d)?,
+                None => numeric_depth(x, point, bind, d)?,
             };
-            let bv = numeric_depth(b, point, d)?;
+            let bv = numeric_depth(b, point, bind, d)?;
             // real odd roots of negative reals stay real: (−8)^(1/3) = −2 is what answers mean
             if bv.im == 0.0 && bv.re < 0.0 && xv.im == 0.0 {
                 if let Some(q) = exact(x) {
@@ -489,9 +497,12 @@ fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
             }
             bv.pow(xv)
         }
-        Expr::Percent(x) => numeric_depth(x, point, d)?.div(C64::real(100.0)),
+        Expr::Percent(x) => numeric_depth(x, point, bind, d)?.div(C64::real(100.0)),
         Expr::Func(f, args) => {
-            let vals: Option<Vec<C64>> = args.iter().map(|a| numeric_depth(a, point, d)).collect();
+            let vals: Option<Vec<C64>> = args
+                .iter()
+                .map(|a| numeric_depth(a, point, bind, d))
+                .collect();
             let vals = vals?;
             let x = *vals.first()?;
             let real = |v: C64| {
@@ -567,7 +578,7 @@ fn numeric_depth(e: &Expr, point: u64, depth: usize) -> Option<C64> {
             // a fixed smooth pseudo-random function per name: c0 + Σ c_k sin(a_k z_k + b_k)
             let mut acc = C64::real(unit(hash_str(name, 1)) * 2.0 - 1.0);
             for (k, a) in args.iter().enumerate() {
-                let z = numeric_depth(a, point, d)?;
+                let z = numeric_depth(a, point, bind, d)?;
                 let h = hash_str(name, 100 + k as u64);
                 let ak = 0.5 + unit(h);
                 let bk = unit(splitmix(h)) * 3.0;

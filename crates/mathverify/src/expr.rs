@@ -209,7 +209,7 @@ impl Expr {
     }
 
     /// `-e`.
-    pub fn neg(e: Expr) -> Expr {
+    pub fn negate(e: Expr) -> Expr {
         match e {
             Expr::Num(n) => Expr::Num(Number {
                 value: -n.value,
@@ -220,7 +220,7 @@ impl Expr {
     }
 
     /// `a / b` as `a · b^(-1)`.
-    pub fn div(a: Expr, b: Expr) -> Expr {
+    pub fn divide(a: Expr, b: Expr) -> Expr {
         Expr::Mul(vec![a, Expr::Pow(Box::new(b), Box::new(Expr::int(-1)))])
     }
 

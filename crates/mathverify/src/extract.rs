@@ -139,26 +139,13 @@ impl Text {
     }
 
     fn starts_with(&self, i: usize, pat: &str) -> bool {
-        let mut k = i;
-        for p in pat.chars() {
-            if self.at(k) != Some(p) {
-                return false;
-            }
-            k += 1;
-        }
-        true
+        (i..).zip(pat.chars()).all(|(k, p)| self.at(k) == Some(p))
     }
 
     fn starts_with_ci(&self, i: usize, pat: &str) -> bool {
-        let mut k = i;
-        for p in pat.chars() {
-            match self.at(k) {
-                Some(c) if c.to_ascii_lowercase() == p => {}
-                _ => return false,
-            }
-            k += 1;
-        }
-        true
+        (i..)
+            .zip(pat.chars())
+            .all(|(k, p)| self.at(k).is_some_and(|c| c.to_ascii_lowercase() == p))
     }
 
     /// Whether `[a, b)` contains a `\boxed{` that starts and ends inside.

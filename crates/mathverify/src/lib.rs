@@ -113,6 +113,14 @@ pub fn extract_answers(text: &str, opts: &Options) -> Vec<Answer> {
     out
 }
 
+/// The answers extracted from `text`, printed (parsed form first, then the source text).
+pub fn extract_answer_strings(text: &str, opts: &Options) -> Vec<String> {
+    extract_answers(text, opts)
+        .iter()
+        .map(Answer::display)
+        .collect()
+}
+
 fn has_latex_delimiters(s: &str) -> bool {
     s.replace("\\$", "").contains('$')
         || s.contains("\\boxed")

@@ -285,16 +285,8 @@ fn replace_words(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
     let n = chars.len();
     let mut out = String::with_capacity(s.len());
-    let starts_with = |i: usize, w: &str| -> bool {
-        let mut k = i;
-        for c in w.chars() {
-            if k >= n || chars[k] != c {
-                return false;
-            }
-            k += 1;
-        }
-        true
-    };
+    let starts_with =
+        |i: usize, w: &str| -> bool { (i..).zip(w.chars()).all(|(k, c)| k < n && chars[k] == c) };
     let word_at = |i: usize, w: &str| -> bool {
         starts_with(i, w)
             && (i == 0 || !chars[i - 1].is_alphanumeric())
@@ -392,10 +384,22 @@ fn replace_words(s: &str) -> String {
             i += 3;
             continue;
         }
-        if word_at(i, "sqrt") {
-            out.push_str("\\sqrt");
-            i += 4;
-            continue;
+        // plain-text function names and π: `sqrt(2)`, `2pi`, `sin(x)` → `\sqrt(2)`, `2\pi`, `\sin(x)`
+        let letter_free = |k: usize| k >= n || !chars[k].is_ascii_alphabetic();
+        if i == 0 || !chars[i - 1].is_ascii_alphabetic() {
+            let mut hit = false;
+            for w in ["sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp"] {
+                if starts_with(i, w) && letter_free(i + w.len()) {
+                    out.push('\\');
+                    out.push_str(w);
+                    i += w.len();
+                    hit = true;
+                    break;
+                }
+            }
+            if hit {
+                continue;
+            }
         }
         out.push(chars[i]);
         i += 1;

@@ -16,7 +16,7 @@ use num_traits::Zero;
 /// Inputs longer than this many characters are not parsed.
 pub const MAX_INPUT_CHARS: usize = 4000;
 /// Maximum nesting depth of the recursive descent.
-pub const MAX_DEPTH: usize = 120;
+pub const MAX_DEPTH: usize = 400;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {
@@ -378,6 +378,8 @@ struct Parser {
     abs_depth: usize,
     /// whether the primary just parsed was a `\frac` (for mixed numbers)
     last_was_frac: bool,
+    /// calls of `enter` so far (bounded)
+    steps: usize,
 }
 
 impl Parser {
@@ -410,6 +412,11 @@ impl Parser {
         }
     }
     fn enter(&mut self) -> PResult<()> {
+        // a work bound on top of the depth bound: a few hundred steps per token at most
+        self.steps += 1;
+        if self.steps > 200 * self.toks.len() + 1000 {
+            return Err("parser step budget exceeded".into());
+        }
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             Err("expression nested too deeply".into())
@@ -418,28 +425,50 @@ impl Parser {
         }
     }
     fn leave(&mut self) {
-        self.depth -= 1;
+        self.depth = self.depth.saturating_sub(1);
     }
 
     /// Comma/semicolon separated list; stops at closers.
+    /// A `,`/`;` separated list. When `;` separates groups that themselves hold several
+    /// comma-separated items (`p=5, q=2; p=7, q=2`), each such group becomes one set.
     fn parse_list(&mut self) -> PResult<Vec<Expr>> {
-        let mut items = Vec::new();
+        let mut groups: Vec<Vec<Expr>> = vec![Vec::new()];
         loop {
             if self.at_list_end() {
                 break;
             }
-            if self.is_op(',') || self.is_op(';') {
+            if self.is_op(',') {
                 self.pos += 1;
                 continue;
             }
-            items.push(self.parse_relation()?);
-            if self.is_op(',') || self.is_op(';') {
+            if self.is_op(';') {
                 self.pos += 1;
+                groups.push(Vec::new());
+                continue;
+            }
+            let item = self.parse_relation()?;
+            if let Some(g) = groups.last_mut() {
+                g.push(item);
+            }
+            if self.is_op(',') || self.is_op(';') {
                 continue;
             }
             break;
         }
-        Ok(items)
+        groups.retain(|g| !g.is_empty());
+        if groups.len() > 1 && groups.iter().any(|g| g.len() > 1) {
+            return Ok(groups
+                .into_iter()
+                .map(|g| {
+                    if g.len() == 1 {
+                        g.into_iter().next().unwrap_or_else(|| Expr::int(0))
+                    } else {
+                        Expr::Set(g)
+                    }
+                })
+                .collect());
+        }
+        Ok(groups.into_iter().flatten().collect())
     }
 
     fn at_list_end(&self) -> bool {
@@ -531,12 +560,12 @@ impl Parser {
             } else if self.is_op('-') {
                 self.pos += 1;
                 let t = self.parse_term()?;
-                terms.push(Expr::neg(t));
+                terms.push(Expr::negate(t));
             } else if self.is_cmd("pm") || self.is_cmd("mp") {
                 let minus_first = self.is_cmd("mp");
                 self.pos += 1;
                 let t = self.parse_term()?;
-                let t = if minus_first { Expr::neg(t) } else { t };
+                let t = if minus_first { Expr::negate(t) } else { t };
                 let base = if terms.len() == 1 {
                     terms.pop().unwrap_or_else(|| Expr::int(0))
                 } else {
@@ -615,7 +644,7 @@ impl Parser {
                 } else {
                     Expr::Mul(std::mem::take(&mut factors))
                 };
-                factors = vec![Expr::div(n, d)];
+                factors = vec![Expr::divide(n, d)];
             } else if self.is_cmd("over") {
                 return Err("\\over not supported".into());
             } else if self.starts_primary() {
@@ -655,7 +684,7 @@ impl Parser {
         self.enter()?;
         let r = if self.is_op('-') {
             self.pos += 1;
-            Expr::neg(self.parse_unary()?)
+            Expr::negate(self.parse_unary()?)
         } else if self.is_op('+') {
             self.pos += 1;
             self.parse_unary()?
@@ -680,7 +709,7 @@ impl Parser {
             e
         } else if self.is_op('-') {
             self.pos += 1;
-            Expr::neg(self.parse_script_arg()?)
+            Expr::negate(self.parse_script_arg()?)
         } else if self.is_op('+') {
             self.pos += 1;
             self.parse_script_arg()?
@@ -826,6 +855,9 @@ impl Parser {
                 self.pos += 1;
             }
         }
+        if int.is_empty() && frac.is_empty() {
+            return Err("expected a number".into());
+        }
         if int.len() + frac.len() > 2000 {
             return Err("number too long".into());
         }
@@ -835,8 +867,9 @@ impl Parser {
     fn parse_group_contents(&mut self, closers: &[char]) -> PResult<(Vec<Expr>, char)> {
         let saved_abs = self.abs_depth;
         self.abs_depth = 0;
-        let items = self.parse_list()?;
+        let items = self.parse_list();
         self.abs_depth = saved_abs;
+        let items = items?;
         match self.peek() {
             Some(Tok::Op(c)) if closers.contains(c) => {
                 let c = *c;
@@ -1058,7 +1091,7 @@ impl Parser {
                 self.pos += 1;
                 self.abs_depth += 1;
                 let inner = self.parse_additive();
-                self.abs_depth -= 1;
+                self.abs_depth = self.abs_depth.saturating_sub(1);
                 let inner = inner?;
                 self.expect_op('|')?;
                 Ok(Expr::Func(Func::Abs, vec![inner]))
@@ -1096,7 +1129,7 @@ impl Parser {
                 let n = self.parse_macro_arg()?;
                 let d = self.parse_macro_arg()?;
                 self.last_was_frac = true;
-                Ok(Expr::div(n, d))
+                Ok(Expr::divide(n, d))
             }
             "binom" | "choose" => {
                 let n = self.parse_macro_arg()?;
@@ -1163,7 +1196,7 @@ impl Parser {
                 let arg = self.parse_macro_arg()?;
                 match arg {
                     Expr::Sym(s) if s == "R" => Ok(Expr::Interval {
-                        lo: Box::new(Expr::neg(Expr::Const(Constant::Infinity))),
+                        lo: Box::new(Expr::negate(Expr::Const(Constant::Infinity))),
                         hi: Box::new(Expr::Const(Constant::Infinity)),
                         left_open: true,
                         right_open: true,
@@ -1350,7 +1383,7 @@ fn resolve_plus_minus(e: Expr) -> Expr {
                 let mut out = Vec::new();
                 for x in expand(a, budget) {
                     for y in expand(b, budget) {
-                        out.push(Expr::Add(vec![x.clone(), Expr::neg(y.clone())]));
+                        out.push(Expr::Add(vec![x.clone(), Expr::negate(y.clone())]));
                         out.push(Expr::Add(vec![x.clone(), y]));
                     }
                 }
@@ -1443,6 +1476,7 @@ pub fn parse_math(s: &str) -> PResult<Expr> {
         depth: 0,
         abs_depth: 0,
         last_was_frac: false,
+        steps: 0,
     };
     let items = p.parse_list()?;
     if p.pos < p.toks.len() {

@@ -127,4 +127,82 @@ fn hostile_inputs_are_bounded() {
     no("1", &"$".repeat(10000));
     no("1", &"\\boxed{".repeat(2000));
     no("", "anything");
+    // found by cargo-fuzz (an underflow in the parser's depth bookkeeping)
+    no(
+        "2^{10|frac{\u{3c4}{2=Sooooooooooooooooooooooooooooooooo ^{10}} r>",
+        "1",
+    );
+}
+
+#[test]
+fn plain_text_math() {
+    yes("2\\pi", "The answer is $2pi$.");
+    yes("\\sqrt{2}", "answer: $sqrt(2)$");
+    yes("\\frac{1}{2}", "The answer is 1/2.");
+    yes("1000.99", "It costs 1,000.99€ in total");
+}
+
+#[test]
+fn relations_against_sets() {
+    yes("-2 \\le x \\le 7", "\\boxed{[-2, 7]}");
+    yes("x > 3", "\\boxed{(3, \\infty)}");
+    yes("1 \\le |z| \\le 2", "\\boxed{[-2,-1] \\cup [1,2]}");
+    no("1 \\le |z| \\le 2", "\\boxed{[1,2]}");
+    yes("x^2 < 4", "\\boxed{(-2, 2)}");
+    no("x^2 \\le 4", "\\boxed{(-2, 2)}");
+    yes("p=5,q=2;p=7,q=2", "\\boxed{(5,2),(7,2)}");
+}
+
+#[test]
+fn deep_nesting_in_a_small_thread_stack() {
+    let ok = std::thread::Builder::new()
+        .stack_size(1 << 20)
+        .spawn(|| {
+            let deep = format!("\\boxed{{{}x{}}}", "(".repeat(60), ")".repeat(60));
+            let too_deep = format!("\\boxed{{{}x{}}}", "(".repeat(5000), ")".repeat(5000));
+            let braces = format!("\\boxed{{{}1{}}}", "{".repeat(3000), "}".repeat(3000));
+            let powers = format!("\\boxed{{{}2}}", "2^".repeat(3000));
+            is_correct("x", &deep)
+                && !is_correct("x", &too_deep)
+                && !is_correct("2", &braces)
+                && !is_correct("1", &powers)
+        })
+        .map(|h| h.join().unwrap_or(false))
+        .unwrap_or(false);
+    assert!(ok);
+}
+
+#[test]
+fn same_results_from_many_threads() {
+    let pairs: Vec<(&str, String)> = vec![
+        ("\\frac{14}{3}", "\\boxed{4\\frac{2}{3}}".to_string()),
+        ("x^2+2x+1", "\\boxed{(x+1)^2}".to_string()),
+        ("\\tan^2 y + 1", "\\boxed{\\sec^2 y}".to_string()),
+        ("3", "The answer is 4.".to_string()),
+        ("[-2, 7]", "so $x \\in [-2,7]$".to_string()),
+        (
+            "\\lfloor \\log_2 n \\rfloor + 1",
+            "\\boxed{\\lfloor \\log_3 n \\rfloor + 1}".to_string(),
+        ),
+    ];
+    let expected: Vec<bool> = pairs.iter().map(|(g, p)| is_correct(g, p)).collect();
+    assert_eq!(expected, vec![true, true, true, false, true, false]);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..50).all(|_| {
+                        pairs
+                            .iter()
+                            .map(|(g, p)| is_correct(g, p))
+                            .collect::<Vec<_>>()
+                            == expected
+                    })
+                })
+            })
+            .collect();
+        for h in handles {
+            assert!(h.join().unwrap_or(false), "a thread saw different results");
+        }
+    });
 }
