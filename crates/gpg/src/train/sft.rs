@@ -139,7 +139,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let heldout = heldout::prepare(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
 
     let schedule = config.schedule.build(config.lr, config.steps)?;
-    let mut updater = ModelUpdater::new(&model, AdamW::new(config.adamw.clone())?)?;
+    let mut updater = ModelUpdater::new(&model, AdamW::new(config.adamw)?)?;
     let mut sampler = EpochSampler::new(pairs.len(), config.seed)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;

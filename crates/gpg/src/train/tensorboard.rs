@@ -82,7 +82,7 @@ fn wall_time() -> f64 {
 
 fn masked_crc(data: &[u8]) -> u32 {
     let crc = crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// CRC-32C (Castagnoli polynomial 0x82F63B78, reflected), bitwise.

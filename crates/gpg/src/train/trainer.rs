@@ -158,7 +158,7 @@ impl Trainer {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                AdamW::new(config.optim.adamw.clone())?,
+                AdamW::new(config.optim.adamw)?,
                 0,
             ),
             Some((_, dir)) => {
@@ -259,7 +259,7 @@ impl Trainer {
         self.config
             .eval
             .as_ref()
-            .is_some_and(|e| self.step % e.every == 0 || self.step == self.config.steps)
+            .is_some_and(|e| self.step.is_multiple_of(e.every) || self.step == self.config.steps)
     }
 
     /// Runs until `config.steps` optimiser steps are done (or `until` when given).
@@ -276,7 +276,9 @@ impl Trainer {
                 p.update(&metrics);
             }
             let save_every = self.config.logging.save_every;
-            if (save_every > 0 && self.step % save_every == 0) || self.step == self.config.steps {
+            if (save_every > 0 && self.step.is_multiple_of(save_every))
+                || self.step == self.config.steps
+            {
                 self.save_checkpoint()?;
             }
         }

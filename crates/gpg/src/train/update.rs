@@ -115,7 +115,7 @@ impl ModelUpdater {
     pub fn checkpoint_state(&self) -> (OptimizerMeta, Buffers) {
         let state = self.optimizer.state();
         let meta = OptimizerMeta {
-            config: state.config.clone(),
+            config: state.config,
             steps: state
                 .params
                 .iter()

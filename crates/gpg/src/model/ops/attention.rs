@@ -148,7 +148,7 @@ pub fn attention_decode(
     out: &mut [f32],
 ) {
     assert!(
-        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
         "attention_decode: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}"
     );
     assert_eq!(q.len(), n_heads * head_dim, "attention_decode: q length");

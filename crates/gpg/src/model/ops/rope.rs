@@ -98,7 +98,7 @@ impl Rope {
     }
 
     fn check(&self, op: &str, positions: &[u32]) -> Result<()> {
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             bail!(
                 "{op}: head_dim must be even and positive, got {}",
                 self.head_dim

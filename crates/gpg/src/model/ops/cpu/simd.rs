@@ -51,7 +51,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let er = p * (r * r) + r + 1.0;
     let two_n = f32::from_bits(((ni + 127) << 23) as u32);
     let y = er * two_n;
