@@ -91,6 +91,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let metrics =
         gpg::train::metrics::read_metrics(&trainer.config.output_dir.join("metrics.jsonl"))?;
     let after = metrics.iter().rev().find_map(|m| m.eval_pass_at_1);
+    let mut eval_points: Vec<(u64, f64)> = before
+        .or_else(|| trainer.first_eval())
+        .map(|p| (0, p))
+        .into_iter()
+        .collect();
+    eval_points.extend(
+        metrics
+            .iter()
+            .filter_map(|m| m.eval_pass_at_1.map(|p| (m.step, p))),
+    );
+    let curves = trainer.config.output_dir.join("curves.png");
+    gpg::train::plot::write_curves(&metrics, &eval_points, &curves)?;
     let secs: f64 = metrics.iter().map(|m| m.time_step_s).sum();
     println!(
         "trained {} steps in {:.0} s; model written to {}",

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod heldout;
 pub mod metrics;
+pub mod plot;
 pub mod progress;
 pub mod sft;
 pub mod tensorboard;
