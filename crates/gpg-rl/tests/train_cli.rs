@@ -244,3 +244,43 @@ fn recipe_text_with_data(model: &Path, out: &Path, data: &Path) -> String {
         &format!("train = {:?}", data.display().to_string()),
     )
 }
+
+#[test]
+fn grpo_with_kl_and_dr_grpo_run_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_model(&model);
+    for (name, extra) in [
+        (
+            "grpo",
+            vec!["algorithm.loss.beta=0.04", "algorithm.num_iterations=2"],
+        ),
+        ("dr-grpo", vec!["algorithm.loss.max_completion_length=12"]),
+    ] {
+        let out_dir = tmp.path().join(name);
+        let recipe_path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&recipe_path, recipe(&model, &out_dir, 2)).unwrap();
+        let mut cmd = bin();
+        cmd.arg("train").arg("--config").arg(&recipe_path);
+        cmd.args(["--set", &format!("algorithm.loss.name={name}")]);
+        for e in &extra {
+            cmd.args(["--set", e]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let metrics = metrics_without_times(&out_dir.join("metrics.jsonl"));
+        assert_eq!(metrics.len(), 2);
+        assert!(
+            metrics[1]["clip_fraction"].is_number(),
+            "{name}: {}",
+            metrics[1]
+        );
+        if name == "grpo" {
+            assert!(metrics[1]["kl"].is_number(), "{}", metrics[1]);
+        }
+    }
+}

@@ -262,6 +262,7 @@ impl TrainConfig {
 
     /// Applies `key=value` overrides (dotted keys, TOML values; a bare word is a string),
     /// e.g. `optim.lr=2e-6`, `rollout.num_generations=8`, `algorithm.loss.name="grpo"`.
+    /// Changing a `name` key resets the other keys of its table (they belonged to the old kind).
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
         let mut value = toml::Value::try_from(self)?;
         for item in overrides {
@@ -284,6 +285,12 @@ impl TrainConfig {
                     )
                 })?;
                 if i + 1 == parts.len() {
+                    if *part == "name" && table.get("name") != Some(&parsed) {
+                        // A registered choice (e.g. `algorithm.loss.name`) changes kind: the
+                        // other keys belonged to the old kind, so start from the new one's
+                        // defaults.
+                        table.clear();
+                    }
                     table.insert(part.to_string(), parsed.clone());
                     break;
                 }

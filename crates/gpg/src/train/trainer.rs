@@ -109,6 +109,8 @@ pub struct Trainer {
     log: MetricsLog,
     /// Prompts of the periodic evaluation (eval.data), when configured.
     eval_prompts: Option<Vec<PreparedPrompt>>,
+    /// The frozen initial model, kept when the objective has a KL penalty (β > 0).
+    reference: Option<Qwen2>,
 }
 
 /// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
@@ -151,6 +153,17 @@ impl Trainer {
         let model = Qwen2::from_dir(&model_dir, &device)
             .with_context(|| format!("loading the model from {}", model_dir.display()))?;
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
+        // The KL reference is always the run's starting model, also when resuming.
+        let reference = if config.algorithm.loss.needs_reference_logp() {
+            Some(Qwen2::from_dir(&config.model, &device).with_context(|| {
+                format!(
+                    "loading the reference model from {}",
+                    config.model.display()
+                )
+            })?)
+        } else {
+            None
+        };
         let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
         let reward = config.reward.build()?;
         let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
@@ -212,6 +225,7 @@ impl Trainer {
             tokens_seen,
             log,
             eval_prompts,
+            reference,
         })
     }
 
@@ -492,9 +506,18 @@ impl Trainer {
             } else {
                 None
             };
-        if loss_fn.needs_reference_logp() {
-            bail!("a KL penalty (beta > 0) needs a reference model, which this trainer does not keep yet; set beta = 0");
-        }
+        // Reference-model log-probs for the KL penalty (β > 0), from the frozen initial model.
+        let ref_logp: Option<Vec<f32>> = match &self.reference {
+            Some(reference) if loss_fn.needs_reference_logp() => {
+                let mut all = Vec::with_capacity(total_tokens);
+                for r in &micro {
+                    let batch = self.train_batch(&seqs[r.clone()])?;
+                    all.extend(reference.logprobs(&batch, inv_t)?.logprobs);
+                }
+                Some(all)
+            }
+            _ => None,
+        };
 
         let mut outcome = UpdateOutcome::default();
         for _iteration in 0..cfg.algorithm.num_iterations {
@@ -510,15 +533,15 @@ impl Trainer {
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
                 let n = batch.num_completion_tokens();
-                let old = old_logp
-                    .as_ref()
-                    .map(|o| &o[token_offset..token_offset + n]);
+                let span = token_offset..token_offset + n;
+                let old = old_logp.as_ref().map(|o| &o[span.clone()]);
+                let reference = ref_logp.as_ref().map(|o| &o[span]);
                 let out = loss_fn.compute(
                     &PolicyTokens {
                         layout: &layout,
                         logp: &lp.logprobs,
                         old_logp: old,
-                        ref_logp: None,
+                        ref_logp: reference,
                         advantages: &advantages[r.clone()],
                     },
                     alpha,

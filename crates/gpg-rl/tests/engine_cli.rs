@@ -1,0 +1,203 @@
+//! `gpg-rl generate`, `logprobs` and `init` from the command line, against the transformers
+//! fixtures (tests/fixtures/qwen2), and clear errors for broken checkpoints.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpg-rl"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/qwen2")
+        .join(name)
+}
+
+fn jsonl(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn greedy_generate_reproduces_transformers() {
+    let dir = fixture("untied_bf16");
+    let cases = jsonl(&std::fs::read_to_string(dir.join("expected_greedy.jsonl")).unwrap());
+    let mut cmd = bin();
+    cmd.arg("generate").arg("--model").arg(&dir);
+    for c in &cases {
+        cmd.args(["--prompt", c["prompt"].as_str().unwrap()]);
+    }
+    cmd.args([
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--format",
+        "json",
+    ]);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = jsonl(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(got.len(), cases.len());
+    for (g, c) in got.iter().zip(&cases) {
+        assert_eq!(g["token_ids"], c["new_token_ids"]);
+        assert!(g["text"].is_string());
+    }
+}
+
+#[test]
+fn logprobs_match_transformers() {
+    let dir = fixture("tied_f32");
+    let cases = jsonl(&std::fs::read_to_string(dir.join("expected_logprobs.jsonl")).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let lines: Vec<String> = cases
+        .iter()
+        .map(|c| {
+            serde_json::json!({"prompt": c["prompt"], "completion": c["completion"]}).to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = bin()
+        .arg("logprobs")
+        .arg("--model")
+        .arg(&dir)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = jsonl(&String::from_utf8(out.stdout).unwrap());
+    for (g, c) in got.iter().zip(&cases) {
+        assert_eq!(g["completion_ids"], c["completion_ids"]);
+        for (a, b) in g["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(c["logprobs"].as_array().unwrap())
+        {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4);
+        }
+    }
+}
+
+/// Copies a fixture model into a temporary directory to break it.
+fn copy_model(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
+fn generate_error(dir: &std::path::Path) -> String {
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(dir)
+        .args(["--prompt", "hi", "--max-new-tokens", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "no panic: a clean error exit");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn broken_checkpoints_give_clear_errors() {
+    // Truncated safetensors.
+    let tmp = copy_model("tied_f32");
+    let weights = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = generate_error(tmp.path());
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    // Config that does not match the weights (shape error names the tensor).
+    let tmp = copy_model("tied_f32");
+    let config = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 130");
+    std::fs::write(&config, text).unwrap();
+    let err = generate_error(tmp.path());
+    assert!(
+        err.contains("mlp.gate_proj.weight") && err.contains("shape"),
+        "{err}"
+    );
+
+    // A missing shard of a sharded checkpoint.
+    let tmp = copy_model("untied_bf16");
+    std::fs::remove_file(tmp.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let err = generate_error(tmp.path());
+    assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
+
+    // Not a model directory at all.
+    let tmp = tempfile::tempdir().unwrap();
+    let err = generate_error(tmp.path());
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn init_writes_a_loadable_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let ok = bin()
+        .args([
+            "init",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--intermediate",
+            "64",
+            "--vocab",
+            "300",
+            "--dtype",
+            "bf16",
+        ])
+        .arg("--out")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(&dir)
+        .args([
+            "--prompt",
+            "1+1=",
+            "--max-new-tokens",
+            "4",
+            "--format",
+            "json",
+            "-n",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(jsonl(&String::from_utf8(out.stdout).unwrap()).len(), 2);
+}
