@@ -97,10 +97,10 @@ fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
     let model = tmp.path().join("model");
     init_model(&model);
 
-    // An uninterrupted run of 4 steps.
+    // An uninterrupted run of 12 steps.
     let full = tmp.path().join("full");
     let full_recipe = tmp.path().join("full.toml");
-    std::fs::write(&full_recipe, recipe(&model, &full, 4)).unwrap();
+    std::fs::write(&full_recipe, recipe(&model, &full, 12)).unwrap();
     let out = bin()
         .arg("train")
         .arg("--config")
@@ -113,7 +113,7 @@ fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
         String::from_utf8_lossy(&out.stderr)
     );
     let metrics = metrics_without_times(&full.join("metrics.jsonl"));
-    assert_eq!(metrics.len(), 4);
+    assert_eq!(metrics.len(), 12);
     for key in [
         "reward",
         "reward_std",
@@ -139,7 +139,7 @@ fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
     // The same run killed with SIGKILL once checkpoint-2 exists, then resumed.
     let cut = tmp.path().join("cut");
     let cut_recipe = tmp.path().join("cut.toml");
-    std::fs::write(&cut_recipe, recipe(&model, &cut, 4)).unwrap();
+    std::fs::write(&cut_recipe, recipe(&model, &cut, 12)).unwrap();
     let mut child = bin()
         .arg("train")
         .arg("--config")
@@ -156,6 +156,12 @@ fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // It really was cut halfway: the run had not finished.
+    assert!(
+        !cut.join("final").exists(),
+        "the run finished before it could be killed"
+    );
+    assert!(!cut.join("checkpoint-12").exists());
     // No half-written checkpoint is ever visible under its final name.
     for entry in std::fs::read_dir(&cut).unwrap() {
         let p: PathBuf = entry.unwrap().path();
