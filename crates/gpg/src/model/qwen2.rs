@@ -274,12 +274,24 @@ impl Qwen2 {
         } else {
             Some(w.take("lm_head.weight", &[config.vocab_size, h])?)
         };
+        Ok(Self::assemble(config, embed_tokens, layers, norm, lm_head, device))
+    }
+
+    /// The model from its weights (the rotary tables are derived from the config).
+    fn assemble(
+        config: Qwen2Config,
+        embed_tokens: Tensor,
+        layers: Vec<DecoderLayer>,
+        norm: Tensor,
+        lm_head: Option<Tensor>,
+        device: &Device,
+    ) -> Self {
         let rope = Rope::new(
             config.head_dim(),
             config.rope_theta(),
             config.max_position_embeddings,
         );
-        Ok(Self {
+        Self {
             config,
             embed_tokens,
             layers,
@@ -287,7 +299,7 @@ impl Qwen2 {
             lm_head,
             rope,
             device: device.clone(),
-        })
+        }
     }
 
     /// A randomly initialised model as transformers initialises Qwen2: linear and embedding
@@ -340,20 +352,7 @@ impl Qwen2 {
             Some(randn(&[config.vocab_size, h])?)
         };
         let norm = ones(h)?;
-        let rope = Rope::new(
-            config.head_dim(),
-            config.rope_theta(),
-            config.max_position_embeddings,
-        );
-        Ok(Self {
-            config,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            device: device.clone(),
-        })
+        Ok(Self::assemble(config, embed_tokens, layers, norm, lm_head, device))
     }
 
     pub fn device(&self) -> &Device {

@@ -177,13 +177,14 @@ pub struct OptimConfig {
     pub schedule: LrScheduleConfig,
 }
 
-fn default_adamw() -> AdamWConfig {
+/// AdamW as the reference recipes use it (HF Trainer's weight decay 0).
+pub(crate) fn default_adamw() -> AdamWConfig {
     AdamWConfig {
         weight_decay: 0.0,
         ..AdamWConfig::default()
     }
 }
-fn default_max_grad_norm() -> f32 {
+pub(crate) fn default_max_grad_norm() -> f32 {
     1.0
 }
 fn default_schedule() -> LrScheduleConfig {

@@ -34,9 +34,9 @@ pub struct SftConfig {
     pub batch_size: usize,
     pub seed: u64,
     pub lr: f32,
-    #[serde(default = "default_adamw")]
+    #[serde(default = "super::config::default_adamw")]
     pub adamw: AdamWConfig,
-    #[serde(default = "default_max_grad_norm")]
+    #[serde(default = "super::config::default_max_grad_norm")]
     pub max_grad_norm: f32,
     #[serde(default = "default_schedule")]
     pub schedule: LrScheduleConfig,
@@ -59,15 +59,6 @@ pub struct SftConfig {
     pub eval_max_new_tokens: usize,
 }
 
-fn default_adamw() -> AdamWConfig {
-    AdamWConfig {
-        weight_decay: 0.0,
-        ..AdamWConfig::default()
-    }
-}
-fn default_max_grad_norm() -> f32 {
-    1.0
-}
 fn default_schedule() -> LrScheduleConfig {
     LrScheduleConfig {
         kind: LrScheduleKind::CosineWithMinLr,
