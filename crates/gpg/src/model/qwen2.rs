@@ -274,7 +274,14 @@ impl Qwen2 {
         } else {
             Some(w.take("lm_head.weight", &[config.vocab_size, h])?)
         };
-        Ok(Self::assemble(config, embed_tokens, layers, norm, lm_head, device))
+        Ok(Self::assemble(
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            device,
+        ))
     }
 
     /// The model from its weights (the rotary tables are derived from the config).
@@ -352,7 +359,14 @@ impl Qwen2 {
             Some(randn(&[config.vocab_size, h])?)
         };
         let norm = ones(h)?;
-        Ok(Self::assemble(config, embed_tokens, layers, norm, lm_head, device))
+        Ok(Self::assemble(
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            device,
+        ))
     }
 
     pub fn device(&self) -> &Device {
