@@ -510,9 +510,26 @@ impl Qwen2 {
         batch: &TrainBatch,
         inv_temperature: f32,
     ) -> Result<(TokenLogprobs, ForwardCache)> {
+        let (logprobs, cache) = self.forward_scored(batch, inv_temperature, true)?;
+        let cache = cache.context("internal: the training forward kept no activations")?;
+        Ok((logprobs, cache))
+    }
+
+    /// Log-probs only (evaluation, reference and old-policy log-probs): no activations kept.
+    pub fn logprobs(&self, batch: &TrainBatch, inv_temperature: f32) -> Result<TokenLogprobs> {
+        Ok(self.forward_scored(batch, inv_temperature, false)?.0)
+    }
+
+    /// The forward up to the scored completion tokens, keeping activations when `keep`.
+    fn forward_scored(
+        &self,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+        keep: bool,
+    ) -> Result<(TokenLogprobs, Option<ForwardCache>)> {
         self.check_tokens(&batch.tokens)?;
         let (x_final, layers) =
-            self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, true)?;
+            self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, keep)?;
         let (xf, rstd_final) = ops::rms_norm(&x_final, &self.norm, self.config.rms_norm_eps)?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
         let h_scored = xf.index_select(&rows, 0)?;
@@ -522,41 +539,19 @@ impl Qwen2 {
             &batch.targets,
             inv_temperature,
         )?;
-        let cache = ForwardCache {
+        let logprobs = TokenLogprobs {
+            logprobs: out.logprobs,
+            entropy: out.entropy,
+        };
+        let cache = keep.then_some(ForwardCache {
             layers,
             x_final,
             rstd_final,
             h_scored,
             lse: out.lse,
             inv_temperature,
-        };
-        Ok((
-            TokenLogprobs {
-                logprobs: out.logprobs,
-                entropy: out.entropy,
-            },
-            cache,
-        ))
-    }
-
-    /// Log-probs only (evaluation, reference and old-policy log-probs): no activations kept.
-    pub fn logprobs(&self, batch: &TrainBatch, inv_temperature: f32) -> Result<TokenLogprobs> {
-        self.check_tokens(&batch.tokens)?;
-        let (x_final, _) =
-            self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, false)?;
-        let (xf, _) = ops::rms_norm(&x_final, &self.norm, self.config.rms_norm_eps)?;
-        let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
-        let h_scored = xf.index_select(&rows, 0)?;
-        let out = ops::lm_head_logprobs(
-            &h_scored,
-            self.head_weight(),
-            &batch.targets,
-            inv_temperature,
-        )?;
-        Ok(TokenLogprobs {
-            logprobs: out.logprobs,
-            entropy: out.entropy,
-        })
+        });
+        Ok((logprobs, cache))
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
