@@ -71,6 +71,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     let mut config = base.with_overrides(&overrides)?;
     config.model = resolve(&config.model);
+    // The demo starts over on every plain run; a recipe's run folder is never replaced.
+    if args.config.is_none() && !args.resume && config.output_dir.join("metrics.jsonl").exists() {
+        eprintln!(
+            "replacing the previous demo run in {}",
+            config.output_dir.display()
+        );
+        std::fs::remove_dir_all(&config.output_dir).with_context(|| {
+            format!(
+                "{}: cannot remove the previous demo run",
+                config.output_dir.display()
+            )
+        })?;
+    }
     if args.quiet {
         config.logging.progress = false;
     }
