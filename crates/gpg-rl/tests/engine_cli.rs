@@ -201,3 +201,36 @@ fn init_writes_a_loadable_model() {
     );
     assert_eq!(jsonl(&String::from_utf8(out.stdout).unwrap()).len(), 2);
 }
+
+#[test]
+fn generation_stops_at_a_stop_string() {
+    let dir = fixture("untied_bf16");
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(&dir)
+        .args([
+            "--prompt",
+            "Question: What is 3 + 5?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ])
+        .args(["--ignore-eos", "--stop", " tim", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = &jsonl(&String::from_utf8(out.stdout).unwrap())[0];
+    assert_eq!(got["finish_reason"], "stop");
+    assert!(
+        got["text"].as_str().unwrap().ends_with(" tim"),
+        "{}",
+        got["text"]
+    );
+    assert!(got["token_ids"].as_array().unwrap().len() < 16);
+}

@@ -677,6 +677,39 @@ impl Qwen2 {
         Ok(h.matmul(&self.head_weight().t()?)?)
     }
 
+    /// Inference half of a layer's attention block: the input norm, then q, k, v of every row,
+    /// with q and k rotated to `positions` (q: [T, nh, hd], k and v: [T, nkv, hd]).
+    fn rotated_qkv(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        positions: &[u32],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let (xn, _) = ops::rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let a = &layer.self_attn;
+        let q = self
+            .rope
+            .forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
+        let k = self
+            .rope
+            .forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
+        let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
+        Ok((q, k, v))
+    }
+
+    /// Inference MLP block with its residual: x + down(silu(gate(n)) ⊙ up(n)), n = norm(x).
+    fn mlp_residual(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
+        let (xn2, _) = ops::rms_norm(x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
+        let h = ops::swiglu(
+            &layer.mlp.gate_proj.forward(&xn2)?,
+            &layer.mlp.up_proj.forward(&xn2)?,
+        )?;
+        Ok((x + layer.mlp.down_proj.forward(&h)?)?)
+    }
+
     /// Prefill for sampling: runs packed prompts through the model, returns the final-normed
     /// hidden state of each sequence's last token [n_seqs, H] and, per layer, the rotated keys
     /// and values of every prompt token ([T, kv_dim] each) for the KV cache.
@@ -694,23 +727,11 @@ impl Qwen2 {
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         let mut kv = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (xn, _) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
             let a = &layer.self_attn;
-            let q = self
-                .rope
-                .forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
-            let k = self
-                .rope
-                .forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
-            let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
+            let (q, k, v) = self.rotated_qkv(layer, &x, positions)?;
             let (att, _) = ops::attention(&q, &k, &v, seqs)?;
             x = (&x + a.o_proj.forward(&att.reshape((t, nh * hd))?)?)?;
-            let (xn2, _) = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let hmid = ops::swiglu(
-                &layer.mlp.gate_proj.forward(&xn2)?,
-                &layer.mlp.up_proj.forward(&xn2)?,
-            )?;
-            x = (&x + layer.mlp.down_proj.forward(&hmid)?)?;
+            x = self.mlp_residual(layer, &x)?;
             kv.push((k.reshape((t, nkv * hd))?, v.reshape((t, nkv * hd))?));
         }
         let last: Vec<u32> = (0..seqs.n_seqs())
@@ -722,9 +743,9 @@ impl Qwen2 {
         Ok((h_last, kv))
     }
 
-    /// One decoding step for a set of rows: `tokens[b]` at `positions[b]` is appended to row b's
-    /// cache (`caches[layer][b]`), and the final-normed hidden state of each row is returned
-    /// [B, H].
+    /// One decoding step for a set of rows: the key/value of `tokens[b]` at `positions[b]` is
+    /// appended to row b's cache in `kv`, and the final-normed hidden state of each row is
+    /// returned [B, H].
     pub fn decode_step(
         &self,
         tokens: &[u32],
@@ -738,27 +759,15 @@ impl Qwen2 {
         let ids = Tensor::from_slice(tokens, b, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let (xn, _) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
             let a = &layer.self_attn;
-            let q = self
-                .rope
-                .forward(&a.q_proj.forward(&xn)?.reshape((b, nh, hd))?, positions)?;
-            let k = self
-                .rope
-                .forward(&a.k_proj.forward(&xn)?.reshape((b, nkv, hd))?, positions)?;
-            let v = a.v_proj.forward(&xn)?.reshape((b, nkv, hd))?;
+            let (q, k, v) = self.rotated_qkv(layer, &x, positions)?;
             let q = q.flatten_all()?.to_vec1::<f32>()?;
             let k = k.flatten_all()?.to_vec1::<f32>()?;
             let v = v.flatten_all()?.to_vec1::<f32>()?;
             let att = kv.append_and_attend(li, &q, &k, &v, nh, nkv, hd)?;
             let att = Tensor::from_vec(att, (b, nh * hd), &self.device)?;
             x = (&x + a.o_proj.forward(&att)?)?;
-            let (xn2, _) = ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let hmid = ops::swiglu(
-                &layer.mlp.gate_proj.forward(&xn2)?,
-                &layer.mlp.up_proj.forward(&xn2)?,
-            )?;
-            x = (&x + layer.mlp.down_proj.forward(&hmid)?)?;
+            x = self.mlp_residual(layer, &x)?;
         }
         let (h, _) = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         Ok(h)

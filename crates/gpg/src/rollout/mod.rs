@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::model::ops::{self, VarLen};
 use crate::model::qwen2::{KvStore, Qwen2};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 pub use sampling::{SamplingParams, TokenSampler};
 
 /// Why a completion ended.
@@ -115,6 +115,8 @@ struct Row {
     sampler: TokenSampler,
     token_ids: Vec<u32>,
     logprobs: Vec<f32>,
+    /// The text so far, decoded one token at a time (only fed when there are stop strings).
+    text: IncrementalDecoder,
 }
 
 /// Samples `params.n` completions for each prompt (token ids, no padding).
@@ -185,6 +187,7 @@ pub fn generate(
                 sampler: TokenSampler::new(params, pi as u64, si as u64),
                 token_ids: Vec::with_capacity(params.max_new_tokens),
                 logprobs: Vec::with_capacity(params.max_new_tokens),
+                text: IncrementalDecoder::new(true),
             });
             logits.push(prompt_logits[pi].clone());
         }
@@ -201,7 +204,7 @@ pub fn generate(
             });
         // Decide which rows are finished; they leave the batch and their cache is dropped.
         let mut reasons = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows.iter_mut() {
             reasons.push(finish_reason(row, params, &stop_ids, tokenizer)?);
         }
         if reasons.iter().any(Option::is_some) {
@@ -247,7 +250,7 @@ fn logits_rows(model: &Qwen2, h: &Tensor) -> Result<Vec<Vec<f32>>> {
 
 /// Whether `row` is finished after its latest token, and why.
 fn finish_reason(
-    row: &Row,
+    row: &mut Row,
     params: &SamplingParams,
     stop_ids: &[u32],
     tokenizer: &Tokenizer,
@@ -257,7 +260,8 @@ fn finish_reason(
         return Ok(Some(FinishReason::Eos));
     }
     if !params.stop_strings.is_empty() {
-        let text = tokenizer.decode(&row.token_ids, true)?;
+        row.text.push(tokenizer, last)?;
+        let text = row.text.text();
         if params
             .stop_strings
             .iter()
