@@ -134,6 +134,39 @@ fn greedy_generation_matches_transformers_exactly() {
     }
 }
 
+/// Sampled rows that finish at different steps leave the batch; every row's sampling
+/// log-probs (decoder path, softmax(logits / T)) still equal the training forward's at 1/T.
+#[test]
+fn sampled_logprobs_match_the_training_forward() {
+    for name in MODELS {
+        let dir = fixture_dir(name);
+        let model = Qwen2::from_dir(&dir, &Device::Cpu).unwrap();
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let cases = jsonl(dir.join("expected_greedy.jsonl"));
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+        let params = SamplingParams {
+            n: 3,
+            max_new_tokens: 20,
+            temperature: 0.7,
+            seed: 3,
+            ..Default::default()
+        };
+        let out = rollout::generate(&model, &tokenizer, &prompts, &params).unwrap();
+        assert_eq!(out.len(), 3 * prompts.len());
+        let mut worst = 0.0f32;
+        for c in &out {
+            let p = &prompts[c.prompt_index];
+            let batch = TrainBatch::new(&[(p, &c.token_ids)]).unwrap();
+            let lp = model.logprobs(&batch, 1.0 / 0.7).unwrap().logprobs;
+            assert_eq!(lp.len(), c.logprobs.len());
+            for (a, b) in lp.iter().zip(&c.logprobs) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        assert!(worst < 1e-4, "{name}: worst |decoder − forward| = {worst}");
+    }
+}
+
 #[test]
 fn gradients_match_pytorch_within_1e_3_relative() {
     for name in MODELS {

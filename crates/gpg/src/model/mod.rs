@@ -5,6 +5,7 @@
 //! backward pass. SFT (g_t = −1/N), evaluation and every RL objective use it alike.
 
 pub mod config;
+pub mod decode;
 pub mod ops;
 pub mod qwen2;
 pub mod weights;

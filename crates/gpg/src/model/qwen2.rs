@@ -369,6 +369,11 @@ impl Qwen2 {
         ))
     }
 
+    /// The rotary tables (positions 0..max_position_embeddings).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -743,57 +748,10 @@ impl Qwen2 {
         Ok((h_last, kv))
     }
 
-    /// One decoding step for a set of rows: the key/value of `tokens[b]` at `positions[b]` is
-    /// appended to row b's cache in `kv`, and the final-normed hidden state of each row is
-    /// returned [B, H].
-    pub fn decode_step(
-        &self,
-        tokens: &[u32],
-        positions: &[u32],
-        kv: &mut dyn KvStore,
-    ) -> Result<Tensor> {
-        self.check_tokens(tokens)?;
-        let c = &self.config;
-        let b = tokens.len();
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let ids = Tensor::from_slice(tokens, b, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let (q, k, v) = self.rotated_qkv(layer, &x, positions)?;
-            let q = q.flatten_all()?.to_vec1::<f32>()?;
-            let k = k.flatten_all()?.to_vec1::<f32>()?;
-            let v = v.flatten_all()?.to_vec1::<f32>()?;
-            let att = kv.append_and_attend(li, &q, &k, &v, nh, nkv, hd)?;
-            let att = Tensor::from_vec(att, (b, nh * hd), &self.device)?;
-            x = (&x + a.o_proj.forward(&att)?)?;
-            x = self.mlp_residual(layer, &x)?;
-        }
-        let (h, _) = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        Ok(h)
-    }
-
     /// Number of scalar parameters.
     pub fn parameter_count(&self) -> usize {
         self.parameters().iter().map(|(_, t)| t.elem_count()).sum()
     }
-}
-
-/// The decoder's view of a KV cache: for layer `layer`, append one new key/value row to each
-/// active sequence and return the attention output of each sequence's new query over its
-/// whole cache ([B · nh · hd], row-major).
-pub trait KvStore {
-    #[allow(clippy::too_many_arguments)]
-    fn append_and_attend(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-    ) -> Result<Vec<f32>>;
 }
 
 fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, prefix: &str, lin: &'a Linear) {

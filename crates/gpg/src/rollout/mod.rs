@@ -9,11 +9,11 @@
 pub mod sampling;
 
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::model::ops::{self, VarLen};
-use crate::model::qwen2::{KvStore, Qwen2};
+use crate::model::decode::Decoder;
+use crate::model::ops::VarLen;
+use crate::model::qwen2::Qwen2;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 pub use sampling::{SamplingParams, TokenSampler};
 
@@ -42,69 +42,6 @@ pub struct Completion {
     /// The new tokens decoded, special tokens skipped.
     pub text: String,
     pub finish_reason: FinishReason,
-}
-
-/// Keys and values of the unfinished rows: `k[layer][row]` is [len, kv_dim] row-major.
-struct KvCache {
-    k: Vec<Vec<Vec<f32>>>,
-    v: Vec<Vec<Vec<f32>>>,
-}
-
-impl KvCache {
-    /// Drops the rows whose `keep` flag is false, in all layers.
-    fn retain(&mut self, keep: &[bool]) {
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let mut i = 0;
-            layer.retain(|_| {
-                let kept = keep[i];
-                i += 1;
-                kept
-            });
-        }
-    }
-}
-
-impl KvStore for KvCache {
-    fn append_and_attend(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-    ) -> Result<Vec<f32>> {
-        let kv_dim = n_kv_heads * head_dim;
-        let q_dim = n_heads * head_dim;
-        let rows = self.k[layer].len();
-        ensure!(
-            q.len() == rows * q_dim,
-            "decode: query rows do not match cache rows"
-        );
-        let mut out = vec![0.0f32; rows * q_dim];
-        self.k[layer]
-            .par_iter_mut()
-            .zip(self.v[layer].par_iter_mut())
-            .zip(out.par_chunks_mut(q_dim))
-            .enumerate()
-            .for_each(|(b, ((kc, vc), o))| {
-                kc.extend_from_slice(&k[b * kv_dim..(b + 1) * kv_dim]);
-                vc.extend_from_slice(&v[b * kv_dim..(b + 1) * kv_dim]);
-                let len = kc.len() / kv_dim;
-                ops::attention_decode(
-                    &q[b * q_dim..(b + 1) * q_dim],
-                    kc,
-                    vc,
-                    len,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    o,
-                );
-            });
-        Ok(out)
-    }
 }
 
 /// State of one unfinished row.
@@ -163,23 +100,20 @@ pub fn generate(
         })
         .collect::<Result<_>>()?;
     let kv_dim = model.config.kv_dim();
-    let mut cache = KvCache {
-        k: vec![Vec::new(); kv.len()],
-        v: vec![Vec::new(); kv.len()],
-    };
+    let vocab = model.config.vocab_size;
+    let decoder = Decoder::new(model)?;
+    let mut state = decoder.state(prompts.len() * params.n);
     let mut rows = Vec::new();
-    let mut logits: Vec<Vec<f32>> = Vec::new();
     for (pi, prompt) in prompts.iter().enumerate() {
         let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
+        let prompt_kv: Vec<(&[f32], &[f32])> = kv
+            .iter()
+            .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
+            .collect();
         for si in 0..params.n {
-            for (layer, (k, v)) in kv.iter().enumerate() {
-                let mut kc = Vec::with_capacity((prompt.len() + params.max_new_tokens) * kv_dim);
-                kc.extend_from_slice(&k[span.clone()]);
-                let mut vc = Vec::with_capacity(kc.capacity());
-                vc.extend_from_slice(&v[span.clone()]);
-                cache.k[layer].push(kc);
-                cache.v[layer].push(vc);
-            }
+            decoder.push_row(&mut state, &prompt_kv, prompt.len() + params.max_new_tokens)?;
+            let logits = state.logits_mut(rows.len() + 1, vocab);
+            logits[rows.len() * vocab..].copy_from_slice(&prompt_logits[pi]);
             rows.push(Row {
                 prompt_index: pi,
                 sample_index: si,
@@ -189,14 +123,14 @@ pub fn generate(
                 logprobs: Vec::with_capacity(params.max_new_tokens),
                 text: IncrementalDecoder::new(true),
             });
-            logits.push(prompt_logits[pi].clone());
         }
     }
 
     while !rows.is_empty() && params.max_new_tokens > 0 {
         // Sample one token per row (rows are independent: parallel).
+        let n_rows = rows.len();
         rows.par_iter_mut()
-            .zip(logits.par_iter_mut())
+            .zip(state.logits_mut(n_rows, vocab).par_chunks_mut(vocab))
             .for_each(|(row, l)| {
                 let (token, logprob) = row.sampler.sample(l);
                 row.token_ids.push(token);
@@ -224,7 +158,7 @@ pub fn generate(
                 }
             }
             rows = unfinished;
-            cache.retain(&keep);
+            state.retain(&keep);
         }
         if rows.is_empty() {
             break;
@@ -237,15 +171,10 @@ pub fn generate(
             .iter()
             .map(|r| (r.prompt_len + r.token_ids.len() - 1) as u32)
             .collect();
-        let h = model.decode_step(&tokens, &positions, &mut cache)?;
-        logits = logits_rows(model, &h)?;
+        decoder.step(&tokens, &positions, &mut state)?;
     }
     done.sort_by_key(|c| (c.prompt_index, c.sample_index));
     Ok(done)
-}
-
-fn logits_rows(model: &Qwen2, h: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(model.logits(h)?.to_vec2::<f32>()?)
 }
 
 /// Whether `row` is finished after its latest token, and why.

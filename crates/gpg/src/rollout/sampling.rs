@@ -9,6 +9,7 @@ use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::model::ops::cpu::simd::{exp_shift_sum, max, scale, vectorize};
 use crate::model::qwen2::Qwen2;
 use crate::tokenizer::Tokenizer;
 
@@ -111,76 +112,83 @@ impl TokenSampler {
 
     /// Picks the next token from `logits` (overwritten as scratch). Returns the token and its
     /// log-prob under softmax(logits / T) (T = 1 when greedy), before any truncation.
+    ///
+    /// One vectorised pass turns the logits into e_i = exp(l_i/T − max) with Z = Σ e_i, so that
+    /// log π(i) = ln(e_i) − ln(Z); the draw then walks the e_i (or the top-k/top-p subset).
     pub fn sample(&mut self, logits: &mut [f32]) -> (u32, f32) {
         let greedy = self.temperature == 0.0;
         let inv_t = if greedy { 1.0 } else { 1.0 / self.temperature };
-        let mut max = f32::NEG_INFINITY;
-        let mut argmax = 0usize;
-        for (i, l) in logits.iter_mut().enumerate() {
-            *l *= inv_t;
-            if *l > max {
-                max = *l;
-                argmax = i;
+        let (argmax, z) = vectorize(|| {
+            if inv_t != 1.0 {
+                scale(logits, inv_t);
             }
-        }
-        let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-        let lse = max + sum.ln() as f32;
+            let m = max(logits);
+            let argmax = logits.iter().position(|&l| l == m).unwrap_or(0);
+            (argmax, exp_shift_sum(logits, m))
+        });
+        let ln_z = z.ln();
         if greedy {
-            return (argmax as u32, logits[argmax] - lse);
+            // e_argmax = 1 exactly.
+            return (argmax as u32, -ln_z);
         }
-        let token = self.draw(logits, max);
-        (token, logits[token as usize] - lse)
+        let token = self.draw(logits, z).unwrap_or(argmax as u32);
+        (token, logits[token as usize].ln() - ln_z)
     }
 
-    /// Draws from softmax(logits) restricted by top-k and top-p.
-    fn draw(&mut self, logits: &[f32], max: f32) -> u32 {
-        let truncate = self.top_k > 0 && self.top_k < logits.len() || self.top_p < 1.0;
+    /// Draws from the distribution ∝ `weights` (e_i, summing to `total`), restricted by top-k
+    /// and top-p. `None` only if rounding left no token with positive weight to stop at.
+    fn draw(&mut self, weights: &[f32], total: f32) -> Option<u32> {
+        let truncate = self.top_k > 0 && self.top_k < weights.len() || self.top_p < 1.0;
         if !truncate {
             // Inverse-CDF draw over the full distribution.
-            let total: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-            let mut u = self.rng.gen::<f64>() * total;
-            for (i, &l) in logits.iter().enumerate() {
-                u -= ((l - max) as f64).exp();
-                if u <= 0.0 {
-                    return i as u32;
-                }
-            }
-            return (logits.len() - 1) as u32;
+            return pick(
+                weights.iter().copied().enumerate(),
+                self.rng.gen::<f32>() * total,
+            );
         }
         let c = &mut self.candidates;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
-        let by_logit_desc =
+        c.extend(weights.iter().enumerate().map(|(i, &w)| (w, i as u32)));
+        let by_weight_desc =
             |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if self.top_k > 0 && self.top_k < c.len() {
-            c.select_nth_unstable_by(self.top_k - 1, by_logit_desc);
+            c.select_nth_unstable_by(self.top_k - 1, by_weight_desc);
             c.truncate(self.top_k);
         }
-        c.sort_unstable_by(by_logit_desc);
-        let weights: Vec<f64> = c.iter().map(|&(l, _)| ((l - max) as f64).exp()).collect();
-        let mut total: f64 = weights.iter().sum();
-        let mut keep = weights.len();
+        c.sort_unstable_by(by_weight_desc);
+        let mut total: f64 = c.iter().map(|&(w, _)| w as f64).sum();
+        let mut keep = c.len();
         if self.top_p < 1.0 {
             let target = self.top_p as f64 * total;
             let mut cum = 0.0;
-            for (i, w) in weights.iter().enumerate() {
-                cum += w;
+            for (i, &(w, _)) in c.iter().enumerate() {
+                cum += w as f64;
                 if cum >= target {
                     keep = i + 1;
                     break;
                 }
             }
-            total = weights[..keep].iter().sum();
+            total = c[..keep].iter().map(|&(w, _)| w as f64).sum();
         }
-        let mut u = self.rng.gen::<f64>() * total;
-        for (i, w) in weights[..keep].iter().enumerate() {
-            u -= w;
-            if u <= 0.0 {
-                return c[i].1;
-            }
-        }
-        c[keep - 1].1
+        let u = self.rng.gen::<f64>() * total;
+        pick(c[..keep].iter().map(|&(w, i)| (i as usize, w)), u as f32)
     }
+}
+
+/// The first index at which the running sum of the weights exceeds `u` (a zero weight is
+/// never picked); the last positive-weight index when rounding leaves `u` beyond the total.
+fn pick(weights: impl Iterator<Item = (usize, f32)>, mut u: f32) -> Option<u32> {
+    let mut last = None;
+    for (i, w) in weights {
+        if w > 0.0 {
+            if u < w {
+                return Some(i as u32);
+            }
+            last = Some(i as u32);
+        }
+        u -= w;
+    }
+    last
 }
 
 #[cfg(test)]

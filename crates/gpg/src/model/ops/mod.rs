@@ -13,7 +13,7 @@
 //! contiguous `f32` tensors on the same device. Errors name the op and the offending argument.
 
 mod attention;
-mod cpu;
+pub(crate) mod cpu;
 mod lm_head;
 mod rms_norm;
 mod rope;

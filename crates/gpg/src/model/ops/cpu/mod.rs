@@ -8,5 +8,6 @@ pub(crate) mod lm_head;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
+pub(crate) mod rows_matmul;
 pub(crate) mod simd;
 pub(crate) mod swiglu;
