@@ -107,3 +107,40 @@ fn ops_micro_benchmark() {
     });
     println!("logits {rows}x{vocab}x{hid}: candle matmul {c:8.3} ms, gemm wrapper {d:8.3} ms");
 }
+
+/// The decoding step's pieces at batch 16: the few-rows products (fused qkv, o, gate/up,
+/// down, head) and single-query attention over 128 cached positions.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn decode_micro_benchmark() {
+    use super::cpu::rows_matmul::matmul_wt;
+    let rows = 16usize;
+    let reps = 51;
+    let mut g = rng(7);
+    println!("decode micro-benchmark: {rows} rows, median of {reps}");
+    let mut total = 0.0;
+    for (name, k, n, times) in [
+        ("qkv", 256usize, 512usize, 4usize),
+        ("o", 256, 256, 4),
+        ("gate_up", 256, 2048, 4),
+        ("down", 1024, 256, 4),
+        ("head", 256, 4096, 1),
+    ] {
+        let x = rand_vec(&mut g, rows * k, 1.0);
+        let w = rand_vec(&mut g, n * k, 1.0);
+        let mut y = vec![0.0f32; rows * n];
+        let ms = time_ms(reps, || matmul_wt(&x, &w, None, rows, k, n, &mut y, false));
+        let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+        total += ms * times as f64;
+        println!("matmul {name:8} K={k:5} N={n:5}: {ms:7.4} ms  {gflops:6.1} GFLOP/s  (x{times})");
+    }
+    let (nh, nkv, hd, len) = (4usize, 2usize, 64usize, 128usize);
+    let q = rand_vec(&mut g, nh * hd, 1.0);
+    let kc = rand_vec(&mut g, len * nkv * hd, 1.0);
+    let vc = rand_vec(&mut g, len * nkv * hd, 1.0);
+    let mut out = vec![0.0f32; nh * hd];
+    let ms = time_ms(reps, || attention_decode(&q, &kc, &vc, len, nh, nkv, hd, &mut out));
+    println!("attention_decode one row, len {len}: {ms:7.4} ms (x{} per step serial)", rows * 4);
+    total += ms * (rows * 4) as f64 / rayon::current_num_threads() as f64;
+    println!("sum per step: {total:.3} ms");
+}

@@ -17,8 +17,8 @@ use super::simd::{dot, vectorize};
 const MR: usize = 4;
 /// Rows of W (output columns) per register tile.
 const NR: usize = 3;
-/// Output columns per parallel task (a multiple of NR): about 256 KiB of W at K = 1024.
-const COLS_PER_TASK: usize = 66;
+/// Most output columns per parallel task (a multiple of NR): about 256 KiB of W at K = 1024.
+const MAX_COLS_PER_TASK: usize = 66;
 
 /// Where to write: `y[m·ldy + n]`. Shared between tasks that write disjoint columns.
 #[derive(Clone, Copy)]
@@ -62,10 +62,14 @@ pub(crate) fn matmul_wt(
         return;
     }
     let out = OutPtr(y.as_mut_ptr());
-    let tasks = n_out.div_ceil(COLS_PER_TASK);
+    // One task per thread when the product is small (a fork costs a few microseconds),
+    // more when the weight is large, for balance.
+    let per_thread = n_out.div_ceil(rayon::current_num_threads()).div_ceil(NR) * NR;
+    let cols = per_thread.clamp(NR, MAX_COLS_PER_TASK);
+    let tasks = n_out.div_ceil(cols);
     (0..tasks).into_par_iter().for_each(|task| {
-        let n0 = task * COLS_PER_TASK;
-        let n1 = (n0 + COLS_PER_TASK).min(n_out);
+        let n0 = task * cols;
+        let n1 = (n0 + cols).min(n_out);
         // SAFETY: this task writes only columns n0..n1 of the rows × n_out output, which the
         // assertions above show lie inside `y`; no other task writes these columns.
         unsafe { columns(x, w, bias, rows, k, n_out, n0, n1, out, accumulate) };
