@@ -20,6 +20,9 @@ use super::model_dir::ModelDir;
 pub enum BenchCommand {
     /// Train step (forward + backward) and batched sampling of a Qwen2 model.
     Engine(EngineArgs),
+    /// Whole GPG training steps (sampling, rewards, update) on "Compute a+b=" prompts,
+    /// optionally beside TRL's GRPOTrainer in GPG mode on the same model and prompts.
+    Trainer(TrainerArgs),
 }
 
 #[derive(Args)]
@@ -37,7 +40,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,
     /// Timed train steps (after one warm-up step); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub steps: usize,
     #[arg(long, default_value_t = 32)]
     pub sample_prompt_len: usize,
@@ -52,10 +56,13 @@ pub struct EngineArgs {
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Trainer(args) => super::bench_trainer::run(args),
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub use super::bench_trainer::TrainerArgs;
+
+pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
@@ -68,32 +75,65 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Writes the default bench model into `parent/bench-model`: a random Qwen2 with hidden 256,
+/// 4 layers, 4/2 heads, intermediate 1024, tied head, and a byte-level BPE of `vocab` entries.
+pub fn write_bench_model(parent: &std::path::Path, vocab: usize) -> Result<PathBuf> {
+    let dir = parent.join("bench-model");
+    write_model(&InitArgs {
+        out: dir.clone(),
+        hidden: 256,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 1024,
+        vocab,
+        max_positions: 4096,
+        rope_theta: 1e6,
+        rms_norm_eps: 1e-6,
+        untied: false,
+        init_std: 0.02,
+        seed: 0,
+        dtype: StorageDtype::F32,
+        corpus: None,
+    })?;
+    Ok(dir)
+}
+
+/// Runs `python script --model DIR extra…` from bench/compare and parses the JSON object on
+/// the last line of its output. OpenMP's default spin-waiting makes 2-thread PyTorch several
+/// times slower on a busy machine (bench/compare/README.md), so OMP_WAIT_POLICY is PASSIVE
+/// unless the user chose otherwise.
+pub fn run_peer(
+    python: &std::path::Path,
+    script: &str,
+    model_dir: &std::path::Path,
+    extra: &[String],
+) -> Result<serde_json::Value> {
+    let script_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/compare");
+    let wait_policy = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
+    let output = Command::new(python)
+        .env("OMP_WAIT_POLICY", wait_policy)
+        .arg(script_dir.join(script))
+        .arg("--model")
+        .arg(model_dir)
+        .args(extra)
+        .output()
+        .with_context(|| format!("cannot run {} {script}", python.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("{script}: unexpected output {last:?}"))
+}
+
 fn engine(args: &EngineArgs) -> Result<()> {
-    let tmp;
+    let tmp = tempfile::tempdir()?;
     let model_dir = match &args.model {
         Some(dir) => dir.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            let dir = tmp.path().join("bench-model");
-            write_model(&InitArgs {
-                out: dir.clone(),
-                hidden: 256,
-                layers: 4,
-                heads: 4,
-                kv_heads: 2,
-                intermediate: 1024,
-                vocab: 4096,
-                max_positions: 4096,
-                rope_theta: 1e6,
-                rms_norm_eps: 1e-6,
-                untied: false,
-                init_std: 0.02,
-                seed: 0,
-                dtype: StorageDtype::F32,
-                corpus: None,
-            })?;
-            dir
-        }
+        None => write_bench_model(tmp.path(), 4096)?,
     };
     let dir = ModelDir::load(&model_dir)?;
     let model = &dir.model;
@@ -172,29 +212,7 @@ fn engine(args: &EngineArgs) -> Result<()> {
     println!("peak RSS: {rss:.0} MiB");
 
     if let Some(python) = &args.peer_python {
-        let script_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/compare");
-        let peer = |script: &str, extra: &[String]| -> Result<serde_json::Value> {
-            // OpenMP's default spin-waiting makes 2-thread PyTorch several times slower on a
-            // busy machine (bench/compare/README.md); PASSIVE unless the user chose otherwise.
-            let wait_policy = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
-            let output = Command::new(python)
-                .env("OMP_WAIT_POLICY", wait_policy)
-                .arg(script_dir.join(script))
-                .arg("--model")
-                .arg(&model_dir)
-                .args(extra)
-                .output()
-                .with_context(|| format!("cannot run {} {script}", python.display()))?;
-            anyhow::ensure!(
-                output.status.success(),
-                "{script} failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let last = stdout.lines().last().unwrap_or_default();
-            serde_json::from_str(last)
-                .with_context(|| format!("{script}: unexpected output {last:?}"))
-        };
+        let peer = |script: &str, extra: &[String]| run_peer(python, script, &model_dir, extra);
         let threads = ["--threads".to_string(), threads.to_string()];
         let torch = peer("torch_train_step.py", &threads)?;
         let hf = peer("hf_generate.py", &threads)?;

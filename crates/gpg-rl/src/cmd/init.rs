@@ -140,8 +140,9 @@ pub fn save_with_tokenizer(
     )
 }
 
-/// A small built-in corpus of English and arithmetic, enough for a byte-level BPE of a few
-/// thousand tokens.
+/// A small built-in corpus of English, arithmetic and pseudo-English text (a fixed-seed
+/// lexicon of made-up words with Zipf-like frequencies), enough for a byte-level BPE of 4096
+/// tokens or more.
 pub fn builtin_corpus() -> Vec<String> {
     let mut corpus: Vec<String> = [
         "The quick brown fox jumps over the lazy dog.",
@@ -165,7 +166,58 @@ pub fn builtin_corpus() -> Vec<String> {
             ));
         }
     }
+    corpus.extend(pseudo_english(4000, 0));
     corpus
+}
+
+/// `sentences` lines of made-up words (onset + vowel + coda syllables) drawn from a lexicon
+/// of 6,000 with probability ∝ 1/rank, from a fixed seed.
+fn pseudo_english(sentences: usize, seed: u64) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    const ONSETS: [&str; 21] = [
+        "", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st",
+        "tr", "ch", "sh",
+    ];
+    const VOWELS: [&str; 8] = ["a", "e", "i", "o", "u", "ai", "ou", "ea"];
+    const CODAS: [&str; 9] = ["", "", "n", "r", "s", "t", "l", "nd", "ng"];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let lexicon: Vec<String> = (0..6000)
+        .map(|_| {
+            (0..rng.gen_range(1..=3))
+                .map(|_| {
+                    format!(
+                        "{}{}{}",
+                        ONSETS[rng.gen_range(0..ONSETS.len())],
+                        VOWELS[rng.gen_range(0..VOWELS.len())],
+                        CODAS[rng.gen_range(0..CODAS.len())]
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    // Inverse-CDF draws from p(rank) ∝ 1/(rank + 1).
+    let cdf: Vec<f64> = lexicon
+        .iter()
+        .enumerate()
+        .scan(0.0, |acc, (i, _)| {
+            *acc += 1.0 / (i + 1) as f64;
+            Some(*acc)
+        })
+        .collect();
+    let total = cdf[cdf.len() - 1];
+    (0..sentences)
+        .map(|_| {
+            let words: Vec<&str> = (0..rng.gen_range(6..16))
+                .map(|_| {
+                    let u = rng.gen::<f64>() * total;
+                    &lexicon[cdf.partition_point(|&c| c < u).min(lexicon.len() - 1)][..]
+                })
+                .collect();
+            let mut line = words.join(" ");
+            line.push('.');
+            line
+        })
+        .collect()
 }
 
 /// Questions and worked solutions of the built-in arithmetic task (all difficulty levels).

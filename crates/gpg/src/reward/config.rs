@@ -16,16 +16,18 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AccuracyReward, BoxedFormatReward, CosineLengthReward, CosineOptions, ExactMatchReward,
-    ExternalOptions, ExternalReward, Reward, ThinkAnswerFormatReward, WeightedSum,
+    ExternalOptions, ExternalReward, LengthOptions, LengthReward, Reward, ThinkAnswerFormatReward,
+    WeightedSum,
 };
 
 /// Names accepted in [`RewardSpec::name`].
-pub const REWARD_NAMES: [&str; 6] = [
+pub const REWARD_NAMES: [&str; 7] = [
     "accuracy",
     "format",
     "boxed_format",
     "cosine",
     "exact_match",
+    "length",
     "external",
 ];
 
@@ -56,8 +58,8 @@ pub struct RewardSpec {
     pub name: String,
     #[serde(default = "default_weight")]
     pub weight: f32,
-    /// Function-specific options (`cosine`: [`CosineOptions`]; `external`:
-    /// [`ExternalOptions`], required). Other functions take none.
+    /// Function-specific options (`cosine`: [`CosineOptions`]; `length`: [`LengthOptions`];
+    /// `external`: [`ExternalOptions`], required). Other functions take none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Value>,
 }
@@ -90,6 +92,10 @@ impl RewardSpec {
             "cosine" => {
                 let options: CosineOptions = self.parse_options()?.unwrap_or_default();
                 Box::new(CosineLengthReward::new(options)?)
+            }
+            "length" => {
+                let options: LengthOptions = self.parse_options()?.unwrap_or_default();
+                Box::new(LengthReward { options })
             }
             "external" => {
                 let options: ExternalOptions = self.parse_options()?.with_context(|| {

@@ -10,6 +10,7 @@
 //! * `boxed_format`: 1 if the completion contains a non-empty `\boxed{…}`, else 0;
 //! * `cosine`: accuracy scaled by completion length with a cosine schedule;
 //! * `exact_match`: 1 if the trimmed completion equals the trimmed gold answer, else 0;
+//! * `length`: −|characters − target| (TRL's quick-start reward; smoke tests, benchmarks);
 //! * `external`: scores computed by a child process speaking JSON lines.
 //!
 //! [`WeightedSum`] combines several of them; [`RewardConfig`] builds one from a config file.
@@ -20,6 +21,7 @@ mod cosine;
 mod exact;
 mod external;
 mod format;
+mod length;
 mod weighted;
 
 pub use accuracy::AccuracyReward;
@@ -28,6 +30,7 @@ pub use cosine::{CosineLengthReward, CosineOptions};
 pub use exact::ExactMatchReward;
 pub use external::{ExternalOptions, ExternalReward};
 pub use format::{BoxedFormatReward, ThinkAnswerFormatReward};
+pub use length::{LengthOptions, LengthReward};
 pub use weighted::{RewardScores, WeightedSum};
 
 /// One completion to score, with what a reward function may need to know about it.

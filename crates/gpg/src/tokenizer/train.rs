@@ -9,8 +9,12 @@
 //!   ids vocab_size-3..         <|endoftext|>, <|im_start|>, <|im_end|>  (special)
 //! ```
 //!
-//! Pre-tokenizer: ByteLevel (GPT-2 regex split, no prefix space); decoder: ByteLevel; no
-//! normalizer and no unknown token, so every UTF-8 string round-trips exactly. Training is
+//! The pipeline is Qwen2's, so that transformers' `Qwen2Tokenizer` (which `AutoTokenizer`
+//! picks for every `model_type = "qwen2"` directory and which imposes this pipeline) splits
+//! text exactly as tokenizer.json does: normalizer NFC; pre-tokenizer the Qwen2 regex split
+//! (single digits, letters with one leading non-letter, punctuation runs, whitespace) then
+//! ByteLevel without its own regex; decoder ByteLevel; no unknown token, so every NFC string
+//! round-trips exactly. Training is
 //! deterministic: the trainer breaks count ties by the (sorted) pair ids, so the same corpus
 //! gives a byte-identical tokenizer.json.
 
@@ -22,8 +26,12 @@ use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::AddedToken;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::config::TokenizerConfig;
 use super::Tokenizer;
@@ -47,6 +55,23 @@ const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"
 const END_OF_TEXT: &str = "<|endoftext|>";
 const BYTE_TOKENS: usize = 256;
 
+/// Qwen2's pre-tokenization pattern (transformers' `PRETOKENIZE_REGEX`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Qwen2 split, then the byte-to-character mapping of ByteLevel (no regex of its own).
+fn qwen2_pre_tokenizer() -> Result<PreTokenizerWrapper> {
+    let split = Split::new(
+        SplitPattern::Regex(QWEN2_SPLIT.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow!("the Qwen2 split pattern: {e}"))?;
+    Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])))
+}
+
 /// Trains a byte-level BPE tokenizer on `corpus` with at most `vocab_size` tokens in all
 /// (256 bytes + merges + 3 special tokens). Only pairs seen at least twice are merged, so a
 /// small corpus may give fewer; size the model by [`Tokenizer::vocab_size`].
@@ -68,7 +93,8 @@ pub fn train_byte_level_bpe(corpus: &[String], vocab_size: usize) -> Result<Toke
 
     let mut inner = tokenizers::Tokenizer::new(BPE::default());
     inner
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_normalizer(Some(NFC))
+        .with_pre_tokenizer(Some(qwen2_pre_tokenizer()?))
         .with_post_processor(Some(ByteLevel::new(false, false, true)))
         .with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
     inner

@@ -139,8 +139,13 @@ fn decode_micro_benchmark() {
     let kc = rand_vec(&mut g, len * nkv * hd, 1.0);
     let vc = rand_vec(&mut g, len * nkv * hd, 1.0);
     let mut out = vec![0.0f32; nh * hd];
-    let ms = time_ms(reps, || attention_decode(&q, &kc, &vc, len, nh, nkv, hd, &mut out));
-    println!("attention_decode one row, len {len}: {ms:7.4} ms (x{} per step serial)", rows * 4);
+    let ms = time_ms(reps, || {
+        attention_decode(&q, &kc, &vc, len, nh, nkv, hd, &mut out)
+    });
+    println!(
+        "attention_decode one row, len {len}: {ms:7.4} ms (x{} per step serial)",
+        rows * 4
+    );
     total += ms * (rows * 4) as f64 / rayon::current_num_threads() as f64;
     println!("sum per step: {total:.3} ms");
 }
