@@ -47,6 +47,10 @@ pub struct EngineArgs {
     pub sample_prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
+    /// Timed sampling runs (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 3,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub runs: usize,
     /// Python interpreter with torch + transformers: also run the PyTorch peer
     /// (bench/compare/*.py) on the same model and print the ratios.
     #[arg(long)]
@@ -130,6 +134,12 @@ pub fn run_peer(
 }
 
 fn engine(args: &EngineArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.prompt_len < args.seq_len && args.sample_prompt_len > 0,
+        "--prompt-len ({}) must be below --seq-len ({}) and --sample-prompt-len positive",
+        args.prompt_len,
+        args.seq_len
+    );
     let tmp = tempfile::tempdir()?;
     let model_dir = match &args.model {
         Some(dir) => dir.clone(),
@@ -199,23 +209,52 @@ fn engine(args: &EngineArgs) -> Result<()> {
             ..params.clone()
         },
     )?;
-    let t0 = Instant::now();
-    let out = rollout::generate(model, &dir.tokenizer, &prompts, &params)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let new_tokens: usize = out.iter().map(|c| c.token_ids.len()).sum();
+    let mut run_times = Vec::new();
+    let mut new_tokens = 0;
+    for run in 0..args.runs {
+        let t0 = Instant::now();
+        let out = rollout::generate(
+            model,
+            &dir.tokenizer,
+            &prompts,
+            &SamplingParams {
+                seed: run as u64,
+                ..params.clone()
+            },
+        )?;
+        run_times.push(t0.elapsed().as_secs_f64());
+        new_tokens = out.iter().map(|c| c.token_ids.len()).sum();
+    }
+    let secs = median(run_times);
     let tok_s = new_tokens as f64 / secs;
     println!(
-        "sampling, batch {} prompt {} new {}: {:.0} tokens/s ({:.2} s)",
-        args.batch, args.sample_prompt_len, args.new_tokens, tok_s, secs
+        "sampling, batch {} prompt {} new {}: {:.0} tokens/s ({:.2} s, median of {})",
+        args.batch, args.sample_prompt_len, args.new_tokens, tok_s, secs, args.runs
     );
     let rss = peak_rss_mib().unwrap_or(f64::NAN);
     println!("peak RSS: {rss:.0} MiB");
 
     if let Some(python) = &args.peer_python {
         let peer = |script: &str, extra: &[String]| run_peer(python, script, &model_dir, extra);
-        let threads = ["--threads".to_string(), threads.to_string()];
-        let torch = peer("torch_train_step.py", &threads)?;
-        let hf = peer("hf_generate.py", &threads)?;
+        let arg = |k: &str, v: usize| [format!("--{k}"), v.to_string()];
+        let torch_args = [
+            arg("threads", threads),
+            arg("batch", args.batch),
+            arg("seq-len", args.seq_len),
+            arg("completion-len", args.seq_len - args.prompt_len),
+            arg("steps", args.steps),
+        ]
+        .concat();
+        let hf_args = [
+            arg("threads", threads),
+            arg("batch", args.batch),
+            arg("prompt-len", args.sample_prompt_len),
+            arg("new-tokens", args.new_tokens),
+            arg("runs", args.runs),
+        ]
+        .concat();
+        let torch = peer("torch_train_step.py", &torch_args)?;
+        let hf = peer("hf_generate.py", &hf_args)?;
         let torch_s = torch["train_step_s"].as_f64().unwrap_or(f64::NAN);
         let hf_tok_s = hf["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
         println!(

@@ -25,7 +25,12 @@ use rayon::prelude::*;
 
 use super::ops::cpu::rows_matmul::matmul_wt;
 use super::ops::cpu::{rms_norm, swiglu};
-use super::ops::{self, Rope};
+use super::ops::{self, DecodeCache, Rope};
+
+thread_local! {
+    /// Attention scores of one row (per thread, reused across steps).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 use super::qwen2::{Linear, Qwen2};
 
 /// A dense weight [out, inp] row-major with an optional bias [out].
@@ -112,12 +117,22 @@ pub struct Decoder {
     rope: Rope,
 }
 
+/// The KV cache of one sequence, all layers, sized for its whole completion.
+struct RowCache {
+    /// `kt[layer]`: keys transposed, [kv_heads, head_dim, cap] (see [`DecodeCache`]).
+    kt: Vec<Vec<f32>>,
+    /// `v[layer]`: values [len, kv_dim] row-major, capacity reserved up to `cap`.
+    v: Vec<Vec<f32>>,
+    /// Cached positions.
+    len: usize,
+    /// Room in `kt`: the longest the sequence may grow, rounded up to DecodeCache::BLOCK.
+    cap: usize,
+}
+
 /// Per-row KV caches and the activation buffers of [`Decoder::step`], for up to `capacity`
-/// rows. Row r of the batch is `rows[r]`; finished rows leave with [`DecodeState::retain`].
+/// rows. Finished rows leave with [`DecodeState::retain`].
 pub struct DecodeState {
-    /// `k[layer][row]`: [len, kv_dim] row-major, capacity reserved for the whole completion.
-    k: Vec<Vec<Vec<f32>>>,
-    v: Vec<Vec<Vec<f32>>>,
+    rows: Vec<RowCache>,
     x: Vec<f32>,
     xn: Vec<f32>,
     rstd: Vec<f32>,
@@ -131,15 +146,13 @@ pub struct DecodeState {
 impl DecodeState {
     /// Number of rows in the batch.
     pub fn rows(&self) -> usize {
-        self.k.first().map_or(0, Vec::len)
+        self.rows.len()
     }
 
     /// Keeps the rows whose flag is true, in order.
     pub fn retain(&mut self, keep: &[bool]) {
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let mut flags = keep.iter();
-            layer.retain(|_| flags.next().copied().unwrap_or(false));
-        }
+        let mut flags = keep.iter();
+        self.rows.retain(|_| flags.next().copied().unwrap_or(false));
     }
 
     /// Logits of the last step, [rows, V].
@@ -203,11 +216,9 @@ impl Decoder {
 
     /// An empty state whose buffers fit `capacity` rows.
     pub fn state(&self, capacity: usize) -> DecodeState {
-        let n = self.layers.len();
         let qkv_width = self.q_dim() + 2 * self.kv_dim();
         DecodeState {
-            k: vec![Vec::with_capacity(capacity); n],
-            v: vec![Vec::with_capacity(capacity); n],
+            rows: Vec::with_capacity(capacity),
             x: vec![0.0; capacity * self.hidden],
             xn: vec![0.0; capacity * self.hidden],
             rstd: vec![0.0; capacity],
@@ -232,18 +243,35 @@ impl Decoder {
             "decoder: one k/v pair per layer"
         );
         let kv_dim = self.kv_dim();
+        let len = kv.first().map_or(0, |(k, _)| k.len() / kv_dim);
+        ensure!(
+            len <= max_len,
+            "decoder: prompt of {len} exceeds max_len {max_len}"
+        );
+        let cap = max_len.next_multiple_of(DecodeCache::BLOCK);
+        let mut row = RowCache {
+            kt: Vec::with_capacity(kv.len()),
+            v: Vec::with_capacity(kv.len()),
+            len,
+            cap,
+        };
         for (layer, (k, v)) in kv.iter().enumerate() {
             ensure!(
-                k.len() == v.len() && k.len() % kv_dim == 0,
-                "decoder: prompt k/v of layer {layer} are not [len, {kv_dim}]"
+                k.len() == len * kv_dim && v.len() == len * kv_dim,
+                "decoder: prompt k/v of layer {layer} are not [{len}, {kv_dim}]"
             );
-            let mut kc = Vec::with_capacity(max_len * kv_dim);
-            kc.extend_from_slice(k);
+            let mut kt = vec![0.0f32; kv_dim * cap];
+            for (t, kr) in k.chunks_exact(kv_dim).enumerate() {
+                for (j, &x) in kr.iter().enumerate() {
+                    kt[j * cap + t] = x;
+                }
+            }
             let mut vc = Vec::with_capacity(max_len * kv_dim);
             vc.extend_from_slice(v);
-            state.k[layer].push(kc);
-            state.v[layer].push(vc);
+            row.kt.push(kt);
+            row.v.push(vc);
         }
+        state.rows.push(row);
         Ok(())
     }
 
@@ -283,32 +311,47 @@ impl Decoder {
                 &mut s.rstd[..b],
             );
             layer.qkv.apply(&s.xn, b, &mut s.qkv, false);
-            for (r, row) in s.qkv[..b * width].chunks_exact_mut(width).enumerate() {
+            for (r, (row, cache)) in s.qkv[..b * width]
+                .chunks_exact_mut(width)
+                .zip(s.rows.iter_mut())
+                .enumerate()
+            {
                 let (q, kv) = row.split_at_mut(qd);
                 let (k, v) = kv.split_at_mut(kvd);
                 let pos = &positions[r..r + 1];
                 self.rope.forward_slice(q, self.n_heads, pos)?;
                 self.rope.forward_slice(k, self.n_kv_heads, pos)?;
-                s.k[li][r].extend_from_slice(k);
-                s.v[li][r].extend_from_slice(v);
+                ensure!(cache.len < cache.cap, "decoder: a row outgrew its cache");
+                let kt = &mut cache.kt[li];
+                for (j, &x) in k.iter().enumerate() {
+                    kt[j * cache.cap + cache.len] = x;
+                }
+                cache.v[li].extend_from_slice(v);
             }
-            let (ks, vs, qkv) = (&s.k[li], &s.v[li], &s.qkv);
+            let (rows, qkv) = (&s.rows, &s.qkv);
             s.att[..b * qd]
                 .par_chunks_mut(qd)
+                .zip(rows.par_iter())
                 .enumerate()
-                .for_each(|(r, out)| {
+                .for_each(|(r, (out, cache))| {
                     let q = &qkv[r * width..r * width + qd];
-                    let len = ks[r].len() / kvd;
-                    ops::attention_decode(
-                        q,
-                        &ks[r],
-                        &vs[r],
-                        len,
-                        self.n_heads,
-                        self.n_kv_heads,
-                        hd,
-                        out,
-                    );
+                    let view = DecodeCache {
+                        kt: &cache.kt[li],
+                        cap: cache.cap,
+                        v: &cache.v[li],
+                        len: cache.len + 1,
+                    };
+                    SCORES.with_borrow_mut(|scores| {
+                        ops::attention_decode(
+                            q,
+                            view,
+                            self.n_heads,
+                            self.n_kv_heads,
+                            hd,
+                            scores,
+                            out,
+                        )
+                    });
                 });
             layer.o.apply(&s.att, b, &mut s.x, true);
             rms_norm::forward(
@@ -327,6 +370,9 @@ impl Decoder {
                 swiglu::forward(gate, up, hr);
             }
             layer.down.apply(&s.h, b, &mut s.x, true);
+        }
+        for cache in &mut s.rows {
+            cache.len += 1;
         }
         rms_norm::forward(
             &s.x[..b * h],

@@ -128,25 +128,41 @@ pub fn attention_backward(
     }
 }
 
+/// Shape of a decoding step's caches: `kt` holds the keys transposed, [n_kv_heads, head_dim,
+/// cap] (position t of kv head g, dimension d at (g·head_dim + d)·cap + t), and `v` the values
+/// token-major, [len, n_kv_heads, head_dim]. `cap` must be a multiple of
+/// [`DecodeCache::BLOCK`] and at least the number of cached positions.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeCache<'a> {
+    pub kt: &'a [f32],
+    pub cap: usize,
+    pub v: &'a [f32],
+    pub len: usize,
+}
+
+impl DecodeCache<'_> {
+    /// Positions scored together; `cap` is a multiple of it.
+    pub const BLOCK: usize = cpu::attention::DECODE_BLOCK;
+}
+
 /// Decoding attention for one new query token against a key/value cache: `q` [nh·hd] attends
-/// to all `len` rows of `k`, `v` (token-major, row t = [nkv][hd]); writes `out` [nh·hd].
-/// Same equation as [`attention`] for the last row of a sequence. Runs on the calling thread
-/// (the sampler parallelises over sequences). With `len` = 0 the output is 0.
+/// to all `cache.len` cached positions; writes `out` [nh·hd]. Same equation as [`attention`]
+/// for the last row of a sequence. Runs on the calling thread (the decoder parallelises over
+/// sequences); `scores` is scratch space. With `len` = 0 the output is 0.
 ///
 /// # Panics
-/// If the slice lengths disagree with `len`, `n_heads`, `n_kv_heads`, `head_dim`, or if
-/// `n_heads` is not a positive multiple of `n_kv_heads` (these are internal buffer invariants).
-#[allow(clippy::too_many_arguments)]
+/// If the slice lengths disagree with the shapes, or if `n_heads` is not a positive multiple
+/// of `n_kv_heads` (these are internal buffer invariants).
 pub fn attention_decode(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    len: usize,
+    cache: DecodeCache<'_>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let DecodeCache { kt, cap, v, len } = cache;
     assert!(
         n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
         "attention_decode: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}"
@@ -158,15 +174,20 @@ pub fn attention_decode(
         "attention_decode: out length"
     );
     assert!(
-        k.len() >= len * n_kv_heads * head_dim && v.len() >= len * n_kv_heads * head_dim,
-        "attention_decode: k/v hold fewer than {len} rows"
+        cap.is_multiple_of(DecodeCache::BLOCK) && cap >= len,
+        "attention_decode: cap {cap} must be a multiple of {} and at least len {len}",
+        DecodeCache::BLOCK
+    );
+    assert!(
+        kt.len() >= n_kv_heads * head_dim * cap && v.len() >= len * n_kv_heads * head_dim,
+        "attention_decode: kt/v are smaller than their shapes"
     );
     let dims = Heads {
         n_heads,
         n_kv_heads,
         head_dim,
     };
-    cpu::attention::decode(q, k, v, len, dims, out);
+    cpu::attention::decode(q, kt, cap, v, len, dims, scores, out);
 }
 
 #[cfg(test)]
@@ -308,8 +329,11 @@ mod tests {
 
     #[test]
     fn decode_matches_last_row_of_training_attention() {
-        let (nh, nkv, hd) = (4, 2, 16);
-        for len in [1usize, 3, 77] {
+        // head_dim 16 takes the axpy path, 64 the register-blocked one.
+        for (nh, nkv, hd, len) in [1usize, 3, 32, 77]
+            .into_iter()
+            .flat_map(|len| [(4, 2, 16, len), (4, 2, 64, len), (6, 2, 32, len)])
+        {
             let (q, k, v) = random_qkv(11 + len as u64, len, nh, nkv, hd);
             let (out, _) = attention(
                 &tensor(&q, &[len, nh, hd]),
@@ -320,7 +344,28 @@ mod tests {
             .unwrap();
             let mut dec = vec![0.0f32; nh * hd];
             let last = (len - 1) * nh * hd;
-            attention_decode(&q[last..], &k, &v, len, nh, nkv, hd, &mut dec);
+            // Keys transposed into [nkv, hd, cap] with room to spare past len.
+            let cap = (len + 1).next_multiple_of(DecodeCache::BLOCK);
+            let mut kt = vec![f32::NAN; nkv * hd * cap];
+            for t in 0..len {
+                for j in 0..nkv * hd {
+                    kt[j * cap + t] = k[t * nkv * hd + j];
+                }
+            }
+            // Stale entries past len must not matter.
+            for j in 0..nkv * hd {
+                for t in len..cap {
+                    kt[j * cap + t] = 1e30;
+                }
+            }
+            let cache = DecodeCache {
+                kt: &kt,
+                cap,
+                v: &v,
+                len,
+            };
+            let mut scores = Vec::new();
+            attention_decode(&q[last..], cache, nh, nkv, hd, &mut scores, &mut dec);
             let want = widen(&values(&out)[last..]);
             assert_close(&dec, &want, 1e-6, 1e-6, "decode");
         }

@@ -63,17 +63,6 @@ fn ops_micro_benchmark() {
     });
     println!("attention       fwd {f:8.3} ms   bwd {b:8.3} ms");
 
-    let qd = rand_vec(&mut g, nh * hd, 1.0);
-    let kc = rand_vec(&mut g, len * nkv * hd, 1.0);
-    let vc = rand_vec(&mut g, len * nkv * hd, 1.0);
-    let mut od = vec![0.0f32; nh * hd];
-    let dec = time_ms(reps, || {
-        for _ in 0..100 {
-            attention_decode(&qd, &kc, &vc, len, nh, nkv, hd, &mut od);
-        }
-    }) / 100.0;
-    println!("attention_decode (len {len}) {:8.4} ms per call", dec);
-
     let h = tensor(&rand_vec(&mut g, t * hid, 1.0), &[t, hid]);
     let wv = tensor(&rand_vec(&mut g, vocab * hid, 0.1), &[vocab, hid]);
     let targets: Vec<u32> = (0..t).map(|i| (i * 31 % vocab) as u32).collect();
@@ -134,18 +123,28 @@ fn decode_micro_benchmark() {
         total += ms * times as f64;
         println!("matmul {name:8} K={k:5} N={n:5}: {ms:7.4} ms  {gflops:6.1} GFLOP/s  (x{times})");
     }
-    let (nh, nkv, hd, len) = (4usize, 2usize, 64usize, 128usize);
-    let q = rand_vec(&mut g, nh * hd, 1.0);
-    let kc = rand_vec(&mut g, len * nkv * hd, 1.0);
-    let vc = rand_vec(&mut g, len * nkv * hd, 1.0);
-    let mut out = vec![0.0f32; nh * hd];
-    let ms = time_ms(reps, || {
-        attention_decode(&q, &kc, &vc, len, nh, nkv, hd, &mut out)
-    });
-    println!(
-        "attention_decode one row, len {len}: {ms:7.4} ms (x{} per step serial)",
-        rows * 4
-    );
-    total += ms * (rows * 4) as f64 / rayon::current_num_threads() as f64;
+    let (nh, nkv, hd) = (4usize, 2usize, 64usize);
+    for len in [128usize, 512] {
+        let cap = len.next_multiple_of(DecodeCache::BLOCK);
+        let q = rand_vec(&mut g, nh * hd, 1.0);
+        let kt = rand_vec(&mut g, cap * nkv * hd, 1.0);
+        let vc = rand_vec(&mut g, len * nkv * hd, 1.0);
+        let mut out = vec![0.0f32; nh * hd];
+        let mut scores = Vec::new();
+        let cache = DecodeCache {
+            kt: &kt,
+            cap,
+            v: &vc,
+            len,
+        };
+        let ms = time_ms(reps, || {
+            attention_decode(&q, cache, nh, nkv, hd, &mut scores, &mut out)
+        });
+        let gflops = (4 * nh * len * hd) as f64 / ms / 1e6;
+        println!("attention_decode one row, len {len}: {ms:7.4} ms  {gflops:6.1} GFLOP/s");
+        if len == 128 {
+            total += ms * (rows * 4) as f64 / rayon::current_num_threads() as f64;
+        }
+    }
     println!("sum per step: {total:.3} ms");
 }

@@ -289,17 +289,38 @@ pub(crate) fn backward(
     );
 }
 
-/// One decoding step: a single query token `q` [nh·hd] attends to all `len` cached rows of
-/// `k`, `v` ([len, nkv, hd]); writes `out` [nh·hd]. With no cached row the output is 0.
+/// Cached positions whose scores are accumulated together in [`decode`] (a multiple of 8).
+pub(crate) const DECODE_BLOCK: usize = 32;
+
+/// One decoding step: a single query token `q` [nh·hd] attends to `len` cached positions;
+/// writes `out` [nh·hd]. With no cached position the output is 0.
+///
+/// The keys are stored transposed, `kt` [nkv, hd, cap] (position t of kv head g, dimension d
+/// at (g·hd + d)·cap + t, `cap` a multiple of [`DECODE_BLOCK`] ≥ len), so the scores of
+/// DECODE_BLOCK consecutive positions are accumulated side by side in vector registers over d,
+/// s_t = scale·Σ_d q_d·kt[d][t], without a horizontal sum per position. Values keep the row
+/// layout `v` [len, nkv, hd]: o = Σ_t p_t·v_t. `scores` is scratch (grown as needed).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn decode(q: &[f32], k: &[f32], v: &[f32], len: usize, dims: Heads, out: &mut [f32]) {
+pub(crate) fn decode(
+    q: &[f32],
+    kt: &[f32],
+    cap: usize,
+    v: &[f32],
+    len: usize,
+    dims: Heads,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let Heads {
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
     } = dims;
     let (group, scale) = (dims.group(), dims.scale());
-    let mut scores = vec![0.0f32; len];
+    let blocks = len.div_ceil(DECODE_BLOCK);
+    if scores.len() < blocks * DECODE_BLOCK {
+        scores.resize(blocks * DECODE_BLOCK, 0.0);
+    }
     vectorize(|| {
         for h in 0..nh {
             let g = h / group;
@@ -309,16 +330,46 @@ pub(crate) fn decode(q: &[f32], k: &[f32], v: &[f32], len: usize, dims: Heads, o
             if len == 0 {
                 continue;
             }
-            for (t, s) in scores.iter_mut().enumerate() {
-                let at = (t * nkv + g) * hd;
-                *s = scale * dot(qh, &k[at..at + hd]);
+            for (b, sb) in scores[..blocks * DECODE_BLOCK]
+                .chunks_exact_mut(DECODE_BLOCK)
+                .enumerate()
+            {
+                let mut acc = [0.0f32; DECODE_BLOCK];
+                for (d, &qd) in qh.iter().enumerate() {
+                    let at = (g * hd + d) * cap + b * DECODE_BLOCK;
+                    let row = &kt[at..at + DECODE_BLOCK];
+                    for i in 0..DECODE_BLOCK {
+                        acc[i] += qd * row[i];
+                    }
+                }
+                for i in 0..DECODE_BLOCK {
+                    sb[i] = acc[i] * scale;
+                }
             }
-            let m = max(&scores);
-            let l = exp_shift_sum(&mut scores, m);
+            let s = &mut scores[..len];
+            let m = max(s);
+            let l = exp_shift_sum(s, m);
             let inv_l = 1.0 / l;
-            for (t, &p) in scores.iter().enumerate() {
-                let at = (t * nkv + g) * hd;
-                axpy(oh, p * inv_l, &v[at..at + hd]);
+            if hd.is_multiple_of(DECODE_BLOCK) {
+                // o[c..c+B] = Σ_t p_t·v_t[c..c+B], accumulated in registers over t.
+                for (c, oc) in oh.chunks_exact_mut(DECODE_BLOCK).enumerate() {
+                    let mut acc = [0.0f32; DECODE_BLOCK];
+                    for (t, &p) in s.iter().enumerate() {
+                        let at = (t * nkv + g) * hd + c * DECODE_BLOCK;
+                        let vr = &v[at..at + DECODE_BLOCK];
+                        for i in 0..DECODE_BLOCK {
+                            acc[i] += p * vr[i];
+                        }
+                    }
+                    for i in 0..DECODE_BLOCK {
+                        oc[i] = acc[i] * inv_l;
+                    }
+                }
+            } else {
+                for (t, &p) in s.iter().enumerate() {
+                    let at = (t * nkv + g) * hd;
+                    axpy(oh, p * inv_l, &v[at..at + hd]);
+                }
             }
         }
     });
