@@ -9,7 +9,7 @@ filtering, EOS ignored (min_new_tokens = max_new_tokens = N), KV cache on. One w
 discarded, then --runs timed runs; prints one JSON line {"tokens_per_s", "peak_rss_mb", ...}
 where tokens_per_s = B·N / median wall time of a run. "run_cpu_s" is the median CPU time (all
 threads) of a run, less disturbed by other load on a shared machine than wall time. Peak RSS is
-ru_maxrss of the process, torch's own footprint included (see "rss_after_load_mb").
+VmHWM of the process, torch's own footprint included (see "rss_after_load_mb").
 """
 
 from __future__ import annotations
@@ -28,6 +28,16 @@ from transformers import Qwen2ForCausalLM
 
 
 def rss_mb() -> float:
+    """Peak resident set of this process image in MiB: VmHWM, which starts afresh at exec.
+    (ru_maxrss does not: a process started by a larger one, such as `gpg-rl bench`, would
+    report its parent's resident set at fork time when that is larger.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

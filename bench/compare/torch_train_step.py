@@ -15,7 +15,7 @@ matches: logits are computed only at the C positions that predict completion tok
 Warm-up steps are run and discarded, then the median wall time of --steps steps is printed as
 one JSON line: {"train_step_s", "peak_rss_mb", ...}. "step_cpu_s" is the median CPU time (all
 threads) of the process per step: on a shared machine it is less disturbed by other load than
-wall time. Peak RSS is the process's maximum resident set (ru_maxrss), torch's own footprint
+wall time. Peak RSS is the process's maximum resident set (VmHWM), torch's own footprint
 included (see "rss_after_load_mb").
 """
 
@@ -35,6 +35,16 @@ from transformers import Qwen2ForCausalLM
 
 
 def rss_mb() -> float:
+    """Peak resident set of this process image in MiB: VmHWM, which starts afresh at exec.
+    (ru_maxrss does not: a process started by a larger one, such as `gpg-rl bench`, would
+    report its parent's resident set at fork time when that is larger.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -234,3 +234,39 @@ fn generation_stops_at_a_stop_string() {
     );
     assert!(got["token_ids"].as_array().unwrap().len() < 16);
 }
+
+/// `bench trainer` without a peer: writes its model and prompts, runs real GPG steps with the
+/// `length` reward (which varies within groups, so the update is not skipped) and reports them.
+#[test]
+fn bench_trainer_runs_real_gpg_steps() {
+    let out = bin()
+        .args([
+            "bench",
+            "trainer",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--prompts-per-step",
+            "2",
+            "--num-generations",
+            "4",
+            "--max-new-tokens",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("gpg-rl: step"), "{stdout}");
+    // Two steps logged, each with a finite gradient norm.
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("gpg-rl step"))
+        .collect();
+    assert_eq!(steps.len(), 2, "{stderr}");
+    assert!(steps
+        .iter()
+        .all(|l| l.contains("grad norm") && !l.contains("NaN")));
+}
