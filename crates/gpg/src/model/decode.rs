@@ -119,7 +119,8 @@ pub struct Decoder {
 
 /// The KV cache of one sequence, all layers, sized for its whole completion.
 struct RowCache {
-    /// `kt[layer]`: keys transposed, [kv_heads, head_dim, cap] (see [`DecodeCache`]).
+    /// `kt[layer]`: keys transposed in blocks, [kv_heads, cap/B, head_dim, B] (see
+    /// [`DecodeCache::key_offset`]).
     kt: Vec<Vec<f32>>,
     /// `v[layer]`: values [len, kv_dim] row-major, capacity reserved up to `cap`.
     v: Vec<Vec<f32>>,
@@ -263,7 +264,7 @@ impl Decoder {
             let mut kt = vec![0.0f32; kv_dim * cap];
             for (t, kr) in k.chunks_exact(kv_dim).enumerate() {
                 for (j, &x) in kr.iter().enumerate() {
-                    kt[j * cap + t] = x;
+                    kt[DecodeCache::key_offset(j, t, self.head_dim, cap)] = x;
                 }
             }
             let mut vc = Vec::with_capacity(max_len * kv_dim);
@@ -324,7 +325,7 @@ impl Decoder {
                 ensure!(cache.len < cache.cap, "decoder: a row outgrew its cache");
                 let kt = &mut cache.kt[li];
                 for (j, &x) in k.iter().enumerate() {
-                    kt[j * cache.cap + cache.len] = x;
+                    kt[DecodeCache::key_offset(j, cache.len, hd, cache.cap)] = x;
                 }
                 cache.v[li].extend_from_slice(v);
             }

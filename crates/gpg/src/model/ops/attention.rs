@@ -128,10 +128,11 @@ pub fn attention_backward(
     }
 }
 
-/// Shape of a decoding step's caches: `kt` holds the keys transposed, [n_kv_heads, head_dim,
-/// cap] (position t of kv head g, dimension d at (g·head_dim + d)·cap + t), and `v` the values
-/// token-major, [len, n_kv_heads, head_dim]. `cap` must be a multiple of
-/// [`DecodeCache::BLOCK`] and at least the number of cached positions.
+/// Shape of a decoding step's caches: `kt` holds the keys transposed in blocks of
+/// B = [`DecodeCache::BLOCK`] positions, [n_kv_heads, cap/B, head_dim, B] (see
+/// [`DecodeCache::key_offset`]), so that scoring a block of positions streams one contiguous
+/// run of memory; `v` holds the values token-major, [len, n_kv_heads, head_dim]. `cap` must be
+/// a multiple of B and at least the number of cached positions.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeCache<'a> {
     pub kt: &'a [f32],
@@ -143,6 +144,13 @@ pub struct DecodeCache<'a> {
 impl DecodeCache<'_> {
     /// Positions scored together; `cap` is a multiple of it.
     pub const BLOCK: usize = cpu::attention::DECODE_BLOCK;
+
+    /// Where key element `j` (= kv_head·head_dim + d) of position `t` lives in `kt`.
+    pub fn key_offset(j: usize, t: usize, head_dim: usize, cap: usize) -> usize {
+        let (g, d) = (j / head_dim, j % head_dim);
+        let b = Self::BLOCK;
+        ((g * (cap / b) + t / b) * head_dim + d) * b + t % b
+    }
 }
 
 /// Decoding attention for one new query token against a key/value cache: `q` [nh·hd] attends
@@ -349,13 +357,13 @@ mod tests {
             let mut kt = vec![f32::NAN; nkv * hd * cap];
             for t in 0..len {
                 for j in 0..nkv * hd {
-                    kt[j * cap + t] = k[t * nkv * hd + j];
+                    kt[DecodeCache::key_offset(j, t, hd, cap)] = k[t * nkv * hd + j];
                 }
             }
             // Stale entries past len must not matter.
             for j in 0..nkv * hd {
                 for t in len..cap {
-                    kt[j * cap + t] = 1e30;
+                    kt[DecodeCache::key_offset(j, t, hd, cap)] = 1e30;
                 }
             }
             let cache = DecodeCache {

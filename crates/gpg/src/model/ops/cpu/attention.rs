@@ -295,8 +295,9 @@ pub(crate) const DECODE_BLOCK: usize = 32;
 /// One decoding step: a single query token `q` [nh·hd] attends to `len` cached positions;
 /// writes `out` [nh·hd]. With no cached position the output is 0.
 ///
-/// The keys are stored transposed, `kt` [nkv, hd, cap] (position t of kv head g, dimension d
-/// at (g·hd + d)·cap + t, `cap` a multiple of [`DECODE_BLOCK`] ≥ len), so the scores of
+/// The keys are stored transposed in blocks of B = [`DECODE_BLOCK`] positions, `kt`
+/// [nkv, cap/B, hd, B] (position t of kv head g, dimension d at
+/// ((g·cap/B + t/B)·hd + d)·B + t mod B, `cap` a multiple of B ≥ len), so the scores of
 /// DECODE_BLOCK consecutive positions are accumulated side by side in vector registers over d,
 /// s_t = scale·Σ_d q_d·kt[d][t], without a horizontal sum per position. Values keep the row
 /// layout `v` [len, nkv, hd]: o = Σ_t p_t·v_t. `scores` is scratch (grown as needed).
@@ -318,6 +319,7 @@ pub(crate) fn decode(
     } = dims;
     let (group, scale) = (dims.group(), dims.scale());
     let blocks = len.div_ceil(DECODE_BLOCK);
+    let cap_blocks = cap / DECODE_BLOCK;
     if scores.len() < blocks * DECODE_BLOCK {
         scores.resize(blocks * DECODE_BLOCK, 0.0);
     }
@@ -336,7 +338,7 @@ pub(crate) fn decode(
             {
                 let mut acc = [0.0f32; DECODE_BLOCK];
                 for (d, &qd) in qh.iter().enumerate() {
-                    let at = (g * hd + d) * cap + b * DECODE_BLOCK;
+                    let at = ((g * cap_blocks + b) * hd + d) * DECODE_BLOCK;
                     let row = &kt[at..at + DECODE_BLOCK];
                     for i in 0..DECODE_BLOCK {
                         acc[i] += qd * row[i];

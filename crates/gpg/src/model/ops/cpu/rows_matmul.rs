@@ -153,14 +153,19 @@ mod avx2 {
         store: &impl Fn(usize, usize, f32),
     ) {
         let wn = &w[n * k..(n + C) * k];
+        // While the first rows of x meet these C rows of W, the next C rows of W are fetched
+        // into the cache (the weights stream from L3 or memory; the hardware prefetcher alone
+        // follows too few streams). Only an address is formed past the end, never read.
+        let next = w.as_ptr().wrapping_add((n + C) * k);
         let mut m = 0;
         while m < rows {
             let xm = &x[m * k..];
+            let pf = if m == 0 { next } else { std::ptr::null() };
             match rows - m {
-                1 => emit(tile::<1, C>(xm, wn, k), m, n, store),
-                2 => emit(tile::<2, C>(xm, wn, k), m, n, store),
-                3 => emit(tile::<3, C>(xm, wn, k), m, n, store),
-                _ => emit(tile::<MR, C>(xm, wn, k), m, n, store),
+                1 => emit(tile::<1, C>(xm, wn, k, pf), m, n, store),
+                2 => emit(tile::<2, C>(xm, wn, k, pf), m, n, store),
+                3 => emit(tile::<3, C>(xm, wn, k, pf), m, n, store),
+                _ => emit(tile::<MR, C>(xm, wn, k, pf), m, n, store),
             }
             m += MR.min(rows - m);
         }
@@ -186,6 +191,7 @@ mod avx2 {
         x: &[f32],
         w: &[f32],
         k: usize,
+        prefetch: *const f32,
     ) -> [[f32; C]; R] {
         debug_assert!(x.len() >= (R - 1) * k + k && w.len() >= C * k);
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
@@ -193,6 +199,11 @@ mod avx2 {
         let k8 = k - k % 8;
         let mut p = 0;
         while p < k8 {
+            if !prefetch.is_null() && p % 16 == 0 {
+                for j in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(j * k + p) as *const i8);
+                }
+            }
             let mut wv = [_mm256_setzero_ps(); C];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(wp.add(j * k + p));
