@@ -99,6 +99,7 @@ pub fn write_bench_model(parent: &std::path::Path, vocab: usize) -> Result<PathB
         seed: 0,
         dtype: StorageDtype::F32,
         corpus: None,
+        pre_tokenizer: super::init::PreTokenizerArg::Qwen2,
     })?;
     Ok(dir)
 }

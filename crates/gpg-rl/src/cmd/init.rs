@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use gpg::candle_core::{DType, Device};
 use gpg::model::{Qwen2, Qwen2Config};
-use gpg::tokenizer::{train_byte_level_bpe, Tokenizer};
+use gpg::tokenizer::{train_byte_level_bpe_with, PreTokenizerStyle, Tokenizer};
 
 #[derive(Args, Clone)]
 pub struct InitArgs {
@@ -47,6 +47,17 @@ pub struct InitArgs {
     /// built-in arithmetic task's texts; default: a small built-in English/arithmetic corpus.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
+    /// How the tokenizer splits text before BPE: `qwen2` (single digits; what transformers'
+    /// Qwen2Tokenizer does) or `gpt2` (digit runs kept together; load it in transformers with
+    /// PreTrainedTokenizerFast). The committed demo model uses `gpt2`.
+    #[arg(long, value_enum, default_value_t = PreTokenizerArg::Qwen2)]
+    pub pre_tokenizer: PreTokenizerArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PreTokenizerArg {
+    Qwen2,
+    Gpt2,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,7 +94,11 @@ pub fn write_model(args: &InitArgs) -> Result<Qwen2> {
             .collect(),
         None => builtin_corpus(),
     };
-    let tokenizer = train_byte_level_bpe(&corpus, args.vocab)?;
+    let style = match args.pre_tokenizer {
+        PreTokenizerArg::Qwen2 => PreTokenizerStyle::Qwen2,
+        PreTokenizerArg::Gpt2 => PreTokenizerStyle::Gpt2,
+    };
+    let tokenizer = train_byte_level_bpe_with(&corpus, args.vocab, style)?;
     let tokenizer_vocab = tokenizer.vocab_size();
     anyhow::ensure!(
         tokenizer_vocab <= args.vocab,

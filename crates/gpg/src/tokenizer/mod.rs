@@ -25,7 +25,9 @@ mod train;
 
 pub use chat::ChatMessage;
 pub use stream::IncrementalDecoder;
-pub use train::{train_byte_level_bpe, CHATML_TEMPLATE};
+pub use train::{
+    train_byte_level_bpe, train_byte_level_bpe_with, PreTokenizerStyle, CHATML_TEMPLATE,
+};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

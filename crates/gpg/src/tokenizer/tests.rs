@@ -662,3 +662,18 @@ fn tokenizer_can_be_shared_across_threads() {
         assert_eq!(ids, tk.encode(t, false).unwrap());
     }
 }
+
+#[test]
+fn gpt2_style_keeps_digit_runs_and_round_trips_exactly() {
+    let qwen = trained(400);
+    let gpt2 = train_byte_level_bpe_with(&corpus(), 400, PreTokenizerStyle::Gpt2).unwrap();
+    // Qwen2's split gives one piece per digit; GPT-2's keeps "48" together, so BPE can merge it.
+    let digits = |tk: &Tokenizer| tk.encode("48", false).unwrap().len();
+    assert_eq!(digits(&qwen), 2);
+    assert_eq!(digits(&gpt2), 1);
+    // No normalizer: even NFD text round-trips byte for byte.
+    for text in tricky_texts() {
+        let ids = gpt2.encode(&text, false).unwrap();
+        assert_eq!(gpt2.decode(&ids, false).unwrap(), text);
+    }
+}

@@ -78,6 +78,27 @@ fn qwen2_pre_tokenizer() -> Result<PreTokenizerWrapper> {
 /// eos and pad are `<|endoftext|>`, there is no bos, and the chat template is
 /// [`CHATML_TEMPLATE`].
 pub fn train_byte_level_bpe(corpus: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    train_byte_level_bpe_with(corpus, vocab_size, PreTokenizerStyle::Qwen2)
+}
+
+/// How text is split before BPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreTokenizerStyle {
+    /// Qwen2's pipeline (NFC, the Qwen2 regex: single digits): what transformers'
+    /// `Qwen2Tokenizer` applies, so both sides agree.
+    #[default]
+    Qwen2,
+    /// GPT-2's ByteLevel regex split (digit runs kept together), no normalizer. Load such a
+    /// tokenizer in transformers with `PreTrainedTokenizerFast`, not `AutoTokenizer`.
+    Gpt2,
+}
+
+/// [`train_byte_level_bpe`] with a choice of pre-tokenizer.
+pub fn train_byte_level_bpe_with(
+    corpus: &[String],
+    vocab_size: usize,
+    style: PreTokenizerStyle,
+) -> Result<Tokenizer> {
     let min = BYTE_TOKENS + SPECIAL_TOKENS.len();
     if vocab_size < min {
         bail!("vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min} (256 bytes + 3 special tokens)");
@@ -92,9 +113,17 @@ pub fn train_byte_level_bpe(corpus: &[String], vocab_size: usize) -> Result<Toke
     let mut trainer = TrainerWrapper::from(trainer);
 
     let mut inner = tokenizers::Tokenizer::new(BPE::default());
+    match style {
+        PreTokenizerStyle::Qwen2 => {
+            inner
+                .with_normalizer(Some(NFC))
+                .with_pre_tokenizer(Some(qwen2_pre_tokenizer()?));
+        }
+        PreTokenizerStyle::Gpt2 => {
+            inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+    }
     inner
-        .with_normalizer(Some(NFC))
-        .with_pre_tokenizer(Some(qwen2_pre_tokenizer()?))
         .with_post_processor(Some(ByteLevel::new(false, false, true)))
         .with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
     inner
