@@ -1,12 +1,11 @@
 //! `gpg-rl generate`, `logprobs` and `init` from the command line, against the transformers
 //! fixtures (tests/fixtures/qwen2), and clear errors for broken checkpoints.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gpg-rl"))
-}
+use std::path::PathBuf;
+
+use common::{assert_ok, bin, parse_jsonl};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,17 +13,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn jsonl(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn greedy_generate_reproduces_transformers() {
     let dir = fixture("untied_bf16");
-    let cases = jsonl(&std::fs::read_to_string(dir.join("expected_greedy.jsonl")).unwrap());
+    let cases = parse_jsonl(&std::fs::read_to_string(dir.join("expected_greedy.jsonl")).unwrap());
     let mut cmd = bin();
     cmd.arg("generate").arg("--model").arg(&dir);
     for c in &cases {
@@ -40,12 +32,8 @@ fn greedy_generate_reproduces_transformers() {
         "json",
     ]);
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = jsonl(&String::from_utf8(out.stdout).unwrap());
+    assert_ok(&out);
+    let got = parse_jsonl(&String::from_utf8(out.stdout).unwrap());
     assert_eq!(got.len(), cases.len());
     for (g, c) in got.iter().zip(&cases) {
         assert_eq!(g["token_ids"], c["new_token_ids"]);
@@ -56,7 +44,7 @@ fn greedy_generate_reproduces_transformers() {
 #[test]
 fn logprobs_match_transformers() {
     let dir = fixture("tied_f32");
-    let cases = jsonl(&std::fs::read_to_string(dir.join("expected_logprobs.jsonl")).unwrap());
+    let cases = parse_jsonl(&std::fs::read_to_string(dir.join("expected_logprobs.jsonl")).unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.jsonl");
     let lines: Vec<String> = cases
@@ -74,12 +62,8 @@ fn logprobs_match_transformers() {
         .arg(&input)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = jsonl(&String::from_utf8(out.stdout).unwrap());
+    assert_ok(&out);
+    let got = parse_jsonl(&String::from_utf8(out.stdout).unwrap());
     for (g, c) in got.iter().zip(&cases) {
         assert_eq!(g["completion_ids"], c["completion_ids"]);
         for (a, b) in g["logprobs"]
@@ -194,12 +178,11 @@ fn init_writes_a_loadable_model() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_ok(&out);
+    assert_eq!(
+        parse_jsonl(&String::from_utf8(out.stdout).unwrap()).len(),
+        2
     );
-    assert_eq!(jsonl(&String::from_utf8(out.stdout).unwrap()).len(), 2);
 }
 
 #[test]
@@ -220,12 +203,8 @@ fn generation_stops_at_a_stop_string() {
         .args(["--ignore-eos", "--stop", " tim", "--format", "json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = &jsonl(&String::from_utf8(out.stdout).unwrap())[0];
+    assert_ok(&out);
+    let got = &parse_jsonl(&String::from_utf8(out.stdout).unwrap())[0];
     assert_eq!(got["finish_reason"], "stop");
     assert!(
         got["text"].as_str().unwrap().ends_with(" tim"),

@@ -4,8 +4,11 @@
 //! the answer extractor finds; golds taken from its own greedy answers must then count as
 //! correct.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+use common::{gpg_rl, ok_stdout, read_jsonl};
 
 use gpg::candle_core::{DType, Device, Tensor};
 use gpg::model::{Qwen2, Qwen2Config};
@@ -64,27 +67,6 @@ fn write_benchmark(path: &Path, golds: &[String]) {
         })
         .collect();
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
-}
-
-fn gpg_rl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpg-rl"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok_stdout(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "gpg-rl failed: {stderr}");
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 struct Setup {

@@ -1,12 +1,22 @@
 //! `gpg-rl train` end to end on a tiny model: logs, checkpoints, the final model, and exact
 //! resumption after SIGKILL.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gpg-rl"))
+use common::{assert_ok, bin, failed_stderr};
+
+/// Runs `gpg-rl train --config recipe extra…` to completion.
+fn train(recipe: &Path, extra: &[&str]) -> std::process::Output {
+    bin()
+        .arg("train")
+        .arg("--config")
+        .arg(recipe)
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn init_model(dir: &Path) {
@@ -101,17 +111,8 @@ fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
     let full = tmp.path().join("full");
     let full_recipe = tmp.path().join("full.toml");
     std::fs::write(&full_recipe, recipe(&model, &full, 12)).unwrap();
-    let out = bin()
-        .arg("train")
-        .arg("--config")
-        .arg(&full_recipe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = train(&full_recipe, &[]);
+    assert_ok(&out);
     let metrics = metrics_without_times(&full.join("metrics.jsonl"));
     assert_eq!(metrics.len(), 12);
     for key in [
@@ -177,32 +178,16 @@ fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
             );
         }
     }
-    let out = bin()
-        .arg("train")
-        .arg("--config")
-        .arg(&cut_recipe)
-        .arg("--resume")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = train(&cut_recipe, &["--resume"]);
+    assert_ok(&out);
     assert_eq!(metrics_without_times(&cut.join("metrics.jsonl")), metrics);
     let a = std::fs::read(full.join("final/model.safetensors")).unwrap();
     let b = std::fs::read(cut.join("final/model.safetensors")).unwrap();
     assert!(a == b, "resumed run ended with different weights");
 
     // Starting over in a used folder without --resume is refused.
-    let out = bin()
-        .arg("train")
-        .arg("--config")
-        .arg(&full_recipe)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let out = train(&full_recipe, &[]);
+    assert!(failed_stderr(&out).contains("--resume"));
 }
 
 #[test]
@@ -210,14 +195,8 @@ fn bad_recipes_fail_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tmp.path().join("r.toml");
     std::fs::write(&recipe, "model = \"x\"\nsteps = 1\nbogus = 3\n").unwrap();
-    let out = bin()
-        .arg("train")
-        .arg("--config")
-        .arg(&recipe)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = train(&recipe, &[]);
+    let err = failed_stderr(&out);
     assert!(err.contains("r.toml"), "{err}");
 
     let model = tmp.path().join("model");
@@ -233,14 +212,8 @@ fn bad_recipes_fail_with_clear_errors() {
     )
     .unwrap();
     std::fs::write(&recipe, text).unwrap();
-    let out = bin()
-        .arg("train")
-        .arg("--config")
-        .arg(&recipe)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = train(&recipe, &[]);
+    let err = failed_stderr(&out);
     assert!(err.contains("data.jsonl") && err.contains('2'), "{err}");
 }
 

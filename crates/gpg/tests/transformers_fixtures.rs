@@ -95,14 +95,41 @@ fn logprobs_match_transformers_within_1e_4() {
     }
 }
 
+/// A fixture model, its tokenizer, its greedy reference cases and their prompt ids.
+fn greedy_cases(name: &str) -> (Qwen2, Tokenizer, Vec<Value>, Vec<Vec<u32>>) {
+    let dir = fixture_dir(name);
+    let model = Qwen2::from_dir(&dir, &Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let cases = jsonl(dir.join("expected_greedy.jsonl"));
+    let prompts = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    (model, tokenizer, cases, prompts)
+}
+
+/// Largest |sampling log-prob − training-forward log-prob at `inv_temperature`| over every
+/// token of `out` (each completion scored after its own prompt).
+fn worst_logprob_gap(
+    model: &Qwen2,
+    prompts: &[Vec<u32>],
+    out: &[rollout::Completion],
+    inv_temperature: f32,
+) -> f32 {
+    let mut worst = 0.0f32;
+    for c in out {
+        let p = &prompts[c.prompt_index];
+        let batch = TrainBatch::new(&[(p, &c.token_ids)]).unwrap();
+        let lp = model.logprobs(&batch, inv_temperature).unwrap().logprobs;
+        assert_eq!(lp.len(), c.logprobs.len());
+        for (a, b) in lp.iter().zip(&c.logprobs) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    worst
+}
+
 #[test]
 fn greedy_generation_matches_transformers_exactly() {
     for name in MODELS {
-        let dir = fixture_dir(name);
-        let model = Qwen2::from_dir(&dir, &Device::Cpu).unwrap();
-        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
-        let cases = jsonl(dir.join("expected_greedy.jsonl"));
-        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+        let (model, tokenizer, cases, prompts) = greedy_cases(name);
         let params = SamplingParams {
             max_new_tokens: 16,
             temperature: 0.0,
@@ -121,16 +148,11 @@ fn greedy_generation_matches_transformers_exactly() {
             );
         }
         // The sampler's log-probs (KV-cache path) equal the training forward's.
-        for (c, p) in out.iter().zip(&prompts) {
-            let batch = TrainBatch::new(&[(p, &c.token_ids)]).unwrap();
-            let lp = model.logprobs(&batch, 1.0).unwrap().logprobs;
-            for (a, b) in lp.iter().zip(&c.logprobs) {
-                assert!(
-                    (a - b).abs() < 1e-4,
-                    "{name}: cache path {b} vs forward {a}"
-                );
-            }
-        }
+        let worst = worst_logprob_gap(&model, &prompts, &out, 1.0);
+        assert!(
+            worst < 1e-4,
+            "{name}: worst |cache path − forward| = {worst}"
+        );
     }
 }
 
@@ -139,11 +161,7 @@ fn greedy_generation_matches_transformers_exactly() {
 #[test]
 fn sampled_logprobs_match_the_training_forward() {
     for name in MODELS {
-        let dir = fixture_dir(name);
-        let model = Qwen2::from_dir(&dir, &Device::Cpu).unwrap();
-        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
-        let cases = jsonl(dir.join("expected_greedy.jsonl"));
-        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+        let (model, tokenizer, _, prompts) = greedy_cases(name);
         let params = SamplingParams {
             n: 3,
             max_new_tokens: 20,
@@ -153,16 +171,7 @@ fn sampled_logprobs_match_the_training_forward() {
         };
         let out = rollout::generate(&model, &tokenizer, &prompts, &params).unwrap();
         assert_eq!(out.len(), 3 * prompts.len());
-        let mut worst = 0.0f32;
-        for c in &out {
-            let p = &prompts[c.prompt_index];
-            let batch = TrainBatch::new(&[(p, &c.token_ids)]).unwrap();
-            let lp = model.logprobs(&batch, 1.0 / 0.7).unwrap().logprobs;
-            assert_eq!(lp.len(), c.logprobs.len());
-            for (a, b) in lp.iter().zip(&c.logprobs) {
-                worst = worst.max((a - b).abs());
-            }
-        }
+        let worst = worst_logprob_gap(&model, &prompts, &out, 1.0 / 0.7);
         assert!(worst < 1e-4, "{name}: worst |decoder − forward| = {worst}");
     }
 }

@@ -1,8 +1,10 @@
 //! Run a JSONL file of cases (`gold`, `pred`, `expected`, optional `match_types`,
-//! `float_rounding`, `strict`, `allow_set_relation_comp`) and print the disagreements.
+//! `float_rounding`, `strict`, `allow_set_relation_comp`, `boxed_match_priority`) with the
+//! conformance test's options and print the disagreements.
 //! Usage: cargo run --release -p mathverify --example cases_file -- FILE.jsonl
 
-use mathverify::{extract_answers, verify, MatchType, Options};
+#[path = "../tests/support/cases.rs"]
+mod cases;
 
 fn main() {
     let path = std::env::args().nth(1).unwrap_or_else(|| {
@@ -13,48 +15,6 @@ fn main() {
         eprintln!("{path}: {e}");
         std::process::exit(1)
     });
-    let (mut total, mut agree) = (0, 0);
-    for (i, line) in data.lines().enumerate() {
-        let Ok(case) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let mut opts = Options::default();
-        if let Some(m) = case["match_types"].as_array() {
-            opts.match_types = m
-                .iter()
-                .filter_map(|x| match x.as_str() {
-                    Some("latex") => Some(MatchType::Latex),
-                    Some("expr") => Some(MatchType::Expr),
-                    _ => None,
-                })
-                .collect();
-        }
-        opts.float_rounding = case["float_rounding"].as_u64().unwrap_or(6) as u32;
-        opts.strict = case["strict"].as_bool().unwrap_or(true);
-        opts.allow_set_relation_comp = case["allow_set_relation_comp"].as_bool().unwrap_or(false);
-        let gold = case["gold"].as_str().unwrap_or_default();
-        let pred = case["pred"].as_str().unwrap_or_default();
-        let expected = case["expected"].as_bool().unwrap_or(false);
-        let g = extract_answers(gold, &opts);
-        let p = extract_answers(pred, &opts);
-        let got = verify(&g, &p, &opts);
-        total += 1;
-        if got == expected {
-            agree += 1;
-        } else {
-            let show = |a: &[mathverify::Answer]| {
-                a.iter()
-                    .map(|x| x.display())
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            };
-            println!(
-                "line {} expected={expected} got={got}\n  gold: {}\n  pred: {}",
-                i + 1,
-                show(&g),
-                show(&p)
-            );
-        }
-    }
+    let (agree, total) = cases::run_cases(&data);
     println!("agreement {agree}/{total}");
 }

@@ -203,10 +203,6 @@ impl Decoder {
         })
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.vocab
-    }
-
     fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }

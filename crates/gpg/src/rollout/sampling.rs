@@ -123,21 +123,26 @@ impl TokenSampler {
                 scale(logits, inv_t);
             }
             let m = max(logits);
-            let argmax = logits.iter().position(|&l| l == m).unwrap_or(0);
+            // Only greedy needs the position of the maximum (one more pass over the vocabulary).
+            let argmax = if greedy {
+                logits.iter().position(|&l| l == m).unwrap_or(0)
+            } else {
+                0
+            };
             (argmax, exp_shift_sum(logits, m))
         });
         let ln_z = z.ln();
         if greedy {
-            // e_argmax = 1 exactly.
+            // e_argmax = exp(0) = 1 exactly.
             return (argmax as u32, -ln_z);
         }
-        let token = self.draw(logits, z).unwrap_or(argmax as u32);
+        let token = self.draw(logits, z);
         (token, logits[token as usize].ln() - ln_z)
     }
 
-    /// Draws from the distribution ∝ `weights` (e_i, summing to `total`), restricted by top-k
-    /// and top-p. `None` only if rounding left no token with positive weight to stop at.
-    fn draw(&mut self, weights: &[f32], total: f32) -> Option<u32> {
+    /// Draws from the distribution ∝ `weights` (e_i, summing to `total`; the most likely token
+    /// has weight exp(0) = 1), restricted by top-k and top-p.
+    fn draw(&mut self, weights: &[f32], total: f32) -> u32 {
         let truncate = self.top_k > 0 && self.top_k < weights.len() || self.top_p < 1.0;
         if !truncate {
             // Inverse-CDF draw over the full distribution.
@@ -177,14 +182,15 @@ impl TokenSampler {
 
 /// The first index at which the running sum of the weights exceeds `u` (a zero weight is
 /// never picked); the last positive-weight index when rounding leaves `u` beyond the total.
-fn pick(weights: impl Iterator<Item = (usize, f32)>, mut u: f32) -> Option<u32> {
-    let mut last = None;
+/// The weights always hold a positive one (the maximum, 1), so some index is returned.
+fn pick(weights: impl Iterator<Item = (usize, f32)>, mut u: f32) -> u32 {
+    let mut last = 0;
     for (i, w) in weights {
         if w > 0.0 {
             if u < w {
-                return Some(i as u32);
+                return i as u32;
             }
-            last = Some(i as u32);
+            last = i as u32;
         }
         u -= w;
     }

@@ -1,0 +1,3 @@
+//! Helpers shared by mathverify's tests and examples.
+
+pub mod cases;
