@@ -46,41 +46,39 @@ pub(crate) fn backward(
         return;
     }
     let block = rows_per_task(h);
-    let partial = dx
+    // One dw partial per block of rows, summed in block order afterwards: the result does not
+    // depend on how rayon schedules the blocks (a `fold`/`reduce` would group them by work
+    // stealing, so the float sum — and every run after it — would vary from run to run).
+    let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(block * h)
         .zip(x.par_chunks(block * h))
         .zip(dy.par_chunks(block * h))
         .zip(rstd.par_chunks(block))
-        .fold(
-            || vec![0.0f32; h],
-            |mut dw_acc, (((dxb, xb), dyb), rb)| {
-                vectorize(|| {
-                    let rows = dxb.chunks_exact_mut(h).zip(xb.chunks_exact(h));
-                    for ((dxr, xr), (dyr, &r)) in rows.zip(dyb.chunks_exact(h).zip(rb)) {
-                        let c = dot3(dyr, w, xr);
-                        let k = r * r * r * c / h as f32;
-                        for (((dxi, xi), dyi), (wi, dwi)) in dxr
-                            .iter_mut()
-                            .zip(xr)
-                            .zip(dyr)
-                            .zip(w.iter().zip(dw_acc.iter_mut()))
-                        {
-                            *dxi = r * wi * dyi - k * xi;
-                            *dwi += dyi * xi * r;
-                        }
+        .map(|(((dxb, xb), dyb), rb)| {
+            let mut dw_acc = vec![0.0f32; h];
+            vectorize(|| {
+                let rows = dxb.chunks_exact_mut(h).zip(xb.chunks_exact(h));
+                for ((dxr, xr), (dyr, &r)) in rows.zip(dyb.chunks_exact(h).zip(rb)) {
+                    let c = dot3(dyr, w, xr);
+                    let k = r * r * r * c / h as f32;
+                    for (((dxi, xi), dyi), (wi, dwi)) in dxr
+                        .iter_mut()
+                        .zip(xr)
+                        .zip(dyr)
+                        .zip(w.iter().zip(dw_acc.iter_mut()))
+                    {
+                        *dxi = r * wi * dyi - k * xi;
+                        *dwi += dyi * xi * r;
                     }
-                });
-                dw_acc
-            },
-        )
-        .reduce(
-            || vec![0.0f32; h],
-            |mut a, b| {
-                for (ai, bi) in a.iter_mut().zip(&b) {
-                    *ai += bi;
                 }
-                a
-            },
-        );
-    dw.copy_from_slice(&partial);
+            });
+            dw_acc
+        })
+        .collect();
+    dw.fill(0.0);
+    for partial in &partials {
+        for (d, p) in dw.iter_mut().zip(partial) {
+            *d += p;
+        }
+    }
 }
