@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::{gpg_rl, ok_stdout, read_jsonl};
 
-use gpg::candle_core::{DType, Device, Tensor};
+use gpg::candle_core::{Device, Tensor};
 use gpg::model::{Qwen2, Qwen2Config};
 use gpg::tokenizer::train_byte_level_bpe;
 use serde_json::Value;
@@ -41,7 +41,7 @@ fn write_model(dir: &Path) {
     }))
     .unwrap();
     let mut model = Qwen2::random(config, 0.5, 3, &Device::Cpu).unwrap();
-    let head = model.lm_head.as_mut().unwrap();
+    let head = model.weights.lm_head.as_mut().unwrap();
     let mut rows = head.to_vec2::<f32>().unwrap();
     for (id, row) in rows.iter_mut().enumerate() {
         let text = tokenizer.decode(&[id as u32], false).unwrap();
@@ -52,7 +52,7 @@ fn write_model(dir: &Path) {
     }
     let shape = head.shape().clone();
     *head = Tensor::from_vec(rows.concat(), shape, &Device::Cpu).unwrap();
-    model.save_pretrained(dir, DType::F32).unwrap();
+    model.save_pretrained(dir).unwrap();
     tokenizer.save_pretrained(dir).unwrap();
 }
 

@@ -140,7 +140,7 @@ pub fn save_with_tokenizer(
     dir: &Path,
     dtype: DType,
 ) -> Result<()> {
-    model.save_pretrained(dir, dtype)?;
+    model.save_pretrained_as(dir, dtype)?;
     tokenizer.save_pretrained(dir)?;
     let mut eos = vec![];
     eos.extend(tokenizer.eos_token_id());

@@ -37,7 +37,7 @@ fn tiny() -> (Qwen2, Tokenizer) {
     // Zero the output-head rows of every token that is not digits and spaces: the other
     // tokens' logits are then 0 while digit tokens' are spread around 0, so the text is
     // mostly numbers (which mathverify extracts) and does not end at once on EOS.
-    let head = model.lm_head.as_mut().unwrap();
+    let head = model.weights.lm_head.as_mut().unwrap();
     let mut rows = head.to_vec2::<f32>().unwrap();
     for (id, row) in rows.iter_mut().enumerate() {
         let text = tokenizer.decode(&[id as u32], false).unwrap();

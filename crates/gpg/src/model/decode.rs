@@ -1,106 +1,97 @@
 //! The decoding step of sampling, on plain CPU slices with nothing allocated per token.
 //!
-//! [`Decoder`] holds a copy of the weights laid out for decoding — q, k and v fused into one
-//! [q_dim + 2·kv_dim, H] matrix with one bias, gate and up fused into one [2·I, H] matrix — and
+//! [`Decoder`] reads the model's weights where they are stored (f32 or bf16, no copy: the
+//! optimiser updates them in place, so a decoder made after a step sees the new weights) and
 //! [`DecodeState`] holds the per-row KV cache and every activation buffer, sized once for the
 //! largest batch. A step for B rows (each feeding one token) is, per layer:
 //!
 //! ```text
 //! xn   = rms_norm(x)                          [B, H]
-//! qkv  = xn·W_qkvᵀ + b_qkv                    [B, q_dim + 2·kv_dim]
+//! q, k, v = xn·W_qᵀ + b_q, xn·W_kᵀ + b_k, xn·W_vᵀ + b_v
 //! q, k = rope(q, pos), rope(k, pos); append k, v to each row's cache
 //! att  = softmax(q·Kᵀ/√hd)·V per row and head [B, q_dim]
 //! x   += att·W_oᵀ
-//! gu   = rms_norm(x)·W_guᵀ                    [B, 2·I]
+//! g, u = rms_norm(x)·W_gateᵀ, rms_norm(x)·W_upᵀ   [B, I]
 //! x   += (silu(g) ⊙ u)·W_downᵀ
 //! ```
 //!
-//! then `logits = rms_norm(x)·W_headᵀ` [B, V]. The products use the few-rows kernel
-//! (`ops::cpu::rows_matmul`), which streams the weights as stored; the result equals
-//! [`Qwen2`]'s forward up to floating-point summation order.
+//! then `logits = rms_norm(x)·W_headᵀ` [B, V]. The products use the few-rows kernels
+//! (`ops::cpu::rows_matmul`), which stream the weights as stored; the result equals
+//! [`Qwen2`]'s forward up to floating-point summation order (and, for bf16 weights, the
+//! rounding of the activations to bf16 inside the products).
 
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::ops::cpu::rows_matmul::matmul_wt;
+use super::ops::cpu::mixed::rows_x_wt;
 use super::ops::cpu::{rms_norm, swiglu};
+use super::ops::tensor_io::{with_weight, WeightSlice};
 use super::ops::{self, DecodeCache, Rope};
+use super::qwen2::{Linear, Qwen2};
 
 thread_local! {
     /// Attention scores of one row (per thread, reused across steps).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
-use super::qwen2::{Linear, Qwen2};
 
-/// A dense weight [out, inp] row-major with an optional bias [out].
-struct Dense {
-    w: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    out: usize,
-    inp: usize,
-}
-
-impl Dense {
-    /// The linears stacked along the output dimension (their biases too, zeros for a linear
-    /// without one when another has one).
-    fn stack(parts: &[&Linear]) -> Result<Self> {
-        let inp = parts[0].weight.dim(1)?;
-        let mut w = Vec::new();
-        let mut bias = Vec::new();
-        let mut out = 0;
-        let any_bias = parts.iter().any(|l| l.bias.is_some());
-        for l in parts {
-            let (o, i) = l.weight.dims2()?;
-            ensure!(i == inp, "decoder: stacked linears differ in input width");
-            w.extend(flat(&l.weight)?);
-            match &l.bias {
-                Some(b) => bias.extend(flat(b)?),
-                None if any_bias => bias.extend(std::iter::repeat_n(0.0, o)),
-                None => {}
-            }
-            out += o;
-        }
-        Ok(Dense {
-            w,
-            bias: any_bias.then_some(bias),
-            out,
-            inp,
-        })
-    }
-
-    /// y[rows, out] (+)= x[rows, inp]·wᵀ + b.
-    fn apply(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool) {
-        matmul_wt(
-            x,
-            &self.w,
-            self.bias.as_deref(),
-            rows,
-            self.inp,
-            self.out,
-            y,
-            accumulate,
-        );
-    }
-}
-
+/// The f32 elements of a small tensor (norm weights, biases), copied.
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1()?)
 }
 
-struct Layer {
-    input_norm: Vec<f32>,
-    qkv: Dense,
-    o: Dense,
-    post_norm: Vec<f32>,
-    gate_up: Dense,
-    down: Dense,
+/// A linear layer as decoding uses it: the model's weight tensor and an f32 copy of its bias.
+struct Dense<'m> {
+    w: &'m Tensor,
+    bias: Option<Vec<f32>>,
+    out: usize,
+    inp: usize,
 }
 
-/// The weights of a [`Qwen2`] laid out for decoding (a copy: build one per set of weights).
-pub struct Decoder {
+impl<'m> Dense<'m> {
+    fn new(l: &'m Linear<Tensor>) -> Result<Self> {
+        let (out, inp) = l.weight.dims2()?;
+        Ok(Dense {
+            w: &l.weight,
+            bias: l.bias.as_ref().map(flat).transpose()?,
+            out,
+            inp,
+        })
+    }
+
+    /// y[rows, out] (+)= x[rows, inp]·wᵀ + b.
+    fn apply(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        with_weight("decode", "weight", self.w, |w| {
+            rows_x_wt(
+                x,
+                w,
+                self.bias.as_deref(),
+                rows,
+                self.inp,
+                self.out,
+                y,
+                accumulate,
+            )
+        })
+    }
+}
+
+struct Layer<'m> {
+    input_norm: Vec<f32>,
+    q: Dense<'m>,
+    k: Dense<'m>,
+    v: Dense<'m>,
+    o: Dense<'m>,
+    post_norm: Vec<f32>,
+    gate: Dense<'m>,
+    up: Dense<'m>,
+    down: Dense<'m>,
+}
+
+/// A [`Qwen2`]'s weights seen by the decoding step (borrowed, not copied).
+pub struct Decoder<'m> {
     hidden: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -109,10 +100,10 @@ pub struct Decoder {
     vocab: usize,
     eps: f32,
     /// [V, H]; also the output head when the model ties them.
-    embed: Vec<f32>,
-    /// Untied output head.
-    head: Option<Dense>,
-    layers: Vec<Layer>,
+    embed: &'m Tensor,
+    /// The output head [V, H].
+    head: Dense<'m>,
+    layers: Vec<Layer<'m>>,
     norm: Vec<f32>,
     rope: Rope,
 }
@@ -137,9 +128,12 @@ pub struct DecodeState {
     x: Vec<f32>,
     xn: Vec<f32>,
     rstd: Vec<f32>,
-    qkv: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
     att: Vec<f32>,
-    gate_up: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
     h: Vec<f32>,
     logits: Vec<f32>,
 }
@@ -162,30 +156,33 @@ impl DecodeState {
     }
 }
 
-impl Decoder {
-    pub fn new(model: &Qwen2) -> Result<Self> {
+impl<'m> Decoder<'m> {
+    pub fn new(model: &'m Qwen2) -> Result<Self> {
         let c = &model.config;
-        let layers = model
+        let w = &model.weights;
+        let layers = w
             .layers
             .iter()
             .map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 Ok(Layer {
                     input_norm: flat(&l.input_layernorm)?,
-                    qkv: Dense::stack(&[&a.q_proj, &a.k_proj, &a.v_proj])?,
-                    o: Dense::stack(&[&a.o_proj])?,
+                    q: Dense::new(&a.q_proj)?,
+                    k: Dense::new(&a.k_proj)?,
+                    v: Dense::new(&a.v_proj)?,
+                    o: Dense::new(&a.o_proj)?,
                     post_norm: flat(&l.post_attention_layernorm)?,
-                    gate_up: Dense::stack(&[&m.gate_proj, &m.up_proj])?,
-                    down: Dense::stack(&[&m.down_proj])?,
+                    gate: Dense::new(&m.gate_proj)?,
+                    up: Dense::new(&m.up_proj)?,
+                    down: Dense::new(&m.down_proj)?,
                 })
             })
             .collect::<Result<_>>()?;
-        let head = match &model.lm_head {
-            Some(w) => Some(Dense::stack(&[&Linear {
-                weight: w.clone(),
-                bias: None,
-            }])?),
-            None => None,
+        let head = Dense {
+            w: model.head_weight(),
+            bias: None,
+            out: c.vocab_size,
+            inp: c.hidden_size,
         };
         Ok(Decoder {
             hidden: c.hidden_size,
@@ -195,10 +192,10 @@ impl Decoder {
             intermediate: c.intermediate_size,
             vocab: c.vocab_size,
             eps: c.rms_norm_eps as f32,
-            embed: flat(&model.embed_tokens)?,
+            embed: &w.embed_tokens,
             head,
             layers,
-            norm: flat(&model.norm)?,
+            norm: flat(&w.norm)?,
             rope: model.rope().clone(),
         })
     }
@@ -213,15 +210,17 @@ impl Decoder {
 
     /// An empty state whose buffers fit `capacity` rows.
     pub fn state(&self, capacity: usize) -> DecodeState {
-        let qkv_width = self.q_dim() + 2 * self.kv_dim();
         DecodeState {
             rows: Vec::with_capacity(capacity),
             x: vec![0.0; capacity * self.hidden],
             xn: vec![0.0; capacity * self.hidden],
             rstd: vec![0.0; capacity],
-            qkv: vec![0.0; capacity * qkv_width],
+            q: vec![0.0; capacity * self.q_dim()],
+            k: vec![0.0; capacity * self.kv_dim()],
+            v: vec![0.0; capacity * self.kv_dim()],
             att: vec![0.0; capacity * self.q_dim()],
-            gate_up: vec![0.0; capacity * 2 * self.intermediate],
+            gate: vec![0.0; capacity * self.intermediate],
+            up: vec![0.0; capacity * self.intermediate],
             h: vec![0.0; capacity * self.intermediate],
             logits: vec![0.0; capacity * self.vocab],
         }
@@ -294,11 +293,19 @@ impl Decoder {
         }
         let (h, inter) = (self.hidden, self.intermediate);
         let (qd, kvd, hd) = (self.q_dim(), self.kv_dim(), self.head_dim);
-        let width = qd + 2 * kvd;
         let s = state;
-        for (row, &t) in s.x.chunks_exact_mut(h).zip(tokens) {
-            row.copy_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
-        }
+        with_weight("decode", "model.embed_tokens.weight", self.embed, |e| {
+            for (row, &t) in s.x.chunks_exact_mut(h).zip(tokens) {
+                let span = t as usize * h..(t as usize + 1) * h;
+                match e {
+                    WeightSlice::F32(e) => row.copy_from_slice(&e[span]),
+                    WeightSlice::Bf16(e) => row
+                        .iter_mut()
+                        .zip(&e[span])
+                        .for_each(|(d, v)| *d = v.to_f32()),
+                }
+            }
+        })?;
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm::forward(
                 &s.x[..b * h],
@@ -307,14 +314,15 @@ impl Decoder {
                 &mut s.xn[..b * h],
                 &mut s.rstd[..b],
             );
-            layer.qkv.apply(&s.xn, b, &mut s.qkv, false);
-            for (r, (row, cache)) in s.qkv[..b * width]
-                .chunks_exact_mut(width)
+            layer.q.apply(&s.xn, b, &mut s.q, false)?;
+            layer.k.apply(&s.xn, b, &mut s.k, false)?;
+            layer.v.apply(&s.xn, b, &mut s.v, false)?;
+            for (r, ((q, (k, v)), cache)) in s.q[..b * qd]
+                .chunks_exact_mut(qd)
+                .zip(s.k.chunks_exact_mut(kvd).zip(s.v.chunks_exact(kvd)))
                 .zip(s.rows.iter_mut())
                 .enumerate()
             {
-                let (q, kv) = row.split_at_mut(qd);
-                let (k, v) = kv.split_at_mut(kvd);
                 let pos = &positions[r..r + 1];
                 self.rope.forward_slice(q, self.n_heads, pos)?;
                 self.rope.forward_slice(k, self.n_kv_heads, pos)?;
@@ -325,13 +333,13 @@ impl Decoder {
                 }
                 cache.v[li].extend_from_slice(v);
             }
-            let (rows, qkv) = (&s.rows, &s.qkv);
+            let (rows, qs) = (&s.rows, &s.q);
             s.att[..b * qd]
                 .par_chunks_mut(qd)
                 .zip(rows.par_iter())
                 .enumerate()
                 .for_each(|(r, (out, cache))| {
-                    let q = &qkv[r * width..r * width + qd];
+                    let q = &qs[r * qd..(r + 1) * qd];
                     let view = DecodeCache {
                         kt: &cache.kt[li],
                         cap: cache.cap,
@@ -350,7 +358,7 @@ impl Decoder {
                         )
                     });
                 });
-            layer.o.apply(&s.att, b, &mut s.x, true);
+            layer.o.apply(&s.att, b, &mut s.x, true)?;
             rms_norm::forward(
                 &s.x[..b * h],
                 &layer.post_norm,
@@ -358,15 +366,16 @@ impl Decoder {
                 &mut s.xn[..b * h],
                 &mut s.rstd[..b],
             );
-            layer.gate_up.apply(&s.xn, b, &mut s.gate_up, false);
-            for (gu, hr) in s.gate_up[..b * 2 * inter]
-                .chunks_exact(2 * inter)
+            layer.gate.apply(&s.xn, b, &mut s.gate, false)?;
+            layer.up.apply(&s.xn, b, &mut s.up, false)?;
+            for ((gate, up), hr) in s.gate[..b * inter]
+                .chunks_exact(inter)
+                .zip(s.up.chunks_exact(inter))
                 .zip(s.h.chunks_exact_mut(inter))
             {
-                let (gate, up) = gu.split_at(inter);
                 swiglu::forward(gate, up, hr);
             }
-            layer.down.apply(&s.h, b, &mut s.x, true);
+            layer.down.apply(&s.h, b, &mut s.x, true)?;
         }
         for cache in &mut s.rows {
             cache.len += 1;
@@ -378,19 +387,7 @@ impl Decoder {
             &mut s.xn[..b * h],
             &mut s.rstd[..b],
         );
-        match &self.head {
-            Some(head) => head.apply(&s.xn, b, &mut s.logits, false),
-            None => matmul_wt(
-                &s.xn,
-                &self.embed,
-                None,
-                b,
-                h,
-                self.vocab,
-                &mut s.logits,
-                false,
-            ),
-        }
+        self.head.apply(&s.xn, b, &mut s.logits, false)?;
         Ok(())
     }
 }

@@ -7,6 +7,8 @@
 pub mod config;
 pub mod decode;
 pub mod ops;
+pub mod params;
+pub mod precision;
 pub mod qwen2;
 pub mod weights;
 
@@ -16,13 +18,19 @@ use anyhow::{Context, Result};
 use candle_core::DType;
 
 pub use config::Qwen2Config;
-pub use qwen2::{ForwardCache, Gradients, Qwen2, TokenLogprobs, TrainBatch};
+pub use precision::{DeviceName, Precision};
+pub use qwen2::{Activations, ForwardCache, Grads, Qwen2, TokenLogprobs, TrainBatch, Weights};
 
 impl Qwen2 {
-    /// Writes the model in Hugging Face format (config.json, model.safetensors in `dtype`),
-    /// loadable by transformers' `Qwen2ForCausalLM.from_pretrained`. Each file is written
-    /// atomically.
-    pub fn save_pretrained(&self, dir: &Path, dtype: DType) -> Result<()> {
+    /// Writes the model in Hugging Face format (config.json, model.safetensors in the model's
+    /// own dtype: f32, or bf16 for a bf16 model), loadable by transformers'
+    /// `Qwen2ForCausalLM.from_pretrained`. Each file is written atomically.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained_as(dir, self.precision().matrix_dtype())
+    }
+
+    /// [`Self::save_pretrained`] with every tensor converted to `dtype`.
+    pub fn save_pretrained_as(&self, dir: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let mut config = serde_json::to_value(&self.config)?;

@@ -27,68 +27,34 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::Qwen2Config;
 use super::ops::{self, Rope, VarLen};
+pub use super::params::{Attention, DecoderLayer, LeafKind, Linear, Mlp, Qwen2Params};
+use super::precision::Precision;
 use super::weights::WeightMap;
 
-/// y = x·Wᵀ (+ b). `weight` is [out, in], as stored by transformers.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
+/// The model's parameters: weight matrices in the compute dtype, vectors in f32.
+pub type Weights = Qwen2Params<Tensor>;
+/// Gradients (or any f32 buffer per parameter), in the same tree.
+pub type Grads = Qwen2Params<Vec<f32>>;
 
-impl Linear {
+impl Linear<Tensor> {
+    /// y = x·Wᵀ (+ b).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        ops::linear(x, &self.weight, self.bias.as_ref())
     }
 
-    /// Given dy = ∂L/∂y and the input x: returns ∂L/∂x = dy·W and the parameter gradients
-    /// ∂L/∂W = dyᵀ·x, ∂L/∂b = Σ_rows dy.
-    fn backward(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, LinearGrad)> {
-        let dx = dy.matmul(&self.weight)?;
-        let grad = self.param_grad(dy, x)?;
-        Ok((dx, grad))
+    /// Given dy = ∂L/∂y and the input x: adds ∂L/∂W = dyᵀ·x and ∂L/∂b = Σ_rows dy to `grad`
+    /// and returns ∂L/∂x = dy·W.
+    fn backward(&self, dy: &Tensor, x: &Tensor, grad: &mut Linear<Vec<f32>>) -> Result<Tensor> {
+        let dx = ops::linear_backward_input(dy, &self.weight)?;
+        ops::linear_backward_params(
+            dy,
+            x,
+            &mut grad.weight,
+            grad.bias.as_deref_mut(),
+            self.weight.dtype() == DType::BF16,
+        )?;
+        Ok(dx)
     }
-
-    fn param_grad(&self, dy: &Tensor, x: &Tensor) -> Result<LinearGrad> {
-        let weight = dy.t()?.matmul(x)?;
-        let bias = match &self.bias {
-            Some(_) => Some(dy.sum(0)?),
-            None => None,
-        };
-        Ok(LinearGrad { weight, bias })
-    }
-}
-
-struct LinearGrad {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-}
-
-#[derive(Debug, Clone)]
-pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-}
-
-#[derive(Debug, Clone)]
-pub struct DecoderLayer {
-    pub input_layernorm: Tensor,
-    pub self_attn: Attention,
-    pub post_attention_layernorm: Tensor,
-    pub mlp: Mlp,
 }
 
 /// `Qwen2ForCausalLM`: `model.*` plus the output head (`lm_head.weight`, or the embedding
@@ -96,13 +62,20 @@ pub struct DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct Qwen2 {
     pub config: Qwen2Config,
-    pub embed_tokens: Tensor,
-    pub layers: Vec<DecoderLayer>,
-    pub norm: Tensor,
-    /// `None` when `tie_word_embeddings`: the head is `embed_tokens`.
-    pub lm_head: Option<Tensor>,
+    /// Every parameter, held once.
+    pub weights: Weights,
+    precision: Precision,
     rope: Rope,
     device: Device,
+}
+
+/// Which activations a training forward keeps for its backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Every layer's intermediate values (fastest backward).
+    All,
+    /// Gradient checkpointing: only each layer's input; the backward recomputes the layer.
+    LayerInputs,
 }
 
 /// A packed batch of (prompt, completion) sequences for the training forward.
@@ -177,9 +150,15 @@ struct LayerCache {
     h: Tensor,
 }
 
+/// What one layer kept for its backward: everything, or (checkpointing) its input only.
+enum LayerSaved {
+    Full(Box<LayerCache>),
+    Input(Tensor),
+}
+
 /// Everything the backward needs from one training forward.
 pub struct ForwardCache {
-    layers: Vec<LayerCache>,
+    layers: Vec<LayerSaved>,
     x_final: Tensor,
     rstd_final: Tensor,
     h_scored: Tensor,
@@ -194,29 +173,31 @@ pub struct TokenLogprobs {
     pub entropy: Vec<f32>,
 }
 
-/// Gradients of every parameter, in [`Qwen2::parameter_names`] order.
-pub struct Gradients {
-    pub names: Vec<String>,
-    pub tensors: Vec<Tensor>,
-}
-
-impl Gradients {
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .map(|i| &self.tensors[i])
-    }
-}
-
 impl Qwen2 {
-    /// Loads a Hugging Face Qwen2 checkpoint directory (config.json + safetensors).
+    /// Loads a Hugging Face Qwen2 checkpoint directory (config.json + safetensors) in f32.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load(dir, device, Precision::F32)
+    }
+
+    /// Loads a checkpoint directory with its weight matrices in `precision` (a bf16 file loads
+    /// into a bf16 model without widening). Every tensor is checked for NaN/±inf.
+    pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
         let config = Qwen2Config::from_dir(dir)?;
-        let mut weights = WeightMap::from_dir(dir, device)?;
-        let model = Self::from_weights(config, &mut weights, device)
-            .with_context(|| format!("{}: checkpoint does not match config.json", dir.display()))?;
-        let unused = weights.remaining();
+        config.validate()?;
+        let mut w = WeightMap::from_dir(dir, device)?;
+        let weights = Weights::build(&config, |leaf| {
+            w.take(&leaf.name, &leaf.shape, leaf_dtype(leaf.kind, precision))
+        })
+        .with_context(|| format!("{}: checkpoint does not match config.json", dir.display()))?;
+        if config.tie_word_embeddings {
+            // Some tied checkpoints still store a copy of the head; it must equal the embedding.
+            w.take_optional(
+                "lm_head.weight",
+                &[config.vocab_size, config.hidden_size],
+                precision.matrix_dtype(),
+            )?;
+        }
+        let unused = w.remaining();
         let unexpected: Vec<_> = unused
             .iter()
             .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
@@ -228,69 +209,14 @@ impl Qwen2 {
                 unexpected
             );
         }
-        Ok(model)
-    }
-
-    fn from_weights(config: Qwen2Config, w: &mut WeightMap, device: &Device) -> Result<Self> {
-        let h = config.hidden_size;
-        let (qd, kvd, inter) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
-        let embed_tokens = w.take("model.embed_tokens.weight", &[config.vocab_size, h])?;
-        let linear =
-            |w: &mut WeightMap, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                Ok(Linear {
-                    weight: w.take(&format!("{name}.weight"), &[out, inp])?,
-                    bias: if bias {
-                        Some(w.take(&format!("{name}.bias"), &[out])?)
-                    } else {
-                        None
-                    },
-                })
-            };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(DecoderLayer {
-                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                self_attn: Attention {
-                    q_proj: linear(w, &format!("{p}.self_attn.q_proj"), qd, h, true)?,
-                    k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kvd, h, true)?,
-                    v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kvd, h, true)?,
-                    o_proj: linear(w, &format!("{p}.self_attn.o_proj"), h, qd, false)?,
-                },
-                post_attention_layernorm: w
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                mlp: Mlp {
-                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), inter, h, false)?,
-                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), h, inter, false)?,
-                },
-            });
-        }
-        let norm = w.take("model.norm.weight", &[h])?;
-        let lm_head = if config.tie_word_embeddings {
-            // Some tied checkpoints still store a copy of the head; it must equal the embedding.
-            w.take_optional("lm_head.weight", &[config.vocab_size, h])?;
-            None
-        } else {
-            Some(w.take("lm_head.weight", &[config.vocab_size, h])?)
-        };
-        Ok(Self::assemble(
-            config,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            device,
-        ))
+        Ok(Self::assemble(config, weights, precision, device))
     }
 
     /// The model from its weights (the rotary tables are derived from the config).
-    fn assemble(
+    pub fn assemble(
         config: Qwen2Config,
-        embed_tokens: Tensor,
-        layers: Vec<DecoderLayer>,
-        norm: Tensor,
-        lm_head: Option<Tensor>,
+        weights: Weights,
+        precision: Precision,
         device: &Device,
     ) -> Self {
         let rope = Rope::new(
@@ -300,73 +226,54 @@ impl Qwen2 {
         );
         Self {
             config,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
+            weights,
+            precision,
             rope,
             device: device.clone(),
         }
     }
 
-    /// A randomly initialised model as transformers initialises Qwen2: linear and embedding
-    /// weights ~ N(0, std²), biases 0, norm weights 1.
+    /// A randomly initialised f32 model as transformers initialises Qwen2: linear and
+    /// embedding weights ~ N(0, std²), biases 0, norm weights 1.
     pub fn random(config: Qwen2Config, std: f32, seed: u64, device: &Device) -> Result<Self> {
         config.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, std).context("invalid initialisation std")?;
-        let mut randn = |shape: &[usize]| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-            Ok(Tensor::from_vec(data, shape, device)?)
-        };
-        let h = config.hidden_size;
-        let (qd, kvd, inter) = (config.q_dim(), config.kv_dim(), config.intermediate_size);
-        let ones = |n: usize| Tensor::ones(n, DType::F32, device);
-        let zeros = |n: usize| Tensor::zeros(n, DType::F32, device);
-        let embed_tokens = randn(&[config.vocab_size, h])?;
-        let mut layers = Vec::new();
-        for _ in 0..config.num_hidden_layers {
-            let lin = |randn: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
-                       out: usize,
-                       inp: usize,
-                       bias: bool|
-             -> Result<Linear> {
-                Ok(Linear {
-                    weight: randn(&[out, inp])?,
-                    bias: if bias { Some(zeros(out)?) } else { None },
-                })
-            };
-            layers.push(DecoderLayer {
-                input_layernorm: ones(h)?,
-                self_attn: Attention {
-                    q_proj: lin(&mut randn, qd, h, true)?,
-                    k_proj: lin(&mut randn, kvd, h, true)?,
-                    v_proj: lin(&mut randn, kvd, h, true)?,
-                    o_proj: lin(&mut randn, h, qd, false)?,
-                },
-                post_attention_layernorm: ones(h)?,
-                mlp: Mlp {
-                    gate_proj: lin(&mut randn, inter, h, false)?,
-                    up_proj: lin(&mut randn, inter, h, false)?,
-                    down_proj: lin(&mut randn, h, inter, false)?,
-                },
-            });
-        }
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(randn(&[config.vocab_size, h])?)
-        };
-        let norm = ones(h)?;
+        let weights = Weights::build(&config, |leaf| {
+            let n: usize = leaf.shape.iter().product();
+            Ok(match leaf.kind {
+                LeafKind::Embedding | LeafKind::LinearWeight => {
+                    let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+                    Tensor::from_vec(data, leaf.shape.as_slice(), device)?
+                }
+                LeafKind::Bias => Tensor::zeros(n, DType::F32, device)?,
+                LeafKind::Norm => Tensor::ones(n, DType::F32, device)?,
+            })
+        })?;
+        Ok(Self::assemble(config, weights, Precision::F32, device))
+    }
+
+    /// The same model with its weight matrices converted to `precision` (rounded to nearest
+    /// even for bf16).
+    pub fn to_precision(&self, precision: Precision) -> Result<Self> {
+        let info: Qwen2Params<LeafKind> = Qwen2Params::build(&self.config, |leaf| Ok(leaf.kind))?;
+        let kinds: std::collections::HashMap<String, LeafKind> =
+            info.named().into_iter().map(|(n, k)| (n, *k)).collect();
+        let weights = self.weights.try_map(|name, t| {
+            let kind = kinds.get(name).copied().unwrap_or(LeafKind::Norm);
+            Ok(t.to_dtype(leaf_dtype(kind, precision))?)
+        })?;
         Ok(Self::assemble(
-            config,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            device,
+            self.config.clone(),
+            weights,
+            precision,
+            &self.device,
         ))
+    }
+
+    /// The precision the weights are held in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The rotary tables (positions 0..max_position_embeddings).
@@ -380,162 +287,155 @@ impl Qwen2 {
 
     /// The output head matrix [V, H].
     pub fn head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.embed_tokens)
     }
 
-    /// Every parameter with its Hugging Face name, in a fixed order.
+    /// Every parameter with its Hugging Face name, in the tree's fixed order.
     pub fn parameters(&self) -> Vec<(String, &Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                &layer.input_layernorm,
-            ));
-            let a = &layer.self_attn;
-            let m = &layer.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-            ] {
-                push_linear(&mut out, &format!("{p}.{name}"), lin);
-            }
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                &layer.post_attention_layernorm,
-            ));
-            for (name, lin) in [
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                push_linear(&mut out, &format!("{p}.{name}"), lin);
-            }
-        }
-        out.push(("model.norm.weight".to_string(), &self.norm));
-        if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head));
-        }
-        out
+        self.weights.named()
     }
 
     pub fn parameter_names(&self) -> Vec<String> {
         self.parameters().into_iter().map(|(n, _)| n).collect()
     }
 
-    /// Mutable access to every parameter, in [`Self::parameters`] order.
-    pub fn parameters_mut(&mut self) -> Vec<&mut Tensor> {
-        let mut out: Vec<&mut Tensor> = vec![&mut self.embed_tokens];
-        for layer in self.layers.iter_mut() {
-            out.push(&mut layer.input_layernorm);
-            let a = &mut layer.self_attn;
-            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                out.push(&mut lin.weight);
-                if let Some(b) = lin.bias.as_mut() {
-                    out.push(b);
-                }
-            }
-            out.push(&mut layer.post_attention_layernorm);
-            let m = &mut layer.mlp;
-            for lin in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                out.push(&mut lin.weight);
-                if let Some(b) = lin.bias.as_mut() {
-                    out.push(b);
-                }
-            }
-        }
-        out.push(&mut self.norm);
-        if let Some(head) = self.lm_head.as_mut() {
-            out.push(head);
-        }
-        out
+    /// A zero f32 buffer for every parameter (a gradient accumulator).
+    pub fn zero_grads(&self) -> Result<Grads> {
+        self.weights
+            .try_map(|_, t| Ok(vec![0.0f32; t.elem_count()]))
+    }
+
+    /// The rows of the embedding matrix for `tokens`, as f32 [T, H].
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        Ok(self
+            .weights
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// One layer forward over a packed batch: the next residual stream and, when `keep`, the
+    /// values its backward needs.
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer<Tensor>,
+        x: Tensor,
+        seqs: &VarLen,
+        positions: &[u32],
+        keep: bool,
+    ) -> Result<(Tensor, Option<LayerCache>)> {
+        let c = &self.config;
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let (xn, rstd1) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let a = &layer.self_attn;
+        let q = a.q_proj.forward(&xn)?.reshape((t, nh, hd))?;
+        let k = a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?;
+        let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
+        let q = self.rope.forward(&q, positions)?;
+        let k = self.rope.forward(&k, positions)?;
+        let (att, lse) = ops::attention(&q, &k, &v, seqs)?;
+        let att = att.reshape((t, nh * hd))?;
+        let xm = (&x + a.o_proj.forward(&att)?)?;
+        let (xn2, rstd2) = ops::rms_norm(&xm, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let gate = layer.mlp.gate_proj.forward(&xn2)?;
+        let up = layer.mlp.up_proj.forward(&xn2)?;
+        let h = ops::swiglu(&gate, &up)?;
+        let x_next = (&xm + layer.mlp.down_proj.forward(&h)?)?;
+        let cache = keep.then_some(LayerCache {
+            x,
+            xn,
+            rstd1,
+            q,
+            k,
+            v,
+            att,
+            lse,
+            xm,
+            xn2,
+            rstd2,
+            gate,
+            up,
+            h,
+        });
+        Ok((x_next, cache))
     }
 
     /// The residual stream entering the final norm, for a packed batch, keeping what the
-    /// backward needs when `keep` is true.
+    /// backward needs (per `keep`, or nothing).
     fn forward_layers(
         &self,
         tokens: &[u32],
         seqs: &VarLen,
         positions: &[u32],
-        keep: bool,
-    ) -> Result<(Tensor, Vec<LayerCache>)> {
-        let c = &self.config;
-        let t = tokens.len();
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let ids = Tensor::from_slice(tokens, t, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let mut caches = Vec::new();
-        for layer in &self.layers {
-            let (xn, rstd1) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            let a = &layer.self_attn;
-            let q = a.q_proj.forward(&xn)?.reshape((t, nh, hd))?;
-            let k = a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?;
-            let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
-            let q = self.rope.forward(&q, positions)?;
-            let k = self.rope.forward(&k, positions)?;
-            let (att, lse) = ops::attention(&q, &k, &v, seqs)?;
-            let att = att.reshape((t, nh * hd))?;
-            let xm = (&x + a.o_proj.forward(&att)?)?;
-            let (xn2, rstd2) = ops::rms_norm(&xm, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let gate = layer.mlp.gate_proj.forward(&xn2)?;
-            let up = layer.mlp.up_proj.forward(&xn2)?;
-            let h = ops::swiglu(&gate, &up)?;
-            let x_next = (&xm + layer.mlp.down_proj.forward(&h)?)?;
-            if keep {
-                caches.push(LayerCache {
-                    x,
-                    xn,
-                    rstd1,
-                    q,
-                    k,
-                    v,
-                    att,
-                    lse,
-                    xm,
-                    xn2,
-                    rstd2,
-                    gate,
-                    up,
-                    h,
-                });
+        keep: Option<Activations>,
+    ) -> Result<(Tensor, Vec<LayerSaved>)> {
+        let mut x = self.embed(tokens)?;
+        let mut saved = Vec::new();
+        for layer in &self.weights.layers {
+            match keep {
+                Some(Activations::All) => {
+                    let (next, cache) = self.layer_forward(layer, x, seqs, positions, true)?;
+                    let cache = cache.context("internal: layer kept no activations")?;
+                    saved.push(LayerSaved::Full(Box::new(cache)));
+                    x = next;
+                }
+                Some(Activations::LayerInputs) => {
+                    let input = x.clone();
+                    let (next, _) = self.layer_forward(layer, x, seqs, positions, false)?;
+                    saved.push(LayerSaved::Input(input));
+                    x = next;
+                }
+                None => x = self.layer_forward(layer, x, seqs, positions, false)?.0,
             }
-            x = x_next;
         }
-        Ok((x, caches))
+        Ok((x, saved))
     }
 
     /// Training forward: the log-prob (and entropy) of every completion token under
     /// softmax(inv_temperature · logits), never holding batch × length × vocab logits.
-    /// Returns the cache the backward needs.
+    /// Returns the cache the backward needs (all activations).
     pub fn forward_train(
         &self,
         batch: &TrainBatch,
         inv_temperature: f32,
     ) -> Result<(TokenLogprobs, ForwardCache)> {
-        let (logprobs, cache) = self.forward_scored(batch, inv_temperature, true)?;
+        self.forward_train_with(batch, inv_temperature, Activations::All)
+    }
+
+    /// [`Self::forward_train`] keeping `keep` (gradient checkpointing keeps layer inputs only).
+    pub fn forward_train_with(
+        &self,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+        keep: Activations,
+    ) -> Result<(TokenLogprobs, ForwardCache)> {
+        let (logprobs, cache) = self.forward_scored(batch, inv_temperature, Some(keep))?;
         let cache = cache.context("internal: the training forward kept no activations")?;
         Ok((logprobs, cache))
     }
 
     /// Log-probs only (evaluation, reference and old-policy log-probs): no activations kept.
     pub fn logprobs(&self, batch: &TrainBatch, inv_temperature: f32) -> Result<TokenLogprobs> {
-        Ok(self.forward_scored(batch, inv_temperature, false)?.0)
+        Ok(self.forward_scored(batch, inv_temperature, None)?.0)
     }
 
-    /// The forward up to the scored completion tokens, keeping activations when `keep`.
+    /// The forward up to the scored completion tokens, keeping activations per `keep`.
     fn forward_scored(
         &self,
         batch: &TrainBatch,
         inv_temperature: f32,
-        keep: bool,
+        keep: Option<Activations>,
     ) -> Result<(TokenLogprobs, Option<ForwardCache>)> {
         self.check_tokens(&batch.tokens)?;
         let (x_final, layers) =
             self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, keep)?;
-        let (xf, rstd_final) = ops::rms_norm(&x_final, &self.norm, self.config.rms_norm_eps)?;
+        let (xf, rstd_final) =
+            ops::rms_norm(&x_final, &self.weights.norm, self.config.rms_norm_eps)?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
         let h_scored = xf.index_select(&rows, 0)?;
         let out = ops::lm_head_logprobs(
@@ -548,7 +448,7 @@ impl Qwen2 {
             logprobs: out.logprobs,
             entropy: out.entropy,
         };
-        let cache = keep.then_some(ForwardCache {
+        let cache = keep.map(|_| ForwardCache {
             layers,
             x_final,
             rstd_final,
@@ -573,53 +473,99 @@ impl Qwen2 {
     }
 
     /// Backward from g_t = ∂L/∂logp_t (one weight per completion token, `targets` order):
-    /// the gradient of L with respect to every parameter.
-    pub fn backward(
+    /// the gradient of L with respect to every parameter, in a fresh buffer.
+    pub fn backward(&self, batch: &TrainBatch, cache: ForwardCache, g: &[f32]) -> Result<Grads> {
+        let mut grads = self.zero_grads()?;
+        self.backward_into(batch, cache, g, &mut grads)?;
+        Ok(grads)
+    }
+
+    /// Backward from g_t, adding every parameter's gradient to `grads` (which must have this
+    /// model's tree): micro-batches accumulate with no gradient-sized temporary.
+    pub fn backward_into(
         &self,
         batch: &TrainBatch,
         cache: ForwardCache,
         g: &[f32],
-    ) -> Result<Gradients> {
+        grads: &mut Grads,
+    ) -> Result<()> {
         ensure!(
             g.len() == batch.targets.len(),
             "backward: {} token weights for {} completion tokens",
             g.len(),
             batch.targets.len()
         );
+        ensure!(
+            grads.layers.len() == self.weights.layers.len()
+                && grads.lm_head.is_some() == self.weights.lm_head.is_some(),
+            "backward: the gradient buffer does not have this model's parameter tree"
+        );
         let c = &self.config;
         let t = batch.tokens.len();
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let h = c.hidden_size;
 
-        // Output head and final norm.
-        let (dh_scored, d_head) = ops::lm_head_backward(
+        // Output head (its gradient goes to lm_head, or to the embedding when tied).
+        let head_grad = match grads.lm_head.as_mut() {
+            Some(g) => g,
+            None => &mut grads.embed_tokens,
+        };
+        let dh_scored = ops::lm_head_backward_into(
             &cache.h_scored,
             self.head_weight(),
             &batch.targets,
             &cache.lse,
             g,
             cache.inv_temperature,
+            ops::LM_HEAD_CHUNK_LOGITS,
+            head_grad,
         )?;
+        // Final norm.
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
         let dxf =
             Tensor::zeros((t, h), DType::F32, &self.device)?.index_add(&rows, &dh_scored, 0)?;
         let (mut dx, d_norm) =
-            ops::rms_norm_backward(&dxf, &cache.x_final, &self.norm, &cache.rstd_final)?;
+            ops::rms_norm_backward(&dxf, &cache.x_final, &self.weights.norm, &cache.rstd_final)?;
+        add_into(&mut grads.norm, &d_norm)?;
 
-        let mut layer_grads = Vec::with_capacity(self.layers.len());
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter()).rev() {
+        for ((layer, saved), lg) in self
+            .weights
+            .layers
+            .iter()
+            .zip(cache.layers)
+            .zip(grads.layers.iter_mut())
+            .rev()
+        {
+            let lc = match saved {
+                LayerSaved::Full(lc) => *lc,
+                LayerSaved::Input(x) => self
+                    .layer_forward(layer, x, &batch.seqs, &batch.positions, true)?
+                    .1
+                    .context("internal: recomputed layer kept no activations")?,
+            };
             // x' = xm + down(swiglu(gate(xn2), up(xn2)))
-            let (dhid, g_down) = layer.mlp.down_proj.backward(&dx, &lc.h)?;
+            let dhid = layer
+                .mlp
+                .down_proj
+                .backward(&dx, &lc.h, &mut lg.mlp.down_proj)?;
             let (dgate, dup) = ops::swiglu_backward(&dhid, &lc.gate, &lc.up)?;
-            let (dxn2_g, g_gate) = layer.mlp.gate_proj.backward(&dgate, &lc.xn2)?;
-            let (dxn2_u, g_up) = layer.mlp.up_proj.backward(&dup, &lc.xn2)?;
+            let dxn2_g = layer
+                .mlp
+                .gate_proj
+                .backward(&dgate, &lc.xn2, &mut lg.mlp.gate_proj)?;
+            let dxn2_u = layer
+                .mlp
+                .up_proj
+                .backward(&dup, &lc.xn2, &mut lg.mlp.up_proj)?;
             let dxn2 = (dxn2_g + dxn2_u)?;
             let (dxm_norm, d_ln2) =
                 ops::rms_norm_backward(&dxn2, &lc.xm, &layer.post_attention_layernorm, &lc.rstd2)?;
+            add_into(&mut lg.post_attention_layernorm, &d_ln2)?;
             let dxm = (&dx + dxm_norm)?;
             // xm = x + o_proj(att)
             let a = &layer.self_attn;
-            let (datt, g_o) = a.o_proj.backward(&dxm, &lc.att)?;
+            let ga = &mut lg.self_attn;
+            let datt = a.o_proj.backward(&dxm, &lc.att, &mut ga.o_proj)?;
             let att = lc.att.reshape((t, nh, hd))?;
             let datt = datt.reshape((t, nh, hd))?;
             let (dq, dk, dv) =
@@ -633,60 +579,35 @@ impl Qwen2 {
                 .backward(&dk, &batch.positions)?
                 .reshape((t, nkv * hd))?;
             let dv = dv.reshape((t, nkv * hd))?;
-            let (dxn_q, g_q) = a.q_proj.backward(&dq, &lc.xn)?;
-            let (dxn_k, g_k) = a.k_proj.backward(&dk, &lc.xn)?;
-            let (dxn_v, g_v) = a.v_proj.backward(&dv, &lc.xn)?;
+            let dxn_q = a.q_proj.backward(&dq, &lc.xn, &mut ga.q_proj)?;
+            let dxn_k = a.k_proj.backward(&dk, &lc.xn, &mut ga.k_proj)?;
+            let dxn_v = a.v_proj.backward(&dv, &lc.xn, &mut ga.v_proj)?;
             let dxn = ((dxn_q + dxn_k)? + dxn_v)?;
             let (dx_norm, d_ln1) =
                 ops::rms_norm_backward(&dxn, &lc.x, &layer.input_layernorm, &lc.rstd1)?;
+            add_into(&mut lg.input_layernorm, &d_ln1)?;
             dx = (dxm + dx_norm)?;
-            layer_grads.push((d_ln1, [g_q, g_k, g_v, g_o], d_ln2, [g_gate, g_up, g_down]));
         }
-        layer_grads.reverse();
 
         // Embedding: scatter-add the residual gradient into the rows of the used tokens.
-        let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
-        let mut d_embed =
-            Tensor::zeros((c.vocab_size, h), DType::F32, &self.device)?.index_add(&ids, &dx, 0)?;
-        if self.lm_head.is_none() {
-            d_embed = (d_embed + &d_head)?;
+        let dx = dx.flatten_all()?.to_vec1::<f32>()?;
+        for (row, &tok) in dx.chunks_exact(h).zip(&batch.tokens) {
+            let dst = &mut grads.embed_tokens[tok as usize * h..(tok as usize + 1) * h];
+            dst.iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
-
-        let mut tensors = vec![d_embed];
-        for (d_ln1, attn, d_ln2, mlp) in layer_grads {
-            tensors.push(d_ln1);
-            for lg in attn {
-                tensors.push(lg.weight);
-                tensors.extend(lg.bias);
-            }
-            tensors.push(d_ln2);
-            for lg in mlp {
-                tensors.push(lg.weight);
-                tensors.extend(lg.bias);
-            }
-        }
-        tensors.push(d_norm);
-        if self.lm_head.is_some() {
-            tensors.push(d_head);
-        }
-        let names = self.parameter_names();
-        ensure!(
-            names.len() == tensors.len(),
-            "internal: gradient list does not match parameters"
-        );
-        Ok(Gradients { names, tensors })
+        Ok(())
     }
 
     /// Logits of the next token after each row of `h` (final-normed hidden states [B, H]).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(h.matmul(&self.head_weight().t()?)?)
+        ops::linear(h, self.head_weight(), None)
     }
 
     /// Inference half of a layer's attention block: the input norm, then q, k, v of every row,
     /// with q and k rotated to `positions` (q: [T, nh, hd], k and v: [T, nkv, hd]).
     fn rotated_qkv(
         &self,
-        layer: &DecoderLayer,
+        layer: &DecoderLayer<Tensor>,
         x: &Tensor,
         positions: &[u32],
     ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -706,7 +627,7 @@ impl Qwen2 {
     }
 
     /// Inference MLP block with its residual: x + down(silu(gate(n)) ⊙ up(n)), n = norm(x).
-    fn mlp_residual(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
+    fn mlp_residual(&self, layer: &DecoderLayer<Tensor>, x: &Tensor) -> Result<Tensor> {
         let (xn2, _) = ops::rms_norm(x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
         let h = ops::swiglu(
             &layer.mlp.gate_proj.forward(&xn2)?,
@@ -728,10 +649,9 @@ impl Qwen2 {
         let c = &self.config;
         let t = tokens.len();
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let ids = Tensor::from_slice(tokens, t, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let mut kv = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
+        let mut x = self.embed(tokens)?;
+        let mut kv = Vec::with_capacity(self.weights.layers.len());
+        for layer in &self.weights.layers {
             let a = &layer.self_attn;
             let (q, k, v) = self.rotated_qkv(layer, &x, positions)?;
             let (att, _) = ops::attention(&q, &k, &v, seqs)?;
@@ -744,7 +664,7 @@ impl Qwen2 {
             .collect();
         let last = Tensor::from_slice(&last, last.len(), &self.device)?;
         let x_last = x.index_select(&last, 0)?;
-        let (h_last, _) = ops::rms_norm(&x_last, &self.norm, c.rms_norm_eps)?;
+        let (h_last, _) = ops::rms_norm(&x_last, &self.weights.norm, c.rms_norm_eps)?;
         Ok((h_last, kv))
     }
 
@@ -754,9 +674,25 @@ impl Qwen2 {
     }
 }
 
-fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, prefix: &str, lin: &'a Linear) {
-    out.push((format!("{prefix}.weight"), &lin.weight));
-    if let Some(b) = &lin.bias {
-        out.push((format!("{prefix}.bias"), b));
+/// The dtype a leaf of `kind` is held in at `precision`: matrices in the compute dtype,
+/// norm weights and biases in f32.
+pub fn leaf_dtype(kind: LeafKind, precision: Precision) -> DType {
+    if kind.is_matrix() {
+        precision.matrix_dtype()
+    } else {
+        DType::F32
     }
+}
+
+/// grad += t (elementwise; t is an f32 tensor of grad's length).
+fn add_into(grad: &mut [f32], t: &Tensor) -> Result<()> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    ensure!(
+        v.len() == grad.len(),
+        "internal: gradient of {} elements for a buffer of {}",
+        v.len(),
+        grad.len()
+    );
+    grad.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+    Ok(())
 }

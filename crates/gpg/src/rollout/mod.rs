@@ -126,9 +126,12 @@ pub fn generate(
         }
     }
 
+    let mut step = 0usize;
     while !rows.is_empty() && params.max_new_tokens > 0 {
+        step += 1;
         // Sample one token per row (rows are independent: parallel).
         let n_rows = rows.len();
+        check_logits(state.logits_mut(n_rows, vocab), vocab, step)?;
         rows.par_iter_mut()
             .zip(state.logits_mut(n_rows, vocab).par_chunks_mut(vocab))
             .for_each(|(row, l)| {
@@ -175,6 +178,22 @@ pub fn generate(
     }
     done.sort_by_key(|c| (c.prompt_index, c.sample_index));
     Ok(done)
+}
+
+/// Ends sampling with an error when a row's logits hold NaN or ±inf (broken weights or an
+/// overflow): sampling from them would give garbage completions, silently.
+fn check_logits(logits: &[f32], vocab: usize, step: usize) -> Result<()> {
+    let bad = logits
+        .par_chunks(vocab)
+        .position_first(|row| row.iter().any(|v| !v.is_finite()));
+    if let Some(row) = bad {
+        anyhow::bail!(
+            "sampling step {step} (completion token {step}): the model produced non-finite logits \
+             (NaN or ±inf) for batch row {row}; the weights or activations have overflowed or are \
+             corrupt, so sampling stops here instead of returning garbage completions"
+        );
+    }
+    Ok(())
 }
 
 /// Whether `row` is finished after its latest token, and why.

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::algo::{AdvantageEstimator, PolicyLoss, ResampleConfig};
 use crate::data::synthetic::SyntheticConfig;
 use crate::data::{LongPromptPolicy, PromptDatasetConfig};
+use crate::model::{DeviceName, Precision};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::schedule::{LrScheduleConfig, LrScheduleKind};
 use crate::reward::RewardConfig;
@@ -26,6 +27,18 @@ pub struct TrainConfig {
     /// Optimiser steps.
     pub steps: u64,
     pub seed: u64,
+    /// Where the engine runs: `cpu` (the only engine in this build; `cuda`/`cuda:N` are refused
+    /// with a clear error).
+    #[serde(default)]
+    pub device: DeviceName,
+    /// `f32` or `bf16` (mixed precision: bf16 weight matrices and matrix products with f32
+    /// accumulation; f32 master weights, moments, softmax and loss).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Keep only each layer's input during the forward and recompute the layer in the backward
+    /// (less memory, the same gradients, about one more forward of time).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub data: DataConfig,
     pub rollout: RolloutConfig,
     #[serde(default)]

@@ -7,13 +7,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{synthetic, EpochSampler};
-use crate::model::{Qwen2, TrainBatch};
+use crate::model::{Activations, DeviceName, Precision, Qwen2, TrainBatch};
 use crate::optim::{AdamW, AdamWConfig, LrScheduleConfig, LrScheduleKind};
 use crate::tokenizer::Tokenizer;
 
@@ -29,6 +28,15 @@ pub struct SftConfig {
     pub model: PathBuf,
     /// Where the fine-tuned model (and sft_metrics.jsonl) is written.
     pub output_dir: PathBuf,
+    /// `cpu` (the only engine in this build).
+    #[serde(default)]
+    pub device: DeviceName,
+    /// `f32` or `bf16` mixed precision (see `Precision`).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Recompute each layer in the backward instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub steps: u64,
     /// Sequences per step.
     pub batch_size: usize,
@@ -92,8 +100,13 @@ impl SftConfig {
 
 /// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
-    let device = Device::Cpu;
-    let mut model = Qwen2::from_dir(&config.model, &device)?;
+    let device = config.device.open()?;
+    let mut model = Qwen2::load(&config.model, &device, config.precision)?;
+    let keep = if config.gradient_checkpointing {
+        Activations::LayerInputs
+    } else {
+        Activations::All
+    };
     let tokenizer = Tokenizer::from_dir(&config.model)?;
     let eos = tokenizer
         .eos_token_id()
@@ -159,11 +172,10 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             .collect();
         let batch = TrainBatch::new(&batch_pairs)?;
         let n = batch.num_completion_tokens();
-        let (lp, cache) = model.forward_train(&batch, 1.0)?;
+        let (lp, cache) = model.forward_train_with(&batch, 1.0, keep)?;
         let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         let g = vec![-1.0 / n as f32; n];
-        let grads = model.backward(&batch, cache, &g)?;
-        updater.accumulate(&grads)?;
+        model.backward_into(&batch, cache, &g, updater.grads_mut())?;
         let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
@@ -189,7 +201,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         }
         writeln!(log, "{line}")?;
     }
-    model.save_pretrained(&config.output_dir, DType::F32)?;
+    model.save_pretrained(&config.output_dir)?;
     tokenizer.save_pretrained(&config.output_dir)?;
     let generation = serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]});
     crate::model::weights::write_atomic(

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::algo::{
@@ -23,7 +22,7 @@ use crate::algo::{
 };
 use crate::checkpoint;
 use crate::data::{synthetic, EpochSampler, PromptDataset, PromptRecord, SamplerState};
-use crate::model::{Qwen2, TrainBatch};
+use crate::model::{Activations, Qwen2, TrainBatch};
 use crate::optim::{AdamW, LrSchedule};
 use crate::reward::{RewardInput, WeightedSum};
 use crate::rollout::{self, Completion, SamplingParams};
@@ -127,7 +126,7 @@ impl Trainer {
     /// run folder when `resume` is true.
     pub fn new(config: TrainConfig, resume: bool) -> Result<Self> {
         config.validate()?;
-        let device = Device::Cpu;
+        let device = config.device.open()?;
         let out = &config.output_dir;
         let latest = if resume {
             checkpoint::latest(out)?
@@ -150,28 +149,30 @@ impl Trainer {
             .as_ref()
             .map(|(_, p)| p.clone())
             .unwrap_or_else(|| config.model.clone());
-        let model = Qwen2::from_dir(&model_dir, &device)
+        let mut model = Qwen2::load(&model_dir, &device, config.precision)
             .with_context(|| format!("loading the model from {}", model_dir.display()))?;
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         // The KL reference is always the run's starting model, also when resuming.
         let reference = if config.algorithm.loss.needs_reference_logp() {
-            Some(Qwen2::from_dir(&config.model, &device).with_context(|| {
-                format!(
-                    "loading the reference model from {}",
-                    config.model.display()
-                )
-            })?)
+            Some(
+                Qwen2::load(&config.model, &device, config.precision).with_context(|| {
+                    format!(
+                        "loading the reference model from {}",
+                        config.model.display()
+                    )
+                })?,
+            )
         } else {
             None
         };
         let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
         let reward = config.reward.build()?;
         let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
-        let (step, sampler, optimizer, tokens_seen) = match &latest {
+        let (step, sampler, updater, tokens_seen) = match &latest {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                AdamW::new(config.optim.adamw)?,
+                ModelUpdater::new(&model, AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
             Some((_, dir)) => {
@@ -180,15 +181,20 @@ impl Trainer {
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
                     .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
+                let mut updater = ModelUpdater::new(&model, optimizer)?;
+                updater
+                    .restore_master(&mut model, &mut buffers)
+                    .with_context(|| {
+                        format!("{}: cannot restore the master weights", dir.display())
+                    })?;
                 (
                     state.step,
                     EpochSampler::resume(state.sampler, prompts.len())?,
-                    optimizer,
+                    updater,
                     state.tokens_seen,
                 )
             }
         };
-        let updater = ModelUpdater::new(&model, optimizer)?;
         std::fs::create_dir_all(out)
             .with_context(|| format!("{}: cannot create", out.display()))?;
         std::fs::write(out.join("config.toml"), config.to_toml()?)
@@ -479,6 +485,11 @@ impl Trainer {
         };
         let total_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
         let normaliser = Normaliser::new(seqs.len(), total_tokens);
+        let keep = if cfg.gradient_checkpointing {
+            Activations::LayerInputs
+        } else {
+            Activations::All
+        };
         // Micro-batches by token budget (prompt + completion).
         let mut micro: Vec<std::ops::Range<usize>> = Vec::new();
         let mut start = 0;
@@ -529,7 +540,7 @@ impl Trainer {
             for r in &micro {
                 let part = &seqs[r.clone()];
                 let batch = self.train_batch(part)?;
-                let (lp, cache) = self.model.forward_train(&batch, inv_t)?;
+                let (lp, cache) = self.model.forward_train_with(&batch, inv_t, keep)?;
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
                 let n = batch.num_completion_tokens();
@@ -551,8 +562,12 @@ impl Trainer {
                 entropy_sum += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
                 clip_sum += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 kl_sum += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
-                let grad = self.model.backward(&batch, cache, &out.token_weights)?;
-                self.updater.accumulate(&grad)?;
+                self.model.backward_into(
+                    &batch,
+                    cache,
+                    &out.token_weights,
+                    self.updater.grads_mut(),
+                )?;
                 token_offset += n;
             }
             outcome.loss = loss;
@@ -621,7 +636,7 @@ impl Trainer {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        self.model.save_pretrained(&tmp, candle_core::DType::F32)?;
+        self.model.save_pretrained(&tmp)?;
         self.tokenizer.save_pretrained(&tmp)?;
         let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
         std::fs::write(
@@ -641,7 +656,7 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = self.config.output_dir.clone();
         let dir = out.join(format!("checkpoint-{}", self.step));
-        let (optimizer, buffers) = self.updater.checkpoint_state();
+        let (optimizer, buffers) = self.updater.checkpoint_state(&self.model)?;
         let state = TrainerState {
             step: self.step,
             sampler: self.sampler.state(),

@@ -12,7 +12,7 @@
 
 use super::cpu;
 use super::cpu::lm_head::HeadDims;
-use super::tensor_io::{backend, cpu_slice, cpu_tensor, f32_dims, Backend};
+use super::tensor_io::{backend, cpu_slice, cpu_tensor, f32_dims, with_weight, Backend};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -41,7 +41,20 @@ fn head_dims(
 ) -> Result<HeadDims> {
     let hd = f32_dims(op, "h", h, 2)?;
     let (rows, hidden) = (hd[0], hd[1]);
-    let wd = f32_dims(op, "w", w, 2)?;
+    if !matches!(
+        w.dtype(),
+        candle_core::DType::F32 | candle_core::DType::BF16
+    ) || !w.is_contiguous()
+    {
+        bail!(
+            "{op}: `w` must be a contiguous f32 or bf16 tensor, got {:?}",
+            w.dtype()
+        );
+    }
+    let wd = w.dims();
+    if wd.len() != 2 {
+        bail!("{op}: `w` must have rank 2, got shape {wd:?}");
+    }
     let vocab = wd[0];
     if wd[1] != hidden {
         bail!("{op}: `w` has shape {wd:?} but `h` has hidden size {hidden}");
@@ -94,22 +107,24 @@ pub fn lm_head_logprobs_chunked(
     match backend(OP, &[("h", h), ("w", w)])? {
         Backend::Cpu => {
             let (hs, hl) = h.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
+            let hs = cpu_slice(OP, "h", &hs, hl)?;
             let mut out = LmHeadOutput {
                 logprobs: vec![0.0; d.rows],
                 entropy: vec![0.0; d.rows],
                 lse: vec![0.0; d.rows],
             };
-            cpu::lm_head::forward(
-                cpu_slice(OP, "h", &hs, hl)?,
-                cpu_slice(OP, "w", &ws, wl)?,
-                targets,
-                inv_temperature,
-                d,
-                &mut out.logprobs,
-                &mut out.entropy,
-                &mut out.lse,
-            );
+            with_weight(OP, "w", w, |ws| {
+                cpu::lm_head::forward(
+                    hs,
+                    ws,
+                    targets,
+                    inv_temperature,
+                    d,
+                    &mut out.logprobs,
+                    &mut out.entropy,
+                    &mut out.lse,
+                )
+            })?;
             Ok(out)
         }
     }
@@ -138,8 +153,44 @@ pub fn lm_head_backward_chunked(
     inv_temperature: f32,
     chunk_logits: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let (v, hid) = (w.dims()[0], w.dims().get(1).copied().unwrap_or(0));
+    let mut dw = vec![0.0f32; v * hid];
+    let dh = lm_head_backward_into(
+        h,
+        w,
+        targets,
+        lse,
+        g,
+        inv_temperature,
+        chunk_logits,
+        &mut dw,
+    )?;
+    Ok((dh, cpu_tensor("lm_head_backward", dw, (v, hid))?))
+}
+
+/// Backward of [`lm_head_logprobs`] that adds dW to `dw` ([V, H], f32) instead of returning it
+/// (the gradient accumulator of the head, with no V × H temporary). Returns dh [N, H].
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_backward_into(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    lse: &[f32],
+    g: &[f32],
+    inv_temperature: f32,
+    chunk_logits: usize,
+    dw: &mut [f32],
+) -> Result<Tensor> {
     const OP: &str = "lm_head_backward";
     let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
+    if dw.len() != d.vocab * d.hidden {
+        bail!(
+            "{OP}: gradient buffer has {} elements, expected {}×{}",
+            dw.len(),
+            d.vocab,
+            d.hidden
+        );
+    }
     if lse.len() != d.rows || g.len() != d.rows {
         bail!(
             "{OP}: lse has {} and g has {} entries, expected {} (rows of `h`)",
@@ -151,24 +202,12 @@ pub fn lm_head_backward_chunked(
     match backend(OP, &[("h", h), ("w", w)])? {
         Backend::Cpu => {
             let (hs, hl) = h.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
+            let hs = cpu_slice(OP, "h", &hs, hl)?;
             let mut dh = vec![0.0f32; d.rows * d.hidden];
-            let mut dw = vec![0.0f32; d.vocab * d.hidden];
-            cpu::lm_head::backward(
-                cpu_slice(OP, "h", &hs, hl)?,
-                cpu_slice(OP, "w", &ws, wl)?,
-                targets,
-                lse,
-                g,
-                inv_temperature,
-                d,
-                &mut dh,
-                &mut dw,
-            );
-            Ok((
-                cpu_tensor(OP, dh, (d.rows, d.hidden))?,
-                cpu_tensor(OP, dw, (d.vocab, d.hidden))?,
-            ))
+            with_weight(OP, "w", w, |ws| {
+                cpu::lm_head::backward(hs, ws, targets, lse, g, inv_temperature, d, &mut dh, dw)
+            })?;
+            cpu_tensor(OP, dh, (d.rows, d.hidden))
         }
     }
 }

@@ -14,11 +14,12 @@
 
 mod attention;
 pub(crate) mod cpu;
+mod linear;
 mod lm_head;
 mod rms_norm;
 mod rope;
 mod swiglu;
-mod tensor_io;
+pub(crate) mod tensor_io;
 mod varlen;
 
 #[cfg(test)]
@@ -27,11 +28,13 @@ mod bench;
 mod test_util;
 
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
+pub use linear::{linear, linear_backward_input, linear_backward_params};
 pub use lm_head::{
-    lm_head_backward, lm_head_backward_chunked, lm_head_logprobs, lm_head_logprobs_chunked,
-    LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
+    lm_head_backward, lm_head_backward_chunked, lm_head_backward_into, lm_head_logprobs,
+    lm_head_logprobs_chunked, LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
 };
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::Rope;
 pub use swiglu::{swiglu, swiglu_backward};
+pub use tensor_io::{update_in_place, WeightSliceMut};
 pub use varlen::VarLen;

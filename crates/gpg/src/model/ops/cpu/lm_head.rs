@@ -3,8 +3,9 @@
 //! h is `[n, hid]`, w is `[vocab, hid]`, both row-major. Rows are processed `chunk_rows` at a
 //! time: one `[chunk_rows, vocab]` logits buffer is the only vocab-sized allocation.
 
-use super::matmul::{gemm, MatMut, MatRef, Threads};
+use super::mixed;
 use super::simd::{exp, vectorize};
+use crate::model::ops::tensor_io::WeightSlice;
 use rayon::prelude::*;
 
 /// Shapes and chunking of one call.
@@ -19,7 +20,7 @@ pub(crate) struct HeadDims {
 /// z = inv_t · h[r0..r1] wᵀ into `logits` ([r1−r0, vocab]).
 fn chunk_logits(
     h: &[f32],
-    w: &[f32],
+    w: WeightSlice<'_>,
     d: HeadDims,
     r0: usize,
     r1: usize,
@@ -27,13 +28,15 @@ fn chunk_logits(
     logits: &mut [f32],
 ) {
     let rows = r1 - r0;
-    gemm(
-        MatMut::row_major(&mut logits[..rows * d.vocab], rows, d.vocab),
-        MatRef::row_major(&h[r0 * d.hidden..r1 * d.hidden], rows, d.hidden),
-        MatRef::row_major(w, d.vocab, d.hidden).t(),
-        false,
+    mixed::x_wt(
+        &mut logits[..rows * d.vocab],
+        &h[r0 * d.hidden..r1 * d.hidden],
+        w,
+        rows,
+        d.hidden,
+        d.vocab,
         inv_t,
-        Threads::All,
+        false,
     );
 }
 
@@ -70,7 +73,7 @@ fn lse_and_entropy(z: &[f32]) -> (f32, f32) {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     h: &[f32],
-    w: &[f32],
+    w: WeightSlice<'_>,
     targets: &[u32],
     inv_t: f32,
     d: HeadDims,
@@ -103,11 +106,12 @@ pub(crate) fn forward(
     }
 }
 
-/// dz_nv = g_n·(1[v = target_n] − e^(z_nv − lse_n)); dh = inv_t·dZ w; dW = inv_t·dZᵀ h.
+/// dz_nv = g_n·(1[v = target_n] − e^(z_nv − lse_n)); dh = inv_t·dZ w; dW += inv_t·dZᵀ h
+/// (added to `dw`; with bf16 weights the products take bf16 operands).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     h: &[f32],
-    w: &[f32],
+    w: WeightSlice<'_>,
     targets: &[u32],
     lse: &[f32],
     g: &[f32],
@@ -118,11 +122,8 @@ pub(crate) fn backward(
 ) {
     let chunk = d.chunk_rows.max(1);
     let mut logits = vec![0.0f32; chunk.min(d.rows) * d.vocab];
+    let bf16 = matches!(w, WeightSlice::Bf16(_));
     let mut r0 = 0;
-    let mut first = true;
-    if d.rows == 0 {
-        dw.fill(0.0);
-    }
     while r0 < d.rows {
         let r1 = (r0 + chunk).min(d.rows);
         let rows = r1 - r0;
@@ -143,24 +144,28 @@ pub(crate) fn backward(
                 });
                 z[target as usize] += gn;
             });
-        let dz = MatRef::row_major(&logits[..rows * d.vocab], rows, d.vocab);
-        gemm(
-            MatMut::row_major(&mut dh[r0 * d.hidden..r1 * d.hidden], rows, d.hidden),
+        let dz = &logits[..rows * d.vocab];
+        mixed::dy_w(
+            &mut dh[r0 * d.hidden..r1 * d.hidden],
             dz,
-            MatRef::row_major(w, d.vocab, d.hidden),
+            w,
+            rows,
+            d.vocab,
+            d.hidden,
+            inv_t,
             false,
-            inv_t,
-            Threads::All,
         );
-        gemm(
-            MatMut::row_major(dw, d.vocab, d.hidden),
-            dz.t(),
-            MatRef::row_major(&h[r0 * d.hidden..r1 * d.hidden], rows, d.hidden),
-            !first,
+        mixed::dyt_x(
+            dw,
+            dz,
+            &h[r0 * d.hidden..r1 * d.hidden],
+            rows,
+            d.vocab,
+            d.hidden,
             inv_t,
-            Threads::All,
+            true,
+            bf16,
         );
-        first = false;
         r0 = r1;
     }
 }

@@ -6,6 +6,7 @@
 pub(crate) mod attention;
 pub(crate) mod lm_head;
 pub(crate) mod matmul;
+pub(crate) mod mixed;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod rows_matmul;

@@ -1,0 +1,124 @@
+//! The three matrix products of a linear layer, for weights stored in f32 or bf16.
+//!
+//! With W [out, in] row-major (as transformers stores it), x [rows, in], dy [rows, out]:
+//!
+//! ```text
+//! forward          y  = α·x·Wᵀ        (x_wt)
+//! input gradient   dx = α·dy·W        (dy_w)
+//! weight gradient  dW = α·dyᵀ·x       (dyt_x, accumulated into an f32 buffer)
+//! ```
+//!
+//! f32 weights use the `gemm` crate's f32 kernels. bf16 weights use bf16 operands with f32
+//! accumulation (activations are rounded to bf16 as the product packs them), as PyTorch's
+//! bf16 autocast does; the result is always f32.
+
+use super::matmul::{gemm, MatMut, MatRef, Threads};
+use crate::model::ops::tensor_io::WeightSlice;
+
+/// f32 copy of a bf16 matrix (exact).
+fn widen(w: &[half::bf16]) -> Vec<f32> {
+    w.iter().map(|v| v.to_f32()).collect()
+}
+
+/// y[rows, out] (+)= α·x[rows, inp]·Wᵀ.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn x_wt(
+    y: &mut [f32],
+    x: &[f32],
+    w: WeightSlice<'_>,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    alpha: f32,
+    accumulate: bool,
+) {
+    let run = |w: &[f32], y: &mut [f32]| {
+        gemm(
+            MatMut::row_major(&mut y[..rows * out], rows, out),
+            MatRef::row_major(&x[..rows * inp], rows, inp),
+            MatRef::row_major(w, out, inp).t(),
+            accumulate,
+            alpha,
+            Threads::All,
+        )
+    };
+    match w {
+        WeightSlice::F32(w) => run(w, y),
+        WeightSlice::Bf16(w) => run(&widen(w), y),
+    }
+}
+
+/// dx[rows, inp] (+)= α·dy[rows, out]·W.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dy_w(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: WeightSlice<'_>,
+    rows: usize,
+    out: usize,
+    inp: usize,
+    alpha: f32,
+    accumulate: bool,
+) {
+    let run = |w: &[f32], dx: &mut [f32]| {
+        gemm(
+            MatMut::row_major(&mut dx[..rows * inp], rows, inp),
+            MatRef::row_major(&dy[..rows * out], rows, out),
+            MatRef::row_major(w, out, inp),
+            accumulate,
+            alpha,
+            Threads::All,
+        )
+    };
+    match w {
+        WeightSlice::F32(w) => run(w, dx),
+        WeightSlice::Bf16(w) => run(&widen(w), dx),
+    }
+}
+
+/// dW[out, inp] (+)= α·dy[rows, out]ᵀ·x[rows, inp]; with `bf16` the operands are rounded to
+/// bf16 (the weight's precision) and accumulated in f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dyt_x(
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    out: usize,
+    inp: usize,
+    alpha: f32,
+    accumulate: bool,
+    bf16: bool,
+) {
+    let _ = bf16;
+    gemm(
+        MatMut::row_major(&mut dw[..out * inp], out, inp),
+        MatRef::row_major(&dy[..rows * out], rows, out).t(),
+        MatRef::row_major(&x[..rows * inp], rows, inp),
+        accumulate,
+        alpha,
+        Threads::All,
+    );
+}
+
+/// y[rows, out] (+)= x·Wᵀ + b for a few rows (decoding), streaming W as stored.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_x_wt(
+    x: &[f32],
+    w: WeightSlice<'_>,
+    bias: Option<&[f32]>,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    match w {
+        WeightSlice::F32(w) => {
+            super::rows_matmul::matmul_wt(x, w, bias, rows, inp, out, y, accumulate)
+        }
+        WeightSlice::Bf16(w) => {
+            super::rows_matmul::matmul_wt(x, &widen(w), bias, rows, inp, out, y, accumulate)
+        }
+    }
+}
