@@ -14,7 +14,7 @@ use gpg::train::update::ModelUpdater;
 use rand::{Rng, SeedableRng};
 
 use super::init::{write_model, InitArgs, StorageDtype};
-use super::model_dir::ModelDir;
+use super::model_dir::{EngineFlags, ModelDir};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -55,6 +55,11 @@ pub struct EngineArgs {
     /// (bench/compare/*.py) on the same model and print the ratios.
     #[arg(long)]
     pub peer_python: Option<PathBuf>,
+    /// Keep only each layer's input in the train step and recompute the layer in the backward.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 }
 
 pub fn run(cmd: &BenchCommand) -> Result<()> {
@@ -146,15 +151,17 @@ fn engine(args: &EngineArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => write_bench_model(tmp.path(), 4096)?,
     };
-    let dir = ModelDir::load(&model_dir)?;
+    let dir = ModelDir::load(&model_dir, &args.engine)?;
     let model = &dir.model;
     let vocab = model.config.vocab_size as u32;
     let threads = rayon::current_num_threads();
     println!(
-        "model {} ({} parameters), {threads} threads",
+        "model {} ({} parameters), {threads} threads, precision {}",
         model_dir.display(),
-        model.parameter_count()
+        model.parameter_count(),
+        model.precision(),
     );
+    let rss_load = peak_rss_mib().unwrap_or(f64::NAN);
 
     // Train step: forward + backward over batch × seq_len tokens.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -167,23 +174,43 @@ fn engine(args: &EngineArgs) -> Result<()> {
     let g: Vec<f32> = (0..n)
         .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
         .collect();
+    // The train step updates the model's tensors in place (the sampling below then runs on
+    // the updated weights, which does not change its cost).
     let mut train_model = dir.model.clone();
+    let keep = if args.gradient_checkpointing {
+        gpg::model::Activations::LayerInputs
+    } else {
+        gpg::model::Activations::All
+    };
     let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let t0 = Instant::now();
-        let (_, cache) = train_model.forward_train(&batch, 1.0)?;
-        let grads = train_model.backward(&batch, cache, &g)?;
-        updater.accumulate(&grads)?;
+        let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
+        train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
         updater.step(&mut train_model, 1e-5, 1.0)?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
     let train_s = median(times);
+    let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
     println!(
-        "train step (fwd+bwd+AdamW), batch {} x {} tokens: {:.3} s (median of {})",
-        args.batch, args.seq_len, train_s, args.steps
+        "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
+        if args.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
+        args.batch,
+        args.seq_len,
+        train_s,
+        args.steps
+    );
+    println!(
+        "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
+         (+{:.0} MiB for gradients, optimiser state and activations)",
+        rss_train - rss_load
     );
 
     // Sampling: batch of random prompts, fixed number of new tokens.

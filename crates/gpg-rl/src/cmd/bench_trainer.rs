@@ -38,6 +38,11 @@ pub struct TrainerArgs {
     /// (bench/compare/trl_grpo_step.py) and print the ratios.
     #[arg(long)]
     pub peer_python: Option<PathBuf>,
+    /// Recompute each layer in the backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    #[command(flatten)]
+    pub engine: super::model_dir::EngineFlags,
 }
 
 /// Figures of one side, medians over the timed steps.
@@ -59,12 +64,13 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     println!(
         "GPG step: {} prompts x {} completions, <= {} new tokens, T = 1, lr {}, reward length \
-         (-|chars - 20|), model {}, {threads} threads",
+         (-|chars - 20|), model {}, {threads} threads, precision {}",
         args.prompts_per_step,
         args.num_generations,
         args.max_new_tokens,
         args.lr,
-        model_dir.display()
+        model_dir.display(),
+        args.engine.precision
     );
 
     let ours = gpg_rl_side(args, &model_dir, &prompts, &tmp.path().join("run"))?;
@@ -146,6 +152,9 @@ model = {model:?}
 output_dir = {out:?}
 steps = {steps}
 seed = 0
+device = "{device}"
+precision = "{precision}"
+gradient_checkpointing = {ckpt}
 
 [data]
 train = {prompts:?}
@@ -184,6 +193,9 @@ progress = false
         g = args.num_generations,
         max_new = args.max_new_tokens,
         lr = args.lr,
+        device = args.engine.device,
+        precision = args.engine.precision,
+        ckpt = args.gradient_checkpointing,
     )
 }
 

@@ -18,7 +18,7 @@ use gpg::eval::{
     DEFAULT_SYSTEM_PROMPT,
 };
 
-use super::model_dir::ModelDir;
+use super::model_dir::{EngineFlags, ModelDir};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -58,6 +58,8 @@ pub struct EvalArgs {
     /// Write no per-item results.
     #[arg(long)]
     pub no_output: bool,
+    #[command(flatten)]
+    pub engine: EngineFlags,
     /// Give the problem as raw text even when the tokenizer has a chat template.
     #[arg(long)]
     pub no_chat: bool,
@@ -138,8 +140,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         "{}: the benchmark has no problems",
         benchmark.path.display()
     );
-    let dir =
-        ModelDir::load(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+    let dir = ModelDir::load(&args.model, &args.engine)
+        .with_context(|| format!("--model {}", args.model.display()))?;
     let stop_ids = dir
         .generation
         .eos_token_id

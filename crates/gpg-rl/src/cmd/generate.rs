@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use gpg::rollout::{self, SamplingParams};
 use gpg::tokenizer::ChatMessage;
 
-use super::model_dir::ModelDir;
+use super::model_dir::{EngineFlags, ModelDir};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -48,6 +48,8 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,7 +59,7 @@ pub enum OutputFormat {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let dir = ModelDir::load(&args.model)?;
+    let dir = ModelDir::load(&args.model, &args.engine)?;
     let generation = &dir.generation;
     let greedy_default = generation.do_sample == Some(false);
     let temperature = args.temperature.unwrap_or(if greedy_default {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gpg::model::TrainBatch;
 
-use super::model_dir::ModelDir;
+use super::model_dir::{EngineFlags, ModelDir};
 
 #[derive(Args)]
 pub struct LogprobsArgs {
@@ -21,6 +21,8 @@ pub struct LogprobsArgs {
     /// Tokens per forward pass (lines are grouped up to this many).
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 }
 
 struct Line {
@@ -30,7 +32,7 @@ struct Line {
 }
 
 pub fn run(args: &LogprobsArgs) -> Result<()> {
-    let dir = ModelDir::load(&args.model)?;
+    let dir = ModelDir::load(&args.model, &args.engine)?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("{}: cannot open", args.input.display()))?;
     let mut lines = Vec::new();

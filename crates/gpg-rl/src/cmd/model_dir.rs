@@ -3,9 +3,21 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use gpg::candle_core::Device;
-use gpg::model::Qwen2;
+use clap::Args;
+use gpg::model::{DeviceName, Precision, Qwen2};
 use gpg::tokenizer::Tokenizer;
+
+/// Where and in which precision a command runs its model (`--device`, `--precision`).
+#[derive(Args, Clone, Debug)]
+pub struct EngineFlags {
+    /// Device: cpu (cuda and cuda:N are refused until the GPU engine exists).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceName,
+    /// Number format: f32, or bf16 (bf16 weight matrices and matrix products with f32
+    /// accumulation; softmax and log-probs in f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+}
 
 /// A Hugging Face model directory, loaded.
 pub struct ModelDir {
@@ -30,15 +42,15 @@ pub struct GenerationDefaults {
 }
 
 impl ModelDir {
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub fn load(dir: &Path, engine: &EngineFlags) -> Result<Self> {
         if !dir.is_dir() {
             anyhow::bail!(
                 "{}: not a directory (expected a Hugging Face model directory)",
                 dir.display()
             );
         }
-        let device = Device::Cpu;
-        let model = Qwen2::from_dir(dir, &device)?;
+        let device = engine.device.open()?;
+        let model = Qwen2::load(dir, &device, engine.precision)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let path = dir.join("generation_config.json");
         let generation = if path.is_file() {

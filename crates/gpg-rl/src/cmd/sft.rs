@@ -11,13 +11,25 @@ pub struct SftArgs {
     /// TOML recipe.
     #[arg(long)]
     pub config: PathBuf,
+    /// Overrides the recipe's `device` (cpu).
+    #[arg(long)]
+    pub device: Option<gpg::model::DeviceName>,
+    /// Overrides the recipe's `precision` (f32 or bf16).
+    #[arg(long)]
+    pub precision: Option<gpg::model::Precision>,
 }
 
 pub fn run(args: &SftArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("{}: cannot read the recipe", args.config.display()))?;
-    let config = SftConfig::from_toml_str(&text)
+    let mut config = SftConfig::from_toml_str(&text)
         .with_context(|| format!("{}: invalid recipe", args.config.display()))?;
+    if let Some(device) = &args.device {
+        config.device = device.clone();
+    }
+    if let Some(precision) = args.precision {
+        config.precision = precision;
+    }
     let pass = run_sft(&config)?;
     println!(
         "SFT done: model written to {}; held-out pass@1 (sampled, temperature 1) {:.1}%",
