@@ -3,6 +3,7 @@
 
 mod common;
 
+use gpg::candle_core::{Device, Tensor};
 use std::path::PathBuf;
 
 use common::{assert_ok, bin, parse_jsonl};
@@ -133,6 +134,57 @@ fn broken_checkpoints_give_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let err = generate_error(tmp.path());
     assert!(err.contains("config.json"), "{err}");
+
+    // One NaN in the embedding: refused at load, naming the tensor and the file, in both
+    // precisions (it used to train on silently, every completion collapsing to one token).
+    let tmp = copy_model("tied_f32");
+    let weights = tmp.path().join("model.safetensors");
+    let mut tensors = gpg::candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let embed = &tensors["model.embed_tokens.weight"];
+    let mut values = embed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[77] = f32::NAN;
+    let poisoned = Tensor::from_vec(values, embed.dims(), &Device::Cpu).unwrap();
+    tensors.insert("model.embed_tokens.weight".into(), poisoned);
+    gpg::candle_core::safetensors::save(&tensors, &weights).unwrap();
+    for precision in ["f32", "bf16"] {
+        let out = bin()
+            .arg("generate")
+            .arg("--model")
+            .arg(tmp.path())
+            .args([
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "2",
+                "--precision",
+                precision,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "no panic: a clean error exit");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("model.embed_tokens.weight")
+                && err.contains("model.safetensors")
+                && err.contains("non-finite")
+                && err.contains("index 77"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn cuda_device_is_refused_with_a_clear_error() {
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(fixture("tied_f32"))
+        .args(["--prompt", "hi", "--device", "cuda:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cuda:0") && err.contains("cpu"), "{err}");
 }
 
 #[test]
