@@ -245,3 +245,42 @@ fn gradients_match_pytorch_within_1e_3_relative() {
         }
     }
 }
+
+/// gpg-rl's bf16 mode against the f32 reference is at least as close as transformers' own
+/// bf16 run (expected_logprobs_bf16.jsonl, made by make_bf16_logprobs.py): worst and mean
+/// |logp gap| over every completion token of the fixture cases.
+#[test]
+fn bf16_logprobs_are_as_close_as_transformers_bf16() {
+    for name in ["tied_f32", "untied_bf16"] {
+        let dir = fixture_dir(name);
+        let model = Qwen2::load(&dir, &Device::Cpu, gpg::model::Precision::Bf16).unwrap();
+        let cases = jsonl(dir.join("expected_logprobs_bf16.jsonl"));
+        let (mut ours_worst, mut theirs_worst, mut ours_sum, mut theirs_sum, mut n) =
+            (0.0f32, 0.0f32, 0.0f64, 0.0f64, 0usize);
+        for case in &cases {
+            let (p, c) = (ids(&case["prompt_ids"]), ids(&case["completion_ids"]));
+            let batch = TrainBatch::new(&[(&p, &c)]).unwrap();
+            let got = model.logprobs(&batch, 1.0).unwrap().logprobs;
+            let f32_ref = floats(&case["logprobs_f32"]);
+            let hf_bf16 = floats(&case["logprobs_bf16"]);
+            for ((g, r), h) in got.iter().zip(&f32_ref).zip(&hf_bf16) {
+                ours_worst = ours_worst.max((g - r).abs());
+                theirs_worst = theirs_worst.max((h - r).abs());
+                ours_sum += (g - r).abs() as f64;
+                theirs_sum += (h - r).abs() as f64;
+                n += 1;
+            }
+        }
+        eprintln!(
+            "{name}: bf16 |logp - f32 reference|: gpg-rl worst {ours_worst:.4} mean {:.4}; \
+             transformers bf16 worst {theirs_worst:.4} mean {:.4} ({n} tokens)",
+            ours_sum / n as f64,
+            theirs_sum / n as f64
+        );
+        assert!(
+            ours_worst <= theirs_worst && ours_sum <= theirs_sum,
+            "{name}: gpg-rl bf16 gap (worst {ours_worst}, sum {ours_sum}) exceeds transformers' \
+             (worst {theirs_worst}, sum {theirs_sum})"
+        );
+    }
+}
