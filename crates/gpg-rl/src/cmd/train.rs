@@ -9,6 +9,65 @@ use gpg::train::{TrainConfig, Trainer};
 /// The demo recipe, compiled in so that `gpg-rl train` needs no argument.
 const DEMO_RECIPE: &str = include_str!("../../../../recipes/demo.toml");
 
+/// The demo's warm-start model (demo/model, 6.7 MB), compiled in so that a binary copied or
+/// installed outside the checkout still runs the demo.
+const DEMO_MODEL: &[(&str, &[u8])] = &[
+    ("config.json", include_bytes!("../../../../demo/model/config.json")),
+    (
+        "generation_config.json",
+        include_bytes!("../../../../demo/model/generation_config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../../../../demo/model/model.safetensors"),
+    ),
+    ("tokenizer.json", include_bytes!("../../../../demo/model/tokenizer.json")),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../../../demo/model/tokenizer_config.json"),
+    ),
+];
+
+/// The demo model directory: `demo/model` from the working directory or the checkout this
+/// binary was built from, else the compiled-in copy written next to the run folder
+/// (`<output_dir>/../demo-model`, written once, atomically).
+fn demo_model(model: &Path, output_dir: &Path) -> Result<PathBuf> {
+    let found = resolve(model);
+    if found.join("model.safetensors").is_file() {
+        return Ok(found);
+    }
+    let parent = output_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = parent.join("demo-model");
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    eprintln!(
+        "{} not found (looked in {} and {}): writing the built-in demo model to {}",
+        model.display(),
+        std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        repo_root().display(),
+        dir.display()
+    );
+    let tmp = parent.join("demo-model.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    for (name, bytes) in DEMO_MODEL {
+        std::fs::write(tmp.join(name), bytes)
+            .with_context(|| format!("{}: cannot write {name}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    Ok(dir)
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
     /// TOML recipe (see recipes/). Without it, the built-in demo runs.
@@ -70,7 +129,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         overrides.push(format!("model={:?}", model.display().to_string()));
     }
     let mut config = base.with_overrides(&overrides)?;
-    config.model = resolve(&config.model);
+    config.model = if args.config.is_none() && args.model.is_none() {
+        demo_model(&config.model, &config.output_dir)?
+    } else {
+        resolve(&config.model)
+    };
     // The demo starts over on every plain run; a recipe's run folder is never replaced.
     if args.config.is_none() && !args.resume && config.output_dir.join("metrics.jsonl").exists() {
         eprintln!(
