@@ -225,3 +225,31 @@ fn bf16_model_tracks_f32_logprobs_and_gradients() {
         }
     }
 }
+
+/// `GPG_RL_BENCH_MODEL=DIR cargo test --release -p gpg --test engine -- --ignored load_cost --nocapture`:
+/// time to load a checkpoint (f32 and bf16) and the share of it spent scanning for NaN/±inf.
+#[test]
+#[ignore]
+fn load_cost_and_finite_scan() {
+    let Ok(dir) = std::env::var("GPG_RL_BENCH_MODEL") else {
+        eprintln!("GPG_RL_BENCH_MODEL not set: skipped");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let t0 = std::time::Instant::now();
+        let model = Qwen2::load(&dir, &Device::Cpu, precision).unwrap();
+        let load = t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
+        for (_, t) in model.parameters() {
+            gpg::model::weights::check_finite(t).unwrap();
+        }
+        let scan = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{}: {} parameters, load {load:.2} s (scan included), scan alone {scan:.3} s ({:.1}%)",
+            precision,
+            model.parameter_count(),
+            100.0 * scan / load
+        );
+    }
+}
