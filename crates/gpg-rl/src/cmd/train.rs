@@ -12,7 +12,10 @@ const DEMO_RECIPE: &str = include_str!("../../../../recipes/demo.toml");
 /// The demo's warm-start model (demo/model, 6.7 MB), compiled in so that a binary copied or
 /// installed outside the checkout still runs the demo.
 const DEMO_MODEL: &[(&str, &[u8])] = &[
-    ("config.json", include_bytes!("../../../../demo/model/config.json")),
+    (
+        "config.json",
+        include_bytes!("../../../../demo/model/config.json"),
+    ),
     (
         "generation_config.json",
         include_bytes!("../../../../demo/model/generation_config.json"),
@@ -21,7 +24,10 @@ const DEMO_MODEL: &[(&str, &[u8])] = &[
         "model.safetensors",
         include_bytes!("../../../../demo/model/model.safetensors"),
     ),
-    ("tokenizer.json", include_bytes!("../../../../demo/model/tokenizer.json")),
+    (
+        "tokenizer.json",
+        include_bytes!("../../../../demo/model/tokenizer.json"),
+    ),
     (
         "tokenizer_config.json",
         include_bytes!("../../../../demo/model/tokenizer_config.json"),

@@ -1,5 +1,7 @@
-//! Output head fused with log-softmax, gather and entropy, chunked over rows so that the
-//! N × V logits never exist at once (Qwen's vocabulary has 151,936 entries).
+//! Output head fused with log-softmax, gather and entropy, chunked over the vocabulary so that
+//! the N × V logits never exist at once (Qwen's vocabulary has 151,936 entries) and the head
+//! matrix is read once per pass (the softmax statistics are accumulated online, chunk by chunk:
+//! cpu/lm_head.rs).
 //!
 //! Forward, per row n with τ⁻¹ = `inv_temperature`:
 //!   z_n = τ⁻¹·W h_n,  lse_n = log Σ_v e^(z_nv),  logp_n = z_n[target_n] − lse_n,
@@ -16,7 +18,7 @@ use super::tensor_io::{backend, cpu_slice, cpu_tensor, f32_dims, with_weight, Ba
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-/// Default budget of logits alive at once (chunk_rows × vocab ≤ this): 8M f32 = 32 MiB.
+/// Default budget of logits alive at once (rows × chunk columns ≤ this): 8M f32 = 32 MiB.
 pub const LM_HEAD_CHUNK_LOGITS: usize = 8 << 20;
 
 /// Per-row results of [`lm_head_logprobs`], each of length N.
@@ -28,6 +30,14 @@ pub struct LmHeadOutput {
     pub entropy: Vec<f32>,
     /// log Σ_v e^(z_nv), kept for the backward pass.
     pub lse: Vec<f32>,
+}
+
+/// Vocabulary entries per chunk for a budget of `chunk_logits` logits over `rows` rows: a
+/// multiple of 64 when the budget allows (whole register tiles), at least 1, at most V.
+fn chunk_columns(chunk_logits: usize, rows: usize, vocab: usize) -> usize {
+    let cols = (chunk_logits / rows.max(1)).max(1);
+    let cols = if cols >= 64 { cols / 64 * 64 } else { cols };
+    cols.min(vocab)
 }
 
 /// Checks h [N, H], w [V, H], targets (N entries, each < V) and the temperature.
@@ -78,7 +88,7 @@ fn head_dims(
         rows,
         hidden,
         vocab,
-        chunk_rows: (chunk_logits / vocab).max(1),
+        chunk_cols: chunk_columns(chunk_logits, rows, vocab),
     })
 }
 
@@ -93,8 +103,8 @@ pub fn lm_head_logprobs(
     lm_head_logprobs_chunked(h, w, targets, inv_temperature, LM_HEAD_CHUNK_LOGITS)
 }
 
-/// [`lm_head_logprobs`] with an explicit budget of logits alive at once: rows are processed
-/// max(1, chunk_logits / V) at a time.
+/// [`lm_head_logprobs`] with an explicit budget of logits alive at once: the vocabulary is
+/// processed max(1, chunk_logits / N) entries at a time.
 pub fn lm_head_logprobs_chunked(
     h: &Tensor,
     w: &Tensor,
@@ -313,7 +323,7 @@ mod tests {
         .unwrap();
         let dh_fd = finite_diff(&h, 1e-2, |x| loss(x, &w));
         let dw_fd = finite_diff(&w, 1e-2, |x| loss(&h, x));
-        // A 2-row budget exercises the accumulation of dW over chunks (5 = 2 + 2 + 1).
+        // A budget of 2·V logits over 5 rows gives chunks of 4 + 4 + 3 vocabulary entries.
         for budget in [LM_HEAD_CHUNK_LOGITS, 2 * v] {
             let (dh, dw) = lm_head_backward_chunked(
                 &tensor(&h, &[n, hid]),

@@ -1,12 +1,25 @@
-//! Output head fused with log-softmax, gather and entropy, chunked over rows.
+//! Output head fused with log-softmax, gather and entropy, chunked over the vocabulary.
 //!
-//! h is `[n, hid]`, w is `[vocab, hid]`, both row-major. Rows are processed `chunk_rows` at a
-//! time: one `[chunk_rows, vocab]` logits buffer is the only vocab-sized allocation.
+//! h is `[n, hid]`, w is `[vocab, hid]`, both row-major. The vocabulary is processed
+//! `chunk_cols` entries at a time: one `[n, chunk_cols]` logits buffer is the only vocab-sized
+//! allocation, and each chunk of W is read (and packed by the matrix product) once per pass,
+//! however many rows there are. The softmax statistics are accumulated online across chunks:
+//! per row, with running maximum m, l = Σ e^(z−m) and s = Σ e^(z−m)·(z−m), a chunk with
+//! maximum c and the new maximum m' = max(m, c) updates
+//!
+//! ```text
+//! l' = l·e^(m−m') + Σ_chunk e^(z−m')
+//! s' = (s + l·(m−m'))·e^(m−m') + Σ_chunk e^(z−m')·(z−m')
+//! ```
+//!
+//! (because e^(z−m') = e^(z−m)·e^(m−m') and z−m' = (z−m) + (m−m')); at the end lse = m + ln l
+//! and the entropy is ln l − s/l.
+
+use rayon::prelude::*;
 
 use super::mixed;
 use super::simd::{exp, vectorize};
 use crate::model::ops::tensor_io::WeightSlice;
-use rayon::prelude::*;
 
 /// Shapes and chunking of one call.
 #[derive(Clone, Copy, Debug)]
@@ -14,44 +27,61 @@ pub(crate) struct HeadDims {
     pub rows: usize,
     pub hidden: usize,
     pub vocab: usize,
-    pub chunk_rows: usize,
+    /// Vocabulary entries per chunk.
+    pub chunk_cols: usize,
 }
 
-/// z = inv_t · h[r0..r1] wᵀ into `logits` ([r1−r0, vocab]).
+/// Rows v0..v1 of the head matrix.
+fn head_rows<'a>(w: WeightSlice<'a>, hidden: usize, v0: usize, v1: usize) -> WeightSlice<'a> {
+    match w {
+        WeightSlice::F32(w) => WeightSlice::F32(&w[v0 * hidden..v1 * hidden]),
+        WeightSlice::Bf16(w) => WeightSlice::Bf16(&w[v0 * hidden..v1 * hidden]),
+    }
+}
+
+/// z = inv_t · h · w[v0..v1]ᵀ into `logits` ([rows, v1−v0]).
 fn chunk_logits(
     h: &[f32],
     w: WeightSlice<'_>,
     d: HeadDims,
-    r0: usize,
-    r1: usize,
+    v0: usize,
+    v1: usize,
     inv_t: f32,
     logits: &mut [f32],
 ) {
-    let rows = r1 - r0;
+    let cols = v1 - v0;
     mixed::x_wt(
-        &mut logits[..rows * d.vocab],
-        &h[r0 * d.hidden..r1 * d.hidden],
-        w,
-        rows,
+        &mut logits[..d.rows * cols],
+        h,
+        head_rows(w, d.hidden, v0, v1),
+        d.rows,
         d.hidden,
-        d.vocab,
+        cols,
         inv_t,
         false,
     );
 }
 
-/// (lse, entropy) of one row of logits: with m = max z, e_v = e^(z_v − m), l = Σ e_v:
-/// lse = m + ln l, entropy = −Σ p_v log p_v = ln l − Σ_v e_v·(z_v − m) / l.
+/// Running softmax statistics of one row (see the module docs).
+#[derive(Clone, Copy)]
+struct RowStats {
+    m: f32,
+    l: f32,
+    s: f32,
+    target: f32,
+}
+
+/// Folds one chunk `z` of a row into its statistics.
 #[inline(always)]
-fn lse_and_entropy(z: &[f32]) -> (f32, f32) {
+fn fold_chunk(st: &mut RowStats, z: &[f32]) {
     const L: usize = 16;
-    let m = super::simd::max(z);
-    let mut acc_l = [0.0f32; L];
-    let mut acc_s = [0.0f32; L];
+    let c = super::simd::max(z);
+    let m_new = st.m.max(c);
+    let (mut acc_l, mut acc_s) = ([0.0f32; L], [0.0f32; L]);
     let mut chunks = z.chunks_exact(L);
-    for c in &mut chunks {
+    for ch in &mut chunks {
         for i in 0..L {
-            let d = c[i] - m;
+            let d = ch[i] - m_new;
             let e = exp(d);
             acc_l[i] += e;
             acc_s[i] += e * d;
@@ -59,14 +89,23 @@ fn lse_and_entropy(z: &[f32]) -> (f32, f32) {
     }
     let (mut l, mut s) = (0.0f32, 0.0f32);
     for &zv in chunks.remainder() {
-        let d = zv - m;
+        let d = zv - m_new;
         let e = exp(d);
         l += e;
         s += e * d;
     }
     l += acc_l.iter().sum::<f32>();
     s += acc_s.iter().sum::<f32>();
-    (m + l.ln(), l.ln() - s / l)
+    if st.l > 0.0 {
+        let shift = st.m - m_new;
+        let scale = shift.exp();
+        st.s = (st.s + st.l * shift) * scale + s;
+        st.l = st.l * scale + l;
+    } else {
+        st.s = s;
+        st.l = l;
+    }
+    st.m = m_new;
 }
 
 /// logp_n = z[n, target_n] − lse_n, entropy_n, lse_n for every row.
@@ -81,28 +120,43 @@ pub(crate) fn forward(
     entropy: &mut [f32],
     lse: &mut [f32],
 ) {
-    let chunk = d.chunk_rows.max(1);
-    let mut logits = vec![0.0f32; chunk.min(d.rows) * d.vocab];
-    let mut r0 = 0;
-    while r0 < d.rows {
-        let r1 = (r0 + chunk).min(d.rows);
-        chunk_logits(h, w, d, r0, r1, inv_t, &mut logits);
-        logits[..(r1 - r0) * d.vocab]
-            .par_chunks(d.vocab)
-            .zip(targets[r0..r1].par_iter())
-            .zip(logprobs[r0..r1].par_iter_mut())
-            .zip(
-                entropy[r0..r1]
-                    .par_iter_mut()
-                    .zip(lse[r0..r1].par_iter_mut()),
-            )
-            .for_each(|(((z, &target), lp), (ent, ls))| {
-                let (row_lse, row_ent) = vectorize(|| lse_and_entropy(z));
-                *lp = z[target as usize] - row_lse;
-                *ent = row_ent;
-                *ls = row_lse;
+    if d.rows == 0 {
+        return;
+    }
+    let chunk = d.chunk_cols.clamp(1, d.vocab);
+    let mut logits = vec![0.0f32; d.rows * chunk];
+    let mut stats = vec![
+        RowStats {
+            m: f32::NEG_INFINITY,
+            l: 0.0,
+            s: 0.0,
+            target: 0.0,
+        };
+        d.rows
+    ];
+    let mut v0 = 0;
+    while v0 < d.vocab {
+        let v1 = (v0 + chunk).min(d.vocab);
+        let cols = v1 - v0;
+        chunk_logits(h, w, d, v0, v1, inv_t, &mut logits);
+        logits[..d.rows * cols]
+            .par_chunks(cols)
+            .zip(stats.par_iter_mut())
+            .zip(targets.par_iter())
+            .for_each(|((z, st), &target)| {
+                let t = target as usize;
+                if (v0..v1).contains(&t) {
+                    st.target = z[t - v0];
+                }
+                vectorize(|| fold_chunk(st, z));
             });
-        r0 = r1;
+        v0 = v1;
+    }
+    for (n, st) in stats.iter().enumerate() {
+        let row_lse = st.m + st.l.ln();
+        lse[n] = row_lse;
+        entropy[n] = st.l.ln() - st.s / st.l;
+        logprobs[n] = st.target - row_lse;
     }
 }
 
@@ -120,18 +174,22 @@ pub(crate) fn backward(
     dh: &mut [f32],
     dw: &mut [f32],
 ) {
-    let chunk = d.chunk_rows.max(1);
-    let mut logits = vec![0.0f32; chunk.min(d.rows) * d.vocab];
+    if d.rows == 0 {
+        dh.fill(0.0);
+        return;
+    }
     let bf16 = matches!(w, WeightSlice::Bf16(_));
-    let mut r0 = 0;
-    while r0 < d.rows {
-        let r1 = (r0 + chunk).min(d.rows);
-        let rows = r1 - r0;
-        chunk_logits(h, w, d, r0, r1, inv_t, &mut logits);
-        logits[..rows * d.vocab]
-            .par_chunks_mut(d.vocab)
-            .zip(targets[r0..r1].par_iter())
-            .zip(lse[r0..r1].par_iter().zip(g[r0..r1].par_iter()))
+    let chunk = d.chunk_cols.clamp(1, d.vocab);
+    let mut logits = vec![0.0f32; d.rows * chunk];
+    let mut v0 = 0;
+    while v0 < d.vocab {
+        let v1 = (v0 + chunk).min(d.vocab);
+        let cols = v1 - v0;
+        chunk_logits(h, w, d, v0, v1, inv_t, &mut logits);
+        logits[..d.rows * cols]
+            .par_chunks_mut(cols)
+            .zip(targets.par_iter())
+            .zip(lse.par_iter().zip(g.par_iter()))
             .for_each(|((z, &target), (&row_lse, &gn))| {
                 if gn == 0.0 {
                     z.fill(0.0);
@@ -142,30 +200,25 @@ pub(crate) fn backward(
                         *zv = -gn * exp(*zv - row_lse);
                     }
                 });
-                z[target as usize] += gn;
+                let t = target as usize;
+                if (v0..v1).contains(&t) {
+                    z[t - v0] += gn;
+                }
             });
-        let dz = &logits[..rows * d.vocab];
-        mixed::dy_w(
-            &mut dh[r0 * d.hidden..r1 * d.hidden],
-            dz,
-            w,
-            rows,
-            d.vocab,
-            d.hidden,
-            inv_t,
-            false,
-        );
+        let dz = &logits[..d.rows * cols];
+        let wc = head_rows(w, d.hidden, v0, v1);
+        mixed::dy_w(dh, dz, wc, d.rows, cols, d.hidden, inv_t, v0 > 0);
         mixed::dyt_x(
-            dw,
+            &mut dw[v0 * d.hidden..v1 * d.hidden],
             dz,
-            &h[r0 * d.hidden..r1 * d.hidden],
-            rows,
-            d.vocab,
+            h,
+            d.rows,
+            cols,
             d.hidden,
             inv_t,
             true,
             bf16,
         );
-        r0 = r1;
+        v0 = v1;
     }
 }
