@@ -27,6 +27,7 @@ mod bench;
 mod test_util;
 
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
+pub use cpu::isa::isa_name;
 pub use lm_head::{
     lm_head_backward, lm_head_backward_chunked, lm_head_logprobs, lm_head_logprobs_chunked,
     LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
