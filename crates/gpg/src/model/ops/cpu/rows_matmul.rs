@@ -780,4 +780,85 @@ mod tests {
             }
         }
     }
+
+    /// Every path of both kernels: rows 1..=37, k odd and even (1 included, tails of 8, 16,
+    /// 32), columns not multiples of a tile, bias on/off, accumulate on/off. The bf16 kernel
+    /// is checked against the f64 product of bf16(x) and the bf16 weight, so the only error is
+    /// the f32 sum: 1e-5 of Σ|x||w| (+ |bias| + |y₀|) is a wide margin (k·2⁻²⁴ ≤ 1.6e-5 at
+    /// k = 259 in the worst case, √k·2⁻²⁴ ≈ 1e-6 typically).
+    #[test]
+    fn every_path_matches_f64_reference() {
+        for isa in Isa::all_supported() {
+            let mut case = 0u32;
+            for rows in [1usize, 2, 3, 4, 5, 8, 13, 16, 32, 37] {
+                for k in [1usize, 2, 15, 16, 17, 33, 64, 259] {
+                    case += 1;
+                    let n = [1usize, 5, 6, 7, 13, 70, 131][case as usize % 7];
+                    let x = values(rows * k, case);
+                    let w = values(n * k, case + 100);
+                    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let b = values(n, case + 200);
+                    let bias = (case % 2 == 0).then_some(b.as_slice());
+                    let acc = case % 3 == 0;
+                    let y0 = values(rows * n, case + 300);
+                    for half in [false, true] {
+                        let mut y = if acc {
+                            y0.clone()
+                        } else {
+                            vec![f32::NAN; rows * n]
+                        };
+                        if half {
+                            matmul_wt_bf16_with(isa, &x, &wb, bias, rows, k, n, &mut y, acc);
+                        } else {
+                            matmul_wt_with(isa, &x, &w, bias, rows, k, n, &mut y, acc);
+                        }
+                        for m in 0..rows {
+                            for j in 0..n {
+                                let (mut s, mut sa) = (0.0f64, 0.0f64);
+                                for q in 0..k {
+                                    let (xv, wv) = if half {
+                                        (
+                                            bf16::from_f32(x[m * k + q]).to_f64(),
+                                            wb[j * k + q].to_f64(),
+                                        )
+                                    } else {
+                                        (x[m * k + q] as f64, w[j * k + q] as f64)
+                                    };
+                                    s += xv * wv;
+                                    sa += (xv * wv).abs();
+                                }
+                                let extra = bias.map_or(0.0, |b| b[j] as f64)
+                                    + if acc { y0[m * n + j] as f64 } else { 0.0 };
+                                let want = s + extra;
+                                let got = y[m * n + j] as f64;
+                                let tol = 1e-5 * (sa + extra.abs()) + 1e-30;
+                                assert!(
+                                    (got - want).abs() <= tol,
+                                    "{isa:?} bf16={half} {rows}x{k}x{n} ({m},{j}): {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_decode_is_deterministic() {
+        let (rows, k, n) = (9, 301, 257);
+        let x = values(rows * k, 1);
+        let w: Vec<bf16> = values(n * k, 2)
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        for isa in Isa::all_supported() {
+            let mut y1 = vec![0.0f32; rows * n];
+            let mut y2 = vec![1.0f32; rows * n];
+            matmul_wt_bf16_with(isa, &x, &w, None, rows, k, n, &mut y1, false);
+            matmul_wt_bf16_with(isa, &x, &w, None, rows, k, n, &mut y2, false);
+            let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y1), bits(&y2), "{isa:?}");
+        }
+    }
 }
