@@ -859,4 +859,86 @@ mod tests {
             assert_eq!(bits(&c1), bits(&c3), "{isa:?}: one thread differs from all");
         }
     }
+
+    /// Instruction throughput of the AVX-512 micro-kernel on L1-resident panels, against the
+    /// same loop shape with f32 FMAs (`vfmadd231ps zmm`): tells whether `vdpbf16ps` issues as
+    /// fast as an FMA on this CPU. Run with `--ignored bench_ --nocapture`.
+    #[test]
+    #[ignore = "micro-benchmark"]
+    #[cfg(target_arch = "x86_64")]
+    fn bench_tile_throughput() {
+        use std::arch::x86_64::*;
+        use std::time::Instant;
+        if !Isa::Avx512Bf16.supported() {
+            println!("skipped: no AVX512-BF16");
+            return;
+        }
+        let pairs = 256;
+        let a = vec![0x3F80_3F80u32; pairs * MR];
+        let b = vec![0x3F80_3F80u32; pairs * NR];
+        let mut c = vec![0.0f32; MR * NR];
+        let calls = 4000;
+        let t0 = Instant::now();
+        for _ in 0..calls {
+            let out = Tile {
+                d: Dst {
+                    ptr: c.as_mut_ptr(),
+                    rs: NR as isize,
+                    cs: 1,
+                },
+                i0: 0,
+                j0: 0,
+                mi: MR,
+                nj: NR,
+                add: true,
+                alpha: 1.0,
+            };
+            // SAFETY: the CPU has the features; the panels hold `pairs` words per lane; c is
+            // MR×NR.
+            unsafe { x86::tile_avx512(std::hint::black_box(&a), &b, pairs, out) };
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let n = (calls * pairs * 2 * MR) as f64;
+        println!(
+            "vdpbf16ps: {:.2} G/s ({:.1} GFLOP/s, {:.1} ns per tile)",
+            n / dt / 1e9,
+            n * 64.0 / dt / 1e9,
+            dt / calls as f64 * 1e9
+        );
+        #[target_feature(enable = "avx512f")]
+        fn fma_probe(a: &[f32], b: &[f32], steps: usize) -> f32 {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for p in 0..steps {
+                // SAFETY: p < steps; a holds steps·MR and b steps·NR floats.
+                unsafe {
+                    let b0 = _mm512_loadu_ps(b.as_ptr().add(p * NR));
+                    let b1 = _mm512_loadu_ps(b.as_ptr().add(p * NR + 16));
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*a.as_ptr().add(p * MR + r));
+                        acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
+                        acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+                    }
+                }
+            }
+            let mut s = _mm512_setzero_ps();
+            for acc_r in &acc {
+                s = _mm512_add_ps(s, _mm512_add_ps(acc_r[0], acc_r[1]));
+            }
+            _mm512_reduce_add_ps(s)
+        }
+        let af = vec![1e-3f32; pairs * MR];
+        let bf = vec![1e-3f32; pairs * NR];
+        let t0 = Instant::now();
+        let mut s = 0.0;
+        for _ in 0..calls {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            s += unsafe { fma_probe(std::hint::black_box(&af), std::hint::black_box(&bf), pairs) };
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        println!(
+            "vfmadd231ps zmm: {:.2} G/s ({:.1} GFLOP/s) [{s:.1}]",
+            n / dt / 1e9,
+            n * 32.0 / dt / 1e9
+        );
+    }
 }
