@@ -155,8 +155,8 @@ fn decode_micro_benchmark() {
 #[test]
 #[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
 fn bench_gemm_mixed() {
-    use super::cpu::gemm_bf16::{gemm_mixed_with, Operand};
-    use super::cpu::isa::{isa, Isa};
+    use super::cpu::gemm_bf16::{gemm_mixed_kernel, kernel_for, Kernel, Operand};
+    use super::cpu::isa::isa;
     use super::cpu::matmul::{gemm, MatMut, MatRef, MatRefBf16, Threads};
     use half::bf16;
     let (t, hid, inter) = (2048usize, 896usize, 4864usize);
@@ -179,13 +179,22 @@ fn bench_gemm_mixed() {
         ("dW  gate  dyᵀ·x", inter, t, hid, 2),
         ("dW  down  dyᵀ·h", hid, t, inter, 2),
     ];
-    let mut isas = vec![isa()];
-    if isa() == Isa::Avx512Bf16 {
-        isas.push(Isa::Avx2);
+    // The kernel gemm_mixed picks, then the others this CPU can run.
+    let mut kernels = vec![kernel_for(isa())];
+    for kern in [Kernel::Dot, Kernel::WideFma, Kernel::Avx2] {
+        if kern.isa_supported() && !kernels.contains(&kern) {
+            kernels.push(kern);
+        }
     }
     println!(
-        "{:18} {:>16} {:>10} {:>10} {:>10} {:>7}",
-        "product", "m×k×n", "f32 gemm", "mixed", "mixed avx2", "speedup"
+        "{:18} {:>16} {:>10} {}   (GFLOP/s; speedup = chosen kernel vs f32 gemm)",
+        "product",
+        "m×k×n",
+        "f32 gemm",
+        kernels
+            .iter()
+            .map(|k| format!("{:>10}", format!("{k:?}")))
+            .collect::<String>()
     );
     for (name, m, k, n, kind) in shapes {
         // Storage: a is [m, k] (or [k, m] for kind 2), b is [n, k] for kind 0 else [k, n].
@@ -222,10 +231,10 @@ fn bench_gemm_mixed() {
             )
         });
         let mut times = Vec::new();
-        for &i in &isas {
+        for &kern in &kernels {
             times.push(time_ms(reps, || {
-                gemm_mixed_with(
-                    i,
+                gemm_mixed_kernel(
+                    kern,
                     MatMut::row_major(&mut c, m, n),
                     a_ref().into(),
                     b_op(),
@@ -236,15 +245,14 @@ fn bench_gemm_mixed() {
             }));
         }
         let gf = |ms: f64| 2.0 * (m * k * n) as f64 / ms / 1e6;
-        let second = times
-            .get(1)
-            .map_or("-".to_string(), |&ms| format!("{:.1}", gf(ms)));
         println!(
-            "{name:18} {:>16} {:>10.1} {:>10.1} {:>10} {:>6.2}x   GFLOP/s ({:.2} ms vs {:.2} ms)",
+            "{name:18} {:>16} {:>10.1} {}   {:.2}x ({:.1} ms vs {:.1} ms)",
             format!("{m}×{k}×{n}"),
             gf(f32_ms),
-            gf(times[0]),
-            second,
+            times
+                .iter()
+                .map(|&ms| format!("{:>10.1}", gf(ms)))
+                .collect::<String>(),
             f32_ms / times[0],
             f32_ms,
             times[0]

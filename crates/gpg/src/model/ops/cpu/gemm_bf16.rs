@@ -54,6 +54,84 @@ pub(crate) const MC: usize = MR * 16;
 /// Output columns per task.
 pub(crate) const NC: usize = NR * 16;
 
+/// k pairs per cache block for the widened (f32) panels, which take twice the space.
+const KC_WIDE: usize = KC / 2;
+
+/// Which micro-kernel (and panel format) a product uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `vdpbf16ps` on k-pair-interleaved bf16 panels (AVX512-BF16).
+    Dot,
+    /// `vfmadd231ps zmm` on panels widened to f32 while packing (AVX-512F): for CPUs whose
+    /// `vdpbf16ps` is slow (see [`kernel_for`]).
+    WideFma,
+    /// AVX2 FMA on the bf16 pair panels, widened in registers.
+    Avx2,
+    /// Plain loops on the bf16 pair panels.
+    Portable,
+}
+
+impl Kernel {
+    /// 32-bit words per k pair and panel lane: 1 for bf16 pairs, 2 for widened f32.
+    fn words(self) -> usize {
+        if self == Kernel::WideFma {
+            2
+        } else {
+            1
+        }
+    }
+    /// Whether the CPU can run this kernel.
+    pub(crate) fn isa_supported(self) -> bool {
+        self.isa().supported()
+    }
+
+    /// The level the CPU needs.
+    fn isa(self) -> Isa {
+        match self {
+            Kernel::Dot | Kernel::WideFma => Isa::Avx512Bf16,
+            Kernel::Avx2 => Isa::Avx2,
+            Kernel::Portable => Isa::Portable,
+        }
+    }
+}
+
+/// The micro-kernel for an instruction-set level. On AVX512-BF16 CPUs: `vdpbf16ps` on AMD
+/// (Zen 4 issues it at the rate of an FMA, for twice the work), widened f32 FMAs elsewhere:
+/// on the Intel Xeon (Sapphire Rapids class) this was developed on, `vdpbf16ps zmm` issued at
+/// 0.7–1.1 G/s per core against 3.3–6.2 G/s for `vfmadd231ps zmm` (the test
+/// `bench_tile_throughput`), so 16-lane f32 FMAs on bf16 values widened while packing do 2–3×
+/// more multiply-adds per second. The choice is fixed per CPU, so results are reproducible.
+pub(crate) fn kernel_for(isa: Isa) -> Kernel {
+    match isa {
+        Isa::Avx512Bf16 => {
+            static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            if *AMD.get_or_init(is_amd) {
+                Kernel::Dot
+            } else {
+                Kernel::WideFma
+            }
+        }
+        Isa::Avx2 => Kernel::Avx2,
+        Isa::Portable => Kernel::Portable,
+    }
+}
+
+/// Whether the CPU vendor string is "AuthenticAMD".
+fn is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // cpuid leaf 0 (the vendor string) exists on every x86-64 CPU.
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// A matrix operand of [`gemm_mixed`]: a strided view over f32 or bf16 data.
 #[derive(Clone, Copy)]
 pub(crate) enum Operand<'a> {
@@ -137,6 +215,20 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_mixed_with(
     isa: Isa,
+    dst: MatMut<'_>,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    accumulate: bool,
+    alpha: f32,
+    threads: Threads,
+) {
+    gemm_mixed_kernel(kernel_for(isa), dst, a, b, accumulate, alpha, threads)
+}
+
+/// [`gemm_mixed`] with an explicit micro-kernel (which the CPU must support).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_mixed_kernel(
+    kernel: Kernel,
     mut dst: MatMut<'_>,
     a: Operand<'_>,
     b: Operand<'_>,
@@ -144,6 +236,7 @@ pub(crate) fn gemm_mixed_with(
     alpha: f32,
     threads: Threads,
 ) {
+    let isa = kernel.isa();
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     assert!(
         b.rows() == k && dst.rows() == m && dst.cols() == n,
@@ -177,17 +270,19 @@ pub(crate) fn gemm_mixed_with(
     let mut abuf = PACK_A.with(Cell::take);
     let mut bbuf = PACK_B.with(Cell::take);
     // Every word is written by the packing, so old contents need no clearing.
-    if abuf.len() < mp * kp * MR {
-        abuf.resize(mp * kp * MR, 0);
+    let wd = kernel.words();
+    let (alen, blen) = (mp * kp * MR * wd, np * kp * NR * wd);
+    if abuf.len() < alen {
+        abuf.resize(alen, 0);
     }
-    if bbuf.len() < np * kp * NR {
-        bbuf.resize(np * kp * NR, 0);
+    if bbuf.len() < blen {
+        bbuf.resize(blen, 0);
     }
-    let apack = &mut abuf[..mp * kp * MR];
-    let bpack = &mut bbuf[..np * kp * NR];
+    let apack = &mut abuf[..alen];
+    let bpack = &mut bbuf[..blen];
     // A panels run along A's rows; B panels along B's columns.
-    pack(isa, a, false, MR, apack, threads);
-    pack(isa, b, true, NR, bpack, threads);
+    pack(isa, wd == 2, a, false, MR, apack, threads);
+    pack(isa, wd == 2, b, true, NR, bpack, threads);
 
     let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
     let (apack, bpack) = (&*apack, &*bpack);
@@ -195,7 +290,7 @@ pub(crate) fn gemm_mixed_with(
         let (bi, bj) = (t / nb, t % nb);
         // SAFETY: the task writes only rows bi·MC.. and columns bj·NC.. of its block, inside
         // the m×n view; the packed panels hold mp·kp·MR and np·kp·NR words.
-        unsafe { block(isa, apack, bpack, kp, m, n, bi, bj, d, accumulate, alpha) };
+        unsafe { block(kernel, apack, bpack, kp, m, n, bi, bj, d, accumulate, alpha) };
     };
     match threads {
         Threads::All if mb * nb > 1 => (0..mb * nb).into_par_iter().for_each(task),
@@ -235,7 +330,15 @@ unsafe impl<T: Sync> Sync for Src<T> {}
 
 /// Packs an operand into panels of `w` along its panel dimension (A's rows when
 /// `along_cols` is false, B's columns when true); see the module docs for the layout.
-fn pack(isa: Isa, op: Operand<'_>, along_cols: bool, w: usize, out: &mut [u32], threads: Threads) {
+fn pack(
+    isa: Isa,
+    wide: bool,
+    op: Operand<'_>,
+    along_cols: bool,
+    w: usize,
+    out: &mut [u32],
+    threads: Threads,
+) {
     let (len, k) = if along_cols {
         (op.cols(), op.rows())
     } else {
@@ -245,18 +348,20 @@ fn pack(isa: Isa, op: Operand<'_>, along_cols: bool, w: usize, out: &mut [u32], 
         Operand::F32(v) => {
             let (ptr, rs, cs) = v.raw();
             let (sp, sk) = if along_cols { (cs, rs) } else { (rs, cs) };
-            pack_typed(isa, Src { ptr, sp, sk }, len, k, w, out, threads)
+            pack_typed(isa, wide, Src { ptr, sp, sk }, len, k, w, out, threads)
         }
         Operand::Bf16(v) => {
             let (ptr, rs, cs) = v.raw();
             let (sp, sk) = if along_cols { (cs, rs) } else { (rs, cs) };
-            pack_typed(isa, Src { ptr, sp, sk }, len, k, w, out, threads)
+            pack_typed(isa, wide, Src { ptr, sp, sk }, len, k, w, out, threads)
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn pack_typed<T: Elem>(
     isa: Isa,
+    wide: bool,
     src: Src<T>,
     len: usize,
     k: usize,
@@ -264,12 +369,18 @@ fn pack_typed<T: Elem>(
     out: &mut [u32],
     threads: Threads,
 ) {
-    let kp = k.div_ceil(2);
+    let pl = k.div_ceil(2) * w * if wide { 2 } else { 1 };
     let one = |(q, panel): (usize, &mut [u32])| {
         let mut run = move || {
             // SAFETY: the view (bound-checked at construction) holds every (idx, kk) with
             // idx < len, kk < k, and pack_panel reads no other.
-            unsafe { pack_panel(src, len, k, w, q, panel) }
+            unsafe {
+                if wide {
+                    pack_panel_wide(src, len, k, w, q, panel)
+                } else {
+                    pack_panel(src, len, k, w, q, panel)
+                }
+            }
         };
         if isa == Isa::Portable {
             run()
@@ -278,8 +389,8 @@ fn pack_typed<T: Elem>(
         }
     };
     match threads {
-        Threads::All if out.len() > kp * w => out.par_chunks_mut(kp * w).enumerate().for_each(one),
-        _ => out.chunks_mut(kp * w).enumerate().for_each(one),
+        Threads::All if out.len() > pl => out.par_chunks_mut(pl).enumerate().for_each(one),
+        _ => out.chunks_mut(pl).enumerate().for_each(one),
     }
 }
 
@@ -331,6 +442,50 @@ unsafe fn pack_panel<T: Elem>(
     }
 }
 
+/// Panel `q` widened: word `(2p + h)·w + r` holds the f32 bits of bf16(element (q·w + r,
+/// 2p + h)), zero past the edges (`out` holds 2·kp·w words).
+///
+/// # Safety
+/// As [`pack_panel`].
+#[inline(always)]
+unsafe fn pack_panel_wide<T: Elem>(
+    src: Src<T>,
+    len: usize,
+    k: usize,
+    w: usize,
+    q: usize,
+    out: &mut [u32],
+) {
+    let k2 = 2 * k.div_ceil(2);
+    let valid = len.saturating_sub(q * w).min(w);
+    // SAFETY: (idx, kk) is inside the view whenever idx < len and kk < k (caller's contract).
+    let get = |idx: usize, kk: usize| unsafe {
+        ((*src.ptr.offset(idx as isize * src.sp + kk as isize * src.sk)).bits() as u32) << 16
+    };
+    let base = q * w;
+    if src.sp.abs() == 1 && src.sk.abs() != 1 {
+        for kk in 0..k {
+            for (r, o) in out[kk * w..kk * w + valid].iter_mut().enumerate() {
+                *o = get(base + r, kk);
+            }
+        }
+    } else {
+        for r in 0..valid {
+            for kk in 0..k {
+                out[kk * w + r] = get(base + r, kk);
+            }
+        }
+    }
+    if k < k2 {
+        out[k * w..k * w + valid].fill(0);
+    }
+    if valid < w {
+        for kk in 0..k2 {
+            out[kk * w + valid..(kk + 1) * w].fill(0);
+        }
+    }
+}
+
 /// Output block (bi, bj): rows bi·MC.., columns bj·NC.., over all of k.
 ///
 /// # Safety
@@ -338,7 +493,7 @@ unsafe fn pack_panel<T: Elem>(
 /// `bpack` must hold ⌈m/MR⌉·kp·MR and ⌈n/NR⌉·kp·NR words.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
-    isa: Isa,
+    kernel: Kernel,
     apack: &[u32],
     bpack: &[u32],
     kp: usize,
@@ -354,13 +509,19 @@ unsafe fn block(
     let (jp0, jp1) = (bj * NC / NR, ((bj + 1) * NC).min(n).div_ceil(NR));
     let mut pc = 0;
     while pc < kp {
-        let pairs = KC.min(kp - pc);
+        let kc = if kernel == Kernel::WideFma {
+            KC_WIDE
+        } else {
+            KC
+        };
+        let pairs = kc.min(kp - pc);
+        let wd = kernel.words();
         let add = accumulate || pc > 0;
         for jp in jp0..jp1 {
-            let bp = &bpack[(jp * kp + pc) * NR..(jp * kp + pc + pairs) * NR];
+            let bp = &bpack[(jp * kp + pc) * NR * wd..(jp * kp + pc + pairs) * NR * wd];
             let (j0, nj) = (jp * NR, NR.min(n - jp * NR));
             for ip in ip0..ip1 {
-                let ap = &apack[(ip * kp + pc) * MR..(ip * kp + pc + pairs) * MR];
+                let ap = &apack[(ip * kp + pc) * MR * wd..(ip * kp + pc + pairs) * MR * wd];
                 let (i0, mi) = (ip * MR, MR.min(m - ip * MR));
                 let out = Tile {
                     d,
@@ -374,11 +535,13 @@ unsafe fn block(
                 // SAFETY: the panels hold `pairs` words per lane (sliced above); the tile is
                 // inside this task's block (caller's contract); the CPU supports `isa`.
                 unsafe {
-                    match isa {
+                    match kernel {
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512Bf16 => x86::tile_avx512(ap, bp, pairs, out),
+                        Kernel::Dot => x86::tile_avx512(ap, bp, pairs, out),
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => x86::tile_avx2(ap, bp, pairs, out),
+                        Kernel::WideFma => x86::tile_avx512_fma(ap, bp, pairs, out),
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => x86::tile_avx2(ap, bp, pairs, out),
                         _ => tile_portable(ap, bp, pairs, out),
                     }
                 }
@@ -483,10 +646,20 @@ mod x86 {
                 }
             }
         }
+        // SAFETY: caller's contract.
+        unsafe { finish_avx512(&acc, out) };
+    }
+
+    /// Writes an MR×NR tile of accumulators to dst.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; the tile is inside the dst view and owned by the caller.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish_avx512(acc: &[[__m512; 2]; MR], out: Tile) {
         // The tile goes through memory (constant indices only, so the accumulators stay in
-        // registers during the loop above); 28 stores, then row updates of the valid part.
+        // registers during the caller's loop); 28 stores, then row updates of the valid part.
         let mut t = [[0.0f32; NR]; MR];
-        for (row, acc_r) in t.iter_mut().zip(&acc) {
+        for (row, acc_r) in t.iter_mut().zip(acc) {
             // SAFETY: each row of t holds 32 floats.
             unsafe {
                 _mm512_storeu_ps(row.as_mut_ptr(), acc_r[0]);
@@ -522,6 +695,35 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// The AVX-512F micro-kernel on widened panels: per k, two B vectors and 14 broadcasts
+    /// (from memory, folded into the FMAs) for 28 `vfmadd231ps zmm`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` and `b` hold `2·pairs·MR` and `2·pairs·NR` words;
+    /// the tile is inside the dst view and owned by the caller.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512_fma(a: &[u32], b: &[u32], pairs: usize, out: Tile) {
+        debug_assert!(a.len() >= 2 * pairs * MR && b.len() >= 2 * pairs * NR);
+        let (ap, bp) = (a.as_ptr() as *const f32, b.as_ptr() as *const f32);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for kk in 0..2 * pairs {
+            // SAFETY: kk < 2·pairs, so the 32 words at kk·NR and the 14 at kk·MR are in
+            // bounds; the words are f32 bits.
+            unsafe {
+                let b0 = _mm512_loadu_ps(bp.add(kk * NR));
+                let b1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
+                let ar = ap.add(kk * MR);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ar.add(r));
+                    acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
+                    acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+                }
+            }
+        }
+        // SAFETY: caller's contract.
+        unsafe { finish_avx512(&acc, out) };
     }
 
     /// The AVX2 micro-kernel on the same panels: 8 columns × 7 rows at a time in 7 ymm
@@ -570,6 +772,14 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every micro-kernel the CPU can run.
+    fn kernels() -> Vec<Kernel> {
+        [Kernel::Dot, Kernel::WideFma, Kernel::Avx2, Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.isa().supported())
+            .collect()
+    }
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
@@ -685,7 +895,7 @@ mod tests {
     /// One product on one path; `layout` picks operand types and orientations.
     #[allow(clippy::too_many_arguments)]
     fn case(
-        isa: Isa,
+        kern: Kernel,
         m: usize,
         k: usize,
         n: usize,
@@ -722,8 +932,8 @@ mod tests {
         } else {
             MatMut::strided(&mut c, m, n, ld)
         };
-        gemm_mixed_with(isa, view, a.op(), b.op(), acc, alpha, th);
-        let what = format!("{isa:?} layout {layout} acc {acc} alpha {alpha}");
+        gemm_mixed_kernel(kern, view, a.op(), b.op(), acc, alpha, th);
+        let what = format!("{kern:?} layout {layout} acc {acc} alpha {alpha}");
         check(
             &what,
             &c,
@@ -738,7 +948,7 @@ mod tests {
 
     #[test]
     fn matches_f64_reference_on_ragged_shapes_every_path() {
-        for isa in Isa::all_supported() {
+        for kern in kernels() {
             let mut layout = 0;
             for m in [1, 2, 13, 14, 15, 29, 37] {
                 for k in [1, 2, 7, 64, 129] {
@@ -746,7 +956,7 @@ mod tests {
                         layout = (layout + 5) % 16;
                         let acc = (m + k + n) % 2 == 0;
                         let alpha = if layout % 4 == 1 { -0.75 } else { 1.0 };
-                        case(isa, m, k, n, layout, acc, alpha, Threads::One);
+                        case(kern, m, k, n, layout, acc, alpha, Threads::One);
                     }
                 }
             }
@@ -756,7 +966,7 @@ mod tests {
     #[test]
     fn several_tasks_and_k_blocks_every_path() {
         // More rows than MC, columns than NC and pairs than KC; every layout once.
-        for isa in Isa::all_supported() {
+        for kern in kernels() {
             for layout in [0, 5, 6, 9, 10, 15] {
                 let (m, k, n) = (MC + 11 - layout, 2 * KC + 77 + layout, NC + 3 + 5 * layout);
                 let th = if layout % 2 == 0 {
@@ -764,7 +974,7 @@ mod tests {
                 } else {
                     Threads::One
                 };
-                case(isa, m, k, n, layout, layout % 3 == 1, 1.5, th);
+                case(kern, m, k, n, layout, layout % 3 == 1, 1.5, th);
             }
         }
     }
@@ -780,10 +990,10 @@ mod tests {
             .collect();
         let dy = values(t * out, 3);
         let r = |v: f32| bf16::from_f32(v).to_f64();
-        for isa in Isa::all_supported() {
+        for kern in kernels() {
             let mut y = vec![0.0; t * out];
-            gemm_mixed_with(
-                isa,
+            gemm_mixed_kernel(
+                kern,
                 MatMut::row_major(&mut y, t, out),
                 MatRef::row_major(&x, t, inp).into(),
                 MatRefBf16::row_major(&w, out, inp).t().into(),
@@ -792,8 +1002,8 @@ mod tests {
                 Threads::All,
             );
             let mut dx = vec![0.0; t * inp];
-            gemm_mixed_with(
-                isa,
+            gemm_mixed_kernel(
+                kern,
                 MatMut::row_major(&mut dx, t, inp),
                 MatRef::row_major(&dy, t, out).into(),
                 MatRefBf16::row_major(&w, out, inp).into(),
@@ -802,8 +1012,8 @@ mod tests {
                 Threads::All,
             );
             let mut dw = vec![0.5; out * inp];
-            gemm_mixed_with(
-                isa,
+            gemm_mixed_kernel(
+                kern,
                 MatMut::row_major(&mut dw, out, inp),
                 MatRef::row_major(&dy, t, out).t().into(),
                 MatRef::row_major(&x, t, inp).into(),
@@ -816,19 +1026,19 @@ mod tests {
                 for o in 0..out {
                     let p = (0..inp).map(|q| r(x[i * inp + q]) * w[o * inp + q].to_f64());
                     let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                    assert!(close(y[i * out + o], s, sa), "{isa:?} y");
+                    assert!(close(y[i * out + o], s, sa), "{kern:?} y");
                 }
                 for q in 0..inp {
                     let p = (0..out).map(|o| r(dy[i * out + o]) * w[o * inp + q].to_f64());
                     let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                    assert!(close(dx[i * inp + q], s, sa), "{isa:?} dx");
+                    assert!(close(dx[i * inp + q], s, sa), "{kern:?} dx");
                 }
             }
             for o in 0..out {
                 for q in 0..inp {
                     let p = (0..t).map(|i| r(dy[i * out + o]) * r(x[i * inp + q]));
                     let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                    assert!(close(dw[o * inp + q], 0.5 + s, sa + 0.5), "{isa:?} dw");
+                    assert!(close(dw[o * inp + q], 0.5 + s, sa + 0.5), "{kern:?} dw");
                 }
             }
         }
@@ -839,11 +1049,11 @@ mod tests {
         let (m, k, n) = (2 * MC + 5, 3 * KC + 1, 2 * NC + 9);
         let a = values(m * k, 5);
         let b = values(k * n, 6);
-        for isa in Isa::all_supported() {
+        for kern in kernels() {
             let run = |th| {
                 let mut c = vec![0.0f32; m * n];
-                gemm_mixed_with(
-                    isa,
+                gemm_mixed_kernel(
+                    kern,
                     MatMut::row_major(&mut c, m, n),
                     MatRef::row_major(&a, m, k).into(),
                     MatRef::row_major(&b, k, n).into(),
@@ -855,8 +1065,12 @@ mod tests {
             };
             let (c1, c2, c3) = (run(Threads::All), run(Threads::All), run(Threads::One));
             let bits = |c: &[f32]| c.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&c1), bits(&c2), "{isa:?}: two runs differ");
-            assert_eq!(bits(&c1), bits(&c3), "{isa:?}: one thread differs from all");
+            assert_eq!(bits(&c1), bits(&c2), "{kern:?}: two runs differ");
+            assert_eq!(
+                bits(&c1),
+                bits(&c3),
+                "{kern:?}: one thread differs from all"
+            );
         }
     }
 
