@@ -49,10 +49,18 @@ pub(crate) fn matmul_wt(
     y: &mut [f32],
     accumulate: bool,
 ) {
-    matmul_wt_with(isa(), x, w, bias, rows, k, n_out, y, accumulate)
+    // The AVX-512F tiles are not used by default: on the 0.5B decode shapes (bench
+    // `bench_decode_rows_matmul`) they measured no faster than the AVX2 ones at 1 row and
+    // 10–40% slower at 16–32 rows (see the module docs), so AVX-512 CPUs run the AVX2 tiles.
+    let level = match isa() {
+        Isa::Avx512Bf16 => Isa::Avx2,
+        other => other,
+    };
+    matmul_wt_with(level, x, w, bias, rows, k, n_out, y, accumulate)
 }
 
-/// [`matmul_wt`] on an explicit instruction-set level (which the CPU must support).
+/// [`matmul_wt`] on an explicit instruction-set level (which the CPU must support);
+/// `Isa::Avx512Bf16` runs the AVX-512F tiles (4 rows of x × 6 rows of W in 24 zmm).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_wt_with(
     isa: Isa,
@@ -859,6 +867,11 @@ mod tests {
             matmul_wt_bf16_with(isa, &x, &w, None, rows, k, n, &mut y2, false);
             let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&y1), bits(&y2), "{isa:?}");
+            if isa == super::isa() {
+                let mut y3 = vec![2.0f32; rows * n];
+                matmul_wt_bf16(&x, &w, None, rows, k, n, &mut y3, false);
+                assert_eq!(bits(&y1), bits(&y3), "matmul_wt_bf16 differs from {isa:?}");
+            }
         }
     }
 }
