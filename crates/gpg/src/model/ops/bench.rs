@@ -148,3 +148,242 @@ fn decode_micro_benchmark() {
     }
     println!("sum per step: {total:.3} ms");
 }
+
+/// Fastest of `reps` runs of `f` after one warm-up run, in milliseconds. The benchmarks of
+/// the bf16 kernels report the best run rather than the median: they were measured on a
+/// 2-core machine shared with other jobs, where the median mostly measures the other jobs.
+fn best_ms<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    std::hint::black_box(f());
+    (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            std::hint::black_box(f());
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Mixed-precision GEMM (bf16 operands, f32 sums) against the f32 `gemm` crate on the 0.5B
+/// model's training products (T = 2048 tokens, hidden 896, q 896, k/v 128, intermediate
+/// 4864). Run with `cargo test --release -p gpg -- --ignored bench_ --nocapture`.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_gemm_mixed() {
+    use super::cpu::gemm_bf16::{gemm_mixed_kernel, kernel_for, Kernel, Operand};
+    use super::cpu::isa::isa;
+    use super::cpu::matmul::{gemm, MatMut, MatRef, MatRefBf16, Threads};
+    use half::bf16;
+    let (t, hid, inter) = (2048usize, 896usize, 4864usize);
+    let reps = 7;
+    let mut g = rng(5);
+    println!(
+        "gemm_mixed vs f32 gemm: T={t}, {} rayon threads, best of {reps}; kernels: {}",
+        rayon::current_num_threads(),
+        isa_name()
+    );
+    // (name, m, k, n, kind): kind 0 = forward x·Wᵀ (W [n, k]), 1 = input grad dy·W (W [k, n]),
+    // 2 = weight grad dyᵀ·x accumulated (dy [k, m], x [k, n]).
+    let shapes = [
+        ("fwd q     x·Wqᵀ", t, hid, hid, 0),
+        ("fwd k/v   x·Wkᵀ", t, hid, 128, 0),
+        ("fwd gate  x·Wgᵀ", t, hid, inter, 0),
+        ("fwd down  h·Wdᵀ", t, inter, hid, 0),
+        ("dx  gate  dy·Wg", t, inter, hid, 1),
+        ("dx  down  dy·Wd", t, hid, inter, 1),
+        ("dW  gate  dyᵀ·x", inter, t, hid, 2),
+        ("dW  down  dyᵀ·h", hid, t, inter, 2),
+    ];
+    // The kernel gemm_mixed picks, then the others this CPU can run.
+    let mut kernels = vec![kernel_for(isa())];
+    for kern in [Kernel::Dot, Kernel::WideFma, Kernel::Avx2] {
+        if kern.isa_supported() && !kernels.contains(&kern) {
+            kernels.push(kern);
+        }
+    }
+    println!(
+        "{:18} {:>16} {:>10} {}   (GFLOP/s; speedup = chosen kernel vs f32 gemm)",
+        "product",
+        "m×k×n",
+        "f32 gemm",
+        kernels
+            .iter()
+            .map(|k| format!("{:>10}", format!("{k:?}")))
+            .collect::<String>()
+    );
+    for (name, m, k, n, kind) in shapes {
+        // Storage: a is [m, k] (or [k, m] for kind 2), b is [n, k] for kind 0 else [k, n].
+        let a = rand_vec(&mut g, m * k, 1.0);
+        let b = rand_vec(&mut g, k * n, 0.05);
+        let bh: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        let a_ref = || match kind {
+            2 => MatRef::row_major(&a, k, m).t(),
+            _ => MatRef::row_major(&a, m, k),
+        };
+        let b_ref = || match kind {
+            0 => MatRef::row_major(&b, n, k).t(),
+            _ => MatRef::row_major(&b, k, n),
+        };
+        // The weight operand is bf16 for the forward and input-gradient products; the
+        // weight gradient multiplies two f32 activations (rounded while packing).
+        let b_op = || -> Operand {
+            match kind {
+                0 => MatRefBf16::row_major(&bh, n, k).t().into(),
+                1 => MatRefBf16::row_major(&bh, k, n).into(),
+                _ => b_ref().into(),
+            }
+        };
+        let acc = kind == 2;
+        let mut c = vec![0.0f32; m * n];
+        let f32_ms = best_ms(reps, || {
+            gemm(
+                MatMut::row_major(&mut c, m, n),
+                a_ref(),
+                b_ref(),
+                acc,
+                1.0,
+                Threads::All,
+            )
+        });
+        let mut times = Vec::new();
+        for &kern in &kernels {
+            times.push(best_ms(reps, || {
+                gemm_mixed_kernel(
+                    kern,
+                    MatMut::row_major(&mut c, m, n),
+                    a_ref().into(),
+                    b_op(),
+                    acc,
+                    1.0,
+                    Threads::All,
+                )
+            }));
+        }
+        let gf = |ms: f64| 2.0 * (m * k * n) as f64 / ms / 1e6;
+        println!(
+            "{name:18} {:>16} {:>10.1} {}   {:.2}x ({:.1} ms vs {:.1} ms)",
+            format!("{m}×{k}×{n}"),
+            gf(f32_ms),
+            times
+                .iter()
+                .map(|&ms| format!("{:>10.1}", gf(ms)))
+                .collect::<String>(),
+            f32_ms / times[0],
+            f32_ms,
+            times[0]
+        );
+    }
+    // The bulk conversions, for scale.
+    let v = rand_vec(&mut g, t * inter, 1.0);
+    let mut h = vec![bf16::ZERO; v.len()];
+    let mut back = vec![0.0f32; v.len()];
+    let to = best_ms(reps, || super::cpu::bf16::f32_to_bf16(&v, &mut h));
+    let from = best_ms(reps, || super::cpu::bf16::bf16_to_f32(&h, &mut back));
+    let gb = |ms: f64| (v.len() * 6) as f64 / ms / 1e6;
+    println!(
+        "bulk conversion of {}M values (one thread): f32→bf16 {to:.2} ms ({:.1} GB/s), bf16→f32 {from:.2} ms ({:.1} GB/s)",
+        v.len() / 1_000_000,
+        gb(to),
+        gb(from)
+    );
+}
+
+/// Decode products of the 0.5B model (rows = sequences being sampled): f32 `matmul_wt` on
+/// AVX2 and AVX-512, and `matmul_wt_bf16`. GB/s counts the weight bytes streamed.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_decode_rows_matmul() {
+    use super::cpu::isa::Isa;
+    use super::cpu::rows_matmul::{matmul_wt_bf16_with, matmul_wt_with};
+    use half::bf16;
+    let mut g = rng(11);
+    println!(
+        "decode rows_matmul: {} rayon threads; kernels: {}",
+        rayon::current_num_threads(),
+        isa_name()
+    );
+    let mut paths = vec![
+        ("f32 avx2", Isa::Avx2, false),
+        ("bf16 avx2", Isa::Avx2, true),
+    ];
+    if Isa::Avx512Bf16.supported() {
+        paths.insert(1, ("f32 avx512", Isa::Avx512Bf16, false));
+        paths.push(("bf16 avx512", Isa::Avx512Bf16, true));
+    }
+    if !Isa::Avx2.supported() {
+        println!("skipped: no AVX2");
+        return;
+    }
+    for (name, n, k) in [
+        ("qkv", 1152usize, 896usize),
+        ("o", 896, 896),
+        ("gate_up", 9728, 896),
+        ("down", 896, 4864),
+        ("head", 151_936, 896),
+    ] {
+        let w = rand_vec(&mut g, n * k, 0.05);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        for rows in [1usize, 16, 32] {
+            let x = rand_vec(&mut g, rows * k, 1.0);
+            let mut y = vec![0.0f32; rows * n];
+            let reps = if n > 100_000 { 5 } else { 31 };
+            let mut line = format!("{name:8} N={n:6} K={k:5} rows={rows:2}:");
+            for &(label, isa, half) in &paths {
+                let ms = best_ms(reps, || {
+                    if half {
+                        matmul_wt_bf16_with(isa, &x, &wb, None, rows, k, n, &mut y, false)
+                    } else {
+                        matmul_wt_with(isa, &x, &w, None, rows, k, n, &mut y, false)
+                    }
+                });
+                let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+                let gbs = (n * k * if half { 2 } else { 4 }) as f64 / ms / 1e6;
+                line += &format!("  {label} {ms:7.3} ms {gflops:6.1} GF/s {gbs:5.1} GB/s |");
+            }
+            println!("{line}");
+        }
+    }
+}
+
+/// One thread, one cache-resident block: the micro-kernel's throughput alone (and the f32
+/// gemm's on the same block), to separate kernel speed from packing and memory effects.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_gemm_mixed_one_block() {
+    use super::cpu::gemm_bf16::{gemm_mixed_with, MC, NC};
+    use super::cpu::isa::isa;
+    use super::cpu::matmul::{gemm, MatMut, MatRef, Threads};
+    let (m, k, n) = (MC, 512usize, NC);
+    let mut g = rng(3);
+    let a = rand_vec(&mut g, m * k, 1.0);
+    let b = rand_vec(&mut g, k * n, 1.0);
+    let mut c = vec![0.0f32; m * n];
+    let reps = 21;
+    let f = best_ms(reps, || {
+        gemm(
+            MatMut::row_major(&mut c, m, n),
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&b, k, n),
+            false,
+            1.0,
+            Threads::One,
+        )
+    });
+    let x = best_ms(reps, || {
+        gemm_mixed_with(
+            isa(),
+            MatMut::row_major(&mut c, m, n),
+            MatRef::row_major(&a, m, k).into(),
+            MatRef::row_major(&b, k, n).into(),
+            false,
+            1.0,
+            Threads::One,
+        )
+    });
+    let gf = |ms: f64| 2.0 * (m * k * n) as f64 / ms / 1e6;
+    println!(
+        "one block {m}×{k}×{n}, one thread: f32 gemm {:.1} GFLOP/s, gemm_mixed ({}) {:.1} GFLOP/s",
+        gf(f),
+        isa_name(),
+        gf(x)
+    );
+}

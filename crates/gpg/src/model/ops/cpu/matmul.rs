@@ -65,6 +65,21 @@ impl<'a> MatRef<'a> {
             _data: PhantomData,
         }
     }
+
+    /// Number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Pointer to element (0, 0) and the (row, column) strides in elements.
+    pub(crate) fn raw(&self) -> (*const f32, isize, isize) {
+        (self.ptr, self.rs, self.cs)
+    }
 }
 
 /// A writable matrix view: element (i, j) is at `ptr + i·rs + j·cs`.
@@ -126,6 +141,109 @@ impl<'a> MatMut<'a> {
             cs: 1,
             _data: PhantomData,
         }
+    }
+
+    /// Number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The transposed view (no copy): writing (i, j) of it writes (j, i) of `self`.
+    #[cfg_attr(not(test), allow(dead_code))] // used by tests until the model needs it
+    pub(crate) fn t(self) -> Self {
+        MatMut {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            _data: PhantomData,
+        }
+    }
+
+    /// Pointer to element (0, 0) and the (row, column) strides in elements.
+    pub(crate) fn raw(&mut self) -> (*mut f32, isize, isize) {
+        (self.ptr, self.rs, self.cs)
+    }
+}
+
+/// A read-only view of a bf16 matrix (`half::bf16`, e.g. a weight as Hugging Face stores
+/// it): element (i, j) is at `ptr + i·rs + j·cs`. The bf16 counterpart of [`MatRef`].
+#[derive(Clone, Copy)]
+pub(crate) struct MatRefBf16<'a> {
+    ptr: *const half::bf16,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+    _data: PhantomData<&'a [half::bf16]>,
+}
+
+// SAFETY: a MatRefBf16 is a shared borrow of bf16 data.
+unsafe impl Send for MatRefBf16<'_> {}
+unsafe impl Sync for MatRefBf16<'_> {}
+
+// Not constructed by the model yet (the bf16 weights are being wired in).
+#[cfg_attr(not(test), allow(dead_code))]
+impl<'a> MatRefBf16<'a> {
+    /// `rows × cols` view of `data[..]` with row stride `row_stride` and unit column stride.
+    /// Panics if the view exceeds `data`.
+    pub(crate) fn strided(
+        data: &'a [half::bf16],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> Self {
+        assert!(
+            extent(rows, cols, row_stride) <= data.len(),
+            "MatRefBf16 {rows}x{cols} (stride {row_stride}) exceeds a slice of {}",
+            data.len()
+        );
+        MatRefBf16 {
+            ptr: data.as_ptr(),
+            rows,
+            cols,
+            rs: row_stride as isize,
+            cs: 1,
+            _data: PhantomData,
+        }
+    }
+
+    /// Dense row-major `rows × cols` view of `data`.
+    pub(crate) fn row_major(data: &'a [half::bf16], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// The transposed view (no copy).
+    pub(crate) fn t(self) -> Self {
+        MatRefBf16 {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            _data: PhantomData,
+        }
+    }
+
+    /// Number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Pointer to element (0, 0) and the (row, column) strides in elements.
+    pub(crate) fn raw(&self) -> (*const half::bf16, isize, isize) {
+        (self.ptr, self.rs, self.cs)
     }
 }
 

@@ -10,15 +10,12 @@
 //!
 //! f32 weights use the `gemm` crate's f32 kernels. bf16 weights use bf16 operands with f32
 //! accumulation (activations are rounded to bf16 as the product packs them), as PyTorch's
-//! bf16 autocast does; the result is always f32.
+//! bf16 autocast does, through `gemm_bf16::gemm_mixed` (AVX512-BF16 `vdpbf16ps`, AVX2 or
+//! portable, chosen at run time); the result is always f32.
 
-use super::matmul::{gemm, MatMut, MatRef, Threads};
+use super::gemm_bf16::gemm_mixed;
+use super::matmul::{gemm, MatMut, MatRef, MatRefBf16, Threads};
 use crate::model::ops::tensor_io::WeightSlice;
-
-/// f32 copy of a bf16 matrix (exact).
-fn widen(w: &[half::bf16]) -> Vec<f32> {
-    w.iter().map(|v| v.to_f32()).collect()
-}
 
 /// y[rows, out] (+)= α·x[rows, inp]·Wᵀ.
 #[allow(clippy::too_many_arguments)]
@@ -32,19 +29,25 @@ pub(crate) fn x_wt(
     alpha: f32,
     accumulate: bool,
 ) {
-    let run = |w: &[f32], y: &mut [f32]| {
-        gemm(
-            MatMut::row_major(&mut y[..rows * out], rows, out),
-            MatRef::row_major(&x[..rows * inp], rows, inp),
+    let dst = MatMut::row_major(&mut y[..rows * out], rows, out);
+    let x = MatRef::row_major(&x[..rows * inp], rows, inp);
+    match w {
+        WeightSlice::F32(w) => gemm(
+            dst,
+            x,
             MatRef::row_major(w, out, inp).t(),
             accumulate,
             alpha,
             Threads::All,
-        )
-    };
-    match w {
-        WeightSlice::F32(w) => run(w, y),
-        WeightSlice::Bf16(w) => run(&widen(w), y),
+        ),
+        WeightSlice::Bf16(w) => gemm_mixed(
+            dst,
+            x.into(),
+            MatRefBf16::row_major(w, out, inp).t().into(),
+            accumulate,
+            alpha,
+            Threads::All,
+        ),
     }
 }
 
@@ -60,19 +63,25 @@ pub(crate) fn dy_w(
     alpha: f32,
     accumulate: bool,
 ) {
-    let run = |w: &[f32], dx: &mut [f32]| {
-        gemm(
-            MatMut::row_major(&mut dx[..rows * inp], rows, inp),
-            MatRef::row_major(&dy[..rows * out], rows, out),
+    let dst = MatMut::row_major(&mut dx[..rows * inp], rows, inp);
+    let dy = MatRef::row_major(&dy[..rows * out], rows, out);
+    match w {
+        WeightSlice::F32(w) => gemm(
+            dst,
+            dy,
             MatRef::row_major(w, out, inp),
             accumulate,
             alpha,
             Threads::All,
-        )
-    };
-    match w {
-        WeightSlice::F32(w) => run(w, dx),
-        WeightSlice::Bf16(w) => run(&widen(w), dx),
+        ),
+        WeightSlice::Bf16(w) => gemm_mixed(
+            dst,
+            dy.into(),
+            MatRefBf16::row_major(w, out, inp).into(),
+            accumulate,
+            alpha,
+            Threads::All,
+        ),
     }
 }
 
@@ -90,15 +99,14 @@ pub(crate) fn dyt_x(
     accumulate: bool,
     bf16: bool,
 ) {
-    let _ = bf16;
-    gemm(
-        MatMut::row_major(&mut dw[..out * inp], out, inp),
-        MatRef::row_major(&dy[..rows * out], rows, out).t(),
-        MatRef::row_major(&x[..rows * inp], rows, inp),
-        accumulate,
-        alpha,
-        Threads::All,
-    );
+    let dst = MatMut::row_major(&mut dw[..out * inp], out, inp);
+    let dyt = MatRef::row_major(&dy[..rows * out], rows, out).t();
+    let x = MatRef::row_major(&x[..rows * inp], rows, inp);
+    if bf16 {
+        gemm_mixed(dst, dyt.into(), x.into(), accumulate, alpha, Threads::All);
+    } else {
+        gemm(dst, dyt, x, accumulate, alpha, Threads::All);
+    }
 }
 
 /// y[rows, out] (+)= x·Wᵀ + b for a few rows (decoding), streaming W as stored.
@@ -118,7 +126,7 @@ pub(crate) fn rows_x_wt(
             super::rows_matmul::matmul_wt(x, w, bias, rows, inp, out, y, accumulate)
         }
         WeightSlice::Bf16(w) => {
-            super::rows_matmul::matmul_wt(x, &widen(w), bias, rows, inp, out, y, accumulate)
+            super::rows_matmul::matmul_wt_bf16(x, w, bias, rows, inp, out, y, accumulate)
         }
     }
 }

@@ -4,6 +4,9 @@
 //! has it).
 
 pub(crate) mod attention;
+pub(crate) mod bf16;
+pub(crate) mod gemm_bf16;
+pub(crate) mod isa;
 pub(crate) mod lm_head;
 pub(crate) mod matmul;
 pub(crate) mod mixed;
