@@ -11,7 +11,7 @@ use clap::Args;
 use gpg::train::{TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 
-use super::bench::{median, peak_rss_mib, run_peer, write_bench_model};
+use super::bench::{median, peak_rss_mib, run_peer, write_bench_model, PeerDtype};
 
 #[derive(Args)]
 pub struct TrainerArgs {
@@ -38,6 +38,10 @@ pub struct TrainerArgs {
     /// (bench/compare/trl_grpo_step.py) and print the ratios.
     #[arg(long)]
     pub peer_python: Option<PathBuf>,
+    /// Precision of the TRL peer: bf16 passes --bf16 to trl_grpo_step.py (model loaded in
+    /// bf16, GRPOConfig bf16=True); gpg-rl's own side is unchanged.
+    #[arg(long, value_enum, default_value_t = PeerDtype::F32)]
+    pub peer_dtype: PeerDtype,
 }
 
 /// Figures of one side, medians over the timed steps.
@@ -75,7 +79,7 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
     );
 
     if let Some(python) = &args.peer_python {
-        let extra: Vec<String> = [
+        let mut extra: Vec<String> = [
             "--data".to_string(),
             prompts.display().to_string(),
             "--threads".into(),
@@ -94,6 +98,10 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
             args.lr.to_string(),
         ]
         .into();
+        if args.peer_dtype == PeerDtype::Bf16 {
+            extra.push("--bf16".into());
+        }
+        println!("TRL peer dtype: {}", args.peer_dtype.as_str());
         let trl = run_peer(python, "trl_grpo_step.py", &model_dir, &extra)?;
         let get = |key: &str| trl[key].as_f64().unwrap_or(f64::NAN);
         let peer = Side {
