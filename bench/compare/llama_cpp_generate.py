@@ -6,7 +6,8 @@
 
 MODEL.gguf comes from to_gguf.py. Prompts: a batch of B rows of P random ordinary token ids
 (ids below the lowest EOS/special id, torch.randint with a seeded generator, the scheme
-hf_generate.py uses, so the same --seed gives the same prompts as hf_generate.py). Each row is
+hf_generate.py uses, so the same --seed gives the same prompts as hf_generate.py; torch runs in
+a child process and is not loaded here). Each row is
 its own sequence (seq id = row) in one llama_context with B sequences and a KV cache of
 B·(P+N) cells; per run:
 
@@ -30,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -39,11 +41,21 @@ from peak_rss import rss_mb  # bench/compare/peak_rss.py
 
 
 def random_prompts(batch: int, prompt_len: int, n_ordinary: int, seed: int) -> list[list[int]]:
-    """hf_generate.py's prompt ids: torch.randint(0, n_ordinary) from Generator(seed)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n_ordinary, (batch, prompt_len), generator=gen).tolist()
+    """hf_generate.py's prompt ids: torch.randint(0, n_ordinary) from Generator(seed). Made in
+    a child process, so that torch's ~0.6 GB never counts in this process's peak RSS."""
+    code = (
+        "import json, sys, torch\n"
+        "b, p, n, s = map(int, sys.argv[1:])\n"
+        "g = torch.Generator().manual_seed(s)\n"
+        "print(json.dumps(torch.randint(0, n, (b, p), generator=g).tolist()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(batch), str(prompt_len), str(n_ordinary), str(seed)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout)
 
 
 def main() -> int:
