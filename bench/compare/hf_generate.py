@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """transformers `generate` peer of gpg-rl's sampling benchmark.
 
-    python bench/compare/hf_generate.py --model DIR [--threads 2] [--runs 3]
+    python bench/compare/hf_generate.py --model DIR [--threads 2] [--runs 3] [--dtype f32|bf16]
 
 Samples a batch of B prompts (default 16) of P random tokens each (default 32, no padding) for
 exactly N new tokens each (default 128): do_sample=True, temperature 1.0, no top-k / top-p
@@ -10,6 +10,9 @@ discarded, then --runs timed runs; prints one JSON line {"tokens_per_s", "peak_r
 where tokens_per_s = B·N / median wall time of a run. "run_cpu_s" is the median CPU time (all
 threads) of a run, less disturbed by other load on a shared machine than wall time. Peak RSS is
 VmHWM of the process, torch's own footprint included (see "rss_after_load_mb").
+--dtype bf16 (or bfloat16) loads the weights in bfloat16, so the whole forward (and the KV
+cache) runs in bf16; transformers' generate casts the last position's logits to float32 before
+the logits processors and the sampling softmax. "dtype" in the JSON line says which.
 """
 
 from __future__ import annotations
@@ -40,9 +43,15 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "f32", "bf16"],
+        help="weights and compute dtype (bf16 = the model loaded in bfloat16)",
+    )
     ap.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
     args = ap.parse_args()
+    args.dtype = {"f32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -2,6 +2,7 @@
 """PyTorch/transformers peer of gpg-rl's training-step benchmark.
 
     python bench/compare/torch_train_step.py --model DIR [--threads 2] [--steps 5]
+        [--dtype f32|bf16] [--bf16-mode autocast|pure]
 
 One step = forward + backward + AdamW update of every parameter, on a batch of B rows × L
 tokens (default 16 × 256) whose last C tokens (default 192) are the completion. The loss has
@@ -17,6 +18,15 @@ one JSON line: {"train_step_s", "peak_rss_mb", ...}. "step_cpu_s" is the median 
 threads) of the process per step: on a shared machine it is less disturbed by other load than
 wall time. Peak RSS is the process's maximum resident set (VmHWM), torch's own footprint
 included (see "rss_after_load_mb").
+
+Precision (--dtype, printed as "dtype" and "bf16_mode"):
+  f32                      float32 weights, activations, gradients and AdamW state (default)
+  bf16 --bf16-mode autocast  float32 weights and AdamW (mixed precision): the forward runs
+                           under torch.autocast("cpu", dtype=torch.bfloat16), so matrix
+                           products take bf16 inputs; backward follows the autocast graph
+  bf16 --bf16-mode pure    the model loaded in bfloat16; forward, backward, gradients and
+                           torch.optim.AdamW (state and update) all in bf16
+In every mode the log-softmax over the vocabulary is computed in float32 (logits.float()).
 """
 
 from __future__ import annotations
@@ -56,21 +66,40 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
+    ap.add_argument(
+        "--dtype", default="f32", choices=["f32", "bf16", "float32", "bfloat16"], help="precision"
+    )
+    ap.add_argument(
+        "--bf16-mode",
+        default="autocast",
+        choices=["autocast", "pure"],
+        help="with --dtype bf16: f32 weights under autocast, or the whole model and AdamW in bf16",
+    )
     args = ap.parse_args()
     if not 0 < args.completion_len < args.seq_len:
         ap.error("--completion-len must be in (0, --seq-len)")
+    args.dtype = {"float32": "f32", "bfloat16": "bf16"}.get(args.dtype, args.dtype)
+    bf16_mode = args.bf16_mode if args.dtype == "bf16" else None
+    weight_dtype = torch.bfloat16 if bf16_mode == "pure" else torch.float32
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = Qwen2ForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation=args.attn
+        args.model, dtype=weight_dtype, attn_implementation=args.attn
     ).to(device)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     )
     rss_after_load = rss_mb()
+
+    matmul_dtype = [None]  # output dtype of one MLP projection, seen by a forward hook
+
+    def record_dtype(_module, _inputs, output):
+        matmul_dtype[0] = str(output.dtype).replace("torch.", "")
+
+    model.model.layers[0].mlp.down_proj.register_forward_hook(record_dtype)
 
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
@@ -87,7 +116,11 @@ def main() -> int:
         sync()
         c0, t0 = time.process_time(), time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        logp = completion_logprobs(model, input_ids, args.completion_len)
+        if bf16_mode == "autocast":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logp = completion_logprobs(model, input_ids, args.completion_len)
+        else:
+            logp = completion_logprobs(model, input_ids, args.completion_len)
         loss = (weights * logp).sum()
         loss.backward()
         optimizer.step()
@@ -117,6 +150,10 @@ def main() -> int:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": args.device,
         "attn": args.attn,
+        "dtype": args.dtype,
+        "bf16_mode": bf16_mode,
+        "weight_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "matmul_dtype": matmul_dtype[0],
         "parameters": sum(p.numel() for p in model.parameters()),
         "first_loss": losses[0],
         "torch": torch.__version__,

@@ -2,7 +2,7 @@
 """TRL GRPOTrainer, configured as GPG, as the peer of `gpg-rl train` (whole RL optimizer steps).
 
     python bench/compare/trl_grpo_step.py --model DIR --data PROMPTS.jsonl [--threads 2]
-        [--steps 10] [--warmup 1] [--seed 0]
+        [--steps 10] [--warmup 1] [--seed 0] [--bf16 [--bf16-mode autocast|pure]]
 
 One optimizer step = sample 8 completions for each of 4 prompts (32 completions, at most 64 new
 tokens, temperature 1.0, no top-k / top-p), score them with the `length` reward, group-mean
@@ -33,7 +33,7 @@ grpo_trainer.py):
     min_p=None, repetition_penalty=1.0, use_vllm=False (model.generate with KV cache)
     learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch"
     (betas 0.9/0.999, eps 1e-8, weight_decay 0.0), max_grad_norm=1.0
-    use_cpu=True, bf16=False, fp16=False (TRL's config defaults bf16 to True when fp16 is
+    use_cpu=True, bf16=False (unless --bf16), fp16=False (TRL's config defaults bf16 to True when fp16 is
     unset), gradient_checkpointing=False (TRL's config defaults it to True; --grad-ckpt turns it
     on), report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
     dataloader_num_workers=0, disable_tqdm=True, seed=--seed, max_steps=--warmup + --steps
@@ -66,6 +66,15 @@ optimizer.step and zero_grad. Outside it: fetching the 32 raw dataset rows, and 
 Generation time is the wall time inside model.generate (wrapped on the model instance; TRL
 calls unwrapped_model.generate, the same object on a single CPU process). The first --warmup
 steps are discarded; medians of the rest are reported.
+
+bf16 (--bf16): GRPOConfig(bf16=True) with use_cpu=True, which transformers 5.23 accepts on CPU
+(its bf16 check only refuses bf16 without a bf16 GPU when use_cpu is off). Accelerate then
+runs the model's forward under torch.autocast("cpu", dtype=torch.bfloat16) (mixed precision:
+f32 master weights, gradients and AdamW state; matrix products in bf16) — generate included,
+since accelerate wraps model.forward. `--bf16-mode pure` also loads the model in bfloat16, so
+weights, gradients and AdamW state are bf16 too. A forward hook on layer 0's down_proj records
+the dtype its output actually has in the sampling and in the training forward
+("observed_matmul_dtypes" in the JSON line), which shows whether bf16 was really used.
 
 Prints one short line per step on stderr and one JSON line at the end on stdout:
 {"step_s", "step_times_s", "generate_s", "step_cpu_s", "completion_tokens_per_step",
@@ -115,7 +124,15 @@ def main() -> int:
     ap.add_argument(
         "--grad-ckpt", action="store_true", help="gradient checkpointing (TRL's default; off here)"
     )
+    ap.add_argument("--bf16", action="store_true", help="GRPOConfig bf16=True (CPU autocast)")
+    ap.add_argument(
+        "--bf16-mode",
+        default="autocast",
+        choices=["autocast", "pure"],
+        help="with --bf16: f32 weights under autocast, or the model loaded in bf16 as well",
+    )
     args = ap.parse_args()
+    bf16_mode = args.bf16_mode if args.bf16 else None
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
 
@@ -159,7 +176,9 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     model = Qwen2ForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation=args.attn
+        args.model,
+        dtype=torch.bfloat16 if bf16_mode == "pure" else torch.float32,
+        attn_implementation=args.attn,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     rss_after_load = rss_mb()
@@ -194,7 +213,7 @@ def main() -> int:
         max_grad_norm=1.0,
         max_steps=max_steps,
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,
         fp16=False,
         gradient_checkpointing=args.grad_ckpt,
         report_to="none",
@@ -227,6 +246,24 @@ def main() -> int:
             gen_acc[1] += 1
 
     model.generate = timed_generate
+
+    # The dtype layer 0's down_proj really computes in, per phase (sampling / training forward).
+    phase = ["train"]
+    observed_dtypes: dict[str, set[str]] = {"generate": set(), "train": set()}
+
+    def record_dtype(_module, _inputs, output):
+        observed_dtypes[phase[0]].add(str(output.dtype).replace("torch.", ""))
+
+    model.model.layers[0].mlp.down_proj.register_forward_hook(record_dtype)
+
+    def phased_generate(*a, **kw):
+        phase[0] = "generate"
+        try:
+            return timed_generate(*a, **kw)
+        finally:
+            phase[0] = "train"
+
+    model.generate = phased_generate
 
     def reward_fn(prompts, completions, **kwargs):
         rewards = length_reward(completions)
@@ -323,6 +360,10 @@ def main() -> int:
         "trl_step_time_s": rnd([lg["step_time"] for lg in logs]),
         "peak_rss_mb": round(rss_mb(), 1),
         "rss_after_load_mb": round(rss_after_load, 1),
+        "dtype": "bf16" if args.bf16 else "float32",
+        "bf16_mode": bf16_mode,
+        "weight_dtype": str(probe.dtype).replace("torch.", ""),
+        "observed_matmul_dtypes": {k: sorted(v) for k, v in observed_dtypes.items()},
         "warmup_step_s": rnd(step_wall[:w]),
         "steps": args.steps,
         "warmup": args.warmup,
@@ -341,7 +382,8 @@ def main() -> int:
             "generation_batch_size": config.generation_batch_size,
             "steps_per_generation": config.steps_per_generation,
             "attn": args.attn,
-            "dtype": "float32",
+            "dtype": "bf16" if args.bf16 else "float32",
+            "bf16_mode": bf16_mode,
             "reward": "length: -abs(len(completion_text) - 20)",
         },
     }

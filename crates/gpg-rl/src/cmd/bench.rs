@@ -60,6 +60,57 @@ pub struct EngineArgs {
     pub gradient_checkpointing: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
+    /// Precision of the Python peers: torch_train_step.py --dtype, hf_generate.py --dtype and
+    /// the GGUF that --llama-cpp writes (gpg-rl's own side is unchanged).
+    #[arg(long, value_enum, default_value_t = PeerDtype::F32)]
+    pub peer_dtype: PeerDtype,
+    /// With --peer-dtype bf16: torch_train_step.py's mode, f32 weights under autocast or
+    /// a pure bf16 model (bf16 AdamW).
+    #[arg(long, value_enum, default_value_t = PeerBf16Mode::Autocast)]
+    pub peer_bf16_mode: PeerBf16Mode,
+    /// Also sample with llama.cpp (bench/compare/llama_cpp_generate.py, llama-cpp-python) from
+    /// this GGUF file of the same model (bench/compare/to_gguf.py), same batch / prompt /
+    /// new-token shape as HF generate.
+    #[arg(long, requires = "peer_python", conflicts_with = "llama_cpp")]
+    pub gguf: Option<PathBuf>,
+    /// Like --gguf, but first converts the model with bench/compare/to_gguf.py into a
+    /// temporary directory, in the --peer-dtype precision.
+    #[arg(long, requires = "peer_python")]
+    pub llama_cpp: bool,
+}
+
+/// Precision the Python peers run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerDtype {
+    F32,
+    Bf16,
+}
+
+impl PeerDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerDtype::F32 => "f32",
+            PeerDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// torch_train_step.py's bf16 variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerBf16Mode {
+    /// f32 weights and AdamW, forward and backward under torch.autocast("cpu", bfloat16).
+    Autocast,
+    /// The model in bf16, AdamW on the bf16 parameters.
+    Pure,
+}
+
+impl PeerBf16Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            PeerBf16Mode::Autocast => "autocast",
+            PeerBf16Mode::Pure => "pure",
+        }
+    }
 }
 
 pub fn run(cmd: &BenchCommand) -> Result<()> {
@@ -119,14 +170,25 @@ pub fn run_peer(
     model_dir: &std::path::Path,
     extra: &[String],
 ) -> Result<serde_json::Value> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model_dir.into()];
+    args.extend(extra.iter().map(Into::into));
+    run_script(python, script, &args)
+}
+
+/// Runs `python bench/compare/script args…` and parses the JSON object on the last line of its
+/// output (OMP_WAIT_POLICY as in [`run_peer`]).
+pub fn run_script(
+    python: &std::path::Path,
+    script: &str,
+    args: &[std::ffi::OsString],
+) -> Result<serde_json::Value> {
     let script_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/compare");
     let wait_policy = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
     let output = Command::new(python)
         .env("OMP_WAIT_POLICY", wait_policy)
+        .env("HF_HUB_OFFLINE", "1")
         .arg(script_dir.join(script))
-        .arg("--model")
-        .arg(model_dir)
-        .args(extra)
+        .args(args)
         .output()
         .with_context(|| format!("cannot run {} {script}", python.display()))?;
     anyhow::ensure!(
@@ -265,7 +327,8 @@ fn engine(args: &EngineArgs) -> Result<()> {
     if let Some(python) = &args.peer_python {
         let peer = |script: &str, extra: &[String]| run_peer(python, script, &model_dir, extra);
         let arg = |k: &str, v: usize| [format!("--{k}"), v.to_string()];
-        let torch_args = [
+        let dtype = args.peer_dtype.as_str();
+        let mut torch_args = [
             arg("threads", threads),
             arg("batch", args.batch),
             arg("seq-len", args.seq_len),
@@ -273,7 +336,11 @@ fn engine(args: &EngineArgs) -> Result<()> {
             arg("steps", args.steps),
         ]
         .concat();
-        let hf_args = [
+        torch_args.extend(["--dtype".into(), dtype.into()]);
+        if args.peer_dtype == PeerDtype::Bf16 {
+            torch_args.extend(["--bf16-mode".into(), args.peer_bf16_mode.as_str().into()]);
+        }
+        let sample_shape = [
             arg("threads", threads),
             arg("batch", args.batch),
             arg("prompt-len", args.sample_prompt_len),
@@ -281,6 +348,15 @@ fn engine(args: &EngineArgs) -> Result<()> {
             arg("runs", args.runs),
         ]
         .concat();
+        let mut hf_args = sample_shape.clone();
+        hf_args.extend(["--dtype".into(), dtype.into()]);
+        match args.peer_dtype {
+            PeerDtype::F32 => println!("peer dtype: f32"),
+            PeerDtype::Bf16 => println!(
+                "peer dtype: bf16 (PyTorch train step: {}; HF generate: bf16 weights)",
+                args.peer_bf16_mode.as_str()
+            ),
+        }
         let torch = peer("torch_train_step.py", &torch_args)?;
         let hf = peer("hf_generate.py", &hf_args)?;
         let torch_s = torch["train_step_s"].as_f64().unwrap_or(f64::NAN);
@@ -297,6 +373,45 @@ fn engine(args: &EngineArgs) -> Result<()> {
             "peer peak RSS: train {} MiB, generate {} MiB",
             torch["peak_rss_mb"], hf["peak_rss_mb"]
         );
+
+        let gguf = match (&args.gguf, args.llama_cpp) {
+            (Some(file), _) => Some(file.clone()),
+            (None, true) => {
+                let file = tmp.path().join(format!("model-{dtype}.gguf"));
+                let t0 = Instant::now();
+                run_script(
+                    python,
+                    "to_gguf.py",
+                    &[
+                        model_dir.clone().into(),
+                        file.clone().into(),
+                        "--dtype".into(),
+                        dtype.into(),
+                    ],
+                )?;
+                println!(
+                    "GGUF ({dtype}) written by to_gguf.py in {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
+                Some(file)
+            }
+            (None, false) => None,
+        };
+        if let Some(file) = gguf {
+            let mut llama_args: Vec<std::ffi::OsString> = vec!["--model".into(), file.into()];
+            llama_args.extend(sample_shape.iter().map(Into::into));
+            let llama = run_script(python, "llama_cpp_generate.py", &llama_args)?;
+            let llama_tok_s = llama["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "llama.cpp generate ({} GGUF, llama-cpp-python {}): {llama_tok_s:.0} tokens/s -> \
+                 gpg-rl/peer throughput ratio {:.2}x (llama.cpp/HF generate {:.2}x)",
+                llama["dtype"].as_str().unwrap_or("?"),
+                llama["llama_cpp_python"].as_str().unwrap_or("?"),
+                tok_s / llama_tok_s,
+                llama_tok_s / hf_tok_s
+            );
+            println!("llama.cpp peak RSS: {} MiB", llama["peak_rss_mb"]);
+        }
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use clap::Args;
 use gpg::train::{TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 
-use super::bench::{median, peak_rss_mib, run_peer, write_bench_model};
+use super::bench::{median, peak_rss_mib, run_peer, write_bench_model, PeerDtype};
 
 #[derive(Args)]
 pub struct TrainerArgs {
@@ -43,6 +43,10 @@ pub struct TrainerArgs {
     pub gradient_checkpointing: bool,
     #[command(flatten)]
     pub engine: super::model_dir::EngineFlags,
+    /// Precision of the TRL peer: bf16 passes --bf16 to trl_grpo_step.py (model loaded in
+    /// bf16, GRPOConfig bf16=True); gpg-rl's own side is unchanged.
+    #[arg(long, value_enum, default_value_t = PeerDtype::F32)]
+    pub peer_dtype: PeerDtype,
 }
 
 /// Figures of one side, medians over the timed steps.
@@ -81,7 +85,7 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
     );
 
     if let Some(python) = &args.peer_python {
-        let extra: Vec<String> = [
+        let mut extra: Vec<String> = [
             "--data".to_string(),
             prompts.display().to_string(),
             "--threads".into(),
@@ -100,6 +104,10 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
             args.lr.to_string(),
         ]
         .into();
+        if args.peer_dtype == PeerDtype::Bf16 {
+            extra.push("--bf16".into());
+        }
+        println!("TRL peer dtype: {}", args.peer_dtype.as_str());
         let trl = run_peer(python, "trl_grpo_step.py", &model_dir, &extra)?;
         let get = |key: &str| trl[key].as_f64().unwrap_or(f64::NAN);
         let peer = Side {
