@@ -928,7 +928,7 @@ mod tests {
             layout & 4 == 4,
             layout & 8 == 8,
         );
-        let dst_t = layout % 3 == 0;
+        let dst_t = layout.is_multiple_of(3);
         let ld = if dst_t { m + 2 } else { n + 2 };
         let len = if dst_t { n * ld } else { m * ld };
         let init = values(len, 99);

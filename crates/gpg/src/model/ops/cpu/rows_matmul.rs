@@ -806,8 +806,8 @@ mod tests {
                     let w = values(n * k, case + 100);
                     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
                     let b = values(n, case + 200);
-                    let bias = (case % 2 == 0).then_some(b.as_slice());
-                    let acc = case % 3 == 0;
+                    let bias = case.is_multiple_of(2).then_some(b.as_slice());
+                    let acc = case.is_multiple_of(3);
                     let y0 = values(rows * n, case + 300);
                     for half in [false, true] {
                         let mut y = if acc {
