@@ -318,8 +318,8 @@ mod tests {
         // Normal numbers agree.
         // SAFETY: as above.
         assert_eq!(
-            unsafe { cvt(1.00390625) },
-            bf16::from_f32(1.00390625).to_bits()
+            unsafe { cvt(1.0 + 1.0 / 256.0) },
+            bf16::from_f32(1.0 + 1.0 / 256.0).to_bits()
         );
     }
 }

@@ -8,6 +8,13 @@
 //! row n of W. Tiles of 4 rows of x × 3 rows of W keep 12 AVX2 accumulators in registers
 //! (7 loads per 12 FMAs) while the 3 W rows stream through once for every 4 rows of x; the
 //! output columns are split across the rayon pool.
+//!
+//! [`matmul_wt_bf16`] is the same product with a bf16 weight (half the bytes to stream): x is
+//! rounded to bf16 once per call; on AVX512-BF16, tiles of 4 rows of x × 6 rows of W with
+//! `vdpbf16ps` (32 k values per instruction). The f32 kernel also has AVX-512F tiles (4 × 6
+//! zmm), reachable through [`matmul_wt_with`]; [`matmul_wt`] does not use them because on the
+//! 0.5B decode shapes they measured no faster than AVX2 at 1 row and mostly 10–25% slower at
+//! 16–32 rows (`bench_decode_rows_matmul`, Intel Xeon with AVX-512, 2 threads).
 
 use rayon::prelude::*;
 
@@ -51,7 +58,7 @@ pub(crate) fn matmul_wt(
 ) {
     // The AVX-512F tiles are not used by default: on the 0.5B decode shapes (bench
     // `bench_decode_rows_matmul`) they measured no faster than the AVX2 ones at 1 row and
-    // 10–40% slower at 16–32 rows (see the module docs), so AVX-512 CPUs run the AVX2 tiles.
+    // mostly slower at 16–32 rows (see the module docs), so AVX-512 CPUs run the AVX2 tiles.
     let level = match isa() {
         Isa::Avx512Bf16 => Isa::Avx2,
         other => other,
@@ -806,8 +813,8 @@ mod tests {
                     let w = values(n * k, case + 100);
                     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
                     let b = values(n, case + 200);
-                    let bias = (case % 2 == 0).then_some(b.as_slice());
-                    let acc = case % 3 == 0;
+                    let bias = case.is_multiple_of(2).then_some(b.as_slice());
+                    let acc = case.is_multiple_of(3);
                     let y0 = values(rows * n, case + 300);
                     for half in [false, true] {
                         let mut y = if acc {
