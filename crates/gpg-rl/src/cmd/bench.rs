@@ -218,11 +218,12 @@ fn engine(args: &EngineArgs) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
     let threads = rayon::current_num_threads();
     println!(
-        "model {} ({} parameters), {threads} threads, precision {}, kernels {}",
+        "model {} ({} parameters), {threads} threads, precision {}, kernels {} ({})",
         model_dir.display(),
         model.parameter_count(),
         model.precision(),
         gpg::model::ops::isa_name(),
+        gpg::model::ops::bf16_gemm_name(),
     );
     let rss_load = peak_rss_mib().unwrap_or(f64::NAN);
 

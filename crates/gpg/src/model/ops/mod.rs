@@ -29,6 +29,7 @@ mod test_util;
 
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
 pub use cpu::isa::isa_name;
+pub use cpu::mixed::bf16_gemm_name;
 pub use linear::{linear, linear_backward_input, linear_backward_params};
 pub use lm_head::{
     lm_head_backward, lm_head_backward_chunked, lm_head_backward_into, lm_head_logprobs,

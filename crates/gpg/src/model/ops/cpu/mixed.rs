@@ -13,9 +13,47 @@
 //! bf16 autocast does, through `gemm_bf16::gemm_mixed` (AVX512-BF16 `vdpbf16ps`, AVX2 or
 //! portable, chosen at run time); the result is always f32.
 
-use super::gemm_bf16::gemm_mixed;
+use super::gemm_bf16::{gemm_mixed, kernel_for, Kernel};
+use super::isa::isa;
 use super::matmul::{gemm, MatMut, MatRef, MatRefBf16, Threads};
 use crate::model::ops::tensor_io::WeightSlice;
+
+/// How a product with a bf16 weight runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bf16Gemm {
+    /// `gemm_mixed`: bf16 operands (activations rounded while packing), f32 sums.
+    Mixed,
+    /// The weight widened to f32 (exactly) in a per-call buffer, then the f32 GEMM: where the
+    /// CPU has no fast bf16 dot product, AVX-512 f32 FMAs on f32 panels are the fastest path.
+    Widen,
+}
+
+/// The bf16 strategy for this CPU: `Mixed` where `vdpbf16ps` is fast (AMD Zen 4), `Widen`
+/// elsewhere; `GPG_RL_BF16_GEMM=mixed|widen` overrides.
+fn bf16_gemm() -> Bf16Gemm {
+    static CHOICE: std::sync::OnceLock<Bf16Gemm> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("GPG_RL_BF16_GEMM").as_deref() {
+        Ok("mixed") => Bf16Gemm::Mixed,
+        Ok("widen") => Bf16Gemm::Widen,
+        _ if kernel_for(isa()) == Kernel::Dot => Bf16Gemm::Mixed,
+        _ => Bf16Gemm::Widen,
+    })
+}
+
+/// The name of the bf16 matrix-product strategy in use (for benchmark output).
+pub fn bf16_gemm_name() -> &'static str {
+    match bf16_gemm() {
+        Bf16Gemm::Mixed => "bf16 operands (gemm_mixed)",
+        Bf16Gemm::Widen => "bf16 weights widened to f32 per product (f32 gemm)",
+    }
+}
+
+/// f32 copy of a bf16 matrix (exact).
+fn widen(w: &[half::bf16]) -> Vec<f32> {
+    let mut out = vec![0.0f32; w.len()];
+    super::bf16::bf16_to_f32(w, &mut out);
+    out
+}
 
 /// y[rows, out] (+)= α·x[rows, inp]·Wᵀ.
 #[allow(clippy::too_many_arguments)]
@@ -40,6 +78,17 @@ pub(crate) fn x_wt(
             alpha,
             Threads::All,
         ),
+        WeightSlice::Bf16(w) if bf16_gemm() == Bf16Gemm::Widen => {
+            let w = widen(w);
+            gemm(
+                dst,
+                x,
+                MatRef::row_major(&w, out, inp).t(),
+                accumulate,
+                alpha,
+                Threads::All,
+            )
+        }
         WeightSlice::Bf16(w) => gemm_mixed(
             dst,
             x.into(),
@@ -74,6 +123,17 @@ pub(crate) fn dy_w(
             alpha,
             Threads::All,
         ),
+        WeightSlice::Bf16(w) if bf16_gemm() == Bf16Gemm::Widen => {
+            let w = widen(w);
+            gemm(
+                dst,
+                dy,
+                MatRef::row_major(&w, out, inp),
+                accumulate,
+                alpha,
+                Threads::All,
+            )
+        }
         WeightSlice::Bf16(w) => gemm_mixed(
             dst,
             dy.into(),
@@ -102,7 +162,7 @@ pub(crate) fn dyt_x(
     let dst = MatMut::row_major(&mut dw[..out * inp], out, inp);
     let dyt = MatRef::row_major(&dy[..rows * out], rows, out).t();
     let x = MatRef::row_major(&x[..rows * inp], rows, inp);
-    if bf16 {
+    if bf16 && bf16_gemm() == Bf16Gemm::Mixed {
         gemm_mixed(dst, dyt.into(), x.into(), accumulate, alpha, Threads::All);
     } else {
         gemm(dst, dyt, x, accumulate, alpha, Threads::All);
