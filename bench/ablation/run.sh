@@ -45,8 +45,9 @@ case "$seeds$steps" in *[!0-9]*) echo "run.sh: --seeds and --steps take numbers"
 [ "$seeds" -ge 1 ] && [ "$steps" -ge 1 ] || { echo "run.sh: --seeds and --steps must be ≥ 1" >&2; exit 2; }
 every=$(( steps < 10 ? steps : 10 ))
 
-cargo build --release -q -p gpg-rl
-cargo build --release -q -p gpg --example ablation_report
+# One build for the CLI and the report: the same feature set as `cargo test --release
+# --workspace`, so after the tests (.ci/run) nothing is recompiled.
+cargo build --release -q --workspace --bins --examples
 bin=target/release/gpg-rl
 report=target/release/examples/ablation_report
 recipe=recipes/ablation/base.toml

@@ -63,7 +63,11 @@ impl Run {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let mut eval = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let v: serde_json::Value = serde_json::from_str(line)
                 .with_context(|| format!("{}:{}: malformed line", path.display(), i + 1))?;
             let step = v.get("step").and_then(|s| s.as_u64());
@@ -505,8 +509,8 @@ fn plot(variants: &[Variant], path: &Path) -> Result<()> {
         ("α = B/(B−M), 5-step mean", "alpha", &alphas),
     ];
     let areas = root.split_evenly((2, 2));
-    for (area, (title, _, series)) in areas.iter().zip(panels.iter()) {
-        let data: Vec<Vec<[f64; 3]>> = variants.iter().map(|v| series(v)).collect();
+    for (k, (area, (title, _, series))) in areas.iter().zip(panels.iter()).enumerate() {
+        let data: Vec<Vec<[f64; 3]>> = variants.iter().map(series).collect();
         let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
         for p in data.iter().flatten() {
             lo = lo.min(p[1] - p[2]);
@@ -534,7 +538,10 @@ fn plot(variants: &[Variant], path: &Path) -> Result<()> {
                 let mut poly: Vec<(f64, f64)> = pts.iter().map(|p| (p[0], p[1] + p[2])).collect();
                 poly.extend(pts.iter().rev().map(|p| (p[0], p[1] - p[2])));
                 chart
-                    .draw_series(std::iter::once(Polygon::new(poly, color.mix(0.12).filled())))
+                    .draw_series(std::iter::once(Polygon::new(
+                        poly,
+                        color.mix(0.12).filled(),
+                    )))
                     .map_err(|e| err(&e))?;
             }
             let line: Vec<(f64, f64)> = pts.iter().map(|p| (p[0], p[1])).collect();
@@ -546,14 +553,16 @@ fn plot(variants: &[Variant], path: &Path) -> Result<()> {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| err(&e))?;
+        if k == 0 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
@@ -578,7 +587,9 @@ fn main() -> Result<()> {
             other if run_dir.is_none() && !other.starts_with('-') => {
                 run_dir = Some(PathBuf::from(other))
             }
-            other => bail!("unexpected argument {other:?} (usage: ablation_report RUN_DIR [--variants FILE])"),
+            other => bail!(
+                "unexpected argument {other:?} (usage: ablation_report RUN_DIR [--variants FILE])"
+            ),
         }
     }
     let run_dir = run_dir.context("usage: ablation_report RUN_DIR [--variants FILE]")?;
@@ -591,10 +602,6 @@ fn main() -> Result<()> {
     let png = run_dir.join("ablation-curves.png");
     plot(&variants, &png)?;
     print!("{md}");
-    println!(
-        "\n(written to {} and {})",
-        md_path.display(),
-        png.display()
-    );
+    println!("\n(written to {} and {})", md_path.display(), png.display());
     Ok(())
 }

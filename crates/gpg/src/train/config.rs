@@ -409,7 +409,10 @@ lr = 1e-5
             .with_overrides(&["data.synthetic.levels=[1, 4]".into()])
             .unwrap();
         assert_eq!(o.data.synthetic.levels, vec![1, 4]);
-        assert_eq!(TrainConfig::from_toml_str(&o.to_toml().unwrap()).unwrap(), o);
+        assert_eq!(
+            TrainConfig::from_toml_str(&o.to_toml().unwrap()).unwrap(),
+            o
+        );
         let mixed = SyntheticTask {
             n_train: 50,
             n_heldout: 20,
