@@ -348,9 +348,9 @@ fn report(variants: &[Variant]) -> Result<String> {
                 (
                     format!("{t:.2} ({})", n - 1),
                     if t.abs() > crit {
-                        format!("significant (|t| > {crit:.2})")
+                        format!("significant (\\|t\\| > {crit:.2})")
                     } else {
-                        format!("not significant (|t| ≤ {crit:.2})")
+                        format!("not significant (\\|t\\| ≤ {crit:.2})")
                     },
                 )
             } else {
