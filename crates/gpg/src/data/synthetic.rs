@@ -262,9 +262,10 @@ fn build_problem(config: &SyntheticConfig, below: &mut dyn FnMut(u64) -> u64) ->
     }
 }
 
-/// Draws `count` problems with distinct questions not in `exclude`, from `rng`.
+/// Draws `count` problems with distinct questions not in `exclude`, from `rng`. With several
+/// configs, each draw first picks one uniformly (no extra draw with a single config).
 fn distinct_problems(
-    config: &SyntheticConfig,
+    configs: &[SyntheticConfig],
     rng: &mut ChaCha8Rng,
     count: usize,
     exclude: &HashSet<String>,
@@ -282,6 +283,10 @@ fn distinct_problems(
             problems.len()
         );
         draws += 1;
+        let config = match configs {
+            [only] => only,
+            _ => &configs[uniform_below(rng, configs.len() as u64) as usize],
+        };
         let problem = generate_problem(config, rng);
         if !exclude.contains(&problem.question) && seen.insert(problem.question.clone()) {
             problems.push(problem);
@@ -300,11 +305,27 @@ pub fn generate_split(
     n_train: usize,
     n_heldout: usize,
 ) -> anyhow::Result<SyntheticSplit> {
-    config.validate()?;
+    generate_mixed_split(std::slice::from_ref(config), seed, n_train, n_heldout)
+}
+
+/// Like [`generate_split`], but each problem's difficulty is drawn uniformly from `configs`
+/// (e.g. preset levels 1–4 mixed). Duplicate questions are redrawn, so a config with few
+/// distinct problems (level 1) ends up below its nominal share in large sets. With a single
+/// config this is exactly [`generate_split`].
+pub fn generate_mixed_split(
+    configs: &[SyntheticConfig],
+    seed: u64,
+    n_train: usize,
+    n_heldout: usize,
+) -> anyhow::Result<SyntheticSplit> {
+    anyhow::ensure!(!configs.is_empty(), "synthetic task: no difficulty given");
+    for config in configs {
+        config.validate()?;
+    }
     let mut heldout_rng = ChaCha8Rng::seed_from_u64(seed);
     heldout_rng.set_stream(1);
     let heldout = distinct_problems(
-        config,
+        configs,
         &mut heldout_rng,
         n_heldout,
         &HashSet::new(),
@@ -314,7 +335,7 @@ pub fn generate_split(
     let mut train_rng = ChaCha8Rng::seed_from_u64(seed);
     train_rng.set_stream(0);
     let train = distinct_problems(
-        config,
+        configs,
         &mut train_rng,
         n_train,
         &heldout_questions,
@@ -539,6 +560,32 @@ mod tests {
         let d = generate_split(&config, 1, 50, 100).unwrap();
         assert_eq!(d.heldout, a.heldout);
         assert_eq!(d.train[..], a.train[..50]);
+    }
+
+    #[test]
+    fn mixed_levels_draw_every_level_and_one_level_is_unchanged() {
+        let levels: Vec<SyntheticConfig> = (1..=4)
+            .map(|l| SyntheticConfig::level(l).unwrap())
+            .collect();
+        let a = generate_mixed_split(&levels, 9, 400, 400).unwrap();
+        assert_eq!(a, generate_mixed_split(&levels, 9, 400, 400).unwrap());
+        // Operation counts tell the levels apart: 1 op is level 1 only, 5 ops level 4 only.
+        let ops = |p: &SyntheticProblem| p.solution.lines().count() - 1;
+        for set in [&a.train, &a.heldout] {
+            assert!(set.iter().any(|p| ops(p) == 1), "no level-1 problem");
+            assert!(set.iter().any(|p| ops(p) == 5), "no level-4 problem");
+            let hard = set.iter().filter(|p| ops(p) >= 4).count();
+            assert!((50..250).contains(&hard), "{hard} problems with 4-5 ops");
+        }
+        let held: HashSet<&str> = a.heldout.iter().map(|p| p.question.as_str()).collect();
+        assert!(a.train.iter().all(|p| !held.contains(p.question.as_str())));
+        // A single config draws exactly as generate_split.
+        let one = SyntheticConfig::level(3).unwrap();
+        assert_eq!(
+            generate_mixed_split(std::slice::from_ref(&one), 9, 100, 50).unwrap(),
+            generate_split(&one, 9, 100, 50).unwrap()
+        );
+        assert!(generate_mixed_split(&[], 9, 1, 1).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::algo::{AdvantageEstimator, PolicyLoss, ResampleConfig};
-use crate::data::synthetic::SyntheticConfig;
+use crate::data::synthetic::{generate_mixed_split, SyntheticConfig, SyntheticSplit};
 use crate::data::{LongPromptPolicy, PromptDatasetConfig};
 use crate::model::{DeviceName, Precision};
 use crate::optim::adamw::AdamWConfig;
@@ -76,6 +76,10 @@ pub struct DataConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SyntheticTask {
     pub level: Option<u8>,
+    /// Preset levels mixed: each problem's level is drawn uniformly from this list (e.g.
+    /// `[1, 2, 3, 4]`); when non-empty it replaces `level` and `config`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<u8>,
     pub config: Option<SyntheticConfig>,
     pub seed: u64,
     pub n_train: usize,
@@ -86,6 +90,7 @@ impl Default for SyntheticTask {
     fn default() -> Self {
         Self {
             level: Some(2),
+            levels: Vec::new(),
             config: None,
             seed: 1234,
             n_train: 20_000,
@@ -101,6 +106,19 @@ impl SyntheticTask {
             (None, Some(level)) => SyntheticConfig::level(level),
             (None, None) => Ok(SyntheticConfig::default()),
         }
+    }
+
+    /// The training and held-out problems (`levels` mixed when given, else [`Self::resolve`]).
+    pub fn generate(&self) -> Result<SyntheticSplit> {
+        let configs = if self.levels.is_empty() {
+            vec![self.resolve()?]
+        } else {
+            self.levels
+                .iter()
+                .map(|&level| SyntheticConfig::level(level))
+                .collect::<Result<_>>()?
+        };
+        generate_mixed_split(&configs, self.seed, self.n_train, self.n_heldout)
     }
 }
 
@@ -389,6 +407,38 @@ lr = 1e-5
         let text = MINIMAL.replace("lr = 1e-5", "lr = 1e-5\nlearning_rate = 3");
         let err = format!("{:#}", TrainConfig::from_toml_str(&text).unwrap_err());
         assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn synthetic_levels_mix_and_read_back() {
+        let c = TrainConfig::from_toml_str(MINIMAL).unwrap();
+        // Not written when unset, so existing saved recipes are unchanged.
+        assert!(!c.to_toml().unwrap().contains("levels"));
+        let mut small = c.data.synthetic.clone();
+        small.n_train = 50;
+        small.n_heldout = 20;
+        let single = small.generate().unwrap();
+        let o = c
+            .with_overrides(&["data.synthetic.levels=[1, 4]".into()])
+            .unwrap();
+        assert_eq!(o.data.synthetic.levels, vec![1, 4]);
+        assert_eq!(
+            TrainConfig::from_toml_str(&o.to_toml().unwrap()).unwrap(),
+            o
+        );
+        let mixed = SyntheticTask {
+            n_train: 50,
+            n_heldout: 20,
+            ..o.data.synthetic.clone()
+        }
+        .generate()
+        .unwrap();
+        assert_ne!(mixed, single);
+        let bad = SyntheticTask {
+            levels: vec![1, 7],
+            ..small
+        };
+        assert!(bad.generate().is_err());
     }
 
     #[test]

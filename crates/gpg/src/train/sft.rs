@@ -111,13 +111,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let eos = tokenizer
         .eos_token_id()
         .context("the tokenizer has no EOS token; SFT completions must end with one")?;
-    let task = config.synthetic.resolve()?;
-    let split = synthetic::generate_split(
-        &task,
-        config.synthetic.seed,
-        config.synthetic.n_train,
-        config.synthetic.n_heldout,
-    )?;
+    let split = config.synthetic.generate()?;
     let fields = crate::data::PromptDatasetConfig {
         apply_chat_template: false,
         ..Default::default()

@@ -47,13 +47,7 @@ pub fn load_prompts(
 ) -> Result<(Vec<PreparedPrompt>, Option<Vec<PreparedPrompt>>)> {
     let data = &config.data;
     let (mut train, heldout) = if data.train == "synthetic" {
-        let task = data.synthetic.resolve()?;
-        let split = synthetic::generate_split(
-            &task,
-            data.synthetic.seed,
-            data.synthetic.n_train,
-            data.synthetic.n_heldout,
-        )?;
+        let split = data.synthetic.generate()?;
         (
             synthetic::to_dataset(&split.train, &data.fields)?,
             Some(synthetic::to_dataset(&split.heldout, &data.fields)?),
