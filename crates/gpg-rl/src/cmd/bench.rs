@@ -58,6 +58,9 @@ pub struct EngineArgs {
     /// Keep only each layer's input in the train step and recompute the layer in the backward.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Measure sampling only (no train step, no PyTorch train-step peer).
+    #[arg(long)]
+    pub sampling_only: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
     /// Precision of the Python peers: torch_train_step.py --dtype, hf_generate.py --dtype and
@@ -229,53 +232,58 @@ fn engine(args: &EngineArgs) -> Result<()> {
 
     // Train step: forward + backward over batch × seq_len tokens.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let seqs: Vec<Vec<u32>> = (0..args.batch)
-        .map(|_| (0..args.seq_len).map(|_| rng.gen_range(0..vocab)).collect())
-        .collect();
-    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| s.split_at(args.prompt_len)).collect();
-    let batch = TrainBatch::new(&pairs)?;
-    let n = batch.num_completion_tokens();
-    let g: Vec<f32> = (0..n)
-        .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
-        .collect();
-    // The train step updates the model's tensors in place (the sampling below then runs on
-    // the updated weights, which does not change its cost).
-    let mut train_model = dir.model.clone();
-    let keep = if args.gradient_checkpointing {
-        gpg::model::Activations::LayerInputs
+    let train_s = if args.sampling_only {
+        f64::NAN
     } else {
-        gpg::model::Activations::All
-    };
-    let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
-    let mut times = Vec::new();
-    for step in 0..=args.steps {
-        let t0 = Instant::now();
-        let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
-        train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
-        updater.step(&mut train_model, 1e-5, 1.0)?;
-        if step > 0 {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    let train_s = median(times);
-    let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
-    println!(
-        "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
-        if args.gradient_checkpointing {
-            ", gradient checkpointing"
+        let seqs: Vec<Vec<u32>> = (0..args.batch)
+            .map(|_| (0..args.seq_len).map(|_| rng.gen_range(0..vocab)).collect())
+            .collect();
+        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| s.split_at(args.prompt_len)).collect();
+        let batch = TrainBatch::new(&pairs)?;
+        let n = batch.num_completion_tokens();
+        let g: Vec<f32> = (0..n)
+            .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
+            .collect();
+        // The train step updates the model's tensors in place (the sampling below then runs on
+        // the updated weights, which does not change its cost).
+        let mut train_model = dir.model.clone();
+        let keep = if args.gradient_checkpointing {
+            gpg::model::Activations::LayerInputs
         } else {
-            ""
-        },
-        args.batch,
-        args.seq_len,
-        train_s,
-        args.steps
-    );
-    println!(
-        "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
-         (+{:.0} MiB for gradients, optimiser state and activations)",
-        rss_train - rss_load
-    );
+            gpg::model::Activations::All
+        };
+        let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
+        let mut times = Vec::new();
+        for step in 0..=args.steps {
+            let t0 = Instant::now();
+            let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
+            train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
+            updater.step(&mut train_model, 1e-5, 1.0)?;
+            if step > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let train_s = median(times);
+        let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
+        println!(
+            "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
+            if args.gradient_checkpointing {
+                ", gradient checkpointing"
+            } else {
+                ""
+            },
+            args.batch,
+            args.seq_len,
+            train_s,
+            args.steps
+        );
+        println!(
+            "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
+             (+{:.0} MiB for gradients, optimiser state and activations)",
+            rss_train - rss_load
+        );
+        train_s
+    };
 
     // Sampling: batch of random prompts, fixed number of new tokens.
     let prompts: Vec<Vec<u32>> = (0..args.batch)
@@ -359,22 +367,22 @@ fn engine(args: &EngineArgs) -> Result<()> {
                 args.peer_bf16_mode.as_str()
             ),
         }
-        let torch = peer("torch_train_step.py", &torch_args)?;
+        if !args.sampling_only {
+            let torch = peer("torch_train_step.py", &torch_args)?;
+            let torch_s = torch["train_step_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "PyTorch train step: {torch_s:.3} s  -> peer/gpg-rl time ratio {:.2}x; peak RSS {} MiB",
+                torch_s / train_s,
+                torch["peak_rss_mb"]
+            );
+        }
         let hf = peer("hf_generate.py", &hf_args)?;
-        let torch_s = torch["train_step_s"].as_f64().unwrap_or(f64::NAN);
         let hf_tok_s = hf["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "PyTorch train step: {torch_s:.3} s  -> peer/gpg-rl time ratio {:.2}x",
-            torch_s / train_s
-        );
         println!(
             "HF generate: {hf_tok_s:.0} tokens/s -> gpg-rl/peer throughput ratio {:.2}x",
             tok_s / hf_tok_s
         );
-        println!(
-            "peer peak RSS: train {} MiB, generate {} MiB",
-            torch["peak_rss_mb"], hf["peak_rss_mb"]
-        );
+        println!("HF generate peak RSS: {} MiB", hf["peak_rss_mb"]);
 
         let gguf = match (&args.gguf, args.llama_cpp) {
             (Some(file), _) => Some(file.clone()),

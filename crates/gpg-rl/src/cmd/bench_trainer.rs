@@ -77,50 +77,58 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
         args.engine.precision
     );
 
+    // The peer runs first: gpg-rl's freed memory is not always returned to the system (the
+    // allocator keeps it for reuse), and TRL at the 0.5B shape needs ~16 GB of its own.
+    let peer = match &args.peer_python {
+        None => None,
+        Some(python) => {
+            let mut extra: Vec<String> = [
+                "--data".to_string(),
+                prompts.display().to_string(),
+                "--threads".into(),
+                threads.to_string(),
+                "--steps".into(),
+                args.steps.to_string(),
+                "--warmup".into(),
+                args.warmup.to_string(),
+                "--prompts-per-step".into(),
+                args.prompts_per_step.to_string(),
+                "--group-size".into(),
+                args.num_generations.to_string(),
+                "--max-completion-len".into(),
+                args.max_new_tokens.to_string(),
+                "--lr".into(),
+                args.lr.to_string(),
+            ]
+            .into();
+            if args.peer_dtype == PeerDtype::Bf16 {
+                extra.push("--bf16".into());
+            }
+            println!("TRL peer dtype: {}", args.peer_dtype.as_str());
+            let trl = run_peer(python, "trl_grpo_step.py", &model_dir, &extra)?;
+            let get = |key: &str| trl[key].as_f64().unwrap_or(f64::NAN);
+            let peer = Side {
+                step_s: get("step_s"),
+                generate_s: get("generate_s"),
+                tokens_per_step: get("completion_tokens_per_step"),
+                peak_rss_mib: get("peak_rss_mb"),
+            };
+            println!(
+                "TRL GRPOTrainer: step {:.3} s, of which generation {:.3} s; {:.0} completion \
+                 tokens per step; peak RSS {:.0} MiB",
+                peer.step_s, peer.generate_s, peer.tokens_per_step, peer.peak_rss_mib
+            );
+            Some(peer)
+        }
+    };
+
     let ours = gpg_rl_side(args, &model_dir, &prompts, &tmp.path().join("run"))?;
     println!(
         "gpg-rl: step {:.3} s (median of {}), of which sampling {:.3} s; {:.0} completion \
          tokens per step; peak RSS {:.0} MiB",
         ours.step_s, args.steps, ours.generate_s, ours.tokens_per_step, ours.peak_rss_mib
     );
-
-    if let Some(python) = &args.peer_python {
-        let mut extra: Vec<String> = [
-            "--data".to_string(),
-            prompts.display().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-            "--steps".into(),
-            args.steps.to_string(),
-            "--warmup".into(),
-            args.warmup.to_string(),
-            "--prompts-per-step".into(),
-            args.prompts_per_step.to_string(),
-            "--group-size".into(),
-            args.num_generations.to_string(),
-            "--max-completion-len".into(),
-            args.max_new_tokens.to_string(),
-            "--lr".into(),
-            args.lr.to_string(),
-        ]
-        .into();
-        if args.peer_dtype == PeerDtype::Bf16 {
-            extra.push("--bf16".into());
-        }
-        println!("TRL peer dtype: {}", args.peer_dtype.as_str());
-        let trl = run_peer(python, "trl_grpo_step.py", &model_dir, &extra)?;
-        let get = |key: &str| trl[key].as_f64().unwrap_or(f64::NAN);
-        let peer = Side {
-            step_s: get("step_s"),
-            generate_s: get("generate_s"),
-            tokens_per_step: get("completion_tokens_per_step"),
-            peak_rss_mib: get("peak_rss_mb"),
-        };
-        println!(
-            "TRL GRPOTrainer: step {:.3} s, of which generation {:.3} s; {:.0} completion \
-             tokens per step; peak RSS {:.0} MiB",
-            peer.step_s, peer.generate_s, peer.tokens_per_step, peer.peak_rss_mib
-        );
+    if let Some(peer) = peer {
         println!(
             "TRL/gpg-rl: step time {:.2}x, generation time {:.2}x, peak RSS {:.2}x",
             peer.step_s / ours.step_s,

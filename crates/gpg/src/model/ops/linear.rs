@@ -18,6 +18,9 @@ use candle_core::{DType, Tensor};
 use super::cpu::mixed;
 use super::tensor_io::{backend, cpu_slice, cpu_tensor, f32_dims, with_weight, Backend};
 
+/// Up to this many rows, the forward uses the few-rows (decode) kernel instead of a GEMM.
+const FEW_ROWS: usize = 32;
+
 /// Checks W [out, in] (f32 or bf16, contiguous) and returns (out, in).
 fn weight_dims(op: &str, w: &Tensor) -> Result<(usize, usize)> {
     if !matches!(w.dtype(), DType::F32 | DType::BF16) {
@@ -47,7 +50,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             let xs = cpu_slice(OP, "x", &xs, xl)?;
             let mut y = vec![0.0f32; rows * out];
             with_weight(OP, "w", w, |ws| {
-                mixed::x_wt(&mut y, xs, ws, rows, inp, out, 1.0, false)
+                if rows <= FEW_ROWS {
+                    // A few rows (a prompt batch's last tokens, the logits of a prefill): the
+                    // decode kernel streams W as stored, with no packing of the whole matrix.
+                    mixed::rows_x_wt(xs, ws, None, rows, inp, out, &mut y, false)
+                } else {
+                    mixed::x_wt(&mut y, xs, ws, rows, inp, out, 1.0, false)
+                }
             })?;
             if let Some(b) = b {
                 let (bs, bl) = b.storage_and_layout();

@@ -10,8 +10,6 @@
 //! `cvtneps_flushes_subnormals`), so it would not match `half::bf16::from_f32` on them; the
 //! integer form is as fast, since the conversion is bound by memory traffic.
 
-// Not called by the model yet (the bf16 weights are being wired in); tests use every item.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use half::bf16;
 

@@ -38,8 +38,6 @@
 //! The AVX2 path uses the same panels, widening bf16 to f32 by a 16-bit shift (or a mask for
 //! the high half) and accumulating with FMA; the portable path is plain loops over the panels.
 
-// Not called by the model yet (the bf16 weights are being wired in); tests use every item.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use half::bf16;
 use rayon::prelude::*;

@@ -188,8 +188,6 @@ pub(crate) struct MatRefBf16<'a> {
 unsafe impl Send for MatRefBf16<'_> {}
 unsafe impl Sync for MatRefBf16<'_> {}
 
-// Not constructed by the model yet (the bf16 weights are being wired in).
-#[cfg_attr(not(test), allow(dead_code))]
 impl<'a> MatRefBf16<'a> {
     /// `rows × cols` view of `data[..]` with row stride `row_stride` and unit column stride.
     /// Panics if the view exceeds `data`.

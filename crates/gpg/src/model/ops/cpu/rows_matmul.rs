@@ -421,7 +421,6 @@ thread_local! {
 /// even) once per call, on every path, so that all paths compute the same products. On
 /// AVX512-BF16 the tiles are 4 rows of x × 6 rows of W, 32 k values per `vdpbf16ps` (k tails
 /// by masked loads); on AVX2, 4 × 3 FMA tiles on W widened by a 16-bit shift; else dot products.
-#[cfg_attr(not(test), allow(dead_code))] // until the bf16 decoder calls it
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_wt_bf16(
     x: &[f32],
@@ -437,7 +436,6 @@ pub(crate) fn matmul_wt_bf16(
 }
 
 /// [`matmul_wt_bf16`] on an explicit instruction-set level (which the CPU must support).
-#[cfg_attr(not(test), allow(dead_code))] // until the bf16 decoder calls it
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_wt_bf16_with(
     isa: Isa,
@@ -528,14 +526,12 @@ pub(crate) fn matmul_wt_bf16_with(
     X_ROUNDED.with(|c| c.set(xr));
 }
 
-#[cfg_attr(not(test), allow(dead_code))] // until the bf16 decoder calls it
 /// A u16 buffer as bf16 (same representation).
 fn bytemuck_bf16(v: &mut [u16]) -> &mut [bf16] {
     // SAFETY: bf16 is repr(transparent) over u16.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut bf16, v.len()) }
 }
 
-#[cfg_attr(not(test), allow(dead_code))] // until the bf16 decoder calls it
 #[cfg(target_arch = "x86_64")]
 mod bf16x86 {
     use std::arch::x86_64::*;
