@@ -238,7 +238,8 @@ fn engine(args: &EngineArgs) -> Result<()> {
         let seqs: Vec<Vec<u32>> = (0..args.batch)
             .map(|_| (0..args.seq_len).map(|_| rng.gen_range(0..vocab)).collect())
             .collect();
-        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| s.split_at(args.prompt_len)).collect();
+        let pairs: Vec<(&[u32], &[u32])> =
+            seqs.iter().map(|s| s.split_at(args.prompt_len)).collect();
         let batch = TrainBatch::new(&pairs)?;
         let n = batch.num_completion_tokens();
         let g: Vec<f32> = (0..n)

@@ -270,11 +270,7 @@ fn write_rounded(tensor: &candle_core::Tensor, values: &[f32]) -> Result<()> {
                 );
                 dst.par_chunks_mut(1 << 16)
                     .zip(values.par_chunks(1 << 16))
-                    .for_each(|(d, v)| {
-                        d.iter_mut()
-                            .zip(v)
-                            .for_each(|(d, &v)| *d = half::bf16::from_f32(v))
-                    });
+                    .for_each(|(d, v)| crate::model::ops::cpu::bf16::f32_to_bf16(v, d));
             }
         }
         Ok(())

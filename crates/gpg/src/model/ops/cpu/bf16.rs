@@ -10,7 +10,6 @@
 //! `cvtneps_flushes_subnormals`), so it would not match `half::bf16::from_f32` on them; the
 //! integer form is as fast, since the conversion is bound by memory traffic.
 
-
 use half::bf16;
 
 use super::isa::{isa, Isa};

@@ -38,7 +38,6 @@
 //! The AVX2 path uses the same panels, widening bf16 to f32 by a 16-bit shift (or a mask for
 //! the high half) and accumulating with FMA; the portable path is plain loops over the panels.
 
-
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -85,6 +84,7 @@ impl Kernel {
         }
     }
     /// Whether the CPU can run this kernel.
+    #[cfg_attr(not(test), allow(dead_code))] // tests pick the kernels the CPU supports
     pub(crate) fn isa_supported(self) -> bool {
         self.isa().supported()
     }
@@ -163,6 +163,7 @@ impl Operand<'_> {
     }
 
     /// The transposed view (no copy).
+    #[cfg_attr(not(test), allow(dead_code))] // tests transpose operands of either kind
     pub(crate) fn t(self) -> Self {
         match self {
             Operand::F32(m) => Operand::F32(m.t()),
