@@ -55,6 +55,53 @@ fn widen(w: &[half::bf16]) -> Vec<f32> {
     out
 }
 
+/// dst (+)= α·a·op(W), W [out, inp] row-major, op(W) = Wᵀ when `transposed`, else W: the one
+/// place that decides how a weight of either dtype enters a product.
+fn times_weight(
+    dst: MatMut<'_>,
+    a: MatRef<'_>,
+    w: WeightSlice<'_>,
+    (out, inp): (usize, usize),
+    transposed: bool,
+    alpha: f32,
+    accumulate: bool,
+) {
+    fn f32_view(w: &[f32], out: usize, inp: usize, transposed: bool) -> MatRef<'_> {
+        let m = MatRef::row_major(w, out, inp);
+        if transposed {
+            m.t()
+        } else {
+            m
+        }
+    }
+    match w {
+        WeightSlice::F32(w) => gemm(
+            dst,
+            a,
+            f32_view(w, out, inp, transposed),
+            accumulate,
+            alpha,
+            Threads::All,
+        ),
+        WeightSlice::Bf16(w) if bf16_gemm() == Bf16Gemm::Widen => {
+            let w = widen(w);
+            gemm(
+                dst,
+                a,
+                f32_view(&w, out, inp, transposed),
+                accumulate,
+                alpha,
+                Threads::All,
+            )
+        }
+        WeightSlice::Bf16(w) => {
+            let m = MatRefBf16::row_major(w, out, inp);
+            let m = if transposed { m.t() } else { m };
+            gemm_mixed(dst, a.into(), m.into(), accumulate, alpha, Threads::All)
+        }
+    }
+}
+
 /// y[rows, out] (+)= α·x[rows, inp]·Wᵀ.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn x_wt(
@@ -67,37 +114,15 @@ pub(crate) fn x_wt(
     alpha: f32,
     accumulate: bool,
 ) {
-    let dst = MatMut::row_major(&mut y[..rows * out], rows, out);
-    let x = MatRef::row_major(&x[..rows * inp], rows, inp);
-    match w {
-        WeightSlice::F32(w) => gemm(
-            dst,
-            x,
-            MatRef::row_major(w, out, inp).t(),
-            accumulate,
-            alpha,
-            Threads::All,
-        ),
-        WeightSlice::Bf16(w) if bf16_gemm() == Bf16Gemm::Widen => {
-            let w = widen(w);
-            gemm(
-                dst,
-                x,
-                MatRef::row_major(&w, out, inp).t(),
-                accumulate,
-                alpha,
-                Threads::All,
-            )
-        }
-        WeightSlice::Bf16(w) => gemm_mixed(
-            dst,
-            x.into(),
-            MatRefBf16::row_major(w, out, inp).t().into(),
-            accumulate,
-            alpha,
-            Threads::All,
-        ),
-    }
+    times_weight(
+        MatMut::row_major(&mut y[..rows * out], rows, out),
+        MatRef::row_major(&x[..rows * inp], rows, inp),
+        w,
+        (out, inp),
+        true,
+        alpha,
+        accumulate,
+    )
 }
 
 /// dx[rows, inp] (+)= α·dy[rows, out]·W.
@@ -112,37 +137,15 @@ pub(crate) fn dy_w(
     alpha: f32,
     accumulate: bool,
 ) {
-    let dst = MatMut::row_major(&mut dx[..rows * inp], rows, inp);
-    let dy = MatRef::row_major(&dy[..rows * out], rows, out);
-    match w {
-        WeightSlice::F32(w) => gemm(
-            dst,
-            dy,
-            MatRef::row_major(w, out, inp),
-            accumulate,
-            alpha,
-            Threads::All,
-        ),
-        WeightSlice::Bf16(w) if bf16_gemm() == Bf16Gemm::Widen => {
-            let w = widen(w);
-            gemm(
-                dst,
-                dy,
-                MatRef::row_major(&w, out, inp),
-                accumulate,
-                alpha,
-                Threads::All,
-            )
-        }
-        WeightSlice::Bf16(w) => gemm_mixed(
-            dst,
-            dy.into(),
-            MatRefBf16::row_major(w, out, inp).into(),
-            accumulate,
-            alpha,
-            Threads::All,
-        ),
-    }
+    times_weight(
+        MatMut::row_major(&mut dx[..rows * inp], rows, inp),
+        MatRef::row_major(&dy[..rows * out], rows, out),
+        w,
+        (out, inp),
+        false,
+        alpha,
+        accumulate,
+    )
 }
 
 /// dW[out, inp] (+)= α·dy[rows, out]ᵀ·x[rows, inp]; with `bf16` the operands are rounded to
