@@ -1,5 +1,6 @@
 //! The training loop and what it writes: metrics, TensorBoard events, checkpoints.
 
+pub mod collective;
 pub mod config;
 pub mod heldout;
 pub mod metrics;
