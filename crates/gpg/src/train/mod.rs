@@ -6,6 +6,7 @@ pub mod heldout;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
+pub mod replica;
 pub mod sft;
 pub mod tensorboard;
 pub mod trainer;

@@ -31,7 +31,7 @@ pub mod mpi;
 
 use anyhow::{bail, Result};
 
-pub use threads::ThreadGroup;
+pub use threads::{ThreadGroup, ThreadMember};
 
 /// Elements per chunk of a large all-reduce (16 Mi elements: 64 MB of f32).
 pub const CHUNK_ELEMS: usize = 1 << 24;
@@ -81,7 +81,7 @@ impl dyn Collective + '_ {
         }
         let mut staging: Vec<f32> = Vec::new();
         let mut pending: Vec<usize> = Vec::new(); // indices of slices packed into `staging`
-        let mut flush = |staging: &mut Vec<f32>,
+        let flush = |staging: &mut Vec<f32>,
                          pending: &mut Vec<usize>,
                          slices: &mut [&mut [f32]]|
          -> Result<()> {
