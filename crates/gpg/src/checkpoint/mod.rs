@@ -15,10 +15,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use candle_core::{DType, Device, Tensor};
 
 use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
@@ -392,7 +392,10 @@ mod tests {
         let m: Manifest =
             serde_json::from_slice(&std::fs::read(dir.join(MANIFEST)).unwrap()).unwrap();
         let names: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
-        assert_eq!(names, ["model.safetensors", "sub/adapter.bin", TRAINER_STATE]);
+        assert_eq!(
+            names,
+            ["model.safetensors", "sub/adapter.bin", TRAINER_STATE]
+        );
         let adapter = &m.files[1];
         assert_eq!(adapter.bytes, 3);
         // sha256("abc"), FIPS 180-2 test vector.
@@ -419,9 +422,19 @@ mod tests {
         assert_eq!(found.integrity, Integrity::Verified);
         assert_eq!(found.skipped.len(), 2);
         assert!(found.skipped[0].0.ends_with("checkpoint-30"));
-        assert!(found.skipped[0].1.contains("10 bytes, the manifest records 1000"), "{}", found.skipped[0].1);
+        assert!(
+            found.skipped[0]
+                .1
+                .contains("10 bytes, the manifest records 1000"),
+            "{}",
+            found.skipped[0].1
+        );
         assert!(found.skipped[1].0.ends_with("checkpoint-20"));
-        assert!(found.skipped[1].1.contains("(the file is corrupt)"), "{}", found.skipped[1].1);
+        assert!(
+            found.skipped[1].1.contains("(the file is corrupt)"),
+            "{}",
+            found.skipped[1].1
+        );
     }
 
     #[test]

@@ -99,7 +99,11 @@ pub fn pass_at_1_sharded(
             ..config.clone()
         };
         let report = evaluate(model, tokenizer, part, &chunk_config)?;
-        counts[0] += report.per_item.iter().map(|r| r.n_correct as u64).sum::<u64>();
+        counts[0] += report
+            .per_item
+            .iter()
+            .map(|r| r.n_correct as u64)
+            .sum::<u64>();
         counts[1] += report.per_item.len() as u64;
     }
     collective.all_reduce_sum_u64(&mut counts)?;

@@ -147,7 +147,10 @@ impl Trainer {
         let device = config.device.open()?;
         let out = &config.output_dir;
         let root = collective.is_root();
-        collective.ensure_same(config.to_toml()?.as_bytes(), "the recipe (after --set overrides)")?;
+        collective.ensure_same(
+            config.to_toml()?.as_bytes(),
+            "the recipe (after --set overrides)",
+        )?;
         // Rank 0 chooses the checkpoint; every rank learns the verdict (and fails with it).
         let resume_from = agree(&*collective, || -> Result<Option<PathBuf>> {
             if !resume {
@@ -207,7 +210,10 @@ impl Trainer {
         let comm = Comm::new(collective.clone());
         comm.timed(|| super::replica::broadcast_weights(&model, &*collective))?;
         let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
-        collective.ensure_same(&prompts_digest(&prompts), "the training prompts (data.train)")?;
+        collective.ensure_same(
+            &prompts_digest(&prompts),
+            "the training prompts (data.train)",
+        )?;
         let reward = config.reward.build()?;
         let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
         let (step, sampler, updater, tokens_seen) = match &resume_from {
@@ -531,7 +537,9 @@ impl Trainer {
     ) -> Result<Vec<ScoredGroup<GroupPayload>>> {
         let g = self.config.rollout.num_generations;
         let collective = self.comm.collective.clone();
-        let indices = self.sampler.next_batch(self.config.rollout.prompts_per_step);
+        let indices = self
+            .sampler
+            .next_batch(self.config.rollout.prompts_per_step);
         let b = indices.len();
         let mine = collective.share(indices.len());
         let prompt_ids: Vec<Vec<u32>> = indices[mine.clone()]
@@ -594,7 +602,13 @@ impl Trainer {
             e.1 += values.len();
         }
         if round == 0 {
-            self.gather_logged_completions(&indices, mine.start * g, &completions, &gathered[..n], out)?;
+            self.gather_logged_completions(
+                &indices,
+                mine.start * g,
+                &completions,
+                &gathered[..n],
+                out,
+            )?;
         }
 
         let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); mine.len()];
@@ -614,7 +628,11 @@ impl Trainer {
                         .iter()
                         .map(|&l| l as usize)
                         .collect(),
-                    completions: if mine.contains(&k) { by_prompt.next() } else { None },
+                    completions: if mine.contains(&k) {
+                        by_prompt.next()
+                    } else {
+                        None
+                    },
                 },
             });
         }
@@ -634,7 +652,8 @@ impl Trainer {
         let wanted = self.config.logging.log_completions;
         let g = self.config.rollout.num_generations;
         let collective = &self.comm.collective;
-        let rank0_slots = crate::train::collective::share(indices.len(), 0, collective.world()).len() * g;
+        let rank0_slots =
+            crate::train::collective::share(indices.len(), 0, collective.world()).len() * g;
         let mine: Vec<(String, String, f32)> = completions
             .iter()
             .enumerate()
@@ -679,8 +698,11 @@ impl Trainer {
             if let Some(completions) = &group.payload.completions {
                 out.local_groups.push(k);
                 for c in completions {
-                    out.seqs
-                        .push((group.payload.prompt, c.token_ids.clone(), c.logprobs.clone()));
+                    out.seqs.push((
+                        group.payload.prompt,
+                        c.token_ids.clone(),
+                        c.logprobs.clone(),
+                    ));
                 }
             }
         }

@@ -82,8 +82,8 @@ impl dyn Collective + '_ {
         let mut staging: Vec<f32> = Vec::new();
         let mut pending: Vec<usize> = Vec::new(); // indices of slices packed into `staging`
         let flush = |staging: &mut Vec<f32>,
-                         pending: &mut Vec<usize>,
-                         slices: &mut [&mut [f32]]|
+                     pending: &mut Vec<usize>,
+                     slices: &mut [&mut [f32]]|
          -> Result<()> {
             if pending.is_empty() {
                 return Ok(());

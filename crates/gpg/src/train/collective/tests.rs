@@ -44,7 +44,11 @@ fn thread_group_sums_in_rank_order_and_broadcasts() {
         m.all_reduce_sum_f64(&mut d).unwrap();
         let mut u = vec![r as u64; 2];
         m.all_reduce_sum_u64(&mut u).unwrap();
-        let mut b = if r == 1 { b"from one".to_vec() } else { Vec::new() };
+        let mut b = if r == 1 {
+            b"from one".to_vec()
+        } else {
+            Vec::new()
+        };
         m.broadcast_bytes(&mut b, 1).unwrap();
         m.barrier().unwrap();
         let gathered = (&m as &dyn Collective)
@@ -87,14 +91,21 @@ fn packed_slices_reduce_like_one_flat_buffer() {
 #[test]
 fn ensure_same_fails_on_every_rank_when_one_differs() {
     let out = run_group(3, Duration::from_secs(10), |m| {
-        let value = if m.rank() == 2 { b"b".to_vec() } else { b"a".to_vec() };
+        let value = if m.rank() == 2 {
+            b"b".to_vec()
+        } else {
+            b"a".to_vec()
+        };
         (&m as &dyn Collective)
             .ensure_same(&value, "the parameter hash")
             .map_err(|e| e.to_string())
     });
     for r in &out {
         let e = r.as_ref().unwrap_err();
-        assert!(e.contains("parameter hash differs between ranks: 1 of 3"), "{e}");
+        assert!(
+            e.contains("parameter hash differs between ranks: 1 of 3"),
+            "{e}"
+        );
     }
 }
 
@@ -110,8 +121,14 @@ fn a_member_that_errors_and_leaves_fails_the_others_promptly() {
         m.all_reduce_sum_f32(&mut x).map_err(|e| e.to_string())
     });
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
-    assert!(out[0].as_ref().unwrap_err().contains("rank 1 left the group"));
-    assert!(out[2].as_ref().unwrap_err().contains("rank 1 left the group"));
+    assert!(out[0]
+        .as_ref()
+        .unwrap_err()
+        .contains("rank 1 left the group"));
+    assert!(out[2]
+        .as_ref()
+        .unwrap_err()
+        .contains("rank 1 left the group"));
 }
 
 #[test]
@@ -124,7 +141,10 @@ fn an_abort_fails_the_others_with_its_reason() {
         }
         m.barrier().map_err(|e| e.to_string())
     });
-    assert!(out[1].as_ref().unwrap_err().contains("rank 0 aborted: out of memory"));
+    assert!(out[1]
+        .as_ref()
+        .unwrap_err()
+        .contains("rank 0 aborted: out of memory"));
 }
 
 #[test]
@@ -149,5 +169,7 @@ fn mismatched_operations_are_an_error_not_garbage() {
         let mut x = vec![0.0f32; 1 + m.rank()];
         m.all_reduce_sum_f32(&mut x).map_err(|e| e.to_string())
     });
-    assert!(out.iter().all(|r| r.as_ref().is_err_and(|e| e.contains("mismatch"))));
+    assert!(out
+        .iter()
+        .all(|r| r.as_ref().is_err_and(|e| e.contains("mismatch"))));
 }

@@ -111,7 +111,11 @@ impl ThreadMember {
         debug_assert_eq!(st.generation, my_gen);
         st.pending[self.rank] = Some(mine);
         if st.pending.iter().all(Option::is_some) {
-            let all: Vec<Payload> = st.pending.iter_mut().map(|p| p.take().unwrap_or(Payload::Barrier)).collect();
+            let all: Vec<Payload> = st
+                .pending
+                .iter_mut()
+                .map(|p| p.take().unwrap_or(Payload::Barrier))
+                .collect();
             // Every member must have called the same operation with the same length.
             for (r, p) in all.iter().enumerate() {
                 if p.kind() != (op, len) {
@@ -246,9 +250,7 @@ impl Collective for ThreadMember {
                 }
                 Ok(())
             }
-            _ => bail!(
-                "broadcast: rank {root} did not send (the ranks disagree on the root)"
-            ),
+            _ => bail!("broadcast: rank {root} did not send (the ranks disagree on the root)"),
         }
     }
     fn barrier(&self) -> Result<()> {
