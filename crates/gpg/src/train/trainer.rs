@@ -622,7 +622,6 @@ impl Trainer {
             groups.push(ScoredGroup {
                 rewards: gathered[slots.clone()].iter().map(|&r| r as f32).collect(),
                 payload: GroupPayload {
-                    position: k,
                     prompt,
                     lengths: gathered[n + slots.start..n + slots.end]
                         .iter()
@@ -1072,9 +1071,6 @@ impl Comm {
 /// rank) and, on the rank that sampled it, the completions themselves.
 #[derive(Debug, Clone)]
 struct GroupPayload {
-    /// Position of the prompt in its round.
-    #[allow(dead_code)]
-    position: usize,
     /// Index of the prompt in the training set.
     prompt: usize,
     lengths: Vec<usize>,
