@@ -14,6 +14,9 @@ use gpg::train::collective::{Collective, ThreadGroup};
 use gpg::train::metrics::{read_metrics, StepMetrics};
 use gpg::train::{TrainConfig, Trainer};
 
+/// A model's parameters by HF name.
+type Weights = Vec<(String, Vec<f32>)>;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -45,17 +48,13 @@ fn recipe(out: &Path, b: usize, steps: u64, extra: &[&str]) -> TrainConfig {
 
 /// Runs `config` on `world` ranks (threads), `resume` or not; returns rank 0's metrics and
 /// every rank's final weights.
-fn run(
-    config: &TrainConfig,
-    world: usize,
-    resume: bool,
-) -> (Vec<StepMetrics>, Vec<Vec<(String, Vec<f32>)>>) {
-    let members = ThreadGroup::new(world, Duration::from_secs(120));
+fn run(config: &TrainConfig, world: usize, resume: bool) -> (Vec<StepMetrics>, Vec<Weights>) {
+    let members = ThreadGroup::members(world, Duration::from_secs(120));
     let handles: Vec<_> = members
         .into_iter()
         .map(|m| {
             let config = config.clone();
-            std::thread::spawn(move || -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+            std::thread::spawn(move || -> anyhow::Result<Weights> {
                 let collective: Arc<dyn Collective> = Arc::new(m);
                 let mut t = Trainer::with_collective(config, resume, collective)?;
                 t.train(None)?;
@@ -71,7 +70,7 @@ fn run(
     (metrics, finals)
 }
 
-fn weights(t: &Trainer) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+fn weights(t: &Trainer) -> anyhow::Result<Weights> {
     t.model
         .weights
         .named()
@@ -120,7 +119,7 @@ fn assert_same_run(one: &[StepMetrics], many: &[StepMetrics]) {
     }
 }
 
-fn assert_same_weights(one: &[(String, Vec<f32>)], finals: &[Vec<(String, Vec<f32>)>]) {
+fn assert_same_weights(one: &[(String, Vec<f32>)], finals: &[Weights]) {
     for rank in finals {
         // Every rank holds bit-identical replicas (checked each step by the digest too).
         assert_eq!(rank, &finals[0]);
@@ -237,7 +236,7 @@ fn on_two_ranks(
     body: impl Fn(Arc<dyn Collective>) -> Result<(), String> + Send + Sync + 'static,
 ) -> Vec<Result<(), String>> {
     let body = Arc::new(body);
-    let handles: Vec<_> = ThreadGroup::new(2, Duration::from_secs(60))
+    let handles: Vec<_> = ThreadGroup::members(2, Duration::from_secs(60))
         .into_iter()
         .map(|m| {
             let body = body.clone();

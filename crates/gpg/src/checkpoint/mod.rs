@@ -326,7 +326,7 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
             found.push((step, entry.path()));
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|e| std::cmp::Reverse(e.0));
     Ok(found)
 }
 

@@ -8,7 +8,7 @@ fn run_group<R: Send + 'static>(
     f: impl Fn(ThreadMember) -> R + Send + Sync + 'static,
 ) -> Vec<R> {
     let f = std::sync::Arc::new(f);
-    let handles: Vec<_> = ThreadGroup::new(world, timeout)
+    let handles: Vec<_> = ThreadGroup::members(world, timeout)
         .into_iter()
         .map(|m| {
             let f = f.clone();

@@ -56,13 +56,13 @@ struct Shared {
     timeout: Duration,
 }
 
-/// A group of N in-process ranks; [`ThreadGroup::new`] returns one member per rank, to be
+/// A group of N in-process ranks; [`ThreadGroup::members`] returns one member per rank, to be
 /// moved into its thread.
 pub struct ThreadGroup;
 
 impl ThreadGroup {
     /// `world` members; an operation that waits longer than `timeout` for the others fails.
-    pub fn new(world: usize, timeout: Duration) -> Vec<ThreadMember> {
+    pub fn members(world: usize, timeout: Duration) -> Vec<ThreadMember> {
         assert!(world >= 1, "a thread group needs at least one member");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
