@@ -47,12 +47,15 @@ def summary(run):
     m = [json.loads(l) for l in open(out / run / "metrics.jsonl")]
     m = m[1:] if len(m) > 2 else m  # the first step warms caches
     avg = lambda k: sum(x.get(k, 0.0) for x in m) / len(m)
-    return {k: avg(k) for k in ["time_step_s", "time_rollout_s", "time_update_s", "time_comm_s"]}, [x["reward"] for x in m]
+    return {k: avg(k) for k in ["time_step_s", "time_rollout_s", "time_update_s", "time_comm_s", "time_comm_grad_s"]}, [x["reward"] for x in m]
 one, r1 = summary("one"); many, r2 = summary("many")
 n = params(model)
 print(f"model {model}: {n:,} parameters; gradient all-reduced per step: {4*n/1e6:.1f} MB (f32)")
-print(f"{'setting':<28} {'step':>9} {'rollout':>9} {'update':>9} {'comm':>9}")
+print(f"{'setting':<28} {'step':>9} {'rollout':>9} {'update':>9} {'comm':>9} {'grad a-r':>9}")
 for name, s in [(f"1 process x {threads} threads", one), (f"{ranks} ranks x {threads//ranks} thread(s)", many)]:
-    print(f"{name:<28} {s['time_step_s']:8.3f}s {s['time_rollout_s']:8.3f}s {s['time_update_s']:8.3f}s {s['time_comm_s']:8.3f}s")
+    print(f"{name:<28} {s['time_step_s']:8.3f}s {s['time_rollout_s']:8.3f}s {s['time_update_s']:8.3f}s {s['time_comm_s']:8.3f}s {s['time_comm_grad_s']:8.4f}s")
+g = many["time_comm_grad_s"]
+if g > 0:
+    print(f"gradient all-reduce: {4*n/1e6:.1f} MB in {g*1e3:.1f} ms = {4*n/g/1e9:.2f} GB/s algorithm bandwidth")
 print(f"ratio (ranks / threads) step time: {many['time_step_s']/one['time_step_s']:.2f}x; same rewards: {r1 == r2}")
 PY

@@ -54,6 +54,10 @@ pub struct StepMetrics {
     /// Time in collective operations (data-parallel runs; 0 for a single process).
     #[serde(default)]
     pub time_comm_s: f64,
+    /// Of which the gradient all-reduce (after a reduction that already waited for every
+    /// rank's backward, so this is the transfer itself).
+    #[serde(default)]
+    pub time_comm_grad_s: f64,
     pub time_step_s: f64,
 }
 

@@ -422,6 +422,7 @@ impl Trainer {
         let step = self.step;
         let lr = self.schedule.lr_at(step);
         let comm_before = self.comm.seconds();
+        let grad_before = self.comm.grad_seconds.get();
 
         let rollout = self.rollout(step)?;
         let batch = self.step_batch(&rollout.batch);
@@ -500,6 +501,7 @@ impl Trainer {
             time_reward_s: rollout.time_reward,
             time_update_s: time_update,
             time_comm_s: self.comm.seconds() - comm_before,
+            time_comm_grad_s: self.comm.grad_seconds.get() - grad_before,
             time_step_s: t_step.elapsed().as_secs_f64(),
         };
         self.log_step(&metrics, &rollout.samples_log)?;
@@ -1023,6 +1025,8 @@ fn prompts_digest(prompts: &[PreparedPrompt]) -> Vec<u8> {
 struct Comm {
     collective: Arc<dyn Collective>,
     seconds: std::cell::Cell<f64>,
+    /// Of which the gradient all-reduces.
+    grad_seconds: std::cell::Cell<f64>,
 }
 
 impl Comm {
@@ -1030,6 +1034,7 @@ impl Comm {
         Self {
             collective,
             seconds: std::cell::Cell::new(0.0),
+            grad_seconds: std::cell::Cell::new(0.0),
         }
     }
 
@@ -1063,7 +1068,11 @@ impl Comm {
         }
         let mut slices: Vec<&mut [f32]> = Vec::new();
         grads.visit_mut(|_, g| slices.push(g.as_mut_slice()));
-        self.timed(|| self.collective.all_reduce_sum_slices(&mut slices))
+        let t0 = Instant::now();
+        let out = self.timed(|| self.collective.all_reduce_sum_slices(&mut slices));
+        self.grad_seconds
+            .set(self.grad_seconds.get() + t0.elapsed().as_secs_f64());
+        out
     }
 }
 
