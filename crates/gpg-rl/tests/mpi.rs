@@ -180,6 +180,97 @@ fn two_mpi_ranks_match_one_process() {
 }
 
 #[test]
+fn three_ranks_with_an_all_identical_rank_and_an_empty_rank_match_one_process() {
+    // Two prompts, one whose gold answer no completion can match (all-zero rewards: an
+    // identical group); B = 2 on 3 ranks: one rank holds the identical group, rank 2 none.
+    let dir = tempfile::tempdir().unwrap();
+    let base = gpg::train::TrainConfig::from_toml_file(&repo().join("recipes/demo.toml")).unwrap();
+    let split = base.data.synthetic.generate().unwrap();
+    let data = dir.path().join("two.jsonl");
+    let lines: Vec<String> = split
+        .train
+        .iter()
+        .take(2)
+        .enumerate()
+        .map(|(i, p)| {
+            let answer = if i == 0 {
+                "-987654321"
+            } else {
+                p.answer.as_str()
+            };
+            serde_json::json!({"problem": p.question, "answer": answer}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    // The demo recipe without its [eval] section (it evaluates on the synthetic task).
+    let demo = std::fs::read_to_string(repo().join("recipes/demo.toml")).unwrap();
+    let (head, tail) = demo.split_once("[eval]").unwrap();
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!("{head}{}", &tail[tail.find("[logging]").unwrap()..]),
+    )
+    .unwrap();
+    let args = |out: &Path| {
+        let mut a: Vec<String> = vec![
+            "train".into(),
+            "--config".into(),
+            recipe.display().to_string(),
+            "--model".into(),
+            repo().join("demo/model").display().to_string(),
+            "--output-dir".into(),
+            out.display().to_string(),
+            "--steps".into(),
+            "3".into(),
+            "--quiet".into(),
+        ];
+        for s in [
+            format!("data.train={:?}", data.display().to_string()),
+            "rollout.prompts_per_step=2".into(),
+            "rollout.num_generations=8".into(),
+            "rollout.max_new_tokens=24".into(),
+            "algorithm.resample.min_valid_share=0.0".into(),
+            "distributed.weight_check_every=1".into(),
+        ] {
+            a.push("--set".into());
+            a.push(s);
+        }
+        a
+    };
+    let (one, three) = (dir.path().join("one"), dir.path().join("three"));
+    let status = Command::new(env!("CARGO_BIN_EXE_gpg-rl"))
+        .args(args(&one))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = mpirun(3).args(args(&three)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (m1, m3) = (metrics(&one), metrics(&three));
+    assert_eq!(m1.len(), 3);
+    for (a, b) in m1.iter().zip(&m3) {
+        assert!(a["identical_groups"].as_u64().unwrap() >= 1);
+        for key in [
+            "reward",
+            "valid_groups",
+            "inverse_alpha",
+            "tokens",
+            "skipped",
+        ] {
+            assert_eq!(a[key], b[key], "step {}: {key}", a["step"]);
+        }
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs().max(1e-12),
+            "loss {la} vs {lb}"
+        );
+    }
+}
+
+#[test]
 fn an_error_on_rank_0_ends_every_rank() {
     // --resume on an empty run folder: rank 0's error, shared with rank 1; the job ends.
     let dir = tempfile::tempdir().unwrap();

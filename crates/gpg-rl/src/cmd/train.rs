@@ -150,8 +150,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let result = train_ranks(args, config, collective.clone());
     if let Err(e) = &result {
         if collective.world() > 1 {
-            // End the other ranks now rather than letting them wait for this one.
-            eprintln!("error: rank {}: {e:#}", collective.rank());
+            // End the other ranks now rather than letting them wait for this one (MPI: prints
+            // the error with the rank, then MPI_Abort ends every process).
             collective.abort(&format!("{e:#}"));
         }
     }
