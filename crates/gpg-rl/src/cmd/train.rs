@@ -140,8 +140,44 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     } else {
         resolve(&config.model)
     };
+    if args.quiet {
+        config.logging.progress = false;
+    }
+    // One rank of `mpirun -np N` / `srun`, or a single process.
+    let collective = gpg::train::collective::from_environment(std::time::Duration::from_secs_f64(
+        config.distributed.timeout_s,
+    ))?;
+    let result = train_ranks(args, config, collective.clone());
+    if let Err(e) = &result {
+        if collective.world() > 1 {
+            // End the other ranks now rather than letting them wait for this one (MPI: prints
+            // the error with the rank, then MPI_Abort ends every process).
+            collective.abort(&format!("{e:#}"));
+        }
+    }
+    result
+}
+
+/// Training as this rank takes part in it; rank 0 alone prints and writes the run folder.
+fn train_ranks(
+    args: &TrainArgs,
+    config: TrainConfig,
+    collective: std::sync::Arc<dyn gpg::train::collective::Collective>,
+) -> Result<()> {
+    let root = collective.rank() == 0;
+    if collective.world() > 1 && root {
+        eprintln!(
+            "data-parallel run: {} ranks over {}",
+            collective.world(),
+            collective.backend()
+        );
+    }
     // The demo starts over on every plain run; a recipe's run folder is never replaced.
-    if args.config.is_none() && !args.resume && config.output_dir.join("metrics.jsonl").exists() {
+    if root
+        && args.config.is_none()
+        && !args.resume
+        && config.output_dir.join("metrics.jsonl").exists()
+    {
         eprintln!(
             "replacing the previous demo run in {}",
             config.output_dir.display()
@@ -153,10 +189,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             )
         })?;
     }
-    if args.quiet {
-        config.logging.progress = false;
-    }
-    let mut trainer = Trainer::new(config, args.resume)?;
+    let mut trainer = Trainer::with_collective(config, args.resume, collective)?;
     let start = trainer.step;
     let before = if start == 0 {
         trainer.evaluate()?
@@ -164,12 +197,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         None
     };
     if let Some(p) = before {
-        eprintln!("held-out pass@1 before training: {:.1}%", 100.0 * p);
+        if root {
+            eprintln!("held-out pass@1 before training: {:.1}%", 100.0 * p);
+        }
         trainer.record_eval(0, p)?;
     }
     trainer.train(None)?;
     let final_dir = trainer.config.output_dir.join("final");
     trainer.save_final(&final_dir)?;
+    if !root {
+        return Ok(());
+    }
     let metrics =
         gpg::train::metrics::read_metrics(&trainer.config.output_dir.join("metrics.jsonl"))?;
     let after = metrics.iter().rev().find_map(|m| m.eval_pass_at_1);

@@ -63,6 +63,20 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
+    generate_keyed(model, tokenizer, prompts, params, 0)
+}
+
+/// [`generate`] for prompts that are a slice of a larger batch starting at position
+/// `first_prompt_key`: prompt `i`'s rows draw from the streams of prompt `first_prompt_key + i`,
+/// so a rank sampling its share of a batch draws what one process sampling the whole batch
+/// would. (`Completion::prompt_index` stays relative to `prompts`.)
+pub fn generate_keyed(
+    model: &Qwen2,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    first_prompt_key: u64,
+) -> Result<Vec<Completion>> {
     params.validate()?;
     let max_pos = model.config.max_position_embeddings;
     for (i, p) in prompts.iter().enumerate() {
@@ -118,7 +132,7 @@ pub fn generate(
                 prompt_index: pi,
                 sample_index: si,
                 prompt_len: prompt.len(),
-                sampler: TokenSampler::new(params, pi as u64, si as u64),
+                sampler: TokenSampler::new(params, first_prompt_key + pi as u64, si as u64),
                 token_ids: Vec::with_capacity(params.max_new_tokens),
                 logprobs: Vec::with_capacity(params.max_new_tokens),
                 text: IncrementalDecoder::new(true),

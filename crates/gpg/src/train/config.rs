@@ -50,6 +50,30 @@ pub struct TrainConfig {
     pub eval: Option<TrainEvalConfig>,
     #[serde(default)]
     pub logging: LoggingConfig,
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+}
+
+/// Data-parallel runs (`mpirun -np N gpg-rl train …`; ignored by a single process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Compare a digest of every rank's weights every this many steps (and at the end);
+    /// ranks that differ stop the run with an error. 0: only at start.
+    pub weight_check_every: u64,
+    /// A collective operation that waits longer than this for the other ranks ends the job
+    /// (a rank is stuck or gone). Must exceed the longest imbalance between ranks (e.g. one
+    /// rank's slowest rollout).
+    pub timeout_s: f64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            weight_check_every: 10,
+            timeout_s: 1800.0,
+        }
+    }
 }
 
 /// Where prompts come from.
@@ -337,6 +361,12 @@ impl TrainConfig {
 
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<()> {
+        if !(self.distributed.timeout_s.is_finite() && self.distributed.timeout_s > 0.0) {
+            bail!(
+                "distributed.timeout_s must be a positive number of seconds, got {}",
+                self.distributed.timeout_s
+            );
+        }
         let r = &self.rollout;
         if r.prompts_per_step == 0 || r.num_generations == 0 || r.max_new_tokens == 0 {
             bail!("rollout.prompts_per_step, rollout.num_generations and rollout.max_new_tokens must be positive");

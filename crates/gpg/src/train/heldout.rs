@@ -8,6 +8,7 @@ use crate::eval::{evaluate, EvalConfig, EvalItem};
 use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
 
+use super::collective::Collective;
 use super::trainer::PreparedPrompt;
 
 /// Tokenizes a dataset's prompts.
@@ -22,6 +23,28 @@ pub fn prepare(tokenizer: &Tokenizer, ds: PromptDataset) -> Result<Vec<PreparedP
             Ok(PreparedPrompt { record, ids })
         })
         .collect()
+}
+
+/// Prompts per sampling call of the held-out evaluation (and per shard unit).
+const EVAL_CHUNK: usize = 64;
+
+fn eval_config(
+    tokenizer: &Tokenizer,
+    samples: usize,
+    temperature: f32,
+    max_new_tokens: usize,
+    seed: u64,
+) -> EvalConfig {
+    EvalConfig {
+        samples,
+        temperature,
+        top_p: 1.0,
+        max_new_tokens,
+        seed,
+        stop_token_ids: tokenizer.token_to_id("<|im_end|>").into_iter().collect(),
+        batch_prompts: EVAL_CHUNK,
+        ..Default::default()
+    }
 }
 
 /// Held-out pass@1: the mean over prompts and `samples` completions of 1[answer ≡ gold],
@@ -39,17 +62,50 @@ pub fn pass_at_1(
         .iter()
         .map(|p| EvalItem::from_record(&p.record))
         .collect::<Result<Vec<_>>>()?;
-    let config = EvalConfig {
-        samples,
-        temperature,
-        top_p: 1.0,
-        max_new_tokens,
-        seed,
-        stop_token_ids: tokenizer.token_to_id("<|im_end|>").into_iter().collect(),
-        batch_prompts: 64,
-        ..Default::default()
-    };
+    let config = eval_config(tokenizer, samples, temperature, max_new_tokens, seed);
     Ok(evaluate(model, tokenizer, &items, &config)?
         .summary
         .pass_at_1)
+}
+
+/// [`pass_at_1`] sharded over ranks: the prompts' sampling chunks (64 prompts each, seeded by
+/// their first item as [`crate::eval::EvalConfig::sampling_params`] does) are split
+/// contiguously between ranks and the correct-sample counts summed (⊕), so every rank gets the
+/// same figure for any number of ranks: Σ_i c_i / (n · k).
+#[allow(clippy::too_many_arguments)]
+pub fn pass_at_1_sharded(
+    model: &Qwen2,
+    tokenizer: &Tokenizer,
+    prompts: &[PreparedPrompt],
+    samples: usize,
+    temperature: f32,
+    max_new_tokens: usize,
+    seed: u64,
+    collective: &dyn Collective,
+) -> Result<f64> {
+    ensure!(!prompts.is_empty(), "eval: no items to evaluate");
+    let items = prompts
+        .iter()
+        .map(|p| EvalItem::from_record(&p.record))
+        .collect::<Result<Vec<_>>>()?;
+    let config = eval_config(tokenizer, samples, temperature, max_new_tokens, seed);
+    let n_chunks = items.len().div_ceil(EVAL_CHUNK);
+    let mut counts = [0u64; 2]; // [Σ c_i, items]
+    for chunk in collective.share(n_chunks) {
+        let first = chunk * EVAL_CHUNK;
+        let part = &items[first..(first + EVAL_CHUNK).min(items.len())];
+        let chunk_config = EvalConfig {
+            seed: config.sampling_params(first).seed,
+            ..config.clone()
+        };
+        let report = evaluate(model, tokenizer, part, &chunk_config)?;
+        counts[0] += report
+            .per_item
+            .iter()
+            .map(|r| r.n_correct as u64)
+            .sum::<u64>();
+        counts[1] += report.per_item.len() as u64;
+    }
+    collective.all_reduce_sum_u64(&mut counts)?;
+    Ok(counts[0] as f64 / (counts[1] as f64 * samples as f64))
 }

@@ -51,6 +51,13 @@ pub struct StepMetrics {
     pub time_rollout_s: f64,
     pub time_reward_s: f64,
     pub time_update_s: f64,
+    /// Time in collective operations (data-parallel runs; 0 for a single process).
+    #[serde(default)]
+    pub time_comm_s: f64,
+    /// Of which the gradient all-reduce (after a reduction that already waited for every
+    /// rank's backward, so this is the transfer itself).
+    #[serde(default)]
+    pub time_comm_grad_s: f64,
     pub time_step_s: f64,
 }
 
@@ -77,6 +84,7 @@ impl StepMetrics {
             ("time/rollout_s".into(), self.time_rollout_s),
             ("time/reward_s".into(), self.time_reward_s),
             ("time/update_s".into(), self.time_update_s),
+            ("time/comm_s".into(), self.time_comm_s),
             ("time/step_s".into(), self.time_step_s),
         ];
         for (name, value) in &self.rewards {

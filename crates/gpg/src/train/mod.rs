@@ -1,10 +1,12 @@
 //! The training loop and what it writes: metrics, TensorBoard events, checkpoints.
 
+pub mod collective;
 pub mod config;
 pub mod heldout;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
+pub mod replica;
 pub mod sft;
 pub mod tensorboard;
 pub mod trainer;

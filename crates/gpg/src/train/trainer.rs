@@ -8,9 +8,15 @@
 //!
 //! Every random draw is a pure function of (seed, step, round), and the data position is part
 //! of the checkpoint, so a resumed run continues exactly as an uninterrupted one.
+//!
+//! Data parallel (docs/training.md, "Several machines"): with a [`Collective`] of N ranks,
+//! each rank samples and trains on its contiguous share of the step's groups; the global
+//! quantities are reduced at the points that [`Trainer::train_step`] names, so a run at N
+//! ranks computes the same step as one process, up to the order of floating-point sums.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -28,6 +34,7 @@ use crate::reward::{RewardInput, WeightedSum};
 use crate::rollout::{self, Completion, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
+use super::collective::{Collective, SingleProcess};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
@@ -99,7 +106,11 @@ pub struct Trainer {
     schedule: LrSchedule,
     pub step: u64,
     tokens_seen: u64,
-    log: MetricsLog,
+    /// The metrics files; rank 0 only (it alone writes the run folder).
+    log: Option<MetricsLog>,
+    /// The ranks of a data-parallel run (a single process by default) and the time spent
+    /// communicating.
+    comm: Comm,
     /// Prompts of the periodic evaluation (eval.data), when configured.
     eval_prompts: Option<Vec<PreparedPrompt>>,
     /// The frozen initial model, kept when the objective has a KL penalty (β > 0).
@@ -116,33 +127,70 @@ fn derive_seed(seed: u64, step: u64, round: u64) -> u64 {
 }
 
 impl Trainer {
-    /// Sets up a run: loads model, tokenizer, data; resumes from the latest checkpoint in the
-    /// run folder when `resume` is true.
+    /// Sets up a single-process run: loads model, tokenizer, data; resumes from the newest
+    /// checkpoint in the run folder that verifies when `resume` is true.
     pub fn new(config: TrainConfig, resume: bool) -> Result<Self> {
+        Self::with_collective(config, resume, Arc::new(SingleProcess))
+    }
+
+    /// Sets up this rank of a data-parallel run over `collective` (see [`Self::new`]). Rank 0
+    /// alone reads the run folder (the checkpoint to resume from) and writes it; the other
+    /// ranks need only the recipe's model and data. Rank 0's weights and trainer state are
+    /// broadcast, so every rank starts from the same replica, whatever the world size of the
+    /// run that wrote the checkpoint.
+    pub fn with_collective(
+        config: TrainConfig,
+        resume: bool,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
         config.validate()?;
         let device = config.device.open()?;
         let out = &config.output_dir;
-        let latest = if resume {
-            checkpoint::latest(out)?
-        } else {
-            None
+        let root = collective.is_root();
+        collective.ensure_same(
+            config.to_toml()?.as_bytes(),
+            "the recipe (after --set overrides)",
+        )?;
+        // Rank 0 chooses the checkpoint; every rank learns the verdict (and fails with it).
+        let resume_from = agree(&*collective, || -> Result<Option<PathBuf>> {
+            if !resume {
+                if out.join("metrics.jsonl").exists() {
+                    bail!(
+                        "{}: the run folder already holds a run (metrics.jsonl); pass --resume to continue it or choose another output_dir",
+                        out.display()
+                    );
+                }
+                return Ok(None);
+            }
+            let Some(found) = checkpoint::latest_verified(out)? else {
+                bail!(
+                    "{}: --resume given but the run folder holds no checkpoint-<step> directory",
+                    out.display()
+                );
+            };
+            for (dir, why) in &found.skipped {
+                eprintln!("--resume: skipping {}: {why}", dir.display());
+            }
+            match found.integrity {
+                checkpoint::Integrity::Verified => eprintln!(
+                    "--resume: continuing from {} (step {}, every file matches its manifest)",
+                    found.dir.display(),
+                    found.step
+                ),
+                checkpoint::Integrity::Unverified => eprintln!(
+                    "--resume: continuing from {} (step {}; it has no {} to verify against)",
+                    found.dir.display(),
+                    found.step,
+                    checkpoint::MANIFEST
+                ),
+            }
+            Ok(Some(found.dir))
+        })?;
+        // Other ranks start from the recipe's model; rank 0's weights replace theirs below.
+        let model_dir = match (&resume_from, root) {
+            (Some(dir), true) => dir.clone(),
+            _ => config.model.clone(),
         };
-        if resume && latest.is_none() {
-            bail!(
-                "{}: --resume given but the run folder holds no checkpoint-<step> directory",
-                out.display()
-            );
-        }
-        if !resume && out.join("metrics.jsonl").exists() {
-            bail!(
-                "{}: the run folder already holds a run (metrics.jsonl); pass --resume to continue it or choose another output_dir",
-                out.display()
-            );
-        }
-        let model_dir = latest
-            .as_ref()
-            .map(|(_, p)| p.clone())
-            .unwrap_or_else(|| config.model.clone());
         let mut model = Qwen2::load(&model_dir, &device, config.precision)
             .with_context(|| format!("loading the model from {}", model_dir.display()))?;
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
@@ -159,18 +207,36 @@ impl Trainer {
         } else {
             None
         };
+        let comm = Comm::new(collective.clone());
+        comm.timed(|| super::replica::broadcast_weights(&model, &*collective))?;
         let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
+        collective.ensure_same(
+            &prompts_digest(&prompts),
+            "the training prompts (data.train)",
+        )?;
         let reward = config.reward.build()?;
         let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
-        let (step, sampler, updater, tokens_seen) = match &latest {
+        let (step, sampler, updater, tokens_seen) = match &resume_from {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
                 ModelUpdater::new(&model, AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
-            Some((_, dir)) => {
-                let (state, mut buffers) = checkpoint::load_state(dir)?;
+            Some(dir) => {
+                let (state, mut buffers) = if collective.world() == 1 {
+                    checkpoint::load_state(dir)?
+                } else {
+                    // ⊕ Rank 0's trainer state files, as bytes (the others may not see them).
+                    let (mut state, mut buffers) = if root {
+                        checkpoint::read_state_files(dir)?
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
+                    comm.timed(|| collective.broadcast_bytes(&mut state, 0))?;
+                    comm.timed(|| collective.broadcast_bytes(&mut buffers, 0))?;
+                    checkpoint::parse_state(dir, &state, &buffers)?
+                };
                 let state: TrainerState = serde_json::from_value(state)
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
@@ -189,11 +255,15 @@ impl Trainer {
                 )
             }
         };
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("{}: cannot create", out.display()))?;
-        std::fs::write(out.join("config.toml"), config.to_toml()?)
-            .with_context(|| format!("{}: cannot write config.toml", out.display()))?;
-        let log = MetricsLog::open(out, step)?;
+        let log = if root {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("{}: cannot create", out.display()))?;
+            std::fs::write(out.join("config.toml"), config.to_toml()?)
+                .with_context(|| format!("{}: cannot write config.toml", out.display()))?;
+            Some(MetricsLog::open(out, step)?)
+        } else {
+            None
+        };
         let eval_prompts = match &config.eval {
             None => None,
             Some(e) => {
@@ -211,7 +281,7 @@ impl Trainer {
                 Some(prompts)
             }
         };
-        Ok(Self {
+        let trainer = Self {
             config,
             model,
             tokenizer,
@@ -224,9 +294,38 @@ impl Trainer {
             step,
             tokens_seen,
             log,
+            comm,
             eval_prompts,
             reference,
-        })
+        };
+        trainer.check_replicas()?;
+        Ok(trainer)
+    }
+
+    /// This rank's collective (rank, world, operations).
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.comm.collective
+    }
+
+    /// ⊕ Errors on every rank unless all ranks hold bit-identical weights (a digest compared
+    /// with rank 0's). A no-op at world 1.
+    pub fn check_replicas(&self) -> Result<()> {
+        let collective = &self.comm.collective;
+        if collective.world() == 1 {
+            return Ok(());
+        }
+        let digest = super::replica::weights_digest(&self.model)?;
+        self.comm
+            .timed(|| {
+                collective.ensure_same(
+                    &digest,
+                    &format!("the model weights after step {}", self.step),
+                )
+            })
+            .context(
+                "the ranks' replicas diverged: every rank applies the same summed gradient, so \
+                 this points at a faulty reduction, machine or build (mixed binaries?)",
+            )
     }
 
     fn sampling_params(&self, seed: u64) -> SamplingParams {
@@ -257,7 +356,8 @@ impl Trainer {
             .max_new_tokens
             .unwrap_or(self.config.rollout.max_new_tokens);
         let seed = derive_seed(self.config.seed, u64::MAX, 0);
-        super::heldout::pass_at_1(
+        let collective = self.comm.collective.clone();
+        super::heldout::pass_at_1_sharded(
             &self.model,
             &self.tokenizer,
             prompts,
@@ -265,6 +365,7 @@ impl Trainer {
             e.temperature,
             max_new,
             seed,
+            &*collective,
         )
         .map(Some)
     }
@@ -279,15 +380,16 @@ impl Trainer {
     /// Runs until `config.steps` optimiser steps are done (or `until` when given).
     pub fn train(&mut self, until: Option<u64>) -> Result<()> {
         let end = until.unwrap_or(self.config.steps).min(self.config.steps);
-        let progress = self
-            .config
-            .logging
-            .progress
+        let progress = (self.config.logging.progress && self.comm.collective.is_root())
             .then(|| super::progress::Progress::new(self.step, self.config.steps));
+        let check_every = self.config.distributed.weight_check_every;
         while self.step < end {
             let metrics = self.train_step()?;
             if let Some(p) = &progress {
                 p.update(&metrics);
+            }
+            if check_every > 0 && (self.step.is_multiple_of(check_every) || self.step == end) {
+                self.check_replicas()?;
             }
             let save_every = self.config.logging.save_every;
             if (save_every > 0 && self.step.is_multiple_of(save_every))
@@ -302,102 +404,40 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimiser step (sampling, rewards, update); returns its metrics, also logged.
+    /// One optimiser step; returns its metrics, also logged (rank 0). The named parts, and the
+    /// points where a data-parallel run reduces over ranks (marked ⊕):
+    ///
+    /// 1. [`Self::rollout`]: sampling rounds until β_th is met; each round samples this rank's
+    ///    share of the prompts, scores it, and ⊕ gathers the round's rewards and completion
+    ///    lengths, so every rank sees the global groups and takes the same β_th decision;
+    /// 2. [`Self::step_batch`]: the batch's sequences this rank trains on, and the global counts
+    ///    of groups, valid groups (α) and completion tokens / sequences (the loss normaliser);
+    /// 3. advantages, from the global rewards (identical on every rank);
+    /// 4. [`Self::update`]: forward/backward of the local sequences with the global normaliser,
+    ///    ⊕ the loss and metric sums, ⊕ one chunked all-reduce of the gradient buffer, then
+    ///    clipping and the same AdamW step on every rank;
+    /// 5. [`Self::log_step`]: metrics (rank 0 writes them).
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t_step = Instant::now();
         let step = self.step;
         let lr = self.schedule.lr_at(step);
-        let g = self.config.rollout.num_generations;
-        let b = self.config.rollout.prompts_per_step;
+        let comm_before = self.comm.seconds();
+        let grad_before = self.comm.grad_seconds.get();
 
-        // Rollout and rewards, with β_th resampling rounds when configured.
-        let mut pool = GroupPool::new(self.config.algorithm.resample, b, g)?;
-        let mut time_rollout = 0.0;
-        let mut time_reward = 0.0;
-        let mut per_function: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-        let mut round = 0u64;
-        let mut samples_log = Vec::new();
-        loop {
-            let indices = self.sampler.next_batch(b);
-            let prompt_ids: Vec<Vec<u32>> = indices
-                .iter()
-                .map(|&i| self.prompts[i].ids.clone())
-                .collect();
-            let t0 = Instant::now();
-            let params = self.sampling_params(derive_seed(self.config.seed, step, round));
-            let completions =
-                rollout::generate(&self.model, &self.tokenizer, &prompt_ids, &params)?;
-            time_rollout += t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            let inputs: Vec<RewardInput> = completions
-                .iter()
-                .map(|c| {
-                    let p = &self.prompts[indices[c.prompt_index]];
-                    RewardInput {
-                        prompt: p.record.prompt.plain_text(),
-                        completion: c.text.clone(),
-                        answer: p.record.answer.clone(),
-                        completion_tokens: c.token_ids.len(),
-                    }
-                })
-                .collect();
-            let scores = self.reward.score_all(&inputs)?;
-            time_reward += t0.elapsed().as_secs_f64();
-            for (name, values) in &scores.per_function {
-                let e = per_function.entry(name.clone()).or_insert((0.0, 0));
-                e.0 += values.iter().map(|&v| v as f64).sum::<f64>();
-                e.1 += values.len();
-            }
-            if round == 0 {
-                for (c, r) in completions
-                    .iter()
-                    .zip(&scores.total)
-                    .take(self.config.logging.log_completions)
-                {
-                    samples_log.push((
-                        self.prompts[indices[c.prompt_index]]
-                            .record
-                            .prompt
-                            .plain_text(),
-                        c.text.clone(),
-                        *r,
-                    ));
-                }
-            }
-            let mut groups = Vec::with_capacity(b);
-            let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); indices.len()];
-            for c in completions {
-                by_prompt[c.prompt_index].push(c);
-            }
-            for (k, completions) in by_prompt.into_iter().enumerate() {
-                let rewards = scores.total[k * g..(k + 1) * g].to_vec();
-                groups.push(ScoredGroup {
-                    rewards,
-                    payload: (indices[k], completions),
-                });
-            }
-            round += 1;
-            if let PoolStatus::Ready { .. } = pool.add_round(groups)? {
-                break;
-            }
-        }
-        let batch = pool.finish();
-        let rewards = batch.rewards();
+        let rollout = self.rollout(step)?;
+        let batch = self.step_batch(&rollout.batch);
+        let rewards = rollout.batch.rewards();
+        let g = self.config.rollout.num_generations;
         let reward_groups = RewardGroups::new(&rewards, g)?;
         let stats = GroupStats::of(&reward_groups);
         let advantages = self.config.advantage_estimator().compute(&reward_groups)?;
-        let loss_scale = self.config.algorithm.loss.loss_scale(batch.scale);
-
-        // Sequences of the update, in group order.
-        let mut seqs: Vec<(usize, Vec<u32>, Vec<f32>)> = Vec::new(); // (prompt index, completion ids, sampling logprobs)
-        for group in &batch.groups {
-            for c in &group.payload.1 {
-                seqs.push((group.payload.0, c.token_ids.clone(), c.logprobs.clone()));
-            }
-        }
-        let completion_lengths: Vec<usize> = seqs.iter().map(|s| s.1.len()).collect();
-        let n_tokens: usize = completion_lengths.iter().sum();
-        self.tokens_seen += n_tokens as u64;
+        let local_advantages: Vec<f32> = batch
+            .local_groups
+            .iter()
+            .flat_map(|&k| advantages[k * g..(k + 1) * g].iter().copied())
+            .collect();
+        let loss_scale = self.config.algorithm.loss.loss_scale(rollout.batch.scale);
+        self.tokens_seen += batch.n_tokens as u64;
 
         let t_update = Instant::now();
         let mut update = UpdateOutcome::default();
@@ -405,19 +445,22 @@ impl Trainer {
             None => {
                 Some("no group has differing rewards: the batch carries no gradient".to_string())
             }
-            Some(_) if n_tokens == 0 => Some("every completion is empty".to_string()),
+            Some(_) if batch.n_tokens == 0 => Some("every completion is empty".to_string()),
             Some(alpha) => {
-                update = self.update(&seqs, &advantages, alpha, lr)?;
+                let normaliser = Normaliser::new(batch.n_sequences, batch.n_tokens);
+                update = self.update(&batch.seqs, &local_advantages, alpha, normaliser, lr)?;
                 update.skipped.clone()
             }
         };
         if let Some(reason) = &skipped {
-            eprintln!("step {}: update skipped: {reason}", step + 1);
+            if self.comm.collective.is_root() {
+                eprintln!("step {}: update skipped: {reason}", step + 1);
+            }
         }
         let time_update = t_update.elapsed().as_secs_f64();
 
         self.step += 1;
-        let inverse_alpha = match batch.scale {
+        let inverse_alpha = match rollout.batch.scale {
             crate::algo::AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
             crate::algo::AgeScale::SkipUpdate => 0.0,
         };
@@ -433,41 +476,257 @@ impl Trainer {
             grad_norm: update.grad_norm,
             reward: stats.reward_mean,
             reward_std: stats.reward_std_mean,
-            rewards: per_function
+            rewards: rollout
+                .per_function
                 .into_iter()
                 .map(|(k, (s, n))| (k, s / n.max(1) as f64))
                 .collect(),
-            completion_length: n_tokens as f64 / completion_lengths.len().max(1) as f64,
-            completion_length_max: completion_lengths.iter().copied().max().unwrap_or(0),
+            completion_length: batch.n_tokens as f64 / batch.n_sequences.max(1) as f64,
+            completion_length_max: batch.max_length,
             groups: stats.n_groups,
             valid_groups: stats.n_valid,
             identical_groups: stats.n_identical,
             easy_groups: stats.n_easy,
             hard_groups: stats.n_hard,
             inverse_alpha,
-            resample_rounds: batch.rounds_used,
+            resample_rounds: rollout.batch.rounds_used,
             entropy: update.entropy,
             clip_fraction: update.clip_fraction,
             kl: update.kl,
-            tokens: n_tokens as u64,
+            tokens: batch.n_tokens as u64,
             tokens_seen: self.tokens_seen,
             skipped,
             eval_pass_at_1,
-            time_rollout_s: time_rollout,
-            time_reward_s: time_reward,
+            time_rollout_s: rollout.time_rollout,
+            time_reward_s: rollout.time_reward,
             time_update_s: time_update,
+            time_comm_s: self.comm.seconds() - comm_before,
+            time_comm_grad_s: self.comm.grad_seconds.get() - grad_before,
             time_step_s: t_step.elapsed().as_secs_f64(),
         };
-        self.log.write(&metrics, &samples_log)?;
+        self.log_step(&metrics, &rollout.samples_log)?;
         Ok(metrics)
     }
 
-    /// Forward/backward over micro-batches, gradient clipping and the AdamW step.
+    /// Sampling and scoring rounds until the β_th pool is ready (one round when resampling is
+    /// off). Every rank draws the same prompts (the shared sampler) and samples its contiguous
+    /// share of them, with random streams keyed by (seed, step, round, position in the round,
+    /// sample): the completions do not depend on the number of ranks.
+    fn rollout(&mut self, step: u64) -> Result<RolloutOutcome> {
+        let g = self.config.rollout.num_generations;
+        let b = self.config.rollout.prompts_per_step;
+        let mut pool = GroupPool::new(self.config.algorithm.resample, b, g)?;
+        let mut out = RolloutOutcome::default();
+        let mut round = 0u64;
+        loop {
+            let groups = self.rollout_round(step, round, &mut out)?;
+            round += 1;
+            if let PoolStatus::Ready { .. } = pool.add_round(groups)? {
+                break;
+            }
+        }
+        out.batch = pool.finish();
+        Ok(out)
+    }
+
+    /// One round: B prompts × G completions, this rank's share sampled and scored here, the
+    /// rewards and lengths of all B groups gathered (⊕) so that every rank holds them.
+    fn rollout_round(
+        &mut self,
+        step: u64,
+        round: u64,
+        out: &mut RolloutOutcome,
+    ) -> Result<Vec<ScoredGroup<GroupPayload>>> {
+        let g = self.config.rollout.num_generations;
+        let collective = self.comm.collective.clone();
+        let indices = self
+            .sampler
+            .next_batch(self.config.rollout.prompts_per_step);
+        let b = indices.len();
+        let mine = collective.share(indices.len());
+        let prompt_ids: Vec<Vec<u32>> = indices[mine.clone()]
+            .iter()
+            .map(|&i| self.prompts[i].ids.clone())
+            .collect();
+        let t0 = Instant::now();
+        let params = self.sampling_params(derive_seed(self.config.seed, step, round));
+        let completions = rollout::generate_keyed(
+            &self.model,
+            &self.tokenizer,
+            &prompt_ids,
+            &params,
+            mine.start as u64,
+        )?;
+        out.time_rollout += t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let inputs: Vec<RewardInput> = completions
+            .iter()
+            .map(|c| {
+                let p = &self.prompts[indices[mine.start + c.prompt_index]];
+                RewardInput {
+                    prompt: p.record.prompt.plain_text(),
+                    completion: c.text.clone(),
+                    answer: p.record.answer.clone(),
+                    completion_tokens: c.token_ids.len(),
+                }
+            })
+            .collect();
+        let names = self.reward.names();
+        let scores = if inputs.is_empty() {
+            None
+        } else {
+            Some(self.reward.score_all(&inputs)?)
+        };
+        out.time_reward += t0.elapsed().as_secs_f64();
+
+        // ⊕ The round's rewards, completion lengths and per-function scores of all B·G
+        // completions: each rank fills its share's slots, the sum gathers them (x + 0 = x, so
+        // the values arrive exactly).
+        let n = b * g;
+        let mut gathered = vec![0.0f64; n * (2 + names.len())];
+        let base = mine.start * g;
+        if let Some(scores) = &scores {
+            for (j, c) in completions.iter().enumerate() {
+                gathered[base + j] = scores.total[j] as f64;
+                gathered[n + base + j] = c.token_ids.len() as f64;
+            }
+            for (f, (_, values)) in scores.per_function.iter().enumerate() {
+                for (j, &v) in values.iter().enumerate() {
+                    gathered[(2 + f) * n + base + j] = v as f64;
+                }
+            }
+        }
+        self.comm.all_reduce_f64(&mut gathered)?;
+        for (f, name) in names.iter().enumerate() {
+            let values = &gathered[(2 + f) * n..(3 + f) * n];
+            let e = out.per_function.entry(name.to_string()).or_insert((0.0, 0));
+            e.0 += values.iter().map(|&v| v as f32 as f64).sum::<f64>();
+            e.1 += values.len();
+        }
+        if round == 0 {
+            self.gather_logged_completions(
+                &indices,
+                mine.start * g,
+                &completions,
+                &gathered[..n],
+                out,
+            )?;
+        }
+
+        let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); mine.len()];
+        for c in completions {
+            by_prompt[c.prompt_index].push(c);
+        }
+        let mut by_prompt = by_prompt.into_iter();
+        let mut groups = Vec::with_capacity(b);
+        for (k, &prompt) in indices.iter().enumerate() {
+            let slots = k * g..(k + 1) * g;
+            groups.push(ScoredGroup {
+                rewards: gathered[slots.clone()].iter().map(|&r| r as f32).collect(),
+                payload: GroupPayload {
+                    prompt,
+                    lengths: gathered[n + slots.start..n + slots.end]
+                        .iter()
+                        .map(|&l| l as usize)
+                        .collect(),
+                    completions: if mine.contains(&k) {
+                        by_prompt.next()
+                    } else {
+                        None
+                    },
+                },
+            });
+        }
+        Ok(groups)
+    }
+
+    /// The first `logging.log_completions` completions of the step's first round, from
+    /// whichever ranks sampled them (⊕ gathered only when some lie beyond rank 0's share).
+    fn gather_logged_completions(
+        &self,
+        indices: &[usize],
+        first_slot: usize,
+        completions: &[Completion],
+        rewards: &[f64],
+        out: &mut RolloutOutcome,
+    ) -> Result<()> {
+        let wanted = self.config.logging.log_completions;
+        let g = self.config.rollout.num_generations;
+        let collective = &self.comm.collective;
+        let rank0_slots =
+            crate::train::collective::share(indices.len(), 0, collective.world()).len() * g;
+        let mine: Vec<(String, String, f32)> = completions
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| first_slot + j < wanted)
+            .map(|(j, c)| {
+                (
+                    self.prompts[indices[first_slot / g + c.prompt_index]]
+                        .record
+                        .prompt
+                        .plain_text(),
+                    c.text.clone(),
+                    rewards[first_slot + j] as f32,
+                )
+            })
+            .collect();
+        if collective.world() == 1 || wanted <= rank0_slots {
+            if collective.is_root() {
+                out.samples_log = mine;
+            }
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let all = collective.gather_bytes(serde_json::to_vec(&mine)?)?;
+        self.comm.add_seconds(t0.elapsed().as_secs_f64());
+        for bytes in all {
+            let part: Vec<(String, String, f32)> = serde_json::from_slice(&bytes)?;
+            out.samples_log.extend(part);
+        }
+        Ok(())
+    }
+
+    /// The batch's sequences that this rank trains on (its own groups, in batch order) and the
+    /// global counts every rank agrees on (from the gathered lengths).
+    fn step_batch(&self, batch: &crate::algo::ResampledBatch<GroupPayload>) -> StepBatch {
+        let mut out = StepBatch::default();
+        for (k, group) in batch.groups.iter().enumerate() {
+            out.n_sequences += group.payload.lengths.len();
+            out.n_tokens += group.payload.lengths.iter().sum::<usize>();
+            out.max_length = out
+                .max_length
+                .max(group.payload.lengths.iter().copied().max().unwrap_or(0));
+            if let Some(completions) = &group.payload.completions {
+                out.local_groups.push(k);
+                for c in completions {
+                    out.seqs.push((
+                        group.payload.prompt,
+                        c.token_ids.clone(),
+                        c.logprobs.clone(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes the step's metrics and sampled completions (rank 0 only).
+    fn log_step(&mut self, metrics: &StepMetrics, samples: &[(String, String, f32)]) -> Result<()> {
+        if let Some(log) = &mut self.log {
+            log.write(metrics, samples)?;
+        }
+        Ok(())
+    }
+
+    /// Forward/backward of this rank's sequences over micro-batches with the global normaliser,
+    /// ⊕ the loss and metric sums and the gradient buffer, then clipping and the AdamW step
+    /// (identical on every rank, since the summed gradient is).
     fn update(
         &mut self,
         seqs: &[(usize, Vec<u32>, Vec<f32>)],
         advantages: &[f32],
         alpha: f32,
+        normaliser: Normaliser,
         lr: f32,
     ) -> Result<UpdateOutcome> {
         let cfg = self.config.clone();
@@ -477,32 +736,35 @@ impl Trainer {
         } else {
             1.0
         };
-        let total_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
-        let normaliser = Normaliser::new(seqs.len(), total_tokens);
+        let total_tokens = normaliser.n_tokens;
+        let local_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
         let keep = if cfg.gradient_checkpointing {
             Activations::LayerInputs
         } else {
             Activations::All
         };
-        // Micro-batches by token budget (prompt + completion).
+        // Micro-batches by token budget (prompt + completion); none when this rank has no
+        // completion token to train on (it still takes part in the reductions).
         let mut micro: Vec<std::ops::Range<usize>> = Vec::new();
-        let mut start = 0;
-        let mut tokens = 0;
-        for (i, (p, c, _)) in seqs.iter().enumerate() {
-            let len = self.prompts[*p].ids.len() + c.len();
-            if i > start && tokens + len > cfg.algorithm.micro_batch_tokens {
-                micro.push(start..i);
-                start = i;
-                tokens = 0;
+        if local_tokens > 0 {
+            let mut start = 0;
+            let mut tokens = 0;
+            for (i, (p, c, _)) in seqs.iter().enumerate() {
+                let len = self.prompts[*p].ids.len() + c.len();
+                if i > start && tokens + len > cfg.algorithm.micro_batch_tokens {
+                    micro.push(start..i);
+                    start = i;
+                    tokens = 0;
+                }
+                tokens += len;
             }
-            tokens += len;
+            micro.push(start..seqs.len());
         }
-        micro.push(start..seqs.len());
 
         // Old-policy log-probs for several updates per batch (GRPO's num_iterations > 1).
         let old_logp: Option<Vec<f32>> =
             if loss_fn.uses_importance_ratio() && cfg.algorithm.num_iterations > 1 {
-                let mut all = Vec::with_capacity(total_tokens);
+                let mut all = Vec::with_capacity(local_tokens);
                 for r in &micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
                     all.extend(self.model.logprobs(&batch, inv_t)?.logprobs);
@@ -514,7 +776,7 @@ impl Trainer {
         // Reference-model log-probs for the KL penalty (β > 0), from the frozen initial model.
         let ref_logp: Option<Vec<f32>> = match &self.reference {
             Some(reference) if loss_fn.needs_reference_logp() => {
-                let mut all = Vec::with_capacity(total_tokens);
+                let mut all = Vec::with_capacity(local_tokens);
                 for r in &micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
                     all.extend(reference.logprobs(&batch, inv_t)?.logprobs);
@@ -526,10 +788,8 @@ impl Trainer {
 
         let mut outcome = UpdateOutcome::default();
         for _iteration in 0..cfg.algorithm.num_iterations {
-            let mut loss = 0.0;
-            let mut entropy_sum = 0.0;
-            let mut clip_sum = 0.0;
-            let mut kl_sum = 0.0;
+            // [loss, Σ entropy, Σ clipped·n, Σ kl·n] of this rank's micro-batches.
+            let mut sums = [0.0f64; 4];
             let mut token_offset = 0;
             for r in &micro {
                 let part = &seqs[r.clone()];
@@ -552,10 +812,10 @@ impl Trainer {
                     alpha,
                     normaliser,
                 )?;
-                loss += out.loss;
-                entropy_sum += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
-                clip_sum += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
-                kl_sum += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
+                sums[0] += out.loss;
+                sums[1] += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
+                sums[2] += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
+                sums[3] += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
                 self.model.backward_into(
                     &batch,
                     cache,
@@ -564,14 +824,18 @@ impl Trainer {
                 )?;
                 token_offset += n;
             }
+            // ⊕ loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
+            self.comm.all_reduce_f64(&mut sums)?;
+            self.comm.all_reduce_grads(self.updater.grads_mut())?;
+            let [loss, entropy_sum, clip_sum, kl_sum] = sums;
             outcome.loss = loss;
-            outcome.entropy = entropy_sum / total_tokens.max(1) as f64;
+            outcome.entropy = entropy_sum / total_tokens;
             outcome.clip_fraction = loss_fn
                 .uses_importance_ratio()
-                .then_some(clip_sum / total_tokens.max(1) as f64);
+                .then_some(clip_sum / total_tokens);
             outcome.kl = loss_fn
                 .needs_reference_logp()
-                .then_some(kl_sum / total_tokens.max(1) as f64);
+                .then_some(kl_sum / total_tokens);
             if !loss.is_finite() {
                 self.updater.zero_grad();
                 outcome.skipped = Some(format!("non-finite loss ({loss})"));
@@ -600,8 +864,12 @@ impl Trainer {
         TrainBatch::new(&pairs)
     }
 
-    /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl`.
+    /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl` (rank 0;
+    /// a no-op on the others).
     pub fn record_eval(&self, step: u64, pass_at_1: f64) -> Result<()> {
+        if !self.comm.collective.is_root() {
+            return Ok(());
+        }
         let path = self.config.output_dir.join("eval.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -624,8 +892,12 @@ impl Trainer {
         first.get("pass_at_1")?.as_f64()
     }
 
-    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir`.
+    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir` (rank
+    /// 0; a no-op on the others).
     pub fn save_final(&self, dir: &Path) -> Result<()> {
+        if !self.comm.collective.is_root() {
+            return Ok(());
+        }
         let tmp = dir.with_extension("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -645,11 +917,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes `checkpoint-<step>` (model, tokenizer, optimiser, data position) atomically and
-    /// prunes old ones.
+    /// Writes `checkpoint-<step>` (model, tokenizer, optimiser, data position, manifest)
+    /// atomically and prunes old ones. Rank 0 writes; the other ranks hold the same state and
+    /// write nothing.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = self.config.output_dir.clone();
         let dir = out.join(format!("checkpoint-{}", self.step));
+        let Some(log) = &mut self.log else {
+            return Ok(dir);
+        };
+        log.flush()?;
         let (optimizer, buffers) = self.updater.checkpoint_state(&self.model)?;
         let state = TrainerState {
             step: self.step,
@@ -674,7 +951,6 @@ impl Trainer {
             &serde_json::to_value(&state)?,
             &buffers,
         )?;
-        self.log.flush()?;
         prune_checkpoints(&out, self.config.logging.keep_checkpoints)?;
         Ok(dir)
     }
@@ -703,6 +979,154 @@ fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Rank 0's verdict on a decision only it can take (it alone sees the run folder), shared with
+/// every rank: its value, or its error on every rank.
+fn agree<T: Serialize + serde::de::DeserializeOwned>(
+    collective: &dyn Collective,
+    decide: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if collective.world() == 1 {
+        return decide();
+    }
+    let mut message = if collective.is_root() {
+        let verdict: std::result::Result<T, String> = decide().map_err(|e| format!("{e:#}"));
+        serde_json::to_vec(&verdict)?
+    } else {
+        Vec::new()
+    };
+    collective.broadcast_bytes(&mut message, 0)?;
+    let verdict: std::result::Result<T, String> =
+        serde_json::from_slice(&message).context("internal: rank 0's verdict")?;
+    verdict.map_err(|e| {
+        if collective.is_root() {
+            anyhow::anyhow!(e)
+        } else {
+            anyhow::anyhow!("rank 0: {e}")
+        }
+    })
+}
+
+/// SHA-256 of the prompts' token ids (the ranks must train on the same data).
+fn prompts_digest(prompts: &[PreparedPrompt]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in prompts {
+        h.update((p.ids.len() as u64).to_le_bytes());
+        for id in &p.ids {
+            h.update(id.to_le_bytes());
+        }
+    }
+    h.finalize().to_vec()
+}
+
+/// The collective with a clock of the time spent in it.
+struct Comm {
+    collective: Arc<dyn Collective>,
+    seconds: std::cell::Cell<f64>,
+    /// Of which the gradient all-reduces.
+    grad_seconds: std::cell::Cell<f64>,
+}
+
+impl Comm {
+    fn new(collective: Arc<dyn Collective>) -> Self {
+        Self {
+            collective,
+            seconds: std::cell::Cell::new(0.0),
+            grad_seconds: std::cell::Cell::new(0.0),
+        }
+    }
+
+    /// Seconds spent in collective operations so far.
+    fn seconds(&self) -> f64 {
+        self.seconds.get()
+    }
+
+    fn add_seconds(&self, s: f64) {
+        self.seconds.set(self.seconds.get() + s);
+    }
+
+    fn timed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let t0 = Instant::now();
+        let out = f();
+        self.add_seconds(t0.elapsed().as_secs_f64());
+        out
+    }
+
+    fn all_reduce_f64(&self, data: &mut [f64]) -> Result<()> {
+        if self.collective.world() == 1 {
+            return Ok(());
+        }
+        self.timed(|| self.collective.all_reduce_sum_f64(data))
+    }
+
+    /// ⊕ Sums the gradient tree over ranks as one flat buffer (packed into chunks).
+    fn all_reduce_grads(&self, grads: &mut crate::model::Grads) -> Result<()> {
+        if self.collective.world() == 1 {
+            return Ok(());
+        }
+        let mut slices: Vec<&mut [f32]> = Vec::new();
+        grads.visit_mut(|_, g| slices.push(g.as_mut_slice()));
+        let t0 = Instant::now();
+        let out = self.timed(|| self.collective.all_reduce_sum_slices(&mut slices));
+        self.grad_seconds
+            .set(self.grad_seconds.get() + t0.elapsed().as_secs_f64());
+        out
+    }
+}
+
+/// A group of the step's pool: where it came from, its completions' lengths (known on every
+/// rank) and, on the rank that sampled it, the completions themselves.
+#[derive(Debug, Clone)]
+struct GroupPayload {
+    /// Index of the prompt in the training set.
+    prompt: usize,
+    lengths: Vec<usize>,
+    completions: Option<Vec<Completion>>,
+}
+
+/// What the rollout rounds of a step produced.
+#[derive(Debug)]
+struct RolloutOutcome {
+    batch: crate::algo::ResampledBatch<GroupPayload>,
+    /// (sum, count) of each reward function's scores over every sampled completion.
+    per_function: BTreeMap<String, (f64, usize)>,
+    samples_log: Vec<(String, String, f32)>,
+    time_rollout: f64,
+    time_reward: f64,
+}
+
+impl Default for RolloutOutcome {
+    fn default() -> Self {
+        Self {
+            batch: crate::algo::ResampledBatch {
+                groups: Vec::new(),
+                rounds_used: 0,
+                n_valid_seen: 0,
+                n_valid_in_batch: 0,
+                threshold_met: false,
+                scale: crate::algo::AgeScale::SkipUpdate,
+            },
+            per_function: BTreeMap::new(),
+            samples_log: Vec::new(),
+            time_rollout: 0.0,
+            time_reward: 0.0,
+        }
+    }
+}
+
+/// The step's batch as this rank trains on it.
+#[derive(Debug, Default)]
+struct StepBatch {
+    /// (prompt index, completion ids, sampling log-probs) of this rank's sequences.
+    seqs: Vec<(usize, Vec<u32>, Vec<f32>)>,
+    /// Positions in the batch of this rank's groups.
+    local_groups: Vec<usize>,
+    /// Global counts: sequences, completion tokens, longest completion.
+    n_sequences: usize,
+    n_tokens: usize,
+    max_length: usize,
 }
 
 #[derive(Debug, Default, Clone)]
