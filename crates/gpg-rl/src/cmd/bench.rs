@@ -216,8 +216,20 @@ fn engine(args: &EngineArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => write_bench_model(tmp.path(), 4096)?,
     };
-    let dir = ModelDir::load(&model_dir, &args.engine)?;
+    // On a CUDA device only sampling runs there (the train step is CPU-only so far).
+    let dir = if args.engine.device.is_cpu() {
+        ModelDir::load(&model_dir, &args.engine)?
+    } else {
+        anyhow::ensure!(
+            args.sampling_only,
+            "bench engine --device {}: only sampling runs on the GPU in this build; add \
+             --sampling-only",
+            args.engine.device
+        );
+        ModelDir::load_for_sampling(&model_dir, &args.engine)?
+    };
     let model = &dir.model;
+    let decode = gpg::model::decoding::engine_for(model, &args.engine.device)?;
     let vocab = model.config.vocab_size as u32;
     let threads = rayon::current_num_threads();
     println!(
@@ -301,8 +313,10 @@ fn engine(args: &EngineArgs) -> Result<()> {
         ignore_eos: true,
         ..Default::default()
     };
-    rollout::generate(
+    println!("sampling on {}", decode.device_name());
+    rollout::generate_with(
         model,
+        &*decode,
         &dir.tokenizer,
         &prompts[..1],
         &SamplingParams {
@@ -314,8 +328,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
     let mut new_tokens = 0;
     for run in 0..args.runs {
         let t0 = Instant::now();
-        let out = rollout::generate(
+        let out = rollout::generate_with(
             model,
+            &*decode,
             &dir.tokenizer,
             &prompts,
             &SamplingParams {
@@ -361,6 +376,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
         .concat();
         let mut hf_args = sample_shape.clone();
         hf_args.extend(["--dtype".into(), dtype.into()]);
+        if let Some(n) = args.engine.device.cuda_ordinal() {
+            hf_args.extend(["--device".into(), format!("cuda:{n}")]);
+        }
         match args.peer_dtype {
             PeerDtype::F32 => println!("peer dtype: f32"),
             PeerDtype::Bf16 => println!(
