@@ -41,7 +41,7 @@ gunzip -c .gpu/gpg-rl.gz > $bin/gpg-rl && gunzip -c .gpu/gpg-tests.gz > $bin/gpg
 chmod +x $bin/gpg-rl $bin/gpg-tests
 
 step "2. ops, sampler and decoder: CUDA vs CPU"
-timeout 180 $bin/gpg-tests cuda:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -n 40
+GPG_RL_REQUIRE_GPU=1 timeout 180 $bin/gpg-tests cuda:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -n 40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: cuda tests"; fail=1; }
 
 step "3. models (transformers, bf16)"

@@ -16,6 +16,8 @@ pub mod sources;
 
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg(test)]
+mod nvrtc_check;
 #[cfg(feature = "cuda")]
 pub mod ops;
 #[cfg(all(test, feature = "cuda"))]

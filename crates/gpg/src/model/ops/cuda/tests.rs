@@ -19,9 +19,14 @@ use super::{compile_for_arch, nvrtc_available, Gpu};
 use crate::model::ops::test_util::{rand_vec, rng, tensor, values};
 use crate::model::ops::{self as cpu_ops, Rope, VarLen};
 
+/// The device, or None (the test then passes, printing why) without one; with
+/// GPG_RL_REQUIRE_GPU=1 (bench/gpu/check.sh) a missing device fails the test instead.
 fn gpu() -> Option<Arc<Gpu>> {
     match Gpu::open(0) {
         Ok(g) => Some(g),
+        Err(e) if std::env::var_os("GPG_RL_REQUIRE_GPU").is_some() => {
+            panic!("GPG_RL_REQUIRE_GPU is set but no GPU opened: {e:#}")
+        }
         Err(e) => {
             eprintln!("skipped (no GPU): {e:#}");
             None
