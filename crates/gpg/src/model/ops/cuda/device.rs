@@ -14,8 +14,11 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::sources::Module;
 
-/// The shared libraries a GPU run loads, each with cudarc's probe and the names it tries.
-fn libraries() -> [(&'static str, &'static str, unsafe fn() -> bool); 4] {
+/// cudarc's probe of one library (tries to dlopen each candidate name).
+type Probe = unsafe fn() -> bool;
+
+/// The shared libraries a GPU run loads: name, what it is, cudarc's probe.
+fn libraries() -> [(&'static str, &'static str, Probe); 4] {
     [
         (
             "cuda",

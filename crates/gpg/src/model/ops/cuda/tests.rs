@@ -636,7 +636,7 @@ fn gpu_decoder_matches_the_cpu_decoder() {
         let cuda = crate::model::cuda_decode::CudaDecoder::new(g.clone(), &model).unwrap();
         let mut a = DecodeEngine::new_batch(&model, 3, 20).unwrap();
         let mut b = cuda.new_batch(3, 20).unwrap();
-        let prompts = vec![vec![3u32, 1, 4, 1, 5], vec![9u32, 2, 6]];
+        let prompts = [vec![3u32, 1, 4, 1, 5], vec![9u32, 2, 6]];
         for batch in [&mut a, &mut b] {
             batch.push_row(&kv_refs, 20, &logits0[0]).unwrap();
             batch.push_prompts(&prompts[..1], 1, 12).unwrap();
