@@ -11,10 +11,11 @@
 #      compiled for the device by NVRTC: the `cuda::` tests of the carried test binary
 #   3. Qwen2.5-0.5B- and 1.5B-shaped random bf16 models made by transformers
 #      (make_qwen_shape.py); greedy `generate` on cuda vs cpu (same tokens expected up to
-#      bf16 ties), then `bench engine --device cuda --sampling-only` beside HF generate (bf16,
-#      sdpa, on the GPU) at batch 64 × 512 new tokens and at batch 1
-# Not here, because this build does not have them yet: the training step on the GPU (train,
-# bench trainer, the 3-step GPG run GPU vs CPU).
+#      bf16 ties); `bench engine --device cuda`: the GPU train step (16 × 1024 tokens, MFU,
+#      device memory) beside PyTorch's (torch_train_step.py, pure bf16, sdpa, on the GPU), and
+#      sampling at batch 64 × 512 new tokens (and batch 1) beside HF generate on the GPU
+# Not here, because this build does not have it yet: the trainer on the GPU (`train`, `bench
+# trainer`, the 3-step GPG run GPU vs CPU): the GPU train step is used by the benchmark only.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -67,15 +68,22 @@ for a, b in zip(rows["cpu"], rows["cuda"]):
           f"max |logprob diff| over them {max([abs(x - y) for x, y in zip(a['logprobs'][:same], b['logprobs'][:same])] or [0]):.3g}")
 PY
 
-step "3b. bench engine --device cuda (sampling) beside HF generate on the GPU"
+step "3b. bench engine --device cuda beside PyTorch / HF generate on the GPU (bf16)"
 for shape in 0.5b 1.5b; do
-  for b in 64 1; do
-    echo "--- $shape, batch $b"
-    timeout 200 $bin/gpg-rl bench engine --model /tmp/qwen-$shape --precision bf16 --device cuda \
-      --sampling-only --batch $b --sample-prompt-len 64 --new-tokens 512 --runs 2 \
-      --peer-python $py --peer-dtype bf16 2>&1 | tee "$OUT/bench-$shape-b$b.log" || fail=1
-  done
+  echo "--- $shape: train step, 16 x 1024 tokens (256 prompt), PyTorch peer pure bf16 + sdpa"
+  timeout 240 $bin/gpg-rl bench engine --model /tmp/qwen-$shape --precision bf16 --device cuda \
+    --batch 16 --seq-len 1024 --prompt-len 256 --steps 3 --new-tokens 8 --runs 1 \
+    --peer-python $py --peer-dtype bf16 --peer-bf16-mode pure 2>&1 | tee "$OUT/train-$shape.log" \
+    || fail=1
+  echo "--- $shape: sampling, batch 64 x 512 new tokens"
+  timeout 200 $bin/gpg-rl bench engine --model /tmp/qwen-$shape --precision bf16 --device cuda \
+    --sampling-only --batch 64 --sample-prompt-len 64 --new-tokens 512 --runs 1 \
+    --peer-python $py --peer-dtype bf16 2>&1 | tee "$OUT/sample-$shape-b64.log" || fail=1
 done
+echo "--- 0.5b: sampling, batch 1 x 256 new tokens (HBM roofline: bytes of the weights per token)"
+timeout 120 $bin/gpg-rl bench engine --model /tmp/qwen-0.5b --precision bf16 --device cuda \
+  --sampling-only --batch 1 --sample-prompt-len 64 --new-tokens 256 --runs 1 \
+  --peer-python $py --peer-dtype bf16 2>&1 | tee "$OUT/sample-0.5b-b1.log" || fail=1
 
 step "done: fail=$fail"
 exit $fail

@@ -216,16 +216,11 @@ fn engine(args: &EngineArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => write_bench_model(tmp.path(), 4096)?,
     };
-    // On a CUDA device only sampling runs there (the train step is CPU-only so far).
+    // On a CUDA device the model is read on the CPU and uploaded by the GPU train step and
+    // the GPU decoder.
     let dir = if args.engine.device.is_cpu() {
         ModelDir::load(&model_dir, &args.engine)?
     } else {
-        anyhow::ensure!(
-            args.sampling_only,
-            "bench engine --device {}: only sampling runs on the GPU in this build; add \
-             --sampling-only",
-            args.engine.device
-        );
         ModelDir::load_for_sampling(&model_dir, &args.engine)?
     };
     let model = &dir.model;
@@ -257,45 +252,55 @@ fn engine(args: &EngineArgs) -> Result<()> {
         let g: Vec<f32> = (0..n)
             .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
             .collect();
-        // The train step updates the model's tensors in place (the sampling below then runs on
-        // the updated weights, which does not change its cost).
-        let mut train_model = dir.model.clone();
-        let keep = if args.gradient_checkpointing {
-            gpg::model::Activations::LayerInputs
+        if !args.engine.device.is_cpu() {
+            super::bench_cuda::train_step_seconds(
+                &args.engine.device,
+                model,
+                &batch,
+                &g,
+                args.steps,
+            )?
         } else {
-            gpg::model::Activations::All
-        };
-        let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
-        let mut times = Vec::new();
-        for step in 0..=args.steps {
-            let t0 = Instant::now();
-            let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
-            train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
-            updater.step(&mut train_model, 1e-5, 1.0)?;
-            if step > 0 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        let train_s = median(times);
-        let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
-        println!(
-            "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
-            if args.gradient_checkpointing {
-                ", gradient checkpointing"
+            // The train step updates the model's tensors in place (the sampling below then runs on
+            // the updated weights, which does not change its cost).
+            let mut train_model = dir.model.clone();
+            let keep = if args.gradient_checkpointing {
+                gpg::model::Activations::LayerInputs
             } else {
-                ""
-            },
-            args.batch,
-            args.seq_len,
-            train_s,
-            args.steps
-        );
-        println!(
-            "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
-             (+{:.0} MiB for gradients, optimiser state and activations)",
-            rss_train - rss_load
-        );
-        train_s
+                gpg::model::Activations::All
+            };
+            let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
+            let mut times = Vec::new();
+            for step in 0..=args.steps {
+                let t0 = Instant::now();
+                let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
+                train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
+                updater.step(&mut train_model, 1e-5, 1.0)?;
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let train_s = median(times);
+            let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
+            println!(
+                "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
+                if args.gradient_checkpointing {
+                    ", gradient checkpointing"
+                } else {
+                    ""
+                },
+                args.batch,
+                args.seq_len,
+                train_s,
+                args.steps
+            );
+            println!(
+                "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
+                 (+{:.0} MiB for gradients, optimiser state and activations)",
+                rss_train - rss_load
+            );
+            train_s
+        }
     };
 
     // Sampling: batch of random prompts, fixed number of new tokens.
@@ -363,6 +368,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
         ]
         .concat();
         torch_args.extend(["--dtype".into(), dtype.into()]);
+        if let Some(n) = args.engine.device.cuda_ordinal() {
+            torch_args.extend(["--device".into(), format!("cuda:{n}")]);
+        }
         if args.peer_dtype == PeerDtype::Bf16 {
             torch_args.extend(["--bf16-mode".into(), args.peer_bf16_mode.as_str().into()]);
         }

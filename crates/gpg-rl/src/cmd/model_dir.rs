@@ -10,8 +10,9 @@ use gpg::tokenizer::Tokenizer;
 /// Where and in which precision a command runs its model (`--device`, `--precision`).
 #[derive(Args, Clone, Debug)]
 pub struct EngineFlags {
-    /// Device: cpu, or cuda / cuda:N (a build with `--features cuda`: sampling in `generate` and
-    /// `bench engine --sampling-only` runs on the GPU; training and scoring stay on the CPU).
+    /// Device: cpu, or cuda / cuda:N (a build with `--features cuda`: sampling in `generate`,
+    /// `eval` and `bench engine --sampling-only` runs on the GPU; training and scoring stay on
+    /// the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceName,
     /// Number format: f32, or bf16 (bf16 weight matrices and matrix products with f32

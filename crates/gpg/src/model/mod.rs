@@ -7,6 +7,8 @@
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_decode;
+#[cfg(feature = "cuda")]
+pub mod cuda_train;
 pub mod decode;
 pub mod decoding;
 pub mod ops;

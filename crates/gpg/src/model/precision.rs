@@ -122,8 +122,8 @@ impl DeviceName {
     /// The device of the whole engine (training and scoring forward/backward): the CPU. A CUDA
     /// device is refused with an error that says why: without the `cuda` feature, how to
     /// rebuild; with it, after opening the device (so a missing driver is reported as such),
-    /// that this build samples on the GPU (`generate --device cuda`) but trains and scores on
-    /// the CPU.
+    /// that this build samples on the GPU (`generate`, `eval`) but trains and scores on the
+    /// CPU.
     pub fn open(&self) -> Result<Device> {
         if self.is_cpu() {
             return Ok(Device::Cpu);
@@ -132,9 +132,10 @@ impl DeviceName {
         {
             let gpu = self.open_gpu()?;
             bail!(
-                "device `{}` ({}): this gpg-rl samples on the GPU (`generate --device cuda`) but \
-                 its training and scoring engine (train, sft, eval, logprobs, bench) runs on the \
-                 CPU only so far; use `--device cpu` or `device = \"cpu\"` in the recipe",
+                "device `{}` ({}): this gpg-rl samples on the GPU (`generate`, `eval`, `bench engine \
+                 --sampling-only` with `--device cuda`) but its training and scoring engine \
+                 (train, sft, logprobs, bench trainer) runs on the CPU only so far; use \
+                 `--device cpu` or `device = \"cpu\"` in the recipe",
                 self.0,
                 gpu.description()
             )

@@ -272,6 +272,140 @@ pub fn cast_to_bf16(
     Ok(())
 }
 
+/// y[..n] += x[..n].
+pub fn add_into(gpu: &Gpu, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+    check_len("add", "y", y, n)?;
+    check_len("add", "x", x, n)?;
+    let f = gpu.function(&ELEMENTWISE, "add_f32")?;
+    let n64 = n as u64;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(y).arg(x).arg(&n64);
+    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("add"))?;
+    Ok(())
+}
+
+/// out[j] += Σ_r x[r, j] (rows in order): a bias gradient.
+pub fn add_col_sums(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    rows: usize,
+    n: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_len("add_col_sums", "x", x, rows * n)?;
+    check_len("add_col_sums", "out", out, n)?;
+    let f = gpu.function(&ELEMENTWISE, "add_col_sums")?;
+    let (r32, n32) = (rows as i32, n as i32);
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(x).arg(&r32).arg(&n32).arg(out);
+    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("add_col_sums"))?;
+    Ok(())
+}
+
+/// The device address of element `offset` of `buf` (for products on parts of a buffer: the
+/// head's vocabulary chunks). Valid while `buf` lives; one stream, no event tracking.
+pub fn address<T>(gpu: &Gpu, buf: &CudaSlice<T>, offset: usize) -> u64 {
+    let (p, _sync) = buf.device_ptr(&gpu.stream);
+    p + (offset * std::mem::size_of::<T>()) as u64
+}
+
+/// One operand of [`gemm_at`]: a device address and its element type.
+#[derive(Debug, Clone, Copy)]
+pub struct At {
+    pub addr: u64,
+    pub bf16: bool,
+}
+
+/// Column-major C[m, n] = alpha·op(A)·op(B) + beta·C (f32 C) on raw addresses; `transpose`
+/// gives (op A, op B). Operands share the element type. The caller guarantees the extents.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_at(
+    gpu: &Gpu,
+    transpose: (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (a, lda): (At, usize),
+    (b, ldb): (At, usize),
+    (c, ldc): (u64, usize),
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    ensure!(a.bf16 == b.bf16, "cuda gemm: operands of different types");
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (ty, compute) = if a.bf16 {
+        (
+            cudaDataType::CUDA_R_16BF,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        )
+    } else {
+        (
+            cudaDataType::CUDA_R_32F,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC,
+        )
+    };
+    let int = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| anyhow!("cuda gemm: {what} = {v} exceeds cuBLAS's i32"))
+    };
+    // SAFETY: the caller guarantees that the addresses hold the extents; cuBLAS runs on the
+    // stream.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *gpu.blas.handle(),
+            op(transpose.0),
+            op(transpose.1),
+            int(m, "m")?,
+            int(n, "n")?,
+            int(k, "k")?,
+            &alpha as *const f32 as *const _,
+            a.addr as *const _,
+            ty,
+            int(lda, "lda")?,
+            b.addr as *const _,
+            ty,
+            int(ldb, "ldb")?,
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            cudaDataType::CUDA_R_32F,
+            int(ldc, "ldc")?,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        )
+    }
+    .map_err(|e| anyhow!("cuda gemm ({m}×{n}×{k}): {e:?}"))
+}
+
+/// dz in place over one head chunk z [rows, cols] (columns c0..): g·(1[v = target] − e^(z − lse)).
+#[allow(clippy::too_many_arguments)]
+pub fn head_dlogits(
+    gpu: &Gpu,
+    z: &mut CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    c0: usize,
+    targets: &CudaSlice<u32>,
+    lse: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+) -> Result<()> {
+    check_len("head_dlogits", "z", z, rows * cols)?;
+    let f = gpu.function(&LM_HEAD, "head_chunk_dlogits")?;
+    let (r32, c32, c032) = (rows as i32, cols as i32, c0 as i32);
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(z)
+        .arg(&r32)
+        .arg(&c32)
+        .arg(&c032)
+        .arg(targets)
+        .arg(lse)
+        .arg(g);
+    unsafe { l.launch(grid1(rows * cols, ELEMENTWISE_THREADS)?) }.map_err(err("head_dlogits"))?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 /// y = x·rstd·w per row of `h`; returns rstd [rows] (kernels/rms_norm.cu).

@@ -86,7 +86,13 @@ pub const OPTIM: Module = Module {
 pub const ELEMENTWISE: Module = Module {
     name: "elementwise",
     source: include_str!("kernels/elementwise.cu"),
-    kernels: &["add_bias_f32", "cast_f32_bf16", "cast_bf16_f32"],
+    kernels: &[
+        "add_bias_f32",
+        "cast_f32_bf16",
+        "cast_bf16_f32",
+        "add_f32",
+        "add_col_sums",
+    ],
 };
 
 pub const SAMPLING: Module = Module {

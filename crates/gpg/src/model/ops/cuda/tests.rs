@@ -679,3 +679,112 @@ fn gpu_decoder_matches_the_cpu_decoder() {
         }
     }
 }
+
+/// The GPU training step against the CPU engine on a small model: log-probs, every
+/// parameter's gradient (relative L2), and the weights after one clipped AdamW step.
+#[test]
+fn gpu_train_step_matches_the_cpu_engine() {
+    use crate::model::{Activations, Precision, Qwen2, TrainBatch};
+    use crate::optim::{AdamW, AdamWConfig};
+    use crate::train::update::ModelUpdater;
+    let Some(g) = gpu() else { return };
+    for (tied, precision) in [
+        (true, Precision::F32),
+        (false, Precision::F32),
+        (true, Precision::Bf16),
+    ] {
+        let config: crate::model::Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": tied
+        }))
+        .unwrap();
+        let mut model = Qwen2::random(config, 0.3, 13, &candle_core::Device::Cpu).unwrap();
+        if precision == Precision::Bf16 {
+            model = model.to_precision(precision).unwrap();
+        }
+        let what = format!("tied {tied}, {precision}");
+        let (p0, c0) = ([1u32, 2, 3], [4u32, 5, 6, 7, 200]);
+        let (p1, c1) = ([9u32], [10u32, 11, 299]);
+        let batch = TrainBatch::new(&[(&p0[..], &c0[..]), (&p1[..], &c1[..])]).unwrap();
+        let mut r = rng(7);
+        let gt = rand_vec(&mut r, batch.targets.len(), 1.0);
+        let (lp, cache) = model
+            .forward_train_with(&batch, 0.9, Activations::All)
+            .unwrap();
+        let mut updater =
+            ModelUpdater::new(&model, AdamW::new(AdamWConfig::default()).unwrap()).unwrap();
+        model
+            .backward_into(&batch, cache, &gt, updater.grads_mut())
+            .unwrap();
+
+        let mut step =
+            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model, AdamWConfig::default())
+                .unwrap();
+        let (lpg, cg) = step.forward(&batch, 0.9).unwrap();
+        let (tol_lp, tol_g) = if precision == Precision::F32 {
+            (1e-5, 1e-4)
+        } else {
+            (2e-2, 3e-2)
+        };
+        close(
+            &lpg.logprobs,
+            &lp.logprobs,
+            tol_lp,
+            tol_lp,
+            &format!("{what}: logprobs"),
+        );
+        close(
+            &lpg.entropy,
+            &lp.entropy,
+            tol_lp,
+            tol_lp,
+            &format!("{what}: entropy"),
+        );
+        step.backward(&batch, cg, &gt).unwrap();
+        let cpu_grads = updater
+            .grads_mut()
+            .named()
+            .into_iter()
+            .map(|(n, v)| (n, v.clone()))
+            .collect::<Vec<_>>();
+        let gpu_grads = step.gradients().unwrap();
+        assert_eq!(cpu_grads.len(), gpu_grads.len(), "{what}");
+        for ((name, want), (gname, got)) in cpu_grads.iter().zip(&gpu_grads) {
+            assert_eq!(name, gname);
+            let num: f64 = want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+            let rel = (num / den.max(1e-30)).sqrt();
+            assert!(
+                rel <= tol_g,
+                "{what}: gradient of {name}: relative L2 error {rel}"
+            );
+        }
+        // One clipped AdamW step each, then the weights.
+        let mut cpu_model = model.clone();
+        updater.step(&mut cpu_model, 1e-3, 0.5).unwrap();
+        let outcome = step.step(1e-3, 0.5).unwrap();
+        assert!(outcome.applied && outcome.grad_norm.is_finite());
+        let mut gpu_model = model.clone();
+        step.write_back(&mut gpu_model).unwrap();
+        for ((name, a), (_, b)) in cpu_model
+            .parameters()
+            .iter()
+            .zip(gpu_model.parameters().iter())
+        {
+            let a = values(&a.to_dtype(DType::F32).unwrap());
+            let b = values(&b.to_dtype(DType::F32).unwrap());
+            let tol = if precision == Precision::F32 {
+                1e-5
+            } else {
+                1e-2
+            };
+            close(&b, &a, tol, 1e-6, &format!("{what}: {name} after one step"));
+        }
+    }
+}
