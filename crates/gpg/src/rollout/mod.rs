@@ -64,8 +64,9 @@ pub fn generate(
     generate_with(model, model, tokenizer, prompts, params)
 }
 
-/// [`generate`] with the decode steps on `engine` (the CPU model itself, or a GPU decoder made
-/// from `model`); the prompts are prefilled by `model`.
+/// [`generate`] with the prefill and the decode steps on `engine` (the CPU model itself, or a
+/// GPU decoder made from `model`: `model::decoding::engine_for`); `model` supplies the config
+/// (positions, EOS ids).
 pub fn generate_with(
     model: &Qwen2,
     engine: &dyn DecodeEngine,

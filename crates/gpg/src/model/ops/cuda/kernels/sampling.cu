@@ -34,7 +34,6 @@ extern "C" __global__ void sample_rows(float* z, int v, float temperature, int t
                                        u32* status) {
     __shared__ float scratch[32];
     __shared__ float chunk_sums[SAMPLE_THREADS];
-    __shared__ int found;
     u64 r = blockIdx.x;
     float* e = z + r * v;
     bool greedy = temperature == 0.0f;
@@ -110,7 +109,6 @@ extern "C" __global__ void sample_rows(float* z, int v, float temperature, int t
     float mine = 0.0f;
     for (int i = a; i < b; ++i) mine += e[i] >= thr ? e[i] : 0.0f;
     chunk_sums[threadIdx.x] = mine;
-    if (threadIdx.x == 0) found = -1;
     __syncthreads();
     if (threadIdx.x == 0) {
         float u = (float)(uniforms[r] * (double)kept);
@@ -137,7 +135,6 @@ extern "C" __global__ void sample_rows(float* z, int v, float temperature, int t
             for (int i = v - 1; i >= 0; --i)
                 if (e[i] >= thr && e[i] > 0.0f) { token = i; break; }
         }
-        found = token;
         status[r] = 0;
         tokens[r] = (u32)token;
         logprobs[r] = logf(e[token]) - logf(zsum);
