@@ -68,6 +68,15 @@ for a, b in zip(rows["cpu"], rows["cuda"]):
           f"max |logprob diff| over them {max([abs(x - y) for x, y in zip(a['logprobs'][:same], b['logprobs'][:same])] or [0]):.3g}")
 PY
 
+step "3a'. determinism: the same sampled completions on the GPU, run after run"
+for run in 1 2; do
+  timeout 120 $bin/gpg-rl generate --model /tmp/qwen-0.5b --precision bf16 --device cuda \
+    --prompt "Once upon a time" -n 4 --temperature 1.0 --top-p 0.9 --seed 7 \
+    --max-new-tokens 64 --format json > "$OUT/sampled-$run.jsonl" || fail=1
+done
+if cmp -s "$OUT/sampled-1.jsonl" "$OUT/sampled-2.jsonl"; then echo "identical"; else
+  echo "FAILED: two seeded GPU runs differ"; fail=1; fi
+
 step "3b. bench engine --device cuda beside PyTorch / HF generate on the GPU (bf16)"
 for shape in 0.5b 1.5b; do
   echo "--- $shape: train step, 16 x 1024 tokens (256 prompt), PyTorch peer pure bf16 + sdpa"

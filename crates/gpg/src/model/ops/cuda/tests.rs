@@ -563,6 +563,16 @@ fn gpu_sampling_matches_the_cpu_sampler() {
         let u: Vec<f64> = gpu_s.iter_mut().map(|s| s.next_uniform(vocab)).collect();
         let mut ld = dev::upload(&g, &logits).unwrap();
         let drawn = dev::sample(&g, &mut ld, rows, vocab, temperature, top_k, top_p, &u).unwrap();
+        let mut ld2 = dev::upload(&g, &logits).unwrap();
+        let again = dev::sample(&g, &mut ld2, rows, vocab, temperature, top_k, top_p, &u).unwrap();
+        assert_eq!(
+            again.tokens, drawn.tokens,
+            "GPU sampling is not deterministic"
+        );
+        assert_eq!(
+            again.logprobs, drawn.logprobs,
+            "GPU sampling is not deterministic"
+        );
         for (row, (tok, lp)) in want.iter().enumerate() {
             assert_eq!(drawn.status[row], 0);
             // The CPU walks a truncated set by descending weight, the GPU by vocabulary order:
@@ -642,6 +652,16 @@ fn gpu_decoder_matches_the_cpu_decoder() {
             batch.push_prompts(&prompts[..1], 1, 12).unwrap();
             batch.push_prompts(&prompts[1..], 1, 12).unwrap();
         }
+        // Determinism: a second GPU batch fed the same gives the same bits.
+        let mut b2 = cuda.new_batch(3, 20).unwrap();
+        b2.push_row(&kv_refs, 20, &logits0[0]).unwrap();
+        b2.push_prompts(&prompts[..1], 1, 12).unwrap();
+        b2.push_prompts(&prompts[1..], 1, 12).unwrap();
+        assert_eq!(
+            b2.logits().unwrap(),
+            b.logits().unwrap(),
+            "{precision}: the GPU prefill is not deterministic"
+        );
         let tol0 = if precision == crate::model::Precision::F32 {
             1e-4
         } else {
