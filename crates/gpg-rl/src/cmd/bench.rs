@@ -216,8 +216,15 @@ fn engine(args: &EngineArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => write_bench_model(tmp.path(), 4096)?,
     };
-    let dir = ModelDir::load(&model_dir, &args.engine)?;
+    // On a CUDA device the model is read on the CPU and uploaded by the GPU train step and
+    // the GPU decoder.
+    let dir = if args.engine.device.is_cpu() {
+        ModelDir::load(&model_dir, &args.engine)?
+    } else {
+        ModelDir::load_for_sampling(&model_dir, &args.engine)?
+    };
     let model = &dir.model;
+    let decode = gpg::model::decoding::engine_for(model, &args.engine.device)?;
     let vocab = model.config.vocab_size as u32;
     let threads = rayon::current_num_threads();
     println!(
@@ -245,45 +252,55 @@ fn engine(args: &EngineArgs) -> Result<()> {
         let g: Vec<f32> = (0..n)
             .map(|_| rng.gen_range(-1.0f32..1.0) / n as f32)
             .collect();
-        // The train step updates the model's tensors in place (the sampling below then runs on
-        // the updated weights, which does not change its cost).
-        let mut train_model = dir.model.clone();
-        let keep = if args.gradient_checkpointing {
-            gpg::model::Activations::LayerInputs
+        if !args.engine.device.is_cpu() {
+            super::bench_cuda::train_step_seconds(
+                &args.engine.device,
+                model,
+                &batch,
+                &g,
+                args.steps,
+            )?
         } else {
-            gpg::model::Activations::All
-        };
-        let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
-        let mut times = Vec::new();
-        for step in 0..=args.steps {
-            let t0 = Instant::now();
-            let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
-            train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
-            updater.step(&mut train_model, 1e-5, 1.0)?;
-            if step > 0 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        let train_s = median(times);
-        let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
-        println!(
-            "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
-            if args.gradient_checkpointing {
-                ", gradient checkpointing"
+            // The train step updates the model's tensors in place (the sampling below then runs on
+            // the updated weights, which does not change its cost).
+            let mut train_model = dir.model.clone();
+            let keep = if args.gradient_checkpointing {
+                gpg::model::Activations::LayerInputs
             } else {
-                ""
-            },
-            args.batch,
-            args.seq_len,
-            train_s,
-            args.steps
-        );
-        println!(
-            "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
-             (+{:.0} MiB for gradients, optimiser state and activations)",
-            rss_train - rss_load
-        );
-        train_s
+                gpg::model::Activations::All
+            };
+            let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
+            let mut times = Vec::new();
+            for step in 0..=args.steps {
+                let t0 = Instant::now();
+                let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
+                train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
+                updater.step(&mut train_model, 1e-5, 1.0)?;
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let train_s = median(times);
+            let rss_train = peak_rss_mib().unwrap_or(f64::NAN);
+            println!(
+                "train step (fwd+bwd+AdamW{}), batch {} x {} tokens: {:.3} s (median of {})",
+                if args.gradient_checkpointing {
+                    ", gradient checkpointing"
+                } else {
+                    ""
+                },
+                args.batch,
+                args.seq_len,
+                train_s,
+                args.steps
+            );
+            println!(
+                "peak RSS: {rss_load:.0} MiB after loading, {rss_train:.0} MiB after the train steps \
+                 (+{:.0} MiB for gradients, optimiser state and activations)",
+                rss_train - rss_load
+            );
+            train_s
+        }
     };
 
     // Sampling: batch of random prompts, fixed number of new tokens.
@@ -301,8 +318,10 @@ fn engine(args: &EngineArgs) -> Result<()> {
         ignore_eos: true,
         ..Default::default()
     };
-    rollout::generate(
+    println!("sampling on {}", decode.device_name());
+    rollout::generate_with(
         model,
+        &*decode,
         &dir.tokenizer,
         &prompts[..1],
         &SamplingParams {
@@ -314,8 +333,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
     let mut new_tokens = 0;
     for run in 0..args.runs {
         let t0 = Instant::now();
-        let out = rollout::generate(
+        let out = rollout::generate_with(
             model,
+            &*decode,
             &dir.tokenizer,
             &prompts,
             &SamplingParams {
@@ -348,6 +368,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
         ]
         .concat();
         torch_args.extend(["--dtype".into(), dtype.into()]);
+        if let Some(n) = args.engine.device.cuda_ordinal() {
+            torch_args.extend(["--device".into(), format!("cuda:{n}")]);
+        }
         if args.peer_dtype == PeerDtype::Bf16 {
             torch_args.extend(["--bf16-mode".into(), args.peer_bf16_mode.as_str().into()]);
         }
@@ -361,6 +384,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
         .concat();
         let mut hf_args = sample_shape.clone();
         hf_args.extend(["--dtype".into(), dtype.into()]);
+        if let Some(n) = args.engine.device.cuda_ordinal() {
+            hf_args.extend(["--device".into(), format!("cuda:{n}")]);
+        }
         match args.peer_dtype {
             PeerDtype::F32 => println!("peer dtype: f32"),
             PeerDtype::Bf16 => println!(

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use gpg::data::benchmarks::load_benchmark;
 use gpg::eval::{
-    benchmark_items, evaluate_with_progress, write_item_line, EvalConfig, EvalReport, PromptStyle,
+    benchmark_items, evaluate_on, write_item_line, EvalConfig, EvalReport, PromptStyle,
     DEFAULT_SYSTEM_PROMPT,
 };
 
@@ -140,8 +140,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         "{}: the benchmark has no problems",
         benchmark.path.display()
     );
-    let dir = ModelDir::load(&args.model, &args.engine)
+    let dir = ModelDir::load_for_sampling(&args.model, &args.engine)
         .with_context(|| format!("--model {}", args.model.display()))?;
+    let engine = gpg::model::decoding::engine_for(&dir.model, &args.engine.device)?;
     let stop_ids = dir
         .generation
         .eos_token_id
@@ -188,8 +189,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     let quiet = args.quiet;
     let mut written = 0usize;
-    let result = evaluate_with_progress(
+    let result = evaluate_on(
         &dir.model,
+        &*engine,
         &dir.tokenizer,
         &items,
         &config,

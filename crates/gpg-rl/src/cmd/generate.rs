@@ -59,7 +59,7 @@ pub enum OutputFormat {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let dir = ModelDir::load(&args.model, &args.engine)?;
+    let dir = ModelDir::load_for_sampling(&args.model, &args.engine)?;
     let generation = &dir.generation;
     let greedy_default = generation.do_sample == Some(false);
     let temperature = args.temperature.unwrap_or(if greedy_default {
@@ -103,7 +103,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         // A chat template already holds its special tokens; plain text gets none added.
         prompt_ids.push(dir.tokenizer.encode(&text, false)?);
     }
-    let completions = rollout::generate(&dir.model, &dir.tokenizer, &prompt_ids, &params)?;
+    let engine = gpg::model::decoding::engine_for(&dir.model, &args.engine.device)?;
+    let completions =
+        rollout::generate_with(&dir.model, &*engine, &dir.tokenizer, &prompt_ids, &params)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for c in &completions {

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+mod bench_cuda;
 mod bench_trainer;
 pub mod eval;
 pub mod generate;

@@ -10,7 +10,9 @@ use gpg::tokenizer::Tokenizer;
 /// Where and in which precision a command runs its model (`--device`, `--precision`).
 #[derive(Args, Clone, Debug)]
 pub struct EngineFlags {
-    /// Device: cpu (cuda and cuda:N are refused until the GPU engine exists).
+    /// Device: cpu, or cuda / cuda:N (a build with `--features cuda`: sampling in `generate`,
+    /// `eval` and `bench engine --sampling-only` runs on the GPU; training and scoring stay on
+    /// the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceName,
     /// Number format: f32, or bf16 (bf16 weight matrices and matrix products with f32
@@ -42,15 +44,33 @@ pub struct GenerationDefaults {
 }
 
 impl ModelDir {
+    /// Loads the model for a command that runs its whole engine on `engine.device` (only the
+    /// CPU so far: a CUDA device is refused with the reason).
     pub fn load(dir: &Path, engine: &EngineFlags) -> Result<Self> {
+        let device = engine.device.open()?;
+        Self::load_on(dir, &device, engine)
+    }
+
+    /// Loads the model for a command that only samples: with a CUDA device the weights are read
+    /// on the CPU (prefill) and uploaded by the CUDA decoder
+    /// (`gpg::model::decoding::engine_for`).
+    pub fn load_for_sampling(dir: &Path, engine: &EngineFlags) -> Result<Self> {
+        gpg::model::decoding::check_sampling_device(&engine.device)?;
+        Self::load_on(dir, &gpg::candle_core::Device::Cpu, engine)
+    }
+
+    fn load_on(
+        dir: &Path,
+        device: &gpg::candle_core::Device,
+        engine: &EngineFlags,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             anyhow::bail!(
                 "{}: not a directory (expected a Hugging Face model directory)",
                 dir.display()
             );
         }
-        let device = engine.device.open()?;
-        let model = Qwen2::load(dir, &device, engine.precision)?;
+        let model = Qwen2::load(dir, device, engine.precision)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let path = dir.join("generation_config.json");
         let generation = if path.is_file() {

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Prompt;
+use crate::model::decoding::DecodeEngine;
 use crate::model::Qwen2;
 use crate::rollout::{self, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -139,6 +140,19 @@ pub fn evaluate_with_progress(
     config: &EvalConfig,
     on_chunk: &mut dyn FnMut(&[ItemResult], &EvalProgress) -> Result<()>,
 ) -> Result<EvalReport> {
+    evaluate_on(model, model, tokenizer, items, config, on_chunk)
+}
+
+/// [`evaluate_with_progress`] with the sampling on `engine` (the CPU model itself, or its GPU
+/// decoder: `model::decoding::engine_for`).
+pub fn evaluate_on(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
+    tokenizer: &Tokenizer,
+    items: &[EvalItem],
+    config: &EvalConfig,
+    on_chunk: &mut dyn FnMut(&[ItemResult], &EvalProgress) -> Result<()>,
+) -> Result<EvalReport> {
     config.validate()?;
     ensure!(!items.is_empty(), "eval: no items to evaluate");
     let start = Instant::now();
@@ -173,16 +187,17 @@ pub fn evaluate_with_progress(
         let end = (first + config.batch_prompts).min(items.len());
         let chunk = &items[first..end];
         let params = config.sampling_params(first);
-        let completions = rollout::generate(model, tokenizer, &prompt_ids[first..end], &params)
-            .with_context(|| {
-                format!(
-                    "eval: sampling items {}..={} (ids {} to {})",
-                    first + 1,
-                    end,
-                    chunk[0].id,
-                    chunk[chunk.len() - 1].id
-                )
-            })?;
+        let completions =
+            rollout::generate_with(model, engine, tokenizer, &prompt_ids[first..end], &params)
+                .with_context(|| {
+                    format!(
+                        "eval: sampling items {}..={} (ids {} to {})",
+                        first + 1,
+                        end,
+                        chunk[0].id,
+                        chunk[chunk.len() - 1].id
+                    )
+                })?;
         ensure!(
             completions.len() == chunk.len() * config.samples,
             "eval: the sampler returned {} completions for {} prompts × {} samples",

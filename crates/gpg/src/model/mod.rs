@@ -5,7 +5,12 @@
 //! backward pass. SFT (g_t = −1/N), evaluation and every RL objective use it alike.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_decode;
+#[cfg(feature = "cuda")]
+pub mod cuda_train;
 pub mod decode;
+pub mod decoding;
 pub mod ops;
 pub mod params;
 pub mod precision;

@@ -102,15 +102,64 @@ impl fmt::Display for DeviceName {
 }
 
 impl DeviceName {
-    /// The device to run on. Only the CPU engine exists in this build: a CUDA device is refused
-    /// with an error that says so.
+    pub fn is_cpu(&self) -> bool {
+        self.0 == "cpu"
+    }
+
+    /// N of `cuda:N` (0 for `cuda`); None for the CPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        if self.is_cpu() {
+            return None;
+        }
+        Some(
+            self.0
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        )
+    }
+
+    /// The device of the whole engine (training and scoring forward/backward): the CPU. A CUDA
+    /// device is refused with an error that says why: without the `cuda` feature, how to
+    /// rebuild; with it, after opening the device (so a missing driver is reported as such),
+    /// that this build samples on the GPU (`generate`, `eval`) but trains and scores on the
+    /// CPU.
     pub fn open(&self) -> Result<Device> {
-        if self.0 == "cpu" {
+        if self.is_cpu() {
             return Ok(Device::Cpu);
         }
-        bail!(
-            "device `{}`: this gpg-rl has no GPU engine yet (only device = \"cpu\" runs); \
-             use `--device cpu` or `device = \"cpu\"` in the recipe",
+        #[cfg(feature = "cuda")]
+        {
+            let gpu = self.open_gpu()?;
+            bail!(
+                "device `{}` ({}): this gpg-rl samples on the GPU (`generate`, `eval`, `bench engine \
+                 --sampling-only` with `--device cuda`) but its training and scoring engine \
+                 (train, sft, logprobs, bench trainer) runs on the CPU only so far; use \
+                 `--device cpu` or `device = \"cpu\"` in the recipe",
+                self.0,
+                gpu.description()
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("{}", self.no_cuda_build())
+    }
+
+    /// Opens the CUDA device (feature `cuda`): errors clearly on the CPU name or without a
+    /// driver, naming the libraries looked for.
+    #[cfg(feature = "cuda")]
+    pub fn open_gpu(&self) -> Result<std::sync::Arc<crate::model::ops::cuda::Gpu>> {
+        match self.cuda_ordinal() {
+            Some(n) => crate::model::ops::cuda::Gpu::open(n),
+            None => bail!("device `{}` is not a CUDA device", self.0),
+        }
+    }
+
+    /// The message for a CUDA device in a build without the `cuda` feature.
+    pub fn no_cuda_build(&self) -> String {
+        format!(
+            "device `{}`: this gpg-rl was built without the GPU engine; rebuild it with \
+             `cargo build --release --features cuda` (no CUDA toolkit needed to build; an NVIDIA \
+             driver to run), or use `--device cpu` / `device = \"cpu\"` in the recipe",
             self.0
         )
     }
@@ -132,6 +181,15 @@ mod tests {
         assert!("cpu".parse::<DeviceName>().unwrap().open().is_ok());
         let err = "cuda:1".parse::<DeviceName>().unwrap().open().unwrap_err();
         assert!(err.to_string().contains("cuda:1"), "{err}");
+        #[cfg(not(feature = "cuda"))]
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+        let cuda: DeviceName = "cuda".parse().unwrap();
+        assert_eq!(cuda.cuda_ordinal(), Some(0));
+        assert_eq!(
+            "cuda:3".parse::<DeviceName>().unwrap().cuda_ordinal(),
+            Some(3)
+        );
+        assert_eq!(DeviceName::default().cuda_ordinal(), None);
         assert!("tpu".parse::<DeviceName>().is_err());
         assert!("cuda:x".parse::<DeviceName>().is_err());
     }

@@ -9,10 +9,8 @@
 pub mod sampling;
 
 use anyhow::{ensure, Result};
-use rayon::prelude::*;
 
-use crate::model::decode::Decoder;
-use crate::model::ops::VarLen;
+use crate::model::decoding::DecodeEngine;
 use crate::model::qwen2::Qwen2;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 pub use sampling::{SamplingParams, TokenSampler};
@@ -56,14 +54,14 @@ struct Row {
     text: IncrementalDecoder,
 }
 
-/// Samples `params.n` completions for each prompt (token ids, no padding).
+/// Samples `params.n` completions for each prompt (token ids, no padding), on the CPU.
 pub fn generate(
     model: &Qwen2,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
-    generate_keyed(model, tokenizer, prompts, params, 0)
+    generate_on(model, model, tokenizer, prompts, params, 0)
 }
 
 /// [`generate`] for prompts that are a slice of a larger batch starting at position
@@ -72,6 +70,33 @@ pub fn generate(
 /// would. (`Completion::prompt_index` stays relative to `prompts`.)
 pub fn generate_keyed(
     model: &Qwen2,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    first_prompt_key: u64,
+) -> Result<Vec<Completion>> {
+    generate_on(model, model, tokenizer, prompts, params, first_prompt_key)
+}
+
+/// [`generate`] with the prefill and the decode steps on `engine` (the CPU model itself, or a
+/// GPU decoder made from `model`: `model::decoding::engine_for`); `model` supplies the config
+/// (positions, EOS ids).
+pub fn generate_with(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    generate_on(model, engine, tokenizer, prompts, params, 0)
+}
+
+/// The sampler behind [`generate`], [`generate_keyed`] and [`generate_with`]: prompts
+/// decoded on `engine`, prompt `i`'s rows drawing from the streams of prompt
+/// `first_prompt_key + i`.
+pub fn generate_on(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     params: &SamplingParams,
@@ -95,39 +120,13 @@ pub fn generate_keyed(
     }
     let stop_ids = params.stop_token_ids(model, tokenizer);
 
-    // Prefill every prompt once, packed.
-    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let seqs = VarLen::from_lens(&lens);
-    let tokens: Vec<u32> = prompts.concat();
-    let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-    let (h_last, kv) = model.prefill(&tokens, &seqs, &positions)?;
-    let prompt_logits = model.logits(&h_last)?.to_vec2::<f32>()?;
-
-    // Expand to n rows per prompt, each with its own copy of the prompt's cache.
-    let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
-        .into_iter()
-        .map(|(k, v)| {
-            Ok((
-                k.flatten_all()?.to_vec1::<f32>()?,
-                v.flatten_all()?.to_vec1::<f32>()?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let kv_dim = model.config.kv_dim();
-    let vocab = model.config.vocab_size;
-    let decoder = Decoder::new(model)?;
-    let mut state = decoder.state(prompts.len() * params.n);
+    // Prefill every prompt once and add its n rows (prompt-major), on the engine's device.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + params.max_new_tokens;
+    let mut batch = engine.new_batch(prompts.len() * params.n, longest)?;
+    batch.push_prompts(prompts, params.n, params.max_new_tokens)?;
     let mut rows = Vec::new();
     for (pi, prompt) in prompts.iter().enumerate() {
-        let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
-        let prompt_kv: Vec<(&[f32], &[f32])> = kv
-            .iter()
-            .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
-            .collect();
         for si in 0..params.n {
-            decoder.push_row(&mut state, &prompt_kv, prompt.len() + params.max_new_tokens)?;
-            let logits = state.logits_mut(rows.len() + 1, vocab);
-            logits[rows.len() * vocab..].copy_from_slice(&prompt_logits[pi]);
             rows.push(Row {
                 prompt_index: pi,
                 sample_index: si,
@@ -144,15 +143,13 @@ pub fn generate_keyed(
     while !rows.is_empty() && params.max_new_tokens > 0 {
         step += 1;
         // Sample one token per row (rows are independent: parallel).
-        let n_rows = rows.len();
-        check_logits(state.logits_mut(n_rows, vocab), vocab, step)?;
-        rows.par_iter_mut()
-            .zip(state.logits_mut(n_rows, vocab).par_chunks_mut(vocab))
-            .for_each(|(row, l)| {
-                let (token, logprob) = row.sampler.sample(l);
-                row.token_ids.push(token);
-                row.logprobs.push(logprob);
-            });
+        let mut samplers: Vec<&mut TokenSampler> =
+            rows.iter_mut().map(|r| &mut r.sampler).collect();
+        let drawn = batch.sample(&mut samplers, step)?;
+        for (row, (token, logprob)) in rows.iter_mut().zip(drawn) {
+            row.token_ids.push(token);
+            row.logprobs.push(logprob);
+        }
         // Decide which rows are finished; they leave the batch and their cache is dropped.
         let mut reasons = Vec::with_capacity(rows.len());
         for row in rows.iter_mut() {
@@ -175,7 +172,7 @@ pub fn generate_keyed(
                 }
             }
             rows = unfinished;
-            state.retain(&keep);
+            batch.retain(&keep)?;
         }
         if rows.is_empty() {
             break;
@@ -188,26 +185,10 @@ pub fn generate_keyed(
             .iter()
             .map(|r| (r.prompt_len + r.token_ids.len() - 1) as u32)
             .collect();
-        decoder.step(&tokens, &positions, &mut state)?;
+        batch.step(&tokens, &positions)?;
     }
     done.sort_by_key(|c| (c.prompt_index, c.sample_index));
     Ok(done)
-}
-
-/// Ends sampling with an error when a row's logits hold NaN or ±inf (broken weights or an
-/// overflow): sampling from them would give garbage completions, silently.
-fn check_logits(logits: &[f32], vocab: usize, step: usize) -> Result<()> {
-    let bad = logits
-        .par_chunks(vocab)
-        .position_first(|row| row.iter().any(|v| !v.is_finite()));
-    if let Some(row) = bad {
-        anyhow::bail!(
-            "sampling step {step} (completion token {step}): the model produced non-finite logits \
-             (NaN or ±inf) for batch row {row}; the weights or activations have overflowed or are \
-             corrupt, so sampling stops here instead of returning garbage completions"
-        );
-    }
-    Ok(())
 }
 
 /// Whether `row` is finished after its latest token, and why.

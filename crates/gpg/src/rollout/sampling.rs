@@ -140,6 +140,26 @@ impl TokenSampler {
         (token, logits[token as usize].ln() - ln_z)
     }
 
+    /// (temperature, top_k, top_p) of this sampler.
+    pub fn settings(&self) -> (f32, usize, f32) {
+        (self.temperature, self.top_k, self.top_p)
+    }
+
+    /// The uniform in [0, 1) that [`Self::sample`] would draw from this stream over a vocabulary
+    /// of `vocab` tokens (none when greedy: 0), consuming it: a GPU sampler given it draws from
+    /// the same random stream as the CPU.
+    pub fn next_uniform(&mut self, vocab: usize) -> f64 {
+        if self.temperature == 0.0 {
+            return 0.0;
+        }
+        let truncate = self.top_k > 0 && self.top_k < vocab || self.top_p < 1.0;
+        if truncate {
+            self.rng.gen::<f64>()
+        } else {
+            self.rng.gen::<f32>() as f64
+        }
+    }
+
     /// Draws from the distribution ∝ `weights` (e_i, summing to `total`; the most likely token
     /// has weight exp(0) = 1), restricted by top-k and top-p.
     fn draw(&mut self, weights: &[f32], total: f32) -> u32 {
@@ -270,6 +290,23 @@ mod tests {
             let p = logits[i].exp() / z;
             let share = counts[i] as f32 / n as f32;
             assert!((share - p).abs() < 0.015, "token {i}: {share} vs {p}");
+        }
+    }
+
+    #[test]
+    fn next_uniform_consumes_what_sample_draws() {
+        // After one next_uniform, the stream is where one sample() would leave it.
+        for (t, p, k) in [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.0, 1.0, 5), (0.0, 1.0, 0)] {
+            let logits: Vec<f32> = (0..50).map(|j| (j % 7) as f32 * 0.4).collect();
+            let mut a = sampler(t, p, k, 3);
+            let mut b = a.clone();
+            a.sample(&mut logits.clone());
+            b.next_uniform(logits.len());
+            assert_eq!(
+                a.sample(&mut logits.clone()),
+                b.sample(&mut logits.clone()),
+                "T {t} top_p {p} top_k {k}"
+            );
         }
     }
 

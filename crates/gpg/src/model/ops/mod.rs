@@ -1,4 +1,4 @@
-//! Fused ops with a CPU kernel each (CUDA kernels later).
+//! Fused ops with a CPU kernel each, and CUDA kernels in `cuda/` (feature `cuda`).
 //!
 //! Every op of the Qwen2-family engine that is hot or needs a hand-written backward lives here:
 //! RMSNorm, rotary embedding, SwiGLU, causal grouped-query attention over a packed variable-length
@@ -7,13 +7,15 @@
 //! Layout of the module: each op has one file (`rms_norm.rs`, `rope.rs`, …) holding its public
 //! function(s): the equation, the backward's derivation, shape checks and the dispatch on the
 //! tensors' device. The kernels themselves work on plain `&[f32]` slices and live in `cpu/`
-//! (a `cuda/` sibling slots in later: a new arm in each op's `match device`).
+//! (`cuda/` holds the GPU kernels as CUDA C compiled by NVRTC, launched on device buffers by
+//! the CUDA decoder and checked against these CPU kernels on a GPU).
 //!
 //! Conventions: every tensor argument must be a contiguous `f32` tensor; results are fresh
 //! contiguous `f32` tensors on the same device. Errors name the op and the offending argument.
 
 mod attention;
 pub(crate) mod cpu;
+pub mod cuda;
 mod linear;
 mod lm_head;
 mod rms_norm;

@@ -61,6 +61,12 @@ impl Rope {
         self.max_positions
     }
 
+    /// The (cos, sin) tables, each [max_positions, head_dim/2] row-major (the GPU kernels read
+    /// the same values).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` [T, n_heads, head_dim]; token t uses position `positions[t]`.
     pub fn forward(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
         self.apply::<false>("Rope::forward", "x", x, positions)

@@ -1,0 +1,327 @@
+//! Host-side logic of the CUDA backend, with no CUDA in it: what the launches are given.
+//! Compiled in every build and unit-tested on CPU.
+
+use anyhow::{bail, ensure, Result};
+
+/// Threads per block of the element-wise kernels.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+/// Threads per block of the row kernels (RMSNorm, the head's fold, embedding rows).
+pub const ROW_THREADS: u32 = 256;
+/// Warps per block of the attention kernels (one query row, or one key row, per warp).
+pub const ATTENTION_WARPS: u32 = 4;
+/// Largest head dimension the attention kernels hold per warp (kernels/attention.cu HD_MAX).
+pub const HEAD_DIM_MAX: usize = 256;
+/// Positions per block of the decoding KV cache.
+pub const KV_BLOCK: usize = 16;
+/// Threads per block of the sampling kernel (kernels/sampling.cu SAMPLE_THREADS).
+pub const SAMPLE_THREADS: u32 = 1024;
+
+/// Blocks of `threads` covering `n` elements (at least 1), refusing grids CUDA cannot launch.
+pub fn blocks_for(n: usize, threads: u32) -> Result<u32> {
+    let blocks = n.div_ceil(threads as usize).max(1);
+    ensure!(
+        blocks <= i32::MAX as usize,
+        "cuda: {n} elements need {blocks} blocks of {threads}, beyond the grid limit"
+    );
+    Ok(blocks as u32)
+}
+
+/// Checks a head dimension the attention kernels accept: a multiple of 32, at most 256.
+pub fn check_head_dim(head_dim: usize) -> Result<()> {
+    if head_dim == 0 || !head_dim.is_multiple_of(32) || head_dim > HEAD_DIM_MAX {
+        bail!(
+            "cuda attention: head_dim {head_dim} is not supported (a multiple of 32, at most \
+             {HEAD_DIM_MAX})"
+        );
+    }
+    Ok(())
+}
+
+/// Per token of a packed batch with sequence `offsets` [S + 1], the first token of its sequence
+/// and one past its last: token t attends to keys start[t]..=t (forward, dq) and is attended by
+/// queries t..end[t] (dk, dv).
+pub fn sequence_bounds(offsets: &[usize]) -> (Vec<u32>, Vec<u32>) {
+    let total = offsets.last().copied().unwrap_or(0);
+    let mut start = Vec::with_capacity(total);
+    let mut end = Vec::with_capacity(total);
+    for w in offsets.windows(2) {
+        for _ in w[0]..w[1] {
+            start.push(w[0] as u32);
+            end.push(w[1] as u32);
+        }
+    }
+    (start, end)
+}
+
+/// The tokens of `ids` grouped by id for the embedding's scatter-add: `unique` ids in increasing
+/// order, CSR `offsets` [unique + 1] into `tokens`, the token indices of each id in increasing
+/// order (a stable counting sort). Block u of the kernel sums the rows tokens[offsets[u]..
+/// offsets[u+1]] in that order, so the result does not depend on thread timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdGroups {
+    pub unique: Vec<u32>,
+    pub offsets: Vec<u32>,
+    pub tokens: Vec<u32>,
+}
+
+pub fn group_by_id(ids: &[u32], vocab: usize) -> Result<IdGroups> {
+    if let Some((t, &bad)) = ids.iter().enumerate().find(|(_, &i)| i as usize >= vocab) {
+        bail!("embedding: token {t} has id {bad}, outside the vocabulary of {vocab}");
+    }
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_by_key(|&t| ids[t as usize]); // stable: equal ids keep token order
+    let mut unique = Vec::new();
+    let mut offsets = vec![0u32];
+    for (k, &t) in order.iter().enumerate() {
+        let id = ids[t as usize];
+        if unique.last() != Some(&id) {
+            if !unique.is_empty() {
+                offsets.push(k as u32);
+            }
+            unique.push(id);
+        }
+    }
+    if !unique.is_empty() {
+        offsets.push(order.len() as u32);
+    }
+    Ok(IdGroups {
+        unique,
+        offsets,
+        tokens: order,
+    })
+}
+
+/// Parts of the RMSNorm backward's dw reduction for `rows` rows: (parts, rows per part). Each
+/// part sums its rows in order; `sum_parts` then adds the parts in order.
+pub fn reduction_parts(rows: usize, target_parts: usize) -> (usize, usize) {
+    let per = rows.div_ceil(target_parts.max(1)).max(1);
+    (rows.div_ceil(per).max(1), per)
+}
+
+/// Vocabulary columns per chunk of the fused head: at most `budget` logits alive at once over
+/// `rows` rows, at least 1 column, at most `vocab`.
+pub fn head_chunk_columns(budget: usize, rows: usize, vocab: usize) -> usize {
+    (budget / rows.max(1)).clamp(1, vocab.max(1))
+}
+
+/// The decoding KV cache's block tables: a pool of `n_blocks` blocks of [`KV_BLOCK`] positions
+/// (per layer the same block numbers index that layer's key and value pools); each row owns the
+/// blocks for its whole length, taken when it is pushed and returned when it leaves.
+#[derive(Debug, Clone)]
+pub struct BlockTables {
+    free: Vec<u32>,
+    /// Per row: its blocks in position order.
+    rows: Vec<Vec<u32>>,
+    /// Per row: cached positions.
+    lens: Vec<u32>,
+    /// Per row: the most positions it may hold.
+    caps: Vec<u32>,
+}
+
+impl BlockTables {
+    pub fn new(n_blocks: usize) -> Self {
+        BlockTables {
+            free: (0..n_blocks as u32).rev().collect(),
+            rows: Vec::new(),
+            lens: Vec::new(),
+            caps: Vec::new(),
+        }
+    }
+
+    /// Blocks that hold `positions` positions.
+    pub fn blocks_for(positions: usize) -> usize {
+        positions.div_ceil(KV_BLOCK)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Adds a row holding `len` positions with room for `max_len`; returns its blocks.
+    pub fn push(&mut self, len: usize, max_len: usize) -> Result<&[u32]> {
+        ensure!(
+            len <= max_len,
+            "kv cache: {len} positions exceed max_len {max_len}"
+        );
+        let need = Self::blocks_for(max_len).max(1);
+        ensure!(
+            need <= self.free.len(),
+            "kv cache: a row of {max_len} positions needs {need} blocks, {} are free",
+            self.free.len()
+        );
+        let at = self.free.len() - need;
+        let mut blocks = self.free.split_off(at);
+        blocks.reverse();
+        self.rows.push(blocks);
+        self.lens.push(len as u32);
+        self.caps.push(max_len as u32);
+        Ok(self.rows.last().map(|b| b.as_slice()).unwrap_or(&[]))
+    }
+
+    /// Keeps the rows whose flag is true (in order); the others' blocks return to the pool.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        ensure!(
+            keep.len() == self.rows.len(),
+            "kv cache: {} keep flags for {} rows",
+            keep.len(),
+            self.rows.len()
+        );
+        let mut rows = Vec::with_capacity(self.rows.len());
+        let (mut lens, mut caps) = (Vec::new(), Vec::new());
+        for (((blocks, len), cap), &k) in self
+            .rows
+            .drain(..)
+            .zip(self.lens.drain(..))
+            .zip(self.caps.drain(..))
+            .zip(keep)
+        {
+            if k {
+                rows.push(blocks);
+                lens.push(len);
+                caps.push(cap);
+            } else {
+                self.free.extend(blocks.into_iter().rev());
+            }
+        }
+        self.rows = rows;
+        self.lens = lens;
+        self.caps = caps;
+        Ok(())
+    }
+
+    /// Cached positions per row.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
+    }
+
+    /// One more position for every row (after a step appended it); errors if a row is full.
+    pub fn advance(&mut self) -> Result<()> {
+        for (r, (len, cap)) in self.lens.iter_mut().zip(&self.caps).enumerate() {
+            ensure!(*len < *cap, "kv cache: row {r} outgrew its {cap} positions");
+            *len += 1;
+        }
+        Ok(())
+    }
+
+    /// The slot (block · KV_BLOCK + offset) of position `pos` of row `row`.
+    pub fn slot(&self, row: usize, pos: usize) -> usize {
+        self.rows[row][pos / KV_BLOCK] as usize * KV_BLOCK + pos % KV_BLOCK
+    }
+
+    /// The tables as the kernels read them: [rows, max_blocks] row-major (unused entries 0) and
+    /// max_blocks.
+    pub fn table(&self) -> (Vec<u32>, usize) {
+        let max_blocks = self.rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut t = vec![0u32; self.rows.len() * max_blocks];
+        for (r, blocks) in self.rows.iter().enumerate() {
+            t[r * max_blocks..r * max_blocks + blocks.len()].copy_from_slice(blocks);
+        }
+        (t, max_blocks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_the_elements() {
+        assert_eq!(blocks_for(0, 256).unwrap(), 1);
+        assert_eq!(blocks_for(256, 256).unwrap(), 1);
+        assert_eq!(blocks_for(257, 256).unwrap(), 2);
+        assert!(blocks_for(usize::MAX / 2, 1).is_err());
+    }
+
+    #[test]
+    fn head_dims() {
+        assert!(check_head_dim(64).is_ok() && check_head_dim(128).is_ok());
+        assert!(check_head_dim(256).is_ok());
+        for bad in [0, 48, 288] {
+            assert!(check_head_dim(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sequence_bounds_per_token() {
+        let (s, e) = sequence_bounds(&[0, 2, 2, 5]);
+        assert_eq!(s, vec![0, 0, 2, 2, 2]);
+        assert_eq!(e, vec![2, 2, 5, 5, 5]);
+        assert_eq!(sequence_bounds(&[0]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn id_groups_are_a_stable_counting_sort() {
+        let g = group_by_id(&[5, 1, 5, 3, 1, 5], 8).unwrap();
+        assert_eq!(g.unique, vec![1, 3, 5]);
+        assert_eq!(g.offsets, vec![0, 2, 3, 6]);
+        assert_eq!(g.tokens, vec![1, 4, 3, 0, 2, 5]);
+        // Every token appears once, grouped under its id.
+        for (u, &id) in g.unique.iter().enumerate() {
+            for &t in &g.tokens[g.offsets[u] as usize..g.offsets[u + 1] as usize] {
+                assert_eq!([5, 1, 5, 3, 1, 5][t as usize], id);
+            }
+        }
+        let empty = group_by_id(&[], 8).unwrap();
+        assert!(empty.unique.is_empty() && empty.offsets == vec![0]);
+        let err = group_by_id(&[1, 9], 8).unwrap_err().to_string();
+        assert!(err.contains("token 1") && err.contains('9'), "{err}");
+    }
+
+    #[test]
+    fn reduction_parts_cover_every_row() {
+        for rows in [1, 7, 128, 1000] {
+            for target in [1, 3, 132] {
+                let (parts, per) = reduction_parts(rows, target);
+                assert!(
+                    parts * per >= rows && (parts - 1) * per < rows,
+                    "{rows} {target}"
+                );
+                assert!(parts <= target.max(1));
+            }
+        }
+    }
+
+    #[test]
+    fn head_chunks() {
+        assert_eq!(head_chunk_columns(1000, 10, 50), 50);
+        assert_eq!(head_chunk_columns(1000, 10, 500), 100);
+        assert_eq!(head_chunk_columns(5, 10, 500), 1);
+    }
+
+    #[test]
+    fn block_tables_allocate_free_and_address() {
+        let mut t = BlockTables::new(10);
+        let a = t.push(3, 40).unwrap().to_vec(); // 3 blocks
+        assert_eq!(a.len(), 3);
+        let b = t.push(0, 16).unwrap().to_vec(); // 1 block
+        assert_eq!(b.len(), 1);
+        assert_eq!(t.free_blocks(), 6);
+        // Distinct blocks.
+        let mut all = [a.clone(), b.clone()].concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 4);
+        assert_eq!(t.slot(0, 17), a[1] as usize * KV_BLOCK + 1);
+        let (table, max_blocks) = t.table();
+        assert_eq!(max_blocks, 3);
+        assert_eq!(&table[..3], a.as_slice());
+        assert_eq!(&table[3..], &[b[0], 0, 0]);
+        // Too big for the pool.
+        assert!(t.push(0, 16 * 7).is_err());
+        t.advance().unwrap();
+        assert_eq!(t.lens(), &[4, 1]);
+        t.retain(&[false, true]).unwrap();
+        assert_eq!(t.rows(), 1);
+        assert_eq!(t.free_blocks(), 9);
+        assert_eq!(t.lens(), &[1]);
+        assert!(t.retain(&[true, true]).is_err());
+        // A full row cannot advance.
+        let mut f = BlockTables::new(1);
+        f.push(16, 16).unwrap();
+        assert!(f.advance().is_err());
+    }
+}
