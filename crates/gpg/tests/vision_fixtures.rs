@@ -56,3 +56,183 @@ fn image_processor_matches_transformers_bit_for_bit() {
         );
     }
 }
+
+use gpg::candle_core::Tensor;
+use gpg::image::ProcessedImage;
+use gpg::model::{Precision, Qwen2VL, VlBatch, VlSequence};
+use serde_json::Value;
+
+const VL_MODELS: [&str; 2] = ["tiny_qwen2_vl", "tiny_qwen2_5_vl"];
+
+struct Case {
+    images: Vec<ProcessedImage>,
+    prompt: Vec<u32>,
+    completion: Vec<u32>,
+    logprobs: Vec<f32>,
+    g: Vec<f32>,
+    greedy: Vec<u32>,
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn cases(name: &str) -> Vec<Case> {
+    let dir = fixture_dir(name);
+    let processor = ImageProcessor::from_dir(&dir).unwrap();
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let images: Vec<ProcessedImage> = c["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    let img = load_rgb(&fixture_dir("images").join(f.as_str().unwrap())).unwrap();
+                    processor.process(&img).unwrap()
+                })
+                .collect();
+            let grids: Vec<Vec<usize>> = images.iter().map(|i| i.grid_thw.to_vec()).collect();
+            let want: Vec<Vec<usize>> = c["image_grid_thw"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| ids(g).into_iter().map(|x| x as usize).collect())
+                .collect();
+            assert_eq!(grids, want, "{name}: image grids");
+            Case {
+                images,
+                prompt: ids(&c["prompt_ids"]),
+                completion: ids(&c["completion_ids"]),
+                logprobs: floats(&c["logprobs"]),
+                g: floats(&c["g"]),
+                greedy: ids(&c["greedy_ids"]),
+            }
+        })
+        .collect()
+}
+
+fn batch(model: &Qwen2VL, cases: &[Case]) -> VlBatch {
+    let seqs: Vec<VlSequence<'_>> = cases
+        .iter()
+        .map(|c| VlSequence {
+            prompt: &c.prompt,
+            completion: &c.completion,
+            images: &c.images,
+        })
+        .collect();
+    VlBatch::new(&model.config, &seqs).unwrap()
+}
+
+#[test]
+fn vl_logprobs_match_transformers_within_1e_4() {
+    for name in VL_MODELS {
+        let model = Qwen2VL::load(&fixture_dir(name), &Device::Cpu, Precision::F32).unwrap();
+        let cases = cases(name);
+        assert_eq!(
+            cases.iter().map(|c| c.images.len()).collect::<Vec<_>>(),
+            [1, 2, 0]
+        );
+        // All cases packed in one batch (images of different sequences side by side).
+        let out = model.logprobs(&batch(&model, &cases), 1.0).unwrap();
+        let want: Vec<f32> = cases.iter().flat_map(|c| c.logprobs.clone()).collect();
+        let worst = out
+            .logprobs
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!("{name}: worst |logp gap| {worst:e}");
+        assert!(worst < 1e-4, "{name}: worst |logp gap| {worst:e}");
+    }
+}
+
+#[test]
+fn vl_gradients_match_pytorch_within_1e_3_relative_including_the_vision_tower() {
+    for name in VL_MODELS {
+        let dir = fixture_dir(name);
+        let model = Qwen2VL::load(&dir, &Device::Cpu, Precision::F32).unwrap();
+        let cases = cases(name);
+        let b = batch(&model, &cases);
+        let g: Vec<f32> = cases.iter().flat_map(|c| c.g.clone()).collect();
+        let (_, cache) = model
+            .forward_scored(&b, 1.0, Some(gpg::model::Activations::All), true)
+            .unwrap();
+        let mut grads = model.zero_grads(false).unwrap();
+        model
+            .backward_into(&b, cache.unwrap(), &g, &mut grads)
+            .unwrap();
+        let expected =
+            safetensors::load(dir.join("expected_grads.safetensors"), &Device::Cpu).unwrap();
+        let named = model.named_grads(&grads);
+        assert_eq!(
+            named.len(),
+            expected.len(),
+            "{name}: number of gradient tensors"
+        );
+        let mut vision = 0;
+        for (pname, got) in named {
+            let want: &Tensor = expected
+                .get(&pname)
+                .unwrap_or_else(|| panic!("{name}: no reference for {pname}"));
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), want.len(), "{name}: {pname} size");
+            let diff: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+            let rel = (diff / norm.max(1e-30)).sqrt();
+            assert!(rel < 1e-3, "{name}: {pname} relative error {rel:e}");
+            vision += pname.contains("visual.") as usize;
+        }
+        assert!(vision > 10, "{name}: {vision} vision gradients checked");
+    }
+}
+
+#[test]
+fn vl_checkpoint_saves_back_in_its_own_layout() {
+    for name in VL_MODELS {
+        let dir = fixture_dir(name);
+        let model = Qwen2VL::load(&dir, &Device::Cpu, Precision::F32).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        model.save_pretrained(out.path()).unwrap();
+        let a = safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let b = safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut ka: Vec<_> = a.keys().collect();
+        let mut kb: Vec<_> = b.keys().collect();
+        ka.sort();
+        kb.sort();
+        assert_eq!(ka, kb, "{name}: tensor names");
+        for (k, t) in &a {
+            assert_eq!(t.dims(), b[k].dims(), "{name}: {k} shape");
+            let d: f32 = (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0, "{name}: {k} values");
+        }
+        let again = Qwen2VL::load(out.path(), &Device::Cpu, Precision::F32).unwrap();
+        assert_eq!(again.config.layout, model.config.layout);
+    }
+}
