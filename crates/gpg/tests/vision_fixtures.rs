@@ -236,3 +236,34 @@ fn vl_checkpoint_saves_back_in_its_own_layout() {
         assert_eq!(again.config.layout, model.config.layout);
     }
 }
+
+#[test]
+fn vl_greedy_tokens_match_transformers() {
+    use gpg::rollout::{generate_vl, SamplingParams};
+    use gpg::tokenizer::Tokenizer;
+    for name in VL_MODELS {
+        let dir = fixture_dir(name);
+        let model = Qwen2VL::load(&dir, &Device::Cpu, Precision::F32).unwrap();
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let cases = cases(name);
+        let prompts: Vec<(Vec<u32>, Vec<ProcessedImage>)> = cases
+            .iter()
+            .map(|c| (c.prompt.clone(), c.images.clone()))
+            .collect();
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_new_tokens: 6,
+            ..SamplingParams::default()
+        };
+        let out = generate_vl(&model, &tokenizer, &prompts, &params).unwrap();
+        for (c, o) in cases.iter().zip(&out) {
+            // transformers ran without an EOS; ours stops at the first one, included.
+            let end = c
+                .greedy
+                .iter()
+                .position(|&t| t == 100)
+                .map_or(c.greedy.len(), |p| p + 1);
+            assert_eq!(o.token_ids, c.greedy[..end], "{name}: greedy tokens");
+        }
+    }
+}

@@ -11,9 +11,11 @@ pub mod sampling;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use crate::image::ProcessedImage;
 use crate::model::decode::Decoder;
 use crate::model::ops::VarLen;
 use crate::model::qwen2::Qwen2;
+use crate::model::qwen2_vl::Qwen2VL;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 pub use sampling::{SamplingParams, TokenSampler};
 
@@ -49,6 +51,8 @@ struct Row {
     prompt_index: usize,
     sample_index: usize,
     prompt_len: usize,
+    /// Added to each new token's 1-D position (M-RoPE's δ for a prompt with images; 0 else).
+    position_offset: i64,
     sampler: TokenSampler,
     token_ids: Vec<u32>,
     logprobs: Vec<f32>,
@@ -75,11 +79,9 @@ pub fn generate(
             max_pos
         );
     }
-    let mut done = Vec::with_capacity(prompts.len() * params.n);
     if prompts.is_empty() || params.n == 0 {
-        return Ok(done);
+        return Ok(Vec::new());
     }
-    let stop_ids = params.stop_token_ids(model, tokenizer);
 
     // Prefill every prompt once, packed.
     let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
@@ -87,6 +89,74 @@ pub fn generate(
     let tokens: Vec<u32> = prompts.concat();
     let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
     let (h_last, kv) = model.prefill(&tokens, &seqs, &positions)?;
+    decode_prefilled(
+        model,
+        tokenizer,
+        &lens,
+        &vec![0; lens.len()],
+        h_last,
+        kv,
+        &seqs,
+        params,
+    )
+}
+
+/// Samples `params.n` completions for each prompt with its images (token ids with the
+/// `<|image_pad|>` runs already expanded) from a Qwen2-VL-family model.
+pub fn generate_vl(
+    model: &Qwen2VL,
+    tokenizer: &Tokenizer,
+    prompts: &[(Vec<u32>, Vec<ProcessedImage>)],
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    params.validate()?;
+    let max_pos = model.text.config.max_position_embeddings;
+    for (i, (p, _)) in prompts.iter().enumerate() {
+        ensure!(!p.is_empty(), "prompt {i} is empty");
+        ensure!(
+            p.len() + params.max_new_tokens <= max_pos,
+            "prompt {i} has {} tokens; with max_new_tokens {} it exceeds the model's {} positions",
+            p.len(),
+            params.max_new_tokens,
+            max_pos
+        );
+    }
+    if prompts.is_empty() || params.n == 0 {
+        return Ok(Vec::new());
+    }
+    let refs: Vec<(&[u32], &[ProcessedImage])> = prompts
+        .iter()
+        .map(|(p, im)| (p.as_slice(), im.as_slice()))
+        .collect();
+    let (h_last, kv, seqs, deltas) = model.prefill(&refs)?;
+    let lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
+    decode_prefilled(
+        &model.text,
+        tokenizer,
+        &lens,
+        &deltas,
+        h_last,
+        kv,
+        &seqs,
+        params,
+    )
+}
+
+/// The decode loop after a packed prefill: `h_last` [n_prompts, H] and the per-layer prompt
+/// KV; prompt i's new tokens sit at 1-D positions prompt_len + k + `position_offsets[i]`.
+#[allow(clippy::too_many_arguments)]
+fn decode_prefilled(
+    model: &Qwen2,
+    tokenizer: &Tokenizer,
+    prompt_lens: &[usize],
+    position_offsets: &[i64],
+    h_last: candle_core::Tensor,
+    kv: Vec<(candle_core::Tensor, candle_core::Tensor)>,
+    seqs: &VarLen,
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    let mut done = Vec::with_capacity(prompt_lens.len() * params.n);
+    let stop_ids = params.stop_token_ids(model, tokenizer);
     let prompt_logits = model.logits(&h_last)?.to_vec2::<f32>()?;
 
     // Expand to n rows per prompt, each with its own copy of the prompt's cache.
@@ -102,22 +172,23 @@ pub fn generate(
     let kv_dim = model.config.kv_dim();
     let vocab = model.config.vocab_size;
     let decoder = Decoder::new(model)?;
-    let mut state = decoder.state(prompts.len() * params.n);
+    let mut state = decoder.state(prompt_lens.len() * params.n);
     let mut rows = Vec::new();
-    for (pi, prompt) in prompts.iter().enumerate() {
+    for (pi, &prompt_len) in prompt_lens.iter().enumerate() {
         let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
         let prompt_kv: Vec<(&[f32], &[f32])> = kv
             .iter()
             .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
             .collect();
         for si in 0..params.n {
-            decoder.push_row(&mut state, &prompt_kv, prompt.len() + params.max_new_tokens)?;
+            decoder.push_row(&mut state, &prompt_kv, prompt_len + params.max_new_tokens)?;
             let logits = state.logits_mut(rows.len() + 1, vocab);
             logits[rows.len() * vocab..].copy_from_slice(&prompt_logits[pi]);
             rows.push(Row {
                 prompt_index: pi,
                 sample_index: si,
-                prompt_len: prompt.len(),
+                prompt_len,
+                position_offset: position_offsets[pi],
                 sampler: TokenSampler::new(params, pi as u64, si as u64),
                 token_ids: Vec::with_capacity(params.max_new_tokens),
                 logprobs: Vec::with_capacity(params.max_new_tokens),
@@ -172,8 +243,12 @@ pub fn generate(
             .collect();
         let positions: Vec<u32> = rows
             .iter()
-            .map(|r| (r.prompt_len + r.token_ids.len() - 1) as u32)
-            .collect();
+            .map(|r| {
+                let p = (r.prompt_len + r.token_ids.len() - 1) as i64 + r.position_offset;
+                u32::try_from(p)
+                    .map_err(|_| anyhow::anyhow!("internal: negative decode position {p}"))
+            })
+            .collect::<Result<_>>()?;
         decoder.step(&tokens, &positions, &mut state)?;
     }
     done.sort_by_key(|c| (c.prompt_index, c.sample_index));
