@@ -41,6 +41,19 @@ pub struct GenerationDefaults {
     pub eos_token_id: Option<gpg::model::config::TokenIds>,
 }
 
+impl GenerationDefaults {
+    /// `dir/generation_config.json`, or the defaults when absent.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))
+    }
+}
+
 impl ModelDir {
     pub fn load(dir: &Path, engine: &EngineFlags) -> Result<Self> {
         if !dir.is_dir() {
@@ -52,14 +65,7 @@ impl ModelDir {
         let device = engine.device.open()?;
         let model = Qwen2::load(dir, &device, engine.precision)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let path = dir.join("generation_config.json");
-        let generation = if path.is_file() {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))?
-        } else {
-            GenerationDefaults::default()
-        };
+        let generation = GenerationDefaults::from_dir(dir)?;
         Ok(Self {
             model,
             tokenizer,

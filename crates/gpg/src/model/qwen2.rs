@@ -190,6 +190,14 @@ impl Qwen2 {
     /// Loads a checkpoint directory with its weight matrices in `precision` (a bf16 file loads
     /// into a bf16 model without widening). Every tensor is checked for NaN/±inf.
     pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
+        if super::qwen2_vl::Qwen2VLConfig::is_vl_dir(dir) {
+            bail!(
+                "{}: a Qwen2-VL-family (vision-language) checkpoint; this command takes text-only \
+                 Qwen2 models (vision-language models: `gpg-rl generate --chat --image`, see \
+                 docs/multimodal.md)",
+                dir.display()
+            );
+        }
         let config = Qwen2Config::from_dir(dir)?;
         config.validate()?;
         let mut w = WeightMap::from_dir(dir, device)?;

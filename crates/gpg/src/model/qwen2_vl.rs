@@ -293,6 +293,32 @@ impl Qwen2VLConfig {
     }
 }
 
+/// The text a chat message's image part becomes in Qwen2-VL's chat template (before the
+/// processor expands the pad to one `<|image_pad|>` per merged patch).
+pub const IMAGE_PLACEHOLDER: &str = "<|vision_start|><|image_pad|><|vision_end|>";
+
+/// Expands the i-th `<|image_pad|>` of `ids` into `counts[i]` copies, as the Qwen2-VL processor
+/// does to the rendered prompt. The number of pads must equal the number of images.
+pub fn expand_image_pads(ids: &[u32], image_token_id: u32, counts: &[usize]) -> Result<Vec<u32>> {
+    let pads = ids.iter().filter(|&&t| t == image_token_id).count();
+    ensure!(
+        pads == counts.len(),
+        "the prompt has {pads} <|image_pad|> tokens for {} images",
+        counts.len()
+    );
+    let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+    let mut next = counts.iter();
+    for &t in ids {
+        if t == image_token_id {
+            let n = *next.next().context("internal: more pads than images")?;
+            out.extend(std::iter::repeat_n(t, n));
+        } else {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
 /// A vision-language model: the tower and the decoder, each parameter held once.
 #[derive(Debug, Clone)]
 pub struct Qwen2VL {

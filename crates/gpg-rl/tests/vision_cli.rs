@@ -1,0 +1,72 @@
+//! `gpg-rl generate --chat --image` on the tiny Qwen2-VL / Qwen2.5-VL fixtures against what
+//! transformers' processor and `generate` give for the same chat (cli_case.json, made by
+//! tests/fixtures/qwen2_vl/make_model_fixtures.py).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{bin, failed_stderr, ok_stdout, parse_jsonl};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2_vl")
+}
+
+#[test]
+fn generate_with_images_matches_transformers() {
+    for name in ["tiny_qwen2_vl", "tiny_qwen2_5_vl"] {
+        let dir = fixtures().join(name);
+        let case: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cli_case.json")).unwrap())
+                .unwrap();
+        let mut cmd = bin();
+        cmd.arg("generate").arg("--model").arg(&dir).arg("--chat");
+        for im in case["images"].as_array().unwrap() {
+            cmd.arg("--image")
+                .arg(fixtures().join("images").join(im.as_str().unwrap()));
+        }
+        cmd.args(["--prompt", case["prompt"].as_str().unwrap()]);
+        cmd.args([
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--format",
+            "json",
+        ]);
+        let out = cmd.output().unwrap();
+        let lines = parse_jsonl(&ok_stdout(&out));
+        assert_eq!(lines.len(), 1);
+        assert_eq!(
+            lines[0]["prompt_ids"], case["prompt_ids"],
+            "{name}: prompt ids"
+        );
+        assert_eq!(
+            lines[0]["token_ids"], case["greedy_ids"],
+            "{name}: greedy tokens"
+        );
+    }
+}
+
+#[test]
+fn image_errors_are_clear() {
+    let dir = fixtures().join("tiny_qwen2_vl");
+    let out = bin()
+        .args(["generate", "--model"])
+        .arg(&dir)
+        .args(["--chat", "--prompt", "w1", "--image", "/nonexistent.png"])
+        .output()
+        .unwrap();
+    let err = failed_stderr(&out);
+    assert!(err.contains("/nonexistent.png"), "{err}");
+    let out = bin()
+        .args(["generate", "--model"])
+        .arg(&dir)
+        .args(["--prompt", "w1", "--image"])
+        .arg(fixtures().join("images/tiny_9x13.png"))
+        .output()
+        .unwrap();
+    let err = failed_stderr(&out);
+    assert!(err.contains("--chat"), "{err}");
+}
