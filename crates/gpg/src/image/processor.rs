@@ -238,7 +238,7 @@ impl ImageProcessor {
                 self.max_pixels
             );
         }
-        if self.image_std.iter().any(|&s| s == 0.0) {
+        if self.image_std.contains(&0.0) {
             bail!("{what}: `image_std` has a zero entry");
         }
         Ok(())

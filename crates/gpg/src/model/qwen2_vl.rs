@@ -282,9 +282,10 @@ impl Qwen2VLConfig {
         };
         let n = pos[0].len();
         let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        for t in 0..n {
+        for ((pt, ph), pw) in pos[0].iter().zip(&pos[1]).zip(&pos[2]) {
+            let p = [*pt, *ph, *pw];
             for (i, &f) in inv.iter().enumerate() {
-                let a = pos[comp(i)][t] as f32 * f;
+                let a = p[comp(i)] as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
             }
