@@ -70,3 +70,56 @@ fn image_errors_are_clear() {
     let err = failed_stderr(&out);
     assert!(err.contains("--chat"), "{err}");
 }
+
+#[test]
+fn logprobs_of_message_lines_with_images_match_transformers() {
+    for name in ["tiny_qwen2_vl", "tiny_qwen2_5_vl"] {
+        let dir = fixtures().join(name);
+        let case: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cli_case.json")).unwrap())
+                .unwrap();
+        // The line's image path is relative to the JSONL file: ../images/NAME.png.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("lines")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("images")).unwrap();
+        std::fs::copy(
+            fixtures().join("images/rgba_61x45.png"),
+            tmp.path().join("images/rgba_61x45.png"),
+        )
+        .unwrap();
+        let input = tmp.path().join("lines/in.jsonl");
+        let text_line = serde_json::json!({"prompt": "w1 w2", "completion": "w3"});
+        std::fs::write(
+            &input,
+            format!("{}\n{}\n", case["logprobs_line"], text_line),
+        )
+        .unwrap();
+        let out = bin()
+            .args(["logprobs", "--model"])
+            .arg(&dir)
+            .arg("--input")
+            .arg(&input)
+            .output()
+            .unwrap();
+        let lines = parse_jsonl(&ok_stdout(&out));
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["completion_ids"], case["logprobs_completion_ids"]);
+        let got: Vec<f64> = lines[0]["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let want: Vec<f64> = case["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{name}: {g} vs {w}");
+        }
+        assert_eq!(lines[1]["logprobs"].as_array().unwrap().len(), 1);
+    }
+}

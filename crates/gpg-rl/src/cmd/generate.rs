@@ -3,10 +3,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use gpg::image::{load_rgb, ImageProcessor, ProcessedImage};
-use gpg::model::qwen2_vl::{expand_image_pads, IMAGE_PLACEHOLDER};
+use gpg::data::vl_chat::{encode_chat, VlChat};
+use gpg::image::ImageProcessor;
+use gpg::model::qwen2_vl::IMAGE_PLACEHOLDER;
 use gpg::model::{Qwen2VL, Qwen2VLConfig};
 use gpg::rollout::{self, SamplingParams};
 use gpg::tokenizer::{ChatMessage, Tokenizer};
@@ -125,30 +126,18 @@ fn run_vl(args: &GenerateArgs) -> Result<()> {
     let processor = ImageProcessor::from_dir(&args.model)?;
     let generation = GenerationDefaults::from_dir(&args.model)?;
     let params = sampling_params(args, &generation);
-    let images: Vec<ProcessedImage> = args
-        .image
-        .iter()
-        .map(|p| {
-            processor
-                .process(&load_rgb(p)?)
-                .with_context(|| format!("{}", p.display()))
-        })
-        .collect::<Result<_>>()?;
-    let counts: Vec<usize> = images
-        .iter()
-        .map(|i| model.config.image_tokens(i.grid_thw))
-        .collect();
     let mut prompts = Vec::with_capacity(args.prompt.len());
     for prompt in &args.prompt {
-        let text = if args.chat {
-            let user = IMAGE_PLACEHOLDER.repeat(images.len()) + prompt;
-            tokenizer.apply_chat_template(&messages(args, user), true)?
+        let prompt = if args.chat {
+            let chat = VlChat {
+                messages: messages(args, IMAGE_PLACEHOLDER.repeat(args.image.len()) + prompt),
+                images: args.image.clone(),
+            };
+            encode_chat(&model.config, &tokenizer, &processor, &chat, true)?
         } else {
-            prompt.clone()
+            (tokenizer.encode(prompt, false)?, Vec::new())
         };
-        let ids = tokenizer.encode(&text, false)?;
-        let ids = expand_image_pads(&ids, model.config.image_token_id, &counts)?;
-        prompts.push((ids, images.clone()));
+        prompts.push(prompt);
     }
     let completions = rollout::generate_vl(&model, &tokenizer, &prompts, &params)?;
     let prompt_ids: Vec<Vec<u32>> = prompts.into_iter().map(|(ids, _)| ids).collect();
