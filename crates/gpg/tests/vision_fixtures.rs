@@ -267,3 +267,41 @@ fn vl_greedy_tokens_match_transformers() {
         }
     }
 }
+
+#[test]
+fn frozen_vision_tower_gets_no_gradient_and_text_gradients_are_unchanged() {
+    let name = "tiny_qwen2_5_vl";
+    let model = Qwen2VL::load(&fixture_dir(name), &Device::Cpu, Precision::F32).unwrap();
+    let cases = cases(name);
+    let b = batch(&model, &cases);
+    let g: Vec<f32> = cases.iter().flat_map(|c| c.g.clone()).collect();
+    let run = |freeze: bool| {
+        let (_, cache) = model
+            .forward_scored(&b, 1.0, Some(gpg::model::Activations::All), !freeze)
+            .unwrap();
+        let mut grads = model.zero_grads(freeze).unwrap();
+        model.backward_into(&b, cache.unwrap(), &g, &mut grads).unwrap();
+        grads
+    };
+    let (frozen, full) = (run(true), run(false));
+    assert!(frozen.visual.is_none());
+    assert_eq!(frozen.text, full.text, "text gradients do not depend on freezing the tower");
+}
+
+#[test]
+fn bf16_vl_model_stays_close_to_f32() {
+    for name in VL_MODELS {
+        let model = Qwen2VL::load(&fixture_dir(name), &Device::Cpu, Precision::Bf16).unwrap();
+        let cases = cases(name);
+        let out = model.logprobs(&batch(&model, &cases), 1.0).unwrap();
+        let want: Vec<f32> = cases.iter().flat_map(|c| c.logprobs.clone()).collect();
+        let worst = out
+            .logprobs
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        // bf16 weights (8 significant bits) on tiny random models: gaps of a few 0.1 at most.
+        assert!(worst < 0.5, "{name}: bf16 worst |logp gap| {worst}");
+    }
+}
