@@ -280,12 +280,17 @@ fn frozen_vision_tower_gets_no_gradient_and_text_gradients_are_unchanged() {
             .forward_scored(&b, 1.0, Some(gpg::model::Activations::All), !freeze)
             .unwrap();
         let mut grads = model.zero_grads(freeze).unwrap();
-        model.backward_into(&b, cache.unwrap(), &g, &mut grads).unwrap();
+        model
+            .backward_into(&b, cache.unwrap(), &g, &mut grads)
+            .unwrap();
         grads
     };
     let (frozen, full) = (run(true), run(false));
     assert!(frozen.visual.is_none());
-    assert_eq!(frozen.text, full.text, "text gradients do not depend on freezing the tower");
+    assert_eq!(
+        frozen.text, full.text,
+        "text gradients do not depend on freezing the tower"
+    );
 }
 
 #[test]

@@ -688,3 +688,97 @@ impl Qwen2VL {
         self.parameters().iter().map(|(_, t)| t.elem_count()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// config.json of Qwen/Qwen2-VL-2B-Instruct (hub layout), abridged to the fields read.
+    const QWEN2_VL_2B: &str = r#"{
+      "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+      "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+      "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+      "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+      "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+      "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": 12,
+      "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+      "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": true,
+      "torch_dtype": "bfloat16", "use_cache": true, "use_sliding_window": false,
+      "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+        "in_chans": 3, "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2,
+        "spatial_patch_size": 14, "temporal_patch_size": 2},
+      "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+      "vocab_size": 151936}"#;
+
+    /// config.json of Qwen/Qwen2.5-VL-3B-Instruct (hub layout), abridged.
+    const QWEN25_VL_3B: &str = r#"{
+      "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+      "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 11008,
+      "max_position_embeddings": 128000, "num_attention_heads": 16, "num_hidden_layers": 36,
+      "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+      "tie_word_embeddings": true, "vocab_size": 151936, "image_token_id": 151655,
+      "vision_start_token_id": 151652, "vision_end_token_id": 151653, "video_token_id": 151656,
+      "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+        "intermediate_size": 3420, "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048,
+        "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+        "temporal_patch_size": 2},
+      "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}"#;
+
+    #[test]
+    fn hub_configs_of_the_paper_models_parse() {
+        let c = Qwen2VLConfig::from_json(QWEN2_VL_2B).unwrap();
+        assert_eq!(c.layout, VlLayout::Hub);
+        assert!(c.text.tie_word_embeddings);
+        assert_eq!(
+            (c.text.hidden_size, c.text.head_dim(), c.mrope_section),
+            (1536, 128, [16, 24, 24])
+        );
+        assert_eq!(
+            (c.vision.width, c.vision.mlp_hidden, c.vision.out_hidden),
+            (1280, 5120, 1536)
+        );
+        assert_eq!(c.vision.kind, VisionKind::Qwen2Vl);
+        let c = Qwen2VLConfig::from_json(QWEN25_VL_3B).unwrap();
+        assert_eq!(c.vision.kind, VisionKind::Qwen25Vl);
+        assert_eq!(c.vision.fullatt_block_indexes, vec![7, 15, 23, 31]);
+        assert_eq!(
+            (c.vision.width, c.vision.out_hidden, c.vision.window_size),
+            (1280, 2048, 112)
+        );
+        let bad = QWEN2_VL_2B.replace("[16, 24, 24]", "[16, 24, 23]");
+        let err = format!("{:#}", Qwen2VLConfig::from_json(&bad).unwrap_err());
+        assert!(err.contains("mrope_section"), "{err}");
+    }
+
+    #[test]
+    fn rope_index_matches_get_rope_index_by_hand() {
+        let c = Qwen2VLConfig::from_json(QWEN2_VL_2B).unwrap();
+        let pad = c.image_token_id;
+        // 2 text tokens, an image of 4×6 patches (2×3 merged), 2 text tokens.
+        let tokens = [1, 2, pad, pad, pad, pad, pad, pad, 3, 4];
+        let (pos, delta) = c.rope_index(&tokens, &[[1, 4, 6]]).unwrap();
+        assert_eq!(pos[0], vec![0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
+        assert_eq!(pos[1], vec![0, 1, 2, 2, 2, 3, 3, 3, 5, 6]);
+        assert_eq!(pos[2], vec![0, 1, 2, 3, 4, 2, 3, 4, 5, 6]);
+        assert_eq!(delta, 7 - 10);
+        // Text only: 1-D positions, δ = 0; a pad count that does not fit the grid is an error.
+        let (pos, delta) = c.rope_index(&[5, 6, 7], &[]).unwrap();
+        assert_eq!((pos[1].clone(), delta), (vec![0, 1, 2], 0));
+        assert!(c.rope_index(&tokens, &[[1, 4, 4]]).is_err());
+        assert!(c.rope_index(&tokens, &[]).is_err());
+    }
+
+    #[test]
+    fn text_only_mrope_tables_equal_the_1d_table() {
+        let c = Qwen2VLConfig::from_json(QWEN2_VL_2B).unwrap();
+        let p: Vec<u32> = vec![0, 3, 17, 400];
+        let t = c.mrope_tables(&[p.clone(), p.clone(), p.clone()]).unwrap();
+        let r = Rope::new(128, 1e6, 512);
+        let mut a = vec![0.5f32; 4 * 128];
+        let mut b = a.clone();
+        t.forward_slice(&mut a, 1, &[0, 1, 2, 3]).unwrap();
+        r.forward_slice(&mut b, 1, &p).unwrap();
+        assert_eq!(a, b, "bit-identical to the decoder's own table");
+    }
+}
