@@ -123,3 +123,68 @@ fn logprobs_of_message_lines_with_images_match_transformers() {
         assert_eq!(lines[1]["logprobs"].as_array().unwrap().len(), 1);
     }
 }
+
+#[test]
+fn eval_on_image_questions_scores_by_visual_accuracy() {
+    let name = "tiny_qwen2_vl";
+    let dir = fixtures().join(name);
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cli_case.json")).unwrap())
+            .unwrap();
+    // The greedy completion of the CLI case (its tokens match transformers', tested above).
+    let mut cmd = bin();
+    cmd.arg("generate").arg("--model").arg(&dir).arg("--chat");
+    for im in case["images"].as_array().unwrap() {
+        cmd.arg("--image").arg(fixtures().join("images").join(im.as_str().unwrap()));
+    }
+    cmd.args(["--prompt", case["prompt"].as_str().unwrap()]);
+    cmd.args(["--temperature", "0", "--max-new-tokens", "5", "--format", "json"]);
+    let text = parse_jsonl(&ok_stdout(&cmd.output().unwrap()))[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The same question twice (images relative to the file), once with that text as the gold
+    // answer, once with another: pass@1 = 0.5.
+    let tmp = tempfile::tempdir().unwrap();
+    let images: Vec<String> = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| fixtures().join("images").join(v.as_str().unwrap()).display().to_string())
+        .collect();
+    let q = case["prompt"].as_str().unwrap();
+    let lines = [
+        serde_json::json!({"id": "right", "question": q, "images": images, "answer": text}),
+        serde_json::json!({"id": "wrong", "question": q, "images": images, "answer": "w1"}),
+    ];
+    let data = tmp.path().join("vqa.jsonl");
+    std::fs::write(&data, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let out = bin()
+        .args(["eval", "--model"])
+        .arg(&dir)
+        .arg("--benchmark")
+        .arg(&data)
+        .args(["--temperature", "0", "--max-new-tokens", "5", "--json", "--quiet", "--output"])
+        .arg(&results)
+        .output()
+        .unwrap();
+    let summary = &parse_jsonl(&ok_stdout(&out))[0];
+    assert_eq!(summary["n_items"], 2);
+    assert_eq!(summary["pass_at_1"], 0.5, "{summary}");
+    let items = common::read_jsonl(&results);
+    assert_eq!(items[0]["id"], "right");
+    assert_eq!(items[0]["samples"][0]["correct"], true);
+    assert_eq!(items[1]["samples"][0]["correct"], false);
+    // A line without an answer is an error naming file and line.
+    std::fs::write(&data, format!("{}\n{{\"question\": \"w1\"}}\n", lines[0])).unwrap();
+    let out = bin()
+        .args(["eval", "--model"])
+        .arg(&dir)
+        .arg("--benchmark")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = failed_stderr(&out);
+    assert!(err.contains("vqa.jsonl:2") && err.contains("answer"), "{err}");
+}
