@@ -129,16 +129,23 @@ fn eval_on_image_questions_scores_by_visual_accuracy() {
     let name = "tiny_qwen2_vl";
     let dir = fixtures().join(name);
     let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cli_case.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cli_case.json")).unwrap()).unwrap();
     // The greedy completion of the CLI case (its tokens match transformers', tested above).
     let mut cmd = bin();
     cmd.arg("generate").arg("--model").arg(&dir).arg("--chat");
     for im in case["images"].as_array().unwrap() {
-        cmd.arg("--image").arg(fixtures().join("images").join(im.as_str().unwrap()));
+        cmd.arg("--image")
+            .arg(fixtures().join("images").join(im.as_str().unwrap()));
     }
     cmd.args(["--prompt", case["prompt"].as_str().unwrap()]);
-    cmd.args(["--temperature", "0", "--max-new-tokens", "5", "--format", "json"]);
+    cmd.args([
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+        "--format",
+        "json",
+    ]);
     let text = parse_jsonl(&ok_stdout(&cmd.output().unwrap()))[0]["text"]
         .as_str()
         .unwrap()
@@ -150,7 +157,13 @@ fn eval_on_image_questions_scores_by_visual_accuracy() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| fixtures().join("images").join(v.as_str().unwrap()).display().to_string())
+        .map(|v| {
+            fixtures()
+                .join("images")
+                .join(v.as_str().unwrap())
+                .display()
+                .to_string()
+        })
         .collect();
     let q = case["prompt"].as_str().unwrap();
     let lines = [
@@ -165,7 +178,15 @@ fn eval_on_image_questions_scores_by_visual_accuracy() {
         .arg(&dir)
         .arg("--benchmark")
         .arg(&data)
-        .args(["--temperature", "0", "--max-new-tokens", "5", "--json", "--quiet", "--output"])
+        .args([
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+            "--json",
+            "--quiet",
+            "--output",
+        ])
         .arg(&results)
         .output()
         .unwrap();
@@ -186,5 +207,8 @@ fn eval_on_image_questions_scores_by_visual_accuracy() {
         .output()
         .unwrap();
     let err = failed_stderr(&out);
-    assert!(err.contains("vqa.jsonl:2") && err.contains("answer"), "{err}");
+    assert!(
+        err.contains("vqa.jsonl:2") && err.contains("answer"),
+        "{err}"
+    );
 }

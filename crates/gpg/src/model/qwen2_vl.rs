@@ -426,7 +426,7 @@ impl Qwen2VL {
                 precision.matrix_dtype(),
             )?;
         }
-        let visual = vision::build_weights(&config.vision, device, |leaf| {
+        let visual = vision::build_weights(&config.vision, |leaf| {
             let dtype = if leaf.is_matrix {
                 precision.matrix_dtype()
             } else {
@@ -456,8 +456,9 @@ impl Qwen2VL {
         })
     }
 
-    /// Every parameter with its checkpoint name (the layout the model was loaded from).
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+    /// Every parameter with its checkpoint name and shape (the layout the model was loaded
+    /// from; the patch embedding back in its Conv3d shape).
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> = self
             .text
             .parameters()
@@ -473,14 +474,13 @@ impl Qwen2VL {
                     c.temporal_patch_size,
                     c.patch_size,
                     c.patch_size,
-                ))
-                .unwrap_or_else(|_| t.clone())
+                ))?
             } else {
                 t.clone()
             };
             out.push((self.config.vision_name(&n), t));
         }
-        out
+        Ok(out)
     }
 
     /// Writes config.json (as it was read) and model.safetensors in the layout the model came
@@ -493,7 +493,7 @@ impl Qwen2VL {
             serde_json::to_string_pretty(&self.config.raw)?.as_bytes(),
         )?;
         weights::save_safetensors(
-            &self.parameters(),
+            &self.parameters()?,
             self.text.precision().matrix_dtype(),
             &dir.join("model.safetensors"),
         )
@@ -685,7 +685,13 @@ impl Qwen2VL {
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.parameters().iter().map(|(_, t)| t.elem_count()).sum()
+        self.text.parameter_count()
+            + self
+                .visual
+                .named()
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum::<usize>()
     }
 }
 

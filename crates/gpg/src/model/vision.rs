@@ -24,7 +24,7 @@
 //! w·f_(i−hd/4) for hd/4 ≤ i < hd/2 (transformers' `Qwen2VLVisionRotaryEmbedding`).
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use super::ops::{self, Gelu, Rope, VarLen};
@@ -834,15 +834,13 @@ pub fn zero_grads(w: &VisionWeights, c: &VisionConfig) -> Result<VisionGrads> {
     })
 }
 
-/// Loads the tower's weights through `take(name, checkpoint shape)`; the patch embedding is
-/// reshaped to [E, patch_dim].
+/// Loads the tower's weights through `take(leaf)` (checkpoint names and shapes); the patch
+/// embedding is then held as [E, patch_dim].
 pub fn build_weights(
     c: &VisionConfig,
-    device: &Device,
-    mut take: impl FnMut(&VisionLeaf) -> Result<Tensor>,
+    take: impl FnMut(&VisionLeaf) -> Result<Tensor>,
 ) -> Result<VisionWeights> {
-    let _ = device;
-    let mut w = VisionParams::build(c, |leaf| take(leaf))?;
+    let mut w = VisionParams::build(c, take)?;
     w.patch_embed = w.patch_embed.reshape((c.width, c.patch_dim()))?;
     Ok(w)
 }
