@@ -310,3 +310,48 @@ fn bf16_vl_model_stays_close_to_f32() {
         assert!(worst < 0.5, "{name}: bf16 worst |logp gap| {worst}");
     }
 }
+
+#[test]
+fn broken_vl_checkpoints_give_errors_naming_the_tensor() {
+    let dir = fixture_dir("tiny_qwen2_vl");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut tensors = safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    // A vision tensor missing.
+    tensors.remove("visual.blocks.1.mlp.fc2.bias");
+    safetensors::save(&tensors, tmp.path().join("model.safetensors")).unwrap();
+    let err = format!(
+        "{:#}",
+        Qwen2VL::load(tmp.path(), &Device::Cpu, Precision::F32).unwrap_err()
+    );
+    assert!(err.contains("visual.blocks.1.mlp.fc2.bias"), "{err}");
+    // An extra tensor the model does not use.
+    let mut tensors = safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    tensors.insert(
+        "visual.extra.weight".into(),
+        Tensor::zeros(3, gpg::candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    safetensors::save(&tensors, tmp.path().join("model.safetensors")).unwrap();
+    let err = format!(
+        "{:#}",
+        Qwen2VL::load(tmp.path(), &Device::Cpu, Precision::F32).unwrap_err()
+    );
+    assert!(err.contains("visual.extra.weight"), "{err}");
+    // A config whose vision width does not match the weights.
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"embed_dim\": 16", "\"embed_dim\": 8");
+    std::fs::write(tmp.path().join("config.json"), config).unwrap();
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        Qwen2VL::load(tmp.path(), &Device::Cpu, Precision::F32).unwrap_err()
+    );
+    assert!(err.contains("visual.patch_embed.proj.weight"), "{err}");
+}
