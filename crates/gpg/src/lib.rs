@@ -8,6 +8,7 @@ pub mod algo;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod image;
 pub mod model;
 pub mod optim;
 pub mod reward;

@@ -13,12 +13,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use gpg::data::benchmarks::load_benchmark;
+use gpg::eval::vl::{evaluate_vl_with_progress, load_vl_items};
 use gpg::eval::{
-    benchmark_items, evaluate_on, write_item_line, EvalConfig, EvalReport, PromptStyle,
-    DEFAULT_SYSTEM_PROMPT,
+    benchmark_items, evaluate_on, write_item_line, EvalConfig, EvalProgress, EvalReport,
+    ItemResult, PromptStyle, DEFAULT_SYSTEM_PROMPT,
 };
+use gpg::image::ImageProcessor;
+use gpg::model::{Qwen2VL, Qwen2VLConfig};
+use gpg::tokenizer::Tokenizer;
 
-use super::model_dir::{EngineFlags, ModelDir};
+use super::model_dir::{EngineFlags, GenerationDefaults, ModelDir};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -133,6 +137,9 @@ fn partial_path(path: &Path) -> PathBuf {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    if Qwen2VLConfig::is_vl_dir(&args.model) {
+        return run_vl(args);
+    }
     let benchmark = load_benchmark(&args.benchmark)
         .with_context(|| format!("--benchmark {}", args.benchmark))?;
     anyhow::ensure!(
@@ -158,19 +165,6 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         items.truncate(limit);
     }
 
-    // Open the output before sampling, so that an unwritable path fails at once.
-    let output = args.output_path(&benchmark.name);
-    let mut writer = match &output {
-        Some(path) => {
-            let partial = partial_path(path);
-            let file = File::create(&partial).with_context(|| {
-                format!("{}: cannot create the results file (choose another with --output, or --no-output)", partial.display())
-            })?;
-            Some((partial, BufWriter::new(file)))
-        }
-        None => None,
-    };
-
     if !args.quiet {
         eprintln!(
             "eval: {} ({} problems × {} samples, {}, temperature {}, top-p {}, max {} new tokens)",
@@ -187,36 +181,106 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             config.max_new_tokens
         );
     }
+    run_evaluation(args, &benchmark.name, |on_chunk| {
+        evaluate_on(
+            &dir.model,
+            &*engine,
+            &dir.tokenizer,
+            &items,
+            &config,
+            on_chunk,
+        )
+    })
+}
+
+/// `--benchmark FILE.jsonl` of image questions with a Qwen2-VL-family model (answers checked
+/// by visual accuracy; see `gpg::eval::vl`).
+fn run_vl(args: &EvalArgs) -> Result<()> {
+    let path = PathBuf::from(&args.benchmark);
+    anyhow::ensure!(
+        path.is_file(),
+        "--benchmark {}: a vision-language model is evaluated on a JSONL file of image questions",
+        args.benchmark
+    );
+    let device = args.engine.device.open()?;
+    let model = Qwen2VL::load(&args.model, &device, args.engine.precision)
+        .with_context(|| format!("--model {}", args.model.display()))?;
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let processor = ImageProcessor::from_dir(&args.model)?;
+    let stop_ids = GenerationDefaults::from_dir(&args.model)?
+        .eos_token_id
+        .map(|e| e.to_vec())
+        .unwrap_or_default();
+    let config = args.config(stop_ids);
+    config.validate()?;
+    // Image questions carry their own instructions; --system adds one.
+    let mut items = load_vl_items(&path, args.system.as_deref())?;
+    if let Some(limit) = args.limit {
+        anyhow::ensure!(limit >= 1, "--limit must be ≥ 1");
+        items.truncate(limit);
+    }
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "images".into());
+    if !args.quiet {
+        eprintln!(
+            "eval: {name} ({} image questions × {} samples, temperature {}, max {} new tokens)",
+            items.len(),
+            config.samples,
+            config.temperature,
+            config.max_new_tokens
+        );
+    }
+    run_evaluation(args, &name, |on_chunk| {
+        evaluate_vl_with_progress(&model, &tokenizer, &processor, &items, &config, on_chunk)
+    })
+}
+
+type OnChunk<'a> = dyn FnMut(&[ItemResult], &EvalProgress) -> Result<()> + 'a;
+
+/// Runs `evaluate` with the per-item results streamed to the output file and prints the
+/// summary.
+fn run_evaluation(
+    args: &EvalArgs,
+    benchmark_name: &str,
+    evaluate: impl FnOnce(&mut OnChunk<'_>) -> Result<EvalReport>,
+) -> Result<()> {
+    // Open the output before sampling, so that an unwritable path fails at once.
+    let output = args.output_path(benchmark_name);
+    let mut writer = match &output {
+        Some(path) => {
+            let partial = partial_path(path);
+            let file = File::create(&partial).with_context(|| {
+                format!("{}: cannot create the results file (choose another with --output, or --no-output)", partial.display())
+            })?;
+            Some((partial, BufWriter::new(file)))
+        }
+        None => None,
+    };
     let quiet = args.quiet;
     let mut written = 0usize;
-    let result = evaluate_on(
-        &dir.model,
-        &*engine,
-        &dir.tokenizer,
-        &items,
-        &config,
-        &mut |new, progress| {
-            if let Some((partial, w)) = writer.as_mut() {
-                for item in new {
-                    write_item_line(item, w).with_context(|| partial.display().to_string())?;
-                    written += 1;
-                }
-                w.flush()
-                    .with_context(|| format!("{}: cannot write", partial.display()))?;
+    let result = evaluate(&mut |new: &[ItemResult], progress: &EvalProgress| {
+        if let Some((partial, w)) = writer.as_mut() {
+            for item in new {
+                write_item_line(item, w).with_context(|| partial.display().to_string())?;
+                written += 1;
             }
-            if !quiet {
-                eprintln!(
-                    "eval: {}/{} problems, pass@1 so far {:.4}, {} tokens, {:.1} s",
-                    progress.items_done,
-                    progress.items_total,
-                    progress.pass_at_1_so_far,
-                    progress.generated_tokens,
-                    progress.seconds
-                );
-            }
-            Ok(())
-        },
-    );
+            w.flush()
+                .with_context(|| format!("{}: cannot write", partial.display()))?;
+        }
+        if !quiet {
+            eprintln!(
+                "eval: {}/{} problems, pass@1 so far {:.4}, {} tokens, {:.1} s",
+                progress.items_done,
+                progress.items_total,
+                progress.pass_at_1_so_far,
+                progress.generated_tokens,
+                progress.seconds
+            );
+        }
+        Ok(())
+    });
     let report = match result {
         Ok(report) => report,
         Err(err) => {
@@ -244,7 +308,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             format!("cannot rename {} to {}", partial.display(), path.display())
         })?;
     }
-    print_summary(args, &benchmark.name, &report, output.as_deref())
+    print_summary(args, benchmark_name, &report, output.as_deref())
 }
 
 /// `x` as the f64 with the same shortest decimal form (0.6f32 prints 0.6, not 0.6000000238).

@@ -1,13 +1,18 @@
 //! `gpg-rl logprobs`: the log-prob of every completion token of JSONL {"prompt", "completion"}
 //! lines. Prompt and completion are tokenized separately, with no special tokens, and
-//! concatenated.
+//! concatenated. With a Qwen2-VL-family model a line may instead hold `"messages"` (chat
+//! messages, image parts included, paths relative to the JSONL file) rendered by the chat
+//! template with the generation prompt.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gpg::model::TrainBatch;
+use gpg::data::vl_chat::{encode_chat, parse_messages};
+use gpg::image::{ImageProcessor, ProcessedImage};
+use gpg::model::{Qwen2VL, Qwen2VLConfig, TrainBatch, VlBatch, VlSequence};
+use gpg::tokenizer::Tokenizer;
 
 use super::model_dir::{EngineFlags, ModelDir};
 
@@ -15,7 +20,8 @@ use super::model_dir::{EngineFlags, ModelDir};
 pub struct LogprobsArgs {
     #[arg(long)]
     pub model: PathBuf,
-    /// JSONL file, one {"prompt": str, "completion": str} per line.
+    /// JSONL file, one {"prompt": str, "completion": str} per line (Qwen2-VL-family models:
+    /// {"messages": [...], "completion": str} too, image parts relative to the file).
     #[arg(long)]
     pub input: PathBuf,
     /// Tokens per forward pass (lines are grouped up to this many).
@@ -32,6 +38,9 @@ struct Line {
 }
 
 pub fn run(args: &LogprobsArgs) -> Result<()> {
+    if Qwen2VLConfig::is_vl_dir(&args.model) {
+        return run_vl(args);
+    }
     let dir = ModelDir::load(&args.model, &args.engine)?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("{}: cannot open", args.input.display()))?;
@@ -98,6 +107,106 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         let result = dir.model.logprobs(&batch, 1.0)?;
         for (j, line) in lines[start..end].iter().enumerate() {
             let span = batch.completion_offsets[j]..batch.completion_offsets[j + 1];
+            let mut record = line.record.clone();
+            record.insert(
+                "completion_ids".into(),
+                serde_json::json!(line.completion_ids),
+            );
+            record.insert("logprobs".into(), serde_json::json!(result.logprobs[span]));
+            writeln!(out, "{}", serde_json::Value::Object(record))?;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// One line for a vision-language model.
+struct VlLine {
+    record: serde_json::Map<String, serde_json::Value>,
+    prompt_ids: Vec<u32>,
+    images: Vec<ProcessedImage>,
+    completion_ids: Vec<u32>,
+}
+
+/// The Qwen2-VL-family path: `messages` (with images) or `prompt` lines, packed up to
+/// `--batch-tokens` tokens per forward.
+fn run_vl(args: &LogprobsArgs) -> Result<()> {
+    let device = args.engine.device.open()?;
+    let model = Qwen2VL::load(&args.model, &device, args.engine.precision)?;
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let processor = ImageProcessor::from_dir(&args.model)?;
+    let base = args
+        .input
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let file = std::fs::File::open(&args.input)
+        .with_context(|| format!("{}: cannot open", args.input.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let where_ = format!("{}:{}", args.input.display(), i + 1);
+        let line = line.with_context(|| format!("{where_}: cannot read"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&line).with_context(|| format!("{where_}: not a JSON object"))?;
+        let completion = match record.get("completion") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(_) => bail!("{where_}: field `completion` must be a string"),
+            None => bail!("{where_}: field `completion` is missing"),
+        };
+        let (prompt_ids, images) = match (record.get("messages"), record.get("prompt")) {
+            (Some(m), _) => {
+                let chat = parse_messages(m, &base, &where_)?;
+                encode_chat(&model.config, &tokenizer, &processor, &chat, true)
+                    .with_context(|| where_.clone())?
+            }
+            (None, Some(serde_json::Value::String(p))) => (tokenizer.encode(p, false)?, Vec::new()),
+            _ => bail!("{where_}: needs `messages` (chat) or `prompt` (a string)"),
+        };
+        if prompt_ids.is_empty() {
+            bail!("{where_}: the prompt is empty; a completion needs a prompt token before it");
+        }
+        let completion_ids = tokenizer.encode(&completion, false)?;
+        let len = prompt_ids.len() + completion_ids.len();
+        let max = model.config.text.max_position_embeddings;
+        if len > max {
+            bail!("{where_}: prompt + completion is {len} tokens, longer than the model's {max} positions");
+        }
+        lines.push(VlLine {
+            record,
+            prompt_ids,
+            images,
+            completion_ids,
+        });
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut start = 0;
+    while start < lines.len() {
+        let mut end = start;
+        let mut tokens = 0;
+        while end < lines.len()
+            && (end == start
+                || tokens + lines[end].prompt_ids.len() + lines[end].completion_ids.len()
+                    <= args.batch_tokens)
+        {
+            tokens += lines[end].prompt_ids.len() + lines[end].completion_ids.len();
+            end += 1;
+        }
+        let seqs: Vec<VlSequence<'_>> = lines[start..end]
+            .iter()
+            .map(|l| VlSequence {
+                prompt: &l.prompt_ids,
+                completion: &l.completion_ids,
+                images: &l.images,
+            })
+            .collect();
+        let batch = VlBatch::new(&model.config, &seqs)?;
+        let result = model.logprobs(&batch, 1.0)?;
+        for (j, line) in lines[start..end].iter().enumerate() {
+            let span = batch.text.completion_offsets[j]..batch.text.completion_offsets[j + 1];
             let mut record = line.record.clone();
             record.insert(
                 "completion_ids".into(),

@@ -43,6 +43,19 @@ pub struct GenerationDefaults {
     pub eos_token_id: Option<gpg::model::config::TokenIds>,
 }
 
+impl GenerationDefaults {
+    /// `dir/generation_config.json`, or the defaults when absent.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))
+    }
+}
+
 impl ModelDir {
     /// Loads the model for a command that runs its whole engine on `engine.device` (only the
     /// CPU so far: a CUDA device is refused with the reason).
@@ -72,14 +85,7 @@ impl ModelDir {
         }
         let model = Qwen2::load(dir, device, engine.precision)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let path = dir.join("generation_config.json");
-        let generation = if path.is_file() {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))?
-        } else {
-            GenerationDefaults::default()
-        };
+        let generation = GenerationDefaults::from_dir(dir)?;
         Ok(Self {
             model,
             tokenizer,

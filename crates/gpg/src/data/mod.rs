@@ -14,6 +14,7 @@ mod parquet_rows;
 mod record;
 mod sampler;
 pub mod synthetic;
+pub mod vl_chat;
 
 pub use dataset::{LongPromptPolicy, PromptDataset};
 pub use fields::{

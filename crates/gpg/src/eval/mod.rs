@@ -17,6 +17,7 @@
 mod items;
 mod pass_at_k;
 mod report;
+pub mod vl;
 
 use std::time::Instant;
 

@@ -15,6 +15,8 @@ pub mod ops;
 pub mod params;
 pub mod precision;
 pub mod qwen2;
+pub mod qwen2_vl;
+pub mod vision;
 pub mod weights;
 
 use std::path::Path;
@@ -25,6 +27,7 @@ use candle_core::DType;
 pub use config::Qwen2Config;
 pub use precision::{DeviceName, Precision};
 pub use qwen2::{Activations, ForwardCache, Grads, Qwen2, TokenLogprobs, TrainBatch, Weights};
+pub use qwen2_vl::{Qwen2VL, Qwen2VLConfig, VlBatch, VlGrads, VlSequence};
 
 impl Qwen2 {
     /// Writes the model in Hugging Face format (config.json, model.safetensors in the model's

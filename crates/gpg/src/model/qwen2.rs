@@ -44,7 +44,12 @@ impl Linear<Tensor> {
 
     /// Given dy = ∂L/∂y and the input x: adds ∂L/∂W = dyᵀ·x and ∂L/∂b = Σ_rows dy to `grad`
     /// and returns ∂L/∂x = dy·W.
-    fn backward(&self, dy: &Tensor, x: &Tensor, grad: &mut Linear<Vec<f32>>) -> Result<Tensor> {
+    pub(crate) fn backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        grad: &mut Linear<Vec<f32>>,
+    ) -> Result<Tensor> {
         let dx = ops::linear_backward_input(dy, &self.weight)?;
         ops::linear_backward_params(
             dy,
@@ -159,6 +164,9 @@ enum LayerSaved {
 /// Everything the backward needs from one training forward.
 pub struct ForwardCache {
     layers: Vec<LayerSaved>,
+    /// Per-token rotary tables (M-RoPE) when the pass was given them; `None`: the model's
+    /// 1-D table at `TrainBatch::positions`.
+    token_rope: Option<Rope>,
     x_final: Tensor,
     rstd_final: Tensor,
     h_scored: Tensor,
@@ -182,6 +190,14 @@ impl Qwen2 {
     /// Loads a checkpoint directory with its weight matrices in `precision` (a bf16 file loads
     /// into a bf16 model without widening). Every tensor is checked for NaN/±inf.
     pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
+        if super::qwen2_vl::Qwen2VLConfig::is_vl_dir(dir) {
+            bail!(
+                "{}: a Qwen2-VL-family (vision-language) checkpoint; this command takes text-only \
+                 Qwen2 models (vision-language models: `gpg-rl generate --chat --image`, see \
+                 docs/multimodal.md)",
+                dir.display()
+            );
+        }
         let config = Qwen2Config::from_dir(dir)?;
         config.validate()?;
         let mut w = WeightMap::from_dir(dir, device)?;
@@ -309,7 +325,7 @@ impl Qwen2 {
     }
 
     /// The rows of the embedding matrix for `tokens`, as f32 [T, H].
-    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         Ok(self
             .weights
@@ -325,6 +341,7 @@ impl Qwen2 {
         layer: &DecoderLayer<Tensor>,
         x: Tensor,
         seqs: &VarLen,
+        rope: &Rope,
         positions: &[u32],
         keep: bool,
     ) -> Result<(Tensor, Option<LayerCache>)> {
@@ -336,8 +353,8 @@ impl Qwen2 {
         let q = a.q_proj.forward(&xn)?.reshape((t, nh, hd))?;
         let k = a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?;
         let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
-        let q = self.rope.forward(&q, positions)?;
-        let k = self.rope.forward(&k, positions)?;
+        let q = rope.forward(&q, positions)?;
+        let k = rope.forward(&k, positions)?;
         let (att, lse) = ops::attention(&q, &k, &v, seqs)?;
         let att = att.reshape((t, nh * hd))?;
         let xm = (&x + a.o_proj.forward(&att)?)?;
@@ -369,28 +386,33 @@ impl Qwen2 {
     /// backward needs (per `keep`, or nothing).
     fn forward_layers(
         &self,
-        tokens: &[u32],
+        mut x: Tensor,
         seqs: &VarLen,
+        rope: &Rope,
         positions: &[u32],
         keep: Option<Activations>,
     ) -> Result<(Tensor, Vec<LayerSaved>)> {
-        let mut x = self.embed(tokens)?;
         let mut saved = Vec::new();
         for layer in &self.weights.layers {
             match keep {
                 Some(Activations::All) => {
-                    let (next, cache) = self.layer_forward(layer, x, seqs, positions, true)?;
+                    let (next, cache) =
+                        self.layer_forward(layer, x, seqs, rope, positions, true)?;
                     let cache = cache.context("internal: layer kept no activations")?;
                     saved.push(LayerSaved::Full(Box::new(cache)));
                     x = next;
                 }
                 Some(Activations::LayerInputs) => {
                     let input = x.clone();
-                    let (next, _) = self.layer_forward(layer, x, seqs, positions, false)?;
+                    let (next, _) = self.layer_forward(layer, x, seqs, rope, positions, false)?;
                     saved.push(LayerSaved::Input(input));
                     x = next;
                 }
-                None => x = self.layer_forward(layer, x, seqs, positions, false)?.0,
+                None => {
+                    x = self
+                        .layer_forward(layer, x, seqs, rope, positions, false)?
+                        .0
+                }
             }
         }
         Ok((x, saved))
@@ -432,8 +454,38 @@ impl Qwen2 {
         keep: Option<Activations>,
     ) -> Result<(TokenLogprobs, Option<ForwardCache>)> {
         self.check_tokens(&batch.tokens)?;
-        let (x_final, layers) =
-            self.forward_layers(&batch.tokens, &batch.seqs, &batch.positions, keep)?;
+        let x = self.embed(&batch.tokens)?;
+        self.forward_embedded(batch, x, None, inv_temperature, keep)
+    }
+
+    /// The forward from given stack inputs `x` [T, H] (the token embeddings with, say, image
+    /// embeddings spliced in) instead of `batch.tokens`' embeddings. With `token_rope` (one
+    /// table row per packed token, e.g. M-RoPE) row t rotates by row t of it; without, by the
+    /// model's table at `batch.positions`. Keeps activations per `keep`.
+    pub fn forward_embedded(
+        &self,
+        batch: &TrainBatch,
+        x: Tensor,
+        token_rope: Option<Rope>,
+        inv_temperature: f32,
+        keep: Option<Activations>,
+    ) -> Result<(TokenLogprobs, Option<ForwardCache>)> {
+        ensure!(
+            x.dims() == [batch.tokens.len(), self.config.hidden_size],
+            "forward: stack inputs of shape {:?} for {} tokens of width {}",
+            x.dims(),
+            batch.tokens.len(),
+            self.config.hidden_size
+        );
+        let rows: Vec<u32>;
+        let (rope, positions) = match &token_rope {
+            Some(r) => {
+                rows = (0..batch.tokens.len() as u32).collect();
+                (r, rows.as_slice())
+            }
+            None => (&self.rope, batch.positions.as_slice()),
+        };
+        let (x_final, layers) = self.forward_layers(x, &batch.seqs, rope, positions, keep)?;
         let (xf, rstd_final) =
             ops::rms_norm(&x_final, &self.weights.norm, self.config.rms_norm_eps)?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
@@ -450,6 +502,7 @@ impl Qwen2 {
         };
         let cache = keep.map(|_| ForwardCache {
             layers,
+            token_rope,
             x_final,
             rstd_final,
             h_scored,
@@ -489,6 +542,40 @@ impl Qwen2 {
         g: &[f32],
         grads: &mut Grads,
     ) -> Result<()> {
+        let dx = self.backward_to_inputs(batch, cache, g, grads)?;
+        self.add_embedding_grad(&dx, &batch.tokens, |_| true, grads)
+    }
+
+    /// Scatter-adds the stack-input gradient `dx` [T, H] into the embedding rows of `tokens`,
+    /// for the rows `row_is_token` accepts (rows holding spliced-in embeddings are skipped).
+    pub fn add_embedding_grad(
+        &self,
+        dx: &Tensor,
+        tokens: &[u32],
+        row_is_token: impl Fn(usize) -> bool,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let h = self.config.hidden_size;
+        let dx = dx.flatten_all()?.to_vec1::<f32>()?;
+        for (i, (row, &tok)) in dx.chunks_exact(h).zip(tokens).enumerate() {
+            if !row_is_token(i) {
+                continue;
+            }
+            let dst = &mut grads.embed_tokens[tok as usize * h..(tok as usize + 1) * h];
+            dst.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// Backward from g_t through the head and every layer, adding the parameter gradients to
+    /// `grads` (all but the embedding's); returns ∂L/∂x of the stack inputs [T, H].
+    pub fn backward_to_inputs(
+        &self,
+        batch: &TrainBatch,
+        cache: ForwardCache,
+        g: &[f32],
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
         ensure!(
             g.len() == batch.targets.len(),
             "backward: {} token weights for {} completion tokens",
@@ -504,6 +591,14 @@ impl Qwen2 {
         let t = batch.tokens.len();
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let h = c.hidden_size;
+        let rows: Vec<u32>;
+        let (rope, positions) = match &cache.token_rope {
+            Some(r) => {
+                rows = (0..t as u32).collect();
+                (r, rows.as_slice())
+            }
+            None => (&self.rope, batch.positions.as_slice()),
+        };
 
         // Output head (its gradient goes to lm_head, or to the embedding when tied).
         let head_grad = match grads.lm_head.as_mut() {
@@ -539,7 +634,7 @@ impl Qwen2 {
             let lc = match saved {
                 LayerSaved::Full(lc) => *lc,
                 LayerSaved::Input(x) => self
-                    .layer_forward(layer, x, &batch.seqs, &batch.positions, true)?
+                    .layer_forward(layer, x, &batch.seqs, rope, positions, true)?
                     .1
                     .context("internal: recomputed layer kept no activations")?,
             };
@@ -570,14 +665,8 @@ impl Qwen2 {
             let datt = datt.reshape((t, nh, hd))?;
             let (dq, dk, dv) =
                 ops::attention_backward(&datt, &lc.q, &lc.k, &lc.v, &att, &lc.lse, &batch.seqs)?;
-            let dq = self
-                .rope
-                .backward(&dq, &batch.positions)?
-                .reshape((t, nh * hd))?;
-            let dk = self
-                .rope
-                .backward(&dk, &batch.positions)?
-                .reshape((t, nkv * hd))?;
+            let dq = rope.backward(&dq, positions)?.reshape((t, nh * hd))?;
+            let dk = rope.backward(&dk, positions)?.reshape((t, nkv * hd))?;
             let dv = dv.reshape((t, nkv * hd))?;
             let dxn_q = a.q_proj.backward(&dq, &lc.xn, &mut ga.q_proj)?;
             let dxn_k = a.k_proj.backward(&dk, &lc.xn, &mut ga.k_proj)?;
@@ -588,14 +677,7 @@ impl Qwen2 {
             add_into(&mut lg.input_layernorm, &d_ln1)?;
             dx = (dxm + dx_norm)?;
         }
-
-        // Embedding: scatter-add the residual gradient into the rows of the used tokens.
-        let dx = dx.flatten_all()?.to_vec1::<f32>()?;
-        for (row, &tok) in dx.chunks_exact(h).zip(&batch.tokens) {
-            let dst = &mut grads.embed_tokens[tok as usize * h..(tok as usize + 1) * h];
-            dst.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-        }
-        Ok(())
+        Ok(dx)
     }
 
     /// Logits of the next token after each row of `h` (final-normed hidden states [B, H]).
@@ -609,6 +691,7 @@ impl Qwen2 {
         &self,
         layer: &DecoderLayer<Tensor>,
         x: &Tensor,
+        rope: &Rope,
         positions: &[u32],
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
@@ -616,12 +699,8 @@ impl Qwen2 {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let (xn, _) = ops::rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
         let a = &layer.self_attn;
-        let q = self
-            .rope
-            .forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
-        let k = self
-            .rope
-            .forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
+        let q = rope.forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
+        let k = rope.forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
         let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
         Ok((q, k, v))
     }
@@ -646,14 +725,26 @@ impl Qwen2 {
         positions: &[u32],
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         self.check_tokens(tokens)?;
+        let x = self.embed(tokens)?;
+        self.prefill_embedded(x, seqs, &self.rope, positions)
+    }
+
+    /// [`Self::prefill`] from given stack inputs `x` [T, H], rotating row t by `rope` at
+    /// `positions[t]` (per-token tables with positions 0..T for M-RoPE).
+    pub fn prefill_embedded(
+        &self,
+        mut x: Tensor,
+        seqs: &VarLen,
+        rope: &Rope,
+        positions: &[u32],
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let c = &self.config;
-        let t = tokens.len();
+        let t = x.dim(0)?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let mut x = self.embed(tokens)?;
         let mut kv = Vec::with_capacity(self.weights.layers.len());
         for layer in &self.weights.layers {
             let a = &layer.self_attn;
-            let (q, k, v) = self.rotated_qkv(layer, &x, positions)?;
+            let (q, k, v) = self.rotated_qkv(layer, &x, rope, positions)?;
             let (att, _) = ops::attention(&q, &k, &v, seqs)?;
             x = (&x + a.o_proj.forward(&att.reshape((t, nh * hd))?)?)?;
             x = self.mlp_residual(layer, &x)?;

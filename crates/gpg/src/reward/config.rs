@@ -21,7 +21,7 @@ use super::{
 };
 
 /// Names accepted in [`RewardSpec::name`].
-pub const REWARD_NAMES: [&str; 7] = [
+pub const REWARD_NAMES: [&str; 9] = [
     "accuracy",
     "format",
     "boxed_format",
@@ -29,6 +29,8 @@ pub const REWARD_NAMES: [&str; 7] = [
     "exact_match",
     "length",
     "external",
+    "visual_accuracy",
+    "box_iou",
 ];
 
 /// The reward functions of a run; the reward is their weighted sum.
@@ -88,6 +90,14 @@ impl RewardSpec {
             "exact_match" => {
                 self.no_options()?;
                 Box::new(ExactMatchReward)
+            }
+            "visual_accuracy" => {
+                self.no_options()?;
+                Box::new(super::VisualAccuracyReward)
+            }
+            "box_iou" => {
+                self.no_options()?;
+                Box::new(super::BoxIouReward)
             }
             "cosine" => {
                 let options: CosineOptions = self.parse_options()?.unwrap_or_default();

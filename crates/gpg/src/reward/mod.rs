@@ -11,7 +11,8 @@
 //! * `cosine`: accuracy scaled by completion length with a cosine schedule;
 //! * `exact_match`: 1 if the trimmed completion equals the trimmed gold answer, else 0;
 //! * `length`: −|characters − target| (TRL's quick-start reward; smoke tests, benchmarks);
-//! * `external`: scores computed by a child process speaking JSON lines.
+//! * `external`: scores computed by a child process speaking JSON lines;
+//! * `visual_accuracy`, `box_iou`: the reference's visual-task rewards (see [`visual`]).
 //!
 //! [`WeightedSum`] combines several of them; [`RewardConfig`] builds one from a config file.
 
@@ -22,6 +23,7 @@ mod exact;
 mod external;
 mod format;
 mod length;
+pub mod visual;
 mod weighted;
 
 pub use accuracy::AccuracyReward;
@@ -31,6 +33,7 @@ pub use exact::ExactMatchReward;
 pub use external::{ExternalOptions, ExternalReward};
 pub use format::{BoxedFormatReward, ThinkAnswerFormatReward};
 pub use length::{LengthOptions, LengthReward};
+pub use visual::{BoxIouReward, VisualAccuracyReward};
 pub use weighted::{RewardScores, WeightedSum};
 
 /// One completion to score, with what a reward function may need to know about it.

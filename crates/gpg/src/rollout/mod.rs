@@ -10,8 +10,10 @@ pub mod sampling;
 
 use anyhow::{ensure, Result};
 
-use crate::model::decoding::DecodeEngine;
+use crate::image::ProcessedImage;
+use crate::model::decoding::{DecodeBatch, DecodeEngine};
 use crate::model::qwen2::Qwen2;
+use crate::model::qwen2_vl::Qwen2VL;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 pub use sampling::{SamplingParams, TokenSampler};
 
@@ -47,6 +49,8 @@ struct Row {
     prompt_index: usize,
     sample_index: usize,
     prompt_len: usize,
+    /// Added to each new token's 1-D position (M-RoPE's δ for a prompt with images; 0 else).
+    position_offset: i64,
     sampler: TokenSampler,
     token_ids: Vec<u32>,
     logprobs: Vec<f32>,
@@ -114,23 +118,106 @@ pub fn generate_on(
             max_pos
         );
     }
-    let mut done = Vec::with_capacity(prompts.len() * params.n);
     if prompts.is_empty() || params.n == 0 {
-        return Ok(done);
+        return Ok(Vec::new());
     }
-    let stop_ids = params.stop_token_ids(model, tokenizer);
-
     // Prefill every prompt once and add its n rows (prompt-major), on the engine's device.
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + params.max_new_tokens;
     let mut batch = engine.new_batch(prompts.len() * params.n, longest)?;
     batch.push_prompts(prompts, params.n, params.max_new_tokens)?;
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let offsets = vec![0; lens.len()];
+    decode_pushed(
+        model,
+        tokenizer,
+        batch,
+        &lens,
+        &offsets,
+        params,
+        first_prompt_key,
+    )
+}
+
+/// Samples `params.n` completions for each prompt with its images (token ids with the
+/// `<|image_pad|>` runs already expanded) from a Qwen2-VL-family model, on the CPU.
+pub fn generate_vl(
+    model: &Qwen2VL,
+    tokenizer: &Tokenizer,
+    prompts: &[(Vec<u32>, Vec<ProcessedImage>)],
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    params.validate()?;
+    let text = &model.text;
+    let max_pos = text.config.max_position_embeddings;
+    for (i, (p, _)) in prompts.iter().enumerate() {
+        ensure!(!p.is_empty(), "prompt {i} is empty");
+        ensure!(
+            p.len() + params.max_new_tokens <= max_pos,
+            "prompt {i} has {} tokens; with max_new_tokens {} it exceeds the model's {} positions",
+            p.len(),
+            params.max_new_tokens,
+            max_pos
+        );
+    }
+    if prompts.is_empty() || params.n == 0 {
+        return Ok(Vec::new());
+    }
+    let refs: Vec<(&[u32], &[ProcessedImage])> = prompts
+        .iter()
+        .map(|(p, im)| (p.as_slice(), im.as_slice()))
+        .collect();
+    // Prefill with the images spliced in (M-RoPE positions), then n rows per prompt, each
+    // with its own copy of the prompt's cache, on the CPU decoder.
+    let (h_last, kv, seqs, deltas) = model.prefill(&refs)?;
+    let prompt_logits = text.logits(&h_last)?.to_vec2::<f32>()?;
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                k.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
+    let longest = lens.iter().max().copied().unwrap_or(0) + params.max_new_tokens;
+    let mut batch = text.new_batch(prompts.len() * params.n, longest)?;
+    let kv_dim = text.config.kv_dim();
+    for (pi, &len) in lens.iter().enumerate() {
+        let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
+        let prompt_kv: Vec<(&[f32], &[f32])> = kv
+            .iter()
+            .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
+            .collect();
+        for _ in 0..params.n {
+            batch.push_row(&prompt_kv, len + params.max_new_tokens, &prompt_logits[pi])?;
+        }
+    }
+    decode_pushed(text, tokenizer, batch, &lens, &deltas, params, 0)
+}
+
+/// The decode loop once every prompt's `params.n` rows are in `batch` (prompt-major): prompt
+/// i's new tokens sit at 1-D positions prompt_len + k + `position_offsets[i]` and its rows draw
+/// from the streams of prompt `first_prompt_key + i`.
+fn decode_pushed(
+    model: &Qwen2,
+    tokenizer: &Tokenizer,
+    mut batch: Box<dyn DecodeBatch + '_>,
+    prompt_lens: &[usize],
+    position_offsets: &[i64],
+    params: &SamplingParams,
+    first_prompt_key: u64,
+) -> Result<Vec<Completion>> {
+    let mut done = Vec::with_capacity(prompt_lens.len() * params.n);
+    let stop_ids = params.stop_token_ids(model, tokenizer);
     let mut rows = Vec::new();
-    for (pi, prompt) in prompts.iter().enumerate() {
+    for (pi, &prompt_len) in prompt_lens.iter().enumerate() {
         for si in 0..params.n {
             rows.push(Row {
                 prompt_index: pi,
                 sample_index: si,
-                prompt_len: prompt.len(),
+                prompt_len,
+                position_offset: position_offsets[pi],
                 sampler: TokenSampler::new(params, first_prompt_key + pi as u64, si as u64),
                 token_ids: Vec::with_capacity(params.max_new_tokens),
                 logprobs: Vec::with_capacity(params.max_new_tokens),
@@ -138,6 +225,12 @@ pub fn generate_on(
             });
         }
     }
+    ensure!(
+        batch.rows() == rows.len(),
+        "internal: the decode batch holds {} rows for {} samples",
+        batch.rows(),
+        rows.len()
+    );
 
     let mut step = 0usize;
     while !rows.is_empty() && params.max_new_tokens > 0 {
@@ -183,8 +276,12 @@ pub fn generate_on(
             .collect();
         let positions: Vec<u32> = rows
             .iter()
-            .map(|r| (r.prompt_len + r.token_ids.len() - 1) as u32)
-            .collect();
+            .map(|r| {
+                let p = (r.prompt_len + r.token_ids.len() - 1) as i64 + r.position_offset;
+                u32::try_from(p)
+                    .map_err(|_| anyhow::anyhow!("internal: negative decode position {p}"))
+            })
+            .collect::<Result<_>>()?;
         batch.step(&tokens, &positions)?;
     }
     done.sort_by_key(|c| (c.prompt_index, c.sample_index));

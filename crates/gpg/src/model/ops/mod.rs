@@ -16,6 +16,9 @@
 mod attention;
 pub(crate) mod cpu;
 pub mod cuda;
+mod full_attention;
+mod gelu;
+mod layer_norm;
 mod linear;
 mod lm_head;
 mod rms_norm;
@@ -32,6 +35,9 @@ mod test_util;
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
 pub use cpu::isa::isa_name;
 pub use cpu::mixed::bf16_gemm_name;
+pub use full_attention::{full_attention, full_attention_backward};
+pub use gelu::{gelu, gelu_backward, Gelu};
+pub use layer_norm::{layer_norm, layer_norm_backward};
 pub use linear::{linear, linear_backward_input, linear_backward_params};
 pub use lm_head::{
     lm_head_backward, lm_head_backward_chunked, lm_head_backward_into, lm_head_logprobs,

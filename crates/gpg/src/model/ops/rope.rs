@@ -53,6 +53,26 @@ impl Rope {
         }
     }
 
+    /// Tables given row by row, `[rows, head_dim/2]` each: row r holds the cos/sin of the angles
+    /// that "position" r rotates by. Per-token tables (M-RoPE's sections, the vision tower's 2-D
+    /// angles) are built this way and indexed by packed row.
+    pub fn from_tables(head_dim: usize, cos: Vec<f32>, sin: Vec<f32>) -> Result<Rope> {
+        let half = head_dim / 2;
+        if half == 0 || cos.len() != sin.len() || !cos.len().is_multiple_of(half) {
+            bail!(
+                "Rope::from_tables: cos ({}) and sin ({}) must be whole rows of head_dim/2 = {half}",
+                cos.len(),
+                sin.len()
+            );
+        }
+        Ok(Rope {
+            head_dim,
+            max_positions: cos.len() / half,
+            cos,
+            sin,
+        })
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }

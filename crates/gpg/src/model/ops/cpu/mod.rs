@@ -5,8 +5,11 @@
 
 pub(crate) mod attention;
 pub(crate) mod bf16;
+pub(crate) mod full_attention;
+pub(crate) mod gelu;
 pub(crate) mod gemm_bf16;
 pub(crate) mod isa;
+pub(crate) mod layer_norm;
 pub(crate) mod lm_head;
 pub(crate) mod matmul;
 pub(crate) mod mixed;
