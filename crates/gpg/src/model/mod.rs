@@ -5,8 +5,10 @@
 //! backward pass. SFT (g_t = −1/N), evaluation and every RL objective use it alike.
 
 pub mod config;
+pub mod adapter_io;
 pub mod decode;
 pub mod ops;
+pub mod lora;
 pub mod params;
 pub mod precision;
 pub mod qwen2;
