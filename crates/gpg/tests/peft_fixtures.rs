@@ -130,7 +130,10 @@ fn adapter_gradients_match_peft_within_1e_3_relative() {
             .backward_adapter_into(&batch, cache, &g, &mut grads)
             .unwrap();
         let expected = gpg::candle_core::safetensors::load(
-            root().join("lora").join(name).join("expected_grads.safetensors"),
+            root()
+                .join("lora")
+                .join(name)
+                .join("expected_grads.safetensors"),
             &Device::Cpu,
         )
         .unwrap();
@@ -219,7 +222,10 @@ fn merged_model_and_decoder_adapter_path_agree_with_the_adapter_forward() {
                 assert!((a - b).abs() < 1e-4, "{name}: sampled log-probs");
             }
         }
-        assert!(differs_from_base, "{name}: the adapter does not change sampling");
+        assert!(
+            differs_from_base,
+            "{name}: the adapter does not change sampling"
+        );
     }
 }
 
@@ -292,6 +298,9 @@ fn unsupported_peft_options_are_refused_naming_the_field() {
         .unwrap();
         let err = format!("{:#}", Adapter::load_peft(tmp.path(), &base()).unwrap_err());
         assert!(err.contains(needle), "{field}: {err}");
-        assert!(err.contains("adapter_"), "{field}: the error names no file: {err}");
+        assert!(
+            err.contains("adapter_"),
+            "{field}: the error names no file: {err}"
+        );
     }
 }

@@ -18,7 +18,7 @@ use gpg::eval::{
     DEFAULT_SYSTEM_PROMPT,
 };
 
-use super::model_dir::{EngineFlags, ModelDir};
+use super::model_dir::{AdapterFlag, EngineFlags, ModelDir};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -60,6 +60,8 @@ pub struct EvalArgs {
     pub no_output: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub adapter: AdapterFlag,
     /// Give the problem as raw text even when the tokenizer has a chat template.
     #[arg(long)]
     pub no_chat: bool,
@@ -141,7 +143,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         benchmark.path.display()
     );
     let dir = ModelDir::load(&args.model, &args.engine)
-        .with_context(|| format!("--model {}", args.model.display()))?;
+        .with_context(|| format!("--model {}", args.model.display()))?
+        .with_adapter(&args.adapter)?;
     let stop_ids = dir
         .generation
         .eos_token_id

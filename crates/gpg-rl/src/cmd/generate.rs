@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use gpg::rollout::{self, SamplingParams};
 use gpg::tokenizer::ChatMessage;
 
-use super::model_dir::{EngineFlags, ModelDir};
+use super::model_dir::{AdapterFlag, EngineFlags, ModelDir};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -50,6 +50,8 @@ pub struct GenerateArgs {
     pub format: OutputFormat,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub adapter: AdapterFlag,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,7 +61,7 @@ pub enum OutputFormat {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let dir = ModelDir::load(&args.model, &args.engine)?;
+    let dir = ModelDir::load(&args.model, &args.engine)?.with_adapter(&args.adapter)?;
     let generation = &dir.generation;
     let greedy_default = generation.do_sample == Some(false);
     let temperature = args.temperature.unwrap_or(if greedy_default {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gpg::model::TrainBatch;
 
-use super::model_dir::{EngineFlags, ModelDir};
+use super::model_dir::{AdapterFlag, EngineFlags, ModelDir};
 
 #[derive(Args)]
 pub struct LogprobsArgs {
@@ -23,6 +23,8 @@ pub struct LogprobsArgs {
     pub batch_tokens: usize,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub adapter: AdapterFlag,
 }
 
 struct Line {
@@ -32,7 +34,7 @@ struct Line {
 }
 
 pub fn run(args: &LogprobsArgs) -> Result<()> {
-    let dir = ModelDir::load(&args.model, &args.engine)?;
+    let dir = ModelDir::load(&args.model, &args.engine)?.with_adapter(&args.adapter)?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("{}: cannot open", args.input.display()))?;
     let mut lines = Vec::new();

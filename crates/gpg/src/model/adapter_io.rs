@@ -170,7 +170,10 @@ fn config_from_peft(raw: &Value) -> Result<(LoraConfig, String)> {
     // Options that would change the computation: refused unless at their neutral value.
     let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
     for k in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"] {
-        ensure!(!flag(k), "{k} = true is not supported by gpg-rl (only plain LoRA)");
+        ensure!(
+            !flag(k),
+            "{k} = true is not supported by gpg-rl (only plain LoRA)"
+        );
     }
     if let Some(b) = get("bias") {
         ensure!(

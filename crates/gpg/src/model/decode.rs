@@ -24,11 +24,11 @@ use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::lora::LoraPair;
 use super::ops::cpu::mixed::rows_x_wt;
 use super::ops::cpu::{rms_norm, swiglu};
 use super::ops::tensor_io::{with_weight, WeightSlice};
 use super::ops::{self, DecodeCache, Rope};
-use super::lora::LoraPair;
 use super::qwen2::{Linear, Qwen2};
 
 thread_local! {

@@ -292,7 +292,13 @@ impl Adapter {
             let (rank, alpha) = config.rank_alpha(module)?;
             any = true;
             let (out, inp) = (leaf.shape[0], leaf.shape[1]);
-            Ok(Some(make(module, out, inp, rank, config.scale(rank, alpha))?))
+            Ok(Some(make(
+                module,
+                out,
+                inp,
+                rank,
+                config.scale(rank, alpha),
+            )?))
         })?;
         ensure!(
             any,
@@ -447,19 +453,16 @@ impl LoraPair {
         let a = self.a.flatten_all()?.to_vec1::<f32>()?;
         let b = self.b.flatten_all()?.to_vec1::<f32>()?;
         let mut merged = w.to_vec();
-        merged
-            .par_chunks_mut(inp)
-            .enumerate()
-            .for_each(|(o, row)| {
-                for k in 0..r {
-                    let c = self.scale * b[o * r + k];
-                    if c != 0.0 {
-                        row.iter_mut()
-                            .zip(&a[k * inp..(k + 1) * inp])
-                            .for_each(|(w, &a)| *w += c * a);
-                    }
+        merged.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+            for k in 0..r {
+                let c = self.scale * b[o * r + k];
+                if c != 0.0 {
+                    row.iter_mut()
+                        .zip(&a[k * inp..(k + 1) * inp])
+                        .for_each(|(w, &a)| *w += c * a);
                 }
-            });
+            }
+        });
         Ok(merged)
     }
 }

@@ -4,11 +4,11 @@
 //! given one scalar g_t = ∂L/∂log π(o_t) per completion token, the parameter gradients in a
 //! backward pass. SFT (g_t = −1/N), evaluation and every RL objective use it alike.
 
-pub mod config;
 pub mod adapter_io;
+pub mod config;
 pub mod decode;
-pub mod ops;
 pub mod lora;
+pub mod ops;
 pub mod params;
 pub mod precision;
 pub mod qwen2;

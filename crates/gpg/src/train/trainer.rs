@@ -31,6 +31,7 @@ use crate::tokenizer::Tokenizer;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
+use super::updater::Updater;
 
 /// A prompt ready for sampling.
 #[derive(Debug, Clone)]
@@ -95,14 +96,15 @@ pub struct Trainer {
     pub heldout: Option<Vec<PreparedPrompt>>,
     sampler: EpochSampler,
     reward: WeightedSum,
-    updater: ModelUpdater,
+    updater: Updater,
     schedule: LrSchedule,
     pub step: u64,
     tokens_seen: u64,
     log: MetricsLog,
     /// Prompts of the periodic evaluation (eval.data), when configured.
     eval_prompts: Option<Vec<PreparedPrompt>>,
-    /// The frozen initial model, kept when the objective has a KL penalty (β > 0).
+    /// The frozen initial model, kept when the objective has a KL penalty (β > 0). With LoRA
+    /// it is the base with the adapter disabled, sharing the base weights (no second copy).
     reference: Option<Qwen2>,
 }
 
@@ -143,11 +145,28 @@ impl Trainer {
             .as_ref()
             .map(|(_, p)| p.clone())
             .unwrap_or_else(|| config.model.clone());
-        let mut model = Qwen2::load(&model_dir, &device, config.precision)
-            .with_context(|| format!("loading the model from {}", model_dir.display()))?;
+        // With LoRA the base always comes from `model` and the adapter from the checkpoint.
+        let weights_dir = if config.lora.is_some() {
+            &config.model
+        } else {
+            &model_dir
+        };
+        let mut model = Qwen2::load(weights_dir, &device, config.precision)
+            .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
+        if let Some(lora) = &config.lora {
+            super::lora_run::attach_adapter(
+                &mut model,
+                lora,
+                config.seed,
+                &config.model,
+                latest.as_ref(),
+            )?;
+        }
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         // The KL reference is always the run's starting model, also when resuming.
-        let reference = if config.algorithm.loss.needs_reference_logp() {
+        let reference = if config.lora.is_some() && config.algorithm.loss.needs_reference_logp() {
+            Some(model.without_adapter())
+        } else if config.algorithm.loss.needs_reference_logp() {
             Some(
                 Qwen2::load(&config.model, &device, config.precision).with_context(|| {
                     format!(
@@ -166,7 +185,7 @@ impl Trainer {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                ModelUpdater::new(&model, AdamW::new(config.optim.adamw)?)?,
+                Updater::new(&model, AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
             Some((_, dir)) => {
@@ -175,7 +194,7 @@ impl Trainer {
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
                     .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-                let mut updater = ModelUpdater::new(&model, optimizer)?;
+                let mut updater = Updater::new(&model, optimizer)?;
                 updater
                     .restore_master(&mut model, &mut buffers)
                     .with_context(|| {
@@ -525,15 +544,23 @@ impl Trainer {
         };
 
         let mut outcome = UpdateOutcome::default();
-        for _iteration in 0..cfg.algorithm.num_iterations {
+        for iteration in 0..cfg.algorithm.num_iterations {
             let mut loss = 0.0;
             let mut entropy_sum = 0.0;
             let mut clip_sum = 0.0;
             let mut kl_sum = 0.0;
             let mut token_offset = 0;
-            for r in &micro {
+            for (m, r) in micro.iter().enumerate() {
                 let part = &seqs[r.clone()];
                 let batch = self.train_batch(part)?;
+                if let Some(adapter) = self.model.adapter_mut() {
+                    // Adapter dropout masks: a pure function of (seed, step, iteration, micro-batch).
+                    adapter.dropout_seed = derive_seed(
+                        cfg.seed ^ 0xD50F,
+                        self.step,
+                        (iteration * micro.len() + m) as u64,
+                    );
+                }
                 let (lp, cache) = self.model.forward_train_with(&batch, inv_t, keep)?;
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
@@ -556,12 +583,8 @@ impl Trainer {
                 entropy_sum += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
                 clip_sum += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 kl_sum += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
-                self.model.backward_into(
-                    &batch,
-                    cache,
-                    &out.token_weights,
-                    self.updater.grads_mut(),
-                )?;
+                self.updater
+                    .backward_into(&self.model, &batch, cache, &out.token_weights)?;
                 token_offset += n;
             }
             outcome.loss = loss;
@@ -624,13 +647,14 @@ impl Trainer {
         first.get("pass_at_1")?.as_f64()
     }
 
-    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir`.
+    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir`; with
+    /// LoRA, the adapter in PEFT format (adapter_config.json, adapter_model.safetensors).
     pub fn save_final(&self, dir: &Path) -> Result<()> {
         let tmp = dir.with_extension("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        self.model.save_pretrained(&tmp)?;
+        self.model.save_trained(&tmp)?;
         self.tokenizer.save_pretrained(&tmp)?;
         let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
         std::fs::write(
