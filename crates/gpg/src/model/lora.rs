@@ -500,3 +500,241 @@ pub fn write_f32(t: &Tensor, values: &[f32]) -> Result<()> {
         WeightSliceMut::Bf16(_) => bail!("internal: adapter tensors are f32"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Activations, Qwen2Config, TrainBatch};
+
+    fn tiny() -> Qwen2 {
+        let config: Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 23, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 32, "tie_word_embeddings": false
+        }))
+        .unwrap();
+        Qwen2::random(config, 0.4, 7, &Device::Cpu).unwrap()
+    }
+
+    fn batch() -> TrainBatch {
+        TrainBatch::new(&[(&[1, 4, 9][..], &[3, 7, 2, 5][..]), (&[6][..], &[8, 1][..])]).unwrap()
+    }
+
+    const WEIGHTS: [f32; 6] = [0.7, -1.3, 0.4, 1.1, -0.6, 0.9];
+
+    /// Σ_t w_t·logp_t in f64, from a training forward (dropout active).
+    fn loss(model: &Qwen2) -> f64 {
+        let (lp, _) = model.forward_train(&batch(), 1.0).unwrap();
+        lp.logprobs
+            .iter()
+            .zip(WEIGHTS)
+            .map(|(&l, w)| l as f64 * w as f64)
+            .sum()
+    }
+
+    /// A tiny model with an adapter on q, v and down (rank 3, dropout 0.25) whose B is random.
+    fn adapted() -> Qwen2 {
+        let mut model = tiny();
+        let config = LoraConfig {
+            rank: 3,
+            alpha: 6.0,
+            dropout: 0.25,
+            target_modules: TargetModules::Names(vec![
+                "q_proj".into(),
+                "v_proj".into(),
+                "down_proj".into(),
+            ]),
+            ..LoraConfig::default()
+        };
+        let mut adapter = Adapter::init(&config, &model, 11, "tiny").unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        adapter.pairs.visit(|_, p| {
+            if let Some(p) = p {
+                let b: Vec<f32> = (0..p.b.elem_count())
+                    .map(|_| rng.gen_range(-0.5..0.5))
+                    .collect();
+                write_f32(&p.b, &b).unwrap();
+            }
+        });
+        adapter.dropout_seed = 99;
+        model.set_adapter(adapter).unwrap();
+        model
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn adapter_gradients_match_finite_differences_with_dropout() {
+        let model = adapted();
+        let g = WEIGHTS.to_vec();
+        let mut grads = model.adapter().unwrap().zero_grads().unwrap();
+        let (_, cache) = model.forward_train(&batch(), 1.0).unwrap();
+        model
+            .backward_adapter_into(&batch(), cache, &g, &mut grads)
+            .unwrap();
+        // Checkpointing recomputes each layer, with the same dropout masks: same gradients.
+        let mut again = model.adapter().unwrap().zero_grads().unwrap();
+        let (_, cache) = model
+            .forward_train_with(&batch(), 1.0, Activations::LayerInputs)
+            .unwrap();
+        model
+            .backward_adapter_into(&batch(), cache, &g, &mut again)
+            .unwrap();
+        assert_eq!(grads, again);
+        let eps = 1e-2f32;
+        let mut checked = 0;
+        for ((name, pair), (_, grad)) in model
+            .adapter()
+            .unwrap()
+            .pairs
+            .named()
+            .into_iter()
+            .zip(grads.named())
+        {
+            let (Some(pair), Some(grad)) = (pair, grad) else {
+                continue;
+            };
+            for (t, analytic) in [(&pair.a, &grad.a), (&pair.b, &grad.b)] {
+                let orig = values(t);
+                for i in (0..orig.len()).step_by(5) {
+                    let mut v = orig.clone();
+                    v[i] = orig[i] + eps;
+                    write_f32(t, &v).unwrap();
+                    let up = loss(&model);
+                    v[i] = orig[i] - eps;
+                    write_f32(t, &v).unwrap();
+                    let down = loss(&model);
+                    write_f32(t, &orig).unwrap();
+                    let fd = (up - down) / (2.0 * eps as f64);
+                    let an = analytic[i] as f64;
+                    assert!(
+                        (fd - an).abs() <= 2e-3 + 1e-2 * an.abs(),
+                        "{name}[{i}]: finite difference {fd} vs backward {an}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 40, "{checked}");
+    }
+
+    #[test]
+    fn fresh_adapter_is_kaiming_uniform_a_zero_b_and_leaves_the_model_unchanged() {
+        let mut model = tiny();
+        let before = model.logprobs(&batch(), 1.0).unwrap().logprobs;
+        let adapter = Adapter::init(&LoraConfig::default(), &model, 3, "tiny").unwrap();
+        assert_eq!(adapter.modules().len(), 2 * 7);
+        for (module, p) in adapter.modules() {
+            let (r, inp) = p.a.dims2().unwrap();
+            assert_eq!(r, 8);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a = values(&p.a);
+            assert!(a.iter().all(|v| v.abs() <= bound), "{module}");
+            let var = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
+            // U(−b, b) has variance b²/3.
+            assert!(
+                (var / (bound * bound / 3.0) - 1.0).abs() < 0.3,
+                "{module}: {var}"
+            );
+            assert!(values(&p.b).iter().all(|&v| v == 0.0));
+            assert_eq!(p.scale, 1.0);
+        }
+        // Deterministic from the seed.
+        let again = Adapter::init(&LoraConfig::default(), &model, 3, "tiny").unwrap();
+        assert_eq!(
+            values(&adapter.modules()[5].1.a),
+            values(&again.modules()[5].1.a)
+        );
+        model.set_adapter(adapter).unwrap();
+        assert_eq!(model.logprobs(&batch(), 1.0).unwrap().logprobs, before);
+        // The full-model backward refuses a model whose base is frozen.
+        let (_, cache) = model.forward_train(&batch(), 1.0).unwrap();
+        let mut grads = model.zero_grads().unwrap();
+        assert!(model
+            .backward_into(&batch(), cache, &[0.0; 6], &mut grads)
+            .is_err());
+    }
+
+    #[test]
+    fn target_modules_and_patterns_match_as_peft_does() {
+        let names = |v: &[&str]| TargetModules::Names(v.iter().map(|s| s.to_string()).collect());
+        let c = LoraConfig {
+            target_modules: names(&["q_proj", "self_attn.v_proj"]),
+            rank_pattern: [("layers.1.mlp.down_proj".to_string(), 6)].into(),
+            alpha_pattern: [("v_proj".to_string(), 3.0)].into(),
+            ..LoraConfig::default()
+        };
+        assert!(c.targets("model.layers.0.self_attn.q_proj").unwrap());
+        assert!(c.targets("model.layers.3.self_attn.v_proj").unwrap());
+        assert!(!c.targets("model.layers.0.self_attn.k_proj").unwrap());
+        assert!(!c.targets("model.layers.0.self_attn.xq_proj").unwrap());
+        assert_eq!(
+            c.rank_alpha("model.layers.1.mlp.down_proj").unwrap(),
+            (6, 8.0)
+        );
+        assert_eq!(
+            c.rank_alpha("model.layers.11.mlp.down_proj").unwrap(),
+            (8, 8.0)
+        );
+        assert_eq!(
+            c.rank_alpha("model.layers.2.self_attn.v_proj").unwrap(),
+            (8, 3.0)
+        );
+        let re = LoraConfig {
+            target_modules: TargetModules::Regex(r".*\.layers\.0\..*_proj".into()),
+            ..LoraConfig::default()
+        };
+        assert!(re.targets("model.layers.0.mlp.up_proj").unwrap());
+        assert!(!re.targets("model.layers.1.mlp.up_proj").unwrap());
+        let all = LoraConfig {
+            target_modules: TargetModules::Regex("all-linear".into()),
+            use_rslora: true,
+            ..LoraConfig::default()
+        };
+        assert!(all.targets("model.layers.5.mlp.gate_proj").unwrap());
+        assert_eq!(all.scale(16, 32.0), 8.0);
+        assert_eq!(LoraConfig::default().scale(16, 32.0), 2.0);
+        // Errors name the field.
+        let bad = LoraConfig {
+            target_modules: names(&["embed_tokens"]),
+            ..LoraConfig::default()
+        };
+        let err = Adapter::init(&bad, &tiny(), 0, "").unwrap_err().to_string();
+        assert!(err.contains("embed_tokens"), "{err}");
+        let none = LoraConfig {
+            target_modules: names(&["nothing"]),
+            ..LoraConfig::default()
+        };
+        let err = Adapter::init(&none, &tiny(), 0, "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("matches no module"), "{err}");
+        for (bad, field) in [
+            (
+                LoraConfig {
+                    rank: 0,
+                    ..LoraConfig::default()
+                },
+                "lora.rank",
+            ),
+            (
+                LoraConfig {
+                    alpha: -1.0,
+                    ..LoraConfig::default()
+                },
+                "lora.alpha",
+            ),
+            (
+                LoraConfig {
+                    dropout: 1.0,
+                    ..LoraConfig::default()
+                },
+                "lora.dropout",
+            ),
+        ] {
+            assert!(bad.validate().unwrap_err().to_string().contains(field));
+        }
+    }
+}
