@@ -45,8 +45,11 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// (prompt ids, completion ids, weights w_t, expected log-probs) of one sequence.
+type Sequence = (Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>);
+
 struct Case {
-    seqs: Vec<(Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>)>,
+    seqs: Vec<Sequence>,
     loss: f64,
 }
 
