@@ -52,7 +52,8 @@ pub struct EvalArgs {
     /// Problems sampled together (the batch holds batch-prompts × samples sequences).
     #[arg(long, default_value_t = 16)]
     pub batch_prompts: usize,
-    /// Per-item results (JSONL). Default: <model>/eval-<benchmark>.jsonl.
+    /// Per-item results (JSONL). Default: <model>/eval-<benchmark>.jsonl (<adapter>/… with
+    /// --adapter).
     #[arg(long, conflicts_with = "no_output")]
     pub output: Option<PathBuf>,
     /// Write no per-item results.
@@ -119,11 +120,11 @@ impl EvalArgs {
         if self.no_output {
             return None;
         }
-        Some(
-            self.output
-                .clone()
-                .unwrap_or_else(|| self.model.join(format!("eval-{benchmark_name}.jsonl"))),
-        )
+        Some(self.output.clone().unwrap_or_else(|| {
+            // Results belong to what was evaluated: the adapter when one is given.
+            let dir = self.adapter.adapter.as_ref().unwrap_or(&self.model);
+            dir.join(format!("eval-{benchmark_name}.jsonl"))
+        }))
     }
 }
 

@@ -34,6 +34,8 @@ use super::qwen2::{Linear, Qwen2};
 thread_local! {
     /// Attention scores of one row (per thread, reused across steps).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// s·(x·Aᵀ) of an adapted layer, [rows, r] (reused across steps).
+    static LORA_U: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The f32 elements of a small tensor (norm weights, biases), copied.
@@ -82,13 +84,16 @@ impl<'m> Dense<'m> {
         })?;
         if let Some(p) = self.lora {
             let r = p.a.dims()[0];
-            let mut u = vec![0.0f32; rows * r];
-            with_weight("decode", "lora_A", &p.a, |a| {
-                rows_x_wt(x, a, None, rows, self.inp, r, &mut u, false)
-            })?;
-            u.iter_mut().for_each(|v| *v *= p.scale);
-            with_weight("decode", "lora_B", &p.b, |b| {
-                rows_x_wt(&u, b, None, rows, r, self.out, y, true)
+            LORA_U.with(|u| {
+                let mut u = u.borrow_mut();
+                u.resize(rows * r, 0.0);
+                with_weight("decode", "lora_A", &p.a, |a| {
+                    rows_x_wt(x, a, None, rows, self.inp, r, &mut u, false)
+                })?;
+                u.iter_mut().for_each(|v| *v *= p.scale);
+                with_weight("decode", "lora_B", &p.b, |b| {
+                    rows_x_wt(&u, b, None, rows, r, self.out, y, true)
+                })
             })?;
         }
         Ok(())

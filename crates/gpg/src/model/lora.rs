@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -480,7 +480,7 @@ impl Qwen2 {
             if let Some(pair) = pair {
                 let values = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 let merged = pair.merged(&values)?;
-                *w = Tensor::from_vec(merged, w.dims(), &Device::Cpu)?.to_dtype(w.dtype())?;
+                *w = Tensor::from_vec(merged, w.dims(), w.device())?.to_dtype(w.dtype())?;
             }
             Ok(())
         })?;
@@ -505,6 +505,7 @@ pub fn write_f32(t: &Tensor, values: &[f32]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::{Activations, Qwen2Config, TrainBatch};
+    use candle_core::Device;
 
     fn tiny() -> Qwen2 {
         let config: Qwen2Config = serde_json::from_value(serde_json::json!({
