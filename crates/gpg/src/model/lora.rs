@@ -621,6 +621,47 @@ mod tests {
         assert!(checked > 40, "{checked}");
     }
 
+    /// A bf16 base with an f32 adapter: the adapter gradients agree with the f32 model's to
+    /// bf16 accuracy, and the base stays bf16.
+    #[test]
+    fn bf16_base_trains_an_f32_adapter() {
+        let model = adapted();
+        let bf16 = model.to_precision(crate::model::Precision::Bf16).unwrap();
+        assert_eq!(
+            bf16.weights.layers[0].self_attn.q_proj.weight.dtype(),
+            DType::BF16
+        );
+        let pair = &bf16.adapter().unwrap().modules()[0].1;
+        assert_eq!(pair.a.dtype(), DType::F32);
+        let grads = |m: &Qwen2| {
+            let mut g = m.adapter().unwrap().zero_grads().unwrap();
+            let (_, cache) = m.forward_train(&batch(), 1.0).unwrap();
+            m.backward_adapter_into(&batch(), cache, &WEIGHTS, &mut g)
+                .unwrap();
+            let mut flat = Vec::new();
+            g.visit(|_, p| {
+                if let Some(p) = p {
+                    flat.extend_from_slice(&p.a);
+                    flat.extend_from_slice(&p.b);
+                }
+            });
+            flat
+        };
+        let (a, b) = (grads(&model), grads(&bf16));
+        let norm = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt();
+        assert!(
+            diff < 5e-2 * norm,
+            "bf16 vs f32 adapter gradients: {}",
+            diff / norm
+        );
+    }
+
     #[test]
     fn fresh_adapter_is_kaiming_uniform_a_zero_b_and_leaves_the_model_unchanged() {
         let mut model = tiny();

@@ -433,12 +433,10 @@ impl Qwen2 {
             let kind = kinds.get(name).copied().unwrap_or(LeafKind::Norm);
             Ok(t.to_dtype(leaf_dtype(kind, precision))?)
         })?;
-        Ok(Self::assemble(
-            self.config.clone(),
-            weights,
-            precision,
-            &self.device,
-        ))
+        let mut model = Self::assemble(self.config.clone(), weights, precision, &self.device);
+        // The adapter's A and B stay f32 in every precision.
+        model.adapter = self.adapter.clone();
+        Ok(model)
     }
 
     /// The precision the weights are held in.
