@@ -360,3 +360,59 @@ fn lora_grpo_kl_reference_is_the_base_model() {
         "{config}"
     );
 }
+
+/// `gpg-rl sft` with `[lora]` writes a PEFT adapter (not the model) that `--adapter` runs.
+#[test]
+fn sft_with_lora_writes_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_model(&model);
+    let out_dir = tmp.path().join("sft");
+    let recipe = format!(
+        r#"
+model = {model:?}
+output_dir = {out_dir:?}
+steps = 3
+batch_size = 4
+seed = 0
+lr = 1e-2
+data = "synthetic"
+eval_max_new_tokens = 8
+[synthetic]
+level = 1
+n_train = 40
+n_heldout = 4
+[lora]
+rank = 2
+alpha = 4
+target_modules = ["q_proj", "v_proj"]
+"#
+    );
+    let path = tmp.path().join("sft.toml");
+    std::fs::write(&path, recipe).unwrap();
+    let out = bin()
+        .arg("sft")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(out_dir.join("adapter_config.json").is_file());
+    assert!(!out_dir.join("model.safetensors").exists());
+    let tensors = gpg::candle_core::safetensors::load(
+        out_dir.join("adapter_model.safetensors"),
+        &gpg::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors.len(), 2 * 2 * 2, "q and v of 2 layers, A and B");
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&out_dir)
+        .args(["--prompt", "Compute 1+2.", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+}
