@@ -280,6 +280,7 @@ fn unsupported_peft_options_are_refused_naming_the_field() {
         ("modules_to_save", "[\"lm_head\"]", "modules_to_save"),
         ("layers_to_transform", "[0]", "layers_to_transform"),
         ("peft_type", "\"IA3\"", "peft_type"),
+        ("init_lora_weights", "\"pissa\"", "init_lora_weights"),
         ("target_modules", "[\"lm_head\"]", "lm_head"),
         ("r", "8", "shape"),
     ] {

@@ -199,6 +199,13 @@ fn config_from_peft(raw: &Value) -> Result<(LoraConfig, String)> {
             ensure!(empty, "{k} = {v} is not supported by gpg-rl");
         }
     }
+    if let Some(init) = get("init_lora_weights").and_then(Value::as_str) {
+        let rewrites_base = ["pissa", "olora", "corda", "eva", "loftq"];
+        ensure!(
+            !rewrites_base.iter().any(|p| init.starts_with(p)),
+            "init_lora_weights = {init:?} is not supported: that initialisation rewrites the base weights, so the adapter does not apply to the original base model"
+        );
+    }
     let r = get("r")
         .and_then(Value::as_u64)
         .context("field `r` is missing or not a positive integer")?;

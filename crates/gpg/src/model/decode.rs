@@ -84,16 +84,21 @@ impl<'m> Dense<'m> {
         })?;
         if let Some(p) = self.lora {
             let r = p.a.dims()[0];
-            LORA_U.with(|u| {
-                let mut u = u.borrow_mut();
+            let mut path = |u: &mut Vec<f32>| {
                 u.resize(rows * r, 0.0);
                 with_weight("decode", "lora_A", &p.a, |a| {
-                    rows_x_wt(x, a, None, rows, self.inp, r, &mut u, false)
+                    rows_x_wt(x, a, None, rows, self.inp, r, u, false)
                 })?;
                 u.iter_mut().for_each(|v| *v *= p.scale);
                 with_weight("decode", "lora_B", &p.b, |b| {
-                    rows_x_wt(&u, b, None, rows, r, self.out, y, true)
+                    rows_x_wt(u, b, None, rows, r, self.out, y, true)
                 })
+            };
+            // The thread's buffer, or a fresh one if this thread is already inside another
+            // decoder's product (a rayon worker that stole a job while waiting).
+            LORA_U.with(|u| match u.try_borrow_mut() {
+                Ok(mut u) => path(&mut u),
+                Err(_) => path(&mut Vec::new()),
             })?;
         }
         Ok(())

@@ -404,24 +404,28 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 impl LoraPair {
-    /// y + s·(d(x)·Aᵀ)·Bᵀ, where `y` is the base layer's output for `x`.
+    /// y + s·(d(x)·Aᵀ)·Bᵀ, where `y` is the base layer's output for `x` (a fresh tensor: it is
+    /// added to in place).
     pub fn forward_add(&self, x: &Tensor, y: Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
         let xd = match dropout {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
-        let u = (ops::linear(&xd, &self.a, None)? * self.scale as f64)?;
-        Ok((y + ops::linear(&u, &self.b, None)?)?)
+        let u = ops::linear(&xd, &self.a, None)?;
+        ops::linear_accumulate(&y, &u, &self.b, self.scale)?;
+        Ok(y)
     }
 
-    /// Adds ∂L/∂A and ∂L/∂B to `grad` and returns the adapter path's part of ∂L/∂x (see the
-    /// module docs). `x` and `dropout` are the forward's.
+    /// Adds ∂L/∂A and ∂L/∂B to `grad` and the adapter path's part of ∂L/∂x to `dx` (the base
+    /// path's dy·W, a fresh tensor: added to in place without dropout), which it returns (see
+    /// the module docs). `x` and `dropout` are the forward's.
     pub fn backward(
         &self,
         dy: &Tensor,
         x: &Tensor,
         dropout: Option<Dropout>,
         grad: &mut LoraGrad,
+        dx: Tensor,
     ) -> Result<Tensor> {
         let xd = match dropout {
             Some(d) => d.apply(x)?,
@@ -431,11 +435,13 @@ impl LoraPair {
         ops::linear_backward_params(dy, &su, &mut grad.b, None, false)?;
         let du = (ops::linear_backward_input(dy, &self.b)? * self.scale as f64)?;
         ops::linear_backward_params(&du, &xd, &mut grad.a, None, false)?;
-        let dxd = ops::linear_backward_input(&du, &self.a)?;
         match dropout {
-            // The mask is the same function of the indices; d(dxd) = dxd ⊙ m / (1 − p).
-            Some(d) => d.apply(&dxd),
-            None => Ok(dxd),
+            // The mask is the same function of the indices; ∂L/∂x = (du·A) ⊙ m / (1 − p).
+            Some(d) => Ok((dx + d.apply(&ops::linear_backward_input(&du, &self.a)?)?)?),
+            None => {
+                ops::linear_backward_input_accumulate(&dx, &du, &self.a, 1.0)?;
+                Ok(dx)
+            }
         }
     }
 

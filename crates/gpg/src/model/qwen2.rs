@@ -176,7 +176,7 @@ impl LayerView<'_> {
             LayerGrads::Adapter(g) => {
                 let dx = ops::linear_backward_input(dy, &base.weight)?;
                 match (self.pair(j), linear_at_mut(g, j).weight.as_mut()) {
-                    (Some(p), Some(grad)) => Ok((dx + p.backward(dy, x, self.dropout(j), grad)?)?),
+                    (Some(p), Some(grad)) => p.backward(dy, x, self.dropout(j), grad, dx),
                     (None, None) => Ok(dx),
                     _ => bail!("internal: the adapter gradient tree does not match the adapter"),
                 }

@@ -30,7 +30,10 @@ mod test_util;
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
 pub use cpu::isa::isa_name;
 pub use cpu::mixed::bf16_gemm_name;
-pub use linear::{linear, linear_backward_input, linear_backward_params};
+pub use linear::{
+    linear, linear_accumulate, linear_backward_input, linear_backward_input_accumulate,
+    linear_backward_params,
+};
 pub use lm_head::{
     lm_head_backward, lm_head_backward_chunked, lm_head_backward_input, lm_head_backward_into,
     lm_head_logprobs, lm_head_logprobs_chunked, LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
