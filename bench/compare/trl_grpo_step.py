@@ -126,6 +126,14 @@ def main() -> int:
     )
     ap.add_argument("--bf16", action="store_true", help="GRPOConfig bf16=True (CPU autocast)")
     ap.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train a LoRA adapter (GRPOTrainer(peft_config=LoraConfig(r=R, lora_alpha=--lora-alpha, "
+        "all seven projections, lora_dropout 0, task_type CAUSAL_LM))) instead of the whole model",
+    )
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument(
         "--bf16-mode",
         default="autocast",
         choices=["autocast", "pure"],
@@ -311,6 +319,19 @@ def main() -> int:
                 flush=True,
             )
 
+    peft_config = None
+    if args.lora_rank > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+            ],
+            task_type="CAUSAL_LM",
+        )
     with tempfile.TemporaryDirectory(prefix="trl-grpo-bench-") as out_dir:
         config = GRPOConfig(output_dir=out_dir, **config_fields)
         trainer = GRPOTrainer(
@@ -320,7 +341,12 @@ def main() -> int:
             train_dataset=train_dataset,
             processing_class=tokenizer,
             callbacks=[StepTimer()],
+            peft_config=peft_config,
         )
+        if peft_config is not None:
+            # The base is frozen: the change to check is the adapter's (lora_B starts at 0).
+            probe = trainer.model.base_model.model.model.layers[0].mlp.down_proj.lora_B["default"].weight
+            probe_before = probe.detach().clone()
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
         trainer.train()
 
@@ -372,6 +398,8 @@ def main() -> int:
         "omp_wait_policy": omp_wait_policy,
         "prompts": len(rows),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha if args.lora_rank > 0 else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl.__version__,

@@ -30,6 +30,8 @@ enum Command {
     Logprobs(cmd::logprobs::LogprobsArgs),
     /// Write a randomly initialised Qwen2 model with a small tokenizer (for tests and benchmarks).
     Init(cmd::init::InitArgs),
+    /// Merge a LoRA adapter into its base model and write a plain Hugging Face model.
+    Merge(cmd::merge::MergeArgs),
     /// Check whether predicted answers are mathematically equal to gold answers.
     MathVerify(cmd::math_verify::MathVerifyArgs),
     /// Benchmarks that print figures.
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Logprobs(args) => cmd::logprobs::run(args),
         Command::Init(args) => cmd::init::run(args),
         Command::MathVerify(args) => cmd::math_verify::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     };
     match result {

@@ -348,3 +348,129 @@ fn bench_trainer_runs_real_gpg_steps() {
         .iter()
         .all(|l| l.contains("grad norm") && !l.contains("NaN")));
 }
+
+fn lora_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/lora")
+        .join(name)
+}
+
+/// `logprobs --adapter` (the adapter path) equals `logprobs` of the model `merge` wrote, and
+/// the merged model differs from the base; `generate --adapter` runs; bad adapters and an
+/// existing output directory are refused.
+#[test]
+fn adapter_flag_and_merge_agree() {
+    let base = fixture("tied_f32");
+    let adapter = lora_fixture("pattern");
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"The answer is\", \"completion\": \" the number 42.\"}\n{\"prompt\": \"First, add\", \"completion\": \" the two numbers.\"}\n",
+    )
+    .unwrap();
+    let logprobs = |model: &PathBuf, adapter: Option<&PathBuf>| -> Vec<f64> {
+        let mut cmd = bin();
+        cmd.arg("logprobs")
+            .arg("--model")
+            .arg(model)
+            .arg("--input")
+            .arg(&input);
+        if let Some(a) = adapter {
+            cmd.arg("--adapter").arg(a);
+        }
+        let out = cmd.output().unwrap();
+        assert_ok(&out);
+        parse_jsonl(&String::from_utf8(out.stdout).unwrap())
+            .iter()
+            .flat_map(|l| l["logprobs"].as_array().unwrap().clone())
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let with_adapter = logprobs(&base, Some(&adapter));
+    let merged_dir = tmp.path().join("merged");
+    let out = bin()
+        .arg("merge")
+        .arg("--model")
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged_dir)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(merged_dir.join("tokenizer.json").is_file());
+    let merged = logprobs(&merged_dir, None);
+    let plain = logprobs(&base, None);
+    assert_eq!(with_adapter.len(), merged.len());
+    let worst = with_adapter
+        .iter()
+        .zip(&merged)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "adapter vs merged: {worst}");
+    let moved = plain
+        .iter()
+        .zip(&merged)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-2);
+    // The merged directory is a plain model: loading it with an adapter of its own still works,
+    // and merging into an existing directory is refused.
+    let out = bin()
+        .arg("merge")
+        .arg("--model")
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged_dir)
+        .output()
+        .unwrap();
+    assert!(common::failed_stderr(&out).contains("already exists"));
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args([
+            "--prompt",
+            "The answer is",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    // A DoRA adapter is refused, naming the field and the file.
+    let dora = tmp.path().join("dora");
+    std::fs::create_dir(&dora).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_model.safetensors"),
+        dora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(adapter.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"use_dora\": false", "\"use_dora\": true");
+    std::fs::write(dora.join("adapter_config.json"), config).unwrap();
+    let out = bin()
+        .arg("logprobs")
+        .arg("--model")
+        .arg(&base)
+        .arg("--input")
+        .arg(&input)
+        .arg("--adapter")
+        .arg(&dora)
+        .output()
+        .unwrap();
+    let err = common::failed_stderr(&out);
+    assert!(
+        err.contains("use_dora") && err.contains("adapter_config.json"),
+        "{err}"
+    );
+}

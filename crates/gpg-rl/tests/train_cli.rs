@@ -106,22 +106,40 @@ fn metrics_without_times(path: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
-    resumes_exactly_after_sigkill("");
+    resumes_exactly_after_sigkill("", "", "model.safetensors");
+}
+
+/// LoRA (with adapter dropout): checkpoints and final/ hold the adapter in PEFT format, not
+/// the base model, and a resumed run ends with the same adapter bit for bit.
+#[test]
+fn lora_train_writes_peft_adapters_and_resumes_exactly_after_sigkill() {
+    resumes_exactly_after_sigkill(
+        "",
+        "[lora]\nrank = 4\nalpha = 8\ndropout = 0.1\n",
+        "adapter_model.safetensors",
+    );
 }
 
 /// In bf16 the checkpoint's model file is bf16 (the model's own dtype) and its f32 master
 /// weights ride in the trainer buffers: the resumed run still matches bit for bit.
 #[test]
 fn bf16_train_resumes_exactly_after_sigkill() {
-    resumes_exactly_after_sigkill("precision = \"bf16\"\ngradient_checkpointing = true\n");
+    resumes_exactly_after_sigkill(
+        "precision = \"bf16\"\ngradient_checkpointing = true\n",
+        "",
+        "model.safetensors",
+    );
 }
 
-fn resumes_exactly_after_sigkill(top_level: &str) {
+/// `top_level` keys go before the recipe, `tables` after it; `weights` is the file of
+/// checkpoints and final/ that training rewrites.
+fn resumes_exactly_after_sigkill(top_level: &str, tables: &str, weights: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     init_model(&model);
-    let recipe =
-        |model: &Path, out: &Path, steps: u64| format!("{top_level}{}", recipe(model, out, steps));
+    let recipe = |model: &Path, out: &Path, steps: u64| {
+        format!("{top_level}{}{tables}", recipe(model, out, steps))
+    };
 
     // An uninterrupted run of 12 steps.
     let full = tmp.path().join("full");
@@ -153,7 +171,34 @@ fn resumes_exactly_after_sigkill(top_level: &str) {
     assert!(applied >= 3, "only {applied} of 12 steps updated the model");
     assert!(metrics[1]["eval_pass_at_1"].is_number());
     assert!(full.join("config.toml").is_file());
-    assert!(full.join("final/model.safetensors").is_file());
+    assert!(full.join("final").join(weights).is_file());
+    if weights == "adapter_model.safetensors" {
+        // Only the adapter is written, never a copy of the frozen base.
+        assert!(!full.join("final/model.safetensors").exists());
+        assert!(!full.join("checkpoint-12/model.safetensors").exists());
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(full.join("final/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["peft_type"], "LORA");
+        assert_eq!(config["task_type"], "CAUSAL_LM");
+        assert_eq!(config["r"], 4);
+        assert_eq!(config["bias"], "none");
+        assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+        assert!(config["base_model_name_or_path"]
+            .as_str()
+            .unwrap()
+            .ends_with("model"));
+        let tensors = gpg::candle_core::safetensors::load(
+            full.join("final/adapter_model.safetensors"),
+            &gpg::candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(tensors.len(), 2 * 7 * 2);
+        let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+        let moved: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(moved > 0.0, "lora_B never left zero");
+    }
     assert!(std::fs::read_dir(full.join("tensorboard")).unwrap().count() == 1);
 
     // The same run killed with SIGKILL once checkpoint-2 exists, then resumed.
@@ -192,16 +237,14 @@ fn resumes_exactly_after_sigkill(top_level: &str) {
             .starts_with("checkpoint-")
             && !p.to_str().unwrap().ends_with(".tmp")
         {
-            assert!(
-                p.join("trainer_state.json").is_file() && p.join("model.safetensors").is_file()
-            );
+            assert!(p.join("trainer_state.json").is_file() && p.join(weights).is_file());
         }
     }
     let out = train(&cut_recipe, &["--resume"]);
     assert_ok(&out);
     assert_eq!(metrics_without_times(&cut.join("metrics.jsonl")), metrics);
-    let a = std::fs::read(full.join("final/model.safetensors")).unwrap();
-    let b = std::fs::read(cut.join("final/model.safetensors")).unwrap();
+    let a = std::fs::read(full.join("final").join(weights)).unwrap();
+    let b = std::fs::read(cut.join("final").join(weights)).unwrap();
     assert!(a == b, "resumed run ended with different weights");
 
     // Starting over in a used folder without --resume is refused.
@@ -281,4 +324,95 @@ fn grpo_with_kl_and_dr_grpo_run_end_to_end() {
             assert!(metrics[1]["kl"].is_number(), "{}", metrics[1]);
         }
     }
+}
+
+/// GRPO with a KL penalty and LoRA: the reference is the base with the adapter disabled. At
+/// the first step the adapter is still zero (B = 0), so the policy equals the reference and the
+/// KL is exactly 0; later it is not.
+#[test]
+fn lora_grpo_kl_reference_is_the_base_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_model(&model);
+    let out_dir = tmp.path().join("run");
+    let text = recipe(&model, &out_dir, 4)
+        .replace(
+            "loss = { name = \"gpg\" }",
+            "loss = { name = \"grpo\", beta = 0.5 }",
+        )
+        .replace("lr = 1e-3", "lr = 2e-2");
+    let path = tmp.path().join("r.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = train(&path, &["--set", "lora.rank=2", "--set", "lora.alpha=4"]);
+    assert_ok(&out);
+    let metrics = metrics_without_times(&out_dir.join("metrics.jsonl"));
+    let kl: Vec<f64> = metrics
+        .iter()
+        .filter(|m| m["skipped"].is_null())
+        .map(|m| m["kl"].as_f64().unwrap())
+        .collect();
+    assert!(kl.len() >= 2, "too few applied steps: {metrics:?}");
+    assert_eq!(kl[0], 0.0);
+    assert!(kl[1..].iter().any(|&k| k > 0.0), "{kl:?}");
+    let config = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+    assert!(
+        config.contains("[lora]") && config.contains("rank = 2"),
+        "{config}"
+    );
+}
+
+/// `gpg-rl sft` with `[lora]` writes a PEFT adapter (not the model) that `--adapter` runs.
+#[test]
+fn sft_with_lora_writes_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_model(&model);
+    let out_dir = tmp.path().join("sft");
+    let recipe = format!(
+        r#"
+model = {model:?}
+output_dir = {out_dir:?}
+steps = 3
+batch_size = 4
+seed = 0
+lr = 1e-2
+data = "synthetic"
+eval_max_new_tokens = 8
+[synthetic]
+level = 1
+n_train = 40
+n_heldout = 4
+[lora]
+rank = 2
+alpha = 4
+target_modules = ["q_proj", "v_proj"]
+"#
+    );
+    let path = tmp.path().join("sft.toml");
+    std::fs::write(&path, recipe).unwrap();
+    let out = bin()
+        .arg("sft")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(out_dir.join("adapter_config.json").is_file());
+    assert!(!out_dir.join("model.safetensors").exists());
+    let tensors = gpg::candle_core::safetensors::load(
+        out_dir.join("adapter_model.safetensors"),
+        &gpg::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors.len(), 2 * 2 * 2, "q and v of 2 layers, A and B");
+    let out = bin()
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&out_dir)
+        .args(["--prompt", "Compute 1+2.", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
 }

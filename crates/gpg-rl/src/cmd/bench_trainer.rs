@@ -2,9 +2,16 @@
 //! AdamW — timed through the trainer a user runs, optionally beside TRL's GRPOTrainer in GPG
 //! mode (beta 0, num_iterations 1, scale_rewards "none", loss_type "dapo") on the same model
 //! files, prompts and reward (bench/compare/trl_grpo_step.py).
+//!
+//! With `--lora-rank R` both sides also train a LoRA adapter (rank R, α `--lora-alpha`, all
+//! seven projections, dropout 0; TRL through `GRPOTrainer(peft_config=…)`), and the command
+//! prints LoRA beside full fine-tuning on each side. Runs are ordered so that each peak RSS is
+//! its own: the TRL runs are separate processes; gpg-rl runs LoRA before full fine-tuning in
+//! this process (the full run's peak is the larger anyway).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -47,6 +54,16 @@ pub struct TrainerArgs {
     /// bf16, GRPOConfig bf16=True); gpg-rl's own side is unchanged.
     #[arg(long, value_enum, default_value_t = PeerDtype::F32)]
     pub peer_dtype: PeerDtype,
+    /// Also train a LoRA adapter of this rank on all seven projections (0: full fine-tuning
+    /// only).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// α of the LoRA adapter (scale α / r).
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f32,
+    /// With --lora-rank: skip the full fine-tuning runs (to fit a memory budget).
+    #[arg(long)]
+    pub skip_full: bool,
 }
 
 /// Figures of one side, medians over the timed steps.
@@ -77,63 +94,126 @@ pub fn run(args: &TrainerArgs) -> Result<()> {
         args.engine.precision
     );
 
+    let lora = (args.lora_rank > 0).then_some((args.lora_rank, args.lora_alpha));
+    let full = lora.is_none() || !args.skip_full;
+    let lora_name = format!("LoRA r={} alpha={}", args.lora_rank, args.lora_alpha);
     // The peer runs first: gpg-rl's freed memory is not always returned to the system (the
     // allocator keeps it for reuse), and TRL at the 0.5B shape needs ~16 GB of its own.
-    let peer = match &args.peer_python {
-        None => None,
-        Some(python) => {
-            let mut extra: Vec<String> = [
-                "--data".to_string(),
-                prompts.display().to_string(),
-                "--threads".into(),
-                threads.to_string(),
-                "--steps".into(),
-                args.steps.to_string(),
-                "--warmup".into(),
-                args.warmup.to_string(),
-                "--prompts-per-step".into(),
-                args.prompts_per_step.to_string(),
-                "--group-size".into(),
-                args.num_generations.to_string(),
-                "--max-completion-len".into(),
-                args.max_new_tokens.to_string(),
-                "--lr".into(),
-                args.lr.to_string(),
-            ]
-            .into();
-            if args.peer_dtype == PeerDtype::Bf16 {
-                extra.push("--bf16".into());
-            }
-            println!("TRL peer dtype: {}", args.peer_dtype.as_str());
-            let trl = run_peer(python, "trl_grpo_step.py", &model_dir, &extra)?;
-            let get = |key: &str| trl[key].as_f64().unwrap_or(f64::NAN);
-            let peer = Side {
-                step_s: get("step_s"),
-                generate_s: get("generate_s"),
-                tokens_per_step: get("completion_tokens_per_step"),
-                peak_rss_mib: get("peak_rss_mb"),
-            };
-            println!(
-                "TRL GRPOTrainer: step {:.3} s, of which generation {:.3} s; {:.0} completion \
-                 tokens per step; peak RSS {:.0} MiB",
-                peer.step_s, peer.generate_s, peer.tokens_per_step, peer.peak_rss_mib
-            );
-            Some(peer)
+    let peer = |lora: Option<(usize, f32)>| -> Result<Option<Side>> {
+        let Some(python) = &args.peer_python else {
+            return Ok(None);
+        };
+        let mut extra: Vec<String> = [
+            "--data".to_string(),
+            prompts.display().to_string(),
+            "--threads".into(),
+            threads.to_string(),
+            "--steps".into(),
+            args.steps.to_string(),
+            "--warmup".into(),
+            args.warmup.to_string(),
+            "--prompts-per-step".into(),
+            args.prompts_per_step.to_string(),
+            "--group-size".into(),
+            args.num_generations.to_string(),
+            "--max-completion-len".into(),
+            args.max_new_tokens.to_string(),
+            "--lr".into(),
+            args.lr.to_string(),
+        ]
+        .into();
+        if args.peer_dtype == PeerDtype::Bf16 {
+            extra.push("--bf16".into());
         }
+        if let Some((rank, alpha)) = lora {
+            extra.extend([
+                "--lora-rank".into(),
+                rank.to_string(),
+                "--lora-alpha".into(),
+                alpha.to_string(),
+            ]);
+        }
+        let trl = run_peer(python, "trl_grpo_step.py", &model_dir, &extra)?;
+        let get = |key: &str| trl[key].as_f64().unwrap_or(f64::NAN);
+        Ok(Some(Side {
+            step_s: get("step_s"),
+            generate_s: get("generate_s"),
+            tokens_per_step: get("completion_tokens_per_step"),
+            peak_rss_mib: get("peak_rss_mb"),
+        }))
     };
-
-    let ours = gpg_rl_side(args, &model_dir, &prompts, &tmp.path().join("run"))?;
-    println!(
-        "gpg-rl: step {:.3} s (median of {}), of which sampling {:.3} s; {:.0} completion \
-         tokens per step; peak RSS {:.0} MiB",
-        ours.step_s, args.steps, ours.generate_s, ours.tokens_per_step, ours.peak_rss_mib
-    );
-    if let Some(peer) = peer {
+    let print = |who: &str, side: &Side, what: &str| {
         println!(
-            "TRL/gpg-rl: step time {:.2}x, generation time {:.2}x, peak RSS {:.2}x",
-            peer.step_s / ours.step_s,
-            peer.generate_s / ours.generate_s,
-            peer.peak_rss_mib / ours.peak_rss_mib
+            "{who}: step {:.3} s (median of {}), of which {what} {:.3} s; {:.0} completion \
+             tokens per step; peak RSS {:.0} MiB",
+            side.step_s, args.steps, side.generate_s, side.tokens_per_step, side.peak_rss_mib
+        );
+    };
+    if args.peer_python.is_some() {
+        println!("TRL peer dtype: {}", args.peer_dtype.as_str());
+    }
+    let peer_full = if full { peer(None)? } else { None };
+    if let Some(p) = &peer_full {
+        print("TRL GRPOTrainer", p, "generation");
+    }
+    let peer_lora = match lora {
+        Some(l) => peer(Some(l))?,
+        None => None,
+    };
+    if let Some(p) = &peer_lora {
+        print(&format!("TRL GRPOTrainer, {lora_name}"), p, "generation");
+    }
+    let ours_lora = match lora {
+        Some(l) => Some(gpg_rl_side(
+            args,
+            &model_dir,
+            &prompts,
+            &tmp.path().join("run-lora"),
+            Some(l),
+        )?),
+        None => None,
+    };
+    if let Some(o) = &ours_lora {
+        print(&format!("gpg-rl, {lora_name}"), o, "sampling");
+    }
+    let ours_full = if full {
+        Some(gpg_rl_side(
+            args,
+            &model_dir,
+            &prompts,
+            &tmp.path().join("run"),
+            None,
+        )?)
+    } else {
+        None
+    };
+    if let Some(o) = &ours_full {
+        print("gpg-rl", o, "sampling");
+    }
+    let ratio = |label: &str, a: &Side, b: &Side| {
+        println!(
+            "{label}: step time {:.2}x, generation time {:.2}x, peak RSS {:.2}x",
+            a.step_s / b.step_s,
+            a.generate_s / b.generate_s,
+            a.peak_rss_mib / b.peak_rss_mib
+        );
+    };
+    if let (Some(p), Some(o)) = (&peer_full, &ours_full) {
+        ratio("TRL/gpg-rl", p, o);
+    }
+    if let (Some(p), Some(o)) = (&peer_lora, &ours_lora) {
+        ratio(&format!("{lora_name}: TRL/gpg-rl"), p, o);
+    }
+    if let (Some(l), Some(f)) = (&ours_lora, &ours_full) {
+        ratio("gpg-rl LoRA / gpg-rl full fine-tuning", l, f);
+    }
+    if let (Some(l), Some(f)) = (&peer_lora, &peer_full) {
+        ratio("TRL LoRA / TRL full fine-tuning", l, f);
+    }
+    if let (Some(o), Some(p)) = (&ours_lora, &peer_full) {
+        println!(
+            "peak RSS of a gpg-rl LoRA step / TRL full fine-tuning: {:.2}x (target <= 0.25x)",
+            o.peak_rss_mib / p.peak_rss_mib
         );
     }
     Ok(())
@@ -161,8 +241,16 @@ fn recipe(
     model: &std::path::Path,
     prompts: &std::path::Path,
     out: &std::path::Path,
+    lora: Option<(usize, f32)>,
 ) -> String {
-    format!(
+    let lora = match lora {
+        Some((rank, alpha)) => format!(
+            "\n[lora]\nrank = {rank}\nalpha = {alpha}\ndropout = 0.0\ntarget_modules = {:?}\n",
+            gpg::model::lora::ALL_PROJECTIONS
+        ),
+        None => String::new(),
+    };
+    let text = format!(
         r#"
 model = {model:?}
 output_dir = {out:?}
@@ -212,7 +300,8 @@ progress = false
         device = args.engine.device,
         precision = args.engine.precision,
         ckpt = args.gradient_checkpointing,
-    )
+    );
+    text + &lora
 }
 
 fn gpg_rl_side(
@@ -220,8 +309,9 @@ fn gpg_rl_side(
     model: &std::path::Path,
     prompts: &std::path::Path,
     out: &std::path::Path,
+    lora: Option<(usize, f32)>,
 ) -> Result<Side> {
-    let config = TrainConfig::from_toml_str(&recipe(args, model, prompts, out))
+    let config = TrainConfig::from_toml_str(&recipe(args, model, prompts, out, lora))
         .context("the benchmark recipe")?;
     let mut trainer = Trainer::new(config, false)?;
     let (mut step_s, mut generate_s, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
@@ -251,10 +341,35 @@ fn gpg_rl_side(
             tokens.push(m.tokens as f64);
         }
     }
+    let peak_rss = peak_rss_mib().unwrap_or(f64::NAN);
+    if let Some(adapter) = trainer.model.adapter() {
+        // The alternative to the decoder's adapter path: merging s·BA into a copy of the
+        // weights once per optimiser step. Its cost, measured here for the record (after the
+        // peak RSS above was taken).
+        let t0 = Instant::now();
+        let merged = trainer.model.merged()?;
+        let bytes: usize = adapter
+            .modules()
+            .iter()
+            .map(|(m, _)| {
+                merged
+                    .weights
+                    .get(&format!("{m}.weight"))
+                    .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+            })
+            .sum();
+        println!(
+            "merge alternative: s·BA merged into a copy of the {} adapted weights in {:.3} s, \
+             {:.0} MiB for the copy",
+            adapter.modules().len(),
+            t0.elapsed().as_secs_f64(),
+            bytes as f64 / (1024.0 * 1024.0)
+        );
+    }
     Ok(Side {
         step_s: median(step_s),
         generate_s: median(generate_s),
         tokens_per_step: median(tokens),
-        peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+        peak_rss_mib: peak_rss,
     })
 }

@@ -22,7 +22,7 @@ use gpg::image::ImageProcessor;
 use gpg::model::{Qwen2VL, Qwen2VLConfig};
 use gpg::tokenizer::Tokenizer;
 
-use super::model_dir::{EngineFlags, GenerationDefaults, ModelDir};
+use super::model_dir::{AdapterFlag, EngineFlags, GenerationDefaults, ModelDir};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -56,7 +56,8 @@ pub struct EvalArgs {
     /// Problems sampled together (the batch holds batch-prompts × samples sequences).
     #[arg(long, default_value_t = 16)]
     pub batch_prompts: usize,
-    /// Per-item results (JSONL). Default: <model>/eval-<benchmark>.jsonl.
+    /// Per-item results (JSONL). Default: <model>/eval-<benchmark>.jsonl (<adapter>/… with
+    /// --adapter).
     #[arg(long, conflicts_with = "no_output")]
     pub output: Option<PathBuf>,
     /// Write no per-item results.
@@ -64,6 +65,8 @@ pub struct EvalArgs {
     pub no_output: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub adapter: AdapterFlag,
     /// Give the problem as raw text even when the tokenizer has a chat template.
     #[arg(long)]
     pub no_chat: bool,
@@ -121,11 +124,11 @@ impl EvalArgs {
         if self.no_output {
             return None;
         }
-        Some(
-            self.output
-                .clone()
-                .unwrap_or_else(|| self.model.join(format!("eval-{benchmark_name}.jsonl"))),
-        )
+        Some(self.output.clone().unwrap_or_else(|| {
+            // Results belong to what was evaluated: the adapter when one is given.
+            let dir = self.adapter.adapter.as_ref().unwrap_or(&self.model);
+            dir.join(format!("eval-{benchmark_name}.jsonl"))
+        }))
     }
 }
 
@@ -148,7 +151,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         benchmark.path.display()
     );
     let dir = ModelDir::load_for_sampling(&args.model, &args.engine)
-        .with_context(|| format!("--model {}", args.model.display()))?;
+        .with_context(|| format!("--model {}", args.model.display()))?
+        .with_adapter(&args.adapter)?;
     let engine = gpg::model::decoding::engine_for(&dir.model, &args.engine.device)?;
     let stop_ids = dir
         .generation
@@ -196,6 +200,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 /// `--benchmark FILE.jsonl` of image questions with a Qwen2-VL-family model (answers checked
 /// by visual accuracy; see `gpg::eval::vl`).
 fn run_vl(args: &EvalArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.adapter.adapter.is_none(),
+        "--adapter: LoRA adapters are not supported for Qwen2-VL models yet"
+    );
     let path = PathBuf::from(&args.benchmark);
     anyhow::ensure!(
         path.is_file(),

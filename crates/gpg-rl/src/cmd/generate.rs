@@ -12,7 +12,7 @@ use gpg::model::{Qwen2VL, Qwen2VLConfig};
 use gpg::rollout::{self, SamplingParams};
 use gpg::tokenizer::{ChatMessage, Tokenizer};
 
-use super::model_dir::{EngineFlags, GenerationDefaults, ModelDir};
+use super::model_dir::{AdapterFlag, EngineFlags, GenerationDefaults, ModelDir};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -58,6 +58,8 @@ pub struct GenerateArgs {
     pub format: OutputFormat,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub adapter: AdapterFlag,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,9 +84,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         }
     }
     if vl {
+        anyhow::ensure!(
+            args.adapter.adapter.is_none(),
+            "--adapter: LoRA adapters are not supported for Qwen2-VL models yet"
+        );
         return run_vl(args);
     }
-    let dir = ModelDir::load_for_sampling(&args.model, &args.engine)?;
+    let dir =
+        ModelDir::load_for_sampling(&args.model, &args.engine)?.with_adapter(&args.adapter)?;
     let params = sampling_params(args, &dir.generation);
     let mut prompt_ids = Vec::with_capacity(args.prompt.len());
     for prompt in &args.prompt {

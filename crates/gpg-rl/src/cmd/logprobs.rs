@@ -14,7 +14,7 @@ use gpg::image::{ImageProcessor, ProcessedImage};
 use gpg::model::{Qwen2VL, Qwen2VLConfig, TrainBatch, VlBatch, VlSequence};
 use gpg::tokenizer::Tokenizer;
 
-use super::model_dir::{EngineFlags, ModelDir};
+use super::model_dir::{AdapterFlag, EngineFlags, ModelDir};
 
 #[derive(Args)]
 pub struct LogprobsArgs {
@@ -29,6 +29,8 @@ pub struct LogprobsArgs {
     pub batch_tokens: usize,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub adapter: AdapterFlag,
 }
 
 struct Line {
@@ -39,9 +41,13 @@ struct Line {
 
 pub fn run(args: &LogprobsArgs) -> Result<()> {
     if Qwen2VLConfig::is_vl_dir(&args.model) {
+        anyhow::ensure!(
+            args.adapter.adapter.is_none(),
+            "--adapter: LoRA adapters are not supported for Qwen2-VL models yet"
+        );
         return run_vl(args);
     }
-    let dir = ModelDir::load(&args.model, &args.engine)?;
+    let dir = ModelDir::load(&args.model, &args.engine)?.with_adapter(&args.adapter)?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("{}: cannot open", args.input.display()))?;
     let mut lines = Vec::new();

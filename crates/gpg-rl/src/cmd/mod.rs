@@ -8,6 +8,7 @@ pub mod generate;
 pub mod init;
 pub mod logprobs;
 pub mod math_verify;
+pub mod merge;
 mod model_dir;
 pub mod sft;
 pub mod train;

@@ -1,6 +1,6 @@
 //! Loading a model directory (weights, tokenizer, generation defaults) for the subcommands.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -19,6 +19,15 @@ pub struct EngineFlags {
     /// accumulation; softmax and log-probs in f32).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
+}
+
+/// `--adapter DIR`: a PEFT LoRA adapter run on top of `--model`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct AdapterFlag {
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as
+    /// `gpg-rl train` with [lora] or PEFT's save_pretrained writes it) applied to --model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 /// A Hugging Face model directory, loaded.
@@ -57,6 +66,16 @@ impl GenerationDefaults {
 }
 
 impl ModelDir {
+    /// Attaches the adapter of `flag`, when given.
+    pub fn with_adapter(mut self, flag: &AdapterFlag) -> Result<Self> {
+        if let Some(dir) = &flag.adapter {
+            self.model
+                .load_adapter(dir)
+                .with_context(|| format!("--adapter {}", dir.display()))?;
+        }
+        Ok(self)
+    }
+
     /// Loads the model for a command that runs its whole engine on `engine.device` (only the
     /// CPU so far: a CUDA device is refused with the reason).
     pub fn load(dir: &Path, engine: &EngineFlags) -> Result<Self> {

@@ -49,7 +49,7 @@ pub fn save(
             .with_context(|| format!("{}: cannot remove", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    model.save_pretrained(&tmp)?;
+    model.save_trained(&tmp)?; // the adapter only, in PEFT format, for a LoRA run
     tokenizer.save_pretrained(&tmp)?;
     for (name, bytes) in extra_files {
         std::fs::write(tmp.join(name), bytes)

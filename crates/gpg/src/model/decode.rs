@@ -24,6 +24,7 @@ use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::lora::LoraPair;
 use super::ops::cpu::mixed::rows_x_wt;
 use super::ops::cpu::{rms_norm, swiglu};
 use super::ops::tensor_io::{with_weight, WeightSlice};
@@ -33,6 +34,8 @@ use super::qwen2::{Linear, Qwen2};
 thread_local! {
     /// Attention scores of one row (per thread, reused across steps).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// s·(x·Aᵀ) of an adapted layer, [rows, r] (reused across steps).
+    static LORA_U: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The f32 elements of a small tensor (norm weights, biases), copied.
@@ -42,20 +45,24 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1()?)
 }
 
-/// A linear layer as decoding uses it: the model's weight tensor and an f32 copy of its bias.
+/// A linear layer as decoding uses it: the model's weight tensor, an f32 copy of its bias and,
+/// for an adapted layer, its LoRA pair (run as its own path: y += s·(x·Aᵀ)·Bᵀ, see
+/// [`super::lora`]; the base weight is never copied or merged).
 struct Dense<'m> {
     w: &'m Tensor,
     bias: Option<Vec<f32>>,
+    lora: Option<&'m LoraPair>,
     out: usize,
     inp: usize,
 }
 
 impl<'m> Dense<'m> {
-    fn new(l: &'m Linear<Tensor>) -> Result<Self> {
+    fn new(l: &'m Linear<Tensor>, lora: Option<&'m Linear<Option<LoraPair>>>) -> Result<Self> {
         let (out, inp) = l.weight.dims2()?;
         Ok(Dense {
             w: &l.weight,
             bias: l.bias.as_ref().map(flat).transpose()?,
+            lora: lora.and_then(|l| l.weight.as_ref()),
             out,
             inp,
         })
@@ -74,7 +81,27 @@ impl<'m> Dense<'m> {
                 y,
                 accumulate,
             )
-        })
+        })?;
+        if let Some(p) = self.lora {
+            let r = p.a.dims()[0];
+            let mut path = |u: &mut Vec<f32>| {
+                u.resize(rows * r, 0.0);
+                with_weight("decode", "lora_A", &p.a, |a| {
+                    rows_x_wt(x, a, None, rows, self.inp, r, u, false)
+                })?;
+                u.iter_mut().for_each(|v| *v *= p.scale);
+                with_weight("decode", "lora_B", &p.b, |b| {
+                    rows_x_wt(u, b, None, rows, r, self.out, y, true)
+                })
+            };
+            // The thread's buffer, or a fresh one if this thread is already inside another
+            // decoder's product (a rayon worker that stole a job while waiting).
+            LORA_U.with(|u| match u.try_borrow_mut() {
+                Ok(mut u) => path(&mut u),
+                Err(_) => path(&mut Vec::new()),
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -160,27 +187,32 @@ impl<'m> Decoder<'m> {
     pub fn new(model: &'m Qwen2) -> Result<Self> {
         let c = &model.config;
         let w = &model.weights;
+        let adapter = model.adapter().map(|a| &a.pairs.layers);
         let layers = w
             .layers
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
                 let (a, m) = (&l.self_attn, &l.mlp);
+                let la = adapter.map(|layers| &layers[i]);
+                let (aa, am) = (la.map(|l| &l.self_attn), la.map(|l| &l.mlp));
                 Ok(Layer {
                     input_norm: flat(&l.input_layernorm)?,
-                    q: Dense::new(&a.q_proj)?,
-                    k: Dense::new(&a.k_proj)?,
-                    v: Dense::new(&a.v_proj)?,
-                    o: Dense::new(&a.o_proj)?,
+                    q: Dense::new(&a.q_proj, aa.map(|a| &a.q_proj))?,
+                    k: Dense::new(&a.k_proj, aa.map(|a| &a.k_proj))?,
+                    v: Dense::new(&a.v_proj, aa.map(|a| &a.v_proj))?,
+                    o: Dense::new(&a.o_proj, aa.map(|a| &a.o_proj))?,
                     post_norm: flat(&l.post_attention_layernorm)?,
-                    gate: Dense::new(&m.gate_proj)?,
-                    up: Dense::new(&m.up_proj)?,
-                    down: Dense::new(&m.down_proj)?,
+                    gate: Dense::new(&m.gate_proj, am.map(|m| &m.gate_proj))?,
+                    up: Dense::new(&m.up_proj, am.map(|m| &m.up_proj))?,
+                    down: Dense::new(&m.down_proj, am.map(|m| &m.down_proj))?,
                 })
             })
             .collect::<Result<_>>()?;
         let head = Dense {
             w: model.head_weight(),
             bias: None,
+            lora: None,
             out: c.vocab_size,
             inp: c.hidden_size,
         };

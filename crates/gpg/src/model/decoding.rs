@@ -240,6 +240,11 @@ pub fn engine_for<'m>(
     }
     #[cfg(feature = "cuda")]
     {
+        ensure!(
+            model.adapter().is_none(),
+            "--adapter with --device {device}: the CUDA decoder does not run LoRA adapters yet; \
+             sample on the CPU, or merge the adapter first (gpg-rl merge)"
+        );
         let gpu = device.open_gpu()?;
         Ok(Box::new(super::cuda_decode::CudaDecoder::new(gpu, model)?))
     }

@@ -4,6 +4,7 @@
 //! given one scalar g_t = ∂L/∂log π(o_t) per completion token, the parameter gradients in a
 //! backward pass. SFT (g_t = −1/N), evaluation and every RL objective use it alike.
 
+pub mod adapter_io;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_decode;
@@ -11,6 +12,7 @@ pub mod cuda_decode;
 pub mod cuda_train;
 pub mod decode;
 pub mod decoding;
+pub mod lora;
 pub mod ops;
 pub mod params;
 pub mod precision;

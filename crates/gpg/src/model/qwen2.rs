@@ -26,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::Qwen2Config;
+use super::lora::{Adapter, AdapterGrads, Dropout, LoraGrad, LoraPair};
 use super::ops::{self, Rope, VarLen};
 pub use super::params::{Attention, DecoderLayer, LeafKind, Linear, Mlp, Qwen2Params};
 use super::precision::Precision;
@@ -72,6 +73,121 @@ pub struct Qwen2 {
     precision: Precision,
     rope: Rope,
     device: Device,
+    /// A LoRA adapter on the linear layers (see [`super::lora`]); `None`: the plain model.
+    adapter: Option<Adapter>,
+}
+
+/// The linear layers of a decoder layer by index (q, k, v, o, gate, up, down): the index
+/// also tells the modules' dropout masks apart.
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+fn linear_at<T>(l: &DecoderLayer<T>, j: usize) -> &Linear<T> {
+    match j {
+        Q => &l.self_attn.q_proj,
+        K => &l.self_attn.k_proj,
+        V => &l.self_attn.v_proj,
+        O => &l.self_attn.o_proj,
+        GATE => &l.mlp.gate_proj,
+        UP => &l.mlp.up_proj,
+        _ => &l.mlp.down_proj,
+    }
+}
+
+fn linear_at_mut<T>(l: &mut DecoderLayer<T>, j: usize) -> &mut Linear<T> {
+    match j {
+        Q => &mut l.self_attn.q_proj,
+        K => &mut l.self_attn.k_proj,
+        V => &mut l.self_attn.v_proj,
+        O => &mut l.self_attn.o_proj,
+        GATE => &mut l.mlp.gate_proj,
+        UP => &mut l.mlp.up_proj,
+        _ => &mut l.mlp.down_proj,
+    }
+}
+
+/// One decoder layer's weights as a pass sees them: the base layer and, when the model has an
+/// adapter, that layer's LoRA pairs and (training forward) their dropout.
+#[derive(Clone, Copy)]
+struct LayerView<'a> {
+    base: &'a DecoderLayer<Tensor>,
+    lora: Option<&'a DecoderLayer<Option<LoraPair>>>,
+    index: usize,
+    /// (p, seed) of the adapter dropout in a training pass with dropout > 0.
+    dropout: Option<(f32, u64)>,
+}
+
+/// Where a layer's backward puts its gradients.
+enum LayerGrads<'g> {
+    /// Every base parameter (full fine-tuning).
+    Full(&'g mut DecoderLayer<Vec<f32>>),
+    /// Only the adapter's A and B (the base is frozen).
+    Adapter(&'g mut DecoderLayer<Option<LoraGrad>>),
+}
+
+impl LayerGrads<'_> {
+    /// The norm weight's gradient buffer, when base parameters are trained.
+    fn norm(&mut self, input: bool) -> Option<&mut Vec<f32>> {
+        match self {
+            LayerGrads::Full(g) => Some(if input {
+                &mut g.input_layernorm
+            } else {
+                &mut g.post_attention_layernorm
+            }),
+            LayerGrads::Adapter(_) => None,
+        }
+    }
+}
+
+impl LayerView<'_> {
+    fn pair(&self, j: usize) -> Option<&LoraPair> {
+        self.lora.and_then(|l| linear_at(l, j).weight.as_ref())
+    }
+
+    fn dropout(&self, j: usize) -> Option<Dropout> {
+        self.dropout.map(|(p, seed)| Dropout {
+            p,
+            seed,
+            module: (self.index * 7 + j) as u64,
+        })
+    }
+
+    /// Linear layer `j` of this layer on `x`: x·Wᵀ (+ b) (+ s·B(A·d(x))).
+    fn linear(&self, j: usize, x: &Tensor) -> Result<Tensor> {
+        let y = linear_at(self.base, j).forward(x)?;
+        match self.pair(j) {
+            Some(p) => p.forward_add(x, y, self.dropout(j)),
+            None => Ok(y),
+        }
+    }
+
+    /// Backward of linear layer `j` given dy and its input x: gradients into `grads`, returns
+    /// ∂L/∂x. With an adapter the base weight's gradient is never computed.
+    fn linear_backward(
+        &self,
+        j: usize,
+        dy: &Tensor,
+        x: &Tensor,
+        grads: &mut LayerGrads<'_>,
+    ) -> Result<Tensor> {
+        let base = linear_at(self.base, j);
+        match grads {
+            LayerGrads::Full(g) => base.backward(dy, x, linear_at_mut(g, j)),
+            LayerGrads::Adapter(g) => {
+                let dx = ops::linear_backward_input(dy, &base.weight)?;
+                match (self.pair(j), linear_at_mut(g, j).weight.as_mut()) {
+                    (Some(p), Some(grad)) => p.backward(dy, x, self.dropout(j), grad, dx),
+                    (None, None) => Ok(dx),
+                    _ => bail!("internal: the adapter gradient tree does not match the adapter"),
+                }
+            }
+        }
+    }
 }
 
 /// Which activations a training forward keeps for its backward.
@@ -137,6 +253,12 @@ impl TrainBatch {
     }
 }
 
+/// Where a backward puts its gradients: every parameter, or the adapter only.
+enum GradSink<'g> {
+    Full(&'g mut Grads),
+    Adapter(&'g mut AdapterGrads),
+}
+
 /// Activations of one layer kept for its backward.
 struct LayerCache {
     x: Tensor,
@@ -172,6 +294,8 @@ pub struct ForwardCache {
     h_scored: Tensor,
     lse: Vec<f32>,
     inv_temperature: f32,
+    /// The adapter dropout seed of this forward (its backward regenerates the same masks).
+    dropout_seed: u64,
 }
 
 /// Per completion token (in `TrainBatch::targets` order).
@@ -246,6 +370,52 @@ impl Qwen2 {
             precision,
             rope,
             device: device.clone(),
+            adapter: None,
+        }
+    }
+
+    /// The LoRA adapter, when one is attached.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    pub fn adapter_mut(&mut self) -> Option<&mut Adapter> {
+        self.adapter.as_mut()
+    }
+
+    /// Attaches `adapter` (replacing any other): every pass then runs y = Wx + s·B(Ax) on the
+    /// adapted layers. Errors when its shapes do not fit this model.
+    pub fn set_adapter(&mut self, adapter: Adapter) -> Result<()> {
+        adapter.check_fits(self)?;
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// The base model with the adapter disabled. Shares the base weights' storage (tensors are
+    /// reference-counted): no second copy of the model.
+    pub fn without_adapter(&self) -> Qwen2 {
+        Qwen2 {
+            config: self.config.clone(),
+            weights: self.weights.clone(),
+            precision: self.precision,
+            rope: self.rope.clone(),
+            device: self.device.clone(),
+            adapter: None,
+        }
+    }
+
+    /// Layer `index` as a pass sees it (with its adapter pairs; `dropout_seed` given in a
+    /// training forward).
+    fn layer_view(&self, index: usize, dropout_seed: Option<u64>) -> LayerView<'_> {
+        let lora = self.adapter.as_ref();
+        LayerView {
+            base: &self.weights.layers[index],
+            lora: lora.map(|a| &a.pairs.layers[index]),
+            index,
+            dropout: match (lora, dropout_seed) {
+                (Some(a), Some(seed)) if a.config.dropout > 0.0 => Some((a.config.dropout, seed)),
+                _ => None,
+            },
         }
     }
 
@@ -279,12 +449,10 @@ impl Qwen2 {
             let kind = kinds.get(name).copied().unwrap_or(LeafKind::Norm);
             Ok(t.to_dtype(leaf_dtype(kind, precision))?)
         })?;
-        Ok(Self::assemble(
-            self.config.clone(),
-            weights,
-            precision,
-            &self.device,
-        ))
+        let mut model = Self::assemble(self.config.clone(), weights, precision, &self.device);
+        // The adapter's A and B stay f32 in every precision.
+        model.adapter = self.adapter.clone();
+        Ok(model)
     }
 
     /// The precision the weights are held in.
@@ -338,7 +506,7 @@ impl Qwen2 {
     /// values its backward needs.
     fn layer_forward(
         &self,
-        layer: &DecoderLayer<Tensor>,
+        view: LayerView<'_>,
         x: Tensor,
         seqs: &VarLen,
         rope: &Rope,
@@ -348,21 +516,21 @@ impl Qwen2 {
         let c = &self.config;
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let layer = view.base;
         let (xn, rstd1) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-        let a = &layer.self_attn;
-        let q = a.q_proj.forward(&xn)?.reshape((t, nh, hd))?;
-        let k = a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?;
-        let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
+        let q = view.linear(Q, &xn)?.reshape((t, nh, hd))?;
+        let k = view.linear(K, &xn)?.reshape((t, nkv, hd))?;
+        let v = view.linear(V, &xn)?.reshape((t, nkv, hd))?;
         let q = rope.forward(&q, positions)?;
         let k = rope.forward(&k, positions)?;
         let (att, lse) = ops::attention(&q, &k, &v, seqs)?;
         let att = att.reshape((t, nh * hd))?;
-        let xm = (&x + a.o_proj.forward(&att)?)?;
+        let xm = (&x + view.linear(O, &att)?)?;
         let (xn2, rstd2) = ops::rms_norm(&xm, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        let gate = layer.mlp.gate_proj.forward(&xn2)?;
-        let up = layer.mlp.up_proj.forward(&xn2)?;
+        let gate = view.linear(GATE, &xn2)?;
+        let up = view.linear(UP, &xn2)?;
         let h = ops::swiglu(&gate, &up)?;
-        let x_next = (&xm + layer.mlp.down_proj.forward(&h)?)?;
+        let x_next = (&xm + view.linear(DOWN, &h)?)?;
         let cache = keep.then_some(LayerCache {
             x,
             xn,
@@ -391,9 +559,11 @@ impl Qwen2 {
         rope: &Rope,
         positions: &[u32],
         keep: Option<Activations>,
+        dropout_seed: u64,
     ) -> Result<(Tensor, Vec<LayerSaved>)> {
         let mut saved = Vec::new();
-        for layer in &self.weights.layers {
+        for index in 0..self.weights.layers.len() {
+            let layer = self.layer_view(index, keep.map(|_| dropout_seed));
             match keep {
                 Some(Activations::All) => {
                     let (next, cache) =
@@ -485,7 +655,9 @@ impl Qwen2 {
             }
             None => (&self.rope, batch.positions.as_slice()),
         };
-        let (x_final, layers) = self.forward_layers(x, &batch.seqs, rope, positions, keep)?;
+        let dropout_seed = self.adapter.as_ref().map_or(0, |a| a.dropout_seed);
+        let (x_final, layers) =
+            self.forward_layers(x, &batch.seqs, rope, positions, keep, dropout_seed)?;
         let (xf, rstd_final) =
             ops::rms_norm(&x_final, &self.weights.norm, self.config.rms_norm_eps)?;
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
@@ -508,6 +680,7 @@ impl Qwen2 {
             h_scored,
             lse: out.lse,
             inv_temperature,
+            dropout_seed,
         });
         Ok((logprobs, cache))
     }
@@ -534,7 +707,8 @@ impl Qwen2 {
     }
 
     /// Backward from g_t, adding every parameter's gradient to `grads` (which must have this
-    /// model's tree): micro-batches accumulate with no gradient-sized temporary.
+    /// model's tree): micro-batches accumulate with no gradient-sized temporary. A model with
+    /// an adapter trains the adapter only: use [`Self::backward_adapter_into`].
     pub fn backward_into(
         &self,
         batch: &TrainBatch,
@@ -577,15 +751,51 @@ impl Qwen2 {
         grads: &mut Grads,
     ) -> Result<Tensor> {
         ensure!(
-            g.len() == batch.targets.len(),
-            "backward: {} token weights for {} completion tokens",
-            g.len(),
-            batch.targets.len()
+            self.adapter.is_none(),
+            "backward: the model has a LoRA adapter, whose base is frozen; its gradients go to the adapter (backward_adapter_into)"
         );
         ensure!(
             grads.layers.len() == self.weights.layers.len()
                 && grads.lm_head.is_some() == self.weights.lm_head.is_some(),
             "backward: the gradient buffer does not have this model's parameter tree"
+        );
+        self.backward_to(batch, cache, g, GradSink::Full(grads))
+    }
+
+    /// Backward from g_t into the adapter's A and B only (adding to `grads`, from
+    /// [`Adapter::zero_grads`]). The base weights are frozen: no base gradient is formed, not
+    /// even the head's or the embedding's.
+    pub fn backward_adapter_into(
+        &self,
+        batch: &TrainBatch,
+        cache: ForwardCache,
+        g: &[f32],
+        grads: &mut AdapterGrads,
+    ) -> Result<()> {
+        ensure!(
+            self.adapter.is_some(),
+            "backward: the model has no adapter to train"
+        );
+        ensure!(
+            grads.layers.len() == self.weights.layers.len(),
+            "backward: the gradient buffer does not have this adapter's tree"
+        );
+        self.backward_to(batch, cache, g, GradSink::Adapter(grads))
+            .map(|_stack_input_grad| ())
+    }
+
+    fn backward_to(
+        &self,
+        batch: &TrainBatch,
+        cache: ForwardCache,
+        g: &[f32],
+        sink: GradSink<'_>,
+    ) -> Result<Tensor> {
+        ensure!(
+            g.len() == batch.targets.len(),
+            "backward: {} token weights for {} completion tokens",
+            g.len(),
+            batch.targets.len()
         );
         let c = &self.config;
         let t = batch.tokens.len();
@@ -600,67 +810,94 @@ impl Qwen2 {
             None => (&self.rope, batch.positions.as_slice()),
         };
 
-        // Output head (its gradient goes to lm_head, or to the embedding when tied).
-        let head_grad = match grads.lm_head.as_mut() {
-            Some(g) => g,
-            None => &mut grads.embed_tokens,
+        let (mut full, mut layer_grads): (Option<_>, Vec<LayerGrads<'_>>) = match sink {
+            GradSink::Full(grads) => {
+                let Qwen2Params {
+                    embed_tokens,
+                    layers,
+                    norm,
+                    lm_head,
+                } = grads;
+                (
+                    Some((embed_tokens, norm, lm_head)),
+                    layers.iter_mut().map(LayerGrads::Full).collect(),
+                )
+            }
+            GradSink::Adapter(grads) => (
+                None,
+                grads.layers.iter_mut().map(LayerGrads::Adapter).collect(),
+            ),
         };
-        let dh_scored = ops::lm_head_backward_into(
-            &cache.h_scored,
-            self.head_weight(),
-            &batch.targets,
-            &cache.lse,
-            g,
-            cache.inv_temperature,
-            ops::LM_HEAD_CHUNK_LOGITS,
-            head_grad,
-        )?;
+
+        // Output head (its gradient goes to lm_head, or to the embedding when tied; a frozen
+        // head gets none).
+        let dh_scored = match full.as_mut() {
+            Some((embed, _, lm_head)) => {
+                let head_grad = match lm_head.as_mut() {
+                    Some(g) => g,
+                    None => &mut **embed,
+                };
+                ops::lm_head_backward_into(
+                    &cache.h_scored,
+                    self.head_weight(),
+                    &batch.targets,
+                    &cache.lse,
+                    g,
+                    cache.inv_temperature,
+                    ops::LM_HEAD_CHUNK_LOGITS,
+                    head_grad,
+                )?
+            }
+            None => ops::lm_head_backward_input(
+                &cache.h_scored,
+                self.head_weight(),
+                &batch.targets,
+                &cache.lse,
+                g,
+                cache.inv_temperature,
+                ops::LM_HEAD_CHUNK_LOGITS,
+            )?,
+        };
         // Final norm.
         let rows = Tensor::from_slice(&batch.score_rows, batch.score_rows.len(), &self.device)?;
         let dxf =
             Tensor::zeros((t, h), DType::F32, &self.device)?.index_add(&rows, &dh_scored, 0)?;
         let (mut dx, d_norm) =
             ops::rms_norm_backward(&dxf, &cache.x_final, &self.weights.norm, &cache.rstd_final)?;
-        add_into(&mut grads.norm, &d_norm)?;
+        if let Some((_, norm, _)) = full.as_mut() {
+            add_into(norm, &d_norm)?;
+        }
 
-        for ((layer, saved), lg) in self
-            .weights
+        for ((index, saved), lg) in cache
             .layers
-            .iter()
-            .zip(cache.layers)
-            .zip(grads.layers.iter_mut())
+            .into_iter()
+            .enumerate()
+            .zip(layer_grads.iter_mut())
             .rev()
         {
+            let view = self.layer_view(index, Some(cache.dropout_seed));
+            let layer = view.base;
             let lc = match saved {
                 LayerSaved::Full(lc) => *lc,
                 LayerSaved::Input(x) => self
-                    .layer_forward(layer, x, &batch.seqs, rope, positions, true)?
+                    .layer_forward(view, x, &batch.seqs, rope, positions, true)?
                     .1
                     .context("internal: recomputed layer kept no activations")?,
             };
             // x' = xm + down(swiglu(gate(xn2), up(xn2)))
-            let dhid = layer
-                .mlp
-                .down_proj
-                .backward(&dx, &lc.h, &mut lg.mlp.down_proj)?;
+            let dhid = view.linear_backward(DOWN, &dx, &lc.h, lg)?;
             let (dgate, dup) = ops::swiglu_backward(&dhid, &lc.gate, &lc.up)?;
-            let dxn2_g = layer
-                .mlp
-                .gate_proj
-                .backward(&dgate, &lc.xn2, &mut lg.mlp.gate_proj)?;
-            let dxn2_u = layer
-                .mlp
-                .up_proj
-                .backward(&dup, &lc.xn2, &mut lg.mlp.up_proj)?;
+            let dxn2_g = view.linear_backward(GATE, &dgate, &lc.xn2, lg)?;
+            let dxn2_u = view.linear_backward(UP, &dup, &lc.xn2, lg)?;
             let dxn2 = (dxn2_g + dxn2_u)?;
             let (dxm_norm, d_ln2) =
                 ops::rms_norm_backward(&dxn2, &lc.xm, &layer.post_attention_layernorm, &lc.rstd2)?;
-            add_into(&mut lg.post_attention_layernorm, &d_ln2)?;
+            if let Some(buf) = lg.norm(false) {
+                add_into(buf, &d_ln2)?;
+            }
             let dxm = (&dx + dxm_norm)?;
             // xm = x + o_proj(att)
-            let a = &layer.self_attn;
-            let ga = &mut lg.self_attn;
-            let datt = a.o_proj.backward(&dxm, &lc.att, &mut ga.o_proj)?;
+            let datt = view.linear_backward(O, &dxm, &lc.att, lg)?;
             let att = lc.att.reshape((t, nh, hd))?;
             let datt = datt.reshape((t, nh, hd))?;
             let (dq, dk, dv) =
@@ -668,13 +905,15 @@ impl Qwen2 {
             let dq = rope.backward(&dq, positions)?.reshape((t, nh * hd))?;
             let dk = rope.backward(&dk, positions)?.reshape((t, nkv * hd))?;
             let dv = dv.reshape((t, nkv * hd))?;
-            let dxn_q = a.q_proj.backward(&dq, &lc.xn, &mut ga.q_proj)?;
-            let dxn_k = a.k_proj.backward(&dk, &lc.xn, &mut ga.k_proj)?;
-            let dxn_v = a.v_proj.backward(&dv, &lc.xn, &mut ga.v_proj)?;
+            let dxn_q = view.linear_backward(Q, &dq, &lc.xn, lg)?;
+            let dxn_k = view.linear_backward(K, &dk, &lc.xn, lg)?;
+            let dxn_v = view.linear_backward(V, &dv, &lc.xn, lg)?;
             let dxn = ((dxn_q + dxn_k)? + dxn_v)?;
             let (dx_norm, d_ln1) =
                 ops::rms_norm_backward(&dxn, &lc.x, &layer.input_layernorm, &lc.rstd1)?;
-            add_into(&mut lg.input_layernorm, &d_ln1)?;
+            if let Some(buf) = lg.norm(true) {
+                add_into(buf, &d_ln1)?;
+            }
             dx = (dxm + dx_norm)?;
         }
         Ok(dx)
@@ -689,7 +928,7 @@ impl Qwen2 {
     /// with q and k rotated to `positions` (q: [T, nh, hd], k and v: [T, nkv, hd]).
     fn rotated_qkv(
         &self,
-        layer: &DecoderLayer<Tensor>,
+        layer: LayerView<'_>,
         x: &Tensor,
         rope: &Rope,
         positions: &[u32],
@@ -697,22 +936,22 @@ impl Qwen2 {
         let c = &self.config;
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let (xn, _) = ops::rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
-        let a = &layer.self_attn;
-        let q = rope.forward(&a.q_proj.forward(&xn)?.reshape((t, nh, hd))?, positions)?;
-        let k = rope.forward(&a.k_proj.forward(&xn)?.reshape((t, nkv, hd))?, positions)?;
-        let v = a.v_proj.forward(&xn)?.reshape((t, nkv, hd))?;
+        let (xn, _) = ops::rms_norm(x, &layer.base.input_layernorm, c.rms_norm_eps)?;
+        let q = rope.forward(&layer.linear(Q, &xn)?.reshape((t, nh, hd))?, positions)?;
+        let k = rope.forward(&layer.linear(K, &xn)?.reshape((t, nkv, hd))?, positions)?;
+        let v = layer.linear(V, &xn)?.reshape((t, nkv, hd))?;
         Ok((q, k, v))
     }
 
     /// Inference MLP block with its residual: x + down(silu(gate(n)) ⊙ up(n)), n = norm(x).
-    fn mlp_residual(&self, layer: &DecoderLayer<Tensor>, x: &Tensor) -> Result<Tensor> {
-        let (xn2, _) = ops::rms_norm(x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
-        let h = ops::swiglu(
-            &layer.mlp.gate_proj.forward(&xn2)?,
-            &layer.mlp.up_proj.forward(&xn2)?,
+    fn mlp_residual(&self, layer: LayerView<'_>, x: &Tensor) -> Result<Tensor> {
+        let (xn2, _) = ops::rms_norm(
+            x,
+            &layer.base.post_attention_layernorm,
+            self.config.rms_norm_eps,
         )?;
-        Ok((x + layer.mlp.down_proj.forward(&h)?)?)
+        let h = ops::swiglu(&layer.linear(GATE, &xn2)?, &layer.linear(UP, &xn2)?)?;
+        Ok((x + layer.linear(DOWN, &h)?)?)
     }
 
     /// Prefill for sampling: runs packed prompts through the model, returns the final-normed
@@ -742,11 +981,11 @@ impl Qwen2 {
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let mut kv = Vec::with_capacity(self.weights.layers.len());
-        for layer in &self.weights.layers {
-            let a = &layer.self_attn;
+        for index in 0..self.weights.layers.len() {
+            let layer = self.layer_view(index, None);
             let (q, k, v) = self.rotated_qkv(layer, &x, rope, positions)?;
             let (att, _) = ops::attention(&q, &k, &v, seqs)?;
-            x = (&x + a.o_proj.forward(&att.reshape((t, nh * hd))?)?)?;
+            x = (&x + layer.linear(O, &att.reshape((t, nh * hd))?)?)?;
             x = self.mlp_residual(layer, &x)?;
             kv.push((k.reshape((t, nkv * hd))?, v.reshape((t, nkv * hd))?));
         }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::algo::{AdvantageEstimator, PolicyLoss, ResampleConfig};
 use crate::data::synthetic::{generate_mixed_split, SyntheticConfig, SyntheticSplit};
 use crate::data::{LongPromptPolicy, PromptDatasetConfig};
+use crate::model::lora::LoraConfig;
 use crate::model::{DeviceName, Precision};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::schedule::{LrScheduleConfig, LrScheduleKind};
@@ -52,6 +53,10 @@ pub struct TrainConfig {
     pub logging: LoggingConfig,
     #[serde(default)]
     pub distributed: DistributedConfig,
+    /// Train a LoRA adapter instead of the whole model (`[lora]`: rank, alpha, dropout,
+    /// target_modules, use_rslora); absent: full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// Data-parallel runs (`mpirun -np N gpg-rl train …`; ignored by a single process).
@@ -385,6 +390,9 @@ impl TrainConfig {
         }
         self.algorithm.loss.validate()?;
         self.algorithm.resample.validate()?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         if let Some(e) = &self.eval {
             if e.every == 0 || e.samples == 0 {
                 bail!("eval.every and eval.samples must be positive");

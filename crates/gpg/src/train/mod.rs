@@ -3,6 +3,8 @@
 pub mod collective;
 pub mod config;
 pub mod heldout;
+pub mod lora_run;
+pub mod lora_update;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
@@ -11,6 +13,7 @@ pub mod sft;
 pub mod tensorboard;
 pub mod trainer;
 pub mod update;
+pub mod updater;
 
 pub use config::TrainConfig;
 pub use metrics::StepMetrics;

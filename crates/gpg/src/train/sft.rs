@@ -18,7 +18,8 @@ use crate::tokenizer::Tokenizer;
 
 use super::config::SyntheticTask;
 use super::heldout;
-use super::update::{ModelUpdater, StepOutcome};
+use super::update::StepOutcome;
+use super::updater::Updater;
 
 /// An SFT recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +66,9 @@ pub struct SftConfig {
     pub eval_samples: usize,
     #[serde(default = "default_eval_max_new_tokens")]
     pub eval_max_new_tokens: usize,
+    /// Train a LoRA adapter (written to output_dir in PEFT format) instead of the whole model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraConfig>,
 }
 
 fn default_schedule() -> LrScheduleConfig {
@@ -102,6 +106,9 @@ impl SftConfig {
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let device = config.device.open()?;
     let mut model = Qwen2::load(&config.model, &device, config.precision)?;
+    if let Some(lora) = &config.lora {
+        super::lora_run::attach_adapter(&mut model, lora, config.seed, &config.model, None)?;
+    }
     let keep = if config.gradient_checkpointing {
         Activations::LayerInputs
     } else {
@@ -137,7 +144,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let heldout = heldout::prepare(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
 
     let schedule = config.schedule.build(config.lr, config.steps)?;
-    let mut updater = ModelUpdater::new(&model, AdamW::new(config.adamw)?)?;
+    let mut updater = Updater::new(&model, AdamW::new(config.adamw)?)?;
     let mut sampler = EpochSampler::new(pairs.len(), config.seed)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
@@ -169,7 +176,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         let (lp, cache) = model.forward_train_with(&batch, 1.0, keep)?;
         let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         let g = vec![-1.0 / n as f32; n];
-        model.backward_into(&batch, cache, &g, updater.grads_mut())?;
+        updater.backward_into(&model, &batch, cache, &g)?;
         let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
@@ -195,7 +202,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         }
         writeln!(log, "{line}")?;
     }
-    model.save_pretrained(&config.output_dir)?;
+    model.save_trained(&config.output_dir)?;
     tokenizer.save_pretrained(&config.output_dir)?;
     let generation = serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]});
     crate::model::weights::write_atomic(

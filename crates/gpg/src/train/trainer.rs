@@ -38,6 +38,7 @@ use super::collective::{Collective, SingleProcess};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
+use super::updater::Updater;
 
 /// A prompt ready for sampling.
 #[derive(Debug, Clone)]
@@ -102,7 +103,7 @@ pub struct Trainer {
     pub heldout: Option<Vec<PreparedPrompt>>,
     sampler: EpochSampler,
     reward: WeightedSum,
-    updater: ModelUpdater,
+    updater: Updater,
     schedule: LrSchedule,
     pub step: u64,
     tokens_seen: u64,
@@ -113,7 +114,8 @@ pub struct Trainer {
     comm: Comm,
     /// Prompts of the periodic evaluation (eval.data), when configured.
     eval_prompts: Option<Vec<PreparedPrompt>>,
-    /// The frozen initial model, kept when the objective has a KL penalty (β > 0).
+    /// The frozen initial model, kept when the objective has a KL penalty (β > 0). With LoRA
+    /// it is the base with the adapter disabled, sharing the base weights (no second copy).
     reference: Option<Qwen2>,
 }
 
@@ -191,11 +193,36 @@ impl Trainer {
             (Some(dir), true) => dir.clone(),
             _ => config.model.clone(),
         };
-        let mut model = Qwen2::load(&model_dir, &device, config.precision)
-            .with_context(|| format!("loading the model from {}", model_dir.display()))?;
+        // With LoRA the base always comes from `model` and the adapter from the checkpoint.
+        if config.lora.is_some() {
+            ensure!(
+                collective.world() == 1,
+                "[lora] with {} ranks: data-parallel LoRA is not supported yet (the adapter is \
+                 neither broadcast nor reduced between ranks); run LoRA in one process",
+                collective.world()
+            );
+        }
+        let weights_dir = if config.lora.is_some() {
+            &config.model
+        } else {
+            &model_dir
+        };
+        let mut model = Qwen2::load(weights_dir, &device, config.precision)
+            .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
+        if let Some(lora) = &config.lora {
+            super::lora_run::attach_adapter(
+                &mut model,
+                lora,
+                config.seed,
+                &config.model,
+                resume_from.as_deref(),
+            )?;
+        }
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         // The KL reference is always the run's starting model, also when resuming.
-        let reference = if config.algorithm.loss.needs_reference_logp() {
+        let reference = if config.lora.is_some() && config.algorithm.loss.needs_reference_logp() {
+            Some(model.without_adapter())
+        } else if config.algorithm.loss.needs_reference_logp() {
             Some(
                 Qwen2::load(&config.model, &device, config.precision).with_context(|| {
                     format!(
@@ -220,7 +247,7 @@ impl Trainer {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                ModelUpdater::new(&model, AdamW::new(config.optim.adamw)?)?,
+                Updater::new(&model, AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
             Some(dir) => {
@@ -241,7 +268,7 @@ impl Trainer {
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
                     .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-                let mut updater = ModelUpdater::new(&model, optimizer)?;
+                let mut updater = Updater::new(&model, optimizer)?;
                 updater
                     .restore_master(&mut model, &mut buffers)
                     .with_context(|| {
@@ -787,13 +814,21 @@ impl Trainer {
         };
 
         let mut outcome = UpdateOutcome::default();
-        for _iteration in 0..cfg.algorithm.num_iterations {
+        for iteration in 0..cfg.algorithm.num_iterations {
             // [loss, Σ entropy, Σ clipped·n, Σ kl·n] of this rank's micro-batches.
             let mut sums = [0.0f64; 4];
             let mut token_offset = 0;
-            for r in &micro {
+            for (m, r) in micro.iter().enumerate() {
                 let part = &seqs[r.clone()];
                 let batch = self.train_batch(part)?;
+                if let Some(adapter) = self.model.adapter_mut() {
+                    // Adapter dropout masks: a pure function of (seed, step, iteration, micro-batch).
+                    adapter.dropout_seed = derive_seed(
+                        cfg.seed ^ 0xD50F,
+                        self.step,
+                        (iteration * micro.len() + m) as u64,
+                    );
+                }
                 let (lp, cache) = self.model.forward_train_with(&batch, inv_t, keep)?;
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
@@ -816,17 +851,16 @@ impl Trainer {
                 sums[1] += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
                 sums[2] += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 sums[3] += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
-                self.model.backward_into(
-                    &batch,
-                    cache,
-                    &out.token_weights,
-                    self.updater.grads_mut(),
-                )?;
+                self.updater
+                    .backward_into(&self.model, &batch, cache, &out.token_weights)?;
                 token_offset += n;
             }
             // ⊕ loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
             self.comm.all_reduce_f64(&mut sums)?;
-            self.comm.all_reduce_grads(self.updater.grads_mut())?;
+            // (LoRA runs are single-process: see `with_collective`.)
+            if let Updater::Full(full) = &mut self.updater {
+                self.comm.all_reduce_grads(full.grads_mut())?;
+            }
             let [loss, entropy_sum, clip_sum, kl_sum] = sums;
             outcome.loss = loss;
             outcome.entropy = entropy_sum / total_tokens;
@@ -892,8 +926,9 @@ impl Trainer {
         first.get("pass_at_1")?.as_f64()
     }
 
-    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir` (rank
-    /// 0; a no-op on the others).
+    /// Writes the trained model (Hugging Face format, loadable by transformers) to `dir`; with
+    /// LoRA, the adapter in PEFT format (adapter_config.json, adapter_model.safetensors). Rank 0
+    /// only; a no-op on the others.
     pub fn save_final(&self, dir: &Path) -> Result<()> {
         if !self.comm.collective.is_root() {
             return Ok(());
@@ -902,7 +937,7 @@ impl Trainer {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        self.model.save_pretrained(&tmp)?;
+        self.model.save_trained(&tmp)?;
         self.tokenizer.save_pretrained(&tmp)?;
         let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
         std::fs::write(

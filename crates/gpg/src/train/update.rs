@@ -178,28 +178,7 @@ impl ModelUpdater {
     /// with bf16 leaves, the f32 value of every leaf (`master.<name>`), so that resuming from
     /// the checkpoint's bf16 files continues exactly.
     pub fn checkpoint_state(&self, model: &Qwen2) -> Result<(OptimizerMeta, Buffers)> {
-        let state = self.optimizer.state();
-        let meta = OptimizerMeta {
-            config: state.config,
-            steps: state
-                .params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.step))
-                .collect(),
-        };
-        let mut buffers = Vec::new();
-        for (name, p) in &state.params {
-            buffers.push((
-                format!("exp_avg.{name}"),
-                vec![p.exp_avg.len()],
-                p.exp_avg.clone(),
-            ));
-            buffers.push((
-                format!("exp_avg_sq.{name}"),
-                vec![p.exp_avg_sq.len()],
-                p.exp_avg_sq.clone(),
-            ));
-        }
+        let (meta, mut buffers) = optimizer_checkpoint(&self.optimizer);
         let any_master = {
             let mut any = false;
             self.master.visit(|_, m| any |= m.is_some());
@@ -249,6 +228,34 @@ impl ModelUpdater {
         }
         AdamW::from_state(state)
     }
+}
+
+/// The optimiser's metadata and moment buffers (`exp_avg.<name>`, `exp_avg_sq.<name>`) for a
+/// checkpoint.
+pub fn optimizer_checkpoint(optimizer: &AdamW) -> (OptimizerMeta, Buffers) {
+    let state = optimizer.state();
+    let meta = OptimizerMeta {
+        config: state.config,
+        steps: state
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.step))
+            .collect(),
+    };
+    let mut buffers = Vec::new();
+    for (name, p) in &state.params {
+        buffers.push((
+            format!("exp_avg.{name}"),
+            vec![p.exp_avg.len()],
+            p.exp_avg.clone(),
+        ));
+        buffers.push((
+            format!("exp_avg_sq.{name}"),
+            vec![p.exp_avg_sq.len()],
+            p.exp_avg_sq.clone(),
+        ));
+    }
+    (meta, buffers)
 }
 
 /// Writes `values` (f32) into `tensor`'s storage in place, rounding to bf16 when the tensor is

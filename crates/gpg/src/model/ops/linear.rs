@@ -16,7 +16,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use super::cpu::mixed;
-use super::tensor_io::{backend, cpu_slice, cpu_tensor, f32_dims, with_weight, Backend};
+use super::tensor_io::{
+    backend, cpu_slice, cpu_tensor, f32_dims, update_in_place, with_weight, Backend, WeightSliceMut,
+};
 
 /// Up to this many rows, the forward uses the few-rows (decode) kernel instead of a GEMM.
 const FEW_ROWS: usize = 32;
@@ -140,6 +142,68 @@ pub fn linear_backward_params(
     }
 }
 
+/// y += α·x·Wᵀ in place (`y` [T, out] f32, contiguous, read by no one else: e.g. the fresh
+/// output of [`linear`]). The adapter path of a LoRA layer (α = s, W = B) with no [T, out]
+/// temporary.
+pub fn linear_accumulate(y: &Tensor, x: &Tensor, w: &Tensor, alpha: f32) -> Result<()> {
+    const OP: &str = "linear_accumulate";
+    let (out, inp) = weight_dims(OP, w)?;
+    let xd = f32_dims(OP, "x", x, 2)?;
+    let yd = f32_dims(OP, "y", y, 2)?;
+    if xd[1] != inp || yd != [xd[0], out] {
+        bail!("{OP}: `x` {xd:?}, `y` {yd:?} and `w` [{out}, {inp}] do not fit");
+    }
+    let rows = xd[0];
+    match backend(OP, &[("x", x), ("w", w), ("y", y)])? {
+        Backend::Cpu => {
+            let (xs, xl) = x.storage_and_layout();
+            let xs = cpu_slice(OP, "x", &xs, xl)?;
+            with_weight(OP, "w", w, |ws| {
+                update_in_place(y, |slot| match slot {
+                    WeightSliceMut::F32(ys) => {
+                        mixed::x_wt(ys, xs, ws, rows, inp, out, alpha, true);
+                        Ok(())
+                    }
+                    WeightSliceMut::Bf16(_) => bail!("{OP}: `y` must be f32"),
+                })
+            })?
+        }
+    }
+}
+
+/// dx += α·dy·W in place (`dx` [T, in] f32, contiguous, read by no one else: e.g. the fresh
+/// output of [`linear_backward_input`]).
+pub fn linear_backward_input_accumulate(
+    dx: &Tensor,
+    dy: &Tensor,
+    w: &Tensor,
+    alpha: f32,
+) -> Result<()> {
+    const OP: &str = "linear_backward_input_accumulate";
+    let (out, inp) = weight_dims(OP, w)?;
+    let dd = f32_dims(OP, "dy", dy, 2)?;
+    let xd = f32_dims(OP, "dx", dx, 2)?;
+    if dd[1] != out || xd != [dd[0], inp] {
+        bail!("{OP}: `dy` {dd:?}, `dx` {xd:?} and `w` [{out}, {inp}] do not fit");
+    }
+    let rows = dd[0];
+    match backend(OP, &[("dy", dy), ("w", w), ("dx", dx)])? {
+        Backend::Cpu => {
+            let (ds, dl) = dy.storage_and_layout();
+            let ds = cpu_slice(OP, "dy", &ds, dl)?;
+            with_weight(OP, "w", w, |ws| {
+                update_in_place(dx, |slot| match slot {
+                    WeightSliceMut::F32(xs) => {
+                        mixed::dy_w(xs, ds, ws, rows, out, inp, alpha, true);
+                        Ok(())
+                    }
+                    WeightSliceMut::Bf16(_) => bail!("{OP}: `dx` must be f32"),
+                })
+            })?
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +304,33 @@ mod tests {
                 assert!((db[o] as f64 - want).abs() < 1e-5);
             }
         }
+    }
+
+    /// The in-place accumulating products against the allocating ones plus an add.
+    #[test]
+    fn accumulating_products_equal_product_plus_add() {
+        let (rows, inp, out) = (40, 9, 6);
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.07)
+            .collect();
+        let base: Vec<f32> = (0..rows * out).map(|i| (i % 5) as f32 * 0.3).collect();
+        let (xt, wt) = (t(&x, &[rows, inp]), t(&w, &[out, inp]));
+        let y = t(&base, &[rows, out]).copy().unwrap();
+        linear_accumulate(&y, &xt, &wt, 0.5).unwrap();
+        let want =
+            (t(&base, &[rows, out]) + (linear(&xt, &wt, None).unwrap() * 0.5).unwrap()).unwrap();
+        let d = (y - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        let dy = t(&base, &[rows, out]);
+        let dx = t(&x, &[rows, inp]).copy().unwrap();
+        linear_backward_input_accumulate(&dx, &dy, &wt, 2.0).unwrap();
+        let want =
+            (xt.clone() + (linear_backward_input(&dy, &wt).unwrap() * 2.0).unwrap()).unwrap();
+        let d = (dx - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(linear_accumulate(&t(&base, &[rows, out]), &wt, &wt, 1.0).is_err());
     }
 }

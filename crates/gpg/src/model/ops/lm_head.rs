@@ -215,7 +215,52 @@ pub fn lm_head_backward_into(
             let hs = cpu_slice(OP, "h", &hs, hl)?;
             let mut dh = vec![0.0f32; d.rows * d.hidden];
             with_weight(OP, "w", w, |ws| {
-                cpu::lm_head::backward(hs, ws, targets, lse, g, inv_temperature, d, &mut dh, dw)
+                cpu::lm_head::backward(
+                    hs,
+                    ws,
+                    targets,
+                    lse,
+                    g,
+                    inv_temperature,
+                    d,
+                    &mut dh,
+                    Some(dw),
+                )
+            })?;
+            cpu_tensor(OP, dh, (d.rows, d.hidden))
+        }
+    }
+}
+
+/// Backward of [`lm_head_logprobs`] for a frozen head: dh [N, H] only (the dZᵀ·h product of
+/// the head's gradient is never formed).
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_backward_input(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    lse: &[f32],
+    g: &[f32],
+    inv_temperature: f32,
+    chunk_logits: usize,
+) -> Result<Tensor> {
+    const OP: &str = "lm_head_backward_input";
+    let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
+    if lse.len() != d.rows || g.len() != d.rows {
+        bail!(
+            "{OP}: lse has {} and g has {} entries, expected {} (rows of `h`)",
+            lse.len(),
+            g.len(),
+            d.rows
+        );
+    }
+    match backend(OP, &[("h", h), ("w", w)])? {
+        Backend::Cpu => {
+            let (hs, hl) = h.storage_and_layout();
+            let hs = cpu_slice(OP, "h", &hs, hl)?;
+            let mut dh = vec![0.0f32; d.rows * d.hidden];
+            with_weight(OP, "w", w, |ws| {
+                cpu::lm_head::backward(hs, ws, targets, lse, g, inv_temperature, d, &mut dh, None)
             })?;
             cpu_tensor(OP, dh, (d.rows, d.hidden))
         }

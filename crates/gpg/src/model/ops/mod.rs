@@ -38,10 +38,13 @@ pub use cpu::mixed::bf16_gemm_name;
 pub use full_attention::{full_attention, full_attention_backward};
 pub use gelu::{gelu, gelu_backward, Gelu};
 pub use layer_norm::{layer_norm, layer_norm_backward};
-pub use linear::{linear, linear_backward_input, linear_backward_params};
+pub use linear::{
+    linear, linear_accumulate, linear_backward_input, linear_backward_input_accumulate,
+    linear_backward_params,
+};
 pub use lm_head::{
-    lm_head_backward, lm_head_backward_chunked, lm_head_backward_into, lm_head_logprobs,
-    lm_head_logprobs_chunked, LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
+    lm_head_backward, lm_head_backward_chunked, lm_head_backward_input, lm_head_backward_into,
+    lm_head_logprobs, lm_head_logprobs_chunked, LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
 };
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::Rope;

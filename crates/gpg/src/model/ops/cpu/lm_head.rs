@@ -161,7 +161,8 @@ pub(crate) fn forward(
 }
 
 /// dz_nv = g_n·(1[v = target_n] − e^(z_nv − lse_n)); dh = inv_t·dZ w; dW += inv_t·dZᵀ h
-/// (added to `dw`; with bf16 weights the products take bf16 operands).
+/// (added to `dw`, unless `dw` is `None`: a frozen head; with bf16 weights the products take
+/// bf16 operands).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     h: &[f32],
@@ -172,7 +173,7 @@ pub(crate) fn backward(
     inv_t: f32,
     d: HeadDims,
     dh: &mut [f32],
-    dw: &mut [f32],
+    mut dw: Option<&mut [f32]>,
 ) {
     if d.rows == 0 {
         dh.fill(0.0);
@@ -208,17 +209,19 @@ pub(crate) fn backward(
         let dz = &logits[..d.rows * cols];
         let wc = head_rows(w, d.hidden, v0, v1);
         mixed::dy_w(dh, dz, wc, d.rows, cols, d.hidden, inv_t, v0 > 0);
-        mixed::dyt_x(
-            &mut dw[v0 * d.hidden..v1 * d.hidden],
-            dz,
-            h,
-            d.rows,
-            cols,
-            d.hidden,
-            inv_t,
-            true,
-            bf16,
-        );
+        if let Some(dw) = dw.as_deref_mut() {
+            mixed::dyt_x(
+                &mut dw[v0 * d.hidden..v1 * d.hidden],
+                dz,
+                h,
+                d.rows,
+                cols,
+                d.hidden,
+                inv_t,
+                true,
+                bf16,
+            );
+        }
         v0 = v1;
     }
 }

@@ -1,0 +1,80 @@
+//! The optimiser side of a training step, for either kind of run: full fine-tuning
+//! ([`ModelUpdater`]: every parameter) or LoRA ([`AdapterUpdater`]: A and B only, the base
+//! frozen). The kind follows the model: one with an adapter trains the adapter.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+
+use crate::checkpoint::Buffers;
+use crate::model::{ForwardCache, Qwen2, TrainBatch};
+use crate::optim::AdamW;
+
+use super::lora_update::AdapterUpdater;
+use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
+
+pub enum Updater {
+    Full(ModelUpdater),
+    Adapter(AdapterUpdater),
+}
+
+impl Updater {
+    /// [`AdapterUpdater`] when `model` has an adapter, else [`ModelUpdater`].
+    pub fn new(model: &Qwen2, optimizer: AdamW) -> Result<Self> {
+        Ok(if model.adapter().is_some() {
+            Updater::Adapter(AdapterUpdater::new(model, optimizer)?)
+        } else {
+            Updater::Full(ModelUpdater::new(model, optimizer)?)
+        })
+    }
+
+    /// Backward of one micro-batch, accumulated into the gradient buffers.
+    pub fn backward_into(
+        &mut self,
+        model: &Qwen2,
+        batch: &TrainBatch,
+        cache: ForwardCache,
+        g: &[f32],
+    ) -> Result<()> {
+        match self {
+            Updater::Full(u) => model.backward_into(batch, cache, g, u.grads_mut()),
+            Updater::Adapter(u) => u.backward_into(model, batch, cache, g),
+        }
+    }
+
+    /// Clip, AdamW, write-back, clear the gradients (see the two updaters).
+    pub fn step(&mut self, model: &mut Qwen2, lr: f32, max_norm: f32) -> Result<StepOutcome> {
+        match self {
+            Updater::Full(u) => u.step(model, lr, max_norm),
+            Updater::Adapter(u) => u.step(model, lr, max_norm),
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        match self {
+            Updater::Full(u) => u.zero_grad(),
+            Updater::Adapter(u) => u.zero_grad(),
+        }
+    }
+
+    /// Optimiser metadata and buffers for a checkpoint.
+    pub fn checkpoint_state(&self, model: &Qwen2) -> Result<(OptimizerMeta, Buffers)> {
+        match self {
+            Updater::Full(u) => u.checkpoint_state(model),
+            Updater::Adapter(u) => Ok(u.checkpoint_state()),
+        }
+    }
+
+    /// Restores a full fine-tuning checkpoint's f32 master weights (a LoRA checkpoint has none:
+    /// its adapter file is f32 already).
+    pub fn restore_master(
+        &mut self,
+        model: &mut Qwen2,
+        buffers: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        match self {
+            Updater::Full(u) => u.restore_master(model, buffers),
+            Updater::Adapter(_) => Ok(()),
+        }
+    }
+}
