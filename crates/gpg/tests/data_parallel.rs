@@ -324,3 +324,23 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn lora_on_several_ranks_is_refused_on_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = recipe(
+        &dir.path().join("run"),
+        2,
+        1,
+        &["lora.rank=4", "lora.alpha=8"],
+    );
+    let out = on_two_ranks(move |collective| {
+        Trainer::with_collective(c.clone(), false, collective)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    });
+    for r in out {
+        let e = r.unwrap_err();
+        assert!(e.contains("[lora] with 2 ranks"), "{e}");
+    }
+}
