@@ -128,32 +128,7 @@ impl DecodeBatch for CpuDecodeBatch<'_> {
         let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
         let (h_last, kv) = model.prefill(&tokens, &seqs, &positions)?;
         let prompt_logits = model.logits(&h_last)?.to_vec2::<f32>()?;
-        // Expand to n rows per prompt, each with its own copy of the prompt's cache.
-        let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
-            .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.flatten_all()?.to_vec1::<f32>()?,
-                    v.flatten_all()?.to_vec1::<f32>()?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let kv_dim = model.config.kv_dim();
-        for (pi, prompt) in prompts.iter().enumerate() {
-            let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
-            let prompt_kv: Vec<(&[f32], &[f32])> = kv
-                .iter()
-                .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
-                .collect();
-            for _ in 0..n {
-                self.push_row(
-                    &prompt_kv,
-                    prompt.len() + max_new_tokens,
-                    &prompt_logits[pi],
-                )?;
-            }
-        }
-        Ok(())
+        push_prefilled(self, model, &kv, &seqs, &prompt_logits, n, max_new_tokens)
     }
 
     fn retain(&mut self, keep: &[bool]) -> Result<()> {
@@ -195,6 +170,43 @@ impl DecodeBatch for CpuDecodeBatch<'_> {
         let rows = self.state.rows();
         Ok(self.state.logits_mut(rows, self.vocab).to_vec())
     }
+}
+
+/// Adds `n` rows per prefilled prompt to `batch`, prompt-major, each with its own copy of the
+/// prompt's cache (`kv[layer]` = packed keys and values [T, kv_dim] of all prompts, split by
+/// `seqs`), room for its prompt length + `max_new_tokens` positions and the prompt's
+/// next-token logits `prompt_logits[i]`.
+pub fn push_prefilled(
+    batch: &mut dyn DecodeBatch,
+    model: &Qwen2,
+    kv: &[(candle_core::Tensor, candle_core::Tensor)],
+    seqs: &VarLen,
+    prompt_logits: &[Vec<f32>],
+    n: usize,
+    max_new_tokens: usize,
+) -> Result<()> {
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
+        .iter()
+        .map(|(k, v)| {
+            Ok((
+                k.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let kv_dim = model.config.kv_dim();
+    for (pi, logits) in prompt_logits.iter().enumerate() {
+        let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
+        let len = seqs.offsets[pi + 1] - seqs.offsets[pi];
+        let prompt_kv: Vec<(&[f32], &[f32])> = kv
+            .iter()
+            .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
+            .collect();
+        for _ in 0..n {
+            batch.push_row(&prompt_kv, len + max_new_tokens, logits)?;
+        }
+    }
+    Ok(())
 }
 
 /// Ends sampling with an error when a row's logits hold NaN or ±inf (broken weights or an

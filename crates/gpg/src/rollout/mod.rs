@@ -11,7 +11,7 @@ pub mod sampling;
 use anyhow::{ensure, Result};
 
 use crate::image::ProcessedImage;
-use crate::model::decoding::{DecodeBatch, DecodeEngine};
+use crate::model::decoding::{push_prefilled, DecodeBatch, DecodeEngine};
 use crate::model::qwen2::Qwen2;
 use crate::model::qwen2_vl::Qwen2VL;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -170,29 +170,18 @@ pub fn generate_vl(
     // with its own copy of the prompt's cache, on the CPU decoder.
     let (h_last, kv, seqs, deltas) = model.prefill(&refs)?;
     let prompt_logits = text.logits(&h_last)?.to_vec2::<f32>()?;
-    let kv: Vec<(Vec<f32>, Vec<f32>)> = kv
-        .into_iter()
-        .map(|(k, v)| {
-            Ok((
-                k.flatten_all()?.to_vec1::<f32>()?,
-                v.flatten_all()?.to_vec1::<f32>()?,
-            ))
-        })
-        .collect::<Result<_>>()?;
     let lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
     let longest = lens.iter().max().copied().unwrap_or(0) + params.max_new_tokens;
     let mut batch = text.new_batch(prompts.len() * params.n, longest)?;
-    let kv_dim = text.config.kv_dim();
-    for (pi, &len) in lens.iter().enumerate() {
-        let span = seqs.offsets[pi] * kv_dim..seqs.offsets[pi + 1] * kv_dim;
-        let prompt_kv: Vec<(&[f32], &[f32])> = kv
-            .iter()
-            .map(|(k, v)| (&k[span.clone()], &v[span.clone()]))
-            .collect();
-        for _ in 0..params.n {
-            batch.push_row(&prompt_kv, len + params.max_new_tokens, &prompt_logits[pi])?;
-        }
-    }
+    push_prefilled(
+        &mut *batch,
+        text,
+        &kv,
+        &seqs,
+        &prompt_logits,
+        params.n,
+        params.max_new_tokens,
+    )?;
     decode_pushed(text, tokenizer, batch, &lens, &deltas, params, 0)
 }
 
