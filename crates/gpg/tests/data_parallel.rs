@@ -70,13 +70,28 @@ fn run(config: &TrainConfig, world: usize, resume: bool) -> (Vec<StepMetrics>, V
     (metrics, finals)
 }
 
+/// The model's weights, then (with LoRA) every A and B of its adapter.
 fn weights(t: &Trainer) -> anyhow::Result<Weights> {
-    t.model
+    let mut out: Weights = t
+        .model
         .weights
         .named()
         .into_iter()
         .map(|(n, w)| Ok((n, w.flatten_all()?.to_vec1::<f32>()?)))
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    if let Some(adapter) = t.model.adapter() {
+        for (module, pair) in adapter.modules() {
+            out.push((
+                format!("{module}.lora_A"),
+                pair.a.flatten_all()?.to_vec1::<f32>()?,
+            ));
+            out.push((
+                format!("{module}.lora_B"),
+                pair.b.flatten_all()?.to_vec1::<f32>()?,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -326,21 +341,39 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 #[test]
-fn lora_on_several_ranks_is_refused_on_every_rank() {
+fn lora_on_two_ranks_matches_one_process_and_resumes() {
+    // The adapter is broadcast from rank 0 at start (also from a checkpoint only rank 0
+    // reads) and its A/B gradients are all-reduced: the same run as one process.
     let dir = tempfile::tempdir().unwrap();
-    let c = recipe(
-        &dir.path().join("run"),
-        2,
-        1,
-        &["lora.rank=4", "lora.alpha=8"],
+    let lora = ["lora.rank=4", "lora.alpha=8", "optim.lr=2e-3"];
+    let one = recipe(&dir.path().join("one"), 4, 4, &lora);
+    let two = recipe(&dir.path().join("two"), 4, 4, &lora);
+    let (m1, w1) = run(&one, 1, false);
+    let (m2, w2) = run(&two, 2, false);
+    assert_same_run(&m1, &m2);
+    assert_same_weights(&w1[0], &w2);
+    // The adapter moved (B starts at zero).
+    let trained_b = w1[0]
+        .iter()
+        .find(|(n, _)| n.ends_with("q_proj.lora_B"))
+        .unwrap();
+    assert!(trained_b.1.iter().any(|&x| x != 0.0));
+    // Resume the 2-rank run's checkpoint-2 on 2 ranks: continues as the uninterrupted run.
+    let out = dir.path().join("resume");
+    std::fs::create_dir_all(&out).unwrap();
+    copy_dir(
+        &two.output_dir.join("checkpoint-2"),
+        &out.join("checkpoint-2"),
     );
-    let out = on_two_ranks(move |collective| {
-        Trainer::with_collective(c.clone(), false, collective)
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
-    });
-    for r in out {
-        let e = r.unwrap_err();
-        assert!(e.contains("[lora] with 2 ranks"), "{e}");
-    }
+    let lines: Vec<String> = std::fs::read_to_string(two.output_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(String::from)
+        .collect();
+    std::fs::write(out.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+    let cfg = recipe(&out, 4, 4, &lora);
+    let (m, w) = run(&cfg, 2, true);
+    assert_same_run(&m1, &m);
+    assert_same_weights(&w1[0], &w);
 }

@@ -41,6 +41,17 @@ pub fn weights_digest(model: &Qwen2) -> Result<[u8; 32]> {
     for d in digests {
         all.update(d);
     }
+    // A LoRA adapter's A and B are part of the replica too.
+    if let Some(adapter) = model.adapter() {
+        for (module, pair) in adapter.modules() {
+            all.update(module.as_bytes());
+            for t in [&pair.a, &pair.b] {
+                for x in t.flatten_all()?.to_vec1::<f32>()? {
+                    all.update(x.to_ne_bytes());
+                }
+            }
+        }
+    }
     Ok(all.finalize().into())
 }
 
@@ -86,6 +97,44 @@ pub fn broadcast_weights(model: &Qwen2, collective: &dyn Collective) -> Result<(
             }
             Ok(())
         })?;
+    }
+    Ok(())
+}
+
+/// ⊕ Copies rank 0's LoRA adapter (every A and B, f32) to every rank: the other ranks start
+/// from a fresh adapter of the same configuration and receive rank 0's values, which may come
+/// from a checkpoint only rank 0 can read. A no-op without an adapter or on one rank.
+pub fn broadcast_adapter(model: &Qwen2, collective: &dyn Collective) -> Result<()> {
+    let Some(adapter) = model.adapter() else {
+        return Ok(());
+    };
+    if collective.world() == 1 {
+        return Ok(());
+    }
+    for (module, pair) in adapter.modules() {
+        for (part, t) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            let mut bytes = if collective.is_root() {
+                values.iter().flat_map(|x| x.to_ne_bytes()).collect()
+            } else {
+                Vec::new()
+            };
+            collective.broadcast_bytes(&mut bytes, 0)?;
+            if collective.is_root() {
+                continue;
+            }
+            ensure!(
+                bytes.len() == values.len() * 4,
+                "{module}.{part}: rank 0 sent {} bytes for {} f32 values (the ranks built different adapters)",
+                bytes.len(),
+                values.len()
+            );
+            let received: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            crate::model::lora::write_f32(t, &received)?;
+        }
     }
     Ok(())
 }

@@ -194,14 +194,6 @@ impl Trainer {
             _ => config.model.clone(),
         };
         // With LoRA the base always comes from `model` and the adapter from the checkpoint.
-        if config.lora.is_some() {
-            ensure!(
-                collective.world() == 1,
-                "[lora] with {} ranks: data-parallel LoRA is not supported yet (the adapter is \
-                 neither broadcast nor reduced between ranks); run LoRA in one process",
-                collective.world()
-            );
-        }
         let weights_dir = if config.lora.is_some() {
             &config.model
         } else {
@@ -215,7 +207,8 @@ impl Trainer {
                 lora,
                 config.seed,
                 &config.model,
-                resume_from.as_deref(),
+                // Only rank 0 reads the checkpoint's adapter; the others receive it below.
+                resume_from.as_deref().filter(|_| root),
             )?;
         }
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
@@ -236,6 +229,7 @@ impl Trainer {
         };
         let comm = Comm::new(collective.clone());
         comm.timed(|| super::replica::broadcast_weights(&model, &*collective))?;
+        comm.timed(|| super::replica::broadcast_adapter(&model, &*collective))?;
         let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
         collective.ensure_same(
             &prompts_digest(&prompts),
@@ -857,10 +851,8 @@ impl Trainer {
             }
             // ⊕ loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
             self.comm.all_reduce_f64(&mut sums)?;
-            // (LoRA runs are single-process: see `with_collective`.)
-            if let Updater::Full(full) = &mut self.updater {
-                self.comm.all_reduce_grads(full.grads_mut())?;
-            }
+            self.comm
+                .all_reduce_grads(self.updater.gradient_buffers_mut())?;
             let [loss, entropy_sum, clip_sum, kl_sum] = sums;
             outcome.loss = loss;
             outcome.entropy = entropy_sum / total_tokens;
@@ -1096,13 +1088,12 @@ impl Comm {
         self.timed(|| self.collective.all_reduce_sum_f64(data))
     }
 
-    /// ⊕ Sums the gradient tree over ranks as one flat buffer (packed into chunks).
-    fn all_reduce_grads(&self, grads: &mut crate::model::Grads) -> Result<()> {
+    /// ⊕ Sums the gradient buffers (the model's, or the adapter's A and B) over ranks as one
+    /// flat buffer (packed into chunks).
+    fn all_reduce_grads(&self, mut slices: Vec<&mut [f32]>) -> Result<()> {
         if self.collective.world() == 1 {
             return Ok(());
         }
-        let mut slices: Vec<&mut [f32]> = Vec::new();
-        grads.visit_mut(|_, g| slices.push(g.as_mut_slice()));
         let t0 = Instant::now();
         let out = self.timed(|| self.collective.all_reduce_sum_slices(&mut slices));
         self.grad_seconds

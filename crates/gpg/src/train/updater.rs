@@ -50,6 +50,20 @@ impl Updater {
         }
     }
 
+    /// Every gradient buffer the step will apply (the model's parameters, or the adapter's A
+    /// and B), in a fixed order: what a data-parallel run all-reduces.
+    pub fn gradient_buffers_mut(&mut self) -> Vec<&mut [f32]> {
+        match self {
+            Updater::Full(u) => {
+                let mut slices: Vec<&mut [f32]> = Vec::new();
+                u.grads_mut()
+                    .visit_mut(|_, g| slices.push(g.as_mut_slice()));
+                slices
+            }
+            Updater::Adapter(u) => u.gradient_buffers_mut(),
+        }
+    }
+
     pub fn zero_grad(&mut self) {
         match self {
             Updater::Full(u) => u.zero_grad(),
