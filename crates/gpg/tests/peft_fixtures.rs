@@ -13,6 +13,9 @@ use gpg::rollout::{self, SamplingParams};
 use gpg::tokenizer::Tokenizer;
 use serde_json::Value;
 
+mod fixture_json;
+use fixture_json::{floats, ids};
+
 const ADAPTERS: [&str; 3] = ["all7", "all7_rslora", "pattern"];
 
 fn root() -> PathBuf {
@@ -27,22 +30,6 @@ fn adapted(name: &str) -> Qwen2 {
     let mut model = base();
     model.load_adapter(&root().join("lora").join(name)).unwrap();
     model
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 /// (prompt ids, completion ids, weights w_t, expected log-probs) of one sequence.

@@ -10,6 +10,9 @@ use gpg::rollout::{self, SamplingParams};
 use gpg::tokenizer::Tokenizer;
 use serde_json::Value;
 
+mod fixture_json;
+use fixture_json::{floats, ids};
+
 const MODELS: [&str; 2] = ["tied_f32", "untied_bf16"];
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -24,22 +27,6 @@ fn jsonl(path: PathBuf) -> Vec<Value> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
         .collect()
 }
 

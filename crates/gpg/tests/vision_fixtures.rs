@@ -62,6 +62,9 @@ use gpg::image::ProcessedImage;
 use gpg::model::{Precision, Qwen2VL, VlBatch, VlSequence};
 use serde_json::Value;
 
+mod fixture_json;
+use fixture_json::{floats, ids};
+
 const VL_MODELS: [&str; 2] = ["tiny_qwen2_vl", "tiny_qwen2_5_vl"];
 
 struct Case {
@@ -74,22 +77,6 @@ struct Case {
     logprobs_f32: Vec<f32>,
     g: Vec<f32>,
     greedy: Vec<u32>,
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn cases(name: &str) -> Vec<Case> {

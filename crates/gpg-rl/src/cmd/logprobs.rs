@@ -95,16 +95,9 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
     let mut out = stdout.lock();
     let mut start = 0;
     while start < lines.len() {
-        let mut end = start;
-        let mut tokens = 0;
-        while end < lines.len()
-            && (end == start
-                || tokens + lines[end].prompt_ids.len() + lines[end].completion_ids.len()
-                    <= args.batch_tokens)
-        {
-            tokens += lines[end].prompt_ids.len() + lines[end].completion_ids.len();
-            end += 1;
-        }
+        let end = batch_end(start, lines.len(), args.batch_tokens, |i| {
+            lines[i].prompt_ids.len() + lines[i].completion_ids.len()
+        });
         let pairs: Vec<(&[u32], &[u32])> = lines[start..end]
             .iter()
             .map(|l| (l.prompt_ids.as_slice(), l.completion_ids.as_slice()))
@@ -191,16 +184,9 @@ fn run_vl(args: &LogprobsArgs) -> Result<()> {
     let mut out = stdout.lock();
     let mut start = 0;
     while start < lines.len() {
-        let mut end = start;
-        let mut tokens = 0;
-        while end < lines.len()
-            && (end == start
-                || tokens + lines[end].prompt_ids.len() + lines[end].completion_ids.len()
-                    <= args.batch_tokens)
-        {
-            tokens += lines[end].prompt_ids.len() + lines[end].completion_ids.len();
-            end += 1;
-        }
+        let end = batch_end(start, lines.len(), args.batch_tokens, |i| {
+            lines[i].prompt_ids.len() + lines[i].completion_ids.len()
+        });
         let seqs: Vec<VlSequence<'_>> = lines[start..end]
             .iter()
             .map(|l| VlSequence {
@@ -224,4 +210,16 @@ fn run_vl(args: &LogprobsArgs) -> Result<()> {
         start = end;
     }
     Ok(())
+}
+
+/// The end of the batch that starts at line `start` (of `n`): as many lines as fit in `budget`
+/// tokens (`len(i)` tokens each), at least one.
+fn batch_end(start: usize, n: usize, budget: usize, len: impl Fn(usize) -> usize) -> usize {
+    let mut end = start;
+    let mut tokens = 0;
+    while end < n && (end == start || tokens + len(end) <= budget) {
+        tokens += len(end);
+        end += 1;
+    }
+    end
 }
