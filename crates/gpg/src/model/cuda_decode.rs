@@ -21,30 +21,42 @@
 //! too (one packed forward with the varlen causal attention kernel), their keys and values
 //! written into the blocks of each of their rows.
 //!
+//! The trainer's rollouts and held-out evaluation on a GPU use [`CudaDecoder::from_train_step`]:
+//! the decoder borrows the training step's device parameters (bf16 compute copies or f32
+//! masters, f32 norms and biases, the RoPE tables), so the weights live once on the GPU and are
+//! never uploaded per `generate` call.
+//!
 //! Verified here only as far as compiling: its kernels compile with NVRTC for sm_90, and
 //! `bench/gpu/check.sh` compares it with the CPU decoder on a GPU.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use cudarc::driver::CudaSlice;
 
+use super::cuda_train::{CudaTrainStep, DevParam};
 use super::decoding::{non_finite_logits, DecodeBatch, DecodeEngine};
 use super::ops::cuda::ops::{self as dev, AttentionDims, KvPools, RopeTables};
 use super::ops::cuda::plan::{self, BlockTables};
 use super::ops::cuda::Gpu;
 use super::ops::VarLen;
-use super::qwen2::{Linear, Qwen2};
+use super::params::Linear;
+use super::qwen2::Qwen2;
 use crate::rollout::TokenSampler;
 
+/// A device buffer the decoder owns (uploaded from a host model) or borrows (a training step's
+/// parameters, read in place).
+type Held<'w, T> = Cow<'w, CudaSlice<T>>;
+
 /// A weight matrix on the device in the model's dtype.
-enum Matrix {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+enum Matrix<'w> {
+    F32(Held<'w, f32>),
+    Bf16(Held<'w, u16>),
 }
 
-impl Matrix {
+impl Matrix<'_> {
     fn upload(gpu: &Gpu, t: &Tensor) -> Result<Self> {
         let flat = t.flatten_all()?;
         Ok(match t.dtype() {
@@ -54,31 +66,46 @@ impl Matrix {
                     .into_iter()
                     .map(|b| b.to_bits())
                     .collect();
-                Matrix::Bf16(dev::upload(gpu, &bits)?)
+                Matrix::Bf16(Cow::Owned(dev::upload(gpu, &bits)?))
             }
-            _ => Matrix::F32(dev::upload(
+            _ => Matrix::F32(Cow::Owned(dev::upload(
                 gpu,
                 &flat.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            )?),
+            )?)),
         })
     }
 }
 
-fn upload_f32(gpu: &Gpu, t: &Tensor) -> Result<CudaSlice<f32>> {
-    dev::upload(
+fn upload_f32<'w>(gpu: &Gpu, t: &Tensor) -> Result<Held<'w, f32>> {
+    Ok(Cow::Owned(dev::upload(
         gpu,
         &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-    )
+    )?))
 }
 
-struct DevLinear {
-    w: Matrix,
-    bias: Option<CudaSlice<f32>>,
+struct DevLinear<'w> {
+    w: Matrix<'w>,
+    bias: Option<Held<'w, f32>>,
     out: usize,
     inp: usize,
 }
 
-impl DevLinear {
+impl<'w> DevLinear<'w> {
+    /// The training step's weight (its bf16 compute copy when it has one) and bias, borrowed.
+    fn borrowed(l: &'w Linear<DevParam>) -> Result<Self> {
+        let dims = l.weight.dims();
+        ensure!(
+            dims.len() == 2,
+            "cuda decoder: a linear weight of shape {dims:?}"
+        );
+        Ok(DevLinear {
+            w: Matrix::borrowed(&l.weight),
+            bias: l.bias.as_ref().map(|b| Cow::Borrowed(&b.master)),
+            out: dims[0],
+            inp: dims[1],
+        })
+    }
+
     fn new(gpu: &Gpu, l: &Linear<Tensor>) -> Result<Self> {
         let (out, inp) = l.weight.dims2()?;
         Ok(DevLinear {
@@ -90,34 +117,103 @@ impl DevLinear {
     }
 }
 
-struct DevLayer {
-    input_norm: CudaSlice<f32>,
-    q: DevLinear,
-    k: DevLinear,
-    v: DevLinear,
-    o: DevLinear,
-    post_norm: CudaSlice<f32>,
-    gate: DevLinear,
-    up: DevLinear,
-    down: DevLinear,
+struct DevLayer<'w> {
+    input_norm: Held<'w, f32>,
+    q: DevLinear<'w>,
+    k: DevLinear<'w>,
+    v: DevLinear<'w>,
+    o: DevLinear<'w>,
+    post_norm: Held<'w, f32>,
+    gate: DevLinear<'w>,
+    up: DevLinear<'w>,
+    down: DevLinear<'w>,
 }
 
-/// A [`Qwen2`]'s weights on a GPU, laid out for decoding.
-pub struct CudaDecoder {
+/// A [`Qwen2`]'s weights on a GPU, laid out for decoding: uploaded from a host model
+/// ([`CudaDecoder::new`]) or borrowed from a training step's device parameters
+/// ([`CudaDecoder::from_train_step`]: nothing is copied).
+pub struct CudaDecoder<'w> {
     gpu: Arc<Gpu>,
     hidden: usize,
     intermediate: usize,
     vocab: usize,
     eps: f32,
     dims: AttentionDims,
-    embed: Matrix,
-    head: DevLinear,
-    layers: Vec<DevLayer>,
-    norm: CudaSlice<f32>,
-    rope: RopeTables,
+    embed: Matrix<'w>,
+    head: DevLinear<'w>,
+    layers: Vec<DevLayer<'w>>,
+    norm: Held<'w, f32>,
+    rope: Cow<'w, RopeTables>,
 }
 
-impl CudaDecoder {
+impl Matrix<'_> {
+    fn borrowed(p: &DevParam) -> Matrix<'_> {
+        match &p.bf16 {
+            Some(b) => Matrix::Bf16(Cow::Borrowed(b)),
+            None => Matrix::F32(Cow::Borrowed(&p.master)),
+        }
+    }
+}
+
+impl<'w> CudaDecoder<'w> {
+    /// A decoder over `step`'s device parameters, read in place (the one weight store on the
+    /// GPU: no upload, no copy; every optimiser step is seen by the next decoder). `model`
+    /// supplies the configuration; its host weights are not read.
+    pub fn from_train_step(step: &'w CudaTrainStep, model: &Qwen2) -> Result<Self> {
+        let c = &model.config;
+        plan::check_head_dim(c.head_dim())?;
+        let p = step.params();
+        let layers = p
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                Ok(DevLayer {
+                    input_norm: Cow::Borrowed(&l.input_layernorm.master),
+                    q: DevLinear::borrowed(&a.q_proj)?,
+                    k: DevLinear::borrowed(&a.k_proj)?,
+                    v: DevLinear::borrowed(&a.v_proj)?,
+                    o: DevLinear::borrowed(&a.o_proj)?,
+                    post_norm: Cow::Borrowed(&l.post_attention_layernorm.master),
+                    gate: DevLinear::borrowed(&m.gate_proj)?,
+                    up: DevLinear::borrowed(&m.up_proj)?,
+                    down: DevLinear::borrowed(&m.down_proj)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let head = p.lm_head.as_ref().unwrap_or(&p.embed_tokens);
+        ensure!(
+            head.dims() == [c.vocab_size, c.hidden_size],
+            "cuda decoder: the head is {:?}, expected [{}, {}]",
+            head.dims(),
+            c.vocab_size,
+            c.hidden_size
+        );
+        Ok(CudaDecoder {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps as f32,
+            dims: AttentionDims {
+                tokens: 0,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_kv_heads(),
+                head_dim: c.head_dim(),
+            },
+            embed: Matrix::borrowed(&p.embed_tokens),
+            head: DevLinear {
+                w: Matrix::borrowed(head),
+                bias: None,
+                out: c.vocab_size,
+                inp: c.hidden_size,
+            },
+            layers,
+            norm: Cow::Borrowed(&p.norm.master),
+            rope: Cow::Borrowed(step.rope_tables()),
+            gpu: step.gpu().clone(),
+        })
+    }
+
     /// Uploads `model`'s weights to `gpu` (read once: a decoder made after an optimiser step
     /// sees the new weights).
     pub fn new(gpu: Arc<Gpu>, model: &Qwen2) -> Result<Self> {
@@ -164,7 +260,7 @@ impl CudaDecoder {
             head,
             layers,
             norm: upload_f32(g, &w.norm)?,
-            rope: RopeTables::new(g, model.rope())?,
+            rope: Cow::Owned(RopeTables::new(g, model.rope())?),
             gpu,
         };
         decoder.gpu.sync("uploading the weights")?;
@@ -184,7 +280,7 @@ impl CudaDecoder {
     }
 }
 
-impl DecodeEngine for CudaDecoder {
+impl DecodeEngine for CudaDecoder<'_> {
     fn device_name(&self) -> String {
         self.gpu.description().to_string()
     }
@@ -230,7 +326,7 @@ struct Acts {
 }
 
 impl Acts {
-    fn new(d: &CudaDecoder, rows: usize) -> Result<Self> {
+    fn new(d: &CudaDecoder<'_>, rows: usize) -> Result<Self> {
         let g = &d.gpu;
         let widest = d.hidden.max(d.intermediate).max(d.q_dim());
         Ok(Acts {
@@ -249,7 +345,7 @@ impl Acts {
     }
 }
 
-impl CudaDecoder {
+impl CudaDecoder<'_> {
     /// x = embed[ids] then every layer over `rows` rows at `pos`; `attend(layer, acts, pools)`
     /// turns the rotated q, k, v into `acts.att` (and stores k, v in the cache).
     fn layers_forward(
@@ -265,8 +361,8 @@ impl CudaDecoder {
         let (h, inter) = (self.hidden, self.intermediate);
         let a = acts;
         match &self.embed {
-            Matrix::F32(e) => dev::embedding(g, e, ids, rows, h, &mut a.x)?,
-            Matrix::Bf16(e) => dev::embedding(g, e, ids, rows, h, &mut a.x)?,
+            Matrix::F32(e) => dev::embedding::<f32>(g, e, ids, rows, h, &mut a.x)?,
+            Matrix::Bf16(e) => dev::embedding::<u16>(g, e, ids, rows, h, &mut a.x)?,
         }
         for (layer, pool) in self.layers.iter().zip(pools.iter_mut()) {
             dev::rms_norm::<f32>(
@@ -366,7 +462,7 @@ impl CudaDecoder {
 
 /// One batch on the GPU.
 struct CudaDecodeBatch<'d> {
-    d: &'d CudaDecoder,
+    d: &'d CudaDecoder<'d>,
     tables: BlockTables,
     /// Per layer.
     pools: Vec<KvPools>,
@@ -379,7 +475,7 @@ struct CudaDecodeBatch<'d> {
 /// of x.
 fn linear(
     gpu: &Gpu,
-    l: &DevLinear,
+    l: &DevLinear<'_>,
     x: &CudaSlice<f32>,
     x_bf16: &mut CudaSlice<u16>,
     rows: usize,

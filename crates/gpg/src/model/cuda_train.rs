@@ -19,9 +19,15 @@
 //! ```
 //!
 //! With bf16 weights every product takes bf16 operands (the activation or gradient operand
-//! rounded to bf16) with f32 accumulation, as on the CPU. Used by `bench engine --device cuda`
-//! and compared with the CPU engine by `bench/gpu/check.sh`; the trainer (`train`, `sft`) does
-//! not use it yet. Verified here only as far as compiling.
+//! rounded to bf16) with f32 accumulation, as on the CPU. Used by the trainer on a CUDA device
+//! (`train::cuda_update::CudaUpdater`: `train`, `sft`, `bench trainer`) and by `bench engine
+//! --device cuda`, and compared with the CPU engine by `bench/gpu/check.sh`. Verified here only
+//! as far as compiling.
+//!
+//! The optimiser's state goes in and out by parameter name in the CPU layout (AdamW moments,
+//! f32 masters: [`CudaTrainStep::restore_optimizer`], [`CudaTrainStep::moments`],
+//! [`CudaTrainStep::restore_masters`], [`CudaTrainStep::masters`]), so a checkpoint written from
+//! the GPU is the CPU trainer's checkpoint and resumes on either device.
 
 use std::sync::Arc;
 
@@ -35,6 +41,9 @@ use super::ops::cuda::Gpu;
 use super::params::{DecoderLayer, Linear, Qwen2Params};
 use super::qwen2::{Qwen2, TokenLogprobs, TrainBatch};
 use crate::optim::AdamWConfig;
+
+/// One parameter's AdamW moments on the host: (HF name, exp_avg, exp_avg_sq).
+pub type NamedMoments = (String, Vec<f32>, Vec<f32>);
 
 /// One parameter on the device.
 pub struct DevParam {
@@ -51,6 +60,11 @@ pub struct DevParam {
 }
 
 impl DevParam {
+    /// The parameter's shape (as in the model).
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
     fn new(gpu: &Gpu, t: &Tensor) -> Result<Self> {
         let len = t.elem_count();
         let master: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
@@ -159,6 +173,8 @@ pub struct CudaForwardCache {
 #[derive(Debug, Clone, Copy)]
 pub struct CudaStepOutcome {
     pub grad_norm: f64,
+    /// The factor the gradients were multiplied by (1 when not clipped).
+    pub scale: f32,
     /// Whether the update was applied (the norm was finite).
     pub applied: bool,
 }
@@ -185,6 +201,20 @@ fn dup(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
     gpu.stream
         .clone_dtod(x)
         .map_err(|e| anyhow::anyhow!("cuda: copying an activation: {e:?}"))
+}
+
+/// Copies `values` into the first `values.len()` elements of `dst`.
+fn upload_into(gpu: &Gpu, values: &[f32], dst: &mut CudaSlice<f32>, what: &str) -> Result<()> {
+    ensure!(
+        values.len() <= dst.len(),
+        "cuda: {what} of {} values for a buffer of {}",
+        values.len(),
+        dst.len()
+    );
+    let mut view = dst.slice_mut(0..values.len());
+    gpu.stream
+        .memcpy_htod(values, &mut view)
+        .map_err(|e| anyhow::anyhow!("cuda: uploading the {what}: {e:?}"))
 }
 
 /// y[rows, out] = x·Wᵀ (+ b) for a weight [out, inp].
@@ -284,6 +314,144 @@ impl CudaTrainStep {
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// The parameters on the device (the CUDA decoder reads them in place:
+    /// `CudaDecoder::from_train_step`).
+    pub fn params(&self) -> &Qwen2Params<DevParam> {
+        &self.params
+    }
+
+    /// The RoPE tables on the device.
+    pub fn rope_tables(&self) -> &RopeTables {
+        &self.rope
+    }
+
+    /// Whether the weight matrices are bf16 (with f32 masters).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
+
+    /// AdamW steps applied so far (every parameter shares the count: a skipped step skips all).
+    pub fn adamw_steps(&self) -> u64 {
+        self.step
+    }
+
+    pub fn adamw_config(&self) -> AdamWConfig {
+        self.adamw
+    }
+
+    /// Sets AdamW's step count and uploads its moments, by parameter name (the CPU optimiser's
+    /// state, e.g. from a checkpoint). Every parameter must have its moments when `step > 0`;
+    /// with `step == 0` the state must be empty (moments are created by the first update).
+    pub fn restore_optimizer(
+        &mut self,
+        step: u64,
+        state: &std::collections::BTreeMap<String, crate::optim::ParamState>,
+    ) -> Result<()> {
+        if step == 0 {
+            ensure!(
+                state.is_empty(),
+                "optimiser state: {} parameters have moments but the step count is 0",
+                state.len()
+            );
+            self.step = 0;
+            return Ok(());
+        }
+        let mut known = std::collections::BTreeSet::new();
+        let g = self.gpu.clone();
+        for (name, p) in self.params.named_mut() {
+            let s = state.get(&name).ok_or_else(|| {
+                anyhow::anyhow!("optimiser state: no moments for parameter {name}")
+            })?;
+            ensure!(
+                s.step == step,
+                "optimiser state: parameter {name} is at AdamW step {}, the others at {step};                  the GPU optimiser keeps one step count for all parameters",
+                s.step
+            );
+            for (what, values) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
+                ensure!(
+                    values.len() == p.len,
+                    "optimiser state: {what}.{name} has {} values; the parameter has {}",
+                    values.len(),
+                    p.len
+                );
+            }
+            upload_into(&g, &s.exp_avg, &mut p.m, "exp_avg")?;
+            upload_into(&g, &s.exp_avg_sq, &mut p.v, "exp_avg_sq")?;
+            known.insert(name);
+        }
+        if let Some(extra) = state.keys().find(|k| !known.contains(*k)) {
+            anyhow::bail!("optimiser state: moments for {extra}, which the model does not have");
+        }
+        self.step = step;
+        g.sync("uploading the optimiser state")
+    }
+
+    /// AdamW's moments downloaded, (name, exp_avg, exp_avg_sq) in the parameter tree's order.
+    pub fn moments(&self) -> Result<Vec<NamedMoments>> {
+        let g = &*self.gpu;
+        self.params
+            .named()
+            .into_iter()
+            .map(|(name, p)| {
+                let mut m = dev::download(g, &p.m)?;
+                let mut v = dev::download(g, &p.v)?;
+                m.truncate(p.len);
+                v.truncate(p.len);
+                Ok((name, m, v))
+            })
+            .collect()
+    }
+
+    /// Replaces the f32 master of every parameter named in `masters` (taken out of the map),
+    /// and its bf16 compute copy (rounded to nearest even on the device, as AdamW's write-back).
+    pub fn restore_masters(
+        &mut self,
+        masters: &mut std::collections::HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        let g = self.gpu.clone();
+        for (name, p) in self.params.named_mut() {
+            let Some(values) = masters.remove(&name) else {
+                continue;
+            };
+            ensure!(
+                values.len() == p.len,
+                "master weight {name} has {} values; the parameter has {}",
+                values.len(),
+                p.len
+            );
+            upload_into(&g, &values, &mut p.master, "master weight")?;
+            if let Some(b) = &mut p.bf16 {
+                dev::cast_to_bf16(&g, &p.master, b, p.len)?;
+            }
+        }
+        g.sync("uploading the master weights")
+    }
+
+    /// The f32 master weights downloaded, (name, values) in the parameter tree's order.
+    pub fn masters(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        let g = &*self.gpu;
+        self.params
+            .named()
+            .into_iter()
+            .map(|(name, p)| {
+                let mut v = dev::download(g, &p.master)?;
+                v.truncate(p.len);
+                Ok((name, v))
+            })
+            .collect()
+    }
+
+    /// Sets every gradient to zero (e.g. after a non-finite loss, as the CPU `zero_grad`).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let g = self.gpu.clone();
+        for (_, p) in self.params.named_mut() {
+            g.stream
+                .memset_zeros(&mut p.grad)
+                .map_err(|e| anyhow::anyhow!("cuda: zeroing a gradient: {e:?}"))?;
+        }
+        Ok(())
     }
 
     fn act(&self, x: CudaSlice<f32>, n: usize) -> Result<Act> {
@@ -655,6 +823,7 @@ impl CudaTrainStep {
         self.params.visit(|_, p| grads.push((&p.grad, p.len)));
         let norm = dev::global_grad_norm(g, &grads)?;
         let applied = norm.is_finite();
+        let mut clip_scale = 1.0f32;
         if applied {
             let mut scale = 1.0f32;
             if max_norm > 0.0 && max_norm.is_finite() {
@@ -663,6 +832,7 @@ impl CudaTrainStep {
                     scale = coef as f32;
                 }
             }
+            clip_scale = scale;
             self.step += 1;
             let c = &self.adamw;
             let lr64 = lr as f64;
@@ -709,6 +879,7 @@ impl CudaTrainStep {
         g.sync("optimiser step")?;
         Ok(CudaStepOutcome {
             grad_norm: norm,
+            scale: clip_scale,
             applied,
         })
     }

@@ -4,7 +4,8 @@
 use anyhow::{ensure, Context, Result};
 
 use crate::data::PromptDataset;
-use crate::eval::{evaluate, EvalConfig, EvalItem};
+use crate::eval::{evaluate_on, EvalConfig, EvalItem};
+use crate::model::decoding::DecodeEngine;
 use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
 
@@ -58,14 +59,45 @@ pub fn pass_at_1(
     max_new_tokens: usize,
     seed: u64,
 ) -> Result<f64> {
+    pass_at_1_on(
+        model,
+        model,
+        tokenizer,
+        prompts,
+        samples,
+        temperature,
+        max_new_tokens,
+        seed,
+    )
+}
+
+/// [`pass_at_1`] sampled on `engine` (the CPU model itself, or a GPU decoder).
+#[allow(clippy::too_many_arguments)]
+pub fn pass_at_1_on(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
+    tokenizer: &Tokenizer,
+    prompts: &[PreparedPrompt],
+    samples: usize,
+    temperature: f32,
+    max_new_tokens: usize,
+    seed: u64,
+) -> Result<f64> {
     let items = prompts
         .iter()
         .map(|p| EvalItem::from_record(&p.record))
         .collect::<Result<Vec<_>>>()?;
     let config = eval_config(tokenizer, samples, temperature, max_new_tokens, seed);
-    Ok(evaluate(model, tokenizer, &items, &config)?
-        .summary
-        .pass_at_1)
+    Ok(evaluate_on(
+        model,
+        engine,
+        tokenizer,
+        &items,
+        &config,
+        &mut |_, _| Ok(()),
+    )?
+    .summary
+    .pass_at_1)
 }
 
 /// [`pass_at_1`] sharded over ranks: the prompts' sampling chunks (64 prompts each, seeded by
@@ -75,6 +107,32 @@ pub fn pass_at_1(
 #[allow(clippy::too_many_arguments)]
 pub fn pass_at_1_sharded(
     model: &Qwen2,
+    tokenizer: &Tokenizer,
+    prompts: &[PreparedPrompt],
+    samples: usize,
+    temperature: f32,
+    max_new_tokens: usize,
+    seed: u64,
+    collective: &dyn Collective,
+) -> Result<f64> {
+    pass_at_1_sharded_on(
+        model,
+        model,
+        tokenizer,
+        prompts,
+        samples,
+        temperature,
+        max_new_tokens,
+        seed,
+        collective,
+    )
+}
+
+/// [`pass_at_1_sharded`] sampled on `engine` (the CPU model itself, or a GPU decoder).
+#[allow(clippy::too_many_arguments)]
+pub fn pass_at_1_sharded_on(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
     tokenizer: &Tokenizer,
     prompts: &[PreparedPrompt],
     samples: usize,
@@ -98,7 +156,14 @@ pub fn pass_at_1_sharded(
             seed: config.sampling_params(first).seed,
             ..config.clone()
         };
-        let report = evaluate(model, tokenizer, part, &chunk_config)?;
+        let report = evaluate_on(
+            model,
+            engine,
+            tokenizer,
+            part,
+            &chunk_config,
+            &mut |_, _| Ok(()),
+        )?;
         counts[0] += report
             .per_item
             .iter()

@@ -2,6 +2,8 @@
 
 pub mod collective;
 pub mod config;
+pub mod cuda_update;
+pub mod device;
 pub mod heldout;
 pub mod lora_run;
 pub mod lora_update;

@@ -29,7 +29,7 @@ pub struct SftConfig {
     pub model: PathBuf,
     /// Where the fine-tuned model (and sft_metrics.jsonl) is written.
     pub output_dir: PathBuf,
-    /// `cpu` (the only engine in this build).
+    /// `cpu`, or `cuda` / `cuda:N` (feature `cuda`; full fine-tuning only, see train/device.rs).
     #[serde(default)]
     pub device: DeviceName,
     /// `f32` or `bf16` mixed precision (see `Precision`).
@@ -104,7 +104,14 @@ impl SftConfig {
 
 /// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
-    let device = config.device.open()?;
+    let train_device = super::device::TrainDevice::open(&config.device)?;
+    train_device.check_run(super::device::RunNeeds {
+        model: &config.model,
+        lora: config.lora.is_some(),
+        world: 1,
+        gradient_checkpointing: config.gradient_checkpointing,
+    })?;
+    let device = candle_core::Device::Cpu;
     let mut model = Qwen2::load(&config.model, &device, config.precision)?;
     if let Some(lora) = &config.lora {
         super::lora_run::attach_adapter(&mut model, lora, config.seed, &config.model, None)?;
@@ -144,16 +151,18 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let heldout = heldout::prepare(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
 
     let schedule = config.schedule.build(config.lr, config.steps)?;
-    let mut updater = Updater::new(&model, AdamW::new(config.adamw)?)?;
+    let mut updater = Updater::on_device(&train_device, &model, AdamW::new(config.adamw)?)?;
     let mut sampler = EpochSampler::new(pairs.len(), config.seed)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
     let log_path = config.output_dir.join("sft_metrics.jsonl");
     let mut log = std::fs::File::create(&log_path)
         .with_context(|| format!("{}: cannot create", log_path.display()))?;
-    let eval = |model: &Qwen2, seed: u64, temperature: f32| {
-        heldout::pass_at_1(
+    let eval = |model: &Qwen2, updater: &Updater, seed: u64, temperature: f32| {
+        let engine = updater.decode_engine(model)?;
+        heldout::pass_at_1_on(
             model,
+            &*engine,
             &tokenizer,
             &heldout,
             config.eval_samples,
@@ -173,7 +182,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             .collect();
         let batch = TrainBatch::new(&batch_pairs)?;
         let n = batch.num_completion_tokens();
-        let (lp, cache) = model.forward_train_with(&batch, 1.0, keep)?;
+        let (lp, cache) = updater.forward(&model, &batch, 1.0, keep)?;
         let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         let g = vec![-1.0 / n as f32; n];
         updater.backward_into(&model, &batch, cache, &g)?;
@@ -190,8 +199,8 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         let last = step + 1 == config.steps;
         let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
         if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
-            pass = eval(&model, config.seed, 1.0)?;
-            let greedy = eval(&model, config.seed, 0.0)?;
+            pass = eval(&model, &updater, config.seed, 1.0)?;
+            let greedy = eval(&model, &updater, config.seed, 0.0)?;
             line["heldout_pass_at_1"] = pass.into();
             line["heldout_greedy_accuracy"] = greedy.into();
             eprintln!(
@@ -202,6 +211,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         }
         writeln!(log, "{line}")?;
     }
+    updater.sync_host(&mut model)?;
     model.save_trained(&config.output_dir)?;
     tokenizer.save_pretrained(&config.output_dir)?;
     let generation = serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]});

@@ -146,7 +146,16 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
-        let device = config.device.open()?;
+        // The host model lives on the CPU; on a GPU run the trained weights live on the device
+        // (train/device.rs), and what the GPU path does not support is refused here.
+        let train_device = super::device::TrainDevice::open(&config.device)?;
+        train_device.check_run(super::device::RunNeeds {
+            model: &config.model,
+            lora: config.lora.is_some(),
+            world: collective.world(),
+            gradient_checkpointing: config.gradient_checkpointing,
+        })?;
+        let device = candle_core::Device::Cpu;
         let out = &config.output_dir;
         let root = collective.is_root();
         collective.ensure_same(
@@ -241,7 +250,7 @@ impl Trainer {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                Updater::new(&model, AdamW::new(config.optim.adamw)?)?,
+                Updater::on_device(&train_device, &model, AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
             Some(dir) => {
@@ -262,7 +271,7 @@ impl Trainer {
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
                     .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-                let mut updater = Updater::new(&model, optimizer)?;
+                let mut updater = Updater::on_device(&train_device, &model, optimizer)?;
                 updater
                     .restore_master(&mut model, &mut buffers)
                     .with_context(|| {
@@ -378,8 +387,10 @@ impl Trainer {
             .unwrap_or(self.config.rollout.max_new_tokens);
         let seed = derive_seed(self.config.seed, u64::MAX, 0);
         let collective = self.comm.collective.clone();
-        super::heldout::pass_at_1_sharded(
+        let engine = self.updater.decode_engine(&self.model)?;
+        super::heldout::pass_at_1_sharded_on(
             &self.model,
+            &*engine,
             &self.tokenizer,
             prompts,
             e.samples,
@@ -422,6 +433,8 @@ impl Trainer {
         if let Some(p) = progress {
             p.finish();
         }
+        // A GPU run's host model is brought up to date for `save_final` (no-op on the CPU).
+        self.updater.sync_host(&mut self.model)?;
         Ok(())
     }
 
@@ -571,13 +584,18 @@ impl Trainer {
             .collect();
         let t0 = Instant::now();
         let params = self.sampling_params(derive_seed(self.config.seed, step, round));
-        let completions = rollout::generate_keyed(
-            &self.model,
-            &self.tokenizer,
-            &prompt_ids,
-            &params,
-            mine.start as u64,
-        )?;
+        let completions = {
+            // The CPU model itself, or the CUDA decoder over the trained device weights.
+            let engine = self.updater.decode_engine(&self.model)?;
+            rollout::generate_on(
+                &self.model,
+                &*engine,
+                &self.tokenizer,
+                &prompt_ids,
+                &params,
+                mine.start as u64,
+            )?
+        };
         out.time_rollout += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let inputs: Vec<RewardInput> = completions
@@ -788,7 +806,7 @@ impl Trainer {
                 let mut all = Vec::with_capacity(local_tokens);
                 for r in &micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
-                    all.extend(self.model.logprobs(&batch, inv_t)?.logprobs);
+                    all.extend(self.updater.logprobs(&self.model, &batch, inv_t)?.logprobs);
                 }
                 Some(all)
             } else {
@@ -823,7 +841,7 @@ impl Trainer {
                         (iteration * micro.len() + m) as u64,
                     );
                 }
-                let (lp, cache) = self.model.forward_train_with(&batch, inv_t, keep)?;
+                let (lp, cache) = self.updater.forward(&self.model, &batch, inv_t, keep)?;
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
                 let n = batch.num_completion_tokens();
@@ -863,7 +881,7 @@ impl Trainer {
                 .needs_reference_logp()
                 .then_some(kl_sum / total_tokens);
             if !loss.is_finite() {
-                self.updater.zero_grad();
+                self.updater.zero_grad()?;
                 outcome.skipped = Some(format!("non-finite loss ({loss})"));
                 return Ok(outcome);
             }
@@ -954,6 +972,7 @@ impl Trainer {
             return Ok(dir);
         };
         log.flush()?;
+        self.updater.sync_host(&mut self.model)?;
         let (optimizer, buffers) = self.updater.checkpoint_state(&self.model)?;
         let state = TrainerState {
             step: self.step,

@@ -46,7 +46,7 @@ pub enum StepOutcome {
 }
 
 /// Prefix of the checkpoint buffers holding f32 master weights (bf16 models).
-const MASTER: &str = "master";
+pub const MASTER: &str = "master";
 
 impl ModelUpdater {
     pub fn new(model: &Qwen2, optimizer: AdamW) -> Result<Self> {

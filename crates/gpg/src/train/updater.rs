@@ -1,14 +1,22 @@
 //! The optimiser side of a training step, for either kind of run: full fine-tuning
 //! ([`ModelUpdater`]: every parameter) or LoRA ([`AdapterUpdater`]: A and B only, the base
-//! frozen). The kind follows the model: one with an adapter trains the adapter.
+//! frozen). The kind follows the model: one with an adapter trains the adapter. With the
+//! `cuda` feature and a GPU run, full fine-tuning on the device
+//! (`super::cuda_update::CudaUpdater`); the forward, log-probs and the decode engine of a
+//! step also go through the updater ([`Updater::forward`], [`Updater::logprobs`],
+//! [`Updater::decode_engine`]) so that the trainer does not depend on the device. On the CPU
+//! these are exactly the model's own calls.
 
 use std::collections::HashMap;
 
 use anyhow::Result;
 
 use crate::checkpoint::Buffers;
-use crate::model::{ForwardCache, Qwen2, TrainBatch};
+use crate::model::decoding::DecodeEngine;
+use crate::model::{Activations, ForwardCache, Qwen2, TokenLogprobs, TrainBatch};
 use crate::optim::AdamW;
+
+use super::device::TrainDevice;
 
 use super::lora_update::AdapterUpdater;
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
@@ -16,6 +24,21 @@ use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
 pub enum Updater {
     Full(ModelUpdater),
     Adapter(AdapterUpdater),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<super::cuda_update::CudaUpdater>),
+}
+
+/// What a forward keeps for the backward, on the updater's device.
+pub enum StepCache {
+    Cpu(ForwardCache),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::model::cuda_train::CudaForwardCache>),
+}
+
+impl From<ForwardCache> for StepCache {
+    fn from(c: ForwardCache) -> Self {
+        StepCache::Cpu(c)
+    }
 }
 
 impl Updater {
@@ -28,17 +51,102 @@ impl Updater {
         })
     }
 
+    /// [`Self::new`] on the CPU; on a GPU, full fine-tuning with the parameters and
+    /// `optimizer`'s state uploaded (LoRA on a GPU is refused earlier, by
+    /// `TrainDevice::check_run`).
+    pub fn on_device(device: &TrainDevice, model: &Qwen2, optimizer: AdamW) -> Result<Self> {
+        match device {
+            TrainDevice::Cpu => Self::new(model, optimizer),
+            #[cfg(feature = "cuda")]
+            TrainDevice::Cuda(gpu) => {
+                anyhow::ensure!(
+                    model.adapter().is_none(),
+                    "LoRA adapters do not train on {} yet",
+                    gpu.description()
+                );
+                Ok(Updater::Cuda(Box::new(
+                    super::cuda_update::CudaUpdater::new(gpu.clone(), model, optimizer)?,
+                )))
+            }
+        }
+    }
+
+    /// The training forward of one micro-batch on the updater's device (on the CPU:
+    /// `model.forward_train_with`).
+    pub fn forward(
+        &self,
+        model: &Qwen2,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+        keep: Activations,
+    ) -> Result<(TokenLogprobs, StepCache)> {
+        match self {
+            Updater::Full(_) | Updater::Adapter(_) => {
+                let (lp, cache) = model.forward_train_with(batch, inv_temperature, keep)?;
+                Ok((lp, StepCache::Cpu(cache)))
+            }
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => {
+                let (lp, cache) = u.forward(batch, inv_temperature)?;
+                Ok((lp, StepCache::Cuda(Box::new(cache))))
+            }
+        }
+    }
+
+    /// Per-token log-probs of the current weights, no backward (on the CPU: `model.logprobs`).
+    pub fn logprobs(
+        &self,
+        model: &Qwen2,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+    ) -> Result<TokenLogprobs> {
+        match self {
+            Updater::Full(_) | Updater::Adapter(_) => model.logprobs(batch, inv_temperature),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => u.logprobs(batch, inv_temperature),
+        }
+    }
+
+    /// The decode engine of the current weights: the CPU model itself, or the CUDA decoder
+    /// reading the device parameters in place (no upload).
+    pub fn decode_engine<'a>(&'a self, model: &'a Qwen2) -> Result<Box<dyn DecodeEngine + 'a>> {
+        match self {
+            Updater::Full(_) | Updater::Adapter(_) => Ok(Box::new(model)),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => Ok(Box::new(u.decoder(model)?)),
+        }
+    }
+
+    /// Brings the host model's tensors up to date with the trained weights (a no-op on the
+    /// CPU, where the step writes them in place): before a checkpoint or the final model.
+    pub fn sync_host(&self, model: &mut Qwen2) -> Result<()> {
+        match self {
+            Updater::Full(_) | Updater::Adapter(_) => {
+                let _ = model;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => u.sync_host(model),
+        }
+    }
+
     /// Backward of one micro-batch, accumulated into the gradient buffers.
     pub fn backward_into(
         &mut self,
         model: &Qwen2,
         batch: &TrainBatch,
-        cache: ForwardCache,
+        cache: impl Into<StepCache>,
         g: &[f32],
     ) -> Result<()> {
-        match self {
-            Updater::Full(u) => model.backward_into(batch, cache, g, u.grads_mut()),
-            Updater::Adapter(u) => u.backward_into(model, batch, cache, g),
+        match (self, cache.into()) {
+            (Updater::Full(u), StepCache::Cpu(cache)) => {
+                model.backward_into(batch, cache, g, u.grads_mut())
+            }
+            (Updater::Adapter(u), StepCache::Cpu(cache)) => u.backward_into(model, batch, cache, g),
+            #[cfg(feature = "cuda")]
+            (Updater::Cuda(u), StepCache::Cuda(cache)) => u.backward(batch, *cache, g),
+            #[cfg(feature = "cuda")]
+            _ => anyhow::bail!("internal: a forward cache of another device than the updater's"),
         }
     }
 
@@ -47,11 +155,15 @@ impl Updater {
         match self {
             Updater::Full(u) => u.step(model, lr, max_norm),
             Updater::Adapter(u) => u.step(model, lr, max_norm),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => u.step(lr, max_norm),
         }
     }
 
     /// Every gradient buffer the step will apply (the model's parameters, or the adapter's A
-    /// and B), in a fixed order: what a data-parallel run all-reduces.
+    /// and B), in a fixed order: what a data-parallel run all-reduces. A GPU run's gradients
+    /// live on the device and it runs on one rank (`TrainDevice::check_run` refuses more): it
+    /// has no host buffer to reduce.
     pub fn gradient_buffers_mut(&mut self) -> Vec<&mut [f32]> {
         match self {
             Updater::Full(u) => {
@@ -61,14 +173,19 @@ impl Updater {
                 slices
             }
             Updater::Adapter(u) => u.gradient_buffers_mut(),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(_) => Vec::new(),
         }
     }
 
-    pub fn zero_grad(&mut self) {
+    pub fn zero_grad(&mut self) -> Result<()> {
         match self {
             Updater::Full(u) => u.zero_grad(),
             Updater::Adapter(u) => u.zero_grad(),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => return u.zero_grad(),
         }
+        Ok(())
     }
 
     /// Optimiser metadata and buffers for a checkpoint.
@@ -76,6 +193,8 @@ impl Updater {
         match self {
             Updater::Full(u) => u.checkpoint_state(model),
             Updater::Adapter(u) => Ok(u.checkpoint_state()),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => u.checkpoint_state(),
         }
     }
 
@@ -89,6 +208,8 @@ impl Updater {
         match self {
             Updater::Full(u) => u.restore_master(model, buffers),
             Updater::Adapter(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Updater::Cuda(u) => u.restore_master(model, buffers),
         }
     }
 }

@@ -485,6 +485,7 @@ fn sum_parts(
 // ---------------------------------------------------------------- RoPE
 
 /// The cos/sin tables of an `ops::Rope`, on the device.
+#[derive(Clone)]
 pub struct RopeTables {
     pub cos: CudaSlice<f32>,
     pub sin: CudaSlice<f32>,

@@ -1,0 +1,340 @@
+//! The optimiser side of a training step on a GPU (feature `cuda`): [`CudaUpdater`] wraps
+//! `model::cuda_train::CudaTrainStep` (f32 masters, bf16 compute copies, gradients and AdamW
+//! moments on the device) behind the same operations as the CPU `ModelUpdater`: forward,
+//! backward from g_t, global-norm clipping + AdamW, and the checkpoint state.
+//!
+//! The checkpoint state is the CPU updater's, byte for byte in layout: `exp_avg.<name>`,
+//! `exp_avg_sq.<name>` for every parameter once a step was applied, per-parameter step counts,
+//! and for a model with bf16 matrices the f32 value of every leaf (`master.<name>`). So a
+//! checkpoint written on the GPU resumes exactly on the GPU (the masters and moments go back
+//! up unchanged) and resumes on the CPU too. The host-side parts are plain functions
+//! ([`moment_buffers`], [`common_adamw_step`]), compiled and tested in every build.
+//!
+//! One weight store: the trained weights live on the GPU only. The host model's tensors are
+//! brought up to date from the device ([`CudaUpdater::sync_host`]) before a checkpoint or the
+//! final model is written; rollouts and evaluations sample with the CUDA decoder reading the
+//! device parameters in place ([`CudaUpdater::decoder`]), so nothing is uploaded per
+//! `generate` call.
+
+use std::collections::BTreeMap;
+
+use anyhow::{ensure, Result};
+
+use crate::checkpoint::Buffers;
+use crate::optim::{AdamWConfig, ParamState};
+
+use super::update::{OptimizerMeta, MASTER};
+
+/// One parameter's AdamW moments on the host: (HF name, exp_avg, exp_avg_sq).
+pub type NamedMoments = (String, Vec<f32>, Vec<f32>);
+
+/// The optimiser's checkpoint metadata and buffers from one shared step count and the moments
+/// of every parameter (`(name, exp_avg, exp_avg_sq)`), laid out as the CPU updater's
+/// (`update::optimizer_checkpoint`: buffers sorted by name, exp_avg before exp_avg_sq), plus
+/// `master.<name>` for every entry of `masters` (in the given order, as the CPU writes them: the
+/// parameter tree's). With `step == 0` no moment is written (the CPU optimiser creates them at
+/// the first update).
+pub fn moment_buffers(
+    config: AdamWConfig,
+    step: u64,
+    moments: Vec<NamedMoments>,
+    masters: Option<Vec<(String, Vec<f32>)>>,
+) -> (OptimizerMeta, Buffers) {
+    let mut sorted: BTreeMap<String, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
+    if step > 0 {
+        for (name, m, v) in moments {
+            sorted.insert(name, (m, v));
+        }
+    }
+    let meta = OptimizerMeta {
+        config,
+        steps: sorted.keys().map(|k| (k.clone(), step)).collect(),
+    };
+    let mut buffers: Buffers = Vec::with_capacity(2 * sorted.len());
+    for (name, (m, v)) in sorted {
+        buffers.push((format!("exp_avg.{name}"), vec![m.len()], m));
+        buffers.push((format!("exp_avg_sq.{name}"), vec![v.len()], v));
+    }
+    for (name, values) in masters.into_iter().flatten() {
+        buffers.push((format!("{MASTER}.{name}"), vec![values.len()], values));
+    }
+    (meta, buffers)
+}
+
+/// The one AdamW step count of a restored optimiser state (0 when empty): the GPU optimiser
+/// keeps one count for every parameter, so parameters at different counts (possible only in a
+/// checkpoint made by hand) are refused, naming one.
+pub fn common_adamw_step(params: &BTreeMap<String, ParamState>) -> Result<u64> {
+    let Some((first_name, first)) = params.iter().next() else {
+        return Ok(0);
+    };
+    for (name, p) in params {
+        ensure!(
+            p.step == first.step,
+            "optimiser state: parameter {name} is at AdamW step {}, {first_name} at {}; the GPU \
+             optimiser keeps one step count for all parameters",
+            p.step,
+            first.step
+        );
+    }
+    Ok(first.step)
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::CudaUpdater;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result};
+
+    use crate::checkpoint::Buffers;
+    use crate::model::cuda_decode::CudaDecoder;
+    use crate::model::cuda_train::{CudaForwardCache, CudaTrainStep};
+    use crate::model::ops::cuda::Gpu;
+    use crate::model::{Qwen2, TokenLogprobs, TrainBatch};
+    use crate::optim::{AdamW, GradClip};
+
+    use super::super::update::{OptimizerMeta, StepOutcome, MASTER};
+    use super::{common_adamw_step, moment_buffers};
+
+    /// Gradients, master weights and AdamW of one model, on a GPU.
+    pub struct CudaUpdater {
+        step: CudaTrainStep,
+    }
+
+    impl CudaUpdater {
+        /// Uploads `model`'s parameters and `optimizer`'s state (its moments when resuming).
+        pub fn new(gpu: Arc<Gpu>, model: &Qwen2, optimizer: AdamW) -> Result<Self> {
+            let state = optimizer.state();
+            let mut step = CudaTrainStep::new(gpu, model, state.config)?;
+            let count = common_adamw_step(&state.params)?;
+            step.restore_optimizer(count, &state.params)?;
+            Ok(CudaUpdater { step })
+        }
+
+        pub fn train_step(&self) -> &CudaTrainStep {
+            &self.step
+        }
+
+        /// The forward of `batch` on the device, keeping what the backward needs.
+        pub fn forward(
+            &self,
+            batch: &TrainBatch,
+            inv_temperature: f32,
+        ) -> Result<(TokenLogprobs, CudaForwardCache)> {
+            self.step.forward(batch, inv_temperature)
+        }
+
+        /// Per-token log-probs only (the activations are freed at once).
+        pub fn logprobs(&self, batch: &TrainBatch, inv_temperature: f32) -> Result<TokenLogprobs> {
+            Ok(self.step.forward(batch, inv_temperature)?.0)
+        }
+
+        /// Backward of one micro-batch, accumulated into the device gradients.
+        pub fn backward(
+            &mut self,
+            batch: &TrainBatch,
+            cache: CudaForwardCache,
+            g: &[f32],
+        ) -> Result<()> {
+            self.step.backward(batch, cache, g)
+        }
+
+        /// Global-norm clipping, AdamW on the device, gradients cleared. The host model is not
+        /// touched (see [`Self::sync_host`]).
+        pub fn step(&mut self, lr: f32, max_norm: f32) -> Result<StepOutcome> {
+            let out = self.step.step(lr, max_norm)?;
+            let clip = GradClip {
+                norm: out.grad_norm,
+                scale: out.scale,
+                finite: out.applied,
+            };
+            Ok(if out.applied {
+                StepOutcome::Applied(clip)
+            } else {
+                StepOutcome::Skipped(clip)
+            })
+        }
+
+        pub fn zero_grad(&mut self) -> Result<()> {
+            self.step.zero_grad()
+        }
+
+        /// Restores a checkpoint's `master.<name>` buffers (bf16 models) onto the device and
+        /// brings `model` up to date with them.
+        pub fn restore_master(
+            &mut self,
+            model: &mut Qwen2,
+            buffers: &mut HashMap<String, Vec<f32>>,
+        ) -> Result<()> {
+            let prefix = format!("{MASTER}.");
+            let names: Vec<String> = buffers
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            if names.is_empty() {
+                return Ok(());
+            }
+            let mut masters: HashMap<String, Vec<f32>> = names
+                .into_iter()
+                .filter_map(|k| {
+                    let v = buffers.remove(&k)?;
+                    Some((k[prefix.len()..].to_string(), v))
+                })
+                .collect();
+            self.step.restore_masters(&mut masters)?;
+            if let Some(unknown) = masters.keys().next() {
+                anyhow::bail!(
+                    "checkpoint buffer {MASTER}.{unknown}: the model has no such parameter"
+                );
+            }
+            self.sync_host(model)
+        }
+
+        /// The optimiser's state for a checkpoint, downloaded (the CPU updater's layout).
+        pub fn checkpoint_state(&self) -> Result<(OptimizerMeta, Buffers)> {
+            let s = &self.step;
+            let masters = if s.is_bf16() {
+                Some(s.masters()?)
+            } else {
+                None
+            };
+            Ok(moment_buffers(
+                s.adamw_config(),
+                s.adamw_steps(),
+                s.moments()?,
+                masters,
+            ))
+        }
+
+        /// Writes the device weights into `model`'s tensors (in its dtype).
+        pub fn sync_host(&self, model: &mut Qwen2) -> Result<()> {
+            self.step
+                .write_back(model)
+                .context("bringing the host model up to date from the GPU")
+        }
+
+        /// A CUDA decoder over the device parameters (borrowed, nothing uploaded).
+        pub fn decoder<'a>(&'a self, model: &Qwen2) -> Result<CudaDecoder<'a>> {
+            CudaDecoder::from_train_step(&self.step, model)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Precision, Qwen2, TrainBatch};
+    use crate::optim::AdamW;
+    use crate::train::update::{optimizer_checkpoint, ModelUpdater};
+
+    fn tiny(precision: Precision) -> Qwen2 {
+        let config: crate::model::Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let m = Qwen2::random(config, 0.1, 3, &candle_core::Device::Cpu).unwrap();
+        if precision == Precision::Bf16 {
+            let dir = tempfile::tempdir().unwrap();
+            m.save_pretrained_as(dir.path(), candle_core::DType::BF16)
+                .unwrap();
+            Qwen2::load(dir.path(), &candle_core::Device::Cpu, Precision::Bf16).unwrap()
+        } else {
+            m
+        }
+    }
+
+    /// Two CPU steps, then the state as the GPU updater would hand it over (one step count,
+    /// the moments by name in tree order, the masters): the same metadata and buffers as the
+    /// CPU updater's checkpoint, in the same order, for f32 and bf16 models.
+    #[test]
+    fn gpu_checkpoint_layout_is_the_cpu_updaters() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut model = tiny(precision);
+            let mut u = ModelUpdater::new(&model, AdamW::new(Default::default()).unwrap()).unwrap();
+            let batch = TrainBatch::new(&[(&[1u32, 2, 3][..], &[4u32, 5][..])]).unwrap();
+            for _ in 0..2 {
+                let (_, cache) = model.forward_train(&batch, 1.0).unwrap();
+                model
+                    .backward_into(&batch, cache, &[0.5, -0.25], u.grads_mut())
+                    .unwrap();
+                u.step(&mut model, 1e-2, 1.0).unwrap();
+            }
+            let (want_meta, want) = u.checkpoint_state(&model).unwrap();
+            // A fresh optimiser writes no moments, as moment_buffers at step 0.
+            let (fresh, none) = optimizer_checkpoint(&AdamW::new(Default::default()).unwrap());
+            assert!(fresh.steps.is_empty() && none.is_empty());
+            // What the device hands over: moments in the parameter tree's order.
+            let by_name: std::collections::HashMap<String, (Vec<f32>, Vec<f32>)> = want
+                .iter()
+                .filter_map(|(n, _, v)| n.strip_prefix("exp_avg.").map(|k| (k, v)))
+                .map(|(k, m)| {
+                    let v = want
+                        .iter()
+                        .find(|(n, _, _)| n == &format!("exp_avg_sq.{k}"))
+                        .unwrap()
+                        .2
+                        .clone();
+                    (k.to_string(), (m.clone(), v))
+                })
+                .collect();
+            let names: Vec<String> = model.weights.named().into_iter().map(|(n, _)| n).collect();
+            let moments = names
+                .iter()
+                .map(|n| {
+                    let (m, v) = by_name[n].clone();
+                    (n.clone(), m, v)
+                })
+                .collect();
+            let masters = (precision == Precision::Bf16).then(|| {
+                want.iter()
+                    .filter_map(|(n, _, v)| {
+                        n.strip_prefix("master.")
+                            .map(|k| (k.to_string(), v.clone()))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if precision == Precision::Bf16 {
+                assert_eq!(masters.as_ref().unwrap().len(), names.len());
+            }
+            let step = *want_meta.steps.values().next().unwrap();
+            assert!(want_meta.steps.values().all(|&s| s == step));
+            assert_eq!(step, 2);
+            let (meta, got) = moment_buffers(want_meta.config, step, moments, masters);
+            assert_eq!(meta.steps, want_meta.steps);
+            assert_eq!(
+                serde_json::to_value(meta.config).unwrap(),
+                serde_json::to_value(want_meta.config).unwrap()
+            );
+            assert_eq!(got, want, "{precision}");
+        }
+    }
+
+    #[test]
+    fn no_moments_before_the_first_step_and_one_step_count() {
+        let (meta, buffers) = moment_buffers(
+            Default::default(),
+            0,
+            vec![("w".into(), vec![0.0], vec![0.0])],
+            None,
+        );
+        assert!(meta.steps.is_empty() && buffers.is_empty());
+        assert_eq!(common_adamw_step(&BTreeMap::new()).unwrap(), 0);
+        let state = |step| ParamState {
+            step,
+            exp_avg: vec![],
+            exp_avg_sq: vec![],
+        };
+        let mixed: BTreeMap<String, ParamState> =
+            [("a".to_string(), state(3)), ("b".to_string(), state(2))].into();
+        let e = common_adamw_step(&mixed).unwrap_err().to_string();
+        assert!(e.contains("parameter b") && e.contains("step 2"), "{e}");
+    }
+}

@@ -1,0 +1,188 @@
+//! Where a training run (`train`, `sft`) computes: the CPU engine, or (feature `cuda`) one GPU.
+//!
+//! On a GPU the host [`crate::model::Qwen2`] still holds the configuration and is what
+//! checkpoints are written from (brought up to date from the device before each write); the
+//! weights that are trained and sampled from live once on the GPU
+//! (`model::cuda_train::CudaTrainStep`, read in place by the CUDA decoder).
+//!
+//! What a GPU run does not support is refused before anything is loaded or uploaded
+//! ([`TrainDevice::check_run`]): LoRA, data parallel over several ranks (it needs an NCCL
+//! collective, not written), vision-language models and gradient checkpointing.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::model::DeviceName;
+
+/// The device a run trains on.
+#[derive(Debug, Clone)]
+pub enum TrainDevice {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::model::ops::cuda::Gpu>),
+}
+
+/// What a run asks of its device (checked by [`TrainDevice::check_run`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RunNeeds<'a> {
+    /// The model directory (a vision-language checkpoint is refused on a GPU).
+    pub model: &'a Path,
+    pub lora: bool,
+    /// Ranks of the data-parallel run (1: a single process).
+    pub world: usize,
+    pub gradient_checkpointing: bool,
+}
+
+impl TrainDevice {
+    /// Opens `name`: the CPU, or the GPU `cuda[:N]`. Without the `cuda` feature a CUDA name is
+    /// refused with the rebuild instruction; with it, a machine without a driver or without
+    /// device N is refused with what was looked for (the library file names, the device count).
+    pub fn open(name: &DeviceName) -> Result<Self> {
+        if name.is_cpu() {
+            return Ok(TrainDevice::Cpu);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            Ok(TrainDevice::Cuda(name.open_gpu()?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("{}", name.no_cuda_build())
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, TrainDevice::Cpu)
+    }
+
+    /// The device's name for messages (`cpu`, `cuda:0 (NVIDIA H200, sm_90)`).
+    pub fn description(&self) -> String {
+        match self {
+            TrainDevice::Cpu => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            TrainDevice::Cuda(gpu) => gpu.description().to_string(),
+        }
+    }
+
+    /// Refuses, with the reason, what this device cannot train. The CPU trains everything.
+    pub fn check_run(&self, needs: RunNeeds<'_>) -> Result<()> {
+        if self.is_cpu() {
+            return Ok(());
+        }
+        refuse_on_gpu(&self.description(), needs)
+    }
+}
+
+/// The GPU path's limits (a function of the request only, so that it is tested without a GPU).
+pub fn refuse_on_gpu(device: &str, needs: RunNeeds<'_>) -> Result<()> {
+    if needs.world > 1 {
+        bail!(
+            "device `{device}` with {} ranks: data-parallel training on GPUs needs an NCCL \
+             collective, which is not written yet (the MPI/TCP collectives reduce host buffers); \
+             run one process per GPU job, or train data-parallel on the CPU",
+            needs.world
+        );
+    }
+    if needs.lora {
+        bail!(
+            "device `{device}` with [lora]: LoRA training runs on the CPU only so far (the GPU \
+             trains every parameter); remove [lora] for full fine-tuning on the GPU, or use \
+             device = \"cpu\""
+        );
+    }
+    if crate::model::Qwen2VLConfig::is_vl_dir(needs.model) {
+        bail!(
+            "{}: a vision-language model on device `{device}`: the GPU engine runs the Qwen2 \
+             text decoder only; train vision-language models with device = \"cpu\"",
+            needs.model.display()
+        );
+    }
+    if needs.gradient_checkpointing {
+        bail!(
+            "device `{device}` with gradient_checkpointing = true: the GPU training step keeps \
+             every layer's activations and has no recomputation yet; set \
+             gradient_checkpointing = false (or lower algorithm.micro_batch_tokens to fit the \
+             GPU's memory)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn needs(model: &Path) -> RunNeeds<'_> {
+        RunNeeds {
+            model,
+            lora: false,
+            world: 1,
+            gradient_checkpointing: false,
+        }
+    }
+
+    #[test]
+    fn the_cpu_trains_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = RunNeeds {
+            lora: true,
+            world: 4,
+            gradient_checkpointing: true,
+            ..needs(dir.path())
+        };
+        TrainDevice::open(&"cpu".parse().unwrap())
+            .unwrap()
+            .check_run(all)
+            .unwrap();
+    }
+
+    #[test]
+    fn gpu_limits_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        refuse_on_gpu("cuda:0", needs(dir.path())).unwrap();
+        let err = |n: RunNeeds<'_>| refuse_on_gpu("cuda:0", n).unwrap_err().to_string();
+        let e = err(RunNeeds {
+            world: 2,
+            ..needs(dir.path())
+        });
+        assert!(e.contains("NCCL") && e.contains("2 ranks"), "{e}");
+        let e = err(RunNeeds {
+            lora: true,
+            ..needs(dir.path())
+        });
+        assert!(e.contains("LoRA") && e.contains("cuda:0"), "{e}");
+        let e = err(RunNeeds {
+            gradient_checkpointing: true,
+            ..needs(dir.path())
+        });
+        assert!(e.contains("gradient_checkpointing"), "{e}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "qwen2_vl", "vision_config": {}}"#,
+        )
+        .unwrap();
+        let e = err(needs(dir.path()));
+        assert!(e.contains("vision-language"), "{e}");
+    }
+
+    /// Without the `cuda` feature a CUDA device is refused with the rebuild instruction; with it
+    /// on a machine without a driver, with the library file names looked for. Never a panic.
+    #[test]
+    fn a_cuda_device_without_gpu_or_feature_is_a_clear_error() {
+        for name in ["cuda", "cuda:1"] {
+            let result = TrainDevice::open(&name.parse().unwrap());
+            #[cfg(not(feature = "cuda"))]
+            {
+                let e = result.unwrap_err().to_string();
+                assert!(e.contains("--features cuda") && e.contains(name), "{e}");
+            }
+            #[cfg(feature = "cuda")]
+            if let Err(e) = result {
+                let e = e.to_string();
+                assert!(
+                    e.contains("libcuda.so") || e.contains("CUDA device") || e.contains("lib"),
+                    "{e}"
+                );
+            }
+        }
+    }
+}
