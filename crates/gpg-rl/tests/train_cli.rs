@@ -416,3 +416,71 @@ target_modules = ["q_proj", "v_proj"]
         .unwrap();
     assert_ok(&out);
 }
+
+/// `train` and `sft` on a CUDA device, on a machine without a GPU (CI) or a build without the
+/// `cuda` feature: a clear error and exit status 1, never a panic. Without the feature the error
+/// says how to rebuild; with it, it names the library looked for (libcuda), and what the GPU
+/// path does not support (LoRA) is refused before the device is even opened.
+#[test]
+fn cuda_device_in_train_and_sft_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_model(&model);
+    let path = tmp.path().join("r.toml");
+    std::fs::write(&path, recipe(&model, &tmp.path().join("out"), 1)).unwrap();
+    let check = |out: std::process::Output, on_gpu_build: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = on_gpu_build;
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        #[cfg(feature = "cuda")]
+        assert!(err.contains(on_gpu_build), "{err}");
+    };
+    check(train(&path, &["--set", "device=\"cuda\""]), "libcuda");
+    check(
+        train(
+            &path,
+            &[
+                "--set",
+                "device=\"cuda:1\"",
+                "--set",
+                "lora.rank=2",
+                "--set",
+                "lora.alpha=4",
+            ],
+        ),
+        "LoRA",
+    );
+    let sft = tmp.path().join("sft.toml");
+    let out_dir = tmp.path().join("sft");
+    std::fs::write(
+        &sft,
+        format!(
+            "model = {model:?}\noutput_dir = {out_dir:?}\nsteps = 1\nbatch_size = 2\nseed = 0\n\
+             lr = 1e-3\ndata = \"synthetic\"\ndevice = \"cuda\"\n"
+        ),
+    )
+    .unwrap();
+    check(
+        bin().arg("sft").arg("--config").arg(&sft).output().unwrap(),
+        "libcuda",
+    );
+    check(
+        bin()
+            .arg("sft")
+            .arg("--config")
+            .arg(&sft)
+            .args(["--device", "cuda:0"])
+            .output()
+            .unwrap(),
+        "libcuda",
+    );
+    assert!(
+        !out_dir.exists(),
+        "nothing is written before the device opens"
+    );
+}

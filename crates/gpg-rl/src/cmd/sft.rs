@@ -11,7 +11,7 @@ pub struct SftArgs {
     /// TOML recipe.
     #[arg(long)]
     pub config: PathBuf,
-    /// Overrides the recipe's `device` (cpu).
+    /// Overrides the recipe's `device` (cpu, cuda, cuda:N).
     #[arg(long)]
     pub device: Option<gpg::model::DeviceName>,
     /// Overrides the recipe's `precision` (f32 or bf16).

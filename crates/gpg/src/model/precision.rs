@@ -119,11 +119,12 @@ impl DeviceName {
         )
     }
 
-    /// The device of the whole engine (training and scoring forward/backward): the CPU. A CUDA
-    /// device is refused with an error that says why: without the `cuda` feature, how to
-    /// rebuild; with it, after opening the device (so a missing driver is reported as such),
-    /// that this build samples on the GPU (`generate`, `eval`) but trains and scores on the
-    /// CPU.
+    /// The candle device of a command whose whole engine runs on the host (`logprobs`,
+    /// `merge`, vision-language `eval`): the CPU. A CUDA device is refused with an error that
+    /// says why: without the `cuda` feature, how to rebuild; with it, after opening the device
+    /// (so a missing driver is reported as such), which commands do run on the GPU. (`train`,
+    /// `sft`, `bench trainer` open their device with `train::device::TrainDevice`; `generate`,
+    /// `eval` and `bench engine` sample through `decoding::engine_for`.)
     pub fn open(&self) -> Result<Device> {
         if self.is_cpu() {
             return Ok(Device::Cpu);
@@ -132,10 +133,9 @@ impl DeviceName {
         {
             let gpu = self.open_gpu()?;
             bail!(
-                "device `{}` ({}): this gpg-rl samples on the GPU (`generate`, `eval`, `bench engine \
-                 --sampling-only` with `--device cuda`) but its training and scoring engine \
-                 (train, sft, logprobs, bench trainer) runs on the CPU only so far; use \
-                 `--device cpu` or `device = \"cpu\"` in the recipe",
+                "device `{}` ({}): this command runs on the CPU only so far (on the GPU: `train`, \
+                 `sft`, `bench trainer`, `generate`, `eval` of text models, `bench engine`); use \
+                 `--device cpu`",
                 self.0,
                 gpu.description()
             )

@@ -28,8 +28,8 @@ pub struct TrainConfig {
     /// Optimiser steps.
     pub steps: u64,
     pub seed: u64,
-    /// Where the engine runs: `cpu` (the only engine in this build; `cuda`/`cuda:N` are refused
-    /// with a clear error).
+    /// Where the engine runs: `cpu`, or `cuda` / `cuda:N` with a build that has the `cuda`
+    /// feature (full fine-tuning on one GPU: see train/device.rs for what it refuses).
     #[serde(default)]
     pub device: DeviceName,
     /// `f32` or `bf16` (mixed precision: bf16 weight matrices and matrix products with f32

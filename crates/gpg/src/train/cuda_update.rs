@@ -240,15 +240,10 @@ mod tests {
             "tie_word_embeddings": false
         }))
         .unwrap();
-        let m = Qwen2::random(config, 0.1, 3, &candle_core::Device::Cpu).unwrap();
-        if precision == Precision::Bf16 {
-            let dir = tempfile::tempdir().unwrap();
-            m.save_pretrained_as(dir.path(), candle_core::DType::BF16)
-                .unwrap();
-            Qwen2::load(dir.path(), &candle_core::Device::Cpu, Precision::Bf16).unwrap()
-        } else {
-            m
-        }
+        Qwen2::random(config, 0.1, 3, &candle_core::Device::Cpu)
+            .unwrap()
+            .to_precision(precision)
+            .unwrap()
     }
 
     /// Two CPU steps, then the state as the GPU updater would hand it over (one step count,
@@ -336,5 +331,188 @@ mod tests {
             [("a".to_string(), state(3)), ("b".to_string(), state(2))].into();
         let e = common_adamw_step(&mixed).unwrap_err().to_string();
         assert!(e.contains("parameter b") && e.contains("step 2"), "{e}");
+    }
+}
+
+/// On a GPU only (`bench/gpu/check.sh` runs them with GPG_RL_REQUIRE_GPU=1; elsewhere they
+/// skip, saying why): the updater's checkpoint state resumes exactly on the GPU and within
+/// tolerance on the CPU; the decoder over the train step's parameters equals the decoder
+/// uploaded from the written-back host model, bit for bit.
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::model::decoding::DecodeEngine;
+    use crate::model::ops::cuda::Gpu;
+    use crate::model::{Precision, Qwen2, TrainBatch};
+    use crate::optim::AdamW;
+    use crate::train::update::{ModelUpdater, StepOutcome};
+
+    use super::CudaUpdater;
+
+    fn gpu() -> Option<Arc<Gpu>> {
+        match Gpu::open(0) {
+            Ok(g) => Some(g),
+            Err(e) if std::env::var_os("GPG_RL_REQUIRE_GPU").is_some() => {
+                panic!("GPG_RL_REQUIRE_GPU is set but no GPU opened: {e:#}")
+            }
+            Err(e) => {
+                eprintln!("skipped (no GPU): {e:#}");
+                None
+            }
+        }
+    }
+
+    fn model(precision: Precision, tied: bool) -> Qwen2 {
+        let config: crate::model::Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": tied
+        }))
+        .unwrap();
+        Qwen2::random(config, 0.2, 5, &candle_core::Device::Cpu)
+            .unwrap()
+            .to_precision(precision)
+            .unwrap()
+    }
+
+    fn batch() -> TrainBatch {
+        TrainBatch::new(&[
+            (&[1u32, 2, 3, 4][..], &[5u32, 6, 7][..]),
+            (&[9u32, 8][..], &[7u32, 6, 5, 4][..]),
+        ])
+        .unwrap()
+    }
+
+    const G: [f32; 7] = [0.3, -0.2, 0.1, -0.05, 0.2, -0.3, 0.15];
+
+    fn gpu_step(u: &mut CudaUpdater, b: &TrainBatch) {
+        let (_, cache) = u.forward(b, 1.0).unwrap();
+        u.backward(b, cache, &G).unwrap();
+        assert!(matches!(
+            u.step(1e-2, 1.0).unwrap(),
+            StepOutcome::Applied(_)
+        ));
+    }
+
+    fn as_map(buffers: crate::checkpoint::Buffers) -> HashMap<String, Vec<f32>> {
+        buffers.into_iter().map(|(n, _, v)| (n, v)).collect()
+    }
+
+    #[test]
+    fn gpu_checkpoint_state_resumes_exactly_on_the_gpu_and_closely_on_the_cpu() {
+        let Some(g) = gpu() else { return };
+        let b = batch();
+        for (precision, tied) in [(Precision::F32, true), (Precision::Bf16, false)] {
+            let mut host = model(precision, tied);
+            let mut u = CudaUpdater::new(g.clone(), &host, AdamW::new(Default::default()).unwrap())
+                .unwrap();
+            gpu_step(&mut u, &b);
+            gpu_step(&mut u, &b);
+            u.sync_host(&mut host).unwrap();
+            let (meta, buffers) = u.checkpoint_state().unwrap();
+            let restore = || {
+                let mut map = as_map(buffers.clone());
+                let opt = ModelUpdater::restore_optimizer(meta.clone(), &mut map).unwrap();
+                (opt, map)
+            };
+            // GPU → GPU: the same third step, bit for bit.
+            let (opt, mut map) = restore();
+            let mut resumed_host = host.clone();
+            let mut r = CudaUpdater::new(g.clone(), &resumed_host, opt).unwrap();
+            r.restore_master(&mut resumed_host, &mut map).unwrap();
+            assert!(
+                map.is_empty(),
+                "{precision}: unread buffers {:?}",
+                map.keys()
+            );
+            gpu_step(&mut u, &b);
+            gpu_step(&mut r, &b);
+            let (a, c) = (
+                u.train_step().masters().unwrap(),
+                r.train_step().masters().unwrap(),
+            );
+            assert_eq!(a, c, "{precision}: resumed GPU run differs");
+            assert_eq!(
+                u.train_step().moments().unwrap(),
+                r.train_step().moments().unwrap()
+            );
+            // GPU checkpoint → CPU: the third step within the engines' tolerance.
+            let (opt, mut map) = restore();
+            let mut cpu_model = host.clone();
+            let mut cpu = ModelUpdater::new(&cpu_model, opt).unwrap();
+            cpu.restore_master(&mut cpu_model, &mut map).unwrap();
+            let (_, cache) = cpu_model.forward_train(&b, 1.0).unwrap();
+            cpu_model
+                .backward_into(&b, cache, &G, cpu.grads_mut())
+                .unwrap();
+            cpu.step(&mut cpu_model, 1e-2, 1.0).unwrap();
+            let (cpu_meta, cpu_buffers) = cpu.checkpoint_state(&cpu_model).unwrap();
+            assert_eq!(cpu_meta.steps.values().next(), Some(&3));
+            let cpu_map = as_map(cpu_buffers);
+            let tol = if precision == Precision::F32 {
+                1e-4
+            } else {
+                2e-2
+            };
+            for (name, w) in &a {
+                let want: Vec<f32> = match cpu_map.get(&format!("master.{name}")) {
+                    Some(m) => m.clone(),
+                    None => cpu_model
+                        .weights
+                        .get(name)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                };
+                let diff: f64 = w
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| ((x - y) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let norm: f64 = want.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+                assert!(
+                    diff <= tol * norm.max(1e-12),
+                    "{precision} {name}: |gpu − cpu| = {diff:.3e}, |cpu| = {norm:.3e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_decoder_over_the_train_step_equals_the_uploaded_one() {
+        let Some(g) = gpu() else { return };
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut host = model(precision, true);
+            let mut u = CudaUpdater::new(g.clone(), &host, AdamW::new(Default::default()).unwrap())
+                .unwrap();
+            gpu_step(&mut u, &batch());
+            u.sync_host(&mut host).unwrap();
+            let borrowed = u.decoder(&host).unwrap();
+            let uploaded = crate::model::cuda_decode::CudaDecoder::new(g.clone(), &host).unwrap();
+            let prompts = [vec![3u32, 1, 4, 1, 5], vec![9u32, 2, 6]];
+            let mut a = borrowed.new_batch(4, 16).unwrap();
+            let mut c = uploaded.new_batch(4, 16).unwrap();
+            for batch in [&mut a, &mut c] {
+                batch.push_prompts(&prompts, 2, 8).unwrap();
+            }
+            assert_eq!(a.logits().unwrap(), c.logits().unwrap(), "{precision}");
+            for step in 0..3u32 {
+                let tokens = [step + 1, step + 7, step + 11, step + 13];
+                let pos = [5 + step, 5 + step, 3 + step, 3 + step];
+                a.step(&tokens, &pos).unwrap();
+                c.step(&tokens, &pos).unwrap();
+                assert_eq!(
+                    a.logits().unwrap(),
+                    c.logits().unwrap(),
+                    "{precision} {step}"
+                );
+            }
+        }
     }
 }

@@ -5,9 +5,10 @@
 //! weights that are trained and sampled from live once on the GPU
 //! (`model::cuda_train::CudaTrainStep`, read in place by the CUDA decoder).
 //!
-//! What a GPU run does not support is refused before anything is loaded or uploaded
-//! ([`TrainDevice::check_run`]): LoRA, data parallel over several ranks (it needs an NCCL
-//! collective, not written), vision-language models and gradient checkpointing.
+//! What a GPU run does not support is refused before the device is opened or anything loaded
+//! ([`TrainDevice::open_for`]): LoRA, data parallel over several ranks (it needs an NCCL
+//! collective, not written), vision-language models and gradient checkpointing. A build
+//! without the `cuda` feature refuses a CUDA device first, saying how to rebuild.
 
 use std::path::Path;
 
@@ -23,7 +24,7 @@ pub enum TrainDevice {
     Cuda(std::sync::Arc<crate::model::ops::cuda::Gpu>),
 }
 
-/// What a run asks of its device (checked by [`TrainDevice::check_run`]).
+/// What a run asks of its device (checked by [`TrainDevice::open_for`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RunNeeds<'a> {
     /// The model directory (a vision-language checkpoint is refused on a GPU).
@@ -50,6 +51,16 @@ impl TrainDevice {
         bail!("{}", name.no_cuda_build())
     }
 
+    /// Opens `name` for a run that needs `needs`: on a CUDA device, first refuses what the GPU
+    /// path does not support (so the reason is given also on a machine without a GPU), then
+    /// opens the device ([`Self::open`]).
+    pub fn open_for(name: &DeviceName, needs: RunNeeds<'_>) -> Result<Self> {
+        if !name.is_cpu() && cfg!(feature = "cuda") {
+            refuse_on_gpu(&name.to_string(), needs)?;
+        }
+        Self::open(name)
+    }
+
     pub fn is_cpu(&self) -> bool {
         matches!(self, TrainDevice::Cpu)
     }
@@ -61,14 +72,6 @@ impl TrainDevice {
             #[cfg(feature = "cuda")]
             TrainDevice::Cuda(gpu) => gpu.description().to_string(),
         }
-    }
-
-    /// Refuses, with the reason, what this device cannot train. The CPU trains everything.
-    pub fn check_run(&self, needs: RunNeeds<'_>) -> Result<()> {
-        if self.is_cpu() {
-            return Ok(());
-        }
-        refuse_on_gpu(&self.description(), needs)
     }
 }
 
@@ -129,10 +132,9 @@ mod tests {
             gradient_checkpointing: true,
             ..needs(dir.path())
         };
-        TrainDevice::open(&"cpu".parse().unwrap())
+        assert!(TrainDevice::open_for(&"cpu".parse().unwrap(), all)
             .unwrap()
-            .check_run(all)
-            .unwrap();
+            .is_cpu());
     }
 
     #[test]
@@ -168,8 +170,9 @@ mod tests {
     /// on a machine without a driver, with the library file names looked for. Never a panic.
     #[test]
     fn a_cuda_device_without_gpu_or_feature_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
         for name in ["cuda", "cuda:1"] {
-            let result = TrainDevice::open(&name.parse().unwrap());
+            let result = TrainDevice::open_for(&name.parse().unwrap(), needs(dir.path()));
             #[cfg(not(feature = "cuda"))]
             {
                 let e = result.unwrap_err().to_string();

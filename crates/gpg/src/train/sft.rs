@@ -104,13 +104,15 @@ impl SftConfig {
 
 /// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
-    let train_device = super::device::TrainDevice::open(&config.device)?;
-    train_device.check_run(super::device::RunNeeds {
-        model: &config.model,
-        lora: config.lora.is_some(),
-        world: 1,
-        gradient_checkpointing: config.gradient_checkpointing,
-    })?;
+    let train_device = super::device::TrainDevice::open_for(
+        &config.device,
+        super::device::RunNeeds {
+            model: &config.model,
+            lora: config.lora.is_some(),
+            world: 1,
+            gradient_checkpointing: config.gradient_checkpointing,
+        },
+    )?;
     let device = candle_core::Device::Cpu;
     let mut model = Qwen2::load(&config.model, &device, config.precision)?;
     if let Some(lora) = &config.lora {

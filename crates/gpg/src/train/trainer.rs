@@ -148,13 +148,15 @@ impl Trainer {
         config.validate()?;
         // The host model lives on the CPU; on a GPU run the trained weights live on the device
         // (train/device.rs), and what the GPU path does not support is refused here.
-        let train_device = super::device::TrainDevice::open(&config.device)?;
-        train_device.check_run(super::device::RunNeeds {
-            model: &config.model,
-            lora: config.lora.is_some(),
-            world: collective.world(),
-            gradient_checkpointing: config.gradient_checkpointing,
-        })?;
+        let train_device = super::device::TrainDevice::open_for(
+            &config.device,
+            super::device::RunNeeds {
+                model: &config.model,
+                lora: config.lora.is_some(),
+                world: collective.world(),
+                gradient_checkpointing: config.gradient_checkpointing,
+            },
+        )?;
         let device = candle_core::Device::Cpu;
         let out = &config.output_dir;
         let root = collective.is_root();
