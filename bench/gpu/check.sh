@@ -8,14 +8,20 @@
 #      the pip wheels under PyTorch's site-packages)
 #   2. every op's CUDA forward/backward against the CPU kernel, the CUDA sampler against the
 #      CPU sampler, the CUDA decoder against the CPU decoder (f32 and bf16), every kernel
-#      compiled for the device by NVRTC: the `cuda::` tests of the carried test binary
+#      compiled for the device by NVRTC: the `cuda::` tests of the carried test binary; the
+#      trainer's GPU updater (`cuda_update::`: its checkpoint state resumes exactly on the GPU
+#      and closely on the CPU; the decoder over the train step's weights equals an uploaded one)
+#   2b. the trainer end to end (bench/gpu/train_gpu_vs_cpu.sh): a 3-step GPG run of
+#      `gpg-rl train` on cpu and on cuda from one recipe (same completions; loss, grad_norm,
+#      entropy within 1e-3 relative; final weights within 1e-3 relative L2 per tensor), exact
+#      --resume on the GPU, a CPU checkpoint resumed on the GPU
 #   3. Qwen2.5-0.5B- and 1.5B-shaped random bf16 models made by transformers
 #      (make_qwen_shape.py); greedy `generate` on cuda vs cpu (same tokens expected up to
 #      bf16 ties); `bench engine --device cuda`: the GPU train step (16 × 1024 tokens, MFU,
 #      device memory) beside PyTorch's (torch_train_step.py, pure bf16, sdpa, on the GPU), and
 #      sampling at batch 64 × 512 new tokens (and batch 1) beside HF generate on the GPU
-# Not here, because this build does not have it yet: the trainer on the GPU (`train`, `bench
-# trainer`, the 3-step GPG run GPU vs CPU): the GPU train step is used by the benchmark only.
+#   4. `bench trainer --device cuda` (whole GPG steps through the Trainer: GPU rollout, update,
+#      AdamW) at the 0.5B shape, bf16 (no TRL peer: TRL is not installed there)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -44,6 +50,12 @@ chmod +x $bin/gpg-rl $bin/gpg-tests
 step "2. ops, sampler and decoder: CUDA vs CPU"
 GPG_RL_REQUIRE_GPU=1 timeout 180 $bin/gpg-tests cuda:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -n 40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: cuda tests"; fail=1; }
+GPG_RL_REQUIRE_GPU=1 timeout 60 $bin/gpg-tests cuda_update:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/updater.log" | tail -n 12
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: cuda_update tests"; fail=1; }
+
+step "2b. a 3-step GPG run (gpg-rl train) on cpu vs cuda; exact resume on cuda"
+timeout 150 bash bench/gpu/train_gpu_vs_cpu.sh $bin/gpg-rl /tmp/gpg-3step cuda 2>&1 | tee "$OUT/train-3step.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: 3-step GPG run cpu vs cuda"; fail=1; }
 
 step "3. models (transformers, bf16)"
 for shape in 0.5b 1.5b; do
@@ -93,6 +105,11 @@ echo "--- 0.5b: sampling, batch 1 x 256 new tokens (HBM roofline: bytes of the w
 timeout 120 $bin/gpg-rl bench engine --model /tmp/qwen-0.5b --precision bf16 --device cuda \
   --sampling-only --batch 1 --sample-prompt-len 64 --new-tokens 256 --runs 1 \
   --peer-python $py --peer-dtype bf16 2>&1 | tee "$OUT/sample-0.5b-b1.log" || fail=1
+
+step "4. bench trainer --device cuda (0.5B shape, bf16, 4 prompts x 8, 128 new tokens)"
+timeout 150 $bin/gpg-rl bench trainer --model /tmp/qwen-0.5b --precision bf16 --device cuda \
+  --steps 2 --warmup 1 --prompts-per-step 4 --num-generations 8 --max-new-tokens 128 2>&1 \
+  | tee "$OUT/bench-trainer-0.5b.log" || fail=1
 
 step "done: fail=$fail"
 exit $fail
