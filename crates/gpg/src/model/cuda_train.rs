@@ -465,6 +465,25 @@ impl CudaTrainStep {
             .unwrap_or(&self.params.embed_tokens)
     }
 
+    /// The cache of a batch without completion tokens (its backward adds nothing).
+    fn empty_cache(&self, inv_temperature: f32) -> Result<CudaForwardCache> {
+        let g = &*self.gpu;
+        Ok(CudaForwardCache {
+            layers: Vec::new(),
+            x_final: dev::zeros(g, 1)?,
+            rstd_final: dev::zeros(g, 1)?,
+            h_scored: Act {
+                f32: dev::zeros(g, 1)?,
+                bf16: None,
+            },
+            lse: dev::zeros(g, 1)?,
+            inv_temperature,
+            seq_start: dev::zeros(g, 1)?,
+            seq_end: dev::zeros(g, 1)?,
+            positions: dev::zeros(g, 1)?,
+        })
+    }
+
     /// The forward over `batch`: per-token log-probs (and entropy) of the completion tokens
     /// under softmax(inv_temperature·logits), with every activation kept for the backward.
     pub fn forward(
@@ -489,6 +508,17 @@ impl CudaTrainStep {
             "cuda train step: a position is beyond the model's {} positions",
             self.rope.max_positions
         );
+        if batch.score_rows.is_empty() {
+            // No completion token to score (every completion empty): nothing to compute, and
+            // the backward of L = Σ over no token is zero.
+            return Ok((
+                TokenLogprobs {
+                    logprobs: Vec::new(),
+                    entropy: Vec::new(),
+                },
+                self.empty_cache(inv_temperature)?,
+            ));
+        }
         let (h, inter) = (self.hidden, self.intermediate);
         let dims = AttentionDims {
             tokens: t,
@@ -651,6 +681,9 @@ impl CudaTrainStep {
             "cuda backward: {} weights for {n} completion tokens",
             g_t.len()
         );
+        if n == 0 {
+            return Ok(());
+        }
         let t = batch.tokens.len();
         let (h, inter, vocab) = (self.hidden, self.intermediate, self.vocab);
         let dims = AttentionDims {
