@@ -484,6 +484,27 @@ mod gpu_tests {
         }
     }
 
+    /// A micro-batch whose completions are all empty (possible in a rollout) scores nothing
+    /// and adds no gradient: the next step equals one taken without it.
+    #[test]
+    fn gpu_micro_batch_without_completion_tokens_adds_nothing() {
+        let Some(g) = gpu() else { return };
+        let host = model(Precision::F32, true);
+        let new =
+            || CudaUpdater::new(g.clone(), &host, AdamW::new(Default::default()).unwrap()).unwrap();
+        let (mut a, mut c) = (new(), new());
+        let empty = TrainBatch::new(&[(&[1u32, 2][..], &[][..]), (&[3u32][..], &[][..])]).unwrap();
+        let (lp, cache) = a.forward(&empty, 1.0).unwrap();
+        assert!(lp.logprobs.is_empty() && lp.entropy.is_empty());
+        a.backward(&empty, cache, &[]).unwrap();
+        gpu_step(&mut a, &batch());
+        gpu_step(&mut c, &batch());
+        assert_eq!(
+            a.train_step().masters().unwrap(),
+            c.train_step().masters().unwrap()
+        );
+    }
+
     #[test]
     fn gpu_decoder_over_the_train_step_equals_the_uploaded_one() {
         let Some(g) = gpu() else { return };
