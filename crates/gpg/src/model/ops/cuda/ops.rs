@@ -392,6 +392,9 @@ pub fn head_dlogits(
     g: &CudaSlice<f32>,
 ) -> Result<()> {
     check_len("head_dlogits", "z", z, rows * cols)?;
+    check_len("head_dlogits", "targets", targets, rows)?;
+    check_len("head_dlogits", "lse", lse, rows)?;
+    check_len("head_dlogits", "g", g, rows)?;
     let f = gpu.function(&LM_HEAD, "head_chunk_dlogits")?;
     let (r32, c32, c032) = (rows as i32, cols as i32, c0 as i32);
     let mut l = gpu.stream.launch_builder(&f);
@@ -558,6 +561,8 @@ pub fn swiglu_backward<T: Elem>(
     dh: &CudaSlice<T>,
     n: usize,
 ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    check_len("swiglu_backward", "g", g, n)?;
+    check_len("swiglu_backward", "u", u, n)?;
     check_len("swiglu_backward", "dh", dh, n)?;
     let mut dg = zeros::<T>(gpu, n)?;
     let mut du = zeros::<T>(gpu, n)?;
@@ -737,6 +742,10 @@ pub fn kv_append(
     kv_dim: usize,
     pools: &mut KvPools,
 ) -> Result<()> {
+    check_len("kv_append", "k_new", k_new, rows * kv_dim)?;
+    check_len("kv_append", "v_new", v_new, rows * kv_dim)?;
+    check_len("kv_append", "table", table, rows * max_blocks)?;
+    check_len("kv_append", "lens_before", lens_before, rows)?;
     let f = gpu.function(&ATTENTION, "kv_append")?;
     let (r32, mb32, b32, kd32) = (
         rows as i32,
@@ -802,6 +811,8 @@ pub fn attention_decode(
     let (nh, nkv, hd) = (d.heads, d.kv_heads, d.head_dim);
     check_len("attention_decode", "q", q, rows * nh * hd)?;
     check_len("attention_decode", "out", out, rows * nh * hd)?;
+    check_len("attention_decode", "table", table, rows * max_blocks)?;
+    check_len("attention_decode", "lens", lens, rows)?;
     let f = gpu.function(&ATTENTION, "attention_decode_paged")?;
     let (mb32, b32, nh32, nkv32, hd32, scale) = (
         max_blocks as i32,
@@ -853,6 +864,9 @@ pub fn lm_head<T: Elem>(
     inv_t: f32,
     budget: usize,
 ) -> Result<HeadOutput> {
+    check_len("lm_head", "h", h, rows * hidden)?;
+    check_len("lm_head", "w", w, vocab * hidden)?;
+    check_len("lm_head", "targets", targets, rows)?;
     let cols = plan::head_chunk_columns(budget, rows, vocab);
     let mut z = zeros::<f32>(gpu, rows * cols)?;
     let mut m = upload(gpu, &vec![f32::NEG_INFINITY; rows])?;
@@ -969,6 +983,15 @@ pub fn embedding_backward(
     if groups.unique.is_empty() {
         return Ok(());
     }
+    // Every row read (dx[token]) and written (d_table[id]) inside the buffers.
+    let rows_of = |ids: &[u32]| ids.iter().max().map_or(0, |&m| m as usize + 1);
+    check_len("embedding_backward", "dx", dx, rows_of(&groups.tokens) * h)?;
+    check_len(
+        "embedding_backward",
+        "d_table",
+        d_table,
+        rows_of(&groups.unique) * h,
+    )?;
     let unique = upload_u32(gpu, &groups.unique)?;
     let offsets = upload_u32(gpu, &groups.offsets)?;
     let tokens = upload_u32(gpu, &groups.tokens)?;
@@ -1053,6 +1076,7 @@ pub fn global_grad_norm(gpu: &Gpu, grads: &[(&CudaSlice<f32>, usize)]) -> Result
     let mut partial = zeros::<f64>(gpu, BLOCKS * grads.len().max(1))?;
     let f = gpu.function(&OPTIM, "sum_squares")?;
     for (i, (g, n)) in grads.iter().enumerate() {
+        check_len("grad_norm", "gradient", g, *n)?;
         let n64 = *n as u64;
         let mut view = partial.slice_mut(i * BLOCKS..(i + 1) * BLOCKS);
         let mut l = gpu.stream.launch_builder(&f);
