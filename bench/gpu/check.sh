@@ -10,7 +10,8 @@
 #      CPU sampler, the CUDA decoder against the CPU decoder (f32 and bf16), every kernel
 #      compiled for the device by NVRTC: the `cuda::` tests of the carried test binary; the
 #      trainer's GPU updater (`cuda_update::`: its checkpoint state resumes exactly on the GPU
-#      and closely on the CPU; the decoder over the train step's weights equals an uploaded one)
+#      and closely on the CPU; gradient checkpointing gives the same gradients bit for bit; the
+#      decoder over the train step's weights equals an uploaded one)
 #   2b. the trainer end to end (bench/gpu/train_gpu_vs_cpu.sh): a 3-step GPG run of
 #      `gpg-rl train` on cpu and on cuda from one recipe (same completions; loss, grad_norm,
 #      entropy within 1e-3 relative; final weights within 1e-3 relative L2 per tensor), exact

@@ -39,7 +39,7 @@ use super::ops::cuda::ops::{self as dev, At, AttentionDims, RopeTables};
 use super::ops::cuda::plan;
 use super::ops::cuda::Gpu;
 use super::params::{DecoderLayer, Linear, Qwen2Params};
-use super::qwen2::{Qwen2, TokenLogprobs, TrainBatch};
+use super::qwen2::{Activations, Qwen2, TokenLogprobs, TrainBatch};
 use crate::optim::AdamWConfig;
 
 /// One parameter's AdamW moments on the host: (HF name, exp_avg, exp_avg_sq).
@@ -156,9 +156,16 @@ struct LayerCache {
     h: Act,
 }
 
+/// What the forward keeps of one layer: everything, or with gradient checkpointing only its
+/// input (the backward reruns [`CudaTrainStep::layer_forward`] from it).
+enum SavedLayer {
+    All(Box<LayerCache>),
+    Input(CudaSlice<f32>),
+}
+
 /// What the forward keeps for the backward.
 pub struct CudaForwardCache {
-    layers: Vec<LayerCache>,
+    layers: Vec<SavedLayer>,
     x_final: CudaSlice<f32>,
     rstd_final: CudaSlice<f32>,
     h_scored: Act,
@@ -484,12 +491,111 @@ impl CudaTrainStep {
         })
     }
 
+    /// One decoder layer's forward from its input `x` (the residual stream, [t, H]): the
+    /// layer's output and everything its backward needs (`x` itself included). The same
+    /// kernels in the same order whether called by the forward or, with gradient
+    /// checkpointing, again by the backward: the recomputed activations are bit for bit the
+    /// forward's.
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer<DevParam>,
+        x: CudaSlice<f32>,
+        t: usize,
+        positions: &CudaSlice<u32>,
+        seq_start: &CudaSlice<u32>,
+    ) -> Result<(CudaSlice<f32>, LayerCache)> {
+        let g = &*self.gpu;
+        let (h, inter) = (self.hidden, self.intermediate);
+        let dims = AttentionDims {
+            tokens: t,
+            ..self.dims
+        };
+        let (nh, nkv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
+        let mut xn1 = dev::zeros::<f32>(g, t * h)?;
+        let mut rstd1 = dev::zeros::<f32>(g, t)?;
+        dev::rms_norm::<f32>(
+            g,
+            &x,
+            &layer.input_layernorm.master,
+            self.eps,
+            t,
+            h,
+            &mut xn1,
+            &mut rstd1,
+        )?;
+        let xn1 = self.act(xn1, t * h)?;
+        let a = &layer.self_attn;
+        let mut q = linear_fwd(g, &a.q_proj, &xn1, t)?;
+        let mut k = linear_fwd(g, &a.k_proj, &xn1, t)?;
+        let v = linear_fwd(g, &a.v_proj, &xn1, t)?;
+        dev::rope::<f32>(g, &self.rope, &mut q, positions, t, nh, false)?;
+        dev::rope::<f32>(g, &self.rope, &mut k, positions, t, nkv, false)?;
+        let (att, lse) = dev::attention(g, &q, &k, &v, seq_start, dims)?;
+        let att = self.act(att, t * nh * hd)?;
+        let o = linear_fwd(g, &a.o_proj, &att, t)?;
+        let mut x_mid = dup(g, &x)?;
+        dev::add_into(g, &mut x_mid, &o, t * h)?;
+        let mut xn2 = dev::zeros::<f32>(g, t * h)?;
+        let mut rstd2 = dev::zeros::<f32>(g, t)?;
+        dev::rms_norm::<f32>(
+            g,
+            &x_mid,
+            &layer.post_attention_layernorm.master,
+            self.eps,
+            t,
+            h,
+            &mut xn2,
+            &mut rstd2,
+        )?;
+        let xn2 = self.act(xn2, t * h)?;
+        let m = &layer.mlp;
+        let gate = linear_fwd(g, &m.gate_proj, &xn2, t)?;
+        let up = linear_fwd(g, &m.up_proj, &xn2, t)?;
+        let mut hm = dev::zeros::<f32>(g, t * inter)?;
+        dev::swiglu::<f32>(g, &gate, &up, &mut hm, t * inter)?;
+        let hm = self.act(hm, t * inter)?;
+        let down = linear_fwd(g, &m.down_proj, &hm, t)?;
+        let mut x_out = dup(g, &x_mid)?;
+        dev::add_into(g, &mut x_out, &down, t * h)?;
+        Ok((
+            x_out,
+            LayerCache {
+                x_in: x,
+                xn1,
+                rstd1,
+                q,
+                k,
+                v,
+                att,
+                lse,
+                x_mid,
+                xn2,
+                rstd2,
+                gate,
+                up,
+                h: hm,
+            },
+        ))
+    }
+
     /// The forward over `batch`: per-token log-probs (and entropy) of the completion tokens
     /// under softmax(inv_temperature·logits), with every activation kept for the backward.
     pub fn forward(
         &self,
         batch: &TrainBatch,
         inv_temperature: f32,
+    ) -> Result<(TokenLogprobs, CudaForwardCache)> {
+        self.forward_with(batch, inv_temperature, Activations::All)
+    }
+
+    /// [`Self::forward`] keeping `keep`: every activation, or (gradient checkpointing) only
+    /// each layer's input, the backward recomputing the layer (the same gradients bit for bit,
+    /// one layer's activations alive at a time, about one more forward of time).
+    pub fn forward_with(
+        &self,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+        keep: Activations,
     ) -> Result<(TokenLogprobs, CudaForwardCache)> {
         let g = &*self.gpu;
         let t = batch.tokens.len();
@@ -519,12 +625,7 @@ impl CudaTrainStep {
                 self.empty_cache(inv_temperature)?,
             ));
         }
-        let (h, inter) = (self.hidden, self.intermediate);
-        let dims = AttentionDims {
-            tokens: t,
-            ..self.dims
-        };
-        let (nh, nkv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
+        let h = self.hidden;
         let (start, end) = plan::sequence_bounds(&batch.seqs.offsets);
         let seq_start = dev::upload_u32(g, &start)?;
         let seq_end = dev::upload_u32(g, &end)?;
@@ -538,67 +639,12 @@ impl CudaTrainStep {
         }
         let mut layers = Vec::with_capacity(self.params.layers.len());
         for layer in &self.params.layers {
-            let mut xn1 = dev::zeros::<f32>(g, t * h)?;
-            let mut rstd1 = dev::zeros::<f32>(g, t)?;
-            dev::rms_norm::<f32>(
-                g,
-                &x,
-                &layer.input_layernorm.master,
-                self.eps,
-                t,
-                h,
-                &mut xn1,
-                &mut rstd1,
-            )?;
-            let xn1 = self.act(xn1, t * h)?;
-            let a = &layer.self_attn;
-            let mut q = linear_fwd(g, &a.q_proj, &xn1, t)?;
-            let mut k = linear_fwd(g, &a.k_proj, &xn1, t)?;
-            let v = linear_fwd(g, &a.v_proj, &xn1, t)?;
-            dev::rope::<f32>(g, &self.rope, &mut q, &positions, t, nh, false)?;
-            dev::rope::<f32>(g, &self.rope, &mut k, &positions, t, nkv, false)?;
-            let (att, lse) = dev::attention(g, &q, &k, &v, &seq_start, dims)?;
-            let att = self.act(att, t * nh * hd)?;
-            let o = linear_fwd(g, &a.o_proj, &att, t)?;
-            let mut x_mid = dup(g, &x)?;
-            dev::add_into(g, &mut x_mid, &o, t * h)?;
-            let mut xn2 = dev::zeros::<f32>(g, t * h)?;
-            let mut rstd2 = dev::zeros::<f32>(g, t)?;
-            dev::rms_norm::<f32>(
-                g,
-                &x_mid,
-                &layer.post_attention_layernorm.master,
-                self.eps,
-                t,
-                h,
-                &mut xn2,
-                &mut rstd2,
-            )?;
-            let xn2 = self.act(xn2, t * h)?;
-            let m = &layer.mlp;
-            let gate = linear_fwd(g, &m.gate_proj, &xn2, t)?;
-            let up = linear_fwd(g, &m.up_proj, &xn2, t)?;
-            let mut hm = dev::zeros::<f32>(g, t * inter)?;
-            dev::swiglu::<f32>(g, &gate, &up, &mut hm, t * inter)?;
-            let hm = self.act(hm, t * inter)?;
-            let down = linear_fwd(g, &m.down_proj, &hm, t)?;
-            let mut x_out = dup(g, &x_mid)?;
-            dev::add_into(g, &mut x_out, &down, t * h)?;
-            layers.push(LayerCache {
-                x_in: std::mem::replace(&mut x, x_out),
-                xn1,
-                rstd1,
-                q,
-                k,
-                v,
-                att,
-                lse,
-                x_mid,
-                xn2,
-                rstd2,
-                gate,
-                up,
-                h: hm,
+            let (x_out, lc) = self.layer_forward(layer, x, t, &positions, &seq_start)?;
+            x = x_out;
+            layers.push(match keep {
+                Activations::All => SavedLayer::All(Box::new(lc)),
+                // Only the layer's input; the backward reruns the layer from it.
+                Activations::LayerInputs => SavedLayer::Input(lc.x_in),
             });
         }
         // Final norm, the scored rows, the fused head.
@@ -776,7 +822,21 @@ impl CudaTrainStep {
         )?;
         dev::add_into(g, &mut self.params.norm.grad, &dw, h)?;
 
-        for (layer, lc) in self.params.layers.iter_mut().zip(cache.layers).rev() {
+        for (i, saved) in cache.layers.into_iter().enumerate().rev() {
+            let lc = match saved {
+                SavedLayer::All(lc) => *lc,
+                SavedLayer::Input(x_in) => {
+                    self.layer_forward(
+                        &self.params.layers[i],
+                        x_in,
+                        t,
+                        &cache.positions,
+                        &cache.seq_start,
+                    )?
+                    .1
+                }
+            };
+            let layer = &mut self.params.layers[i];
             let DecoderLayer {
                 input_layernorm,
                 self_attn,

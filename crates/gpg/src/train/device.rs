@@ -7,8 +7,8 @@
 //!
 //! What a GPU run does not support is refused before the device is opened or anything loaded
 //! ([`TrainDevice::open_for`]): LoRA, data parallel over several ranks (it needs an NCCL
-//! collective, not written), vision-language models and gradient checkpointing. A build
-//! without the `cuda` feature refuses a CUDA device first, saying how to rebuild.
+//! collective, not written) and vision-language models. A build without the `cuda` feature
+//! refuses a CUDA device first, saying how to rebuild.
 
 use std::path::Path;
 
@@ -32,7 +32,6 @@ pub struct RunNeeds<'a> {
     pub lora: bool,
     /// Ranks of the data-parallel run (1: a single process).
     pub world: usize,
-    pub gradient_checkpointing: bool,
 }
 
 impl TrainDevice {
@@ -99,14 +98,6 @@ pub fn refuse_on_gpu(device: &str, needs: RunNeeds<'_>) -> Result<()> {
             needs.model.display()
         );
     }
-    if needs.gradient_checkpointing {
-        bail!(
-            "device `{device}` with gradient_checkpointing = true: the GPU training step keeps \
-             every layer's activations and has no recomputation yet; set \
-             gradient_checkpointing = false (or lower algorithm.micro_batch_tokens to fit the \
-             GPU's memory)"
-        );
-    }
     Ok(())
 }
 
@@ -119,7 +110,6 @@ mod tests {
             model,
             lora: false,
             world: 1,
-            gradient_checkpointing: false,
         }
     }
 
@@ -129,7 +119,6 @@ mod tests {
         let all = RunNeeds {
             lora: true,
             world: 4,
-            gradient_checkpointing: true,
             ..needs(dir.path())
         };
         assert!(TrainDevice::open_for(&"cpu".parse().unwrap(), all)
@@ -152,11 +141,6 @@ mod tests {
             ..needs(dir.path())
         });
         assert!(e.contains("LoRA") && e.contains("cuda:0"), "{e}");
-        let e = err(RunNeeds {
-            gradient_checkpointing: true,
-            ..needs(dir.path())
-        });
-        assert!(e.contains("gradient_checkpointing"), "{e}");
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"model_type": "qwen2_vl", "vision_config": {}}"#,

@@ -110,7 +110,6 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             model: &config.model,
             lora: config.lora.is_some(),
             world: 1,
-            gradient_checkpointing: config.gradient_checkpointing,
         },
     )?;
     let device = candle_core::Device::Cpu;

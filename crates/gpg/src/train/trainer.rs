@@ -154,7 +154,6 @@ impl Trainer {
                 model: &config.model,
                 lora: config.lora.is_some(),
                 world: collective.world(),
-                gradient_checkpointing: config.gradient_checkpointing,
             },
         )?;
         let device = candle_core::Device::Cpu;

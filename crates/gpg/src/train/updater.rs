@@ -87,7 +87,7 @@ impl Updater {
             }
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => {
-                let (lp, cache) = u.forward(batch, inv_temperature)?;
+                let (lp, cache) = u.forward(batch, inv_temperature, keep)?;
                 Ok((lp, StepCache::Cuda(Box::new(cache))))
             }
         }
