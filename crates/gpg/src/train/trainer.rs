@@ -28,15 +28,16 @@ use crate::algo::{
 };
 use crate::checkpoint;
 use crate::data::{synthetic, EpochSampler, PromptDataset, PromptRecord, SamplerState};
-use crate::model::{Activations, Qwen2, TrainBatch};
+use crate::model::Activations;
 use crate::optim::{AdamW, LrSchedule};
 use crate::reward::{RewardInput, WeightedSum};
-use crate::rollout::{self, Completion, SamplingParams};
+use crate::rollout::{Completion, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 use super::collective::{Collective, SingleProcess};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
+use super::policy::{Policy, PolicyBatch};
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
 use super::updater::Updater;
 
@@ -45,6 +46,8 @@ use super::updater::Updater;
 pub struct PreparedPrompt {
     pub record: PromptRecord,
     pub ids: Vec<u32>,
+    /// The prompt's images, in order (image questions for a vision-language policy).
+    pub images: Vec<PathBuf>,
 }
 
 /// Prompts and their token ids, loaded and filtered as the recipe says. Returns the training
@@ -97,7 +100,8 @@ pub struct TrainerState {
 /// One training run.
 pub struct Trainer {
     pub config: TrainConfig,
-    pub model: Qwen2,
+    /// The policy: a text model or a vision-language model (see [`Policy`]).
+    pub model: Policy,
     pub tokenizer: Tokenizer,
     prompts: Vec<PreparedPrompt>,
     pub heldout: Option<Vec<PreparedPrompt>>,
@@ -116,7 +120,7 @@ pub struct Trainer {
     eval_prompts: Option<Vec<PreparedPrompt>>,
     /// The frozen initial model, kept when the objective has a KL penalty (β > 0). With LoRA
     /// it is the base with the adapter disabled, sharing the base weights (no second copy).
-    reference: Option<Qwen2>,
+    reference: Option<Policy>,
 }
 
 /// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
@@ -146,6 +150,7 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
+        super::policy::check_recipe(&config, collective.world())?;
         let device = config.device.open()?;
         let out = &config.output_dir;
         let root = collective.is_root();
@@ -199,11 +204,16 @@ impl Trainer {
         } else {
             &model_dir
         };
-        let mut model = Qwen2::load(weights_dir, &device, config.precision)
-            .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
+        let mut model = Policy::load(
+            weights_dir,
+            &device,
+            config.precision,
+            !config.freeze_vision,
+        )
+        .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
         if let Some(lora) = &config.lora {
             super::lora_run::attach_adapter(
-                &mut model,
+                model.text_mut(),
                 lora,
                 config.seed,
                 &config.model,
@@ -214,23 +224,25 @@ impl Trainer {
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         // The KL reference is always the run's starting model, also when resuming.
         let reference = if config.lora.is_some() && config.algorithm.loss.needs_reference_logp() {
-            Some(model.without_adapter())
+            Some(Policy::Text(model.text().without_adapter()))
         } else if config.algorithm.loss.needs_reference_logp() {
             Some(
-                Qwen2::load(&config.model, &device, config.precision).with_context(|| {
-                    format!(
-                        "loading the reference model from {}",
-                        config.model.display()
-                    )
-                })?,
+                Policy::load(&config.model, &device, config.precision, false).with_context(
+                    || {
+                        format!(
+                            "loading the reference model from {}",
+                            config.model.display()
+                        )
+                    },
+                )?,
             )
         } else {
             None
         };
         let comm = Comm::new(collective.clone());
-        comm.timed(|| super::replica::broadcast_weights(&model, &*collective))?;
-        comm.timed(|| super::replica::broadcast_adapter(&model, &*collective))?;
-        let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
+        comm.timed(|| super::replica::broadcast_weights(model.text(), &*collective))?;
+        comm.timed(|| super::replica::broadcast_adapter(model.text(), &*collective))?;
+        let (prompts, heldout) = model.load_prompts(&config, &tokenizer)?;
         collective.ensure_same(
             &prompts_digest(&prompts),
             "the training prompts (data.train)",
@@ -241,7 +253,7 @@ impl Trainer {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                Updater::new(&model, AdamW::new(config.optim.adamw)?)?,
+                model.updater(AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
             Some(dir) => {
@@ -262,9 +274,9 @@ impl Trainer {
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
                     .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-                let mut updater = Updater::new(&model, optimizer)?;
+                let mut updater = model.updater(optimizer)?;
                 updater
-                    .restore_master(&mut model, &mut buffers)
+                    .restore_master(model.text_mut(), &mut buffers)
                     .with_context(|| {
                         format!("{}: cannot restore the master weights", dir.display())
                     })?;
@@ -293,8 +305,7 @@ impl Trainer {
                         .clone()
                         .context("eval.data = \"synthetic\" needs data.train = \"synthetic\"")?
                 } else {
-                    let ds = PromptDataset::load(&e.data, &config.data.fields)?;
-                    super::heldout::prepare(&tokenizer, ds)?
+                    model.load_eval_prompts(&e.data, &config.data.fields, &tokenizer)?
                 };
                 if let Some(limit) = e.limit {
                     prompts.truncate(limit);
@@ -335,7 +346,7 @@ impl Trainer {
         if collective.world() == 1 {
             return Ok(());
         }
-        let digest = super::replica::weights_digest(&self.model)?;
+        let digest = super::replica::weights_digest(self.model.text())?;
         self.comm
             .timed(|| {
                 collective.ensure_same(
@@ -378,17 +389,17 @@ impl Trainer {
             .unwrap_or(self.config.rollout.max_new_tokens);
         let seed = derive_seed(self.config.seed, u64::MAX, 0);
         let collective = self.comm.collective.clone();
-        super::heldout::pass_at_1_sharded(
-            &self.model,
-            &self.tokenizer,
-            prompts,
-            e.samples,
-            e.temperature,
-            max_new,
-            seed,
-            &*collective,
-        )
-        .map(Some)
+        self.model
+            .heldout_pass_at_1(
+                &self.tokenizer,
+                prompts,
+                e.samples,
+                e.temperature,
+                max_new,
+                seed,
+                &*collective,
+            )
+            .map(Some)
     }
 
     fn eval_due(&self) -> bool {
@@ -565,19 +576,15 @@ impl Trainer {
             .next_batch(self.config.rollout.prompts_per_step);
         let b = indices.len();
         let mine = collective.share(indices.len());
-        let prompt_ids: Vec<Vec<u32>> = indices[mine.clone()]
+        let prompts: Vec<&PreparedPrompt> = indices[mine.clone()]
             .iter()
-            .map(|&i| self.prompts[i].ids.clone())
+            .map(|&i| &self.prompts[i])
             .collect();
         let t0 = Instant::now();
         let params = self.sampling_params(derive_seed(self.config.seed, step, round));
-        let completions = rollout::generate_keyed(
-            &self.model,
-            &self.tokenizer,
-            &prompt_ids,
-            &params,
-            mine.start as u64,
-        )?;
+        let completions =
+            self.model
+                .generate(&self.tokenizer, &prompts, &params, mine.start as u64)?;
         out.time_rollout += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let inputs: Vec<RewardInput> = completions
@@ -845,8 +852,8 @@ impl Trainer {
                 sums[1] += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
                 sums[2] += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 sums[3] += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
-                self.updater
-                    .backward_into(&self.model, &batch, cache, &out.token_weights)?;
+                self.model
+                    .backward_into(&mut self.updater, &batch, cache, &out.token_weights)?;
                 token_offset += n;
             }
             // ⊕ loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
@@ -869,7 +876,7 @@ impl Trainer {
             }
             match self
                 .updater
-                .step(&mut self.model, lr, cfg.optim.max_grad_norm)?
+                .step(self.model.text_mut(), lr, cfg.optim.max_grad_norm)?
             {
                 StepOutcome::Applied(clip) => outcome.grad_norm = clip.norm,
                 StepOutcome::Skipped(clip) => {
@@ -882,12 +889,12 @@ impl Trainer {
         Ok(outcome)
     }
 
-    fn train_batch(&self, part: &[(usize, Vec<u32>, Vec<f32>)]) -> Result<TrainBatch> {
-        let pairs: Vec<(&[u32], &[u32])> = part
+    fn train_batch(&self, part: &[(usize, Vec<u32>, Vec<f32>)]) -> Result<PolicyBatch> {
+        let pairs: Vec<(&PreparedPrompt, &[u32])> = part
             .iter()
-            .map(|(p, c, _)| (self.prompts[*p].ids.as_slice(), c.as_slice()))
+            .map(|(p, c, _)| (&self.prompts[*p], c.as_slice()))
             .collect();
-        TrainBatch::new(&pairs)
+        self.model.batch(&pairs)
     }
 
     /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl` (rank 0;
@@ -931,7 +938,7 @@ impl Trainer {
         }
         self.model.save_trained(&tmp)?;
         self.tokenizer.save_pretrained(&tmp)?;
-        let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
+        let generation = serde_json::json!({"eos_token_id": self.model.text().config.eos_token_id});
         std::fs::write(
             tmp.join("generation_config.json"),
             serde_json::to_vec_pretty(&generation)?,
@@ -954,7 +961,7 @@ impl Trainer {
             return Ok(dir);
         };
         log.flush()?;
-        let (optimizer, buffers) = self.updater.checkpoint_state(&self.model)?;
+        let (optimizer, buffers) = self.updater.checkpoint_state(self.model.text())?;
         let state = TrainerState {
             step: self.step,
             sampler: self.sampler.state(),
@@ -962,7 +969,7 @@ impl Trainer {
             optimizer,
         };
         let generation = serde_json::json!({
-            "eos_token_id": self.model.config.eos_token_id,
+            "eos_token_id": self.model.text().config.eos_token_id,
         });
         checkpoint::save(
             &dir,

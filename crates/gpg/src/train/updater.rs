@@ -1,6 +1,7 @@
 //! The optimiser side of a training step, for either kind of run: full fine-tuning
 //! ([`ModelUpdater`]: every parameter) or LoRA ([`AdapterUpdater`]: A and B only, the base
-//! frozen). The kind follows the model: one with an adapter trains the adapter.
+//! frozen). The kind follows the model: one with an adapter trains the adapter. A
+//! vision-language policy has its own ([`VlUpdater`], built by `Policy::updater`).
 
 use std::collections::HashMap;
 
@@ -12,10 +13,13 @@ use crate::optim::AdamW;
 
 use super::lora_update::AdapterUpdater;
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
+use super::vl_update::VlUpdater;
 
 pub enum Updater {
     Full(ModelUpdater),
     Adapter(AdapterUpdater),
+    /// A vision-language model: decoder and (unless frozen) tower.
+    Vision(VlUpdater),
 }
 
 impl Updater {
@@ -39,14 +43,19 @@ impl Updater {
         match self {
             Updater::Full(u) => model.backward_into(batch, cache, g, u.grads_mut()),
             Updater::Adapter(u) => u.backward_into(model, batch, cache, g),
+            Updater::Vision(_) => {
+                anyhow::bail!("internal: a text batch given to a vision-language updater")
+            }
         }
     }
 
-    /// Clip, AdamW, write-back, clear the gradients (see the two updaters).
+    /// Clip, AdamW, write-back, clear the gradients (see the updaters; a vision-language
+    /// updater writes through its own handles to the model's tensors, `model` being its decoder).
     pub fn step(&mut self, model: &mut Qwen2, lr: f32, max_norm: f32) -> Result<StepOutcome> {
         match self {
             Updater::Full(u) => u.step(model, lr, max_norm),
             Updater::Adapter(u) => u.step(model, lr, max_norm),
+            Updater::Vision(u) => u.step(lr, max_norm),
         }
     }
 
@@ -61,6 +70,7 @@ impl Updater {
                 slices
             }
             Updater::Adapter(u) => u.gradient_buffers_mut(),
+            Updater::Vision(u) => u.gradient_buffers_mut(),
         }
     }
 
@@ -68,6 +78,7 @@ impl Updater {
         match self {
             Updater::Full(u) => u.zero_grad(),
             Updater::Adapter(u) => u.zero_grad(),
+            Updater::Vision(u) => u.zero_grad(),
         }
     }
 
@@ -76,6 +87,7 @@ impl Updater {
         match self {
             Updater::Full(u) => u.checkpoint_state(model),
             Updater::Adapter(u) => Ok(u.checkpoint_state()),
+            Updater::Vision(u) => u.checkpoint_state(),
         }
     }
 
@@ -89,6 +101,7 @@ impl Updater {
         match self {
             Updater::Full(u) => u.restore_master(model, buffers),
             Updater::Adapter(_) => Ok(()),
+            Updater::Vision(u) => u.restore_master(buffers),
         }
     }
 }
