@@ -55,9 +55,9 @@ fn load_examples(
         let what = format!("{}:{}", path.display(), i + 1);
         let v: Value =
             serde_json::from_str(line).with_context(|| format!("{what}: not a JSON object"))?;
-        let messages = v
-            .get("messages")
-            .with_context(|| format!("{what}: needs `messages` (the chat, ending with the assistant's answer)"))?;
+        let messages = v.get("messages").with_context(|| {
+            format!("{what}: needs `messages` (the chat, ending with the assistant's answer)")
+        })?;
         let mut chat = parse_messages(messages, base, &what)?;
         let Some(last) = chat.messages.pop() else {
             bail!("{what}: `messages` is empty");
