@@ -19,6 +19,12 @@ writes, under --out:
   in training), in the train.jsonl format: what `gpg-rl eval --benchmark` and the recipes'
   [eval] read.
 
+By default only the open questions are kept (what colour / what shape: 11 answers, 26% of the
+questions): three quarters of easy-vqa are yes/no questions ("is there a red shape?") whose
+answer is mostly "no", which a model answers at 83% without looking at the image; a tiny
+model trained from scratch on the full mix settles on that text-only answer for a long time
+and never learns to look within the demo's budget. --yes-no keeps them.
+
 The question text gets an instruction suffix ("Answer with one word.") so the task is stated in
 the prompt. Deterministic: the held-out subset is a seeded shuffle of the test questions.
 Tested with python 3.11, easy-vqa 1.0.
@@ -33,6 +39,12 @@ from pathlib import Path
 import easy_vqa
 
 SUFFIX = " Answer with one word."
+
+
+def is_open(question):
+    """The open questions ("what color is the shape?", "what is the red shape?", "what shape is
+    in the image?"), answered by a colour or a shape; the others are yes/no questions."""
+    return question.startswith("what")
 
 
 def write_split(out, split, questions, answers, image_ids, paths, select):
@@ -53,12 +65,16 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--heldout", type=int, default=500, help="test questions in heldout.jsonl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--yes-no", action="store_true",
+                    help="keep the yes/no questions too (by default only the open ones: see below)")
     args = ap.parse_args()
+    keep = (lambda q: True) if args.yes_no else is_open
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     tq, ta, ti = easy_vqa.get_train_questions()
-    train = write_split(out, "train", tq, ta, ti, easy_vqa.get_train_image_paths(), range(len(tq)))
+    train_ids = [i for i in range(len(tq)) if keep(tq[i])]
+    train = write_split(out, "train", tq, ta, ti, easy_vqa.get_train_image_paths(), train_ids)
     with open(out / "train.jsonl", "w") as f:
         for r in train:
             f.write(json.dumps(r) + "\n")
@@ -71,7 +87,7 @@ def main():
             f.write(json.dumps({"messages": chat}) + "\n")
 
     eq, ea, ei = easy_vqa.get_test_questions()
-    order = list(range(len(eq)))
+    order = [i for i in range(len(eq)) if keep(eq[i])]
     random.Random(args.seed).shuffle(order)
     heldout = write_split(out, "test", eq, ea, ei, easy_vqa.get_test_image_paths(), order[: args.heldout])
     with open(out / "heldout.jsonl", "w") as f:
