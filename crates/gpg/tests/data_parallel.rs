@@ -74,12 +74,13 @@ fn run(config: &TrainConfig, world: usize, resume: bool) -> (Vec<StepMetrics>, V
 fn weights(t: &Trainer) -> anyhow::Result<Weights> {
     let mut out: Weights = t
         .model
+        .text()
         .weights
         .named()
         .into_iter()
         .map(|(n, w)| Ok((n, w.flatten_all()?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
-    if let Some(adapter) = t.model.adapter() {
+    if let Some(adapter) = t.model.text().adapter() {
         for (module, pair) in adapter.modules() {
             out.push((
                 format!("{module}.lora_A"),

@@ -342,12 +342,12 @@ fn gpg_rl_side(
         }
     }
     let peak_rss = peak_rss_mib().unwrap_or(f64::NAN);
-    if let Some(adapter) = trainer.model.adapter() {
+    if let Some(adapter) = trainer.model.text().adapter() {
         // The alternative to the decoder's adapter path: merging s·BA into a copy of the
         // weights once per optimiser step. Its cost, measured here for the record (after the
         // peak RSS above was taken).
         let t0 = Instant::now();
-        let merged = trainer.model.merged()?;
+        let merged = trainer.model.text().merged()?;
         let bytes: usize = adapter
             .modules()
             .iter()

@@ -34,10 +34,22 @@ pub const MANIFEST: &str = "checkpoint_manifest.json";
 /// Named f32 buffers with their shapes.
 pub type Buffers = Vec<(String, Vec<usize>, Vec<f32>)>;
 
+/// A model that writes its trained weights into a checkpoint directory (Hugging Face format;
+/// a LoRA run's adapter; a vision-language model in the layout it came in).
+pub trait TrainedModel {
+    fn save_trained(&self, dir: &Path) -> Result<()>;
+}
+
+impl TrainedModel for Qwen2 {
+    fn save_trained(&self, dir: &Path) -> Result<()> {
+        Qwen2::save_trained(self, dir)
+    }
+}
+
 /// Writes a complete checkpoint to `dir` atomically.
 pub fn save(
     dir: &Path,
-    model: &Qwen2,
+    model: &dyn TrainedModel,
     tokenizer: &Tokenizer,
     extra_files: &[(&str, Vec<u8>)],
     state: &serde_json::Value,

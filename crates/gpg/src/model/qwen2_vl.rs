@@ -56,6 +56,10 @@ pub struct Qwen2VLConfig {
     /// Sections of head_dim/2 that take the t, h and w positions.
     pub mrope_section: [usize; 3],
     pub layout: VlLayout,
+    /// How the weights are named: `layout`'s names unless the checkpoint says otherwise
+    /// (transformers 5's `save_pretrained` writes the hub's names beside a nested config);
+    /// set by [`Qwen2VL::load`] from the names found, and kept when saving.
+    pub weight_names: VlLayout,
     /// The file as read, written back unchanged on save.
     pub raw: Value,
 }
@@ -177,12 +181,13 @@ impl Qwen2VLConfig {
             text,
             vision,
             layout,
+            weight_names: layout,
             raw,
         })
     }
 
     fn text_name(&self, name: &str) -> String {
-        match self.layout {
+        match self.weight_names {
             VlLayout::Hub => name.to_string(),
             VlLayout::Nested => match name.strip_prefix("model.") {
                 Some(rest) => format!("model.language_model.{rest}"),
@@ -192,7 +197,7 @@ impl Qwen2VLConfig {
     }
 
     fn vision_name(&self, name: &str) -> String {
-        match self.layout {
+        match self.weight_names {
             VlLayout::Hub => format!("visual.{name}"),
             VlLayout::Nested => format!("model.visual.{name}"),
         }
@@ -361,19 +366,28 @@ impl VlBatch {
         let mut pixel_values = Vec::new();
         let mut grids = Vec::new();
         let mut positions: [Vec<u32>; 3] = Default::default();
+        let mut image_rows = Vec::new();
+        let mut row = 0u32;
         for (i, s) in seqs.iter().enumerate() {
-            ensure!(
-                !s.completion.contains(&config.image_token_id),
-                "sequence {i}: the completion holds an <|image_pad|> token"
-            );
             let g: Vec<[usize; 3]> = s.images.iter().map(|im| im.grid_thw).collect();
-            let full: Vec<u32> = s.prompt.iter().chain(s.completion).copied().collect();
-            let (p, _) = config
-                .rope_index(&full, &g)
+            // The images are the prompt's; every completion token is text (a sampled
+            // <|image_pad|> included: decoding embeds it as a token), at 1-D positions
+            // prompt_len + k + δ on all three axes, as `rollout::generate_vl` decoded it.
+            let (p, delta) = config
+                .rope_index(s.prompt, &g)
                 .with_context(|| format!("sequence {i}"))?;
+            let first = s.prompt.len() as i64 + delta;
             for (dst, src) in positions.iter_mut().zip(p) {
                 dst.extend(src);
+                dst.extend((0..s.completion.len() as i64).map(|k| (first + k) as u32));
             }
+            for &t in s.prompt {
+                if t == config.image_token_id {
+                    image_rows.push(row);
+                }
+                row += 1;
+            }
+            row += s.completion.len() as u32;
             for im in s.images {
                 ensure!(
                     im.pixel_values.len() == im.num_patches() * config.vision.patch_dim(),
@@ -383,13 +397,11 @@ impl VlBatch {
             }
             grids.extend(g);
         }
-        let image_rows = text
-            .tokens
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == config.image_token_id)
-            .map(|(r, _)| r as u32)
-            .collect();
+        ensure!(
+            row as usize == text.tokens.len(),
+            "internal: the packed batch has {} rows, the sequences {row}",
+            text.tokens.len()
+        );
         Ok(VlBatch {
             text,
             pixel_values,
@@ -409,8 +421,14 @@ pub struct VlForwardCache {
 impl Qwen2VL {
     /// Loads a checkpoint directory (either layout) in `precision`.
     pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
-        let config = Qwen2VLConfig::from_dir(dir)?;
+        let mut config = Qwen2VLConfig::from_dir(dir)?;
         let mut w = WeightMap::from_dir(dir, device)?;
+        let names = w.remaining();
+        if names.iter().any(|n| n.starts_with("model.language_model.")) {
+            config.weight_names = VlLayout::Nested;
+        } else if names.iter().any(|n| n.starts_with("visual.")) {
+            config.weight_names = VlLayout::Hub;
+        }
         let text_weights = Weights::build(&config.text, |leaf| {
             w.take(
                 &config.text_name(&leaf.name),

@@ -380,6 +380,54 @@ impl<T> VisionParams<T> {
         lin(&mut out, "merger.mlp.2", &self.merger_fc2);
         out
     }
+
+    /// Every leaf, mutably, in [`Self::named`] order.
+    pub fn leaves_mut(&mut self) -> Vec<&mut T> {
+        fn pair<'a, T>(out: &mut Vec<&'a mut T>, w: &'a mut T, b: &'a mut Option<T>) {
+            out.push(w);
+            if let Some(b) = b {
+                out.push(b);
+            }
+        }
+        let mut out = vec![&mut self.patch_embed];
+        for b in &mut self.blocks {
+            pair(&mut out, &mut b.norm1.weight, &mut b.norm1.bias);
+            pair(&mut out, &mut b.norm2.weight, &mut b.norm2.bias);
+            pair(&mut out, &mut b.qkv.weight, &mut b.qkv.bias);
+            pair(&mut out, &mut b.proj.weight, &mut b.proj.bias);
+            match &mut b.mlp {
+                VisionMlp::Fc { fc1, fc2 } => {
+                    pair(&mut out, &mut fc1.weight, &mut fc1.bias);
+                    pair(&mut out, &mut fc2.weight, &mut fc2.bias);
+                }
+                VisionMlp::Gated {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                } => {
+                    pair(&mut out, &mut gate_proj.weight, &mut gate_proj.bias);
+                    pair(&mut out, &mut up_proj.weight, &mut up_proj.bias);
+                    pair(&mut out, &mut down_proj.weight, &mut down_proj.bias);
+                }
+            }
+        }
+        pair(
+            &mut out,
+            &mut self.merger_ln.weight,
+            &mut self.merger_ln.bias,
+        );
+        pair(
+            &mut out,
+            &mut self.merger_fc1.weight,
+            &mut self.merger_fc1.bias,
+        );
+        pair(
+            &mut out,
+            &mut self.merger_fc2.weight,
+            &mut self.merger_fc2.bias,
+        );
+        out
+    }
 }
 
 /// The tower's weights: matrices in the compute dtype, vectors in f32.

@@ -57,6 +57,10 @@ pub struct TrainConfig {
     /// target_modules, use_rslora); absent: full fine-tuning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// Vision-language models: keep the vision tower fixed (no backward through it, no
+    /// optimiser state for it). Default: the tower is trained, as in the GPG reference.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_vision: bool,
 }
 
 /// Data-parallel runs (`mpirun -np N gpg-rl train …`; ignored by a single process).

@@ -21,7 +21,11 @@ pub fn prepare(tokenizer: &Tokenizer, ds: PromptDataset) -> Result<Vec<PreparedP
                 .encode_prompt(&record.prompt)
                 .with_context(|| format!("{}: tokenizing the prompt", record.location))?;
             ensure!(!ids.is_empty(), "{}: the prompt is empty", record.location);
-            Ok(PreparedPrompt { record, ids })
+            Ok(PreparedPrompt {
+                record,
+                ids,
+                images: Vec::new(),
+            })
         })
         .collect()
 }
@@ -29,7 +33,7 @@ pub fn prepare(tokenizer: &Tokenizer, ds: PromptDataset) -> Result<Vec<PreparedP
 /// Prompts per sampling call of the held-out evaluation (and per shard unit).
 const EVAL_CHUNK: usize = 64;
 
-fn eval_config(
+pub(super) fn eval_config(
     tokenizer: &Tokenizer,
     samples: usize,
     temperature: f32,

@@ -9,6 +9,7 @@ pub mod lora_run;
 pub mod lora_update;
 pub mod metrics;
 pub mod plot;
+pub mod policy;
 pub mod progress;
 pub mod replica;
 pub mod sft;
@@ -16,6 +17,9 @@ pub mod tensorboard;
 pub mod trainer;
 pub mod update;
 pub mod updater;
+pub mod vl_sft;
+
+pub mod vl_update;
 
 pub use config::TrainConfig;
 pub use metrics::StepMetrics;

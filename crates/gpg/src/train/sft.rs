@@ -49,8 +49,16 @@ pub struct SftConfig {
     pub max_grad_norm: f32,
     #[serde(default = "default_schedule")]
     pub schedule: LrScheduleConfig,
-    /// `synthetic`: the built-in task's question → worked solution pairs.
+    /// `synthetic`: the built-in task's question → worked solution pairs (text models); for a
+    /// vision-language model, a JSONL file of image chats ending with the assistant's answer
+    /// (see [`super::vl_sft`]).
     pub data: String,
+    /// Vision-language models: image questions for the held-out accuracy (the `eval` format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_data: Option<String>,
+    /// Vision-language models: keep the vision tower fixed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_vision: bool,
     #[serde(default)]
     pub synthetic: SyntheticTask,
     /// Share of training problems whose target is the bare answer (`\boxed{N}`) instead of the
@@ -94,8 +102,9 @@ impl SftConfig {
             "steps and batch_size must be positive"
         );
         ensure!(
-            c.data == "synthetic",
-            "data = {:?}: only \"synthetic\" is supported by sft so far",
+            c.data == "synthetic" || c.data.ends_with(".jsonl"),
+            "data = {:?}: \"synthetic\" (the built-in task, text models) or a .jsonl file of image \
+             chats (vision-language models)",
             c.data
         );
         Ok(c)
@@ -112,6 +121,15 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             world: 1,
         },
     )?;
+    if crate::model::Qwen2VLConfig::is_vl_dir(&config.model) {
+        return super::vl_sft::run_vl_sft(config);
+    }
+    ensure!(
+        config.data == "synthetic" && config.eval_data.is_none() && !config.freeze_vision,
+        "{} is a text model: its SFT trains on the built-in task (data = \"synthetic\", no \
+         eval_data, no freeze_vision)",
+        config.model.display()
+    );
     let device = candle_core::Device::Cpu;
     let mut model = Qwen2::load(&config.model, &device, config.precision)?;
     if let Some(lora) = &config.lora {

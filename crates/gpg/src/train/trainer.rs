@@ -28,15 +28,16 @@ use crate::algo::{
 };
 use crate::checkpoint;
 use crate::data::{synthetic, EpochSampler, PromptDataset, PromptRecord, SamplerState};
-use crate::model::{Activations, Qwen2, TrainBatch};
+use crate::model::Activations;
 use crate::optim::{AdamW, LrSchedule};
 use crate::reward::{RewardInput, WeightedSum};
-use crate::rollout::{self, Completion, SamplingParams};
+use crate::rollout::{Completion, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 use super::collective::{Collective, SingleProcess};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
+use super::policy::{Policy, PolicyBatch};
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
 use super::updater::Updater;
 
@@ -45,6 +46,8 @@ use super::updater::Updater;
 pub struct PreparedPrompt {
     pub record: PromptRecord,
     pub ids: Vec<u32>,
+    /// The prompt's images, in order (image questions for a vision-language policy).
+    pub images: Vec<PathBuf>,
 }
 
 /// Prompts and their token ids, loaded and filtered as the recipe says. Returns the training
@@ -97,7 +100,8 @@ pub struct TrainerState {
 /// One training run.
 pub struct Trainer {
     pub config: TrainConfig,
-    pub model: Qwen2,
+    /// The policy: a text model or a vision-language model (see [`Policy`]).
+    pub model: Policy,
     pub tokenizer: Tokenizer,
     prompts: Vec<PreparedPrompt>,
     pub heldout: Option<Vec<PreparedPrompt>>,
@@ -116,7 +120,7 @@ pub struct Trainer {
     eval_prompts: Option<Vec<PreparedPrompt>>,
     /// The frozen initial model, kept when the objective has a KL penalty (β > 0). With LoRA
     /// it is the base with the adapter disabled, sharing the base weights (no second copy).
-    reference: Option<Qwen2>,
+    reference: Option<Policy>,
 }
 
 /// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
@@ -146,6 +150,7 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
+        super::policy::check_recipe(&config, collective.world())?;
         // The host model lives on the CPU; on a GPU run the trained weights live on the device
         // (train/device.rs), and what the GPU path does not support is refused here.
         let train_device = super::device::TrainDevice::open_for(
@@ -209,11 +214,16 @@ impl Trainer {
         } else {
             &model_dir
         };
-        let mut model = Qwen2::load(weights_dir, &device, config.precision)
-            .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
+        let mut model = Policy::load(
+            weights_dir,
+            &device,
+            config.precision,
+            !config.freeze_vision,
+        )
+        .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
         if let Some(lora) = &config.lora {
             super::lora_run::attach_adapter(
-                &mut model,
+                model.text_mut(),
                 lora,
                 config.seed,
                 &config.model,
@@ -224,23 +234,25 @@ impl Trainer {
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         // The KL reference is always the run's starting model, also when resuming.
         let reference = if config.lora.is_some() && config.algorithm.loss.needs_reference_logp() {
-            Some(model.without_adapter())
+            Some(Policy::Text(model.text().without_adapter()))
         } else if config.algorithm.loss.needs_reference_logp() {
             Some(
-                Qwen2::load(&config.model, &device, config.precision).with_context(|| {
-                    format!(
-                        "loading the reference model from {}",
-                        config.model.display()
-                    )
-                })?,
+                Policy::load(&config.model, &device, config.precision, false).with_context(
+                    || {
+                        format!(
+                            "loading the reference model from {}",
+                            config.model.display()
+                        )
+                    },
+                )?,
             )
         } else {
             None
         };
         let comm = Comm::new(collective.clone());
-        comm.timed(|| super::replica::broadcast_weights(&model, &*collective))?;
-        comm.timed(|| super::replica::broadcast_adapter(&model, &*collective))?;
-        let (prompts, heldout) = load_prompts(&config, &tokenizer)?;
+        comm.timed(|| super::replica::broadcast_weights(model.text(), &*collective))?;
+        comm.timed(|| super::replica::broadcast_adapter(model.text(), &*collective))?;
+        let (prompts, heldout) = model.load_prompts(&config, &tokenizer)?;
         collective.ensure_same(
             &prompts_digest(&prompts),
             "the training prompts (data.train)",
@@ -251,7 +263,7 @@ impl Trainer {
             None => (
                 0,
                 EpochSampler::new(prompts.len(), config.seed)?,
-                Updater::on_device(&train_device, &model, AdamW::new(config.optim.adamw)?)?,
+                model.updater(&train_device, AdamW::new(config.optim.adamw)?)?,
                 0,
             ),
             Some(dir) => {
@@ -272,9 +284,9 @@ impl Trainer {
                     .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
                 let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
                     .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-                let mut updater = Updater::on_device(&train_device, &model, optimizer)?;
+                let mut updater = model.updater(&train_device, optimizer)?;
                 updater
-                    .restore_master(&mut model, &mut buffers)
+                    .restore_master(model.text_mut(), &mut buffers)
                     .with_context(|| {
                         format!("{}: cannot restore the master weights", dir.display())
                     })?;
@@ -303,8 +315,7 @@ impl Trainer {
                         .clone()
                         .context("eval.data = \"synthetic\" needs data.train = \"synthetic\"")?
                 } else {
-                    let ds = PromptDataset::load(&e.data, &config.data.fields)?;
-                    super::heldout::prepare(&tokenizer, ds)?
+                    model.load_eval_prompts(&e.data, &config.data.fields, &tokenizer)?
                 };
                 if let Some(limit) = e.limit {
                     prompts.truncate(limit);
@@ -345,7 +356,7 @@ impl Trainer {
         if collective.world() == 1 {
             return Ok(());
         }
-        let digest = super::replica::weights_digest(&self.model)?;
+        let digest = super::replica::weights_digest(self.model.text())?;
         self.comm
             .timed(|| {
                 collective.ensure_same(
@@ -388,19 +399,18 @@ impl Trainer {
             .unwrap_or(self.config.rollout.max_new_tokens);
         let seed = derive_seed(self.config.seed, u64::MAX, 0);
         let collective = self.comm.collective.clone();
-        let engine = self.updater.decode_engine(&self.model)?;
-        super::heldout::pass_at_1_sharded_on(
-            &self.model,
-            &*engine,
-            &self.tokenizer,
-            prompts,
-            e.samples,
-            e.temperature,
-            max_new,
-            seed,
-            &*collective,
-        )
-        .map(Some)
+        self.model
+            .heldout_pass_at_1(
+                &self.updater,
+                &self.tokenizer,
+                prompts,
+                e.samples,
+                e.temperature,
+                max_new,
+                seed,
+                &*collective,
+            )
+            .map(Some)
     }
 
     fn eval_due(&self) -> bool {
@@ -435,7 +445,7 @@ impl Trainer {
             p.finish();
         }
         // A GPU run's host model is brought up to date for `save_final` (no-op on the CPU).
-        self.updater.sync_host(&mut self.model)?;
+        self.updater.sync_host(self.model.text_mut())?;
         Ok(())
     }
 
@@ -579,24 +589,20 @@ impl Trainer {
             .next_batch(self.config.rollout.prompts_per_step);
         let b = indices.len();
         let mine = collective.share(indices.len());
-        let prompt_ids: Vec<Vec<u32>> = indices[mine.clone()]
+        let prompts: Vec<&PreparedPrompt> = indices[mine.clone()]
             .iter()
-            .map(|&i| self.prompts[i].ids.clone())
+            .map(|&i| &self.prompts[i])
             .collect();
         let t0 = Instant::now();
         let params = self.sampling_params(derive_seed(self.config.seed, step, round));
-        let completions = {
-            // The CPU model itself, or the CUDA decoder over the trained device weights.
-            let engine = self.updater.decode_engine(&self.model)?;
-            rollout::generate_on(
-                &self.model,
-                &*engine,
-                &self.tokenizer,
-                &prompt_ids,
-                &params,
-                mine.start as u64,
-            )?
-        };
+        // The CPU model itself, or the CUDA decoder over the trained device weights.
+        let completions = self.model.generate(
+            &self.updater,
+            &self.tokenizer,
+            &prompts,
+            &params,
+            mine.start as u64,
+        )?;
         out.time_rollout += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let inputs: Vec<RewardInput> = completions
@@ -807,7 +813,7 @@ impl Trainer {
                 let mut all = Vec::with_capacity(local_tokens);
                 for r in &micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
-                    all.extend(self.updater.logprobs(&self.model, &batch, inv_t)?.logprobs);
+                    all.extend(self.model.logprobs(&self.updater, &batch, inv_t)?.logprobs);
                 }
                 Some(all)
             } else {
@@ -819,7 +825,7 @@ impl Trainer {
                 let mut all = Vec::with_capacity(local_tokens);
                 for r in &micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
-                    all.extend(reference.logprobs(&batch, inv_t)?.logprobs);
+                    all.extend(reference.logprobs_on_host(&batch, inv_t)?.logprobs);
                 }
                 Some(all)
             }
@@ -842,7 +848,9 @@ impl Trainer {
                         (iteration * micro.len() + m) as u64,
                     );
                 }
-                let (lp, cache) = self.updater.forward(&self.model, &batch, inv_t, keep)?;
+                let (lp, cache) =
+                    self.model
+                        .forward_train_with(&self.updater, &batch, inv_t, keep)?;
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
                 let n = batch.num_completion_tokens();
@@ -864,8 +872,8 @@ impl Trainer {
                 sums[1] += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
                 sums[2] += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 sums[3] += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
-                self.updater
-                    .backward_into(&self.model, &batch, cache, &out.token_weights)?;
+                self.model
+                    .backward_into(&mut self.updater, &batch, cache, &out.token_weights)?;
                 token_offset += n;
             }
             // ⊕ loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
@@ -888,7 +896,7 @@ impl Trainer {
             }
             match self
                 .updater
-                .step(&mut self.model, lr, cfg.optim.max_grad_norm)?
+                .step(self.model.text_mut(), lr, cfg.optim.max_grad_norm)?
             {
                 StepOutcome::Applied(clip) => outcome.grad_norm = clip.norm,
                 StepOutcome::Skipped(clip) => {
@@ -901,12 +909,12 @@ impl Trainer {
         Ok(outcome)
     }
 
-    fn train_batch(&self, part: &[(usize, Vec<u32>, Vec<f32>)]) -> Result<TrainBatch> {
-        let pairs: Vec<(&[u32], &[u32])> = part
+    fn train_batch(&self, part: &[(usize, Vec<u32>, Vec<f32>)]) -> Result<PolicyBatch> {
+        let pairs: Vec<(&PreparedPrompt, &[u32])> = part
             .iter()
-            .map(|(p, c, _)| (self.prompts[*p].ids.as_slice(), c.as_slice()))
+            .map(|(p, c, _)| (&self.prompts[*p], c.as_slice()))
             .collect();
-        TrainBatch::new(&pairs)
+        self.model.batch(&pairs)
     }
 
     /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl` (rank 0;
@@ -950,7 +958,7 @@ impl Trainer {
         }
         self.model.save_trained(&tmp)?;
         self.tokenizer.save_pretrained(&tmp)?;
-        let generation = serde_json::json!({"eos_token_id": self.model.config.eos_token_id});
+        let generation = serde_json::json!({"eos_token_id": self.model.text().config.eos_token_id});
         std::fs::write(
             tmp.join("generation_config.json"),
             serde_json::to_vec_pretty(&generation)?,
@@ -973,8 +981,8 @@ impl Trainer {
             return Ok(dir);
         };
         log.flush()?;
-        self.updater.sync_host(&mut self.model)?;
-        let (optimizer, buffers) = self.updater.checkpoint_state(&self.model)?;
+        self.updater.sync_host(self.model.text_mut())?;
+        let (optimizer, buffers) = self.updater.checkpoint_state(self.model.text())?;
         let state = TrainerState {
             step: self.step,
             sampler: self.sampler.state(),
@@ -982,7 +990,7 @@ impl Trainer {
             optimizer,
         };
         let generation = serde_json::json!({
-            "eos_token_id": self.model.config.eos_token_id,
+            "eos_token_id": self.model.text().config.eos_token_id,
         });
         checkpoint::save(
             &dir,

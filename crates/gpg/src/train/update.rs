@@ -260,7 +260,7 @@ pub fn optimizer_checkpoint(optimizer: &AdamW) -> (OptimizerMeta, Buffers) {
 
 /// Writes `values` (f32) into `tensor`'s storage in place, rounding to bf16 when the tensor is
 /// bf16 (round to nearest even).
-fn write_rounded(tensor: &candle_core::Tensor, values: &[f32]) -> Result<()> {
+pub(super) fn write_rounded(tensor: &candle_core::Tensor, values: &[f32]) -> Result<()> {
     update_in_place(tensor, |slot| {
         match slot {
             WeightSliceMut::F32(dst) => {

@@ -1,9 +1,10 @@
 //! The optimiser side of a training step, for either kind of run: full fine-tuning
 //! ([`ModelUpdater`]: every parameter) or LoRA ([`AdapterUpdater`]: A and B only, the base
-//! frozen). The kind follows the model: one with an adapter trains the adapter. With the
+//! frozen). The kind follows the model: one with an adapter trains the adapter. A
+//! vision-language policy has its own ([`VlUpdater`], built by `Policy::updater`). With the
 //! `cuda` feature and a GPU run, full fine-tuning on the device
 //! (`super::cuda_update::CudaUpdater`); the forward, log-probs and the decode engine of a
-//! step also go through the updater ([`Updater::forward`], [`Updater::logprobs`],
+//! text step also go through the updater ([`Updater::forward`], [`Updater::logprobs`],
 //! [`Updater::decode_engine`]) so that the trainer does not depend on the device. On the CPU
 //! these are exactly the model's own calls.
 
@@ -20,10 +21,13 @@ use super::device::TrainDevice;
 
 use super::lora_update::AdapterUpdater;
 use super::update::{ModelUpdater, OptimizerMeta, StepOutcome};
+use super::vl_update::VlUpdater;
 
 pub enum Updater {
     Full(ModelUpdater),
     Adapter(AdapterUpdater),
+    /// A vision-language model: decoder and (unless frozen) tower.
+    Vision(VlUpdater),
     #[cfg(feature = "cuda")]
     Cuda(Box<super::cuda_update::CudaUpdater>),
 }
@@ -81,7 +85,7 @@ impl Updater {
         keep: Activations,
     ) -> Result<(TokenLogprobs, StepCache)> {
         match self {
-            Updater::Full(_) | Updater::Adapter(_) => {
+            Updater::Full(_) | Updater::Adapter(_) | Updater::Vision(_) => {
                 let (lp, cache) = model.forward_train_with(batch, inv_temperature, keep)?;
                 Ok((lp, StepCache::Cpu(cache)))
             }
@@ -101,7 +105,9 @@ impl Updater {
         inv_temperature: f32,
     ) -> Result<TokenLogprobs> {
         match self {
-            Updater::Full(_) | Updater::Adapter(_) => model.logprobs(batch, inv_temperature),
+            Updater::Full(_) | Updater::Adapter(_) | Updater::Vision(_) => {
+                model.logprobs(batch, inv_temperature)
+            }
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => u.logprobs(batch, inv_temperature),
         }
@@ -111,7 +117,7 @@ impl Updater {
     /// reading the device parameters in place (no upload).
     pub fn decode_engine<'a>(&'a self, model: &'a Qwen2) -> Result<Box<dyn DecodeEngine + 'a>> {
         match self {
-            Updater::Full(_) | Updater::Adapter(_) => Ok(Box::new(model)),
+            Updater::Full(_) | Updater::Adapter(_) | Updater::Vision(_) => Ok(Box::new(model)),
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => Ok(Box::new(u.decoder(model)?)),
         }
@@ -121,7 +127,7 @@ impl Updater {
     /// CPU, where the step writes them in place): before a checkpoint or the final model.
     pub fn sync_host(&self, model: &mut Qwen2) -> Result<()> {
         match self {
-            Updater::Full(_) | Updater::Adapter(_) => {
+            Updater::Full(_) | Updater::Adapter(_) | Updater::Vision(_) => {
                 let _ = model;
                 Ok(())
             }
@@ -143,6 +149,9 @@ impl Updater {
                 model.backward_into(batch, cache, g, u.grads_mut())
             }
             (Updater::Adapter(u), StepCache::Cpu(cache)) => u.backward_into(model, batch, cache, g),
+            (Updater::Vision(_), _) => {
+                anyhow::bail!("internal: a text batch given to a vision-language updater")
+            }
             #[cfg(feature = "cuda")]
             (Updater::Cuda(u), StepCache::Cuda(cache)) => u.backward(batch, *cache, g),
             #[cfg(feature = "cuda")]
@@ -150,11 +159,13 @@ impl Updater {
         }
     }
 
-    /// Clip, AdamW, write-back, clear the gradients (see the two updaters).
+    /// Clip, AdamW, write-back, clear the gradients (see the updaters; a vision-language
+    /// updater writes through its own handles to the model's tensors, `model` being its decoder).
     pub fn step(&mut self, model: &mut Qwen2, lr: f32, max_norm: f32) -> Result<StepOutcome> {
         match self {
             Updater::Full(u) => u.step(model, lr, max_norm),
             Updater::Adapter(u) => u.step(model, lr, max_norm),
+            Updater::Vision(u) => u.step(lr, max_norm),
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => u.step(lr, max_norm),
         }
@@ -173,6 +184,7 @@ impl Updater {
                 slices
             }
             Updater::Adapter(u) => u.gradient_buffers_mut(),
+            Updater::Vision(u) => u.gradient_buffers_mut(),
             #[cfg(feature = "cuda")]
             Updater::Cuda(_) => Vec::new(),
         }
@@ -182,6 +194,7 @@ impl Updater {
         match self {
             Updater::Full(u) => u.zero_grad(),
             Updater::Adapter(u) => u.zero_grad(),
+            Updater::Vision(u) => u.zero_grad(),
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => return u.zero_grad(),
         }
@@ -193,6 +206,7 @@ impl Updater {
         match self {
             Updater::Full(u) => u.checkpoint_state(model),
             Updater::Adapter(u) => Ok(u.checkpoint_state()),
+            Updater::Vision(u) => u.checkpoint_state(),
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => u.checkpoint_state(),
         }
@@ -208,6 +222,7 @@ impl Updater {
         match self {
             Updater::Full(u) => u.restore_master(model, buffers),
             Updater::Adapter(_) => Ok(()),
+            Updater::Vision(u) => u.restore_master(buffers),
             #[cfg(feature = "cuda")]
             Updater::Cuda(u) => u.restore_master(model, buffers),
         }

@@ -1,0 +1,565 @@
+//! The policy a run trains: a text model ([`Qwen2`]) or a vision-language model ([`Qwen2VL`],
+//! Qwen2-VL / Qwen2.5-VL). This is the one place that tells them apart: loading, the
+//! prompts' data (a vision-language policy's prompts carry images), the packed training batch,
+//! forward/backward, sampling, held-out accuracy and saving. The trainer and SFT call these and
+//! are otherwise the same for both.
+//!
+//! For a vision-language policy the training step is the text step with images: the batch is
+//! a [`VlBatch`] (image patches, `<|image_pad|>` rows, M-RoPE positions), the forward splices
+//! the tower's embeddings into the decoder's input, and the backward carries ∂L/∂(image rows)
+//! into the tower unless `freeze_vision` (then the tower keeps no activations and has no
+//! gradient or optimiser state). g_t, the objective and the optimiser are the text ones.
+//!
+//! Not supported for vision-language policies (refused by [`check_recipe`]): LoRA, data
+//! parallelism (world > 1), a GPU device (the vision ops have no CUDA kernels yet).
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Device;
+
+use crate::data::vl_chat::{encode_chat, VlChat};
+use crate::data::{Location, LongPromptPolicy, Prompt, PromptDatasetConfig, PromptRecord};
+use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items, VlEvalItem};
+use crate::image::{load_rgb, ImageProcessor, ProcessedImage};
+use crate::model::lora::Adapter;
+use crate::model::qwen2_vl::VlForwardCache;
+use crate::model::{
+    Activations, Precision, Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs, TrainBatch, VlBatch,
+    VlSequence,
+};
+use crate::optim::AdamW;
+use crate::rollout::{self, Completion, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+use super::collective::Collective;
+use super::config::TrainConfig;
+use super::device::TrainDevice;
+use super::trainer::PreparedPrompt;
+use super::updater::{StepCache, Updater};
+use super::vl_update::VlUpdater;
+
+/// The model being trained.
+#[allow(clippy::large_enum_variant)]
+pub enum Policy {
+    Text(Qwen2),
+    Vision(Box<VisionPolicy>),
+}
+
+/// A vision-language model with its image processor.
+pub struct VisionPolicy {
+    pub model: Qwen2VL,
+    pub processor: ImageProcessor,
+    /// preprocessor_config.json as read (written beside every saved copy of the model).
+    preprocessor_config: Option<Vec<u8>>,
+    /// Whether the tower is trained (`freeze_vision = false`): its activations are kept in the
+    /// training forward and its gradients computed.
+    pub train_vision: bool,
+}
+
+/// A packed batch of (prompt, completion) sequences for the policy's forward.
+pub enum PolicyBatch {
+    Text(TrainBatch),
+    Vision(Box<VlBatch>),
+}
+
+impl PolicyBatch {
+    pub fn num_completion_tokens(&self) -> usize {
+        match self {
+            PolicyBatch::Text(b) => b.num_completion_tokens(),
+            PolicyBatch::Vision(b) => b.text.num_completion_tokens(),
+        }
+    }
+}
+
+/// What the backward needs from the training forward.
+pub enum PolicyCache {
+    Text(StepCache),
+    Vision(Box<VlForwardCache>),
+}
+
+/// Refuses, before anything is loaded, the combinations a vision-language model does not
+/// support yet, saying what to do instead; and `freeze_vision` on a text model.
+pub fn check_recipe(config: &TrainConfig, world: usize) -> Result<()> {
+    let vision = Qwen2VLConfig::is_vl_dir(&config.model);
+    if !vision {
+        ensure!(
+            !config.freeze_vision,
+            "freeze_vision = true: {} is a text model (no vision tower to freeze)",
+            config.model.display()
+        );
+        return Ok(());
+    }
+    check_vision_options(
+        &config.model,
+        config.device.is_cpu(),
+        config.lora.is_some(),
+        world,
+    )
+}
+
+/// The vision-language model's limits shared by `train` and `sft`.
+pub fn check_vision_options(model: &Path, cpu: bool, lora: bool, world: usize) -> Result<()> {
+    let what = format!(
+        "{} is a vision-language model (Qwen2-VL family)",
+        model.display()
+    );
+    ensure!(
+        cpu,
+        "{what}: its vision ops run on the CPU only so far (no CUDA kernels for the tower); \
+         use device = \"cpu\" (`--set device=cpu`)"
+    );
+    ensure!(
+        !lora,
+        "{what}: LoRA is supported for text models only; remove the [lora] table to fine-tune \
+         every parameter (freeze_vision = true keeps the tower fixed)"
+    );
+    ensure!(
+        world == 1,
+        "{what}: data-parallel training (world {world}) is supported for text models only; \
+         run it as one process"
+    );
+    Ok(())
+}
+
+impl Policy {
+    /// Loads a model directory: a Qwen2-VL-family checkpoint (config.json `model_type`
+    /// qwen2_vl / qwen2_5_vl) as a vision-language policy, anything else as a text model.
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        precision: Precision,
+        train_vision: bool,
+    ) -> Result<Self> {
+        if !Qwen2VLConfig::is_vl_dir(dir) {
+            return Ok(Policy::Text(Qwen2::load(dir, device, precision)?));
+        }
+        let model = Qwen2VL::load(dir, device, precision)?;
+        let processor = ImageProcessor::from_dir(dir)?;
+        let path = dir.join("preprocessor_config.json");
+        let preprocessor_config = if path.exists() {
+            Some(std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?)
+        } else {
+            None
+        };
+        Ok(Policy::Vision(Box::new(VisionPolicy {
+            model,
+            processor,
+            preprocessor_config,
+            train_vision,
+        })))
+    }
+
+    /// The language model (a vision-language model's decoder).
+    pub fn text(&self) -> &Qwen2 {
+        match self {
+            Policy::Text(m) => m,
+            Policy::Vision(v) => &v.model.text,
+        }
+    }
+
+    pub fn text_mut(&mut self) -> &mut Qwen2 {
+        match self {
+            Policy::Text(m) => m,
+            Policy::Vision(v) => &mut v.model.text,
+        }
+    }
+
+    pub fn vision(&self) -> Option<&VisionPolicy> {
+        match self {
+            Policy::Text(_) => None,
+            Policy::Vision(v) => Some(v),
+        }
+    }
+
+    /// The LoRA adapter (text models only).
+    pub fn adapter_mut(&mut self) -> Option<&mut Adapter> {
+        match self {
+            Policy::Text(m) => m.adapter_mut(),
+            Policy::Vision(_) => None,
+        }
+    }
+
+    /// The updater for this policy: every parameter (the tower's unless frozen), or a text
+    /// model's adapter; a text model's on `device` (a GPU run trains on the device).
+    pub fn updater(&self, device: &TrainDevice, optimizer: AdamW) -> Result<Updater> {
+        match self {
+            Policy::Text(m) => Updater::on_device(device, m, optimizer),
+            Policy::Vision(v) => Ok(Updater::Vision(VlUpdater::new(
+                &v.model,
+                optimizer,
+                !v.train_vision,
+            )?)),
+        }
+    }
+
+    /// Packs (prompt, completion) pairs, with the prompts' images for a vision-language policy.
+    pub fn batch(&self, seqs: &[(&PreparedPrompt, &[u32])]) -> Result<PolicyBatch> {
+        match self {
+            Policy::Text(_) => {
+                let pairs: Vec<(&[u32], &[u32])> =
+                    seqs.iter().map(|(p, c)| (p.ids.as_slice(), *c)).collect();
+                Ok(PolicyBatch::Text(TrainBatch::new(&pairs)?))
+            }
+            Policy::Vision(v) => {
+                // Sequences of one prompt are adjacent (groups): process its images once.
+                let mut images: Vec<std::rc::Rc<Vec<ProcessedImage>>> = Vec::new();
+                for (i, (p, _)) in seqs.iter().enumerate() {
+                    if i > 0 && std::ptr::eq(*p, seqs[i - 1].0) {
+                        let last = images[i - 1].clone();
+                        images.push(last);
+                    } else {
+                        images.push(std::rc::Rc::new(v.process_images(p)?));
+                    }
+                }
+                let vl: Vec<VlSequence<'_>> = seqs
+                    .iter()
+                    .zip(&images)
+                    .map(|((p, c), im)| VlSequence {
+                        prompt: &p.ids,
+                        completion: c,
+                        images: im.as_slice(),
+                    })
+                    .collect();
+                Ok(PolicyBatch::Vision(Box::new(VlBatch::new(
+                    &v.model.config,
+                    &vl,
+                )?)))
+            }
+        }
+    }
+
+    /// The training forward on the updater's device: log-probs of the completion tokens and
+    /// the cache for backward.
+    pub fn forward_train_with(
+        &self,
+        updater: &Updater,
+        batch: &PolicyBatch,
+        inv_temperature: f32,
+        keep: Activations,
+    ) -> Result<(TokenLogprobs, PolicyCache)> {
+        match (self, batch) {
+            (Policy::Text(m), PolicyBatch::Text(b)) => {
+                let (lp, cache) = updater.forward(m, b, inv_temperature, keep)?;
+                Ok((lp, PolicyCache::Text(cache)))
+            }
+            (Policy::Vision(v), PolicyBatch::Vision(b)) => {
+                let (lp, cache) =
+                    v.model
+                        .forward_scored(b, inv_temperature, Some(keep), v.train_vision)?;
+                let cache = cache.context("internal: the training forward kept no activations")?;
+                Ok((lp, PolicyCache::Vision(Box::new(cache))))
+            }
+            _ => bail!("internal: a batch of the other kind of policy"),
+        }
+    }
+
+    /// Log-probs only, on the updater's device (old-policy log-probs).
+    pub fn logprobs(
+        &self,
+        updater: &Updater,
+        batch: &PolicyBatch,
+        inv_temperature: f32,
+    ) -> Result<TokenLogprobs> {
+        match (self, batch) {
+            (Policy::Text(m), PolicyBatch::Text(b)) => updater.logprobs(m, b, inv_temperature),
+            _ => self.logprobs_on_host(batch, inv_temperature),
+        }
+    }
+
+    /// Log-probs only, computed on the host (the frozen KL reference model).
+    pub fn logprobs_on_host(
+        &self,
+        batch: &PolicyBatch,
+        inv_temperature: f32,
+    ) -> Result<TokenLogprobs> {
+        match (self, batch) {
+            (Policy::Text(m), PolicyBatch::Text(b)) => m.logprobs(b, inv_temperature),
+            (Policy::Vision(v), PolicyBatch::Vision(b)) => v.model.logprobs(b, inv_temperature),
+            _ => bail!("internal: a batch of the other kind of policy"),
+        }
+    }
+
+    /// Backward of one micro-batch from g_t = ∂L/∂logp_t, accumulated into `updater`'s buffers.
+    pub fn backward_into(
+        &self,
+        updater: &mut Updater,
+        batch: &PolicyBatch,
+        cache: PolicyCache,
+        g: &[f32],
+    ) -> Result<()> {
+        match (self, batch, cache) {
+            (Policy::Text(m), PolicyBatch::Text(b), PolicyCache::Text(c)) => {
+                updater.backward_into(m, b, c, g)
+            }
+            (Policy::Vision(v), PolicyBatch::Vision(b), PolicyCache::Vision(c)) => {
+                let Updater::Vision(u) = updater else {
+                    bail!("internal: a text updater given a vision-language batch");
+                };
+                v.model.backward_into(b, *c, g, u.grads_mut())
+            }
+            _ => bail!("internal: a batch or cache of the other kind of policy"),
+        }
+    }
+
+    /// Samples `params.n` completions per prompt; prompt `i` draws from the streams of prompt
+    /// `first_prompt_key + i` (see [`rollout::generate_keyed`]).
+    pub fn generate(
+        &self,
+        updater: &Updater,
+        tokenizer: &Tokenizer,
+        prompts: &[&PreparedPrompt],
+        params: &SamplingParams,
+        first_prompt_key: u64,
+    ) -> Result<Vec<Completion>> {
+        match self {
+            Policy::Text(m) => {
+                let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+                // The CPU model itself, or the CUDA decoder over the trained device weights.
+                let engine = updater.decode_engine(m)?;
+                rollout::generate_on(m, &*engine, tokenizer, &ids, params, first_prompt_key)
+            }
+            Policy::Vision(v) => {
+                ensure!(
+                    first_prompt_key == 0,
+                    "internal: keyed sampling of a vision-language policy (one process only)"
+                );
+                let with_images = prompts
+                    .iter()
+                    .map(|p| Ok((p.ids.clone(), v.process_images(p)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                rollout::generate_vl(&v.model, tokenizer, &with_images, params)
+            }
+        }
+    }
+
+    /// Writes the trained model in Hugging Face format (a vision-language model in the layout
+    /// it was loaded in, with its preprocessor_config.json; a LoRA run's adapter).
+    pub fn save_trained(&self, dir: &Path) -> Result<()> {
+        match self {
+            Policy::Text(m) => m.save_trained(dir),
+            Policy::Vision(v) => {
+                v.model.save_pretrained(dir)?;
+                if let Some(bytes) = &v.preprocessor_config {
+                    crate::model::weights::write_atomic(
+                        &dir.join("preprocessor_config.json"),
+                        bytes,
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Held-out pass@1 (the mean over prompts and `samples` completions of the task's
+    /// accuracy): mathematical equivalence for text prompts (sharded over ranks), visual
+    /// accuracy for image questions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn heldout_pass_at_1(
+        &self,
+        updater: &Updater,
+        tokenizer: &Tokenizer,
+        prompts: &[PreparedPrompt],
+        samples: usize,
+        temperature: f32,
+        max_new_tokens: usize,
+        seed: u64,
+        collective: &dyn Collective,
+    ) -> Result<f64> {
+        match self {
+            Policy::Text(m) => super::heldout::pass_at_1_sharded_on(
+                m,
+                &*updater.decode_engine(m)?,
+                tokenizer,
+                prompts,
+                samples,
+                temperature,
+                max_new_tokens,
+                seed,
+                collective,
+            ),
+            Policy::Vision(v) => {
+                let items = prompts
+                    .iter()
+                    .map(VisionPolicy::eval_item)
+                    .collect::<Result<Vec<_>>>()?;
+                let config = super::heldout::eval_config(
+                    tokenizer,
+                    samples,
+                    temperature,
+                    max_new_tokens,
+                    seed,
+                );
+                let report = evaluate_vl_with_progress(
+                    &v.model,
+                    tokenizer,
+                    &v.processor,
+                    &items,
+                    &config,
+                    &mut |_, _| Ok(()),
+                )?;
+                Ok(report.summary.pass_at_1)
+            }
+        }
+    }
+
+    /// The training prompts (and the synthetic task's held-out split) of the recipe.
+    pub fn load_prompts(
+        &self,
+        config: &TrainConfig,
+        tokenizer: &Tokenizer,
+    ) -> Result<(Vec<PreparedPrompt>, Option<Vec<PreparedPrompt>>)> {
+        let Policy::Vision(v) = self else {
+            return super::trainer::load_prompts(config, tokenizer);
+        };
+        let data = &config.data;
+        ensure!(
+            data.train != "synthetic",
+            "data.train = \"synthetic\": the built-in task is text-only; a vision-language model \
+             trains on a JSONL file of image questions"
+        );
+        let mut prompts = v.load_prompts(Path::new(&data.train), &data.fields, tokenizer)?;
+        let before = prompts.len();
+        if let Some(long) = prompts
+            .iter()
+            .find(|p| p.ids.len() > data.max_prompt_tokens)
+        {
+            if data.long_prompts == LongPromptPolicy::Error {
+                bail!(
+                    "{}: prompt has {} tokens (image tokens included), more than the maximum \
+                     prompt length {}",
+                    long.record.location,
+                    long.ids.len(),
+                    data.max_prompt_tokens
+                );
+            }
+        }
+        prompts.retain(|p| p.ids.len() <= data.max_prompt_tokens);
+        if prompts.len() < before {
+            eprintln!(
+                "dropped {} prompts longer than {} tokens from {}",
+                before - prompts.len(),
+                data.max_prompt_tokens,
+                data.train
+            );
+        }
+        ensure!(
+            !prompts.is_empty(),
+            "{}: no prompt left after dropping those longer than {} tokens",
+            data.train,
+            data.max_prompt_tokens
+        );
+        Ok((prompts, None))
+    }
+
+    /// The prompts of a held-out evaluation file (`eval.data`).
+    pub fn load_eval_prompts(
+        &self,
+        path: &str,
+        fields: &PromptDatasetConfig,
+        tokenizer: &Tokenizer,
+    ) -> Result<Vec<PreparedPrompt>> {
+        match self {
+            Policy::Text(_) => {
+                let ds = crate::data::PromptDataset::load(path, fields)?;
+                super::heldout::prepare(tokenizer, ds)
+            }
+            Policy::Vision(v) => v.load_prompts(Path::new(path), fields, tokenizer),
+        }
+    }
+}
+
+impl VisionPolicy {
+    /// The processed images of a prompt, in order.
+    pub fn process_images(&self, prompt: &PreparedPrompt) -> Result<Vec<ProcessedImage>> {
+        prompt
+            .images
+            .iter()
+            .map(|p| {
+                self.processor
+                    .process(&load_rgb(p)?)
+                    .with_context(|| format!("{}: {}", prompt.record.location, p.display()))
+            })
+            .collect()
+    }
+
+    /// Reads image questions (the `eval --benchmark` line format, [`crate::eval::vl`]): chat
+    /// `messages` with image parts, or `problem`/`question`/`prompt` with `image`/`images`;
+    /// the gold answer in `answer`/`solution`; image paths relative to the file. Each prompt is
+    /// rendered by the chat template with the generation prompt and its pads expanded.
+    pub fn load_prompts(
+        &self,
+        path: &Path,
+        fields: &PromptDatasetConfig,
+        tokenizer: &Tokenizer,
+    ) -> Result<Vec<PreparedPrompt>> {
+        for (key, value) in [
+            ("prompt_field", &fields.prompt_field),
+            ("answer_field", &fields.answer_field),
+            ("id_field", &fields.id_field),
+        ] {
+            ensure!(
+                value.is_none(),
+                "data.fields.{key}: image datasets read fixed fields (`messages`, or \
+                 `problem`/`question`/`prompt` with `image`/`images`; `answer`/`solution`; `id`)"
+            );
+        }
+        ensure!(
+            fields.apply_chat_template,
+            "data.fields.apply_chat_template = false: image prompts are always rendered by the \
+             model's chat template"
+        );
+        let items = load_vl_items(path, fields.system_prompt.as_deref())?;
+        let file = path.display().to_string();
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let location = Location::new(file.clone(), "item", i + 1);
+                let (ids, _) = encode_chat(
+                    &self.model.config,
+                    tokenizer,
+                    &self.processor,
+                    &item.chat,
+                    true,
+                )
+                .with_context(|| format!("{location}: encoding the prompt"))?;
+                Ok(PreparedPrompt {
+                    record: PromptRecord {
+                        id: item.id,
+                        prompt: Prompt::Chat(item.chat.messages),
+                        answer: Some(item.gold),
+                        location,
+                    },
+                    ids,
+                    images: item.chat.images,
+                })
+            })
+            .collect()
+    }
+
+    /// The evaluation item of a prepared prompt (its chat, images and gold answer).
+    fn eval_item(p: &PreparedPrompt) -> Result<VlEvalItem> {
+        let Prompt::Chat(messages) = &p.record.prompt else {
+            bail!("{}: an image prompt must be a chat", p.record.location);
+        };
+        Ok(VlEvalItem {
+            id: p.record.id.clone(),
+            chat: VlChat {
+                messages: messages.clone(),
+                images: p.images.clone(),
+            },
+            gold: p
+                .record
+                .answer
+                .clone()
+                .with_context(|| format!("{}: no gold answer", p.record.location))?,
+        })
+    }
+}
+
+impl crate::checkpoint::TrainedModel for Policy {
+    fn save_trained(&self, dir: &Path) -> Result<()> {
+        Policy::save_trained(self, dir)
+    }
+}
