@@ -81,7 +81,7 @@ fn load(train_vision: bool) -> Policy {
     .unwrap()
 }
 
-fn packed<'a>(policy: &Policy, cases: &'a [(PreparedPrompt, Vec<u32>, Vec<f32>)]) -> PolicyBatch {
+fn packed(policy: &Policy, cases: &[(PreparedPrompt, Vec<u32>, Vec<f32>)]) -> PolicyBatch {
     let seqs: Vec<(&PreparedPrompt, &[u32])> =
         cases.iter().map(|(p, c, _)| (p, c.as_slice())).collect();
     policy.batch(&seqs).unwrap()

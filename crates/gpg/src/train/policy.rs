@@ -38,7 +38,8 @@ use super::trainer::PreparedPrompt;
 use super::updater::Updater;
 use super::vl_update::VlUpdater;
 
-/// The model being trained.
+/// The model being trained (one per run: the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum Policy {
     Text(Qwen2),
     Vision(Box<VisionPolicy>),
@@ -70,7 +71,8 @@ impl PolicyBatch {
     }
 }
 
-/// What the backward needs from the training forward.
+/// What the backward needs from the training forward (one per micro-batch).
+#[allow(clippy::large_enum_variant)]
 pub enum PolicyCache {
     Text(ForwardCache),
     Vision(VlForwardCache),
