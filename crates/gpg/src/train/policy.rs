@@ -499,7 +499,7 @@ impl VisionPolicy {
                     &item.chat,
                     true,
                 )
-                .with_context(|| format!("{location}: encoding the prompt"))?;
+                .with_context(|| format!("{location} (id {}): encoding the prompt", item.id))?;
                 Ok(PreparedPrompt {
                     record: PromptRecord {
                         id: item.id,
