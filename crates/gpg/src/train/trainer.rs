@@ -150,7 +150,7 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
-        super::policy::check_recipe(&config, collective.world())?;
+        super::policy::check_recipe(&config)?;
         let device = config.device.open()?;
         let out = &config.output_dir;
         let root = collective.is_root();
@@ -240,7 +240,7 @@ impl Trainer {
             None
         };
         let comm = Comm::new(collective.clone());
-        comm.timed(|| super::replica::broadcast_weights(model.text(), &*collective))?;
+        comm.timed(|| model.broadcast_weights(&*collective))?;
         comm.timed(|| super::replica::broadcast_adapter(model.text(), &*collective))?;
         let (prompts, heldout) = model.load_prompts(&config, &tokenizer)?;
         collective.ensure_same(
@@ -346,7 +346,7 @@ impl Trainer {
         if collective.world() == 1 {
             return Ok(());
         }
-        let digest = super::replica::weights_digest(self.model.text())?;
+        let digest = self.model.weights_digest()?;
         self.comm
             .timed(|| {
                 collective.ensure_same(
