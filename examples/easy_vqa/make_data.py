@@ -93,8 +93,9 @@ def main():
     with open(out / "heldout.jsonl", "w") as f:
         for r in heldout:
             f.write(json.dumps(r) + "\n")
-    print(f"{out}: {len(train)} training questions on {len(set(ti))} images, {len(heldout)} held-out questions; "
-          f"answers: {', '.join(easy_vqa.get_answers())}")
+    answers = sorted({r["answer"] for r in train})
+    print(f"{out}: {len(train)} training questions on {len({r['image'] for r in train})} images, "
+          f"{len(heldout)} held-out questions; {len(answers)} answers: {', '.join(answers)}")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,11 @@ fn weights(t: &Trainer) -> anyhow::Result<Weights> {
         .into_iter()
         .map(|(n, w)| Ok((n, w.flatten_all()?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
+    if let Some(v) = t.model.vision() {
+        for (n, w) in v.model.visual.named() {
+            out.push((format!("visual.{n}"), w.flatten_all()?.to_vec1::<f32>()?));
+        }
+    }
     if let Some(adapter) = t.model.text().adapter() {
         for (module, pair) in adapter.modules() {
             out.push((
@@ -377,4 +382,92 @@ fn lora_on_two_ranks_matches_one_process_and_resumes() {
     let (m, w) = run(&cfg, 2, true);
     assert_same_run(&m1, &m);
     assert_same_weights(&w1[0], &w);
+}
+
+/// A Qwen2-VL run (the tiny fixture, the tower trained) on an image-question dataset: 2 ranks
+/// compute what one process does, the tower's weights and gradients included.
+#[test]
+fn a_vision_language_run_on_two_ranks_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = repo().join("tests/fixtures/qwen2_vl");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let images = ["rgb_37x23.png", "tiny_9x13.png", "grey_17x90.png"];
+    for f in images {
+        std::fs::copy(fixtures.join("images").join(f), data.join(f)).unwrap();
+    }
+    let mut lines = String::new();
+    for (i, q) in ["w5 w7", "w9", "w3 w2", "w11", "w12 w13"]
+        .iter()
+        .enumerate()
+    {
+        let line = serde_json::json!({"question": q, "image": images[i % 3], "answer": "w4"});
+        lines += &format!("{line}\n");
+    }
+    std::fs::write(data.join("train.jsonl"), lines).unwrap();
+    let config = |out: &str| {
+        TrainConfig::from_toml_str(&format!(
+            r#"model = {model:?}
+output_dir = {out:?}
+steps = 3
+seed = 0
+[data]
+train = {train:?}
+[rollout]
+prompts_per_step = 5
+num_generations = 4
+max_new_tokens = 4
+temperature = 1.0
+[algorithm]
+loss = {{ name = "gpg" }}
+micro_batch_tokens = 96
+[optim]
+lr = 1e-3
+schedule = {{ kind = "constant" }}
+[[reward.functions]]
+name = "length"
+weight = 0.1
+[logging]
+save_every = 0
+progress = false
+[distributed]
+weight_check_every = 1
+"#,
+            model = fixtures.join("tiny_qwen2_vl").display().to_string(),
+            out = dir.path().join(out).display().to_string(),
+            train = data.join("train.jsonl").display().to_string(),
+        ))
+        .unwrap()
+    };
+    let (m1, w1) = run(&config("one"), 1, false);
+    let (m2, w2) = run(&config("two"), 2, false);
+    assert!(m1.iter().all(|m| m.skipped.is_none()), "every step updates");
+    // The same completions and rewards; the loss is a sum of terms of both signs that nearly
+    // cancel (group-centred advantages), so it is compared in absolute terms at the scale of
+    // its terms (|A|·|log p| ~ 0.1).
+    assert_eq!(m1.len(), m2.len());
+    for (a, b) in m1.iter().zip(&m2) {
+        let s = a.step;
+        assert_eq!(a.rewards, b.rewards, "step {s}: rewards");
+        assert_eq!(
+            (a.valid_groups, a.tokens, a.completion_length_max),
+            (b.valid_groups, b.tokens, b.completion_length_max),
+            "step {s}"
+        );
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6,
+            "step {s}: loss {} vs {}",
+            a.loss,
+            b.loss
+        );
+        let rel = (a.grad_norm - b.grad_norm).abs() / a.grad_norm;
+        assert!(
+            rel <= 1e-4,
+            "step {s}: grad_norm {} vs {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+    assert!(w1[0].iter().any(|(n, _)| n.starts_with("visual.")));
+    assert_same_weights(&w1[0], &w2);
 }

@@ -146,6 +146,18 @@ pub fn generate_vl(
     prompts: &[(Vec<u32>, Vec<ProcessedImage>)],
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
+    generate_vl_keyed(model, tokenizer, prompts, params, 0)
+}
+
+/// [`generate_vl`] for prompts that are a slice of a larger batch starting at position
+/// `first_prompt_key` (see [`generate_keyed`]).
+pub fn generate_vl_keyed(
+    model: &Qwen2VL,
+    tokenizer: &Tokenizer,
+    prompts: &[(Vec<u32>, Vec<ProcessedImage>)],
+    params: &SamplingParams,
+    first_prompt_key: u64,
+) -> Result<Vec<Completion>> {
     params.validate()?;
     let text = &model.text;
     let max_pos = text.config.max_position_embeddings;
@@ -182,7 +194,15 @@ pub fn generate_vl(
         params.n,
         params.max_new_tokens,
     )?;
-    decode_pushed(text, tokenizer, batch, &lens, &deltas, params, 0)
+    decode_pushed(
+        text,
+        tokenizer,
+        batch,
+        &lens,
+        &deltas,
+        params,
+        first_prompt_key,
+    )
 }
 
 /// The decode loop once every prompt's `params.n` rows are in `batch` (prompt-major): prompt

@@ -10,8 +10,9 @@
 //! into the tower unless `freeze_vision` (then the tower keeps no activations and has no
 //! gradient or optimiser state). g_t, the objective and the optimiser are the text ones.
 //!
-//! Not supported for vision-language policies (refused by [`check_recipe`]): LoRA, data
-//! parallelism (world > 1), a GPU device (the vision ops have no CUDA kernels yet).
+//! Not supported for vision-language policies (refused by [`check_recipe`]): LoRA and a GPU
+//! device (the vision ops have no CUDA kernels yet). Data parallelism works as for text: the
+//! tower's weights are broadcast and digested with the decoder's, its gradients all-reduced.
 
 use std::path::Path;
 
@@ -39,7 +40,7 @@ use super::trainer::PreparedPrompt;
 use super::updater::{StepCache, Updater};
 use super::vl_update::VlUpdater;
 
-/// The model being trained.
+/// The model being trained (one per run: the variants' sizes do not matter).
 #[allow(clippy::large_enum_variant)]
 pub enum Policy {
     Text(Qwen2),
@@ -72,7 +73,8 @@ impl PolicyBatch {
     }
 }
 
-/// What the backward needs from the training forward.
+/// What the backward needs from the training forward (one per micro-batch).
+#[allow(clippy::large_enum_variant)]
 pub enum PolicyCache {
     Text(StepCache),
     Vision(Box<VlForwardCache>),
@@ -80,7 +82,7 @@ pub enum PolicyCache {
 
 /// Refuses, before anything is loaded, the combinations a vision-language model does not
 /// support yet, saying what to do instead; and `freeze_vision` on a text model.
-pub fn check_recipe(config: &TrainConfig, world: usize) -> Result<()> {
+pub fn check_recipe(config: &TrainConfig) -> Result<()> {
     let vision = Qwen2VLConfig::is_vl_dir(&config.model);
     if !vision {
         ensure!(
@@ -90,16 +92,11 @@ pub fn check_recipe(config: &TrainConfig, world: usize) -> Result<()> {
         );
         return Ok(());
     }
-    check_vision_options(
-        &config.model,
-        config.device.is_cpu(),
-        config.lora.is_some(),
-        world,
-    )
+    check_vision_options(&config.model, config.device.is_cpu(), config.lora.is_some())
 }
 
 /// The vision-language model's limits shared by `train` and `sft`.
-pub fn check_vision_options(model: &Path, cpu: bool, lora: bool, world: usize) -> Result<()> {
+pub fn check_vision_options(model: &Path, cpu: bool, lora: bool) -> Result<()> {
     let what = format!(
         "{} is a vision-language model (Qwen2-VL family)",
         model.display()
@@ -113,11 +110,6 @@ pub fn check_vision_options(model: &Path, cpu: bool, lora: bool, world: usize) -
         !lora,
         "{what}: LoRA is supported for text models only; remove the [lora] table to fine-tune \
          every parameter (freeze_vision = true keeps the tower fixed)"
-    );
-    ensure!(
-        world == 1,
-        "{what}: data-parallel training (world {world}) is supported for text models only; \
-         run it as one process"
     );
     Ok(())
 }
@@ -320,15 +312,43 @@ impl Policy {
                 rollout::generate_on(m, &*engine, tokenizer, &ids, params, first_prompt_key)
             }
             Policy::Vision(v) => {
-                ensure!(
-                    first_prompt_key == 0,
-                    "internal: keyed sampling of a vision-language policy (one process only)"
-                );
                 let with_images = prompts
                     .iter()
                     .map(|p| Ok((p.ids.clone(), v.process_images(p)?)))
                     .collect::<Result<Vec<_>>>()?;
-                rollout::generate_vl(&v.model, tokenizer, &with_images, params)
+                rollout::generate_vl_keyed(
+                    &v.model,
+                    tokenizer,
+                    &with_images,
+                    params,
+                    first_prompt_key,
+                )
+            }
+        }
+    }
+
+    /// ⊕ Replaces every rank's weights (the tower's included) by rank 0's; a no-op at world 1.
+    pub fn broadcast_weights(&self, collective: &dyn Collective) -> Result<()> {
+        super::replica::broadcast_weights(self.text(), collective)?;
+        if let Policy::Vision(v) = self {
+            super::replica::broadcast_tensors(&v.model.visual.named(), collective)?;
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of every parameter (the tower's included), compared between ranks.
+    pub fn weights_digest(&self) -> Result<[u8; 32]> {
+        match self {
+            Policy::Text(m) => super::replica::weights_digest(m),
+            Policy::Vision(v) => {
+                let tower: Vec<(String, &candle_core::Tensor)> = v
+                    .model
+                    .visual
+                    .named()
+                    .into_iter()
+                    .map(|(n, t)| (format!("visual.{n}"), t))
+                    .collect();
+                super::replica::weights_digest_with(&v.model.text, &tower)
             }
         }
     }
@@ -378,6 +398,7 @@ impl Policy {
                 seed,
                 collective,
             ),
+            // Every rank evaluates every item (greedy or seeded: the same figure on each).
             Policy::Vision(v) => {
                 let items = prompts
                     .iter()
@@ -523,7 +544,7 @@ impl VisionPolicy {
                     &item.chat,
                     true,
                 )
-                .with_context(|| format!("{location}: encoding the prompt"))?;
+                .with_context(|| format!("{location} (id {}): encoding the prompt", item.id))?;
                 Ok(PreparedPrompt {
                     record: PromptRecord {
                         id: item.id,

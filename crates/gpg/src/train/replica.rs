@@ -24,7 +24,16 @@ fn weight_bytes(name: &str, t: &candle_core::Tensor) -> Result<Vec<u8>> {
 /// SHA-256 over every parameter's name and raw bytes, in the visitor's (HF name) order; the
 /// leaves are hashed in parallel, then their digests in order.
 pub fn weights_digest(model: &Qwen2) -> Result<[u8; 32]> {
-    let leaves = model.weights.named();
+    weights_digest_with(model, &[])
+}
+
+/// [`weights_digest`] with `extra` parameters (a vision tower's) hashed after the model's own.
+pub fn weights_digest_with(
+    model: &Qwen2,
+    extra: &[(String, &candle_core::Tensor)],
+) -> Result<[u8; 32]> {
+    let mut leaves = model.weights.named();
+    leaves.extend(extra.iter().map(|(n, t)| (n.clone(), *t)));
     let digests = leaves
         .par_iter()
         .map(|(name, t)| {
@@ -57,10 +66,18 @@ pub fn weights_digest(model: &Qwen2) -> Result<[u8; 32]> {
 
 /// Replaces every rank's weights by rank 0's, parameter by parameter. A no-op at world 1.
 pub fn broadcast_weights(model: &Qwen2, collective: &dyn Collective) -> Result<()> {
+    broadcast_tensors(&model.weights.named(), collective)
+}
+
+/// [`broadcast_weights`] for any named parameters (a vision tower's).
+pub fn broadcast_tensors(
+    tensors: &[(String, &candle_core::Tensor)],
+    collective: &dyn Collective,
+) -> Result<()> {
     if collective.world() == 1 {
         return Ok(());
     }
-    for (name, t) in model.weights.named() {
+    for (name, t) in tensors.iter().map(|(n, t)| (n.clone(), *t)) {
         let mut bytes = if collective.is_root() {
             weight_bytes(&name, t)?
         } else {

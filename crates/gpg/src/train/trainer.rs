@@ -150,7 +150,7 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
-        super::policy::check_recipe(&config, collective.world())?;
+        super::policy::check_recipe(&config)?;
         // The host model lives on the CPU; on a GPU run the trained weights live on the device
         // (train/device.rs), and what the GPU path does not support is refused here.
         let train_device = super::device::TrainDevice::open_for(
@@ -250,7 +250,7 @@ impl Trainer {
             None
         };
         let comm = Comm::new(collective.clone());
-        comm.timed(|| super::replica::broadcast_weights(model.text(), &*collective))?;
+        comm.timed(|| model.broadcast_weights(&*collective))?;
         comm.timed(|| super::replica::broadcast_adapter(model.text(), &*collective))?;
         let (prompts, heldout) = model.load_prompts(&config, &tokenizer)?;
         collective.ensure_same(
@@ -356,7 +356,7 @@ impl Trainer {
         if collective.world() == 1 {
             return Ok(());
         }
-        let digest = super::replica::weights_digest(self.model.text())?;
+        let digest = self.model.weights_digest()?;
         self.comm
             .timed(|| {
                 collective.ensure_same(

@@ -111,12 +111,7 @@ fn load_examples(
 /// layout it came in, with its tokenizer and preprocessor_config.json). Returns the final
 /// held-out pass@1 (sampled at temperature 1; NaN without `eval_data`).
 pub fn run_vl_sft(config: &SftConfig) -> Result<f64> {
-    check_vision_options(
-        &config.model,
-        config.device.is_cpu(),
-        config.lora.is_some(),
-        1,
-    )?;
+    check_vision_options(&config.model, config.device.is_cpu(), config.lora.is_some())?;
     let device = config.device.open()?;
     let mut policy = Policy::load(
         &config.model,
