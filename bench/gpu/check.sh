@@ -18,7 +18,7 @@
 #      --resume on the GPU, a CPU checkpoint resumed on the GPU
 #   3. Qwen2.5-0.5B- and 1.5B-shaped random bf16 models made by transformers
 #      (make_qwen_shape.py); greedy `generate` on cuda vs cpu (same tokens expected up to
-#      bf16 ties); `bench engine --device cuda`: the GPU train step (16 × 1024 tokens, MFU,
+#      bf16 ties); `logprobs` on cuda vs cpu (worst |diff| < 0.25 in bf16); `bench engine --device cuda`: the GPU train step (16 × 1024 tokens, MFU,
 #      device memory) beside PyTorch's (torch_train_step.py, pure bf16, sdpa, on the GPU), and
 #      sampling at batch 64 × 512 new tokens (and batch 1) beside HF generate on the GPU
 #   4. `bench trainer --device cuda` (whole GPG steps through the Trainer: GPU rollout, update,
@@ -79,6 +79,25 @@ for a, b in zip(rows["cpu"], rows["cuda"]):
     same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
     print(f"prompt {a['prompt_index']}: first {same} of {len(ta)} greedy tokens equal; "
           f"max |logprob diff| over them {max([abs(x - y) for x, y in zip(a['logprobs'][:same], b['logprobs'][:same])] or [0]):.3g}")
+PY
+
+step "3a''. logprobs, cuda vs cpu (0.5B shape, bf16; the GPU forward of the train step)"
+printf '%s\n' '{"prompt": "The capital of France is", "completion": " Paris, on the Seine."}' \
+  '{"prompt": "1 + 1 =", "completion": " 2, and 2 + 2 = 4."}' > /tmp/logprobs-in.jsonl
+for dev in cpu cuda; do
+  timeout 90 $bin/gpg-rl logprobs --model /tmp/qwen-0.5b --precision bf16 --device $dev \
+    --input /tmp/logprobs-in.jsonl > "$OUT/logprobs-$dev.jsonl" || fail=1
+done
+$py - "$OUT" <<'PY' || fail=1
+import json, sys
+out = sys.argv[1]
+rows = {d: [json.loads(l) for l in open(f"{out}/logprobs-{d}.jsonl")] for d in ("cpu", "cuda")}
+worst = 0.0
+for a, b in zip(rows["cpu"], rows["cuda"]):
+    assert a["completion_ids"] == b["completion_ids"], "different tokenization"
+    worst = max([worst] + [abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])])
+print(f"logprobs cpu vs cuda (bf16): worst |diff| {worst:.3g} over {sum(len(r['logprobs']) for r in rows['cpu'])} tokens")
+sys.exit(0 if worst < 0.25 else 1)
 PY
 
 step "3a'. determinism: the same sampled completions on the GPU, run after run"

@@ -2,7 +2,9 @@
 //! lines. Prompt and completion are tokenized separately, with no special tokens, and
 //! concatenated. With a Qwen2-VL-family model a line may instead hold `"messages"` (chat
 //! messages, image parts included, paths relative to the JSONL file) rendered by the chat
-//! template with the generation prompt.
+//! template with the generation prompt. With `--device cuda` (a build with `--features cuda`)
+//! a text model's forward runs on the GPU: the weights are uploaded once and every packed
+//! batch goes through the GPU train step's forward (no backward).
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gpg::data::vl_chat::{encode_chat, parse_messages};
 use gpg::image::{ImageProcessor, ProcessedImage};
-use gpg::model::{Qwen2VL, Qwen2VLConfig, TrainBatch, VlBatch, VlSequence};
+use gpg::model::{Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs, TrainBatch, VlBatch, VlSequence};
 use gpg::tokenizer::Tokenizer;
 
 use super::model_dir::{AdapterFlag, EngineFlags, ModelDir};
@@ -47,7 +49,8 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         );
         return run_vl(args);
     }
-    let dir = ModelDir::load(&args.model, &args.engine)?.with_adapter(&args.adapter)?;
+    let dir = ModelDir::load_host(&args.model, &args.engine)?.with_adapter(&args.adapter)?;
+    let scorer = Scorer::open(&dir.model, &args.engine)?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("{}: cannot open", args.input.display()))?;
     let mut lines = Vec::new();
@@ -103,7 +106,7 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
             .map(|l| (l.prompt_ids.as_slice(), l.completion_ids.as_slice()))
             .collect();
         let batch = TrainBatch::new(&pairs)?;
-        let result = dir.model.logprobs(&batch, 1.0)?;
+        let result = scorer.logprobs(&dir.model, &batch)?;
         for (j, line) in lines[start..end].iter().enumerate() {
             let span = batch.completion_offsets[j]..batch.completion_offsets[j + 1];
             let mut record = line.record.clone();
@@ -117,6 +120,58 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         start = end;
     }
     Ok(())
+}
+
+/// Where a text model's packed batches are scored: the host model, or the GPU train step's
+/// forward over weights uploaded once (feature `cuda`).
+enum Scorer {
+    Host,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<gpg::model::cuda_train::CudaTrainStep>),
+}
+
+impl Scorer {
+    fn open(model: &Qwen2, engine: &EngineFlags) -> Result<Self> {
+        if engine.device.is_cpu() {
+            return Ok(Scorer::Host);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            anyhow::ensure!(
+                model.adapter().is_none(),
+                "--adapter with --device {}: LoRA adapters are scored on the CPU only so far; use \
+                 --device cpu, or merge the adapter first (`gpg-rl merge`)",
+                engine.device
+            );
+            let gpu = engine.device.open_gpu()?;
+            let step = gpg::model::cuda_train::CudaTrainStep::new(
+                gpu,
+                model,
+                gpg::optim::AdamWConfig::default(),
+            )?;
+            Ok(Scorer::Cuda(Box::new(step)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = model;
+            engine.device.open()?;
+            bail!("device `{}` is not available in this build", engine.device)
+        }
+    }
+
+    fn logprobs(&self, model: &Qwen2, batch: &TrainBatch) -> Result<TokenLogprobs> {
+        match self {
+            Scorer::Host => model.logprobs(batch, 1.0),
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(step) => {
+                let _ = model;
+                // Only each layer's input is kept, and dropped at once: a forward-only pass.
+                Ok(step
+                    .forward_with(batch, 1.0, gpg::model::Activations::LayerInputs)?
+                    .0)
+            }
+        }
+    }
 }
 
 /// One line for a vision-language model.

@@ -91,6 +91,12 @@ impl ModelDir {
         Self::load_on(dir, &gpg::candle_core::Device::Cpu, engine)
     }
 
+    /// Loads the model on the host for a command that moves what it needs to `engine.device`
+    /// itself (`logprobs` uploads the weights to the GPU once); the device is checked there.
+    pub fn load_host(dir: &Path, engine: &EngineFlags) -> Result<Self> {
+        Self::load_on(dir, &gpg::candle_core::Device::Cpu, engine)
+    }
+
     fn load_on(
         dir: &Path,
         device: &gpg::candle_core::Device,

@@ -134,7 +134,7 @@ impl DeviceName {
             let gpu = self.open_gpu()?;
             bail!(
                 "device `{}` ({}): this command runs on the CPU only so far (on the GPU: `train`, \
-                 `sft`, `bench trainer`, `generate`, `eval` of text models, `bench engine`); use \
+                 `sft`, `bench trainer`, `generate`, `eval`, `logprobs` of text models, `bench engine`); use \
                  `--device cpu`",
                 self.0,
                 gpu.description()
