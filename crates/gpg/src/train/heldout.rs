@@ -53,31 +53,10 @@ pub(super) fn eval_config(
 }
 
 /// Held-out pass@1: the mean over prompts and `samples` completions of 1[answer ≡ gold],
-/// measured by [`crate::eval::evaluate`].
-pub fn pass_at_1(
-    model: &Qwen2,
-    tokenizer: &Tokenizer,
-    prompts: &[PreparedPrompt],
-    samples: usize,
-    temperature: f32,
-    max_new_tokens: usize,
-    seed: u64,
-) -> Result<f64> {
-    pass_at_1_on(
-        model,
-        model,
-        tokenizer,
-        prompts,
-        samples,
-        temperature,
-        max_new_tokens,
-        seed,
-    )
-}
-
-/// [`pass_at_1`] sampled on `engine` (the CPU model itself, or a GPU decoder).
+/// measured by [`crate::eval::evaluate`], sampled on `engine` (the CPU model itself, or a GPU
+/// decoder).
 #[allow(clippy::too_many_arguments)]
-pub fn pass_at_1_on(
+pub fn pass_at_1(
     model: &Qwen2,
     engine: &dyn DecodeEngine,
     tokenizer: &Tokenizer,
@@ -110,31 +89,6 @@ pub fn pass_at_1_on(
 /// same figure for any number of ranks: Σ_i c_i / (n · k).
 #[allow(clippy::too_many_arguments)]
 pub fn pass_at_1_sharded(
-    model: &Qwen2,
-    tokenizer: &Tokenizer,
-    prompts: &[PreparedPrompt],
-    samples: usize,
-    temperature: f32,
-    max_new_tokens: usize,
-    seed: u64,
-    collective: &dyn Collective,
-) -> Result<f64> {
-    pass_at_1_sharded_on(
-        model,
-        model,
-        tokenizer,
-        prompts,
-        samples,
-        temperature,
-        max_new_tokens,
-        seed,
-        collective,
-    )
-}
-
-/// [`pass_at_1_sharded`] sampled on `engine` (the CPU model itself, or a GPU decoder).
-#[allow(clippy::too_many_arguments)]
-pub fn pass_at_1_sharded_on(
     model: &Qwen2,
     engine: &dyn DecodeEngine,
     tokenizer: &Tokenizer,

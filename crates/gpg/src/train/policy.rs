@@ -387,7 +387,7 @@ impl Policy {
         collective: &dyn Collective,
     ) -> Result<f64> {
         match self {
-            Policy::Text(m) => super::heldout::pass_at_1_sharded_on(
+            Policy::Text(m) => super::heldout::pass_at_1_sharded(
                 m,
                 &*updater.decode_engine(m)?,
                 tokenizer,

@@ -179,7 +179,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         .with_context(|| format!("{}: cannot create", log_path.display()))?;
     let eval = |model: &Qwen2, updater: &Updater, seed: u64, temperature: f32| {
         let engine = updater.decode_engine(model)?;
-        heldout::pass_at_1_on(
+        heldout::pass_at_1(
             model,
             &*engine,
             &tokenizer,

@@ -103,35 +103,7 @@ impl ModelUpdater {
         for (((name, tensor), (_, grad)), (_, master)) in
             weights.into_iter().zip(grads).zip(masters)
         {
-            match master {
-                Some(master) => {
-                    optimizer.update(
-                        lr,
-                        ParamGrad {
-                            name: &name,
-                            param: master,
-                            grad,
-                            weight_decay: true,
-                        },
-                    )?;
-                    write_rounded(tensor, master)?;
-                }
-                None => update_in_place(tensor, |slot| match slot {
-                    WeightSliceMut::F32(param) => optimizer.update(
-                        lr,
-                        ParamGrad {
-                            name: &name,
-                            param,
-                            grad,
-                            weight_decay: true,
-                        },
-                    ),
-                    WeightSliceMut::Bf16(_) => {
-                        anyhow::bail!("internal: bf16 parameter {name} has no master copy")
-                    }
-                })
-                .with_context(|| format!("updating {name}"))?,
-            }
+            apply_adamw(optimizer, lr, &name, tensor, master.as_mut(), grad)?;
         }
         self.zero_grad();
         Ok(StepOutcome::Applied(clip))
@@ -227,6 +199,47 @@ impl ModelUpdater {
             );
         }
         AdamW::from_state(state)
+    }
+}
+
+/// One AdamW update of the model tensor `name` from its gradient: through its f32 master copy,
+/// then rounded into the tensor (bf16 leaves), or in place (f32 leaves).
+pub(super) fn apply_adamw(
+    optimizer: &mut AdamW,
+    lr: f32,
+    name: &str,
+    tensor: &candle_core::Tensor,
+    master: Option<&mut Vec<f32>>,
+    grad: &[f32],
+) -> Result<()> {
+    match master {
+        Some(master) => {
+            optimizer.update(
+                lr,
+                ParamGrad {
+                    name,
+                    param: master,
+                    grad,
+                    weight_decay: true,
+                },
+            )?;
+            write_rounded(tensor, master)
+        }
+        None => update_in_place(tensor, |slot| match slot {
+            WeightSliceMut::F32(param) => optimizer.update(
+                lr,
+                ParamGrad {
+                    name,
+                    param,
+                    grad,
+                    weight_decay: true,
+                },
+            ),
+            WeightSliceMut::Bf16(_) => {
+                anyhow::bail!("internal: bf16 parameter {name} has no master copy")
+            }
+        })
+        .with_context(|| format!("updating {name}")),
     }
 }
 

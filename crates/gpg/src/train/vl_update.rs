@@ -22,11 +22,10 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::checkpoint::Buffers;
-use crate::model::ops::{update_in_place, WeightSliceMut};
 use crate::model::{Qwen2VL, VlGrads};
-use crate::optim::{clip_grad_norm, AdamW, ParamGrad};
+use crate::optim::{clip_grad_norm, AdamW};
 
-use super::update::{optimizer_checkpoint, write_rounded, OptimizerMeta, StepOutcome};
+use super::update::{apply_adamw, optimizer_checkpoint, write_rounded, OptimizerMeta, StepOutcome};
 
 /// Prefix of the checkpoint buffers holding f32 master weights (bf16 models), as for text.
 const MASTER: &str = "master";
@@ -129,36 +128,7 @@ impl VlUpdater {
         );
         let optimizer = &mut self.optimizer;
         for (p, grad) in self.params.iter_mut().zip(grads) {
-            let name = &p.name;
-            match &mut p.master {
-                Some(master) => {
-                    optimizer.update(
-                        lr,
-                        ParamGrad {
-                            name,
-                            param: master,
-                            grad,
-                            weight_decay: true,
-                        },
-                    )?;
-                    write_rounded(&p.tensor, master)?;
-                }
-                None => update_in_place(&p.tensor, |slot| match slot {
-                    WeightSliceMut::F32(param) => optimizer.update(
-                        lr,
-                        ParamGrad {
-                            name,
-                            param,
-                            grad,
-                            weight_decay: true,
-                        },
-                    ),
-                    WeightSliceMut::Bf16(_) => {
-                        anyhow::bail!("internal: bf16 parameter {name} has no master copy")
-                    }
-                })
-                .with_context(|| format!("updating {name}"))?,
-            }
+            apply_adamw(optimizer, lr, &p.name, &p.tensor, p.master.as_mut(), grad)?;
         }
         self.zero_grad();
         Ok(StepOutcome::Applied(clip))
