@@ -387,3 +387,74 @@ fn bench_gemm_mixed_one_block() {
         gf(x)
     );
 }
+
+/// Process CPU time of the fastest of `reps` runs of `f` after a warm-up, divided by the rayon
+/// threads, in milliseconds: on a machine shared with other jobs this measures the kernel
+/// rather than the time slices the scheduler gave it (idle rayon threads spin briefly and
+/// count too, so it errs on the slow side).
+fn best_cpu_ms<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    fn cpu_s() -> f64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    }
+    std::hint::black_box(f());
+    let threads = rayon::current_num_threads() as f64;
+    (0..reps)
+        .map(|_| {
+            let t0 = cpu_s();
+            std::hint::black_box(f());
+            (cpu_s() - t0) * 1e3 / threads
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The decode products at the sampling batch of `bench trainer` (32 rows), f32: the AVX2 and
+/// AVX-512 tiles side by side, best of `reps` in CPU time per thread ([`best_cpu_ms`]), with
+/// the weight bytes streamed per second. The small weights stay in the cache between runs
+/// here, where decoding streams them from memory.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_decode_32_rows() {
+    use super::cpu::isa::Isa;
+    use super::cpu::rows_matmul::matmul_wt_with;
+    if !Isa::Avx2.supported() {
+        println!("skipped: no AVX2");
+        return;
+    }
+    let mut g = rng(13);
+    let rows = 32usize;
+    let mut paths = vec![("avx2", Isa::Avx2)];
+    if Isa::Avx512Bf16.supported() {
+        paths.push(("avx512", Isa::Avx512Bf16));
+    }
+    println!(
+        "decode f32, {rows} rows, {} rayon threads",
+        rayon::current_num_threads()
+    );
+    for (name, n, k) in [
+        ("q", 896usize, 896usize),
+        ("gate", 4864, 896),
+        ("down", 896, 4864),
+        ("head", 151_936, 896),
+    ] {
+        let w = rand_vec(&mut g, n * k, 0.05);
+        let x = rand_vec(&mut g, rows * k, 1.0);
+        let mut y = vec![0.0f32; rows * n];
+        let reps = if n > 100_000 { 7 } else { 61 };
+        let mut line = format!("{name:5} N={n:6} K={k:5}:");
+        for &(label, isa) in &paths {
+            let ms = best_cpu_ms(reps, || {
+                matmul_wt_with(isa, &x, &w, None, rows, k, n, &mut y, false)
+            });
+            let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+            let gbs = (n * k * 4) as f64 / ms / 1e6;
+            line += &format!("  {label} {ms:7.3} ms {gflops:6.1} GF/s {gbs:5.1} GB/s |");
+        }
+        println!("{line}");
+    }
+}

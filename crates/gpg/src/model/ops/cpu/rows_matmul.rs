@@ -56,13 +56,7 @@ pub(crate) fn matmul_wt(
     y: &mut [f32],
     accumulate: bool,
 ) {
-    // The AVX-512F tiles are not used by default: on the 0.5B decode shapes (bench
-    // `bench_decode_rows_matmul`) they measured no faster than the AVX2 ones at 1 row and
-    // mostly slower at 16–32 rows (see the module docs), so AVX-512 CPUs run the AVX2 tiles.
-    let level = match isa() {
-        Isa::Avx512Bf16 => Isa::Avx2,
-        other => other,
-    };
+    let level = isa();
     matmul_wt_with(level, x, w, bias, rows, k, n_out, y, accumulate)
 }
 
@@ -287,6 +281,15 @@ mod avx2 {
 
 /// AVX-512F tiles of the f32 product: 4 rows of x × 6 rows of W in 24 zmm accumulators
 /// (10 loads per 24 FMAs of 16 lanes); k tails by masked loads.
+///
+/// Two details decide its speed. The functions enable AVX512VL as well as AVX512F: without
+/// VL the compiler may use only ymm/zmm0–15 for the 256-bit steps of the final horizontal sums,
+/// and then keeps 9 of the 24 accumulators on the stack through the whole k loop (this was
+/// why these tiles once measured slower than the AVX2 ones). And the next block of W is
+/// prefetched into L2 spread evenly over all the tiles that use the current block, a cache
+/// line per k step at 32 rows: the weights stream from memory, a burst of prefetches at the
+/// first tile overflows the line-fill buffers, and prefetching into L1 would evict the block
+/// in use (2·6·k + 4·k floats exceed L1 at k = 896).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -297,7 +300,7 @@ mod avx512 {
     const NR: usize = 6;
 
     /// Every (m, n) with m < rows, n0 ≤ n < n1, handed to `store` exactly once.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     pub(super) unsafe fn columns(
         x: &[f32],
         w: &[f32],
@@ -321,7 +324,9 @@ mod avx512 {
         }
     }
 
-    /// Columns n..n+C for every row of x, MR rows at a time.
+    /// Columns n..n+C for every row of x, MR rows at a time, prefetching the next C rows of
+    /// W (one contiguous block) into L2 across the tiles. Only addresses are formed past the
+    /// end of W, never read.
     #[inline(always)]
     unsafe fn rows_tiles<const C: usize>(
         x: &[f32],
@@ -332,13 +337,20 @@ mod avx512 {
         store: &impl Fn(usize, usize, f32),
     ) {
         let wn = &w[n * k..(n + C) * k];
-        // The next C rows of W are prefetched while the first rows of x meet these (as in the
-        // AVX2 kernel); only an address is formed past the end, never read.
         let next = w.as_ptr().wrapping_add((n + C) * k);
+        let next_end = next.wrapping_add(C * k);
+        let tiles = rows.div_ceil(MR);
+        // Lines per k step so that the tiles together cover the C rows of the next block.
+        let per_step = C.div_ceil(tiles);
+        let lines_per_tile = per_step * k.div_ceil(16);
         let mut m = 0;
         while m < rows {
             let xm = &x[m * k..];
-            let pf = if m == 0 { next } else { std::ptr::null() };
+            let pf = Prefetch {
+                from: next.wrapping_add((m / MR) * lines_per_tile * 16),
+                end: next_end,
+                per_step,
+            };
             match rows - m {
                 1 => super::emit(tile::<1, C>(xm, wn, k, pf), m, n, store),
                 2 => super::emit(tile::<2, C>(xm, wn, k, pf), m, n, store),
@@ -349,26 +361,37 @@ mod avx512 {
         }
     }
 
+    /// The part of the next W block one tile prefetches: `per_step` cache lines per k step
+    /// from `from`, while below `end`.
+    #[derive(Clone, Copy)]
+    struct Prefetch {
+        from: *const f32,
+        end: *const f32,
+        per_step: usize,
+    }
+
     /// dot(x row i, w row j) for i < R, j < C: x rows have stride k, w rows too.
     #[inline(always)]
     unsafe fn tile<const R: usize, const C: usize>(
         x: &[f32],
         w: &[f32],
         k: usize,
-        prefetch: *const f32,
+        pf: Prefetch,
     ) -> [[f32; C]; R] {
         debug_assert!(x.len() >= (R - 1) * k + k && w.len() >= C * k);
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let mut next = pf.from;
         let mut p = 0;
         while p < k {
+            if next < pf.end {
+                for q in 0..pf.per_step {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(q * 16) as *const i8);
+                }
+                next = next.wrapping_add(pf.per_step * 16);
+            }
             let left = k - p;
             let mask: __mmask16 = if left >= 16 { !0 } else { (1u16 << left) - 1 };
-            if !prefetch.is_null() {
-                for j in 0..C {
-                    _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(j * k + p) as *const i8);
-                }
-            }
             let mut wv = [_mm512_setzero_ps(); C];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(mask, wp.add(j * k + p));
@@ -548,7 +571,7 @@ mod bf16x86 {
     ///
     /// # Safety
     /// The CPU must support AVX-512F/BW and AVX512-BF16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn columns_avx512(
         x: &[u16],
         w: &[u16],
