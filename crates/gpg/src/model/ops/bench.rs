@@ -458,3 +458,79 @@ fn bench_decode_32_rows() {
         println!("{line}");
     }
 }
+
+/// The f32 GEMM (the `gemm` crate, AVX-512 where the CPU has it) on the 0.5B update's
+/// products at T = 2048 tokens and the output head's chunk (4096 vocabulary entries), in CPU
+/// time per thread ([`best_cpu_ms`]), beside one cache-resident block on one thread: how far
+/// the whole products fall short of the micro-kernel.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_update_gemm_f32() {
+    use super::cpu::matmul::{gemm, MatMut, MatRef, Threads};
+    let (t, hid, inter, chunk) = (2048usize, 896usize, 4864usize, 4096usize);
+    let mut g = rng(17);
+    // (name, m, k, n, kind): 0 = x·Wᵀ (W [n, k]), 1 = dy·W (W [k, n]), 2 = dyᵀ·x accumulated.
+    let shapes = [
+        ("one block, 1 thread", 192, 512, 4096, 3),
+        ("fwd q     x·Wqᵀ", t, hid, hid, 0),
+        ("fwd k/v   x·Wkᵀ", t, hid, 128, 0),
+        ("fwd gate  x·Wgᵀ", t, hid, inter, 0),
+        ("fwd down  h·Wdᵀ", t, inter, hid, 0),
+        ("dx  gate  dy·Wg", t, inter, hid, 1),
+        ("dx  down  dy·Wd", t, hid, inter, 1),
+        ("dW  gate  dyᵀ·x", inter, t, hid, 2),
+        ("dW  down  dyᵀ·h", hid, t, inter, 2),
+        ("head fwd  h·Wᵀ", t, hid, chunk, 0),
+        ("head dh   dz·W", t, chunk, hid, 1),
+        ("head dW   dzᵀ·h", chunk, t, hid, 2),
+    ];
+    println!(
+        "f32 gemm, {} rayon threads, CPU ms per thread (best of 7)",
+        rayon::current_num_threads()
+    );
+    for (name, m, k, n, kind) in shapes {
+        let a = rand_vec(&mut g, m * k, 1.0);
+        let b = rand_vec(&mut g, k * n, 0.05);
+        let mut c = vec![0.0f32; m * n];
+        let a_ref = || match kind {
+            2 => MatRef::row_major(&a, k, m).t(),
+            _ => MatRef::row_major(&a, m, k),
+        };
+        let b_ref = || match kind {
+            0 => MatRef::row_major(&b, n, k).t(),
+            _ => MatRef::row_major(&b, k, n),
+        };
+        let threads = if kind == 3 {
+            Threads::One
+        } else {
+            Threads::All
+        };
+        let mut run = || {
+            gemm(
+                MatMut::row_major(&mut c, m, n),
+                a_ref(),
+                b_ref(),
+                kind == 2,
+                1.0,
+                threads,
+            )
+        };
+        let (cpu, wall) = if kind == 3 {
+            let w = best_ms(7, &mut run);
+            (w, w)
+        } else {
+            (best_cpu_ms(7, &mut run), best_ms(7, &mut run))
+        };
+        let gf = |ms: f64| 2.0 * (m * k * n) as f64 / ms / 1e6;
+        let per_thread = if kind == 3 {
+            1.0
+        } else {
+            rayon::current_num_threads() as f64
+        };
+        println!(
+            "{name:20} {:>16} {cpu:8.2} ms CPU/thread {:7.1} GF/s per thread·{per_thread}  (wall {wall:8.2} ms)",
+            format!("{m}×{k}×{n}"),
+            gf(cpu) / per_thread * per_thread,
+        );
+    }
+}
