@@ -5,16 +5,20 @@
 //! streaming W, not by arithmetic. A general GEMM packs W into its own layout on every call,
 //! which costs as much again as the product; this kernel reads W where it lies, as transformers
 //! stores it ([out, in] row-major): each output y[m, n] is the dot product of row m of x and
-//! row n of W. Tiles of 4 rows of x × 3 rows of W keep 12 AVX2 accumulators in registers
-//! (7 loads per 12 FMAs) while the 3 W rows stream through once for every 4 rows of x; the
-//! output columns are split across the rayon pool.
+//! row n of W. On AVX-512 CPUs, tiles of 4 rows of x × 6 rows of W keep 24 zmm accumulators
+//! in registers (10 loads per 24 FMAs of 16 lanes), and the next 6 rows of W are prefetched into
+//! L2 while the current ones meet every row of x (see the `avx512` module for the two details
+//! that make this fast); on AVX2 CPUs, tiles of 4 × 3 keep 12 ymm accumulators (7 loads per
+//! 12 FMAs). The output columns are split across the rayon pool.
 //!
 //! [`matmul_wt_bf16`] is the same product with a bf16 weight (half the bytes to stream): x is
 //! rounded to bf16 once per call; on AVX512-BF16, tiles of 4 rows of x × 6 rows of W with
-//! `vdpbf16ps` (32 k values per instruction). The f32 kernel also has AVX-512F tiles (4 × 6
-//! zmm), reachable through [`matmul_wt_with`]; [`matmul_wt`] does not use them because on the
-//! 0.5B decode shapes they measured no faster than AVX2 at 1 row and mostly 10–25% slower at
-//! 16–32 rows (`bench_decode_rows_matmul`, Intel Xeon with AVX-512, 2 threads).
+//! `vdpbf16ps` (32 k values per instruction).
+//!
+//! At 32 rows (the sampling batch of `bench trainer`) the 0.5B model's products move
+//! 16 FLOP per weight byte, so on a 2-core VM with ≈ 14 GB/s of memory bandwidth they are
+//! bound by memory and arithmetic at once: the AVX-512 tiles reach 184–214 GFLOP/s (CPU time)
+//! against 124–151 for the AVX2 ones (`bench_decode_32_rows`, docs/BENCHMARKS.md).
 
 use rayon::prelude::*;
 
@@ -61,7 +65,8 @@ pub(crate) fn matmul_wt(
 }
 
 /// [`matmul_wt`] on an explicit instruction-set level (which the CPU must support);
-/// `Isa::Avx512Bf16` runs the AVX-512F tiles (4 rows of x × 6 rows of W in 24 zmm).
+/// `Isa::Avx512Bf16` runs the AVX-512F tiles (4 rows of x × 6 rows of W in 24 zmm), `Isa::Avx2`
+/// the AVX2 ones, `Isa::Portable` plain dot products.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_wt_with(
     isa: Isa,
