@@ -413,15 +413,16 @@ fn best_cpu_ms<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// The decode products at the sampling batch of `bench trainer` (32 rows), f32: the AVX2 and
-/// AVX-512 tiles side by side, best of `reps` in CPU time per thread ([`best_cpu_ms`]), with
+/// The decode products at the sampling batch of `bench trainer` (32 rows), f32 (AVX2 and
+/// AVX-512 tiles) and bf16 (AVX2, `vdpbf16ps`, W widened in registers) side by side, best of `reps` in CPU time per thread ([`best_cpu_ms`]), with
 /// the weight bytes streamed per second. The small weights stay in the cache between runs
 /// here, where decoding streams them from memory.
 #[test]
 #[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
 fn bench_decode_32_rows() {
     use super::cpu::isa::Isa;
-    use super::cpu::rows_matmul::matmul_wt_with;
+    use super::cpu::rows_matmul::{matmul_wt_bf16_path, matmul_wt_with, Bf16Decode};
+    use half::bf16;
     if !Isa::Avx2.supported() {
         println!("skipped: no AVX2");
         return;
@@ -446,13 +447,29 @@ fn bench_decode_32_rows() {
         let x = rand_vec(&mut g, rows * k, 1.0);
         let mut y = vec![0.0f32; rows * n];
         let reps = if n > 100_000 { 7 } else { 61 };
-        let mut line = format!("{name:5} N={n:6} K={k:5}:");
+        let mut line = format!("{name:5} N={n:6} K={k:5}: f32");
         for &(label, isa) in &paths {
             let ms = best_cpu_ms(reps, || {
                 matmul_wt_with(isa, &x, &w, None, rows, k, n, &mut y, false)
             });
             let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
             let gbs = (n * k * 4) as f64 / ms / 1e6;
+            line += &format!("  {label} {ms:7.3} ms {gflops:6.1} GF/s {gbs:5.1} GB/s |");
+        }
+        println!("{line}");
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut line = format!("{name:5} N={n:6} K={k:5}: bf16");
+        let mut bf16_paths = vec![("avx2", Bf16Decode::Avx2)];
+        if Isa::Avx512Bf16.supported() {
+            bf16_paths.push(("vdpbf16ps", Bf16Decode::Dot));
+            bf16_paths.push(("widened fma", Bf16Decode::WideFma));
+        }
+        for (label, path) in bf16_paths {
+            let ms = best_cpu_ms(reps, || {
+                matmul_wt_bf16_path(path, &x, &wb, None, rows, k, n, &mut y, false)
+            });
+            let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+            let gbs = (n * k * 2) as f64 / ms / 1e6;
             line += &format!("  {label} {ms:7.3} ms {gflops:6.1} GF/s {gbs:5.1} GB/s |");
         }
         println!("{line}");
