@@ -12,8 +12,10 @@
 //! 12 FMAs). The output columns are split across the rayon pool.
 //!
 //! [`matmul_wt_bf16`] is the same product with a bf16 weight (half the bytes to stream): x is
-//! rounded to bf16 once per call; on AVX512-BF16, tiles of 4 rows of x × 6 rows of W with
-//! `vdpbf16ps` (32 k values per instruction).
+//! rounded to bf16 once per call; on AVX512-BF16 CPUs where `vdpbf16ps` is fast (AMD Zen 4),
+//! tiles of 4 rows of x × 6 rows of W with `vdpbf16ps` (32 k values per instruction); where it
+//! is slow (Intel), the f32 AVX-512 tiles with W widened to f32 in registers
+//! ([`Bf16Decode`]).
 //!
 //! At 32 rows (the sampling batch of `bench trainer`) the 0.5B model's products move
 //! 16 FLOP per weight byte, so on a 2-core VM with ≈ 14 GB/s of memory bandwidth they are
