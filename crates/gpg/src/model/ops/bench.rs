@@ -387,3 +387,167 @@ fn bench_gemm_mixed_one_block() {
         gf(x)
     );
 }
+
+/// Process CPU time of the fastest of `reps` runs of `f` after a warm-up, divided by the rayon
+/// threads, in milliseconds: on a machine shared with other jobs this measures the kernel
+/// rather than the time slices the scheduler gave it (idle rayon threads spin briefly and
+/// count too, so it errs on the slow side).
+fn best_cpu_ms<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    fn cpu_s() -> f64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    }
+    std::hint::black_box(f());
+    let threads = rayon::current_num_threads() as f64;
+    (0..reps)
+        .map(|_| {
+            let t0 = cpu_s();
+            std::hint::black_box(f());
+            (cpu_s() - t0) * 1e3 / threads
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The decode products at the sampling batch of `bench trainer` (32 rows), f32 (AVX2 and
+/// AVX-512 tiles) and bf16 (AVX2, `vdpbf16ps`, W widened in registers) side by side, best of `reps` in CPU time per thread ([`best_cpu_ms`]), with
+/// the weight bytes streamed per second. The small weights stay in the cache between runs
+/// here, where decoding streams them from memory.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_decode_32_rows() {
+    use super::cpu::isa::Isa;
+    use super::cpu::rows_matmul::{matmul_wt_bf16_path, matmul_wt_with, Bf16Decode};
+    use half::bf16;
+    if !Isa::Avx2.supported() {
+        println!("skipped: no AVX2");
+        return;
+    }
+    let mut g = rng(13);
+    let rows = 32usize;
+    let mut paths = vec![("avx2", Isa::Avx2)];
+    if Isa::Avx512Bf16.supported() {
+        paths.push(("avx512", Isa::Avx512Bf16));
+    }
+    println!(
+        "decode f32, {rows} rows, {} rayon threads",
+        rayon::current_num_threads()
+    );
+    for (name, n, k) in [
+        ("q", 896usize, 896usize),
+        ("gate", 4864, 896),
+        ("down", 896, 4864),
+        ("head", 151_936, 896),
+    ] {
+        let w = rand_vec(&mut g, n * k, 0.05);
+        let x = rand_vec(&mut g, rows * k, 1.0);
+        let mut y = vec![0.0f32; rows * n];
+        let reps = if n > 100_000 { 7 } else { 61 };
+        let mut line = format!("{name:5} N={n:6} K={k:5}: f32");
+        for &(label, isa) in &paths {
+            let ms = best_cpu_ms(reps, || {
+                matmul_wt_with(isa, &x, &w, None, rows, k, n, &mut y, false)
+            });
+            let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+            let gbs = (n * k * 4) as f64 / ms / 1e6;
+            line += &format!("  {label} {ms:7.3} ms {gflops:6.1} GF/s {gbs:5.1} GB/s |");
+        }
+        println!("{line}");
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut line = format!("{name:5} N={n:6} K={k:5}: bf16");
+        let mut bf16_paths = vec![("avx2", Bf16Decode::Avx2)];
+        if Isa::Avx512Bf16.supported() {
+            bf16_paths.push(("vdpbf16ps", Bf16Decode::Dot));
+            bf16_paths.push(("widened fma", Bf16Decode::WideFma));
+        }
+        for (label, path) in bf16_paths {
+            let ms = best_cpu_ms(reps, || {
+                matmul_wt_bf16_path(path, &x, &wb, None, rows, k, n, &mut y, false)
+            });
+            let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+            let gbs = (n * k * 2) as f64 / ms / 1e6;
+            line += &format!("  {label} {ms:7.3} ms {gflops:6.1} GF/s {gbs:5.1} GB/s |");
+        }
+        println!("{line}");
+    }
+}
+
+/// The f32 GEMM (the `gemm` crate, AVX-512 where the CPU has it) on the 0.5B update's
+/// products at T = 2048 tokens and the output head's chunk (4096 vocabulary entries), in CPU
+/// time per thread ([`best_cpu_ms`]), beside one cache-resident block on one thread: how far
+/// the whole products fall short of the micro-kernel.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_update_gemm_f32() {
+    use super::cpu::matmul::{gemm, MatMut, MatRef, Threads};
+    let (t, hid, inter, chunk) = (2048usize, 896usize, 4864usize, 4096usize);
+    let mut g = rng(17);
+    // (name, m, k, n, kind): 0 = x·Wᵀ (W [n, k]), 1 = dy·W (W [k, n]), 2 = dyᵀ·x accumulated.
+    let shapes = [
+        ("one block, 1 thread", 192, 512, 4096, 3),
+        ("fwd q     x·Wqᵀ", t, hid, hid, 0),
+        ("fwd k/v   x·Wkᵀ", t, hid, 128, 0),
+        ("fwd gate  x·Wgᵀ", t, hid, inter, 0),
+        ("fwd down  h·Wdᵀ", t, inter, hid, 0),
+        ("dx  gate  dy·Wg", t, inter, hid, 1),
+        ("dx  down  dy·Wd", t, hid, inter, 1),
+        ("dW  gate  dyᵀ·x", inter, t, hid, 2),
+        ("dW  down  dyᵀ·h", hid, t, inter, 2),
+        ("head fwd  h·Wᵀ", t, hid, chunk, 0),
+        ("head dh   dz·W", t, chunk, hid, 1),
+        ("head dW   dzᵀ·h", chunk, t, hid, 2),
+    ];
+    println!(
+        "f32 gemm, {} rayon threads, CPU ms per thread (best of 7)",
+        rayon::current_num_threads()
+    );
+    for (name, m, k, n, kind) in shapes {
+        let a = rand_vec(&mut g, m * k, 1.0);
+        let b = rand_vec(&mut g, k * n, 0.05);
+        let mut c = vec![0.0f32; m * n];
+        let a_ref = || match kind {
+            2 => MatRef::row_major(&a, k, m).t(),
+            _ => MatRef::row_major(&a, m, k),
+        };
+        let b_ref = || match kind {
+            0 => MatRef::row_major(&b, n, k).t(),
+            _ => MatRef::row_major(&b, k, n),
+        };
+        let threads = if kind == 3 {
+            Threads::One
+        } else {
+            Threads::All
+        };
+        let mut run = || {
+            gemm(
+                MatMut::row_major(&mut c, m, n),
+                a_ref(),
+                b_ref(),
+                kind == 2,
+                1.0,
+                threads,
+            )
+        };
+        let (cpu, wall) = if kind == 3 {
+            let w = best_ms(7, &mut run);
+            (w, w)
+        } else {
+            (best_cpu_ms(7, &mut run), best_ms(7, &mut run))
+        };
+        let gf = |ms: f64| 2.0 * (m * k * n) as f64 / ms / 1e6;
+        let per_thread = if kind == 3 {
+            1.0
+        } else {
+            rayon::current_num_threads() as f64
+        };
+        println!(
+            "{name:20} {:>16} {cpu:8.2} ms CPU/thread {:7.1} GF/s per thread·{per_thread}  (wall {wall:8.2} ms)",
+            format!("{m}×{k}×{n}"),
+            gf(cpu) / per_thread * per_thread,
+        );
+    }
+}

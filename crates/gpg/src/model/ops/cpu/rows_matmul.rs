@@ -5,16 +5,22 @@
 //! streaming W, not by arithmetic. A general GEMM packs W into its own layout on every call,
 //! which costs as much again as the product; this kernel reads W where it lies, as transformers
 //! stores it ([out, in] row-major): each output y[m, n] is the dot product of row m of x and
-//! row n of W. Tiles of 4 rows of x × 3 rows of W keep 12 AVX2 accumulators in registers
-//! (7 loads per 12 FMAs) while the 3 W rows stream through once for every 4 rows of x; the
-//! output columns are split across the rayon pool.
+//! row n of W. On AVX-512 CPUs, tiles of 4 rows of x × 6 rows of W keep 24 zmm accumulators
+//! in registers (10 loads per 24 FMAs of 16 lanes), and the next 6 rows of W are prefetched into
+//! L2 while the current ones meet every row of x (see the `avx512` module for the two details
+//! that make this fast); on AVX2 CPUs, tiles of 4 × 3 keep 12 ymm accumulators (7 loads per
+//! 12 FMAs). The output columns are split across the rayon pool.
 //!
 //! [`matmul_wt_bf16`] is the same product with a bf16 weight (half the bytes to stream): x is
-//! rounded to bf16 once per call; on AVX512-BF16, tiles of 4 rows of x × 6 rows of W with
-//! `vdpbf16ps` (32 k values per instruction). The f32 kernel also has AVX-512F tiles (4 × 6
-//! zmm), reachable through [`matmul_wt_with`]; [`matmul_wt`] does not use them because on the
-//! 0.5B decode shapes they measured no faster than AVX2 at 1 row and mostly 10–25% slower at
-//! 16–32 rows (`bench_decode_rows_matmul`, Intel Xeon with AVX-512, 2 threads).
+//! rounded to bf16 once per call; on AVX512-BF16 CPUs where `vdpbf16ps` is fast (AMD Zen 4),
+//! tiles of 4 rows of x × 6 rows of W with `vdpbf16ps` (32 k values per instruction); where it
+//! is slow (Intel), the f32 AVX-512 tiles with W widened to f32 in registers
+//! ([`Bf16Decode`]).
+//!
+//! At 32 rows (the sampling batch of `bench trainer`) the 0.5B model's products move
+//! 16 FLOP per weight byte, so on a 2-core VM with ≈ 14 GB/s of memory bandwidth they are
+//! bound by memory and arithmetic at once: the AVX-512 tiles reach 184–214 GFLOP/s (CPU time)
+//! against 124–151 for the AVX2 ones (`bench_decode_32_rows`, docs/BENCHMARKS.md).
 
 use rayon::prelude::*;
 
@@ -23,6 +29,7 @@ use std::cell::Cell;
 use half::bf16;
 
 use super::bf16::{as_bits, round_bits, widen_bits};
+use super::gemm_bf16::{kernel_for, Kernel};
 use super::isa::{isa, Isa};
 use super::simd::dot;
 
@@ -56,18 +63,13 @@ pub(crate) fn matmul_wt(
     y: &mut [f32],
     accumulate: bool,
 ) {
-    // The AVX-512F tiles are not used by default: on the 0.5B decode shapes (bench
-    // `bench_decode_rows_matmul`) they measured no faster than the AVX2 ones at 1 row and
-    // mostly slower at 16–32 rows (see the module docs), so AVX-512 CPUs run the AVX2 tiles.
-    let level = match isa() {
-        Isa::Avx512Bf16 => Isa::Avx2,
-        other => other,
-    };
+    let level = isa();
     matmul_wt_with(level, x, w, bias, rows, k, n_out, y, accumulate)
 }
 
 /// [`matmul_wt`] on an explicit instruction-set level (which the CPU must support);
-/// `Isa::Avx512Bf16` runs the AVX-512F tiles (4 rows of x × 6 rows of W in 24 zmm).
+/// `Isa::Avx512Bf16` runs the AVX-512F tiles (4 rows of x × 6 rows of W in 24 zmm), `Isa::Avx2`
+/// the AVX2 ones, `Isa::Portable` plain dot products.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_wt_with(
     isa: Isa,
@@ -143,7 +145,7 @@ unsafe fn columns(
     match isa {
         Isa::Avx512Bf16 => {
             // SAFETY: the CPU has AVX-512F (caller's contract).
-            unsafe { avx512::columns(x, w, rows, k, n0, n1, &store) };
+            unsafe { avx512::columns::<f32>(x, w, rows, k, n0, n1, &store) };
             return;
         }
         Isa::Avx2 => {
@@ -287,6 +289,15 @@ mod avx2 {
 
 /// AVX-512F tiles of the f32 product: 4 rows of x × 6 rows of W in 24 zmm accumulators
 /// (10 loads per 24 FMAs of 16 lanes); k tails by masked loads.
+///
+/// Two details decide its speed. The functions enable AVX512VL as well as AVX512F: without
+/// VL the compiler may use only ymm/zmm0–15 for the 256-bit steps of the final horizontal sums,
+/// and then keeps 9 of the 24 accumulators on the stack through the whole k loop (this was
+/// why these tiles once measured slower than the AVX2 ones). And the next block of W is
+/// prefetched into L2 spread evenly over all the tiles that use the current block, a cache
+/// line per k step at 32 rows: the weights stream from memory, a burst of prefetches at the
+/// first tile overflows the line-fill buffers, and prefetching into L1 would evict the block
+/// in use (2·6·k + 4·k floats exceed L1 at k = 896).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -296,11 +307,40 @@ mod avx512 {
     /// Rows of W per register tile.
     const NR: usize = 6;
 
-    /// Every (m, n) with m < rows, n0 ≤ n < n1, handed to `store` exactly once.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn columns(
+    /// How a weight element type enters the f32 FMAs: 16 consecutive values of a row,
+    /// the lanes outside `mask` zero, as 16 f32 lanes.
+    pub(super) trait WeightLanes: Copy {
+        /// Bytes per element.
+        const BYTES: usize;
+        /// # Safety
+        /// The CPU must support AVX-512F/BW; the masked lanes at `p` must be readable.
+        unsafe fn load(p: *const Self, mask: __mmask16) -> __m512;
+    }
+
+    impl WeightLanes for f32 {
+        const BYTES: usize = 4;
+        #[inline(always)]
+        unsafe fn load(p: *const f32, mask: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
+    }
+
+    /// bf16 bits, widened exactly to f32 in registers (a 16-bit shift).
+    impl WeightLanes for u16 {
+        const BYTES: usize = 2;
+        #[inline(always)]
+        unsafe fn load(p: *const u16, mask: __mmask16) -> __m512 {
+            let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// Every (m, n) with m < rows, n0 ≤ n < n1, handed to `store` exactly once: f32 x times
+    /// W rows of f32 or of bf16 bits (widened in registers; x then holds bf16-rounded values).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn columns<T: WeightLanes>(
         x: &[f32],
-        w: &[f32],
+        w: &[T],
         rows: usize,
         k: usize,
         n0: usize,
@@ -310,68 +350,88 @@ mod avx512 {
         let mut n = n0;
         while n < n1 {
             match n1 - n {
-                1 => rows_tiles::<1>(x, w, rows, k, n, store),
-                2 => rows_tiles::<2>(x, w, rows, k, n, store),
-                3 => rows_tiles::<3>(x, w, rows, k, n, store),
-                4 => rows_tiles::<4>(x, w, rows, k, n, store),
-                5 => rows_tiles::<5>(x, w, rows, k, n, store),
-                _ => rows_tiles::<NR>(x, w, rows, k, n, store),
+                1 => rows_tiles::<T, 1>(x, w, rows, k, n, store),
+                2 => rows_tiles::<T, 2>(x, w, rows, k, n, store),
+                3 => rows_tiles::<T, 3>(x, w, rows, k, n, store),
+                4 => rows_tiles::<T, 4>(x, w, rows, k, n, store),
+                5 => rows_tiles::<T, 5>(x, w, rows, k, n, store),
+                _ => rows_tiles::<T, NR>(x, w, rows, k, n, store),
             }
             n += NR.min(n1 - n);
         }
     }
 
-    /// Columns n..n+C for every row of x, MR rows at a time.
+    /// Columns n..n+C for every row of x, MR rows at a time, prefetching the next C rows of
+    /// W (one contiguous block) into L2 across the tiles. Only addresses are formed past the
+    /// end of W, never read.
     #[inline(always)]
-    unsafe fn rows_tiles<const C: usize>(
+    unsafe fn rows_tiles<T: WeightLanes, const C: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[T],
         rows: usize,
         k: usize,
         n: usize,
         store: &impl Fn(usize, usize, f32),
     ) {
         let wn = &w[n * k..(n + C) * k];
-        // The next C rows of W are prefetched while the first rows of x meet these (as in the
-        // AVX2 kernel); only an address is formed past the end, never read.
-        let next = w.as_ptr().wrapping_add((n + C) * k);
+        let next = w.as_ptr().wrapping_add((n + C) * k) as *const u8;
+        let next_end = next.wrapping_add(C * k * T::BYTES);
+        let tiles = rows.div_ceil(MR);
+        let steps = k.div_ceil(16);
+        // Cache lines per k step so that the tiles together cover the next block.
+        let per_step = (C * k * T::BYTES).div_ceil(64).div_ceil(tiles * steps);
         let mut m = 0;
         while m < rows {
             let xm = &x[m * k..];
-            let pf = if m == 0 { next } else { std::ptr::null() };
+            let pf = Prefetch {
+                from: next.wrapping_add((m / MR) * per_step * steps * 64),
+                end: next_end,
+                per_step,
+            };
             match rows - m {
-                1 => super::emit(tile::<1, C>(xm, wn, k, pf), m, n, store),
-                2 => super::emit(tile::<2, C>(xm, wn, k, pf), m, n, store),
-                3 => super::emit(tile::<3, C>(xm, wn, k, pf), m, n, store),
-                _ => super::emit(tile::<MR, C>(xm, wn, k, pf), m, n, store),
+                1 => super::emit(tile::<T, 1, C>(xm, wn, k, pf), m, n, store),
+                2 => super::emit(tile::<T, 2, C>(xm, wn, k, pf), m, n, store),
+                3 => super::emit(tile::<T, 3, C>(xm, wn, k, pf), m, n, store),
+                _ => super::emit(tile::<T, MR, C>(xm, wn, k, pf), m, n, store),
             }
             m += MR.min(rows - m);
         }
     }
 
+    /// The part of the next W block one tile prefetches: `per_step` cache lines per k step
+    /// from `from`, while below `end`.
+    #[derive(Clone, Copy)]
+    struct Prefetch {
+        from: *const u8,
+        end: *const u8,
+        per_step: usize,
+    }
+
     /// dot(x row i, w row j) for i < R, j < C: x rows have stride k, w rows too.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(
+    unsafe fn tile<T: WeightLanes, const R: usize, const C: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[T],
         k: usize,
-        prefetch: *const f32,
+        pf: Prefetch,
     ) -> [[f32; C]; R] {
         debug_assert!(x.len() >= (R - 1) * k + k && w.len() >= C * k);
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let mut next = pf.from;
         let mut p = 0;
         while p < k {
+            if next < pf.end {
+                for q in 0..pf.per_step {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(q * 64) as *const i8);
+                }
+                next = next.wrapping_add(pf.per_step * 64);
+            }
             let left = k - p;
             let mask: __mmask16 = if left >= 16 { !0 } else { (1u16 << left) - 1 };
-            if !prefetch.is_null() {
-                for j in 0..C {
-                    _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(j * k + p) as *const i8);
-                }
-            }
             let mut wv = [_mm512_setzero_ps(); C];
             for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, wp.add(j * k + p));
+                *v = T::load(wp.add(j * k + p), mask);
             }
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, xp.add(i * k + p));
@@ -435,6 +495,41 @@ pub(crate) fn matmul_wt_bf16(
     matmul_wt_bf16_with(isa(), x, w, bias, rows, k, n_out, y, accumulate)
 }
 
+/// How the bf16 decode product runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bf16Decode {
+    /// `vdpbf16ps` on bf16 x and W (AVX512-BF16): where that instruction is fast (AMD Zen 4).
+    Dot,
+    /// W widened to f32 in registers, AVX-512 f32 FMAs with bf16-rounded x: where `vdpbf16ps`
+    /// is slow (Intel Sapphire/Emerald Rapids: [`kernel_for`] decides, as for the GEMM).
+    WideFma,
+    /// AVX2: W widened 8 at a time, f32 FMAs.
+    Avx2,
+    /// Plain loops.
+    Portable,
+}
+
+impl Bf16Decode {
+    /// The path for an instruction-set level on this CPU.
+    pub(crate) fn for_isa(isa: Isa) -> Self {
+        match isa {
+            Isa::Avx512Bf16 if kernel_for(isa) == Kernel::Dot => Bf16Decode::Dot,
+            Isa::Avx512Bf16 => Bf16Decode::WideFma,
+            Isa::Avx2 => Bf16Decode::Avx2,
+            Isa::Portable => Bf16Decode::Portable,
+        }
+    }
+
+    /// The instruction-set level the path needs.
+    fn isa(self) -> Isa {
+        match self {
+            Bf16Decode::Dot | Bf16Decode::WideFma => Isa::Avx512Bf16,
+            Bf16Decode::Avx2 => Isa::Avx2,
+            Bf16Decode::Portable => Isa::Portable,
+        }
+    }
+}
+
 /// [`matmul_wt_bf16`] on an explicit instruction-set level (which the CPU must support).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_wt_bf16_with(
@@ -448,6 +543,33 @@ pub(crate) fn matmul_wt_bf16_with(
     y: &mut [f32],
     accumulate: bool,
 ) {
+    matmul_wt_bf16_path(
+        Bf16Decode::for_isa(isa),
+        x,
+        w,
+        bias,
+        rows,
+        k,
+        n_out,
+        y,
+        accumulate,
+    )
+}
+
+/// [`matmul_wt_bf16`] on an explicit path (whose instruction set the CPU must support).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_wt_bf16_path(
+    path: Bf16Decode,
+    x: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    k: usize,
+    n_out: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let isa = path.isa();
     assert!(isa.supported(), "matmul_wt_bf16: CPU lacks {isa:?}");
     assert!(
         x.len() >= rows * k,
@@ -474,7 +596,7 @@ pub(crate) fn matmul_wt_bf16_with(
     let x = &x[..rows * k];
     let mut xb = X_BF16.with(Cell::take);
     let mut xr = X_ROUNDED.with(Cell::take);
-    if isa == Isa::Avx512Bf16 {
+    if path == Bf16Decode::Dot {
         xb.clear();
         xb.resize(rows * k, 0);
         super::bf16::f32_to_bf16_with(isa, x, bytemuck_bf16(&mut xb));
@@ -498,16 +620,23 @@ pub(crate) fn matmul_wt_bf16_with(
             let p = unsafe { out.0.add(m * n_out + n) };
             unsafe { *p = if accumulate { *p + v } else { v } };
         };
-        match isa {
+        match path {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has AVX-512F/BW and AVX512-BF16 (asserted); the slices hold
             // rows×k and n_out×k elements.
-            Isa::Avx512Bf16 => unsafe {
+            Bf16Decode::Dot => unsafe {
                 bf16x86::columns_avx512(xb_ref, w, rows, k, n0, n1, &store)
             },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512F/BW/VL (asserted); the slices hold rows×k and n_out×k.
+            Bf16Decode::WideFma => unsafe {
+                avx512::columns::<u16>(xr_ref, w, rows, k, n0, n1, &store)
+            },
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has AVX2 and FMA (asserted); the slices hold rows×k and n_out×k.
-            Isa::Avx2 => unsafe { bf16x86::columns_avx2(xr_ref, w, rows, k, n0, n1, &store) },
+            Bf16Decode::Avx2 => unsafe {
+                bf16x86::columns_avx2(xr_ref, w, rows, k, n0, n1, &store)
+            },
             _ => {
                 for m in 0..rows {
                     let xm = &xr_ref[m * k..(m + 1) * k];
@@ -548,7 +677,7 @@ mod bf16x86 {
     ///
     /// # Safety
     /// The CPU must support AVX-512F/BW and AVX512-BF16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn columns_avx512(
         x: &[u16],
         w: &[u16],
@@ -812,16 +941,24 @@ mod tests {
                     let bias = case.is_multiple_of(2).then_some(b.as_slice());
                     let acc = case.is_multiple_of(3);
                     let y0 = values(rows * n, case + 300);
-                    for half in [false, true] {
+                    // f32 (None), then every bf16 path of this level (both AVX-512 ones,
+                    // whichever this CPU prefers).
+                    let bf16_paths = match isa {
+                        Isa::Avx512Bf16 => vec![Bf16Decode::Dot, Bf16Decode::WideFma],
+                        _ => vec![Bf16Decode::for_isa(isa)],
+                    };
+                    for path in std::iter::once(None).chain(bf16_paths.into_iter().map(Some)) {
+                        let half = path.is_some();
                         let mut y = if acc {
                             y0.clone()
                         } else {
                             vec![f32::NAN; rows * n]
                         };
-                        if half {
-                            matmul_wt_bf16_with(isa, &x, &wb, bias, rows, k, n, &mut y, acc);
-                        } else {
-                            matmul_wt_with(isa, &x, &w, bias, rows, k, n, &mut y, acc);
+                        match path {
+                            Some(path) => {
+                                matmul_wt_bf16_path(path, &x, &wb, bias, rows, k, n, &mut y, acc)
+                            }
+                            None => matmul_wt_with(isa, &x, &w, bias, rows, k, n, &mut y, acc),
                         }
                         for m in 0..rows {
                             for j in 0..n {
@@ -845,7 +982,7 @@ mod tests {
                                 let tol = 1e-5 * (sa + extra.abs()) + 1e-30;
                                 assert!(
                                     (got - want).abs() <= tol,
-                                    "{isa:?} bf16={half} {rows}x{k}x{n} ({m},{j}): {got} vs {want}"
+                                    "{isa:?} {path:?} {rows}x{k}x{n} ({m},{j}): {got} vs {want}"
                                 );
                             }
                         }
