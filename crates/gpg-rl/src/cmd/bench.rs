@@ -130,6 +130,14 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The position of the element [`median`] returns (the upper median), so that figures of the
+/// same run (its step time and its sampling time) can be reported together.
+pub fn median_index(xs: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..xs.len()).collect();
+    order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    order[xs.len() / 2]
+}
+
 /// Peak resident memory of this process so far, in MiB (VmHWM).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -451,4 +459,23 @@ fn engine(args: &EngineArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_index_points_at_the_median() {
+        for xs in [
+            vec![3.0, 1.0, 2.0],
+            vec![5.0, 4.0],
+            vec![7.0],
+            vec![2.0, 9.0, 4.0, 1.0],
+        ] {
+            let i = median_index(&xs);
+            assert_eq!(xs[i], median(xs.clone()), "{xs:?}");
+        }
+        assert_eq!(median_index(&[5.0, 4.0]), 0);
+    }
 }

@@ -18,7 +18,7 @@ use clap::Args;
 use gpg::train::{TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 
-use super::bench::{median, peak_rss_mib, run_peer, write_bench_model, PeerDtype};
+use super::bench::{median_index, peak_rss_mib, run_peer, write_bench_model, PeerDtype};
 
 #[derive(Args)]
 pub struct TrainerArgs {
@@ -66,7 +66,7 @@ pub struct TrainerArgs {
     pub skip_full: bool,
 }
 
-/// Figures of one side, medians over the timed steps.
+/// Figures of one side: the median timed step, with its own sampling time and tokens.
 struct Side {
     step_s: f64,
     generate_s: f64,
@@ -366,10 +366,12 @@ fn gpg_rl_side(
             bytes as f64 / (1024.0 * 1024.0)
         );
     }
+    // The median step, with that step's own sampling time and tokens.
+    let i = median_index(&step_s);
     Ok(Side {
-        step_s: median(step_s),
-        generate_s: median(generate_s),
-        tokens_per_step: median(tokens),
+        step_s: step_s[i],
+        generate_s: generate_s[i],
+        tokens_per_step: tokens[i],
         peak_rss_mib: peak_rss,
     })
 }
