@@ -1,8 +1,6 @@
 //! Math accuracy: r = 1 if the completion's final answer equals the gold answer, else 0.
 
-use rayon::prelude::*;
-
-use super::{require_answer, Reward, RewardInput};
+use super::{score_against_gold, Reward, RewardInput};
 
 /// `r_i = 1.0` if `mathverify::is_correct(gold_i, completion_i)`, else `0.0`.
 ///
@@ -17,16 +15,7 @@ impl Reward for AccuracyReward {
     }
 
     fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<f32>> {
-        let golds = batch
-            .iter()
-            .enumerate()
-            .map(|(i, input)| require_answer(self.name(), i, input))
-            .collect::<anyhow::Result<Vec<&str>>>()?;
-        Ok(batch
-            .par_iter()
-            .zip(golds.par_iter())
-            .map(|(input, gold)| correctness(gold, &input.completion))
-            .collect())
+        score_against_gold(self.name(), batch, correctness)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Exact match: r = 1 if the trimmed completion equals the trimmed gold answer.
 
-use super::{require_answer, Reward, RewardInput};
+use super::{score_against_gold, Reward, RewardInput};
 
 /// `r = 1.0` if `completion.trim() == answer.trim()`, else `0.0`. Every item needs a gold
 /// answer. Useful for tasks whose answers are labels or strings, not mathematics.
@@ -13,18 +13,13 @@ impl Reward for ExactMatchReward {
     }
 
     fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<f32>> {
-        batch
-            .iter()
-            .enumerate()
-            .map(|(i, input)| {
-                let gold = require_answer(self.name(), i, input)?;
-                Ok(if input.completion.trim() == gold.trim() {
-                    1.0
-                } else {
-                    0.0
-                })
-            })
-            .collect()
+        score_against_gold(self.name(), batch, |gold, completion| {
+            if completion.trim() == gold.trim() {
+                1.0
+            } else {
+                0.0
+            }
+        })
     }
 }
 

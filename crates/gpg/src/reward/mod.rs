@@ -59,6 +59,26 @@ pub trait Reward: Send + Sync {
     fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<f32>>;
 }
 
+/// `r_i = score(gold_i, completion_i)` for a reward whose every item needs a gold answer
+/// (checked first, the error naming the reward and the item); items are scored in parallel.
+fn score_against_gold(
+    reward: &str,
+    batch: &[RewardInput],
+    score: impl Fn(&str, &str) -> f32 + Sync,
+) -> anyhow::Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let golds = batch
+        .iter()
+        .enumerate()
+        .map(|(i, input)| require_answer(reward, i, input))
+        .collect::<anyhow::Result<Vec<&str>>>()?;
+    Ok(batch
+        .par_iter()
+        .zip(golds.par_iter())
+        .map(|(input, gold)| score(gold, &input.completion))
+        .collect())
+}
+
 /// The gold answer of batch item `index`, or an error naming the reward and the item.
 fn require_answer<'a>(
     reward: &str,

@@ -15,11 +15,10 @@
 
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
 use regex::Regex;
 
 use super::accuracy::correctness;
-use super::{require_answer, Reward, RewardInput};
+use super::{require_answer, score_against_gold, Reward, RewardInput};
 
 fn answer_tag() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
@@ -76,16 +75,7 @@ impl Reward for VisualAccuracyReward {
     }
 
     fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<f32>> {
-        let golds = batch
-            .iter()
-            .enumerate()
-            .map(|(i, input)| require_answer(self.name(), i, input))
-            .collect::<anyhow::Result<Vec<&str>>>()?;
-        Ok(batch
-            .par_iter()
-            .zip(golds.par_iter())
-            .map(|(input, gold)| visual_accuracy(gold, &input.completion))
-            .collect())
+        score_against_gold(self.name(), batch, visual_accuracy)
     }
 }
 
