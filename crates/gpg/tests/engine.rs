@@ -190,6 +190,50 @@ fn gradient_checkpointing_gives_bit_identical_gradients() {
 }
 
 #[test]
+fn forward_and_backward_in_one_pass_match_the_two_calls() {
+    for tied in [true, false] {
+        let model = tiny_model(tied, 17);
+        let batch = batch_of(&sequences(6));
+        let mut g: Vec<f32> = (0..batch.num_completion_tokens())
+            .map(|i| ((i * 5 % 7) as f32 - 3.0) * 0.07)
+            .collect();
+        g[0] = 0.0;
+        for keep in [Activations::All, Activations::LayerInputs] {
+            let (lp, cache) = model.forward_train_with(&batch, 1.3, keep).unwrap();
+            let two = model.backward(&batch, cache, &g).unwrap();
+            let mut one = model.zero_grads().unwrap();
+            let lp_one = model
+                .forward_backward_into(&batch, 1.3, keep, &g, &mut one)
+                .unwrap();
+            for (a, b) in lp.logprobs.iter().zip(&lp_one.logprobs) {
+                assert!((a - b).abs() < 1e-5, "tied={tied}: logp {a} vs {b}");
+            }
+            for (a, b) in lp.entropy.iter().zip(&lp_one.entropy) {
+                assert!((a - b).abs() < 1e-5, "tied={tied}: entropy {a} vs {b}");
+            }
+            // The head's products sum in another order (rows in blocks, the vocabulary whole).
+            for ((name, a), (_, b)) in two.named().into_iter().zip(one.named()) {
+                let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+                let den: f32 = a.iter().map(|x| x * x).sum();
+                let rel = (num / den.max(1e-30)).sqrt();
+                assert!(rel < 1e-5, "tied={tied} {keep:?}: {name} differs by {rel}");
+            }
+        }
+        let err = model
+            .forward_backward_into(
+                &batch,
+                1.0,
+                Activations::All,
+                &g[1..],
+                &mut model.zero_grads().unwrap(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token weights for"), "{err}");
+    }
+}
+
+#[test]
 fn bf16_model_tracks_f32_logprobs_and_gradients() {
     for tied in [true, false] {
         let model = tiny_model(tied, 13);

@@ -172,6 +172,18 @@ impl PolicyLoss {
         !matches!(self, Self::Gpg(_))
     }
 
+    /// Whether g_t = ∂L/∂logp_t is the same whatever logp is, so that it can be computed
+    /// before the forward (the engine then forms the head's logits once): GPG always
+    /// (g_t = −α·Â_i/N_tok); GRPO and Dr.GRPO on-policy (no sampling-policy log-probs, so
+    /// ρ_t ≡ 1 and nothing is clipped) with β = 0.
+    pub fn weights_independent_of_logp(&self, has_old_logp: bool) -> bool {
+        match self {
+            Self::Gpg(_) => true,
+            Self::Grpo(c) => !has_old_logp && c.beta == 0.0,
+            Self::DrGrpo(d) => !has_old_logp && d.beta == 0.0,
+        }
+    }
+
     /// Checks the parameters' ranges.
     pub fn validate(&self) -> Result<()> {
         match self {
@@ -226,6 +238,56 @@ mod tests {
         assert_close(out.loss, -0.6, 1e-7, "dr-grpo");
         assert_close(out.token_weights[3] as f64, -0.3, 1e-7, "dr-grpo g");
         assert_eq!(dr.default_advantage_estimator(), AdvantageEstimator::DrGrpo);
+    }
+
+    #[test]
+    fn weights_known_before_the_forward_do_not_depend_on_logp() {
+        let layout = TokenLayout::from_lengths(&[2, 3]);
+        let normaliser = Normaliser::micro_batch(&layout);
+        let weights = |loss: &PolicyLoss, logp: &[f32], old: Option<&[f32]>| {
+            let tokens = PolicyTokens {
+                layout: &layout,
+                logp,
+                old_logp: old,
+                ref_logp: Some(&[-1.0, -2.0, -0.5, -0.1, -3.0]),
+                advantages: &[0.7, -1.2],
+            };
+            loss.compute(&tokens, 1.5, normaliser)
+                .unwrap()
+                .token_weights
+        };
+        let zeros = [0.0f32; 5];
+        let logp = [-0.3f32, -2.5, -0.01, -4.0, -1.1];
+        let old = [-0.2f32, -3.5, -0.5, -1.0, -1.1];
+        let grpo = PolicyLoss::Grpo(ClippedSurrogate {
+            beta: 0.0,
+            ..Default::default()
+        });
+        for loss in [
+            PolicyLoss::from_name("gpg", 8).unwrap(),
+            PolicyLoss::from_name("dr-grpo", 8).unwrap(),
+            grpo.clone(),
+        ] {
+            assert!(loss.weights_independent_of_logp(false), "{loss:?}");
+            assert_eq!(
+                weights(&loss, &zeros, None),
+                weights(&loss, &logp, None),
+                "{loss:?}"
+            );
+        }
+        // An importance ratio or a KL term makes g_t depend on logp_t.
+        assert!(!grpo.weights_independent_of_logp(true));
+        assert_ne!(
+            weights(&grpo, &zeros, Some(&old)),
+            weights(&grpo, &logp, Some(&old))
+        );
+        assert!(PolicyLoss::Gpg(GpgLoss::default()).weights_independent_of_logp(true));
+        let kl = PolicyLoss::Grpo(ClippedSurrogate {
+            beta: 0.04,
+            ..Default::default()
+        });
+        assert!(!kl.weights_independent_of_logp(false));
+        assert_ne!(weights(&kl, &zeros, None), weights(&kl, &logp, None));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::checkpoint::Buffers;
 use crate::model::adapter_io::peft_key;
 use crate::model::lora::{module_of, AdapterGrads};
 use crate::model::ops::{update_in_place, WeightSliceMut};
-use crate::model::{ForwardCache, Qwen2, TrainBatch};
+use crate::model::{Activations, ForwardCache, Qwen2, TokenLogprobs, TrainBatch};
 use crate::optim::{clip_grad_norm, AdamW, ParamGrad};
 
 use super::update::{optimizer_checkpoint, OptimizerMeta, StepOutcome};
@@ -41,6 +41,19 @@ impl AdapterUpdater {
         g: &[f32],
     ) -> Result<()> {
         model.backward_adapter_into(batch, cache, g, &mut self.grads)
+    }
+
+    /// Forward and backward in one call for token weights known before the forward
+    /// ([`Qwen2::forward_backward_adapter_into`]).
+    pub fn forward_backward_into(
+        &mut self,
+        model: &Qwen2,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+        keep: Activations,
+        g: &[f32],
+    ) -> Result<TokenLogprobs> {
+        model.forward_backward_adapter_into(batch, inv_temperature, keep, g, &mut self.grads)
     }
 
     /// Every gradient buffer (A then B of each module, in tree order), e.g. for an all-reduce.

@@ -246,6 +246,32 @@ impl Policy {
         }
     }
 
+    /// Whether [`Self::forward_backward_into`] runs on `updater` (a text model on the CPU).
+    pub fn fuses_forward_backward(&self, updater: &Updater) -> bool {
+        matches!(self, Policy::Text(_)) && updater.fuses_forward_backward()
+    }
+
+    /// Forward and backward of one micro-batch in one call, for token weights g_t known
+    /// before the forward: the gradients are accumulated into `updater`'s buffers as by
+    /// [`Self::backward_into`]; returns the forward's log-probs.
+    pub fn forward_backward_into(
+        &self,
+        updater: &mut Updater,
+        batch: &PolicyBatch,
+        inv_temperature: f32,
+        keep: Activations,
+        g: &[f32],
+    ) -> Result<TokenLogprobs> {
+        match (self, batch) {
+            (Policy::Text(m), PolicyBatch::Text(b)) => {
+                updater.forward_backward_into(m, b, inv_temperature, keep, g)
+            }
+            _ => bail!(
+                "internal: a vision-language policy takes the forward and the backward separately"
+            ),
+        }
+    }
+
     /// Log-probs only, on the updater's device (old-policy log-probs).
     pub fn logprobs(
         &self,

@@ -848,22 +848,53 @@ impl Trainer {
                         (iteration * micro.len() + m) as u64,
                     );
                 }
-                let (lp, cache) =
-                    self.model
-                        .forward_train_with(&self.updater, &batch, inv_t, keep)?;
                 let lengths: Vec<usize> = part.iter().map(|s| s.1.len()).collect();
                 let layout = TokenLayout::from_lengths(&lengths);
                 let n = batch.num_completion_tokens();
                 let span = token_offset..token_offset + n;
                 let old = old_logp.as_ref().map(|o| &o[span.clone()]);
                 let reference = ref_logp.as_ref().map(|o| &o[span]);
+                let tokens = PolicyTokens {
+                    layout: &layout,
+                    logp: &[],
+                    old_logp: old,
+                    ref_logp: reference,
+                    advantages: &advantages[r.clone()],
+                };
+                // Where g_t does not depend on logp_t (GPG), it is known before the forward,
+                // and the forward and backward run as one pass (the head's logits formed once).
+                let fused = loss_fn.weights_independent_of_logp(old.is_some())
+                    && self.model.fuses_forward_backward(&self.updater);
+                let (lp, cache, g_before) = if fused {
+                    let zeros = vec![0.0; n];
+                    let g = loss_fn
+                        .compute(
+                            &PolicyTokens {
+                                logp: &zeros,
+                                ..tokens
+                            },
+                            alpha,
+                            normaliser,
+                        )?
+                        .token_weights;
+                    let lp = self.model.forward_backward_into(
+                        &mut self.updater,
+                        &batch,
+                        inv_t,
+                        keep,
+                        &g,
+                    )?;
+                    (lp, None, Some(g))
+                } else {
+                    let (lp, cache) =
+                        self.model
+                            .forward_train_with(&self.updater, &batch, inv_t, keep)?;
+                    (lp, Some(cache), None)
+                };
                 let out = loss_fn.compute(
                     &PolicyTokens {
-                        layout: &layout,
                         logp: &lp.logprobs,
-                        old_logp: old,
-                        ref_logp: reference,
-                        advantages: &advantages[r.clone()],
+                        ..tokens
                     },
                     alpha,
                     normaliser,
@@ -872,8 +903,19 @@ impl Trainer {
                 sums[1] += lp.entropy.iter().map(|&e| e as f64).sum::<f64>();
                 sums[2] += out.metrics.clip_fraction.unwrap_or(0.0) * n as f64;
                 sums[3] += out.metrics.mean_kl.unwrap_or(0.0) * n as f64;
-                self.model
-                    .backward_into(&mut self.updater, &batch, cache, &out.token_weights)?;
+                match (cache, g_before) {
+                    (Some(cache), _) => self.model.backward_into(
+                        &mut self.updater,
+                        &batch,
+                        cache,
+                        &out.token_weights,
+                    )?,
+                    (None, Some(g)) => ensure!(
+                        g == out.token_weights,
+                        "internal: the token weights computed before the forward differ from the objective's"
+                    ),
+                    (None, None) => bail!("internal: a micro-batch with neither cache nor gradient"),
+                }
                 token_offset += n;
             }
             // ⊕ loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).

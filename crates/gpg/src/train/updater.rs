@@ -97,6 +97,34 @@ impl Updater {
         }
     }
 
+    /// Whether [`Self::forward_backward_into`] is available: on the CPU updaters of a text
+    /// model (the GPU and vision-language updaters take the forward, then the backward).
+    pub fn fuses_forward_backward(&self) -> bool {
+        matches!(self, Updater::Full(_) | Updater::Adapter(_))
+    }
+
+    /// Forward and backward of one micro-batch in one call, for token weights g_t known
+    /// before the forward (the head's logits are formed once: `Qwen2::forward_backward_into`);
+    /// the gradients are accumulated as by [`Self::backward_into`]. Returns the log-probs.
+    pub fn forward_backward_into(
+        &mut self,
+        model: &Qwen2,
+        batch: &TrainBatch,
+        inv_temperature: f32,
+        keep: Activations,
+        g: &[f32],
+    ) -> Result<TokenLogprobs> {
+        match self {
+            Updater::Full(u) => {
+                model.forward_backward_into(batch, inv_temperature, keep, g, u.grads_mut())
+            }
+            Updater::Adapter(u) => u.forward_backward_into(model, batch, inv_temperature, keep, g),
+            _ => anyhow::bail!(
+                "internal: this updater takes the forward and the backward separately"
+            ),
+        }
+    }
+
     /// Per-token log-probs of the current weights, no backward (on the CPU: `model.logprobs`).
     pub fn logprobs(
         &self,

@@ -267,6 +267,81 @@ pub fn lm_head_backward_input(
     }
 }
 
+/// Default budget of logits alive at once in [`lm_head_forward_backward`]: 64M f32 = 256 MiB,
+/// whole vocabulary rows (421 rows of Qwen2's 151,936 entries; rows fewer than that make the
+/// head matrix pass more often through the products).
+pub const LM_HEAD_FUSED_LOGITS: usize = 64 << 20;
+
+/// Forward and backward of the head in one pass, for a g_n = ∂L/∂logp_n known before the
+/// forward (GPG's g_n = −α·Â/N_tok does not depend on logp). Same equations as
+/// [`lm_head_logprobs`] then [`lm_head_backward_into`], blocked over rows instead of the
+/// vocabulary: each block's logits over the whole vocabulary stay alive from the softmax
+/// statistics to dz, so they are computed once (three products over the head matrix instead
+/// of four). Returns the forward's outputs and dh [N, H]; adds dW to `dw` ([V, H]) unless it
+/// is `None` (a frozen head). At most `max(V, chunk_logits)` logits are alive at once.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_forward_backward(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    g: &[f32],
+    inv_temperature: f32,
+    chunk_logits: usize,
+    dw: Option<&mut [f32]>,
+) -> Result<(LmHeadOutput, Tensor)> {
+    const OP: &str = "lm_head_forward_backward";
+    let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
+    if let Some(dw) = dw.as_deref() {
+        if dw.len() != d.vocab * d.hidden {
+            bail!(
+                "{OP}: gradient buffer has {} elements, expected {}×{}",
+                dw.len(),
+                d.vocab,
+                d.hidden
+            );
+        }
+    }
+    if g.len() != d.rows {
+        bail!(
+            "{OP}: g has {} entries, expected {} (rows of `h`)",
+            g.len(),
+            d.rows
+        );
+    }
+    let block_rows = (chunk_logits / d.vocab).max(1);
+    match backend(OP, &[("h", h), ("w", w)])? {
+        Backend::Cpu => {
+            let (hs, hl) = h.storage_and_layout();
+            let hs = cpu_slice(OP, "h", &hs, hl)?;
+            let mut out = LmHeadOutput {
+                logprobs: vec![0.0; d.rows],
+                entropy: vec![0.0; d.rows],
+                lse: vec![0.0; d.rows],
+            };
+            let mut dh = vec![0.0f32; d.rows * d.hidden];
+            with_weight(OP, "w", w, |ws| {
+                cpu::lm_head::forward_backward(
+                    hs,
+                    ws,
+                    targets,
+                    g,
+                    inv_temperature,
+                    d,
+                    block_rows,
+                    cpu::lm_head::HeadRowsOut {
+                        logprobs: &mut out.logprobs,
+                        entropy: &mut out.entropy,
+                        lse: &mut out.lse,
+                        dh: &mut dh,
+                    },
+                    dw,
+                )
+            })?;
+            Ok((out, cpu_tensor(OP, dh, (d.rows, d.hidden))?))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +458,50 @@ mod tests {
             assert_close(&values(&dh), &dh_fd, 2e-3, 2e-4, "dh");
             assert_close(&values(&dw), &dw_fd, 2e-3, 2e-4, "dw");
         }
+    }
+
+    #[test]
+    fn forward_backward_in_one_pass_equals_the_two_passes() {
+        let (n, hid, v) = (7, 6, 23);
+        let (h, w, targets) = setup(15, n, hid, v);
+        let mut gen = rng(16);
+        let mut g = rand_vec(&mut gen, n, 1.0);
+        g[2] = 0.0; // a row with no gradient
+        let (ht, wt) = (tensor(&h, &[n, hid]), tensor(&w, &[v, hid]));
+        let inv_t = 1.0 / 0.7;
+        let fwd = lm_head_logprobs(&ht, &wt, &targets, inv_t).unwrap();
+        let (dh, dw) = lm_head_backward(&ht, &wt, &targets, &fwd.lse, &g, inv_t).unwrap();
+        let (lp, ent, lse) = naive(&h, &w, n, hid, v, &targets, inv_t as f64);
+        // Budgets: every row in one block, 3 rows per block (7 = 2·3 + 1), and 1 row.
+        for budget in [LM_HEAD_FUSED_LOGITS, 3 * v + 2, 1] {
+            let mut dw_fused = vec![0.5f32; v * hid];
+            let (out, dh_fused) = lm_head_forward_backward(
+                &ht,
+                &wt,
+                &targets,
+                &g,
+                inv_t,
+                budget,
+                Some(&mut dw_fused),
+            )
+            .unwrap();
+            assert_close(&out.logprobs, &lp, 1e-6, 2e-6, "logprobs");
+            assert_close(&out.entropy, &ent, 1e-6, 2e-6, "entropy");
+            assert_close(&out.lse, &lse, 1e-6, 2e-6, "lse");
+            let dh_ref: Vec<f64> = values(&dh).iter().map(|&x| x as f64).collect();
+            assert_close(&values(&dh_fused), &dh_ref, 1e-5, 1e-5, "dh");
+            // dw was added to the buffer's 0.5.
+            let dw_ref: Vec<f64> = values(&dw).iter().map(|&x| x as f64 + 0.5).collect();
+            assert_close(&dw_fused, &dw_ref, 1e-5, 1e-5, "dw");
+            // A frozen head: dh only.
+            let (_, dh_frozen) =
+                lm_head_forward_backward(&ht, &wt, &targets, &g, inv_t, budget, None).unwrap();
+            assert_eq!(values(&dh_frozen), values(&dh_fused));
+        }
+        let err = lm_head_forward_backward(&ht, &wt, &targets, &g[1..], inv_t, 1, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("g has 6 entries, expected 7"), "{err}");
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub use linear::{
 };
 pub use lm_head::{
     lm_head_backward, lm_head_backward_chunked, lm_head_backward_input, lm_head_backward_into,
-    lm_head_logprobs, lm_head_logprobs_chunked, LmHeadOutput, LM_HEAD_CHUNK_LOGITS,
+    lm_head_forward_backward, lm_head_logprobs, lm_head_logprobs_chunked, LmHeadOutput,
+    LM_HEAD_CHUNK_LOGITS, LM_HEAD_FUSED_LOGITS,
 };
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::Rope;

@@ -225,3 +225,99 @@ pub(crate) fn backward(
         v0 = v1;
     }
 }
+
+/// Forward and backward in one pass when g is known before the forward (see
+/// `lm_head_forward_backward`): per block of `block_rows` rows, the logits of the whole
+/// vocabulary (one `[block_rows, vocab]` buffer), each row's statistics (logp, entropy, lse),
+/// dz_nv = g_n·(1[v = target_n] − e^(z_nv − lse_n)) in place, dh = inv_t·dZ w and
+/// dW += inv_t·dZᵀ h (unless `dw` is `None`). Three products instead of the four of
+/// `forward` + `backward`, which recompute the logits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_backward(
+    h: &[f32],
+    w: WeightSlice<'_>,
+    targets: &[u32],
+    g: &[f32],
+    inv_t: f32,
+    d: HeadDims,
+    block_rows: usize,
+    out: HeadRowsOut<'_>,
+    mut dw: Option<&mut [f32]>,
+) {
+    let HeadRowsOut {
+        logprobs,
+        entropy,
+        lse,
+        dh,
+    } = out;
+    if d.rows == 0 {
+        return;
+    }
+    let bf16 = matches!(w, WeightSlice::Bf16(_));
+    let block = block_rows.clamp(1, d.rows);
+    let mut logits = vec![0.0f32; block * d.vocab];
+    let mut r0 = 0;
+    while r0 < d.rows {
+        let r1 = (r0 + block).min(d.rows);
+        let rows = r1 - r0;
+        let hb = &h[r0 * d.hidden..r1 * d.hidden];
+        let db = HeadDims { rows, ..d };
+        chunk_logits(hb, w, db, 0, d.vocab, inv_t, &mut logits);
+        logits[..rows * d.vocab]
+            .par_chunks_mut(d.vocab)
+            .zip(targets[r0..r1].par_iter().zip(g[r0..r1].par_iter()))
+            .zip(
+                logprobs[r0..r1]
+                    .par_iter_mut()
+                    .zip(entropy[r0..r1].par_iter_mut())
+                    .zip(lse[r0..r1].par_iter_mut()),
+            )
+            .for_each(|((z, (&target, &gn)), ((lp, ent), row_lse))| {
+                let t = target as usize;
+                let mut st = RowStats {
+                    m: f32::NEG_INFINITY,
+                    l: 0.0,
+                    s: 0.0,
+                    target: z[t],
+                };
+                vectorize(|| fold_chunk(&mut st, z));
+                let l = st.m + st.l.ln();
+                *row_lse = l;
+                *ent = st.l.ln() - st.s / st.l;
+                *lp = st.target - l;
+                if gn == 0.0 {
+                    z.fill(0.0);
+                    return;
+                }
+                vectorize(|| {
+                    for zv in z.iter_mut() {
+                        *zv = -gn * exp(*zv - l);
+                    }
+                });
+                z[t] += gn;
+            });
+        let dz = &logits[..rows * d.vocab];
+        mixed::dy_w(
+            &mut dh[r0 * d.hidden..r1 * d.hidden],
+            dz,
+            w,
+            rows,
+            d.vocab,
+            d.hidden,
+            inv_t,
+            false,
+        );
+        if let Some(dw) = dw.as_deref_mut() {
+            mixed::dyt_x(dw, dz, hb, rows, d.vocab, d.hidden, inv_t, true, bf16);
+        }
+        r0 = r1;
+    }
+}
+
+/// The per-row outputs of [`forward_backward`]: logp, entropy and lse (N each) and dh [N, H].
+pub(crate) struct HeadRowsOut<'a> {
+    pub logprobs: &'a mut [f32],
+    pub entropy: &'a mut [f32],
+    pub lse: &'a mut [f32],
+    pub dh: &'a mut [f32],
+}
