@@ -298,3 +298,63 @@ fn load_cost_and_finite_scan() {
         );
     }
 }
+
+/// `GPG_RL_BENCH_MODEL=DIR cargo test --release -p gpg --test engine -- --ignored update_paths --nocapture`:
+/// the update of `bench trainer`'s shape (32 sequences of 7 prompt + 64 completion tokens,
+/// gradient checkpointing) as forward + backward and as one pass, alternated so that a drift
+/// in the machine's speed hits both alike. Wall and process CPU time per call.
+#[test]
+#[ignore]
+fn update_paths() {
+    let Ok(dir) = std::env::var("GPG_RL_BENCH_MODEL") else {
+        eprintln!("GPG_RL_BENCH_MODEL not set: skipped");
+        return;
+    };
+    let model = Qwen2::load(std::path::Path::new(&dir), &Device::Cpu, Precision::F32).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..32)
+        .map(|_| {
+            let p = (0..7).map(|_| rng.gen_range(0..150_000)).collect();
+            let c = (0..64).map(|_| rng.gen_range(0..150_000)).collect();
+            (p, c)
+        })
+        .collect();
+    let batch = batch_of(&seqs);
+    let g: Vec<f32> = (0..batch.num_completion_tokens())
+        .map(|i| ((i % 9) as f32 - 4.0) * 1e-4)
+        .collect();
+    let mut grads = model.zero_grads().unwrap();
+    let keep = Activations::LayerInputs;
+    for round in 0..3 {
+        for fused in [false, true] {
+            let (t0, c0) = (std::time::Instant::now(), process_cpu_seconds());
+            if fused {
+                model
+                    .forward_backward_into(&batch, 1.0, keep, &g, &mut grads)
+                    .unwrap();
+            } else {
+                let (_, cache) = model.forward_train_with(&batch, 1.0, keep).unwrap();
+                model.backward_into(&batch, cache, &g, &mut grads).unwrap();
+            }
+            eprintln!(
+                "round {round} {}: wall {:.2} s, cpu {:.2} s",
+                if fused { "one pass" } else { "fwd+bwd " },
+                t0.elapsed().as_secs_f64(),
+                process_cpu_seconds() - c0
+            );
+        }
+    }
+}
+
+/// Process CPU time (user + system, all threads) from /proc/self/stat, in seconds.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
