@@ -551,3 +551,55 @@ fn bench_update_gemm_f32() {
         );
     }
 }
+
+/// The output head of `bench trainer`'s update (2,048 scored rows, hidden 896, Qwen2's
+/// 151,936-entry vocabulary, f32): forward then backward (the logits formed twice) against
+/// `lm_head_forward_backward` (formed once), alternated three times so that a drift of the
+/// machine's speed hits both; wall time per call.
+#[test]
+#[ignore = "micro-benchmark; run explicitly with --ignored --nocapture"]
+fn bench_head_paths() {
+    use crate::model::ops::{
+        lm_head_backward_into, lm_head_forward_backward, lm_head_logprobs, LM_HEAD_CHUNK_LOGITS,
+        LM_HEAD_FUSED_LOGITS,
+    };
+    let (n, hid, v) = (2048usize, 896usize, 151_936usize);
+    let mut g = rng(23);
+    let h = tensor(&rand_vec(&mut g, n * hid, 1.0), &[n, hid]);
+    let w = tensor(&rand_vec(&mut g, v * hid, 0.05), &[v, hid]);
+    let targets: Vec<u32> = (0..n).map(|i| (i * 7919 % v) as u32).collect();
+    let weights: Vec<f32> = (0..n).map(|i| ((i % 5) as f32 - 2.0) * 1e-3).collect();
+    let mut dw = vec![0.0f32; v * hid];
+    for round in 0..3 {
+        let t0 = std::time::Instant::now();
+        let fwd = lm_head_logprobs(&h, &w, &targets, 1.0).unwrap();
+        let t1 = t0.elapsed().as_secs_f64();
+        lm_head_backward_into(
+            &h,
+            &w,
+            &targets,
+            &fwd.lse,
+            &weights,
+            1.0,
+            LM_HEAD_CHUNK_LOGITS,
+            &mut dw,
+        )
+        .unwrap();
+        let two = t0.elapsed().as_secs_f64();
+        print!(
+            "round {round}: forward {t1:.2} s + backward {:.2} s = {two:.2} s; one pass",
+            two - t1
+        );
+        for budget in [LM_HEAD_FUSED_LOGITS / 2, LM_HEAD_FUSED_LOGITS, LM_HEAD_FUSED_LOGITS * 2] {
+            let t0 = std::time::Instant::now();
+            lm_head_forward_backward(&h, &w, &targets, &weights, 1.0, budget, Some(&mut dw))
+                .unwrap();
+            print!(
+                " {:.2} s ({} rows a block)",
+                t0.elapsed().as_secs_f64(),
+                budget / v
+            );
+        }
+        println!();
+    }
+}
