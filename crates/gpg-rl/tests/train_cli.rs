@@ -121,11 +121,12 @@ fn lora_train_writes_peft_adapters_and_resumes_exactly_after_sigkill() {
 }
 
 /// In bf16 the checkpoint's model file is bf16 (the model's own dtype) and its f32 master
-/// weights ride in the trainer buffers: the resumed run still matches bit for bit.
+/// weights ride in the trainer buffers: the resumed run still matches bit for bit (with the
+/// first layer recomputed, the second keeping its activations).
 #[test]
 fn bf16_train_resumes_exactly_after_sigkill() {
     resumes_exactly_after_sigkill(
-        "precision = \"bf16\"\ngradient_checkpointing = true\n",
+        "precision = \"bf16\"\ngradient_checkpointing = true\ngradient_checkpointing_layers = 1\n",
         "",
         "model.safetensors",
     );
@@ -273,10 +274,31 @@ fn bad_recipes_fail_with_clear_errors() {
         "{\"problem\": \"1+1\", \"answer\": \"2\"}\n{not json\n",
     )
     .unwrap();
-    std::fs::write(&recipe, text).unwrap();
+    std::fs::write(&recipe, &text).unwrap();
     let out = train(&recipe, &[]);
     let err = failed_stderr(&out);
     assert!(err.contains("data.jsonl") && err.contains('2'), "{err}");
+
+    // Recomputing more layers than the model has, or without gradient checkpointing.
+    std::fs::write(
+        tmp.path().join("data.jsonl"),
+        "{\"problem\": \"1+1\", \"answer\": \"2\"}\n",
+    )
+    .unwrap();
+    for (extra, want) in [
+        (
+            "gradient_checkpointing = true\ngradient_checkpointing_layers = 3\n",
+            "gradient_checkpointing_layers = 3, but",
+        ),
+        (
+            "gradient_checkpointing_layers = 1\n",
+            "set gradient_checkpointing = true",
+        ),
+    ] {
+        std::fs::write(&recipe, format!("{extra}{text}")).unwrap();
+        let err = failed_stderr(&train(&recipe, &[]));
+        assert!(err.contains(want), "{err}");
+    }
 }
 
 fn recipe_text_with_data(model: &Path, out: &Path, data: &Path) -> String {

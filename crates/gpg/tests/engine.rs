@@ -186,6 +186,15 @@ fn gradient_checkpointing_gives_bit_identical_gradients() {
         assert_eq!(lp_full.logprobs, lp_ckpt.logprobs);
         // The recomputed layers are the same computation: the gradients agree bit for bit.
         assert_eq!(full, ckpt, "tied={tied}");
+        // Recomputing the first layer only (the second keeps its activations): the same.
+        let (_, cache) = model
+            .forward_train_with(&batch, 1.0, Activations::LayerInputsOfFirst(1))
+            .unwrap();
+        assert_eq!(
+            full,
+            model.backward(&batch, cache, &g).unwrap(),
+            "tied={tied}"
+        );
     }
 }
 
@@ -198,7 +207,11 @@ fn forward_and_backward_in_one_pass_match_the_two_calls() {
             .map(|i| ((i * 5 % 7) as f32 - 3.0) * 0.07)
             .collect();
         g[0] = 0.0;
-        for keep in [Activations::All, Activations::LayerInputs] {
+        for keep in [
+            Activations::All,
+            Activations::LayerInputs,
+            Activations::LayerInputsOfFirst(1),
+        ] {
             let (lp, cache) = model.forward_train_with(&batch, 1.3, keep).unwrap();
             let two = model.backward(&batch, cache, &g).unwrap();
             let mut one = model.zero_grads().unwrap();
@@ -355,6 +368,11 @@ fn process_cpu_seconds() -> f64 {
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }

@@ -48,6 +48,10 @@ pub struct TrainerArgs {
     /// Recompute each layer in the backward instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// With --gradient-checkpointing, recompute only the first N layers (the recipe's
+    /// `gradient_checkpointing_layers`).
+    #[arg(long, requires = "gradient_checkpointing")]
+    pub gradient_checkpointing_layers: Option<usize>,
     #[command(flatten)]
     pub engine: super::model_dir::EngineFlags,
     /// Precision of the TRL peer: bf16 passes --bf16 to trl_grpo_step.py (model loaded in
@@ -258,7 +262,7 @@ steps = {steps}
 seed = 0
 device = "{device}"
 precision = "{precision}"
-gradient_checkpointing = {ckpt}
+gradient_checkpointing = {ckpt}{ckpt_layers}
 
 [data]
 train = {prompts:?}
@@ -300,6 +304,11 @@ progress = false
         device = args.engine.device,
         precision = args.engine.precision,
         ckpt = args.gradient_checkpointing,
+        ckpt_layers = args
+            .gradient_checkpointing_layers
+            .map_or(String::new(), |n| format!(
+                "\ngradient_checkpointing_layers = {n}"
+            )),
     );
     text + &lora
 }

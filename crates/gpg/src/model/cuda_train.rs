@@ -638,13 +638,14 @@ impl CudaTrainStep {
             None => dev::embedding(g, &e.master, &ids, t, h, &mut x)?,
         }
         let mut layers = Vec::with_capacity(self.params.layers.len());
-        for layer in &self.params.layers {
+        for (index, layer) in self.params.layers.iter().enumerate() {
             let (x_out, lc) = self.layer_forward(layer, x, t, &positions, &seq_start)?;
             x = x_out;
-            layers.push(match keep {
-                Activations::All => SavedLayer::All(Box::new(lc)),
+            layers.push(if keep.keeps_all(index) {
+                SavedLayer::All(Box::new(lc))
+            } else {
                 // Only the layer's input; the backward reruns the layer from it.
-                Activations::LayerInputs => SavedLayer::Input(lc.x_in),
+                SavedLayer::Input(lc.x_in)
             });
         }
         // Final norm, the scored rows, the fused head.

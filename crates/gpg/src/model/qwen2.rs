@@ -197,6 +197,22 @@ pub enum Activations {
     All,
     /// Gradient checkpointing: only each layer's input; the backward recomputes the layer.
     LayerInputs,
+    /// Gradient checkpointing on the first `n` layers only (Megatron's block recomputation of
+    /// `recompute_num_layers`): the later layers keep every activation, so n recomputations
+    /// instead of all, for the later layers' activations of memory.
+    LayerInputsOfFirst(usize),
+}
+
+impl Activations {
+    /// Whether layer `index` keeps every activation (else only its input, or
+    /// nothing in a pass without backward).
+    pub fn keeps_all(self, index: usize) -> bool {
+        match self {
+            Activations::All => true,
+            Activations::LayerInputs => false,
+            Activations::LayerInputsOfFirst(n) => index >= n,
+        }
+    }
 }
 
 /// What one layer's forward computes.
@@ -271,10 +287,11 @@ enum GradSink<'g> {
     Adapter(&'g mut AdapterGrads),
 }
 
-/// Activations of one layer kept for its backward.
+/// Activations of one layer kept for its backward. The normed inputs xn, xn2 and the MLP's
+/// h = silu(gate) ⊙ up are not kept: the backward recomputes them with the same ops (a third
+/// of a layer's activations at the 0.5B shape, for elementwise work).
 struct LayerCache {
     x: Tensor,
-    xn: Tensor,
     rstd1: Tensor,
     q: Tensor,
     k: Tensor,
@@ -282,11 +299,9 @@ struct LayerCache {
     att: Tensor,
     lse: Tensor,
     xm: Tensor,
-    xn2: Tensor,
     rstd2: Tensor,
     gate: Tensor,
     up: Tensor,
-    h: Tensor,
 }
 
 /// What one layer kept for its backward: everything, or (checkpointing) its input only.
@@ -584,7 +599,6 @@ impl Qwen2 {
         };
         let cache = (pass != LayerPass::Output).then_some(LayerCache {
             x,
-            xn,
             rstd1,
             q,
             k,
@@ -592,11 +606,9 @@ impl Qwen2 {
             att,
             lse,
             xm,
-            xn2,
             rstd2,
             gate,
             up,
-            h,
         });
         Ok((x_next, cache))
     }
@@ -615,9 +627,10 @@ impl Qwen2 {
         let mut saved = Vec::new();
         for index in 0..self.weights.layers.len() {
             let layer = self.layer_view(index, keep.map(|_| dropout_seed));
-            let input = matches!(keep, Some(Activations::LayerInputs)).then(|| x.clone());
-            let pass = match keep {
-                Some(Activations::All) => LayerPass::OutputAndCache,
+            let keep_all = keep.map(|k| k.keeps_all(index));
+            let input = (keep_all == Some(false)).then(|| x.clone());
+            let pass = match keep_all {
+                Some(true) => LayerPass::OutputAndCache,
                 _ => LayerPass::Output,
             };
             let (next, cache) = self.layer_forward(layer, x, seqs, rope, positions, pass)?;
@@ -1036,10 +1049,13 @@ impl Qwen2 {
                     .context("internal: recomputed layer kept no activations")?,
             };
             // x' = xm + down(swiglu(gate(xn2), up(xn2)))
-            let dhid = view.linear_backward(DOWN, &dx, &lc.h, lg)?;
+            let eps = c.rms_norm_eps;
+            let dhid = view.linear_backward(DOWN, &dx, &ops::swiglu(&lc.gate, &lc.up)?, lg)?;
             let (dgate, dup) = ops::swiglu_backward(&dhid, &lc.gate, &lc.up)?;
-            let dxn2_g = view.linear_backward(GATE, &dgate, &lc.xn2, lg)?;
-            let dxn2_u = view.linear_backward(UP, &dup, &lc.xn2, lg)?;
+            let (xn2, _) = ops::rms_norm(&lc.xm, &layer.post_attention_layernorm, eps)?;
+            let dxn2_g = view.linear_backward(GATE, &dgate, &xn2, lg)?;
+            let dxn2_u = view.linear_backward(UP, &dup, &xn2, lg)?;
+            drop(xn2);
             let dxn2 = (dxn2_g + dxn2_u)?;
             let (dxm_norm, d_ln2) =
                 ops::rms_norm_backward(&dxn2, &lc.xm, &layer.post_attention_layernorm, &lc.rstd2)?;
@@ -1056,9 +1072,11 @@ impl Qwen2 {
             let dq = rope.backward(&dq, positions)?.reshape((t, nh * hd))?;
             let dk = rope.backward(&dk, positions)?.reshape((t, nkv * hd))?;
             let dv = dv.reshape((t, nkv * hd))?;
-            let dxn_q = view.linear_backward(Q, &dq, &lc.xn, lg)?;
-            let dxn_k = view.linear_backward(K, &dk, &lc.xn, lg)?;
-            let dxn_v = view.linear_backward(V, &dv, &lc.xn, lg)?;
+            let (xn, _) = ops::rms_norm(&lc.x, &layer.input_layernorm, eps)?;
+            let dxn_q = view.linear_backward(Q, &dq, &xn, lg)?;
+            let dxn_k = view.linear_backward(K, &dk, &xn, lg)?;
+            let dxn_v = view.linear_backward(V, &dv, &xn, lg)?;
+            drop(xn);
             let dxn = ((dxn_q + dxn_k)? + dxn_v)?;
             let (dx_norm, d_ln1) =
                 ops::rms_norm_backward(&dxn, &lc.x, &layer.input_layernorm, &lc.rstd1)?;

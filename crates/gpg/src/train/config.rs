@@ -40,6 +40,11 @@ pub struct TrainConfig {
     /// (less memory, the same gradients, about one more forward of time).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// With gradient checkpointing, recompute only the first N decoder layers (Megatron's
+    /// `recompute_num_layers`): the later ones keep their activations, trading memory for
+    /// N fewer layer recomputations. Absent: every layer is recomputed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing_layers: Option<usize>,
     pub data: DataConfig,
     pub rollout: RolloutConfig,
     #[serde(default)]
@@ -369,6 +374,20 @@ impl TrainConfig {
     }
 
     /// Checks ranges that serde cannot.
+    /// Which activations the training forward keeps (see `gradient_checkpointing` and
+    /// `gradient_checkpointing_layers`).
+    pub fn activations(&self) -> crate::model::Activations {
+        use crate::model::Activations;
+        match (
+            self.gradient_checkpointing,
+            self.gradient_checkpointing_layers,
+        ) {
+            (false, _) => Activations::All,
+            (true, None) => Activations::LayerInputs,
+            (true, Some(n)) => Activations::LayerInputsOfFirst(n),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.distributed.timeout_s.is_finite() && self.distributed.timeout_s > 0.0) {
             bail!(
@@ -388,6 +407,9 @@ impl TrainConfig {
         }
         if self.algorithm.num_iterations == 0 {
             bail!("algorithm.num_iterations must be at least 1");
+        }
+        if self.gradient_checkpointing_layers.is_some() && !self.gradient_checkpointing {
+            bail!("gradient_checkpointing_layers is set but gradient_checkpointing is not: set gradient_checkpointing = true, or remove gradient_checkpointing_layers");
         }
         if self.algorithm.micro_batch_tokens == 0 {
             bail!("algorithm.micro_batch_tokens must be positive");

@@ -28,7 +28,6 @@ use crate::algo::{
 };
 use crate::checkpoint;
 use crate::data::{synthetic, EpochSampler, PromptDataset, PromptRecord, SamplerState};
-use crate::model::Activations;
 use crate::optim::{AdamW, LrSchedule};
 use crate::reward::{RewardInput, WeightedSum};
 use crate::rollout::{Completion, SamplingParams};
@@ -221,6 +220,14 @@ impl Trainer {
             !config.freeze_vision,
         )
         .with_context(|| format!("loading the model from {}", weights_dir.display()))?;
+        if let Some(n) = config.gradient_checkpointing_layers {
+            let layers = model.text().config.num_hidden_layers;
+            ensure!(
+                n <= layers,
+                "gradient_checkpointing_layers = {n}, but {} has {layers} decoder layers",
+                config.model.display()
+            );
+        }
         if let Some(lora) = &config.lora {
             super::lora_run::attach_adapter(
                 model.text_mut(),
@@ -784,11 +791,7 @@ impl Trainer {
         };
         let total_tokens = normaliser.n_tokens;
         let local_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
-        let keep = if cfg.gradient_checkpointing {
-            Activations::LayerInputs
-        } else {
-            Activations::All
-        };
+        let keep = cfg.activations();
         // Micro-batches by token budget (prompt + completion); none when this rank has no
         // completion token to train on (it still takes part in the reductions).
         let mut micro: Vec<std::ops::Range<usize>> = Vec::new();

@@ -590,7 +590,11 @@ fn bench_head_paths() {
             "round {round}: forward {t1:.2} s + backward {:.2} s = {two:.2} s; one pass",
             two - t1
         );
-        for budget in [LM_HEAD_FUSED_LOGITS / 2, LM_HEAD_FUSED_LOGITS, LM_HEAD_FUSED_LOGITS * 2] {
+        for budget in [
+            LM_HEAD_FUSED_LOGITS / 2,
+            LM_HEAD_FUSED_LOGITS,
+            LM_HEAD_FUSED_LOGITS * 2,
+        ] {
             let t0 = std::time::Instant::now();
             lm_head_forward_backward(&h, &w, &targets, &weights, 1.0, budget, Some(&mut dw))
                 .unwrap();
