@@ -498,6 +498,30 @@ mod tests {
                 lm_head_forward_backward(&ht, &wt, &targets, &g, inv_t, budget, None).unwrap();
             assert_eq!(values(&dh_frozen), values(&dh_fused));
         }
+        // A bf16 head: the one pass against the two on the same bf16 weight.
+        let w16 = wt.to_dtype(candle_core::DType::BF16).unwrap();
+        let fwd = lm_head_logprobs(&ht, &w16, &targets, inv_t).unwrap();
+        let (dh, dw) = lm_head_backward(&ht, &w16, &targets, &fwd.lse, &g, inv_t).unwrap();
+        let mut dw_fused = vec![0.0f32; v * hid];
+        let (out, dh_fused) =
+            lm_head_forward_backward(&ht, &w16, &targets, &g, inv_t, 3 * v, Some(&mut dw_fused))
+                .unwrap();
+        let as_f64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        assert_close(
+            &out.logprobs,
+            &as_f64(&fwd.logprobs),
+            1e-5,
+            1e-5,
+            "bf16 logprobs",
+        );
+        assert_close(
+            &values(&dh_fused),
+            &as_f64(&values(&dh)),
+            1e-4,
+            1e-5,
+            "bf16 dh",
+        );
+        assert_close(&dw_fused, &as_f64(&values(&dw)), 1e-4, 1e-5, "bf16 dw");
         let err = lm_head_forward_backward(&ht, &wt, &targets, &g[1..], inv_t, 1, None)
             .unwrap_err()
             .to_string();

@@ -231,7 +231,8 @@ pub(crate) fn backward(
 /// vocabulary (one `[block_rows, vocab]` buffer), each row's statistics (logp, entropy, lse),
 /// dz_nv = g_n·(1[v = target_n] − e^(z_nv − lse_n)) in place, dh = inv_t·dZ w and
 /// dW += inv_t·dZᵀ h (unless `dw` is `None`). Three products instead of the four of
-/// `forward` + `backward`, which recompute the logits.
+/// `forward` + `backward`, which recompute the logits. A bf16 head on a CPU without a fast
+/// bf16 dot product is widened to f32 once per call (V × H × 4 bytes alive meanwhile).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_backward(
     h: &[f32],
@@ -253,6 +254,10 @@ pub(crate) fn forward_backward(
     if d.rows == 0 {
         return;
     }
+    // Every block multiplies by the whole head matrix three times: a bf16 head that the
+    // products would widen each time is widened once here.
+    let widened = mixed::widened_once(w);
+    let w = widened.as_deref().map_or(w, WeightSlice::F32);
     let bf16 = matches!(w, WeightSlice::Bf16(_));
     let block = block_rows.clamp(1, d.rows);
     let mut logits = vec![0.0f32; block * d.vocab];

@@ -48,6 +48,16 @@ pub fn bf16_gemm_name() -> &'static str {
     }
 }
 
+/// The f32 copy a product would make of `w` on this CPU (a bf16 weight under the `Widen`
+/// strategy), for a caller that multiplies by the same weight many times: widened once, then
+/// passed as an f32 weight. `None`: use `w` as it is.
+pub(crate) fn widened_once(w: WeightSlice<'_>) -> Option<Vec<f32>> {
+    match w {
+        WeightSlice::Bf16(w) if bf16_gemm() == Bf16Gemm::Widen => Some(widen(w)),
+        _ => None,
+    }
+}
+
 /// f32 copy of a bf16 matrix (exact).
 fn widen(w: &[half::bf16]) -> Vec<f32> {
     let mut out = vec![0.0f32; w.len()];
