@@ -201,10 +201,17 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             .collect();
         let batch = TrainBatch::new(&batch_pairs)?;
         let n = batch.num_completion_tokens();
-        let (lp, cache) = updater.forward(&model, &batch, 1.0, keep)?;
-        let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+        // L = −Σ logp / N: g_t = −1/N is known before the forward, so on the CPU the head's
+        // logits are formed once (forward and backward in one pass).
         let g = vec![-1.0 / n as f32; n];
-        updater.backward_into(&model, &batch, cache, &g)?;
+        let lp = if updater.fuses_forward_backward() {
+            updater.forward_backward_into(&model, &batch, 1.0, keep, &g)?
+        } else {
+            let (lp, cache) = updater.forward(&model, &batch, 1.0, keep)?;
+            updater.backward_into(&model, &batch, cache, &g)?;
+            lp
+        };
+        let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
