@@ -266,7 +266,7 @@ mod tests {
         for loss in [
             PolicyLoss::from_name("gpg", 8).unwrap(),
             PolicyLoss::from_name("dr-grpo", 8).unwrap(),
-            grpo.clone(),
+            grpo,
         ] {
             assert!(loss.weights_independent_of_logp(false), "{loss:?}");
             assert_eq!(
