@@ -51,7 +51,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &VarLen) -> Result<(T
             let (qs, ql) = q.storage_and_layout();
             let (ks, kl) = k.storage_and_layout();
             let (vs, vl) = v.storage_and_layout();
-            let mut out = vec![0.0f32; t * nh * hd];
+            let mut out = cpu::zeroed(t * nh * hd);
             let mut lse = vec![0.0f32; t * nh];
             cpu::attention::forward(
                 cpu_slice(OP, "q", &qs, ql)?,
@@ -103,7 +103,7 @@ pub fn attention_backward(
             let (vs, vl) = v.storage_and_layout();
             let (os, ol) = out.storage_and_layout();
             let (ls, ll) = lse.storage_and_layout();
-            let mut dq = vec![0.0f32; t * nh * hd];
+            let mut dq = cpu::zeroed(t * nh * hd);
             let mut dk = vec![0.0f32; t * nkv * hd];
             let mut dv = vec![0.0f32; t * nkv * hd];
             cpu::attention::backward(

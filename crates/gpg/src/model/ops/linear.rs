@@ -50,7 +50,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Backend::Cpu => {
             let (xs, xl) = x.storage_and_layout();
             let xs = cpu_slice(OP, "x", &xs, xl)?;
-            let mut y = vec![0.0f32; rows * out];
+            let mut y = cpu::zeroed(rows * out);
             with_weight(OP, "w", w, |ws| {
                 if rows <= FEW_ROWS {
                     // A few rows (a prompt batch's last tokens, the logits of a prefill): the
@@ -88,7 +88,7 @@ pub fn linear_backward_input(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
         Backend::Cpu => {
             let (ds, dl) = dy.storage_and_layout();
             let ds = cpu_slice(OP, "dy", &ds, dl)?;
-            let mut dx = vec![0.0f32; rows * inp];
+            let mut dx = cpu::zeroed(rows * inp);
             with_weight(OP, "w", w, |ws| {
                 mixed::dy_w(&mut dx, ds, ws, rows, out, inp, 1.0, false)
             })?;

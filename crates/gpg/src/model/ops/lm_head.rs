@@ -32,6 +32,30 @@ pub struct LmHeadOutput {
     pub lse: Vec<f32>,
 }
 
+impl LmHeadOutput {
+    fn zeros(rows: usize) -> Self {
+        Self {
+            logprobs: vec![0.0; rows],
+            entropy: vec![0.0; rows],
+            lse: vec![0.0; rows],
+        }
+    }
+}
+
+/// Each of `values` (name, per-row values) must have one entry per row of `h`.
+fn check_row_values(op: &str, d: HeadDims, values: &[(&str, &[f32])]) -> Result<()> {
+    for (name, v) in values {
+        if v.len() != d.rows {
+            bail!(
+                "{op}: {name} has {} entries, expected {} (rows of `h`)",
+                v.len(),
+                d.rows
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Vocabulary entries per chunk for a budget of `chunk_logits` logits over `rows` rows: a
 /// multiple of 64 when the budget allows (whole register tiles), at least 1, at most V.
 fn chunk_columns(chunk_logits: usize, rows: usize, vocab: usize) -> usize {
@@ -118,11 +142,7 @@ pub fn lm_head_logprobs_chunked(
         Backend::Cpu => {
             let (hs, hl) = h.storage_and_layout();
             let hs = cpu_slice(OP, "h", &hs, hl)?;
-            let mut out = LmHeadOutput {
-                logprobs: vec![0.0; d.rows],
-                entropy: vec![0.0; d.rows],
-                lse: vec![0.0; d.rows],
-            };
+            let mut out = LmHeadOutput::zeros(d.rows);
             with_weight(OP, "w", w, |ws| {
                 cpu::lm_head::forward(
                     hs,
@@ -201,19 +221,12 @@ pub fn lm_head_backward_into(
             d.hidden
         );
     }
-    if lse.len() != d.rows || g.len() != d.rows {
-        bail!(
-            "{OP}: lse has {} and g has {} entries, expected {} (rows of `h`)",
-            lse.len(),
-            g.len(),
-            d.rows
-        );
-    }
+    check_row_values(OP, d, &[("lse", lse), ("g", g)])?;
     match backend(OP, &[("h", h), ("w", w)])? {
         Backend::Cpu => {
             let (hs, hl) = h.storage_and_layout();
             let hs = cpu_slice(OP, "h", &hs, hl)?;
-            let mut dh = vec![0.0f32; d.rows * d.hidden];
+            let mut dh = cpu::zeroed(d.rows * d.hidden);
             with_weight(OP, "w", w, |ws| {
                 cpu::lm_head::backward(
                     hs,
@@ -246,19 +259,12 @@ pub fn lm_head_backward_input(
 ) -> Result<Tensor> {
     const OP: &str = "lm_head_backward_input";
     let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
-    if lse.len() != d.rows || g.len() != d.rows {
-        bail!(
-            "{OP}: lse has {} and g has {} entries, expected {} (rows of `h`)",
-            lse.len(),
-            g.len(),
-            d.rows
-        );
-    }
+    check_row_values(OP, d, &[("lse", lse), ("g", g)])?;
     match backend(OP, &[("h", h), ("w", w)])? {
         Backend::Cpu => {
             let (hs, hl) = h.storage_and_layout();
             let hs = cpu_slice(OP, "h", &hs, hl)?;
-            let mut dh = vec![0.0f32; d.rows * d.hidden];
+            let mut dh = cpu::zeroed(d.rows * d.hidden);
             with_weight(OP, "w", w, |ws| {
                 cpu::lm_head::backward(hs, ws, targets, lse, g, inv_temperature, d, &mut dh, None)
             })?;
@@ -301,24 +307,14 @@ pub fn lm_head_forward_backward(
             );
         }
     }
-    if g.len() != d.rows {
-        bail!(
-            "{OP}: g has {} entries, expected {} (rows of `h`)",
-            g.len(),
-            d.rows
-        );
-    }
+    check_row_values(OP, d, &[("g", g)])?;
     let block_rows = (chunk_logits / d.vocab).max(1);
     match backend(OP, &[("h", h), ("w", w)])? {
         Backend::Cpu => {
             let (hs, hl) = h.storage_and_layout();
             let hs = cpu_slice(OP, "h", &hs, hl)?;
-            let mut out = LmHeadOutput {
-                logprobs: vec![0.0; d.rows],
-                entropy: vec![0.0; d.rows],
-                lse: vec![0.0; d.rows],
-            };
-            let mut dh = vec![0.0f32; d.rows * d.hidden];
+            let mut out = LmHeadOutput::zeros(d.rows);
+            let mut dh = cpu::zeroed(d.rows * d.hidden);
             with_weight(OP, "w", w, |ws| {
                 cpu::lm_head::forward_backward(
                     hs,

@@ -26,7 +26,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
             let (ws, wl) = w.storage_and_layout();
             let xv = cpu_slice(OP, "x", &xs, xl)?;
             let wv = cpu_slice(OP, "w", &ws, wl)?;
-            let mut y = vec![0.0f32; t * h];
+            let mut y = cpu::zeroed(t * h);
             let mut rstd = vec![0.0f32; t];
             cpu::rms_norm::forward(xv, wv, eps as f32, &mut y, &mut rstd);
             Ok((cpu_tensor(OP, y, (t, h))?, cpu_tensor(OP, rstd, t)?))
@@ -56,7 +56,7 @@ pub fn rms_norm_backward(
             let (xs, xl) = x.storage_and_layout();
             let (ws, wl) = w.storage_and_layout();
             let (rs, rl) = rstd.storage_and_layout();
-            let mut dx = vec![0.0f32; t * h];
+            let mut dx = cpu::zeroed(t * h);
             let mut dw = vec![0.0f32; h];
             cpu::rms_norm::backward(
                 cpu_slice(OP, "dy", &dys, dyl)?,

@@ -169,7 +169,7 @@ impl Rope {
             Backend::Cpu => {
                 let (xs, xl) = x.storage_and_layout();
                 let xv = cpu_slice(op, name, &xs, xl)?;
-                let mut y = vec![0.0f32; t * nh * hd];
+                let mut y = cpu::zeroed(t * nh * hd);
                 cpu::rope::rotate::<INVERSE>(
                     xv,
                     &mut y,

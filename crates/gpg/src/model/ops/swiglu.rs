@@ -17,7 +17,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         Backend::Cpu => {
             let (gs, gl) = gate.storage_and_layout();
             let (us, ul) = up.storage_and_layout();
-            let mut h = vec![0.0f32; dims[0] * dims[1]];
+            let mut h = cpu::zeroed(dims[0] * dims[1]);
             cpu::swiglu::forward(
                 cpu_slice(OP, "gate", &gs, gl)?,
                 cpu_slice(OP, "up", &us, ul)?,
@@ -40,8 +40,8 @@ pub fn swiglu_backward(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tenso
             let (gs, gl) = gate.storage_and_layout();
             let (us, ul) = up.storage_and_layout();
             let n = dims[0] * dims[1];
-            let mut dgate = vec![0.0f32; n];
-            let mut dup = vec![0.0f32; n];
+            let mut dgate = cpu::zeroed(n);
+            let mut dup = cpu::zeroed(n);
             cpu::swiglu::backward(
                 cpu_slice(OP, "dh", &ds, dl)?,
                 cpu_slice(OP, "gate", &gs, gl)?,

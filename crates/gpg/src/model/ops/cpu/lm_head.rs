@@ -124,7 +124,7 @@ pub(crate) fn forward(
         return;
     }
     let chunk = d.chunk_cols.clamp(1, d.vocab);
-    let mut logits = vec![0.0f32; d.rows * chunk];
+    let mut logits = super::zeroed(d.rows * chunk);
     let mut stats = vec![
         RowStats {
             m: f32::NEG_INFINITY,
@@ -181,7 +181,7 @@ pub(crate) fn backward(
     }
     let bf16 = matches!(w, WeightSlice::Bf16(_));
     let chunk = d.chunk_cols.clamp(1, d.vocab);
-    let mut logits = vec![0.0f32; d.rows * chunk];
+    let mut logits = super::zeroed(d.rows * chunk);
     let mut v0 = 0;
     while v0 < d.vocab {
         let v1 = (v0 + chunk).min(d.vocab);
@@ -260,7 +260,7 @@ pub(crate) fn forward_backward(
     let w = widened.as_deref().map_or(w, WeightSlice::F32);
     let bf16 = matches!(w, WeightSlice::Bf16(_));
     let block = block_rows.clamp(1, d.rows);
-    let mut logits = vec![0.0f32; block * d.vocab];
+    let mut logits = super::zeroed(block * d.vocab);
     let mut r0 = 0;
     while r0 < d.rows {
         let r1 = (r0 + block).min(d.rows);

@@ -18,3 +18,18 @@ pub(crate) mod rope;
 pub(crate) mod rows_matmul;
 pub(crate) mod simd;
 pub(crate) mod swiglu;
+
+/// A buffer of `n` zeros for an op's output. A large one is zeroed by the rayon pool: the
+/// heap hands back reused memory, which `vec![0.0; n]` clears with one thread's memset while
+/// the pool waits (serial time between the parallel products of a training step).
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    /// Below this the memset is shorter than a fork.
+    const PARALLEL_FROM: usize = 1 << 18;
+    if n < PARALLEL_FROM {
+        return vec![0.0; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(0.0f32, n));
+    v
+}
