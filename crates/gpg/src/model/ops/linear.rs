@@ -15,7 +15,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::cpu::mixed;
+use super::cpu::{self, mixed};
 use super::tensor_io::{
     backend, cpu_slice, cpu_tensor, f32_dims, update_in_place, with_weight, Backend, WeightSliceMut,
 };
