@@ -15,6 +15,8 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
+use rayon::prelude::*;
+
 use super::cpu::{self, mixed};
 use super::tensor_io::{
     backend, cpu_slice, cpu_tensor, f32_dims, update_in_place, with_weight, Backend, WeightSliceMut,
@@ -66,8 +68,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
                 if bs.len() != out {
                     bail!("{OP}: `b` has {} elements, `w` has {out} rows", bs.len());
                 }
-                for row in y.chunks_exact_mut(out) {
-                    row.iter_mut().zip(bs).for_each(|(v, b)| *v += b);
+                let add = |row: &mut [f32]| row.iter_mut().zip(bs).for_each(|(v, b)| *v += b);
+                if rows > FEW_ROWS {
+                    y.par_chunks_mut(out).for_each(add);
+                } else {
+                    y.chunks_exact_mut(out).for_each(add);
                 }
             }
             cpu_tensor(OP, y, (rows, out))
