@@ -400,13 +400,12 @@ impl<'m> Decoder<'m> {
             );
             layer.gate.apply(&s.xn, b, &mut s.gate, false)?;
             layer.up.apply(&s.xn, b, &mut s.up, false)?;
-            for ((gate, up), hr) in s.gate[..b * inter]
-                .chunks_exact(inter)
-                .zip(s.up.chunks_exact(inter))
-                .zip(s.h.chunks_exact_mut(inter))
-            {
-                swiglu::forward(gate, up, hr);
-            }
+            // One call over the whole batch (elementwise): one parallel region, not one per row.
+            swiglu::forward(
+                &s.gate[..b * inter],
+                &s.up[..b * inter],
+                &mut s.h[..b * inter],
+            );
             layer.down.apply(&s.h, b, &mut s.x, true)?;
         }
         for cache in &mut s.rows {
