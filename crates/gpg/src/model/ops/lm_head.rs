@@ -56,6 +56,19 @@ fn check_row_values(op: &str, d: HeadDims, values: &[(&str, &[f32])]) -> Result<
     Ok(())
 }
 
+/// The head's gradient buffer must be [V, H].
+fn check_head_grad(op: &str, d: HeadDims, dw: &[f32]) -> Result<()> {
+    if dw.len() != d.vocab * d.hidden {
+        bail!(
+            "{op}: gradient buffer has {} elements, expected {}×{}",
+            dw.len(),
+            d.vocab,
+            d.hidden
+        );
+    }
+    Ok(())
+}
+
 /// Vocabulary entries per chunk for a budget of `chunk_logits` logits over `rows` rows: a
 /// multiple of 64 when the budget allows (whole register tiles), at least 1, at most V.
 fn chunk_columns(chunk_logits: usize, rows: usize, vocab: usize) -> usize {
@@ -213,14 +226,7 @@ pub fn lm_head_backward_into(
 ) -> Result<Tensor> {
     const OP: &str = "lm_head_backward";
     let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
-    if dw.len() != d.vocab * d.hidden {
-        bail!(
-            "{OP}: gradient buffer has {} elements, expected {}×{}",
-            dw.len(),
-            d.vocab,
-            d.hidden
-        );
-    }
+    check_head_grad(OP, d, dw)?;
     check_row_values(OP, d, &[("lse", lse), ("g", g)])?;
     match backend(OP, &[("h", h), ("w", w)])? {
         Backend::Cpu => {
@@ -298,14 +304,7 @@ pub fn lm_head_forward_backward(
     const OP: &str = "lm_head_forward_backward";
     let d = head_dims(OP, h, w, targets, inv_temperature, chunk_logits)?;
     if let Some(dw) = dw.as_deref() {
-        if dw.len() != d.vocab * d.hidden {
-            bail!(
-                "{OP}: gradient buffer has {} elements, expected {}×{}",
-                dw.len(),
-                d.vocab,
-                d.hidden
-            );
-        }
+        check_head_grad(OP, d, dw)?;
     }
     check_row_values(OP, d, &[("g", g)])?;
     let block_rows = (chunk_logits / d.vocab).max(1);

@@ -108,6 +108,24 @@ fn fold_chunk(st: &mut RowStats, z: &[f32]) {
     st.m = m_new;
 }
 
+/// One row's logits z (a chunk of them) into dz_v = g·(1[v = target] − e^(z_v − lse)), in
+/// place; `target` is the target's index in this chunk, if it falls there.
+#[inline(always)]
+fn logits_to_dz(z: &mut [f32], lse: f32, g: f32, target: Option<usize>) {
+    if g == 0.0 {
+        z.fill(0.0);
+        return;
+    }
+    vectorize(|| {
+        for zv in z.iter_mut() {
+            *zv = -g * exp(*zv - lse);
+        }
+    });
+    if let Some(t) = target {
+        z[t] += g;
+    }
+}
+
 /// logp_n = z[n, target_n] − lse_n, entropy_n, lse_n for every row.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
@@ -192,19 +210,8 @@ pub(crate) fn backward(
             .zip(targets.par_iter())
             .zip(lse.par_iter().zip(g.par_iter()))
             .for_each(|((z, &target), (&row_lse, &gn))| {
-                if gn == 0.0 {
-                    z.fill(0.0);
-                    return;
-                }
-                vectorize(|| {
-                    for zv in z.iter_mut() {
-                        *zv = -gn * exp(*zv - row_lse);
-                    }
-                });
                 let t = target as usize;
-                if (v0..v1).contains(&t) {
-                    z[t - v0] += gn;
-                }
+                logits_to_dz(z, row_lse, gn, (v0..v1).contains(&t).then(|| t - v0));
             });
         let dz = &logits[..d.rows * cols];
         let wc = head_rows(w, d.hidden, v0, v1);
@@ -290,16 +297,7 @@ pub(crate) fn forward_backward(
                 *row_lse = l;
                 *ent = st.l.ln() - st.s / st.l;
                 *lp = st.target - l;
-                if gn == 0.0 {
-                    z.fill(0.0);
-                    return;
-                }
-                vectorize(|| {
-                    for zv in z.iter_mut() {
-                        *zv = -gn * exp(*zv - l);
-                    }
-                });
-                z[t] += gn;
+                logits_to_dz(z, l, gn, Some(t));
             });
         let dz = &logits[..rows * d.vocab];
         mixed::dy_w(
