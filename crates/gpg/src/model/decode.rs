@@ -3,7 +3,10 @@
 //! [`Decoder`] reads the model's weights where they are stored (f32 or bf16, no copy: the
 //! optimiser updates them in place, so a decoder made after a step sees the new weights) and
 //! [`DecodeState`] holds the per-row KV cache and every activation buffer, sized once for the
-//! largest batch. A step for B rows (each feeding one token) is, per layer:
+//! largest batch. A step for B rows (each feeding one token) runs the decoder layer of
+//! [`super::layer`] (the same definition as training and prefill) over the state's buffers
+//! ([`StepOps`]: a value is a buffer, residual products add into `x` in place, attention
+//! appends k and v to each row's cache and reads it), per layer:
 //!
 //! ```text
 //! xn   = rms_norm(x)                          [B, H]
@@ -29,7 +32,9 @@ use super::ops::cpu::mixed::rows_x_wt;
 use super::ops::cpu::{rms_norm, swiglu};
 use super::ops::tensor_io::{with_weight, WeightSlice};
 use super::ops::{self, DecodeCache, Rope};
-use super::qwen2::{Linear, Qwen2};
+use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
+use super::params::Linear;
+use super::qwen2::Qwen2;
 
 thread_local! {
     /// Attention scores of one row (per thread, reused across steps).
@@ -105,6 +110,7 @@ impl<'m> Dense<'m> {
     }
 }
 
+/// One decoder layer as decoding reads it.
 struct Layer<'m> {
     input_norm: Vec<f32>,
     q: Dense<'m>,
@@ -323,8 +329,7 @@ impl<'m> Decoder<'m> {
                 self.vocab
             );
         }
-        let (h, inter) = (self.hidden, self.intermediate);
-        let (qd, kvd, hd) = (self.q_dim(), self.kv_dim(), self.head_dim);
+        let h = self.hidden;
         let s = state;
         with_weight("decode", "model.embed_tokens.weight", self.embed, |e| {
             for (row, &t) in s.x.chunks_exact_mut(h).zip(tokens) {
@@ -338,75 +343,14 @@ impl<'m> Decoder<'m> {
                 }
             }
         })?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm::forward(
-                &s.x[..b * h],
-                &layer.input_norm,
-                self.eps,
-                &mut s.xn[..b * h],
-                &mut s.rstd[..b],
-            );
-            layer.q.apply(&s.xn, b, &mut s.q, false)?;
-            layer.k.apply(&s.xn, b, &mut s.k, false)?;
-            layer.v.apply(&s.xn, b, &mut s.v, false)?;
-            for (r, ((q, (k, v)), cache)) in s.q[..b * qd]
-                .chunks_exact_mut(qd)
-                .zip(s.k.chunks_exact_mut(kvd).zip(s.v.chunks_exact(kvd)))
-                .zip(s.rows.iter_mut())
-                .enumerate()
-            {
-                let pos = &positions[r..r + 1];
-                self.rope.forward_slice(q, self.n_heads, pos)?;
-                self.rope.forward_slice(k, self.n_kv_heads, pos)?;
-                ensure!(cache.len < cache.cap, "decoder: a row outgrew its cache");
-                let kt = &mut cache.kt[li];
-                for (j, &x) in k.iter().enumerate() {
-                    kt[DecodeCache::key_offset(j, cache.len, hd, cache.cap)] = x;
-                }
-                cache.v[li].extend_from_slice(v);
-            }
-            let (rows, qs) = (&s.rows, &s.q);
-            s.att[..b * qd]
-                .par_chunks_mut(qd)
-                .zip(rows.par_iter())
-                .enumerate()
-                .for_each(|(r, (out, cache))| {
-                    let q = &qs[r * qd..(r + 1) * qd];
-                    let view = DecodeCache {
-                        kt: &cache.kt[li],
-                        cap: cache.cap,
-                        v: &cache.v[li],
-                        len: cache.len + 1,
-                    };
-                    SCORES.with_borrow_mut(|scores| {
-                        ops::attention_decode(
-                            q,
-                            view,
-                            self.n_heads,
-                            self.n_kv_heads,
-                            hd,
-                            scores,
-                            out,
-                        )
-                    });
-                });
-            layer.o.apply(&s.att, b, &mut s.x, true)?;
-            rms_norm::forward(
-                &s.x[..b * h],
-                &layer.post_norm,
-                self.eps,
-                &mut s.xn[..b * h],
-                &mut s.rstd[..b],
-            );
-            layer.gate.apply(&s.xn, b, &mut s.gate, false)?;
-            layer.up.apply(&s.xn, b, &mut s.up, false)?;
-            // One call over the whole batch (elementwise): one parallel region, not one per row.
-            swiglu::forward(
-                &s.gate[..b * inter],
-                &s.up[..b * inter],
-                &mut s.h[..b * inter],
-            );
-            layer.down.apply(&s.h, b, &mut s.x, true)?;
+        let mut ops = StepOps {
+            d: self,
+            s: &mut *s,
+            positions,
+            rows: b,
+        };
+        for li in 0..self.layers.len() {
+            layer_forward(&mut ops, li, Buf::X, LayerPass::Output)?;
         }
         for cache in &mut s.rows {
             cache.len += 1;
@@ -420,5 +364,207 @@ impl<'m> Decoder<'m> {
         );
         self.head.apply(&s.xn, b, &mut s.logits, false)?;
         Ok(())
+    }
+}
+
+impl<'m> Layer<'m> {
+    fn dense(&self, p: Proj) -> &Dense<'m> {
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+
+    fn norm(&self, norm: Norm) -> &[f32] {
+        match norm {
+            Norm::Input => &self.input_norm,
+            Norm::PostAttention => &self.post_norm,
+        }
+    }
+}
+
+/// The buffers of a [`DecodeState`], which are the values of a decoding step's layer (one
+/// buffer per kind of value: the two norms share `xn`, and the residual products add into `x`
+/// in place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    X,
+    Xn,
+    Rstd,
+    Q,
+    K,
+    V,
+    Att,
+    Gate,
+    Up,
+    H,
+}
+
+impl DecodeState {
+    fn buf(&self, b: Buf) -> &[f32] {
+        match b {
+            Buf::X => &self.x,
+            Buf::Xn => &self.xn,
+            Buf::Rstd => &self.rstd,
+            Buf::Q => &self.q,
+            Buf::K => &self.k,
+            Buf::V => &self.v,
+            Buf::Att => &self.att,
+            Buf::Gate => &self.gate,
+            Buf::Up => &self.up,
+            Buf::H => &self.h,
+        }
+    }
+
+    fn buf_mut(&mut self, b: Buf) -> &mut Vec<f32> {
+        match b {
+            Buf::X => &mut self.x,
+            Buf::Xn => &mut self.xn,
+            Buf::Rstd => &mut self.rstd,
+            Buf::Q => &mut self.q,
+            Buf::K => &mut self.k,
+            Buf::V => &mut self.v,
+            Buf::Att => &mut self.att,
+            Buf::Gate => &mut self.gate,
+            Buf::Up => &mut self.up,
+            Buf::H => &mut self.h,
+        }
+    }
+
+    /// Runs `f` on buffer `src` (read) and `dst` (written), two different buffers: `dst` is
+    /// taken out of the state for the call (a pointer swap, no copy).
+    fn with_dst<R>(
+        &mut self,
+        src: Buf,
+        dst: Buf,
+        f: impl FnOnce(&[f32], &mut [f32]) -> Result<R>,
+    ) -> Result<R> {
+        ensure!(src != dst, "internal: decoding op reads and writes {src:?}");
+        let mut out = std::mem::take(self.buf_mut(dst));
+        let r = f(self.buf(src), &mut out);
+        *self.buf_mut(dst) = out;
+        r
+    }
+}
+
+/// The backend of one decoding step ([`super::layer::LayerOps`] over the state's buffers):
+/// `rows` rows, each feeding one token at its position.
+struct StepOps<'s, 'd, 'm> {
+    d: &'d Decoder<'m>,
+    s: &'s mut DecodeState,
+    positions: &'s [u32],
+    rows: usize,
+}
+
+impl LayerOps for StepOps<'_, '_, '_> {
+    type Act = Buf;
+
+    fn rms_norm(&mut self, layer: usize, norm: Norm, x: &Buf) -> Result<(Buf, Buf)> {
+        let (n, h) = (self.rows, self.d.hidden);
+        let w = self.d.layers[layer].norm(norm);
+        let mut rstd = std::mem::take(&mut self.s.rstd);
+        let r = self.s.with_dst(*x, Buf::Xn, |x, xn| {
+            rms_norm::forward(&x[..n * h], w, self.d.eps, &mut xn[..n * h], &mut rstd[..n]);
+            Ok(())
+        });
+        self.s.rstd = rstd;
+        r.map(|()| (Buf::Xn, Buf::Rstd))
+    }
+
+    fn linear(&mut self, layer: usize, p: Proj, x: &Buf) -> Result<Buf> {
+        let dst = match p {
+            Proj::Q => Buf::Q,
+            Proj::K => Buf::K,
+            Proj::V => Buf::V,
+            Proj::Gate => Buf::Gate,
+            Proj::Up => Buf::Up,
+            Proj::O | Proj::Down => {
+                anyhow::bail!("internal: decoding runs {p:?} as a residual product only")
+            }
+        };
+        let dense = self.d.layers[layer].dense(p);
+        let rows = self.rows;
+        self.s
+            .with_dst(*x, dst, |x, y| dense.apply(x, rows, y, false))?;
+        Ok(dst)
+    }
+
+    fn residual_linear(&mut self, layer: usize, p: Proj, x: &Buf, residual: Buf) -> Result<Buf> {
+        let dense = self.d.layers[layer].dense(p);
+        let rows = self.rows;
+        self.s
+            .with_dst(*x, residual, |x, y| dense.apply(x, rows, y, true))?;
+        Ok(residual)
+    }
+
+    fn rope(&mut self, x: Buf, heads: Heads) -> Result<Buf> {
+        let (n_heads, width) = match heads {
+            Heads::Query => (self.d.n_heads, self.d.q_dim()),
+            Heads::Key => (self.d.n_kv_heads, self.d.kv_dim()),
+        };
+        let rope = &self.d.rope;
+        let buf = self.s.buf_mut(x);
+        for (r, row) in buf[..self.rows * width].chunks_exact_mut(width).enumerate() {
+            rope.forward_slice(row, n_heads, &self.positions[r..r + 1])?;
+        }
+        Ok(x)
+    }
+
+    /// Appends each row's k and v to its cache, then attends over the cache (one row per
+    /// task).
+    fn attend(&mut self, layer: usize, q: &Buf, k: &Buf, v: &Buf) -> Result<(Buf, Option<Buf>)> {
+        let d = self.d;
+        let (qd, kvd, hd) = (d.q_dim(), d.kv_dim(), d.head_dim);
+        let s = &mut *self.s;
+        // The row caches are taken out of the state for the append (a pointer swap).
+        let mut caches = std::mem::take(&mut s.rows);
+        let (ks, vs) = (s.buf(*k), s.buf(*v));
+        let appended = caches
+            .iter_mut()
+            .zip(ks.chunks_exact(kvd).zip(vs.chunks_exact(kvd)))
+            .try_for_each(|(cache, (kr, vr))| {
+                ensure!(cache.len < cache.cap, "decoder: a row outgrew its cache");
+                let kt = &mut cache.kt[layer];
+                for (j, &x) in kr.iter().enumerate() {
+                    kt[DecodeCache::key_offset(j, cache.len, hd, cache.cap)] = x;
+                }
+                cache.v[layer].extend_from_slice(vr);
+                Ok(())
+            });
+        s.rows = caches;
+        appended?;
+        let mut att = std::mem::take(&mut s.att);
+        let (rows, qs) = (&s.rows, s.buf(*q));
+        att[..self.rows * qd]
+            .par_chunks_mut(qd)
+            .zip(rows.par_iter())
+            .enumerate()
+            .for_each(|(r, (out, cache))| {
+                let q = &qs[r * qd..(r + 1) * qd];
+                let view = DecodeCache {
+                    kt: &cache.kt[layer],
+                    cap: cache.cap,
+                    v: &cache.v[layer],
+                    len: cache.len + 1,
+                };
+                SCORES.with_borrow_mut(|scores| {
+                    ops::attention_decode(q, view, d.n_heads, d.n_kv_heads, hd, scores, out)
+                });
+            });
+        s.att = att;
+        Ok((Buf::Att, None))
+    }
+
+    fn swiglu(&mut self, gate: &Buf, up: &Buf) -> Result<Buf> {
+        let n = self.rows * self.d.intermediate;
+        let mut h = std::mem::take(&mut self.s.h);
+        swiglu::forward(&self.s.buf(*gate)[..n], &self.s.buf(*up)[..n], &mut h[..n]);
+        self.s.h = h;
+        Ok(Buf::H)
     }
 }

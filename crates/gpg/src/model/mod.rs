@@ -6,12 +6,14 @@
 
 pub mod adapter_io;
 pub mod config;
+pub(crate) mod cpu_layer;
 #[cfg(feature = "cuda")]
 pub mod cuda_decode;
 #[cfg(feature = "cuda")]
 pub mod cuda_train;
 pub mod decode;
 pub mod decoding;
+pub mod layer;
 pub mod lora;
 pub mod ops;
 pub mod params;

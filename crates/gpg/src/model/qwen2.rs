@@ -26,7 +26,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::Qwen2Config;
-use super::lora::{Adapter, AdapterGrads, Dropout, LoraGrad, LoraPair};
+use super::cpu_layer::{add_into, Attend, CpuLayerOps, LayerGrads, LayerView};
+use super::layer::{self, LayerCache, LayerPass};
+use super::lora::{Adapter, AdapterGrads};
 use super::ops::{self, Rope, VarLen};
 pub use super::params::{Attention, DecoderLayer, LeafKind, Linear, Mlp, Qwen2Params};
 use super::precision::Precision;
@@ -36,32 +38,6 @@ use super::weights::WeightMap;
 pub type Weights = Qwen2Params<Tensor>;
 /// Gradients (or any f32 buffer per parameter), in the same tree.
 pub type Grads = Qwen2Params<Vec<f32>>;
-
-impl Linear<Tensor> {
-    /// y = x·Wᵀ (+ b).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
-    }
-
-    /// Given dy = ∂L/∂y and the input x: adds ∂L/∂W = dyᵀ·x and ∂L/∂b = Σ_rows dy to `grad`
-    /// and returns ∂L/∂x = dy·W.
-    pub(crate) fn backward(
-        &self,
-        dy: &Tensor,
-        x: &Tensor,
-        grad: &mut Linear<Vec<f32>>,
-    ) -> Result<Tensor> {
-        let dx = ops::linear_backward_input(dy, &self.weight)?;
-        ops::linear_backward_params(
-            dy,
-            x,
-            &mut grad.weight,
-            grad.bias.as_deref_mut(),
-            self.weight.dtype() == DType::BF16,
-        )?;
-        Ok(dx)
-    }
-}
 
 /// `Qwen2ForCausalLM`: `model.*` plus the output head (`lm_head.weight`, or the embedding
 /// matrix when the head is tied).
@@ -75,119 +51,6 @@ pub struct Qwen2 {
     device: Device,
     /// A LoRA adapter on the linear layers (see [`super::lora`]); `None`: the plain model.
     adapter: Option<Adapter>,
-}
-
-/// The linear layers of a decoder layer by index (q, k, v, o, gate, up, down): the index
-/// also tells the modules' dropout masks apart.
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
-
-fn linear_at<T>(l: &DecoderLayer<T>, j: usize) -> &Linear<T> {
-    match j {
-        Q => &l.self_attn.q_proj,
-        K => &l.self_attn.k_proj,
-        V => &l.self_attn.v_proj,
-        O => &l.self_attn.o_proj,
-        GATE => &l.mlp.gate_proj,
-        UP => &l.mlp.up_proj,
-        _ => &l.mlp.down_proj,
-    }
-}
-
-fn linear_at_mut<T>(l: &mut DecoderLayer<T>, j: usize) -> &mut Linear<T> {
-    match j {
-        Q => &mut l.self_attn.q_proj,
-        K => &mut l.self_attn.k_proj,
-        V => &mut l.self_attn.v_proj,
-        O => &mut l.self_attn.o_proj,
-        GATE => &mut l.mlp.gate_proj,
-        UP => &mut l.mlp.up_proj,
-        _ => &mut l.mlp.down_proj,
-    }
-}
-
-/// One decoder layer's weights as a pass sees them: the base layer and, when the model has an
-/// adapter, that layer's LoRA pairs and (training forward) their dropout.
-#[derive(Clone, Copy)]
-struct LayerView<'a> {
-    base: &'a DecoderLayer<Tensor>,
-    lora: Option<&'a DecoderLayer<Option<LoraPair>>>,
-    index: usize,
-    /// (p, seed) of the adapter dropout in a training pass with dropout > 0.
-    dropout: Option<(f32, u64)>,
-}
-
-/// Where a layer's backward puts its gradients.
-enum LayerGrads<'g> {
-    /// Every base parameter (full fine-tuning).
-    Full(&'g mut DecoderLayer<Vec<f32>>),
-    /// Only the adapter's A and B (the base is frozen).
-    Adapter(&'g mut DecoderLayer<Option<LoraGrad>>),
-}
-
-impl LayerGrads<'_> {
-    /// The norm weight's gradient buffer, when base parameters are trained.
-    fn norm(&mut self, input: bool) -> Option<&mut Vec<f32>> {
-        match self {
-            LayerGrads::Full(g) => Some(if input {
-                &mut g.input_layernorm
-            } else {
-                &mut g.post_attention_layernorm
-            }),
-            LayerGrads::Adapter(_) => None,
-        }
-    }
-}
-
-impl LayerView<'_> {
-    fn pair(&self, j: usize) -> Option<&LoraPair> {
-        self.lora.and_then(|l| linear_at(l, j).weight.as_ref())
-    }
-
-    fn dropout(&self, j: usize) -> Option<Dropout> {
-        self.dropout.map(|(p, seed)| Dropout {
-            p,
-            seed,
-            module: (self.index * 7 + j) as u64,
-        })
-    }
-
-    /// Linear layer `j` of this layer on `x`: x·Wᵀ (+ b) (+ s·B(A·d(x))).
-    fn linear(&self, j: usize, x: &Tensor) -> Result<Tensor> {
-        let y = linear_at(self.base, j).forward(x)?;
-        match self.pair(j) {
-            Some(p) => p.forward_add(x, y, self.dropout(j)),
-            None => Ok(y),
-        }
-    }
-
-    /// Backward of linear layer `j` given dy and its input x: gradients into `grads`, returns
-    /// ∂L/∂x. With an adapter the base weight's gradient is never computed.
-    fn linear_backward(
-        &self,
-        j: usize,
-        dy: &Tensor,
-        x: &Tensor,
-        grads: &mut LayerGrads<'_>,
-    ) -> Result<Tensor> {
-        let base = linear_at(self.base, j);
-        match grads {
-            LayerGrads::Full(g) => base.backward(dy, x, linear_at_mut(g, j)),
-            LayerGrads::Adapter(g) => {
-                let dx = ops::linear_backward_input(dy, &base.weight)?;
-                match (self.pair(j), linear_at_mut(g, j).weight.as_mut()) {
-                    (Some(p), Some(grad)) => p.backward(dy, x, self.dropout(j), grad, dx),
-                    (None, None) => Ok(dx),
-                    _ => bail!("internal: the adapter gradient tree does not match the adapter"),
-                }
-            }
-        }
-    }
 }
 
 /// Which activations a training forward keeps for its backward.
@@ -213,18 +76,6 @@ impl Activations {
             Activations::LayerInputsOfFirst(n) => index >= n,
         }
     }
-}
-
-/// What one layer's forward computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LayerPass {
-    /// The layer's output only (inference, or a checkpointed forward).
-    Output,
-    /// The output and every value the layer's backward reads.
-    OutputAndCache,
-    /// The values the backward reads, not the output (gradient checkpointing's recomputation:
-    /// the next layer's input is already saved).
-    Recompute,
 }
 
 /// A packed batch of (prompt, completion) sequences for the training forward.
@@ -287,26 +138,9 @@ enum GradSink<'g> {
     Adapter(&'g mut AdapterGrads),
 }
 
-/// Activations of one layer kept for its backward. The normed inputs xn, xn2 and the MLP's
-/// h = silu(gate) ⊙ up are not kept: the backward recomputes them with the same ops (a third
-/// of a layer's activations at the 0.5B shape, for elementwise work).
-struct LayerCache {
-    x: Tensor,
-    rstd1: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    att: Tensor,
-    lse: Tensor,
-    xm: Tensor,
-    rstd2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-}
-
 /// What one layer kept for its backward: everything, or (checkpointing) its input only.
 enum LayerSaved {
-    Full(Box<LayerCache>),
+    Full(Box<LayerCache<Tensor>>),
     Input(Tensor),
 }
 
@@ -467,7 +301,7 @@ impl Qwen2 {
 
     /// Layer `index` as a pass sees it (with its adapter pairs; `dropout_seed` given in a
     /// training forward).
-    fn layer_view(&self, index: usize, dropout_seed: Option<u64>) -> LayerView<'_> {
+    pub(crate) fn layer_view(&self, index: usize, dropout_seed: Option<u64>) -> LayerView<'_> {
         let lora = self.adapter.as_ref();
         LayerView {
             base: &self.weights.layers[index],
@@ -563,56 +397,6 @@ impl Qwen2 {
             .to_dtype(DType::F32)?)
     }
 
-    /// One layer forward over a packed batch: per `pass`, the next residual stream and/or the
-    /// values its backward needs.
-    fn layer_forward(
-        &self,
-        view: LayerView<'_>,
-        x: Tensor,
-        seqs: &VarLen,
-        rope: &Rope,
-        positions: &[u32],
-        pass: LayerPass,
-    ) -> Result<(Option<Tensor>, Option<LayerCache>)> {
-        let c = &self.config;
-        let t = x.dim(0)?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let layer = view.base;
-        let (xn, rstd1) = ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-        let q = view.linear(Q, &xn)?.reshape((t, nh, hd))?;
-        let k = view.linear(K, &xn)?.reshape((t, nkv, hd))?;
-        let v = view.linear(V, &xn)?.reshape((t, nkv, hd))?;
-        let q = rope.forward(&q, positions)?;
-        let k = rope.forward(&k, positions)?;
-        let (att, lse) = ops::attention(&q, &k, &v, seqs)?;
-        let att = att.reshape((t, nh * hd))?;
-        let xm = (&x + view.linear(O, &att)?)?;
-        let (xn2, rstd2) = ops::rms_norm(&xm, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        let gate = view.linear(GATE, &xn2)?;
-        let up = view.linear(UP, &xn2)?;
-        let h = ops::swiglu(&gate, &up)?;
-        // The recomputation for a backward needs h, not the layer's output: the down
-        // projection (29% of the layer's products at the 0.5B shape) is skipped there.
-        let x_next = match pass {
-            LayerPass::Recompute => None,
-            LayerPass::Output | LayerPass::OutputAndCache => Some((&xm + view.linear(DOWN, &h)?)?),
-        };
-        let cache = (pass != LayerPass::Output).then_some(LayerCache {
-            x,
-            rstd1,
-            q,
-            k,
-            v,
-            att,
-            lse,
-            xm,
-            rstd2,
-            gate,
-            up,
-        });
-        Ok((x_next, cache))
-    }
-
     /// The residual stream entering the final norm, for a packed batch, keeping what the
     /// backward needs (per `keep`, or nothing).
     fn forward_layers(
@@ -624,16 +408,23 @@ impl Qwen2 {
         keep: Option<Activations>,
         dropout_seed: u64,
     ) -> Result<(Tensor, Vec<LayerSaved>)> {
+        let mut ops = CpuLayerOps::new(
+            self,
+            seqs,
+            rope,
+            positions,
+            keep.map(|_| dropout_seed),
+            Attend::PackedCausal,
+        );
         let mut saved = Vec::new();
         for index in 0..self.weights.layers.len() {
-            let layer = self.layer_view(index, keep.map(|_| dropout_seed));
             let keep_all = keep.map(|k| k.keeps_all(index));
             let input = (keep_all == Some(false)).then(|| x.clone());
             let pass = match keep_all {
                 Some(true) => LayerPass::OutputAndCache,
                 _ => LayerPass::Output,
             };
-            let (next, cache) = self.layer_forward(layer, x, seqs, rope, positions, pass)?;
+            let (next, cache) = layer::layer_forward(&mut ops, index, x, pass)?;
             x = next.context("internal: the layer forward returned no output")?;
             match (cache, input) {
                 (Some(cache), _) => saved.push(LayerSaved::Full(Box::new(cache))),
@@ -952,7 +743,6 @@ impl Qwen2 {
     ) -> Result<Tensor> {
         let c = &self.config;
         let t = batch.tokens.len();
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let h = c.hidden_size;
         let rows: Vec<u32>;
         let (rope, positions) = match &cache.token_rope {
@@ -963,7 +753,7 @@ impl Qwen2 {
             None => (&self.rope, batch.positions.as_slice()),
         };
 
-        let (mut full, mut layer_grads): (Option<_>, Vec<LayerGrads<'_>>) = match sink {
+        let (mut full, layer_grads): (Option<_>, Vec<LayerGrads<'_>>) = match sink {
             GradSink::Full(grads) => {
                 let Qwen2Params {
                     embed_tokens,
@@ -1032,58 +822,25 @@ impl Qwen2 {
             add_into(norm, &d_norm)?;
         }
 
-        for ((index, saved), lg) in cache
-            .layers
-            .into_iter()
-            .enumerate()
-            .zip(layer_grads.iter_mut())
-            .rev()
-        {
-            let view = self.layer_view(index, Some(cache.dropout_seed));
-            let layer = view.base;
+        let mut ops = CpuLayerOps::new(
+            self,
+            &batch.seqs,
+            rope,
+            positions,
+            Some(cache.dropout_seed),
+            Attend::PackedCausal,
+        )
+        .with_grads(layer_grads);
+        for (index, saved) in cache.layers.into_iter().enumerate().rev() {
             let lc = match saved {
                 LayerSaved::Full(lc) => *lc,
-                LayerSaved::Input(x) => self
-                    .layer_forward(view, x, &batch.seqs, rope, positions, LayerPass::Recompute)?
-                    .1
-                    .context("internal: recomputed layer kept no activations")?,
+                LayerSaved::Input(x) => {
+                    layer::layer_forward(&mut ops, index, x, LayerPass::Recompute)?
+                        .1
+                        .context("internal: recomputed layer kept no activations")?
+                }
             };
-            // x' = xm + down(swiglu(gate(xn2), up(xn2)))
-            let eps = c.rms_norm_eps;
-            let dhid = view.linear_backward(DOWN, &dx, &ops::swiglu(&lc.gate, &lc.up)?, lg)?;
-            let (dgate, dup) = ops::swiglu_backward(&dhid, &lc.gate, &lc.up)?;
-            let (xn2, _) = ops::rms_norm(&lc.xm, &layer.post_attention_layernorm, eps)?;
-            let dxn2_g = view.linear_backward(GATE, &dgate, &xn2, lg)?;
-            let dxn2_u = view.linear_backward(UP, &dup, &xn2, lg)?;
-            drop(xn2);
-            let dxn2 = (dxn2_g + dxn2_u)?;
-            let (dxm_norm, d_ln2) =
-                ops::rms_norm_backward(&dxn2, &lc.xm, &layer.post_attention_layernorm, &lc.rstd2)?;
-            if let Some(buf) = lg.norm(false) {
-                add_into(buf, &d_ln2)?;
-            }
-            let dxm = (&dx + dxm_norm)?;
-            // xm = x + o_proj(att)
-            let datt = view.linear_backward(O, &dxm, &lc.att, lg)?;
-            let att = lc.att.reshape((t, nh, hd))?;
-            let datt = datt.reshape((t, nh, hd))?;
-            let (dq, dk, dv) =
-                ops::attention_backward(&datt, &lc.q, &lc.k, &lc.v, &att, &lc.lse, &batch.seqs)?;
-            let dq = rope.backward(&dq, positions)?.reshape((t, nh * hd))?;
-            let dk = rope.backward(&dk, positions)?.reshape((t, nkv * hd))?;
-            let dv = dv.reshape((t, nkv * hd))?;
-            let (xn, _) = ops::rms_norm(&lc.x, &layer.input_layernorm, eps)?;
-            let dxn_q = view.linear_backward(Q, &dq, &xn, lg)?;
-            let dxn_k = view.linear_backward(K, &dk, &xn, lg)?;
-            let dxn_v = view.linear_backward(V, &dv, &xn, lg)?;
-            drop(xn);
-            let dxn = ((dxn_q + dxn_k)? + dxn_v)?;
-            let (dx_norm, d_ln1) =
-                ops::rms_norm_backward(&dxn, &lc.x, &layer.input_layernorm, &lc.rstd1)?;
-            if let Some(buf) = lg.norm(true) {
-                add_into(buf, &d_ln1)?;
-            }
-            dx = (dxm + dx_norm)?;
+            dx = layer::layer_backward(&mut ops, index, &dx, &lc)?;
         }
         Ok(dx)
     }
@@ -1091,36 +848,6 @@ impl Qwen2 {
     /// Logits of the next token after each row of `h` (final-normed hidden states [B, H]).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         ops::linear(h, self.head_weight(), None)
-    }
-
-    /// Inference half of a layer's attention block: the input norm, then q, k, v of every row,
-    /// with q and k rotated to `positions` (q: [T, nh, hd], k and v: [T, nkv, hd]).
-    fn rotated_qkv(
-        &self,
-        layer: LayerView<'_>,
-        x: &Tensor,
-        rope: &Rope,
-        positions: &[u32],
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let c = &self.config;
-        let t = x.dim(0)?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let (xn, _) = ops::rms_norm(x, &layer.base.input_layernorm, c.rms_norm_eps)?;
-        let q = rope.forward(&layer.linear(Q, &xn)?.reshape((t, nh, hd))?, positions)?;
-        let k = rope.forward(&layer.linear(K, &xn)?.reshape((t, nkv, hd))?, positions)?;
-        let v = layer.linear(V, &xn)?.reshape((t, nkv, hd))?;
-        Ok((q, k, v))
-    }
-
-    /// Inference MLP block with its residual: x + down(silu(gate(n)) ⊙ up(n)), n = norm(x).
-    fn mlp_residual(&self, layer: LayerView<'_>, x: &Tensor) -> Result<Tensor> {
-        let (xn2, _) = ops::rms_norm(
-            x,
-            &layer.base.post_attention_layernorm,
-            self.config.rms_norm_eps,
-        )?;
-        let h = ops::swiglu(&layer.linear(GATE, &xn2)?, &layer.linear(UP, &xn2)?)?;
-        Ok((x + layer.linear(DOWN, &h)?)?)
     }
 
     /// Prefill for sampling: runs packed prompts through the model, returns the final-normed
@@ -1147,17 +874,20 @@ impl Qwen2 {
         positions: &[u32],
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let c = &self.config;
-        let t = x.dim(0)?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let mut kv = Vec::with_capacity(self.weights.layers.len());
+        let mut ops = CpuLayerOps::new(
+            self,
+            seqs,
+            rope,
+            positions,
+            None,
+            Attend::PackedCausalKeepingKv,
+        );
         for index in 0..self.weights.layers.len() {
-            let layer = self.layer_view(index, None);
-            let (q, k, v) = self.rotated_qkv(layer, &x, rope, positions)?;
-            let (att, _) = ops::attention(&q, &k, &v, seqs)?;
-            x = (&x + layer.linear(O, &att.reshape((t, nh * hd))?)?)?;
-            x = self.mlp_residual(layer, &x)?;
-            kv.push((k.reshape((t, nkv * hd))?, v.reshape((t, nkv * hd))?));
+            x = layer::layer_forward(&mut ops, index, x, LayerPass::Output)?
+                .0
+                .context("internal: the layer forward returned no output")?;
         }
+        let kv = ops.kv;
         let last: Vec<u32> = (0..seqs.n_seqs())
             .map(|s| (seqs.offsets[s + 1] - 1) as u32)
             .collect();
@@ -1181,17 +911,4 @@ pub fn leaf_dtype(kind: LeafKind, precision: Precision) -> DType {
     } else {
         DType::F32
     }
-}
-
-/// grad += t (elementwise; t is an f32 tensor of grad's length).
-fn add_into(grad: &mut [f32], t: &Tensor) -> Result<()> {
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
-    ensure!(
-        v.len() == grad.len(),
-        "internal: gradient of {} elements for a buffer of {}",
-        v.len(),
-        grad.len()
-    );
-    grad.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
-    Ok(())
 }
