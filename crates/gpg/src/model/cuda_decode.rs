@@ -42,6 +42,7 @@ use super::ops::cuda::ops::{self as dev, AttentionDims, KvPools, RopeTables};
 use super::ops::cuda::plan::{self, BlockTables};
 use super::ops::cuda::Gpu;
 use super::ops::VarLen;
+use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
 use super::params::Linear;
 use super::qwen2::Qwen2;
 use crate::rollout::TokenSampler;
@@ -346,8 +347,9 @@ impl Acts {
 }
 
 impl CudaDecoder<'_> {
-    /// x = embed[ids] then every layer over `rows` rows at `pos`; `attend(layer, acts, pools)`
-    /// turns the rotated q, k, v into `acts.att` (and stores k, v in the cache).
+    /// x = embed[ids] then every layer ([`super::layer::layer_forward`]) over `rows` rows at
+    /// `pos`; `attend(acts, pools)` turns the rotated q, k, v into `acts.att` (and stores k, v
+    /// in the cache).
     fn layers_forward(
         &self,
         acts: &mut Acts,
@@ -358,60 +360,20 @@ impl CudaDecoder<'_> {
         mut attend: impl FnMut(&mut Acts, &mut KvPools) -> Result<()>,
     ) -> Result<()> {
         let g = &*self.gpu;
-        let (h, inter) = (self.hidden, self.intermediate);
-        let a = acts;
         match &self.embed {
-            Matrix::F32(e) => dev::embedding::<f32>(g, e, ids, rows, h, &mut a.x)?,
-            Matrix::Bf16(e) => dev::embedding::<u16>(g, e, ids, rows, h, &mut a.x)?,
+            Matrix::F32(e) => dev::embedding::<f32>(g, e, ids, rows, self.hidden, &mut acts.x)?,
+            Matrix::Bf16(e) => dev::embedding::<u16>(g, e, ids, rows, self.hidden, &mut acts.x)?,
         }
-        for (layer, pool) in self.layers.iter().zip(pools.iter_mut()) {
-            dev::rms_norm::<f32>(
-                g,
-                &a.x,
-                &layer.input_norm,
-                self.eps,
-                rows,
-                h,
-                &mut a.xn,
-                &mut a.rstd,
-            )?;
-            linear(g, &layer.q, &a.xn, &mut a.x_bf16, rows, &mut a.q, false)?;
-            linear(g, &layer.k, &a.xn, &mut a.x_bf16, rows, &mut a.k, false)?;
-            linear(g, &layer.v, &a.xn, &mut a.x_bf16, rows, &mut a.v, false)?;
-            dev::rope::<f32>(g, &self.rope, &mut a.q, pos, rows, self.dims.heads, false)?;
-            dev::rope::<f32>(
-                g,
-                &self.rope,
-                &mut a.k,
-                pos,
-                rows,
-                self.dims.kv_heads,
-                false,
-            )?;
-            attend(a, pool)?;
-            linear(g, &layer.o, &a.att, &mut a.x_bf16, rows, &mut a.x, true)?;
-            dev::rms_norm::<f32>(
-                g,
-                &a.x,
-                &layer.post_norm,
-                self.eps,
-                rows,
-                h,
-                &mut a.xn,
-                &mut a.rstd,
-            )?;
-            linear(
-                g,
-                &layer.gate,
-                &a.xn,
-                &mut a.x_bf16,
-                rows,
-                &mut a.gate,
-                false,
-            )?;
-            linear(g, &layer.up, &a.xn, &mut a.x_bf16, rows, &mut a.up, false)?;
-            dev::swiglu::<f32>(g, &a.gate, &a.up, &mut a.h, rows * inter)?;
-            linear(g, &layer.down, &a.h, &mut a.x_bf16, rows, &mut a.x, true)?;
+        let mut ops = CudaStepOps {
+            d: self,
+            acts,
+            pools,
+            pos,
+            rows,
+            attend: &mut attend,
+        };
+        for li in 0..self.layers.len() {
+            layer_forward(&mut ops, li, Buf::X, LayerPass::Output)?;
         }
         Ok(())
     }
@@ -761,5 +723,143 @@ impl DecodeBatch for CudaDecodeBatch<'_> {
         let mut all = dev::download(&self.d.gpu, &self.logits)?;
         all.truncate(rows * self.d.vocab);
         Ok(all)
+    }
+}
+
+impl<'w> DevLayer<'w> {
+    fn dense(&self, p: Proj) -> &DevLinear<'w> {
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+
+    fn norm(&self, norm: Norm) -> &CudaSlice<f32> {
+        match norm {
+            Norm::Input => &self.input_norm,
+            Norm::PostAttention => &self.post_norm,
+        }
+    }
+}
+
+/// The buffers of [`Acts`], which are the values of a decoding layer (one buffer per kind of
+/// value: the two norms share `xn`, the residual products add into `x` in place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    X,
+    Xn,
+    Rstd,
+    Q,
+    K,
+    V,
+    Att,
+    Gate,
+    Up,
+    H,
+}
+
+/// The backend of a GPU prefill or decoding step ([`LayerOps`] over [`Acts`]): `rows` rows at
+/// `pos`, attention by the caller's `attend` (packed causal + cache writes for a prefill,
+/// cache append + paged attention for a step).
+struct CudaStepOps<'a, 'd> {
+    d: &'a CudaDecoder<'d>,
+    acts: &'a mut Acts,
+    pools: &'a mut [KvPools],
+    pos: &'a CudaSlice<u32>,
+    rows: usize,
+    attend: &'a mut dyn FnMut(&mut Acts, &mut KvPools) -> Result<()>,
+}
+
+fn wrong_buffer(op: &str, b: Buf) -> anyhow::Error {
+    anyhow::anyhow!("internal: the GPU decoder's {op} does not read {b:?}")
+}
+
+impl LayerOps for CudaStepOps<'_, '_> {
+    type Act = Buf;
+
+    fn rms_norm(&mut self, layer: usize, norm: Norm, x: &Buf) -> Result<(Buf, Buf)> {
+        ensure!(*x == Buf::X, wrong_buffer("rms_norm", *x));
+        let d = self.d;
+        let a = &mut *self.acts;
+        dev::rms_norm::<f32>(
+            &d.gpu,
+            &a.x,
+            d.layers[layer].norm(norm),
+            d.eps,
+            self.rows,
+            d.hidden,
+            &mut a.xn,
+            &mut a.rstd,
+        )?;
+        Ok((Buf::Xn, Buf::Rstd))
+    }
+
+    fn linear(&mut self, layer: usize, p: Proj, x: &Buf) -> Result<Buf> {
+        ensure!(*x == Buf::Xn, wrong_buffer("linear", *x));
+        let d = self.d;
+        let a = &mut *self.acts;
+        let (dst, buf) = match p {
+            Proj::Q => (&mut a.q, Buf::Q),
+            Proj::K => (&mut a.k, Buf::K),
+            Proj::V => (&mut a.v, Buf::V),
+            Proj::Gate => (&mut a.gate, Buf::Gate),
+            Proj::Up => (&mut a.up, Buf::Up),
+            Proj::O | Proj::Down => {
+                anyhow::bail!("internal: decoding runs {p:?} as a residual product only")
+            }
+        };
+        linear(&d.gpu, d.layers[layer].dense(p), &a.xn, &mut a.x_bf16, self.rows, dst, false)?;
+        Ok(buf)
+    }
+
+    fn residual_linear(&mut self, layer: usize, p: Proj, x: &Buf, residual: Buf) -> Result<Buf> {
+        ensure!(residual == Buf::X, wrong_buffer("residual product", residual));
+        let d = self.d;
+        let a = &mut *self.acts;
+        let src = match x {
+            Buf::Att => &a.att,
+            Buf::H => &a.h,
+            other => return Err(wrong_buffer("residual product", *other)),
+        };
+        let dense = d.layers[layer].dense(p);
+        linear(&d.gpu, dense, src, &mut a.x_bf16, self.rows, &mut a.x, true)?;
+        Ok(Buf::X)
+    }
+
+    fn rope(&mut self, x: Buf, heads: Heads) -> Result<Buf> {
+        let d = self.d;
+        let a = &mut *self.acts;
+        let (buf, n_heads) = match (x, heads) {
+            (Buf::Q, Heads::Query) => (&mut a.q, d.dims.heads),
+            (Buf::K, Heads::Key) => (&mut a.k, d.dims.kv_heads),
+            (other, _) => return Err(wrong_buffer("rope", other)),
+        };
+        dev::rope::<f32>(&d.gpu, &d.rope, buf, self.pos, self.rows, n_heads, false)?;
+        Ok(x)
+    }
+
+    fn attend(&mut self, layer: usize, q: &Buf, k: &Buf, v: &Buf) -> Result<(Buf, Option<Buf>)> {
+        ensure!(
+            (*q, *k, *v) == (Buf::Q, Buf::K, Buf::V),
+            "internal: the GPU decoder attends over q, k, v only"
+        );
+        (self.attend)(self.acts, &mut self.pools[layer])?;
+        Ok((Buf::Att, None))
+    }
+
+    fn swiglu(&mut self, gate: &Buf, up: &Buf) -> Result<Buf> {
+        ensure!(
+            (*gate, *up) == (Buf::Gate, Buf::Up),
+            "internal: the GPU decoder's swiglu reads gate and up only"
+        );
+        let a = &mut *self.acts;
+        let n = self.rows * self.d.intermediate;
+        dev::swiglu::<f32>(&self.d.gpu, &a.gate, &a.up, &mut a.h, n)?;
+        Ok(Buf::H)
     }
 }

@@ -5,8 +5,11 @@
 //!
 //! [`CudaTrainStep`] holds, per parameter, the f32 master weight, for bf16 matrices their bf16
 //! compute copy, the f32 gradient and AdamW's two moments (the CPU `ModelUpdater`'s layout).
-//! The forward keeps every layer's activations (f32); the backward is the CPU engine's
-//! (model/qwen2.rs), layer by layer in reverse:
+//! The layers run the decoder layer defined once in [`super::layer`] (the CPU engine's), over
+//! [`CudaLayerOps`]: a value is an f32 device buffer (with its bf16 rounding made when a bf16
+//! product reads it), each op a kernel or a cuBLAS product. The forward keeps per layer what
+//! [`LayerCache`] names (or, with gradient checkpointing, the layer's input); the backward is
+//! the CPU engine's, layer by layer in reverse:
 //!
 //! ```text
 //! head:  dz = g·(1[v = target] − p) per vocabulary chunk; dh = τ⁻¹·dz·W; dW += τ⁻¹·dzᵀ·h
@@ -31,12 +34,16 @@
 
 use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use std::ops::{Deref, DerefMut};
+use std::sync::OnceLock;
+
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::CudaSlice;
 
 use super::ops::cuda::ops::{self as dev, At, AttentionDims, RopeTables};
 use super::ops::cuda::plan;
+use super::layer::{self, Heads, LayerBackwardOps, LayerCache, LayerOps, LayerPass, Norm, Proj};
 use super::ops::cuda::Gpu;
 use super::params::{DecoderLayer, Linear, Qwen2Params};
 use super::qwen2::{Activations, Qwen2, TokenLogprobs, TrainBatch};
@@ -138,29 +145,11 @@ impl Act {
     }
 }
 
-/// What the forward keeps of one layer for the backward.
-struct LayerCache {
-    x_in: CudaSlice<f32>,
-    xn1: Act,
-    rstd1: CudaSlice<f32>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    att: Act,
-    lse: CudaSlice<f32>,
-    x_mid: CudaSlice<f32>,
-    xn2: Act,
-    rstd2: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
-    h: Act,
-}
-
 /// What the forward keeps of one layer: everything, or with gradient checkpointing only its
-/// input (the backward reruns [`CudaTrainStep::layer_forward`] from it).
+/// input (the backward reruns the layer from it).
 enum SavedLayer {
-    All(Box<LayerCache>),
-    Input(CudaSlice<f32>),
+    All(Box<LayerCache<Value>>),
+    Input(Value),
 }
 
 /// What the forward keeps for the backward.
@@ -191,7 +180,6 @@ pub struct CudaTrainStep {
     gpu: Arc<Gpu>,
     params: Qwen2Params<DevParam>,
     hidden: usize,
-    intermediate: usize,
     vocab: usize,
     eps: f32,
     dims: AttentionDims,
@@ -225,7 +213,7 @@ fn upload_into(gpu: &Gpu, values: &[f32], dst: &mut CudaSlice<f32>, what: &str) 
 }
 
 /// y[rows, out] = x·Wᵀ (+ b) for a weight [out, inp].
-fn linear_fwd(gpu: &Gpu, w: &Linear<DevParam>, x: &Act, rows: usize) -> Result<CudaSlice<f32>> {
+fn linear_fwd(gpu: &Gpu, w: &Linear<DevParam>, x: At, rows: usize) -> Result<CudaSlice<f32>> {
     let (out, inp) = (w.weight.dims[0], w.weight.dims[1]);
     let mut y = dev::zeros::<f32>(gpu, rows * out)?;
     let c = dev::address(gpu, &y, 0);
@@ -235,7 +223,7 @@ fn linear_fwd(gpu: &Gpu, w: &Linear<DevParam>, x: &Act, rows: usize) -> Result<C
         (true, false),
         (out, rows, inp),
         (w.weight.at(gpu, 0), inp),
-        (x.at(gpu), inp),
+        (x, inp),
         (c, out),
         1.0,
         0.0,
@@ -246,15 +234,16 @@ fn linear_fwd(gpu: &Gpu, w: &Linear<DevParam>, x: &Act, rows: usize) -> Result<C
     Ok(y)
 }
 
-/// dx[rows, inp] (+)= dy·W, and dW += dyᵀ·x, db += Σ_rows dy.
+/// dx[rows, inp] = dy·W, and dW += dyᵀ·x, db += Σ_rows dy (`x`, `dy`: the product operands;
+/// `dy_f32`: dy in f32, for the bias).
 fn linear_bwd(
     gpu: &Gpu,
     w: &mut Linear<DevParam>,
-    x: &Act,
-    dy: &Act,
+    x: At,
+    dy: At,
+    dy_f32: &CudaSlice<f32>,
     rows: usize,
     dx: &mut CudaSlice<f32>,
-    accumulate: bool,
 ) -> Result<()> {
     let (out, inp) = (w.weight.dims[0], w.weight.dims[1]);
     let dxa = dev::address(gpu, dx, 0);
@@ -264,10 +253,10 @@ fn linear_bwd(
         (false, false),
         (inp, rows, out),
         (w.weight.at(gpu, 0), inp),
-        (dy.at(gpu), out),
+        (dy, out),
         (dxa, inp),
         1.0,
-        if accumulate { 1.0 } else { 0.0 },
+        0.0,
     )?;
     // dW(col-major [inp, out]) += xᵀ(col-major [inp, rows]) · dy(col-major [out, rows])ᵀ.
     let dwa = dev::address(gpu, &w.weight.grad, 0);
@@ -275,14 +264,14 @@ fn linear_bwd(
         gpu,
         (false, true),
         (inp, out, rows),
-        (x.at(gpu), inp),
-        (dy.at(gpu), out),
+        (x, inp),
+        (dy, out),
         (dwa, inp),
         1.0,
         1.0,
     )?;
     if let Some(b) = &mut w.bias {
-        dev::add_col_sums(gpu, &dy.f32, rows, out, &mut b.grad)?;
+        dev::add_col_sums(gpu, dy_f32, rows, out, &mut b.grad)?;
     }
     Ok(())
 }
@@ -300,7 +289,6 @@ impl CudaTrainStep {
         gpu.sync("uploading the parameters")?;
         Ok(CudaTrainStep {
             hidden: c.hidden_size,
-            intermediate: c.intermediate_size,
             vocab: c.vocab_size,
             eps: c.rms_norm_eps as f32,
             dims: AttentionDims {
@@ -491,93 +479,6 @@ impl CudaTrainStep {
         })
     }
 
-    /// One decoder layer's forward from its input `x` (the residual stream, [t, H]): the
-    /// layer's output and everything its backward needs (`x` itself included). The same
-    /// kernels in the same order whether called by the forward or, with gradient
-    /// checkpointing, again by the backward: the recomputed activations are bit for bit the
-    /// forward's.
-    fn layer_forward(
-        &self,
-        layer: &DecoderLayer<DevParam>,
-        x: CudaSlice<f32>,
-        t: usize,
-        positions: &CudaSlice<u32>,
-        seq_start: &CudaSlice<u32>,
-    ) -> Result<(CudaSlice<f32>, LayerCache)> {
-        let g = &*self.gpu;
-        let (h, inter) = (self.hidden, self.intermediate);
-        let dims = AttentionDims {
-            tokens: t,
-            ..self.dims
-        };
-        let (nh, nkv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
-        let mut xn1 = dev::zeros::<f32>(g, t * h)?;
-        let mut rstd1 = dev::zeros::<f32>(g, t)?;
-        dev::rms_norm::<f32>(
-            g,
-            &x,
-            &layer.input_layernorm.master,
-            self.eps,
-            t,
-            h,
-            &mut xn1,
-            &mut rstd1,
-        )?;
-        let xn1 = self.act(xn1, t * h)?;
-        let a = &layer.self_attn;
-        let mut q = linear_fwd(g, &a.q_proj, &xn1, t)?;
-        let mut k = linear_fwd(g, &a.k_proj, &xn1, t)?;
-        let v = linear_fwd(g, &a.v_proj, &xn1, t)?;
-        dev::rope::<f32>(g, &self.rope, &mut q, positions, t, nh, false)?;
-        dev::rope::<f32>(g, &self.rope, &mut k, positions, t, nkv, false)?;
-        let (att, lse) = dev::attention(g, &q, &k, &v, seq_start, dims)?;
-        let att = self.act(att, t * nh * hd)?;
-        let o = linear_fwd(g, &a.o_proj, &att, t)?;
-        let mut x_mid = dup(g, &x)?;
-        dev::add_into(g, &mut x_mid, &o, t * h)?;
-        let mut xn2 = dev::zeros::<f32>(g, t * h)?;
-        let mut rstd2 = dev::zeros::<f32>(g, t)?;
-        dev::rms_norm::<f32>(
-            g,
-            &x_mid,
-            &layer.post_attention_layernorm.master,
-            self.eps,
-            t,
-            h,
-            &mut xn2,
-            &mut rstd2,
-        )?;
-        let xn2 = self.act(xn2, t * h)?;
-        let m = &layer.mlp;
-        let gate = linear_fwd(g, &m.gate_proj, &xn2, t)?;
-        let up = linear_fwd(g, &m.up_proj, &xn2, t)?;
-        let mut hm = dev::zeros::<f32>(g, t * inter)?;
-        dev::swiglu::<f32>(g, &gate, &up, &mut hm, t * inter)?;
-        let hm = self.act(hm, t * inter)?;
-        let down = linear_fwd(g, &m.down_proj, &hm, t)?;
-        let mut x_out = dup(g, &x_mid)?;
-        dev::add_into(g, &mut x_out, &down, t * h)?;
-        Ok((
-            x_out,
-            LayerCache {
-                x_in: x,
-                xn1,
-                rstd1,
-                q,
-                k,
-                v,
-                att,
-                lse,
-                x_mid,
-                xn2,
-                rstd2,
-                gate,
-                up,
-                h: hm,
-            },
-        ))
-    }
-
     /// The forward over `batch`: per-token log-probs (and entropy) of the completion tokens
     /// under softmax(inv_temperature·logits), with every activation kept for the backward.
     pub fn forward(
@@ -637,17 +538,41 @@ impl CudaTrainStep {
             Some(b) => dev::embedding(g, b, &ids, t, h, &mut x)?,
             None => dev::embedding(g, &e.master, &ids, t, h, &mut x)?,
         }
+        let mut ops = CudaLayerOps {
+            gpu: g,
+            layers: &self.params.layers[..],
+            rope: &self.rope,
+            positions: &positions,
+            seq_start: &seq_start,
+            seq_end: &seq_end,
+            dims: AttentionDims {
+                tokens: t,
+                ..self.dims
+            },
+            eps: self.eps,
+            hidden: h,
+            bf16: self.bf16,
+        };
         let mut layers = Vec::with_capacity(self.params.layers.len());
-        for (index, layer) in self.params.layers.iter().enumerate() {
-            let (x_out, lc) = self.layer_forward(layer, x, t, &positions, &seq_start)?;
-            x = x_out;
-            layers.push(if keep.keeps_all(index) {
-                SavedLayer::All(Box::new(lc))
+        let mut x = Value::new(x);
+        for index in 0..self.params.layers.len() {
+            let keep_all = keep.keeps_all(index);
+            // Only the layer's input when checkpointed; the backward reruns the layer from it.
+            let input = (!keep_all).then(|| x.clone());
+            let pass = if keep_all {
+                LayerPass::OutputAndCache
             } else {
-                // Only the layer's input; the backward reruns the layer from it.
-                SavedLayer::Input(lc.x_in)
+                LayerPass::Output
+            };
+            let (next, cache) = layer::layer_forward(&mut ops, index, x, pass)?;
+            x = next.context("internal: the layer forward returned no output")?;
+            layers.push(match (cache, input) {
+                (Some(cache), _) => SavedLayer::All(Box::new(cache)),
+                (None, Some(input)) => SavedLayer::Input(input),
+                (None, None) => anyhow::bail!("internal: layer {index} kept nothing"),
             });
         }
+        let x = Value::into_owned(x, g)?;
         // Final norm, the scored rows, the fused head.
         let mut xf = dev::zeros::<f32>(g, t * h)?;
         let mut rstd_final = dev::zeros::<f32>(g, t)?;
@@ -732,12 +657,11 @@ impl CudaTrainStep {
             return Ok(());
         }
         let t = batch.tokens.len();
-        let (h, inter, vocab) = (self.hidden, self.intermediate, self.vocab);
+        let (h, vocab) = (self.hidden, self.vocab);
         let dims = AttentionDims {
             tokens: t,
             ..self.dims
         };
-        let (nh, nkv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
         let inv_t = cache.inv_temperature;
         let bf16 = self.bf16;
 
@@ -812,7 +736,7 @@ impl CudaTrainStep {
         let groups = plan::group_by_id(&batch.score_rows, t)?;
         let mut dxf = dev::zeros::<f32>(g, t * h)?;
         dev::embedding_backward(g, &dh, &groups, h, &mut dxf)?;
-        let (mut dx, dw) = dev::rms_norm_backward::<f32>(
+        let (dx, dw) = dev::rms_norm_backward::<f32>(
             g,
             &cache.x_final,
             &self.params.norm.master,
@@ -823,85 +747,31 @@ impl CudaTrainStep {
         )?;
         dev::add_into(g, &mut self.params.norm.grad, &dw, h)?;
 
+        let mut ops = CudaLayerOps {
+            gpu: g,
+            layers: &mut self.params.layers[..],
+            rope: &self.rope,
+            positions: &cache.positions,
+            seq_start: &cache.seq_start,
+            seq_end: &cache.seq_end,
+            dims,
+            eps: self.eps,
+            hidden: h,
+            bf16,
+        };
+        let mut dx = Value::new(dx);
         for (i, saved) in cache.layers.into_iter().enumerate().rev() {
             let lc = match saved {
                 SavedLayer::All(lc) => *lc,
-                SavedLayer::Input(x_in) => {
-                    self.layer_forward(
-                        &self.params.layers[i],
-                        x_in,
-                        t,
-                        &cache.positions,
-                        &cache.seq_start,
-                    )?
-                    .1
+                SavedLayer::Input(x) => {
+                    layer::layer_forward(&mut ops, i, x, LayerPass::Recompute)?
+                        .1
+                        .context("internal: recomputed layer kept no activations")?
                 }
             };
-            let layer = &mut self.params.layers[i];
-            let DecoderLayer {
-                input_layernorm,
-                self_attn,
-                post_attention_layernorm,
-                mlp,
-            } = layer;
-            // MLP.
-            let dxa = Act::new(g, dup(g, &dx)?, t * h, bf16)?;
-            let mut dhm = dev::zeros::<f32>(g, t * inter)?;
-            linear_bwd(g, &mut mlp.down_proj, &lc.h, &dxa, t, &mut dhm, false)?;
-            let (dgate, dupv) = dev::swiglu_backward::<f32>(g, &lc.gate, &lc.up, &dhm, t * inter)?;
-            let dgate = Act::new(g, dgate, t * inter, bf16)?;
-            let dupv = Act::new(g, dupv, t * inter, bf16)?;
-            let mut dxn2 = dev::zeros::<f32>(g, t * h)?;
-            linear_bwd(g, &mut mlp.gate_proj, &lc.xn2, &dgate, t, &mut dxn2, false)?;
-            linear_bwd(g, &mut mlp.up_proj, &lc.xn2, &dupv, t, &mut dxn2, true)?;
-            let (dxn, dw) = dev::rms_norm_backward::<f32>(
-                g,
-                &lc.x_mid,
-                &post_attention_layernorm.master,
-                &lc.rstd2,
-                &dxn2,
-                t,
-                h,
-            )?;
-            dev::add_into(g, &mut post_attention_layernorm.grad, &dw, h)?;
-            dev::add_into(g, &mut dx, &dxn, t * h)?;
-            // Attention.
-            let dxa = Act::new(g, dup(g, &dx)?, t * h, bf16)?;
-            let mut datt = dev::zeros::<f32>(g, t * nh * hd)?;
-            linear_bwd(g, &mut self_attn.o_proj, &lc.att, &dxa, t, &mut datt, false)?;
-            let (mut dq, mut dk, dv) = dev::attention_backward(
-                g,
-                &lc.q,
-                &lc.k,
-                &lc.v,
-                &lc.att.f32,
-                &lc.lse,
-                &datt,
-                &cache.seq_start,
-                &cache.seq_end,
-                dims,
-            )?;
-            dev::rope::<f32>(g, &self.rope, &mut dq, &cache.positions, t, nh, true)?;
-            dev::rope::<f32>(g, &self.rope, &mut dk, &cache.positions, t, nkv, true)?;
-            let dq = Act::new(g, dq, t * nh * hd, bf16)?;
-            let dk = Act::new(g, dk, t * nkv * hd, bf16)?;
-            let dv = Act::new(g, dv, t * nkv * hd, bf16)?;
-            let mut dxn1 = dev::zeros::<f32>(g, t * h)?;
-            linear_bwd(g, &mut self_attn.q_proj, &lc.xn1, &dq, t, &mut dxn1, false)?;
-            linear_bwd(g, &mut self_attn.k_proj, &lc.xn1, &dk, t, &mut dxn1, true)?;
-            linear_bwd(g, &mut self_attn.v_proj, &lc.xn1, &dv, t, &mut dxn1, true)?;
-            let (dxn, dw) = dev::rms_norm_backward::<f32>(
-                g,
-                &lc.x_in,
-                &input_layernorm.master,
-                &lc.rstd1,
-                &dxn1,
-                t,
-                h,
-            )?;
-            dev::add_into(g, &mut input_layernorm.grad, &dw, h)?;
-            dev::add_into(g, &mut dx, &dxn, t * h)?;
+            dx = layer::layer_backward(&mut ops, i, &dx, &lc)?;
         }
+        let dx = Value::into_owned(dx, g)?;
         let groups = plan::group_by_id(&batch.tokens, vocab)?;
         dev::embedding_backward(g, &dx, &groups, h, &mut self.params.embed_tokens.grad)?;
         Ok(())
@@ -1027,5 +897,244 @@ impl CudaTrainStep {
             anyhow::bail!("cuda write-back: no device copy of {name}");
         }
         Ok(())
+    }
+}
+
+/// A layer value on the device (f32) and, once a bf16 product has read it, its bf16 rounding
+/// (the product's operand). Shared, not copied, by the cache and the next op.
+#[derive(Clone)]
+struct Value(Arc<DevValue>);
+
+struct DevValue {
+    f32: CudaSlice<f32>,
+    bf16: OnceLock<CudaSlice<u16>>,
+}
+
+impl Value {
+    fn new(x: CudaSlice<f32>) -> Self {
+        Value(Arc::new(DevValue {
+            f32: x,
+            bf16: OnceLock::new(),
+        }))
+    }
+
+    fn f32(&self) -> &CudaSlice<f32> {
+        &self.0.f32
+    }
+
+    /// The value as a product operand: itself, or for a bf16 model its bf16 rounding (made on
+    /// first use, then kept with the value).
+    fn at(&self, gpu: &Gpu, bf16: bool) -> Result<At> {
+        if !bf16 {
+            return Ok(At {
+                addr: dev::address(gpu, &self.0.f32, 0),
+                bf16: false,
+            });
+        }
+        if self.0.bf16.get().is_none() {
+            let n = self.0.f32.len();
+            let mut b = dev::zeros::<u16>(gpu, n)?;
+            dev::cast_to_bf16(gpu, &self.0.f32, &mut b, n)?;
+            // Values are used by one thread; were two to race, the first copy is kept.
+            let _ = self.0.bf16.set(b);
+        }
+        let b = self
+            .0
+            .bf16
+            .get()
+            .context("internal: the bf16 copy of a value was not made")?;
+        Ok(At {
+            addr: dev::address(gpu, b, 0),
+            bf16: true,
+        })
+    }
+
+    /// The f32 values, owned: moved out when this is the only reference, else copied.
+    fn into_owned(self, gpu: &Gpu) -> Result<CudaSlice<f32>> {
+        match Arc::try_unwrap(self.0) {
+            Ok(v) => Ok(v.f32),
+            Err(shared) => dup(gpu, &shared.f32),
+        }
+    }
+}
+
+/// The GPU backend of the decoder layer ([`layer::layer_forward`], [`layer::layer_backward`])
+/// for one packed batch: a value is a device buffer, each op a kernel or cuBLAS product. The
+/// backward adds the parameter gradients to the layers' `grad` buffers (`layers` borrowed
+/// mutably there).
+struct CudaLayerOps<'a, L> {
+    gpu: &'a Gpu,
+    layers: L,
+    rope: &'a RopeTables,
+    positions: &'a CudaSlice<u32>,
+    seq_start: &'a CudaSlice<u32>,
+    seq_end: &'a CudaSlice<u32>,
+    /// With `tokens` = the batch's packed tokens.
+    dims: AttentionDims,
+    eps: f32,
+    hidden: usize,
+    bf16: bool,
+}
+
+impl<L: Deref<Target = [DecoderLayer<DevParam>]>> CudaLayerOps<'_, L> {
+    fn tokens(&self) -> usize {
+        self.dims.tokens
+    }
+
+    fn norm_weight(&self, layer: usize, norm: Norm) -> &DevParam {
+        let l = &self.layers[layer];
+        match norm {
+            Norm::Input => &l.input_layernorm,
+            Norm::PostAttention => &l.post_attention_layernorm,
+        }
+    }
+
+    fn heads(&self, heads: Heads) -> usize {
+        match heads {
+            Heads::Query => self.dims.heads,
+            Heads::Key => self.dims.kv_heads,
+        }
+    }
+}
+
+impl<L: Deref<Target = [DecoderLayer<DevParam>]>> LayerOps for CudaLayerOps<'_, L> {
+    type Act = Value;
+
+    fn rms_norm(&mut self, layer: usize, norm: Norm, x: &Value) -> Result<(Value, Value)> {
+        let (g, t, h) = (self.gpu, self.tokens(), self.hidden);
+        let mut xn = dev::zeros::<f32>(g, t * h)?;
+        let mut rstd = dev::zeros::<f32>(g, t)?;
+        let w = &self.norm_weight(layer, norm).master;
+        dev::rms_norm::<f32>(g, x.f32(), w, self.eps, t, h, &mut xn, &mut rstd)?;
+        Ok((Value::new(xn), Value::new(rstd)))
+    }
+
+    fn linear(&mut self, layer: usize, p: Proj, x: &Value) -> Result<Value> {
+        let w = self.layers[layer].linear(p);
+        let x = x.at(self.gpu, self.bf16)?;
+        Ok(Value::new(linear_fwd(self.gpu, w, x, self.tokens())?))
+    }
+
+    fn residual_linear(
+        &mut self,
+        layer: usize,
+        p: Proj,
+        x: &Value,
+        residual: Value,
+    ) -> Result<Value> {
+        let y = self.linear(layer, p, x)?;
+        let n = self.tokens() * self.hidden;
+        let mut out = residual.into_owned(self.gpu)?;
+        dev::add_into(self.gpu, &mut out, y.f32(), n)?;
+        Ok(Value::new(out))
+    }
+
+    fn rope(&mut self, x: Value, heads: Heads) -> Result<Value> {
+        let mut x = x.into_owned(self.gpu)?;
+        let (t, n) = (self.tokens(), self.heads(heads));
+        dev::rope::<f32>(self.gpu, self.rope, &mut x, self.positions, t, n, false)?;
+        Ok(Value::new(x))
+    }
+
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &Value,
+        k: &Value,
+        v: &Value,
+    ) -> Result<(Value, Option<Value>)> {
+        let (att, lse) = dev::attention(
+            self.gpu,
+            q.f32(),
+            k.f32(),
+            v.f32(),
+            self.seq_start,
+            self.dims,
+        )?;
+        Ok((Value::new(att), Some(Value::new(lse))))
+    }
+
+    fn swiglu(&mut self, gate: &Value, up: &Value) -> Result<Value> {
+        let n = gate.f32().len();
+        let mut h = dev::zeros::<f32>(self.gpu, n)?;
+        dev::swiglu::<f32>(self.gpu, gate.f32(), up.f32(), &mut h, n)?;
+        Ok(Value::new(h))
+    }
+}
+
+impl<L: DerefMut<Target = [DecoderLayer<DevParam>]>> LayerBackwardOps for CudaLayerOps<'_, L> {
+    fn linear_backward(&mut self, layer: usize, p: Proj, dy: &Value, x: &Value) -> Result<Value> {
+        let (g, t, bf16) = (self.gpu, self.tokens(), self.bf16);
+        let w = self.layers[layer].linear_mut(p);
+        let mut dx = dev::zeros::<f32>(g, t * w.weight.dims[1])?;
+        let (xa, dya) = (x.at(g, bf16)?, dy.at(g, bf16)?);
+        linear_bwd(g, w, xa, dya, dy.f32(), t, &mut dx)?;
+        Ok(Value::new(dx))
+    }
+
+    fn rms_norm_backward(
+        &mut self,
+        layer: usize,
+        norm: Norm,
+        dy: &Value,
+        x: &Value,
+        rstd: &Value,
+    ) -> Result<Value> {
+        let (g, t, h) = (self.gpu, self.tokens(), self.hidden);
+        let l = &mut self.layers[layer];
+        let w = match norm {
+            Norm::Input => &mut l.input_layernorm,
+            Norm::PostAttention => &mut l.post_attention_layernorm,
+        };
+        let (dx, dw) =
+            dev::rms_norm_backward::<f32>(g, x.f32(), &w.master, rstd.f32(), dy.f32(), t, h)?;
+        dev::add_into(g, &mut w.grad, &dw, h)?;
+        Ok(Value::new(dx))
+    }
+
+    fn swiglu_backward(
+        &mut self,
+        dh: &Value,
+        gate: &Value,
+        up: &Value,
+    ) -> Result<(Value, Value)> {
+        let n = gate.f32().len();
+        let (dgate, dup) =
+            dev::swiglu_backward::<f32>(self.gpu, gate.f32(), up.f32(), dh.f32(), n)?;
+        Ok((Value::new(dgate), Value::new(dup)))
+    }
+
+    fn attention_backward(
+        &mut self,
+        datt: &Value,
+        lc: &LayerCache<Value>,
+    ) -> Result<(Value, Value, Value)> {
+        let (dq, dk, dv) = dev::attention_backward(
+            self.gpu,
+            lc.q.f32(),
+            lc.k.f32(),
+            lc.v.f32(),
+            lc.att.f32(),
+            lc.lse.f32(),
+            datt.f32(),
+            self.seq_start,
+            self.seq_end,
+            self.dims,
+        )?;
+        Ok((Value::new(dq), Value::new(dk), Value::new(dv)))
+    }
+
+    fn rope_backward(&mut self, dx: Value, heads: Heads) -> Result<Value> {
+        let mut dx = dx.into_owned(self.gpu)?;
+        let (t, n) = (self.tokens(), self.heads(heads));
+        dev::rope::<f32>(self.gpu, self.rope, &mut dx, self.positions, t, n, true)?;
+        Ok(Value::new(dx))
+    }
+
+    fn add(&mut self, a: &Value, b: &Value) -> Result<Value> {
+        let n = a.f32().len();
+        let mut out = dup(self.gpu, a.f32())?;
+        dev::add_into(self.gpu, &mut out, b.f32(), n)?;
+        Ok(Value::new(out))
     }
 }

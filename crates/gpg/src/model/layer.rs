@@ -238,6 +238,11 @@ pub trait LayerBackwardOps: LayerOps {
     fn add(&mut self, a: &Self::Act, b: &Self::Act) -> Result<Self::Act>;
 }
 
+/// What a layer's forward returns: the next residual stream (absent in a
+/// [`LayerPass::Recompute`]) and the values its backward reads (absent in a
+/// [`LayerPass::Output`]).
+pub type LayerOutput<A> = (Option<A>, Option<LayerCache<A>>);
+
 /// One layer's forward from its input `x`: per `pass`, the next residual stream and/or the
 /// values its backward reads.
 pub fn layer_forward<O: LayerOps>(
@@ -245,7 +250,7 @@ pub fn layer_forward<O: LayerOps>(
     layer: usize,
     x: O::Act,
     pass: LayerPass,
-) -> Result<(Option<O::Act>, Option<LayerCache<O::Act>>)> {
+) -> Result<LayerOutput<O::Act>> {
     let (xn, rstd1) = ops.rms_norm(layer, Norm::Input, &x)?;
     let q = ops.linear(layer, Proj::Q, &xn)?;
     let k = ops.linear(layer, Proj::K, &xn)?;
