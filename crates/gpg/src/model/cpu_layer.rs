@@ -251,7 +251,13 @@ impl LayerOps for CpuLayerOps<'_, '_> {
 }
 
 impl LayerBackwardOps for CpuLayerOps<'_, '_> {
-    fn linear_backward(&mut self, layer: usize, p: Proj, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn linear_backward(
+        &mut self,
+        layer: usize,
+        p: Proj,
+        dy: &Tensor,
+        x: &Tensor,
+    ) -> Result<Tensor> {
         let view = self.view(layer);
         view.linear_backward(p, dy, x, self.sink(layer)?)
     }

@@ -38,11 +38,11 @@ use cudarc::driver::CudaSlice;
 
 use super::cuda_train::{CudaTrainStep, DevParam};
 use super::decoding::{non_finite_logits, DecodeBatch, DecodeEngine};
+use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
 use super::ops::cuda::ops::{self as dev, AttentionDims, KvPools, RopeTables};
 use super::ops::cuda::plan::{self, BlockTables};
 use super::ops::cuda::Gpu;
 use super::ops::VarLen;
-use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
 use super::params::Linear;
 use super::qwen2::Qwen2;
 use crate::rollout::TokenSampler;
@@ -813,12 +813,23 @@ impl LayerOps for CudaStepOps<'_, '_> {
                 anyhow::bail!("internal: decoding runs {p:?} as a residual product only")
             }
         };
-        linear(&d.gpu, d.layers[layer].dense(p), &a.xn, &mut a.x_bf16, self.rows, dst, false)?;
+        linear(
+            &d.gpu,
+            d.layers[layer].dense(p),
+            &a.xn,
+            &mut a.x_bf16,
+            self.rows,
+            dst,
+            false,
+        )?;
         Ok(buf)
     }
 
     fn residual_linear(&mut self, layer: usize, p: Proj, x: &Buf, residual: Buf) -> Result<Buf> {
-        ensure!(residual == Buf::X, wrong_buffer("residual product", residual));
+        ensure!(
+            residual == Buf::X,
+            wrong_buffer("residual product", residual)
+        );
         let d = self.d;
         let a = &mut *self.acts;
         let src = match x {

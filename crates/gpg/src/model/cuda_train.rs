@@ -41,9 +41,9 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::CudaSlice;
 
+use super::layer::{self, Heads, LayerBackwardOps, LayerCache, LayerOps, LayerPass, Norm, Proj};
 use super::ops::cuda::ops::{self as dev, At, AttentionDims, RopeTables};
 use super::ops::cuda::plan;
-use super::layer::{self, Heads, LayerBackwardOps, LayerCache, LayerOps, LayerPass, Norm, Proj};
 use super::ops::cuda::Gpu;
 use super::params::{DecoderLayer, Linear, Qwen2Params};
 use super::qwen2::{Activations, Qwen2, TokenLogprobs, TrainBatch};
@@ -763,11 +763,9 @@ impl CudaTrainStep {
         for (i, saved) in cache.layers.into_iter().enumerate().rev() {
             let lc = match saved {
                 SavedLayer::All(lc) => *lc,
-                SavedLayer::Input(x) => {
-                    layer::layer_forward(&mut ops, i, x, LayerPass::Recompute)?
-                        .1
-                        .context("internal: recomputed layer kept no activations")?
-                }
+                SavedLayer::Input(x) => layer::layer_forward(&mut ops, i, x, LayerPass::Recompute)?
+                    .1
+                    .context("internal: recomputed layer kept no activations")?,
             };
             dx = layer::layer_backward(&mut ops, i, &dx, &lc)?;
         }
@@ -1092,12 +1090,7 @@ impl<L: DerefMut<Target = [DecoderLayer<DevParam>]>> LayerBackwardOps for CudaLa
         Ok(Value::new(dx))
     }
 
-    fn swiglu_backward(
-        &mut self,
-        dh: &Value,
-        gate: &Value,
-        up: &Value,
-    ) -> Result<(Value, Value)> {
+    fn swiglu_backward(&mut self, dh: &Value, gate: &Value, up: &Value) -> Result<(Value, Value)> {
         let n = gate.f32().len();
         let (dgate, dup) =
             dev::swiglu_backward::<f32>(self.gpu, gate.f32(), up.f32(), dh.f32(), n)?;

@@ -27,12 +27,12 @@ use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
 use super::lora::LoraPair;
 use super::ops::cpu::mixed::rows_x_wt;
 use super::ops::cpu::{rms_norm, swiglu};
 use super::ops::tensor_io::{with_weight, WeightSlice};
 use super::ops::{self, DecodeCache, Rope};
-use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
 use super::params::Linear;
 use super::qwen2::Qwen2;
 

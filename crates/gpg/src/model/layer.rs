@@ -139,8 +139,12 @@ pub trait LayerOps {
     type Act: Clone;
 
     /// (rms_norm(x)·w, 1/rms(x)) with the layer's norm `norm`.
-    fn rms_norm(&mut self, layer: usize, norm: Norm, x: &Self::Act)
-        -> Result<(Self::Act, Self::Act)>;
+    fn rms_norm(
+        &mut self,
+        layer: usize,
+        norm: Norm,
+        x: &Self::Act,
+    ) -> Result<(Self::Act, Self::Act)>;
 
     /// x·Wᵀ (+ b) (+ the adapter's s·B(A·x)) of projection `p`.
     fn linear(&mut self, layer: usize, p: Proj, x: &Self::Act) -> Result<Self::Act>;
