@@ -13,6 +13,7 @@ pub mod model;
 pub mod optim;
 pub mod reward;
 pub mod rollout;
+pub mod sampling;
 pub mod tokenizer;
 pub mod train;
 
