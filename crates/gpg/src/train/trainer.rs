@@ -15,10 +15,11 @@
 //! computes the same step as one process, up to the order of floating-point sums.
 //!
 //! Where the rest lives: run set-up and resume in [`setup`], the rollout rounds in
-//! [`rollout`](self::rollout), the step's batch and micro-batch planning in
-//! [`super::batch`], prompt loading in [`crate::data::load_prompts`], checkpoint pruning in
+//! [`rollout`](self::rollout), the update's parts in [`optimise`], the step's batch and
+//! micro-batch planning in [`super::batch`], prompt loading in [`crate::data::load_prompts`], checkpoint pruning in
 //! [`crate::checkpoint::prune`].
 
+mod optimise;
 mod rollout;
 mod setup;
 
@@ -26,27 +27,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::algo::{
-    AgeScale, GroupStats, Normaliser, ObjectiveMetrics, PolicyLoss, PolicyTokens, ResampledBatch,
-    RewardGroups, TokenLayout,
-};
+use crate::algo::{AgeScale, GroupStats, ResampledBatch, RewardGroups};
 use crate::checkpoint;
 use crate::data::{EpochSampler, PreparedPrompt};
-use crate::model::Activations;
 use crate::optim::LrSchedule;
 use crate::reward::WeightedSum;
 use crate::tokenizer::Tokenizer;
 
+use self::optimise::{LossSums, MicroBatch, Objective, UpdateOutcome};
 use self::rollout::RolloutOutcome;
-use super::batch::{micro_batches, GroupPayload, Sequence, StepBatch};
+use super::batch::{GroupPayload, StepBatch};
 use super::collective::Collective;
 use super::comm::Comm;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, StepMetrics};
-use super::policy::{Policy, PolicyBatch};
-use super::update::StepOutcome;
+use super::policy::Policy;
 use super::updater::Updater;
 
 pub use setup::TrainerState;
@@ -129,27 +126,12 @@ impl Trainer {
         // 3. Advantages, from the global rewards (identical on every rank).
         let (stats, advantages) = self.advantages(&rollout.batch, &batch)?;
         self.tokens_seen += batch.n_tokens as u64;
-        // 4. Micro-batches of forward / g_t / backward, ⊕ all-reduce, clipping and AdamW.
-        let t_update = Instant::now();
+        // 4. The update: micro-batches of forward / g_t / backward, ⊕ all-reduce, AdamW.
         let update = self.update(&rollout.batch, &batch, &advantages, lr)?;
-        let time_update = t_update.elapsed().as_secs_f64();
         self.step += 1;
         // 5. The periodic held-out evaluation and the metrics (rank 0 writes them).
-        let eval_pass_at_1 = if self.eval_due() {
-            self.evaluate()?
-        } else {
-            None
-        };
-        let outcome = StepOutcomes {
-            lr,
-            rollout: &rollout,
-            batch: &batch,
-            stats: &stats,
-            update: &update,
-            eval_pass_at_1,
-            time_update,
-        };
-        let metrics = self.step_metrics(outcome, &clock);
+        let eval = self.periodic_eval()?;
+        let metrics = self.step_metrics(&rollout, &batch, &stats, &update, eval, &clock);
         self.log_step(&metrics, &rollout.samples_log)?;
         Ok(metrics)
     }
@@ -174,8 +156,9 @@ impl Trainer {
         Ok((stats, batch.local_advantages(&advantages, g)))
     }
 
-    /// The policy update of the step, or why there is none (the batch's loss weight α is 0, or
-    /// every completion is empty); a skipped update is reported (rank 0).
+    /// The policy update of the step ([`Self::optimise`]) at learning rate `lr`, or why there
+    /// is none (the batch's loss weight α is 0, or every completion is empty); a skipped
+    /// update is reported (rank 0).
     fn update(
         &mut self,
         pool: &ResampledBatch<GroupPayload>,
@@ -183,270 +166,74 @@ impl Trainer {
         advantages: &[f32],
         lr: f32,
     ) -> Result<UpdateOutcome> {
-        let outcome = match self.config.algorithm.loss.loss_scale(pool.scale) {
-            None => UpdateOutcome::skipped(
-                "no group has differing rewards: the batch carries no gradient",
-            ),
-            Some(_) if batch.n_tokens == 0 => UpdateOutcome::skipped("every completion is empty"),
-            Some(alpha) => {
-                let normaliser = Normaliser::new(batch.n_sequences, batch.n_tokens);
-                self.optimise(&batch.seqs, advantages, alpha, normaliser, lr)?
-            }
+        let t0 = Instant::now();
+        let mut outcome = match self.objective(pool, batch) {
+            Ok(objective) => self.optimise(batch, advantages, &objective, lr)?,
+            Err(reason) => UpdateOutcome::skipped(reason),
         };
         if let Some(reason) = &outcome.skipped {
             if self.comm.collective.is_root() {
                 eprintln!("step {}: update skipped: {reason}", self.step + 1);
             }
         }
+        outcome.lr = lr;
+        outcome.seconds = t0.elapsed().as_secs_f64();
         Ok(outcome)
     }
 
-    /// Forward/backward of this rank's sequences over micro-batches with the global normaliser,
-    /// ⊕ the loss and metric sums and the gradient buffer, then clipping and the AdamW step
-    /// (identical on every rank, since the summed gradient is); `algorithm.num_iterations`
-    /// times over the same batch.
+    /// Micro-batches of forward / g_t / backward over this rank's sequences with the global
+    /// normaliser, ⊕ the loss sums and the gradient buffer, then clipping and the same AdamW
+    /// step on every rank (the summed gradient is the same); `algorithm.num_iterations` times
+    /// over the batch.
     fn optimise(
         &mut self,
-        seqs: &[Sequence],
+        batch: &StepBatch,
         advantages: &[f32],
-        alpha: f32,
-        normaliser: Normaliser,
+        objective: &Objective,
         lr: f32,
     ) -> Result<UpdateOutcome> {
-        let objective = self.objective(alpha, normaliser);
-        let micro = self.micro_batches(seqs);
-        let old_logp = self.old_logprobs(seqs, &micro, &objective)?;
-        let ref_logp = self.reference_logprobs(seqs, &micro, &objective)?;
+        let micro = self.micro_batches(&batch.seqs);
+        let fixed = self.fixed_logprobs(&batch.seqs, &micro, objective)?;
         let mut outcome = UpdateOutcome::default();
         for iteration in 0..self.config.algorithm.num_iterations {
             let mut sums = LossSums::default();
-            let mut token_offset = 0;
+            let mut first_token = 0;
             for (m, r) in micro.iter().enumerate() {
-                let dropout_seed = derive_seed(
-                    self.config.seed ^ 0xD50F,
-                    self.step,
-                    (iteration * micro.len() + m) as u64,
-                );
-                let logp = FixedLogprobs {
-                    old: old_logp.as_deref(),
-                    reference: ref_logp.as_deref(),
-                    offset: token_offset,
+                let part = MicroBatch {
+                    seqs: &batch.seqs[r.clone()],
+                    advantages: &advantages[r.clone()],
+                    first_token,
+                    dropout_seed: self.dropout_seed(iteration * micro.len() + m),
                 };
-                let part = (&seqs[r.clone()], &advantages[r.clone()]);
-                token_offset +=
-                    self.forward_backward(part, logp, &objective, dropout_seed, &mut sums)?;
+                first_token += self.forward_backward(part, &fixed, objective, &mut sums)?;
             }
             self.all_reduce(&mut sums)?;
-            sums.write_to(&mut outcome, &objective);
+            sums.write_to(&mut outcome, objective);
             if let Some(reason) = self.optimizer_step(&mut outcome, lr)? {
                 outcome.skipped = Some(reason);
-                return Ok(outcome);
+                break;
             }
         }
         Ok(outcome)
     }
 
-    /// The objective and the engine settings of this step's micro-batches.
-    fn objective(&self, alpha: f32, normaliser: Normaliser) -> Objective {
-        let t = self.config.rollout.temperature;
-        Objective {
-            loss: self.config.algorithm.loss,
-            alpha,
-            normaliser,
-            inv_temperature: if t > 0.0 { 1.0 / t } else { 1.0 },
-            keep: self.config.activations(),
-        }
-    }
-
-    /// Micro-batches by token budget (prompt + completion); none when this rank has no
-    /// completion token to train on (it still takes part in the reductions).
-    fn micro_batches(&self, seqs: &[Sequence]) -> Vec<std::ops::Range<usize>> {
-        if seqs.iter().all(|s| s.completion.is_empty()) {
-            return Vec::new();
-        }
-        let lengths: Vec<usize> = seqs
-            .iter()
-            .map(|s| self.prompts[s.prompt].ids.len() + s.completion.len())
-            .collect();
-        micro_batches(&lengths, self.config.algorithm.micro_batch_tokens)
-    }
-
-    /// Old-policy log-probs for several updates per batch (GRPO's num_iterations > 1).
-    fn old_logprobs(
-        &self,
-        seqs: &[Sequence],
-        micro: &[std::ops::Range<usize>],
-        objective: &Objective,
-    ) -> Result<Option<Vec<f32>>> {
-        if !(objective.loss.uses_importance_ratio() && self.config.algorithm.num_iterations > 1) {
-            return Ok(None);
-        }
-        let mut all = Vec::new();
-        for r in micro {
-            let batch = self.train_batch(&seqs[r.clone()])?;
-            let lp = self
-                .model
-                .logprobs(&self.updater, &batch, objective.inv_temperature)?;
-            all.extend(lp.logprobs);
-        }
-        Ok(Some(all))
-    }
-
-    /// Reference-model log-probs for the KL penalty (β > 0), from the frozen initial model.
-    fn reference_logprobs(
-        &self,
-        seqs: &[Sequence],
-        micro: &[std::ops::Range<usize>],
-        objective: &Objective,
-    ) -> Result<Option<Vec<f32>>> {
-        let Some(reference) = self.reference.as_ref() else {
-            return Ok(None);
-        };
-        if !objective.loss.needs_reference_logp() {
-            return Ok(None);
-        }
-        let mut all = Vec::new();
-        for r in micro {
-            let batch = self.train_batch(&seqs[r.clone()])?;
-            let lp = reference.logprobs_on_host(&batch, objective.inv_temperature)?;
-            all.extend(lp.logprobs);
-        }
-        Ok(Some(all))
-    }
-
-    /// One micro-batch: the engine's forward (logp_t), the objective's token weights g_t and the
-    /// engine's backward, gradients accumulated into the updater's buffers; adds the loss and
-    /// metric sums to `sums` and returns the micro-batch's completion tokens. Where g_t does not
-    /// depend on logp_t (GPG), it is known before the forward, and the forward and backward run
-    /// as one pass (the head's logits formed once).
-    fn forward_backward(
-        &mut self,
-        (part, advantages): (&[Sequence], &[f32]),
-        logp: FixedLogprobs<'_>,
-        objective: &Objective,
-        dropout_seed: u64,
-        sums: &mut LossSums,
-    ) -> Result<usize> {
-        let Objective {
-            loss,
-            alpha,
-            normaliser,
-            inv_temperature: inv_t,
-            keep,
-        } = *objective;
-        let batch = self.train_batch(part)?;
-        if let Some(adapter) = self.model.adapter_mut() {
-            // Adapter dropout masks: a pure function of (seed, step, iteration, micro-batch).
-            adapter.dropout_seed = dropout_seed;
-        }
-        let lengths: Vec<usize> = part.iter().map(|s| s.completion.len()).collect();
-        let layout = TokenLayout::from_lengths(&lengths);
-        let n = batch.num_completion_tokens();
-        let span = logp.offset..logp.offset + n;
-        let old = logp.old.map(|o| &o[span.clone()]);
-        let tokens = PolicyTokens {
-            layout: &layout,
-            logp: &[],
-            old_logp: old,
-            ref_logp: logp.reference.map(|o| &o[span]),
-            advantages,
-        };
-        let fused = loss.weights_independent_of_logp(old.is_some())
-            && self.model.fuses_forward_backward(&self.updater);
-        let (lp, cache, g_before) = if fused {
-            let zeros = vec![0.0; n];
-            let g = loss
-                .compute(
-                    &PolicyTokens {
-                        logp: &zeros,
-                        ..tokens
-                    },
-                    alpha,
-                    normaliser,
-                )?
-                .token_weights;
-            let lp =
-                self.model
-                    .forward_backward_into(&mut self.updater, &batch, inv_t, keep, &g)?;
-            (lp, None, Some(g))
-        } else {
-            let (lp, cache) = self
-                .model
-                .forward_train_with(&self.updater, &batch, inv_t, keep)?;
-            (lp, Some(cache), None)
-        };
-        let out = loss.compute(
-            &PolicyTokens {
-                logp: &lp.logprobs,
-                ..tokens
-            },
-            alpha,
-            normaliser,
-        )?;
-        sums.add(out.loss, &lp.entropy, &out.metrics, n);
-        match (cache, g_before) {
-            (Some(cache), _) => {
-                self.model
-                    .backward_into(&mut self.updater, &batch, cache, &out.token_weights)?
-            }
-            (None, Some(g)) => ensure!(
-                g == out.token_weights,
-                "internal: the token weights computed before the forward differ from the objective's"
-            ),
-            (None, None) => bail!("internal: a micro-batch with neither cache nor gradient"),
-        }
-        Ok(n)
-    }
-
-    /// ⊕ The loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
-    fn all_reduce(&mut self, sums: &mut LossSums) -> Result<()> {
-        self.comm.all_reduce_f64(&mut sums.0)?;
-        self.comm
-            .all_reduce_grads(self.updater.gradient_buffers_mut())
-    }
-
-    /// Clipping and the AdamW step, unless the loss or the gradient norm is not finite (then
-    /// the gradients are dropped and the reason returned).
-    fn optimizer_step(&mut self, outcome: &mut UpdateOutcome, lr: f32) -> Result<Option<String>> {
-        if !outcome.loss.is_finite() {
-            self.updater.zero_grad()?;
-            return Ok(Some(format!("non-finite loss ({})", outcome.loss)));
-        }
-        let max_grad_norm = self.config.optim.max_grad_norm;
-        match self
-            .updater
-            .step(self.model.text_mut(), lr, max_grad_norm)?
-        {
-            StepOutcome::Applied(clip) => {
-                outcome.grad_norm = clip.norm;
-                Ok(None)
-            }
-            StepOutcome::Skipped(clip) => {
-                outcome.grad_norm = clip.norm;
-                Ok(Some(format!("non-finite gradient norm ({})", clip.norm)))
-            }
-        }
-    }
-
-    /// Packs sequences (with their prompts' images for a vision-language policy).
-    fn train_batch(&self, part: &[Sequence]) -> Result<PolicyBatch> {
-        let pairs: Vec<(&PreparedPrompt, &[u32])> = part
-            .iter()
-            .map(|s| (&self.prompts[s.prompt], s.completion.as_slice()))
-            .collect();
-        self.model.batch(&pairs)
-    }
-
     /// The step's metrics (as logged to metrics.jsonl and TensorBoard).
-    fn step_metrics(&self, o: StepOutcomes<'_>, clock: &StepClock) -> StepMetrics {
-        let (rollout, batch, stats, update) = (o.rollout, o.batch, o.stats, o.update);
+    fn step_metrics(
+        &self,
+        rollout: &RolloutOutcome,
+        batch: &StepBatch,
+        stats: &GroupStats,
+        update: &UpdateOutcome,
+        eval_pass_at_1: Option<f64>,
+        clock: &StepClock,
+    ) -> StepMetrics {
         let inverse_alpha = match rollout.batch.scale {
             AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
             AgeScale::SkipUpdate => 0.0,
         };
         StepMetrics {
             step: self.step,
-            lr: o.lr as f64,
+            lr: update.lr as f64,
             loss: update.loss,
             grad_norm: update.grad_norm,
             reward: stats.reward_mean,
@@ -471,10 +258,10 @@ impl Trainer {
             tokens: batch.n_tokens as u64,
             tokens_seen: self.tokens_seen,
             skipped: update.skipped.clone(),
-            eval_pass_at_1: o.eval_pass_at_1,
+            eval_pass_at_1,
             time_rollout_s: rollout.time_rollout,
             time_reward_s: rollout.time_reward,
-            time_update_s: o.time_update,
+            time_update_s: update.seconds,
             time_comm_s: self.comm.seconds() - clock.comm,
             time_comm_grad_s: self.comm.grad_seconds() - clock.comm_grad,
             time_step_s: clock.start.elapsed().as_secs_f64(),
@@ -539,11 +326,17 @@ impl Trainer {
             .map(Some)
     }
 
-    fn eval_due(&self) -> bool {
-        self.config
-            .eval
-            .as_ref()
-            .is_some_and(|e| self.step.is_multiple_of(e.every) || self.step == self.config.steps)
+    /// [`Self::evaluate`] when it is due: every `eval.every` steps and after the last.
+    fn periodic_eval(&self) -> Result<Option<f64>> {
+        let due =
+            self.config.eval.as_ref().is_some_and(|e| {
+                self.step.is_multiple_of(e.every) || self.step == self.config.steps
+            });
+        if due {
+            self.evaluate()
+        } else {
+            Ok(None)
+        }
     }
 
     /// Appends a held-out evaluation (e.g. the one before training) to `eval.jsonl` (rank 0;
@@ -640,77 +433,6 @@ impl Trainer {
     }
 }
 
-/// The objective of the step's micro-batches and the engine settings they run with.
-#[derive(Debug, Clone, Copy)]
-struct Objective {
-    loss: PolicyLoss,
-    /// The batch's loss weight α.
-    alpha: f32,
-    /// Global counts of sequences and completion tokens (the same on every rank).
-    normaliser: Normaliser,
-    /// 1 / sampling temperature (1 when greedy).
-    inv_temperature: f32,
-    keep: Activations,
-}
-
-/// Log-probs fixed before the update, over this rank's completion tokens in batch order: the
-/// old policy's and the reference model's; `offset` is the micro-batch's first token.
-#[derive(Debug, Clone, Copy)]
-struct FixedLogprobs<'a> {
-    old: Option<&'a [f32]>,
-    reference: Option<&'a [f32]>,
-    offset: usize,
-}
-
-/// [loss, Σ entropy, Σ clipped·n, Σ kl·n] of this rank's micro-batches (then ⊕ of all ranks').
-#[derive(Debug, Default)]
-struct LossSums([f64; 4]);
-
-impl LossSums {
-    fn add(&mut self, loss: f64, entropy: &[f32], metrics: &ObjectiveMetrics, n: usize) {
-        let s = &mut self.0;
-        s[0] += loss;
-        s[1] += entropy.iter().map(|&e| e as f64).sum::<f64>();
-        s[2] += metrics.clip_fraction.unwrap_or(0.0) * n as f64;
-        s[3] += metrics.mean_kl.unwrap_or(0.0) * n as f64;
-    }
-
-    /// The loss and the per-token means over the global completion tokens.
-    fn write_to(&self, outcome: &mut UpdateOutcome, objective: &Objective) {
-        let [loss, entropy_sum, clip_sum, kl_sum] = self.0;
-        let total_tokens = objective.normaliser.n_tokens;
-        outcome.loss = loss;
-        outcome.entropy = entropy_sum / total_tokens;
-        outcome.clip_fraction = objective
-            .loss
-            .uses_importance_ratio()
-            .then_some(clip_sum / total_tokens);
-        outcome.kl = objective
-            .loss
-            .needs_reference_logp()
-            .then_some(kl_sum / total_tokens);
-    }
-}
-
-#[derive(Debug, Default, Clone)]
-struct UpdateOutcome {
-    loss: f64,
-    grad_norm: f64,
-    entropy: f64,
-    clip_fraction: Option<f64>,
-    kl: Option<f64>,
-    skipped: Option<String>,
-}
-
-impl UpdateOutcome {
-    fn skipped(reason: &str) -> Self {
-        Self {
-            skipped: Some(reason.to_string()),
-            ..Self::default()
-        }
-    }
-}
-
 /// When the step started, and the communication time before it.
 struct StepClock {
     start: Instant,
@@ -726,15 +448,4 @@ impl StepClock {
             comm_grad: comm.grad_seconds(),
         }
     }
-}
-
-/// What a step's parts produced, for its metrics.
-struct StepOutcomes<'a> {
-    lr: f32,
-    rollout: &'a RolloutOutcome,
-    batch: &'a StepBatch,
-    stats: &'a GroupStats,
-    update: &'a UpdateOutcome,
-    eval_pass_at_1: Option<f64>,
-    time_update: f64,
 }
