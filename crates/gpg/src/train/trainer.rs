@@ -136,11 +136,6 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// [`Self::step`] under its former name.
-    pub fn train_step(&mut self) -> Result<StepMetrics> {
-        self.step()
-    }
-
     /// The batch's reward statistics and this rank's advantages (sequence by sequence), from
     /// the estimator over every group's rewards.
     fn advantages(
