@@ -1,8 +1,17 @@
 //! gpg: reinforcement learning from verifiable rewards for language models.
 //!
-//! Data flows top to bottom through these modules and never reaches back up:
-//! `data` → `tokenizer` → `model` (engine) → `rollout` → `reward` → `algo` → `optim`.
-//! See docs/architecture.md.
+//! Layers, each using only those below it (docs/architecture.md):
+//!
+//! * `train` — the RL and SFT loops;
+//! * `eval`, `checkpoint` — benchmarks and pass@k; run folders;
+//! * `data`, `rollout`, `reward`, `algo`, `optim` — datasets and prepared prompts; batched
+//!   sampling; rewards; advantages and g_t; AdamW and schedules;
+//! * `model` — the engine (forward, backward, decoders);
+//! * `sampling`, `tokenizer` (with the prompt types), `image` — the next-token sampler, text and
+//!   chat templates, image preprocessing.
+//!
+//! Still reaching up (being removed): `sampling` uses the CPU kernels' SIMD helpers
+//! (`model::ops::cpu::simd`), and `model::cuda_train` uses `optim`'s AdamW settings.
 
 pub mod algo;
 pub mod checkpoint;
@@ -13,6 +22,7 @@ pub mod model;
 pub mod optim;
 pub mod reward;
 pub mod rollout;
+pub mod sampling;
 pub mod tokenizer;
 pub mod train;
 

@@ -13,13 +13,13 @@ use std::path::PathBuf;
 
 use gpg::algo::{GpgLoss, Normaliser, PolicyLoss, PolicyTokens, TokenLayout};
 use gpg::candle_core::{safetensors, Device, Tensor};
+use gpg::data::PreparedPrompt;
 use gpg::data::{Location, Prompt, PromptRecord};
 use gpg::model::ops::{update_in_place, WeightSliceMut};
 use gpg::model::{Activations, Precision};
 use gpg::optim::{AdamW, AdamWConfig};
 use gpg::train::device::TrainDevice;
 use gpg::train::policy::{Policy, PolicyBatch};
-use gpg::train::trainer::PreparedPrompt;
 use gpg::train::updater::Updater;
 
 fn fixtures() -> PathBuf {

@@ -325,7 +325,7 @@ fn gpg_rl_side(
     let mut trainer = Trainer::new(config, false)?;
     let (mut step_s, mut generate_s, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.warmup + args.steps {
-        let m = trainer.train_step()?;
+        let m = trainer.step()?;
         eprintln!(
             "gpg-rl step {}: {:.3} s (sampling {:.3} s, update {:.3} s), reward {:.1}, \
              within-group std {:.1}, grad norm {:.2}, {} tokens",

@@ -383,6 +383,32 @@ pub fn latest_verified(run_dir: &Path) -> Result<Option<ResumePoint>> {
     Ok(None)
 }
 
+/// Removes all but the newest `keep` checkpoints `checkpoint-<step>` of `run_dir` (never the
+/// newest one: `keep` is at least 1).
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let mut steps = Vec::new();
+    for entry in std::fs::read_dir(run_dir)? {
+        let entry = entry?;
+        if let Some(step) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            steps.push((step, entry.path()));
+        }
+    }
+    steps.sort();
+    let keep = keep.max(1);
+    if steps.len() > keep {
+        for (_, path) in &steps[..steps.len() - keep] {
+            std::fs::remove_dir_all(path)
+                .with_context(|| format!("{}: cannot remove", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +421,23 @@ mod tests {
         std::fs::write(dir.join("sub/adapter.bin"), b"abc").unwrap();
         write_manifest(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_by_step_number() {
+        let run = tempfile::tempdir().unwrap();
+        for step in [2, 10, 9] {
+            fake_checkpoint(run.path(), step);
+        }
+        std::fs::write(run.path().join("metrics.jsonl"), b"").unwrap();
+        prune(run.path(), 2).unwrap();
+        let left: Vec<u64> = list(run.path()).unwrap().iter().map(|e| e.0).collect();
+        assert_eq!(left, [10, 9]);
+        // At least the newest one is always kept.
+        prune(run.path(), 0).unwrap();
+        let left: Vec<u64> = list(run.path()).unwrap().iter().map(|e| e.0).collect();
+        assert_eq!(left, [10]);
+        assert!(run.path().join("metrics.jsonl").exists());
     }
 
     #[test]

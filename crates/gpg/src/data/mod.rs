@@ -6,20 +6,26 @@
 //! * [`EpochSampler`] hands out seeded, epoch-shuffled batches of indices; its
 //!   [`SamplerState`] resumes the exact same stream.
 //! * [`synthetic`] generates the multi-step arithmetic task used by the demo.
+//! * [`DataConfig`] is the recipe's `[data]` table; [`load_prompts`] turns it into
+//!   [`PreparedPrompt`]s (records with their token ids).
 
 pub mod benchmarks;
+mod config;
 mod dataset;
 mod fields;
 mod parquet_rows;
+mod prompts;
 mod record;
 mod sampler;
 pub mod synthetic;
 pub mod vl_chat;
 
+pub use config::{DataConfig, SyntheticTask};
 pub use dataset::{LongPromptPolicy, PromptDataset};
 pub use fields::{
     record_from_fields, PromptDatasetConfig, DEFAULT_ANSWER_FIELDS, DEFAULT_ID_FIELD,
     DEFAULT_PROMPT_FIELDS,
 };
+pub use prompts::{load_prompts, prepare_prompts, prompts_digest, PreparedPrompt};
 pub use record::{ChatMessage, Location, Prompt, PromptRecord};
 pub use sampler::{epoch_order, EpochSampler, SamplerState};

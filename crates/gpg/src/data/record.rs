@@ -1,51 +1,13 @@
 //! One training or evaluation prompt, with its gold answer and where it came from.
+//!
+//! The prompt itself ([`Prompt`], [`ChatMessage`]) is the tokenizer's input type and lives
+//! there (tokenizer/prompt.rs); it is re-exported here.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// One chat message, as in the Hugging Face chat format.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
-
-/// What the model is asked: raw text given to the model as is, or chat messages that the
-/// tokenizer renders with the model's chat template (with the generation prompt appended).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Prompt {
-    /// Tokenized as is; no template.
-    Text(String),
-    /// Rendered by the chat template; never ends with an assistant message.
-    Chat(Vec<ChatMessage>),
-}
-
-impl Prompt {
-    /// The prompt's text without any template: the text itself, or the message contents
-    /// joined by newlines. A lower bound of the rendered text, used where no renderer is
-    /// available (e.g. a prompt-length estimate or a reward's `prompt` field).
-    pub fn plain_text(&self) -> String {
-        match self {
-            Prompt::Text(text) => text.clone(),
-            Prompt::Chat(messages) => messages
-                .iter()
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        }
-    }
-}
+pub use crate::tokenizer::{ChatMessage, Prompt};
 
 /// Where a record came from: a file and a 1-based line (JSONL) or row (Parquet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

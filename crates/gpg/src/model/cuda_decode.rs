@@ -45,7 +45,7 @@ use super::ops::cuda::Gpu;
 use super::ops::VarLen;
 use super::params::Linear;
 use super::qwen2::Qwen2;
-use crate::rollout::TokenSampler;
+use crate::sampling::TokenSampler;
 
 /// A device buffer the decoder owns (uploaded from a host model) or borrows (a training step's
 /// parameters, read in place).

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::decode::{DecodeState, Decoder};
 use super::ops::VarLen;
 use super::qwen2::Qwen2;
-use crate::rollout::TokenSampler;
+use crate::sampling::TokenSampler;
 
 /// One batch being decoded. Rows are numbered 0..rows() in the order they were pushed, minus
 /// the ones dropped by [`DecodeBatch::retain`] (the survivors keep their order).

@@ -6,16 +6,29 @@
 //! dropped, so it stops costing work. Each row draws from its own seeded random stream
 //! (`seed`, prompt index, sample index), so results do not depend on batch composition.
 
-pub mod sampling;
-
 use anyhow::{ensure, Result};
 
 use crate::image::ProcessedImage;
 use crate::model::decoding::{push_prefilled, DecodeBatch, DecodeEngine};
 use crate::model::qwen2::Qwen2;
 use crate::model::qwen2_vl::Qwen2VL;
+/// The sampling types live below the engine ([`crate::sampling`]); re-exported here, where
+/// callers set up a rollout.
+pub use crate::sampling::{self, SamplingParams, TokenSampler};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
-pub use sampling::{SamplingParams, TokenSampler};
+
+/// Token ids that end a completion: the explicit ones (`params.stop_token_ids`), the model
+/// config's `eos_token_id` (one or several) and the tokenizer's EOS token.
+pub fn stop_token_ids(params: &SamplingParams, model: &Qwen2, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut ids = params.stop_token_ids.clone();
+    if let Some(eos) = &model.config.eos_token_id {
+        ids.extend(eos.to_vec());
+    }
+    ids.extend(tokenizer.eos_token_id());
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
 
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -218,7 +231,7 @@ fn decode_pushed(
     first_prompt_key: u64,
 ) -> Result<Vec<Completion>> {
     let mut done = Vec::with_capacity(prompt_lens.len() * params.n);
-    let stop_ids = params.stop_token_ids(model, tokenizer);
+    let stop_ids = stop_token_ids(params, model, tokenizer);
     let mut rows = Vec::new();
     for (pi, &prompt_len) in prompt_lens.iter().enumerate() {
         for si in 0..params.n {

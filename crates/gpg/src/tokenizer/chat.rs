@@ -19,7 +19,7 @@ use super::pyjson::{dumps, DumpOptions};
 use super::strftime::{strftime, DateTime};
 
 /// One turn of a conversation, as chat templates read it (`message.role`, `message.content`).
-pub use crate::data::ChatMessage;
+pub use super::prompt::ChatMessage;
 
 /// The special-token strings a template may refer to.
 #[derive(Debug, Clone, Default)]

@@ -18,12 +18,14 @@
 
 mod chat;
 mod config;
+mod prompt;
 mod pyjson;
 mod stream;
 mod strftime;
 mod train;
 
 pub use chat::ChatMessage;
+pub use prompt::Prompt;
 pub use stream::IncrementalDecoder;
 pub use train::{
     train_byte_level_bpe, train_byte_level_bpe_with, PreTokenizerStyle, CHATML_TEMPLATE,
@@ -343,10 +345,10 @@ impl Tokenizer {
 
     /// Token ids of a dataset prompt: raw text as is, chat messages through the chat template
     /// with the generation prompt appended. No special tokens are added beyond the template's.
-    pub fn encode_prompt(&self, prompt: &crate::data::Prompt) -> Result<Vec<u32>> {
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         match prompt {
-            crate::data::Prompt::Text(text) => self.encode(text, false),
-            crate::data::Prompt::Chat(messages) => {
+            Prompt::Text(text) => self.encode(text, false),
+            Prompt::Chat(messages) => {
                 self.encode(&self.apply_chat_template(messages, true)?, false)
             }
         }

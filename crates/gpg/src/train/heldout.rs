@@ -1,34 +1,15 @@
 //! Held-out accuracy during training: pass@1 as the mean over `samples` sampled completions
 //! per prompt of the accuracy reward (mathematical equivalence with the gold answer).
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 
-use crate::data::PromptDataset;
+use crate::data::PreparedPrompt;
 use crate::eval::{evaluate_on, EvalConfig, EvalItem};
 use crate::model::decoding::DecodeEngine;
 use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
 
 use super::collective::Collective;
-use super::trainer::PreparedPrompt;
-
-/// Tokenizes a dataset's prompts.
-pub fn prepare(tokenizer: &Tokenizer, ds: PromptDataset) -> Result<Vec<PreparedPrompt>> {
-    ds.records
-        .into_iter()
-        .map(|record| {
-            let ids = tokenizer
-                .encode_prompt(&record.prompt)
-                .with_context(|| format!("{}: tokenizing the prompt", record.location))?;
-            ensure!(!ids.is_empty(), "{}: the prompt is empty", record.location);
-            Ok(PreparedPrompt {
-                record,
-                ids,
-                images: Vec::new(),
-            })
-        })
-        .collect()
-}
 
 /// Prompts per sampling call of the held-out evaluation (and per shard unit).
 const EVAL_CHUNK: usize = 64;

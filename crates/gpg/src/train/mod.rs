@@ -1,6 +1,8 @@
 //! The training loop and what it writes: metrics, TensorBoard events, checkpoints.
 
+pub mod batch;
 pub mod collective;
+pub mod comm;
 pub mod config;
 pub mod cuda_update;
 pub mod device;
@@ -13,6 +15,7 @@ pub mod policy;
 pub mod progress;
 pub mod replica;
 pub mod sft;
+pub mod sft_config;
 pub mod tensorboard;
 pub mod trainer;
 pub mod update;

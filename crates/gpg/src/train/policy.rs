@@ -20,7 +20,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 
 use crate::data::vl_chat::{encode_chat, VlChat};
-use crate::data::{Location, LongPromptPolicy, Prompt, PromptDatasetConfig, PromptRecord};
+use crate::data::{
+    Location, LongPromptPolicy, PreparedPrompt, Prompt, PromptDatasetConfig, PromptRecord,
+};
 use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items, VlEvalItem};
 use crate::image::{load_rgb, ImageProcessor, ProcessedImage};
 use crate::model::lora::Adapter;
@@ -36,7 +38,6 @@ use crate::tokenizer::Tokenizer;
 use super::collective::Collective;
 use super::config::TrainConfig;
 use super::device::TrainDevice;
-use super::trainer::PreparedPrompt;
 use super::updater::{StepCache, Updater};
 use super::vl_update::VlUpdater;
 
@@ -457,7 +458,7 @@ impl Policy {
         tokenizer: &Tokenizer,
     ) -> Result<(Vec<PreparedPrompt>, Option<Vec<PreparedPrompt>>)> {
         let Policy::Vision(v) = self else {
-            return super::trainer::load_prompts(config, tokenizer);
+            return crate::data::load_prompts(&config.data, tokenizer);
         };
         let data = &config.data;
         ensure!(
@@ -509,7 +510,7 @@ impl Policy {
         match self {
             Policy::Text(_) => {
                 let ds = crate::data::PromptDataset::load(path, fields)?;
-                super::heldout::prepare(tokenizer, ds)
+                crate::data::prepare_prompts(tokenizer, ds)
             }
             Policy::Vision(v) => v.load_prompts(Path::new(path), fields, tokenizer),
         }

@@ -3,113 +3,21 @@
 //! Used for the warm start of the demo model (`gpg-rl sft`).
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-use crate::data::{synthetic, EpochSampler};
-use crate::model::{Activations, DeviceName, Precision, Qwen2, TrainBatch};
-use crate::optim::{AdamW, AdamWConfig, LrScheduleConfig, LrScheduleKind};
+use crate::data::{prepare_prompts, synthetic, EpochSampler};
+use crate::model::{Activations, Qwen2, TrainBatch};
+use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
-use super::config::SyntheticTask;
 use super::heldout;
+pub use super::sft_config::SftConfig;
 use super::update::StepOutcome;
 use super::updater::Updater;
-
-/// An SFT recipe.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SftConfig {
-    /// Model directory to start from.
-    pub model: PathBuf,
-    /// Where the fine-tuned model (and sft_metrics.jsonl) is written.
-    pub output_dir: PathBuf,
-    /// `cpu`, or `cuda` / `cuda:N` (feature `cuda`; full fine-tuning only, see train/device.rs).
-    #[serde(default)]
-    pub device: DeviceName,
-    /// `f32` or `bf16` mixed precision (see `Precision`).
-    #[serde(default)]
-    pub precision: Precision,
-    /// Recompute each layer in the backward instead of keeping its activations.
-    #[serde(default)]
-    pub gradient_checkpointing: bool,
-    pub steps: u64,
-    /// Sequences per step.
-    pub batch_size: usize,
-    pub seed: u64,
-    pub lr: f32,
-    #[serde(default = "super::config::default_adamw")]
-    pub adamw: AdamWConfig,
-    #[serde(default = "super::config::default_max_grad_norm")]
-    pub max_grad_norm: f32,
-    #[serde(default = "default_schedule")]
-    pub schedule: LrScheduleConfig,
-    /// `synthetic`: the built-in task's question → worked solution pairs (text models); for a
-    /// vision-language model, a JSONL file of image chats ending with the assistant's answer
-    /// (see [`super::vl_sft`]).
-    pub data: String,
-    /// Vision-language models: image questions for the held-out accuracy (the `eval` format).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval_data: Option<String>,
-    /// Vision-language models: keep the vision tower fixed.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub freeze_vision: bool,
-    #[serde(default)]
-    pub synthetic: SyntheticTask,
-    /// Share of training problems whose target is the bare answer (`\boxed{N}`) instead of the
-    /// worked solution. A warm start that has seen both habits answers directly part of the
-    /// time, which rarely works on multi-step problems: RL then has something to discover —
-    /// that working the steps pays — which is the demo's point.
-    #[serde(default)]
-    pub direct_answer_share: f64,
-    /// Measure held-out pass@1 (sampled, temperature 1) every this many steps (0: only at the end).
-    #[serde(default)]
-    pub eval_every: u64,
-    #[serde(default = "default_eval_samples")]
-    pub eval_samples: usize,
-    #[serde(default = "default_eval_max_new_tokens")]
-    pub eval_max_new_tokens: usize,
-    /// Train a LoRA adapter (written to output_dir in PEFT format) instead of the whole model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<crate::model::lora::LoraConfig>,
-}
-
-fn default_schedule() -> LrScheduleConfig {
-    LrScheduleConfig {
-        kind: LrScheduleKind::CosineWithMinLr,
-        warmup_steps: None,
-        warmup_ratio: Some(0.05),
-        min_lr_rate: 0.1,
-    }
-}
-fn default_eval_samples() -> usize {
-    1
-}
-fn default_eval_max_new_tokens() -> usize {
-    96
-}
-
-impl SftConfig {
-    pub fn from_toml_str(text: &str) -> Result<Self> {
-        let c: SftConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        ensure!(
-            c.steps > 0 && c.batch_size > 0,
-            "steps and batch_size must be positive"
-        );
-        ensure!(
-            c.data == "synthetic" || c.data.ends_with(".jsonl"),
-            "data = {:?}: \"synthetic\" (the built-in task, text models) or a .jsonl file of image \
-             chats (vision-language models)",
-            c.data
-        );
-        Ok(c)
-    }
-}
 
 /// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
@@ -167,7 +75,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         completion.push(eos);
         pairs.push((prompt, completion));
     }
-    let heldout = heldout::prepare(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
+    let heldout = prepare_prompts(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
 
     let schedule = config.schedule.build(config.lr, config.steps)?;
     let mut updater = Updater::on_device(&train_device, &model, AdamW::new(config.adamw)?)?;

@@ -19,7 +19,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::data::vl_chat::{encode_chat, parse_messages, VlChat};
-use crate::data::{EpochSampler, Location, Prompt, PromptDatasetConfig, PromptRecord};
+use crate::data::{
+    EpochSampler, Location, PreparedPrompt, Prompt, PromptDatasetConfig, PromptRecord,
+};
 use crate::model::qwen2_vl::IMAGE_PLACEHOLDER;
 use crate::model::Activations;
 use crate::optim::AdamW;
@@ -27,8 +29,7 @@ use crate::tokenizer::Tokenizer;
 
 use super::collective::SingleProcess;
 use super::policy::{check_vision_options, Policy, VisionPolicy};
-use super::sft::SftConfig;
-use super::trainer::PreparedPrompt;
+use super::sft_config::SftConfig;
 use super::update::StepOutcome;
 use super::updater::Updater;
 

@@ -541,7 +541,7 @@ fn gpu_sampling_matches_the_cpu_sampler() {
     let (rows, vocab) = (4, 3000);
     let mut r = rng(6);
     let logits = rand_vec(&mut r, rows * vocab, 6.0);
-    use crate::rollout::{SamplingParams, TokenSampler};
+    use crate::sampling::{SamplingParams, TokenSampler};
     for (temperature, top_p, top_k) in [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 0), (1.0, 1.0, 20)]
     {
         let params = SamplingParams {

@@ -1,5 +1,9 @@
 //! Choosing the next token from logits: greedy, temperature, top-k, top-p.
 //!
+//! A layer below the engine: the decoders (model/decoding.rs, model/cuda_decode.rs) call a
+//! [`TokenSampler`] per row and rollout/ sets up the [`SamplingParams`]; it depends only on the
+//! CPU kernels' SIMD helpers.
+//!
 //! The order follows transformers' logits processors: divide by the temperature, keep the k
 //! most likely tokens, then the smallest set of most likely tokens whose probability reaches
 //! top_p (always at least one), renormalise and draw.
@@ -10,8 +14,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::ops::cpu::simd::{exp_shift_sum, max, scale, vectorize};
-use crate::model::qwen2::Qwen2;
-use crate::tokenizer::Tokenizer;
 
 /// How to sample completions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -64,19 +66,6 @@ impl SamplingParams {
             self.top_p
         );
         Ok(())
-    }
-
-    /// Token ids that end a completion: the explicit ones, the model config's
-    /// `eos_token_id` (one or several) and the tokenizer's EOS token.
-    pub fn stop_token_ids(&self, model: &Qwen2, tokenizer: &Tokenizer) -> Vec<u32> {
-        let mut ids = self.stop_token_ids.clone();
-        if let Some(eos) = &model.config.eos_token_id {
-            ids.extend(eos.to_vec());
-        }
-        ids.extend(tokenizer.eos_token_id());
-        ids.sort_unstable();
-        ids.dedup();
-        ids
     }
 }
 

@@ -1,0 +1,246 @@
+//! The step's rollout: sampling and scoring rounds until the β_th pool is ready. Every rank
+//! draws the same prompts (the shared sampler) and samples its contiguous share of them, with
+//! random streams keyed by (seed, step, round, position in the round, sample), so the
+//! completions do not depend on the number of ranks; the rewards and lengths of every round are
+//! gathered (⊕) so that every rank takes the same β_th decision.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::algo::{AgeScale, GroupPool, PoolStatus, ResampledBatch, ScoredGroup};
+use crate::data::PreparedPrompt;
+use crate::reward::RewardInput;
+use crate::rollout::{Completion, SamplingParams};
+
+use super::super::batch::GroupPayload;
+use super::{derive_seed, Trainer};
+
+/// What the rollout rounds of a step produced.
+#[derive(Debug)]
+pub(super) struct RolloutOutcome {
+    pub batch: ResampledBatch<GroupPayload>,
+    /// (sum, count) of each reward function's scores over every sampled completion.
+    pub per_function: BTreeMap<String, (f64, usize)>,
+    pub samples_log: Vec<(String, String, f32)>,
+    pub time_rollout: f64,
+    pub time_reward: f64,
+}
+
+impl Default for RolloutOutcome {
+    fn default() -> Self {
+        Self {
+            batch: ResampledBatch {
+                groups: Vec::new(),
+                rounds_used: 0,
+                n_valid_seen: 0,
+                n_valid_in_batch: 0,
+                threshold_met: false,
+                scale: AgeScale::SkipUpdate,
+            },
+            per_function: BTreeMap::new(),
+            samples_log: Vec::new(),
+            time_rollout: 0.0,
+            time_reward: 0.0,
+        }
+    }
+}
+
+impl Trainer {
+    /// Sampling and scoring rounds until the β_th pool is ready (one round when resampling is
+    /// off).
+    pub(super) fn rollout(&mut self, step: u64) -> Result<RolloutOutcome> {
+        let g = self.config.rollout.num_generations;
+        let b = self.config.rollout.prompts_per_step;
+        let mut pool = GroupPool::new(self.config.algorithm.resample, b, g)?;
+        let mut out = RolloutOutcome::default();
+        let mut round = 0u64;
+        loop {
+            let groups = self.rollout_round(step, round, &mut out)?;
+            round += 1;
+            if let PoolStatus::Ready { .. } = pool.add_round(groups)? {
+                break;
+            }
+        }
+        out.batch = pool.finish();
+        Ok(out)
+    }
+
+    fn sampling_params(&self, seed: u64) -> SamplingParams {
+        let r = &self.config.rollout;
+        SamplingParams {
+            n: r.num_generations,
+            max_new_tokens: r.max_new_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            seed,
+            stop_token_ids: self
+                .tokenizer
+                .token_to_id("<|im_end|>")
+                .into_iter()
+                .collect(),
+            stop_strings: r.stop.clone(),
+            ignore_eos: false,
+        }
+    }
+
+    /// One round: B prompts × G completions, this rank's share sampled and scored here, the
+    /// rewards and lengths of all B groups gathered (⊕) so that every rank holds them.
+    fn rollout_round(
+        &mut self,
+        step: u64,
+        round: u64,
+        out: &mut RolloutOutcome,
+    ) -> Result<Vec<ScoredGroup<GroupPayload>>> {
+        let g = self.config.rollout.num_generations;
+        let collective = self.comm.collective.clone();
+        let indices = self
+            .sampler
+            .next_batch(self.config.rollout.prompts_per_step);
+        let b = indices.len();
+        let mine = collective.share(indices.len());
+        let prompts: Vec<&PreparedPrompt> = indices[mine.clone()]
+            .iter()
+            .map(|&i| &self.prompts[i])
+            .collect();
+        let t0 = Instant::now();
+        let params = self.sampling_params(derive_seed(self.config.seed, step, round));
+        // The CPU model itself, or the CUDA decoder over the trained device weights.
+        let completions = self.model.generate(
+            &self.updater,
+            &self.tokenizer,
+            &prompts,
+            &params,
+            mine.start as u64,
+        )?;
+        out.time_rollout += t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let inputs: Vec<RewardInput> = completions
+            .iter()
+            .map(|c| {
+                let p = &self.prompts[indices[mine.start + c.prompt_index]];
+                RewardInput {
+                    prompt: p.record.prompt.plain_text(),
+                    completion: c.text.clone(),
+                    answer: p.record.answer.clone(),
+                    completion_tokens: c.token_ids.len(),
+                }
+            })
+            .collect();
+        let names = self.reward.names();
+        let scores = if inputs.is_empty() {
+            None
+        } else {
+            Some(self.reward.score_all(&inputs)?)
+        };
+        out.time_reward += t0.elapsed().as_secs_f64();
+
+        // ⊕ The round's rewards, completion lengths and per-function scores of all B·G
+        // completions: each rank fills its share's slots, the sum gathers them (x + 0 = x, so
+        // the values arrive exactly).
+        let n = b * g;
+        let mut gathered = vec![0.0f64; n * (2 + names.len())];
+        let base = mine.start * g;
+        if let Some(scores) = &scores {
+            for (j, c) in completions.iter().enumerate() {
+                gathered[base + j] = scores.total[j] as f64;
+                gathered[n + base + j] = c.token_ids.len() as f64;
+            }
+            for (f, (_, values)) in scores.per_function.iter().enumerate() {
+                for (j, &v) in values.iter().enumerate() {
+                    gathered[(2 + f) * n + base + j] = v as f64;
+                }
+            }
+        }
+        self.comm.all_reduce_f64(&mut gathered)?;
+        for (f, name) in names.iter().enumerate() {
+            let values = &gathered[(2 + f) * n..(3 + f) * n];
+            let e = out.per_function.entry(name.to_string()).or_insert((0.0, 0));
+            e.0 += values.iter().map(|&v| v as f32 as f64).sum::<f64>();
+            e.1 += values.len();
+        }
+        if round == 0 {
+            self.gather_logged_completions(
+                &indices,
+                mine.start * g,
+                &completions,
+                &gathered[..n],
+                out,
+            )?;
+        }
+
+        let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); mine.len()];
+        for c in completions {
+            by_prompt[c.prompt_index].push(c);
+        }
+        let mut by_prompt = by_prompt.into_iter();
+        let mut groups = Vec::with_capacity(b);
+        for (k, &prompt) in indices.iter().enumerate() {
+            let slots = k * g..(k + 1) * g;
+            groups.push(ScoredGroup {
+                rewards: gathered[slots.clone()].iter().map(|&r| r as f32).collect(),
+                payload: GroupPayload {
+                    prompt,
+                    lengths: gathered[n + slots.start..n + slots.end]
+                        .iter()
+                        .map(|&l| l as usize)
+                        .collect(),
+                    completions: if mine.contains(&k) {
+                        by_prompt.next()
+                    } else {
+                        None
+                    },
+                },
+            });
+        }
+        Ok(groups)
+    }
+
+    /// The first `logging.log_completions` completions of the step's first round, from
+    /// whichever ranks sampled them (⊕ gathered only when some lie beyond rank 0's share).
+    fn gather_logged_completions(
+        &self,
+        indices: &[usize],
+        first_slot: usize,
+        completions: &[Completion],
+        rewards: &[f64],
+        out: &mut RolloutOutcome,
+    ) -> Result<()> {
+        let wanted = self.config.logging.log_completions;
+        let g = self.config.rollout.num_generations;
+        let collective = &self.comm.collective;
+        let rank0_slots =
+            crate::train::collective::share(indices.len(), 0, collective.world()).len() * g;
+        let mine: Vec<(String, String, f32)> = completions
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| first_slot + j < wanted)
+            .map(|(j, c)| {
+                (
+                    self.prompts[indices[first_slot / g + c.prompt_index]]
+                        .record
+                        .prompt
+                        .plain_text(),
+                    c.text.clone(),
+                    rewards[first_slot + j] as f32,
+                )
+            })
+            .collect();
+        if collective.world() == 1 || wanted <= rank0_slots {
+            if collective.is_root() {
+                out.samples_log = mine;
+            }
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let all = collective.gather_bytes(serde_json::to_vec(&mine)?)?;
+        self.comm.add_seconds(t0.elapsed().as_secs_f64());
+        for bytes in all {
+            let part: Vec<(String, String, f32)> = serde_json::from_slice(&bytes)?;
+            out.samples_log.extend(part);
+        }
+        Ok(())
+    }
+}
