@@ -57,6 +57,22 @@ pub fn prepare_config(
     Ok(config)
 }
 
+/// The context of an error raised during training step N (1-based): nothing of that step was
+/// written, and the checkpoints written before it are intact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuringStep(pub u64);
+
+impl std::fmt::Display for DuringStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training step {} (the checkpoints written before it are intact; resuming continues \
+             from the newest)",
+            self.0
+        )
+    }
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -120,12 +136,7 @@ pub fn run(
         trainer.record_eval(0, p)?;
     }
     let trained = trainer.train(None);
-    trained.with_context(|| {
-        format!(
-            "training step {} (the checkpoints written before it are intact; `resume` continues from the newest)",
-            trainer.step + 1
-        )
-    })?;
+    trained.context(DuringStep(trainer.step + 1))?;
     let output_dir = trainer.config.output_dir.clone();
     let final_dir = output_dir.join("final");
     trainer.save_final(&final_dir)?;
