@@ -85,7 +85,7 @@ impl PyReward {
             "completion_lengths",
             PyList::new(py, batch.iter().map(|b| b.completion_tokens))?,
         )?;
-        Ok(self.func.call(py, (), Some(&kwargs))?)
+        self.func.call(py, (), Some(&kwargs))
     }
 
     /// One float per completion: None counts as 0 (TRL: the function does not apply to that
@@ -207,12 +207,7 @@ fn function_name(py: Python<'_>, func: &Py<PyAny>, taken: &[String]) -> String {
     let base = f
         .getattr("__name__")
         .and_then(|n| n.extract::<String>())
-        .or_else(|_| {
-            f.get_type()
-                .name()
-                .map(|s| s.to_string())
-                .map_err(PyErr::from)
-        })
+        .or_else(|_| f.get_type().name().map(|s| s.to_string()))
         .unwrap_or_else(|_| "reward".into());
     let mut name = base.clone();
     let mut k = 2;
@@ -441,6 +436,7 @@ fn generate(
 /// JSONL file; returns the records with `completion_ids` and `logprobs`, as JSON text.
 #[pyfunction]
 #[pyo3(signature = (model, records, path, batch_tokens, device, precision, adapter))]
+#[allow(clippy::too_many_arguments)]
 fn logprobs(
     py: Python<'_>,
     model: PathBuf,
