@@ -15,6 +15,7 @@
 
 pub mod algo;
 pub mod checkpoint;
+pub mod commands;
 pub mod data;
 pub mod eval;
 pub mod image;

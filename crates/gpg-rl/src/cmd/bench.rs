@@ -227,9 +227,9 @@ fn engine(args: &EngineArgs) -> Result<()> {
     // On a CUDA device the model is read on the CPU and uploaded by the GPU train step and
     // the GPU decoder.
     let dir = if args.engine.device.is_cpu() {
-        ModelDir::load(&model_dir, &args.engine)?
+        ModelDir::load(&model_dir, &args.engine.device, args.engine.precision)?
     } else {
-        ModelDir::load_for_sampling(&model_dir, &args.engine)?
+        ModelDir::load_for_sampling(&model_dir, &args.engine.device, args.engine.precision)?
     };
     let model = &dir.model;
     let decode = gpg::model::decoding::engine_for(model, &args.engine.device)?;

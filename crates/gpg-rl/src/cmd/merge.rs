@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::model_dir::{AdapterFlag, EngineFlags, ModelDir};
+use super::model_dir::{EngineFlags, ModelDir};
 
 #[derive(Args)]
 pub struct MergeArgs {
@@ -31,11 +31,9 @@ pub fn run(args: &MergeArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let dir = ModelDir::load(&args.model, &args.engine)
+    let dir = ModelDir::load(&args.model, &args.engine.device, args.engine.precision)
         .with_context(|| format!("--model {}", args.model.display()))?
-        .with_adapter(&AdapterFlag {
-            adapter: Some(args.adapter.clone()),
-        })?;
+        .with_adapter(Some(&args.adapter))?;
     let merged = dir.model.merged()?;
     let mut tmp_name = args.out.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");

@@ -6,7 +6,8 @@
 //! {"functions": [
 //!   {"name": "accuracy", "weight": 1.0},
 //!   {"name": "cosine", "weight": 0.5, "options": {"max_len": 256}},
-//!   {"name": "external", "options": {"command": ["python3", "score.py"], "timeout_secs": 30}}
+//!   {"name": "external", "options": {"command": ["python3", "score.py"], "timeout_secs": 30}},
+//!   {"name": "in_process", "options": {"key": "my_reward"}}
 //! ]}
 //! ```
 
@@ -16,12 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AccuracyReward, BoxedFormatReward, CosineLengthReward, CosineOptions, ExactMatchReward,
-    ExternalOptions, ExternalReward, LengthOptions, LengthReward, Reward, ThinkAnswerFormatReward,
-    WeightedSum,
+    ExternalOptions, ExternalReward, InProcessOptions, LengthOptions, LengthReward, Reward,
+    ThinkAnswerFormatReward, WeightedSum,
 };
 
 /// Names accepted in [`RewardSpec::name`].
-pub const REWARD_NAMES: [&str; 9] = [
+pub const REWARD_NAMES: [&str; 10] = [
     "accuracy",
     "format",
     "boxed_format",
@@ -31,6 +32,7 @@ pub const REWARD_NAMES: [&str; 9] = [
     "external",
     "visual_accuracy",
     "box_iou",
+    "in_process",
 ];
 
 /// The reward functions of a run; the reward is their weighted sum.
@@ -61,7 +63,8 @@ pub struct RewardSpec {
     #[serde(default = "default_weight")]
     pub weight: f32,
     /// Function-specific options (`cosine`: [`CosineOptions`]; `length`: [`LengthOptions`];
-    /// `external`: [`ExternalOptions`], required). Other functions take none.
+    /// `external`: [`ExternalOptions`], required; `in_process`: [`InProcessOptions`], required).
+    /// Other functions take none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Value>,
 }
@@ -112,6 +115,12 @@ impl RewardSpec {
                     "reward `external` needs options {\"command\": [program, args...]}"
                 })?;
                 Box::new(ExternalReward::from_options(&options)?)
+            }
+            "in_process" => {
+                let options: InProcessOptions = self.parse_options()?.with_context(|| {
+                    "reward `in_process` needs options {\"key\": name it was registered under}"
+                })?;
+                super::in_process::lookup(&options.key)?
             }
             other => anyhow::bail!(
                 "unknown reward function `{other}`; valid names: {}",

@@ -12,6 +12,8 @@
 //! * `exact_match`: 1 if the trimmed completion equals the trimmed gold answer, else 0;
 //! * `length`: −|characters − target| (TRL's quick-start reward; smoke tests, benchmarks);
 //! * `external`: scores computed by a child process speaking JSON lines;
+//! * `in_process`: a reward registered by the program that runs the trainer (the Python
+//!   package's reward functions; see [`in_process`]);
 //! * `visual_accuracy`, `box_iou`: the reference's visual-task rewards (see [`visual`]).
 //!
 //! [`WeightedSum`] combines several of them; [`RewardConfig`] builds one from a config file.
@@ -22,6 +24,7 @@ mod cosine;
 mod exact;
 mod external;
 mod format;
+pub mod in_process;
 mod length;
 pub mod visual;
 mod weighted;
@@ -32,6 +35,7 @@ pub use cosine::{CosineLengthReward, CosineOptions};
 pub use exact::ExactMatchReward;
 pub use external::{ExternalOptions, ExternalReward};
 pub use format::{BoxedFormatReward, ThinkAnswerFormatReward};
+pub use in_process::InProcessOptions;
 pub use length::{LengthOptions, LengthReward};
 pub use visual::{BoxIouReward, VisualAccuracyReward};
 pub use weighted::{RewardScores, WeightedSum};
