@@ -2,6 +2,8 @@
 //!
 //! Layers, each using only those below it (docs/architecture.md):
 //!
+//! * `commands` — library entries (load a model dir, then train / generate / score / eval) that
+//!   the CLI and the Python package call;
 //! * `train` — the RL and SFT loops;
 //! * `eval`, `checkpoint` — benchmarks and pass@k; run folders;
 //! * `data`, `rollout`, `reward`, `algo`, `optim` — datasets and prepared prompts; batched
