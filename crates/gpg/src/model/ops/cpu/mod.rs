@@ -3,6 +3,7 @@
 //! loops are written to auto-vectorise and run under [`simd::vectorize`] (AVX2+FMA when the CPU
 //! has it).
 
+pub(crate) mod amx;
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod full_attention;
