@@ -14,6 +14,7 @@ pub(crate) mod layer_norm;
 pub(crate) mod lm_head;
 pub(crate) mod matmul;
 pub(crate) mod mixed;
+pub(crate) mod product_bench;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod rows_matmul;
