@@ -591,6 +591,136 @@ unsafe fn pack_b_panel(
     }
 }
 
+/// Rows of x per pass of [`rows_wt`] (the columns of its two B tiles).
+const ROWS_PASS: usize = 32;
+
+thread_local! {
+    /// [`rows_wt`]'s packed xᵀ (inp/2 × 32 words).
+    static PACK_X: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+    /// [`rows_wt`]'s zero-padded copy of the last, partial strip of W rows.
+    static W_TAIL: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+}
+
+/// y[rows, out] (+)= x[rows, inp]·Wᵀ (+ b) for a few rows (decoding), W [out, inp] bf16 read
+/// as stored: computed as yᵀ = W·xᵀ, W's rows loaded straight into A tiles (32 k values, 64
+/// bytes, per tile row; row stride inp·2 bytes), xᵀ rounded to bf16 and packed like a B panel
+/// (32 rows of x per pass), so W is read once per pass and never packed. The last strip of
+/// fewer than 32 W rows is copied into a zero-padded buffer. Every element of y is summed in
+/// one fixed order (k ascending, 32 at a time), whatever the threads.
+///
+/// Returns false, touching nothing, where `inp` is not a multiple of 32 (the caller uses
+/// another kernel). Panics if the slices are too short or AMX is not [`available`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_wt(
+    x: &[f32],
+    w: &[half::bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) -> bool {
+    if inp == 0 || !inp.is_multiple_of(2 * KT) {
+        return false;
+    }
+    assert!(available(), "rows_wt: this CPU/OS cannot run AMX-BF16");
+    assert!(
+        x.len() >= rows * inp && w.len() >= out * inp && y.len() >= rows * out,
+        "rows_wt: slices shorter than x [{rows}, {inp}], w [{out}, {inp}], y [{rows}, {out}]"
+    );
+    if let Some(b) = bias {
+        assert!(
+            b.len() >= out,
+            "rows_wt: bias has {} of {out} values",
+            b.len()
+        );
+    }
+    if rows == 0 || out == 0 {
+        return true;
+    }
+    let pairs = inp / 2;
+    let strips = out.div_ceil(MRA);
+    let mut xline = PACK_X.with(Cell::take);
+    let mut tline = W_TAIL.with(Cell::take);
+    let tail_rows = out - (strips - 1) * MRA;
+    let tail: &[u32] = if tail_rows < MRA {
+        let t = words(&mut tline, MRA * inp / 2);
+        t.fill(0);
+        // SAFETY: u32 words hold two bf16 each; the copy is inside both.
+        let src = &w[(strips - 1) * MRA * inp..out * inp];
+        for (i, v) in src.chunks_exact(2).enumerate() {
+            t[i] = v[0].to_bits() as u32 | (v[1].to_bits() as u32) << 16;
+        }
+        t
+    } else {
+        &[]
+    };
+    let d = Dst {
+        ptr: y.as_mut_ptr(),
+        rs: out as isize,
+        cs: 1,
+    };
+    // xᵀ as a k×rows operand: element (kk, t) = x[t, kk].
+    let xt = View {
+        data: Data::F32(x.as_ptr()),
+        rs: 1,
+        cs: inp as isize,
+    };
+    let wp = w.as_ptr() as usize;
+    let mut t0 = 0;
+    while t0 < rows {
+        let cnt = ROWS_PASS.min(rows - t0);
+        let xp = words(&mut xline, pairs * NRA);
+        // SAFETY: xt is inp × rows over x (checked above).
+        unsafe { pack_b_panel(xt, inp, rows, 0, pairs, t0, xp) };
+        let xp = &*xp;
+        let task = |s: usize| {
+            // The whole Dst (Sync), not its raw pointer field.
+            let d: Dst = d;
+            let o0 = s * MRA;
+            let (a, stride) = if s + 1 == strips && tail_rows < MRA {
+                (tail.as_ptr().cast::<u16>(), inp * 2)
+            } else {
+                // SAFETY: rows o0..o0+32 of w are inside (checked above).
+                ((wp as *const u16).wrapping_add(o0 * inp), inp * 2)
+            };
+            let mut blk = std::mem::MaybeUninit::<Block>::uninit();
+            let c = blk.as_mut_ptr().cast::<f32>();
+            let cfg = TileConfig::all_16x64();
+            // SAFETY: AMX available; `a` addresses 32 rows of inp bf16, stride inp·2 bytes;
+            // xp holds pairs·32 words; c is a 32×32 block.
+            let ct = unsafe {
+                tiles::configure(&cfg);
+                tiles::block_32x32_strided(a, stride, xp, inp / (2 * KT), c);
+                tiles::release();
+                &blk.assume_init_ref().0
+            };
+            let ov = MRA.min(out - o0);
+            for t in 0..cnt {
+                for (o, ct_o) in ct.iter().enumerate().take(ov) {
+                    let bv = bias.map_or(0.0, |b| b[o0 + o]);
+                    let off = (t0 + t) as isize * d.rs + (o0 + o) as isize;
+                    // SAFETY: y[t0+t, o0+o] is inside y and only this task writes column o0+o.
+                    unsafe {
+                        let p = d.ptr.offset(off);
+                        *p = if accumulate { *p } else { 0.0 } + ct_o[t] + bv;
+                    }
+                }
+            }
+        };
+        if strips > 1 {
+            (0..strips).into_par_iter().for_each(task);
+        } else {
+            task(0);
+        }
+        t0 += cnt;
+    }
+    PACK_X.with(|c| c.set(xline));
+    W_TAIL.with(|c| c.set(tline));
+    true
+}
+
 /// The 64-byte tile configuration `ldtilecfg` reads.
 #[repr(C, align(64))]
 struct TileConfig {
@@ -735,6 +865,73 @@ mod tiles {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (a, b, steps, c0, c, stride);
+    }
+
+    /// C ← A·B with A read from memory as stored: 32 rows of bf16 at `a`, `a_stride` bytes
+    /// apart, `steps`·32 values each; `b` a 32-column panel (`steps`·16 pair rows × 32 words);
+    /// C a 32×32 f32 block at `c` (rows 128 bytes apart).
+    ///
+    /// # Safety
+    /// Tiles configured on this thread; `a` addresses 32 rows of `steps`·32 bf16; `b` holds
+    /// `steps·512` words; `c` 1,024 floats the caller owns.
+    #[inline]
+    pub(super) unsafe fn block_32x32_strided(
+        a: *const u16,
+        a_stride: usize,
+        b: &[u32],
+        steps: usize,
+        c: *mut f32,
+    ) {
+        debug_assert!(b.len() >= steps * KT * NRA);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: caller's contract: the loads read 16 rows of 64 bytes inside a's rows or b,
+        // the stores write the 32×32 floats of c.
+        unsafe {
+            use std::arch::asm;
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            );
+            let bp = b.as_ptr();
+            for s in 0..steps {
+                let a0 = a.add(s * 2 * KT);
+                let b0 = bp.add(s * KT * NRA);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a0.byte_add(16 * a_stride),
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(16),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) NRA * 4,
+                    options(nostack, readonly, preserves_flags)
+                );
+            }
+            asm!(
+                "tilestored [{c00} + {s}*1], tmm0",
+                "tilestored [{c01} + {s}*1], tmm1",
+                "tilestored [{c10} + {s}*1], tmm2",
+                "tilestored [{c11} + {s}*1], tmm3",
+                c00 = in(reg) c,
+                c01 = in(reg) c.add(16),
+                c10 = in(reg) c.add(16 * NRA),
+                c11 = in(reg) c.add(16 * NRA + 16),
+                s = in(reg) NRA * 4,
+                options(nostack, preserves_flags)
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (a, a_stride, b, steps, c);
     }
 }
 
@@ -1250,6 +1447,61 @@ mod tests {
         }
     }
 
+    /// The decode product against the f64 reference: rows around the 32-row pass, W rows
+    /// around the 32-row strip, bias, accumulate.
+    #[test]
+    fn amx_rows_wt_matches_f64_reference() {
+        if !have_amx("amx_rows_wt_matches_f64_reference") {
+            return;
+        }
+        for (rows, inp, out) in [
+            (1, 32, 1),
+            (3, 64, 45),
+            (16, 96, 32),
+            (32, 128, 70),
+            (37, 64, 33),
+            (70, 160, 100),
+        ] {
+            for (bias_on, acc) in [(false, false), (true, true), (true, false)] {
+                let x = values(rows * inp, 11);
+                let w: Vec<bf16> = values(out * inp, 12)
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                let b = values(out, 13);
+                let init = values(rows * out, 14);
+                let mut y = if acc {
+                    init.clone()
+                } else {
+                    vec![f32::NAN; rows * out]
+                };
+                let bias = bias_on.then_some(&b[..]);
+                assert!(rows_wt(&x, &w, bias, rows, inp, out, &mut y, acc));
+                for t in 0..rows {
+                    for o in 0..out {
+                        let p = (0..inp).map(|q| {
+                            bf16::from_f32(x[t * inp + q]).to_f64() * w[o * inp + q].to_f64()
+                        });
+                        let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
+                        let base = if acc { init[t * out + o] as f64 } else { 0.0 }
+                            + if bias_on { b[o] as f64 } else { 0.0 };
+                        let g = y[t * out + o] as f64;
+                        assert!(
+                            (g - base - s).abs() <= 1e-5 * (sa + base.abs()) + 1e-30,
+                            "rows {rows} inp {inp} out {out} ({t},{o}): got {g} want {}",
+                            base + s
+                        );
+                    }
+                }
+            }
+        }
+        // k not a multiple of 32: declined, y untouched.
+        let mut y = vec![1.0f32; 2 * 3];
+        let w = vec![bf16::ONE; 3 * 33];
+        assert!(!rows_wt(&[0.5; 2 * 33], &w, None, 2, 33, 3, &mut y, false));
+        assert_eq!(y, vec![1.0; 6]);
+    }
+
     #[test]
     fn amx_deterministic_and_independent_of_threads() {
         if !have_amx("amx_deterministic_and_independent_of_threads") {
@@ -1316,6 +1568,50 @@ mod bench {
                 flops / dt / 1e9,
                 dt / (calls * steps * 4) as f64 * 1e9
             );
+        }
+    }
+
+    /// The decode product at the 0.5B shapes: AMX (`rows_wt`) against the AVX-512 rows
+    /// kernel, rows 1..64. Run with `--ignored bench_amx --nocapture`.
+    #[test]
+    #[ignore = "micro-benchmark"]
+    fn bench_amx_rows_wt() {
+        use half::bf16;
+        if !available() {
+            println!("skipped: no AMX-BF16");
+            return;
+        }
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            (0..7)
+                .map(|_| {
+                    let t0 = std::time::Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        for (inp, out) in [(896, 896), (896, 4864), (4864, 896), (896, 151936)] {
+            let w: Vec<bf16> = (0..out * inp)
+                .map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) * 1e-3))
+                .collect();
+            for rows in [1, 4, 8, 16, 32, 64] {
+                let x: Vec<f32> = (0..rows * inp)
+                    .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+                    .collect();
+                let mut y = vec![0.0f32; rows * out];
+                let ms_rows = best(&mut || {
+                    super::super::rows_matmul::matmul_wt_bf16(
+                        &x, &w, None, rows, inp, out, &mut y, false,
+                    )
+                });
+                let ms_amx = best(&mut || {
+                    rows_wt(&x, &w, None, rows, inp, out, &mut y, false);
+                });
+                println!(
+                    "{inp}->{out} rows {rows}: rows kernel {ms_rows:.3} ms, amx {ms_amx:.3} ms"
+                );
+            }
         }
     }
 }
