@@ -23,6 +23,9 @@ pub enum BenchCommand {
     /// Whole GPG training steps (sampling, rewards, update) on "Compute a+b=" prompts,
     /// optionally beside TRL's GRPOTrainer in GPG mode on the same model and prompts.
     Trainer(TrainerArgs),
+    /// The matrix products of a Qwen2 layer (forward, input and weight gradients) with bf16
+    /// weights, optionally beside PyTorch bf16 on the same shapes.
+    Products(super::bench_products::ProductsArgs),
 }
 
 #[derive(Args)]
@@ -120,6 +123,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Trainer(args) => super::bench_trainer::run(args),
+        BenchCommand::Products(args) => super::bench_products::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod bench;
 mod bench_cuda;
+mod bench_products;
 mod bench_trainer;
 pub mod eval;
 pub mod generate;

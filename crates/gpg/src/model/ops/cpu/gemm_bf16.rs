@@ -785,7 +785,7 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Every micro-kernel the CPU can run.
@@ -796,7 +796,7 @@ mod tests {
             .collect()
     }
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let h = (i as u32 ^ seed.wrapping_mul(0x9E37_79B9)).wrapping_mul(2_654_435_761);
@@ -808,9 +808,9 @@ mod tests {
     /// A test matrix stored in one of four ways: f32 or bf16, row-major with padded stride
     /// or stored transposed (and viewed through `.t()`). `vals[i·cols + j]` is element (i, j)
     /// before bf16 rounding.
-    struct Stored {
-        rows: usize,
-        cols: usize,
+    pub(crate) struct Stored {
+        pub(crate) rows: usize,
+        pub(crate) cols: usize,
         f: Vec<f32>,
         h: Vec<bf16>,
         bf16: bool,
@@ -819,7 +819,13 @@ mod tests {
     }
 
     impl Stored {
-        fn new(vals: &[f32], rows: usize, cols: usize, bf16: bool, transposed: bool) -> Self {
+        pub(crate) fn new(
+            vals: &[f32],
+            rows: usize,
+            cols: usize,
+            bf16: bool,
+            transposed: bool,
+        ) -> Self {
             let (sr, sc) = if transposed {
                 (cols, rows)
             } else {
@@ -845,7 +851,7 @@ mod tests {
             }
         }
 
-        fn op(&self) -> Operand<'_> {
+        pub(crate) fn op(&self) -> Operand<'_> {
             let (sr, sc) = if self.transposed {
                 (self.cols, self.rows)
             } else {
@@ -864,7 +870,7 @@ mod tests {
         }
 
         /// Element (i, j) as the kernel sees it (bf16-rounded), in f64.
-        fn at(&self, i: usize, j: usize) -> f64 {
+        pub(crate) fn at(&self, i: usize, j: usize) -> f64 {
             let (si, sj) = if self.transposed { (j, i) } else { (i, j) };
             self.h[si * self.stride + sj].to_f64()
         }
@@ -875,7 +881,7 @@ mod tests {
     /// rounding in the k sum and the final scaling: ≤ ~k·2⁻²⁴ relative to Σ|a||b|, and
     /// typically √k·2⁻²⁴; 1e-5 of |α|·Σ|a||b| (+ |dst₀|) leaves a wide margin for k ≤ 600.
     #[allow(clippy::too_many_arguments)]
-    fn check(
+    pub(crate) fn check(
         what: &str,
         got: &[f32],
         ld: usize,

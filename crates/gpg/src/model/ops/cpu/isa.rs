@@ -6,8 +6,13 @@
 //! - [`Isa::Avx2`]: AVX2 and FMA (x86-64-v3);
 //! - [`Isa::Portable`]: plain Rust loops, any target.
 //!
-//! The environment variable `GPG_RL_ISA=portable|avx2|avx512` caps the level (it can only
-//! lower it: asking for a level the CPU lacks prints a warning and uses the detected one).
+//! Above them, [`amx`]: Intel AMX-BF16 tiles (Sapphire Rapids and later) for the bf16 matrix
+//! products, on top of the AVX-512 level (detected by CPUID, enabled by the Linux permission
+//! request in [`super::amx::available`]).
+//!
+//! The environment variable `GPG_RL_ISA=portable|avx2|avx512|amx` caps the level (it can only
+//! lower it: asking for a level the CPU lacks prints a warning and uses the detected one);
+//! `avx512` and below turn AMX off.
 //! Kernels take the level as an argument in their `*_with` entry points so that tests can run
 //! every path the CPU supports without touching the environment.
 
@@ -78,41 +83,64 @@ fn detected() -> Isa {
 
 /// The level the kernels use: the detected one, capped by `GPG_RL_ISA` when it is set.
 pub(crate) fn isa() -> Isa {
-    static CHOSEN: OnceLock<Isa> = OnceLock::new();
+    chosen().0
+}
+
+/// Whether the bf16 matrix products may use AMX tiles: the CPU and OS allow it
+/// ([`super::amx::available`]) and `GPG_RL_ISA` does not cap the level below `amx`.
+pub(crate) fn amx() -> bool {
+    chosen().1
+}
+
+/// (level, AMX allowed), read once from the CPU and `GPG_RL_ISA`.
+fn chosen() -> (Isa, bool) {
+    static CHOSEN: OnceLock<(Isa, bool)> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
         let best = detected();
+        let has_amx = || best == Isa::Avx512Bf16 && super::amx::available();
         let Ok(want) = std::env::var("GPG_RL_ISA") else {
-            return best;
+            return (best, has_amx());
         };
+        let best_name = if has_amx() { "amx" } else { best.name() };
         let want = match want.trim().to_ascii_lowercase().as_str() {
             "portable" => Isa::Portable,
             "avx2" => Isa::Avx2,
             "avx512" | "avx512bf16" => Isa::Avx512Bf16,
+            "amx" => {
+                if !has_amx() {
+                    eprintln!(
+                        "warning: GPG_RL_ISA=amx but the CPU (or OS) has no AMX-BF16; using {}",
+                        best.name()
+                    );
+                }
+                return (best, has_amx());
+            }
             other => {
                 eprintln!(
-                    "warning: GPG_RL_ISA={other:?} is not portable|avx2|avx512; using {}",
-                    best.name()
+                    "warning: GPG_RL_ISA={other:?} is not portable|avx2|avx512|amx; using {best_name}"
                 );
-                return best;
+                return (best, has_amx());
             }
         };
         if want.supported() {
-            want
+            (want, false)
         } else {
             eprintln!(
-                "warning: GPG_RL_ISA={} but the CPU supports only {}; using {}",
+                "warning: GPG_RL_ISA={} but the CPU supports only {best_name}; using {best_name}",
                 want.name(),
-                best.name(),
-                best.name()
             );
-            best
+            (best, has_amx())
         }
     })
 }
 
-/// Name of the instruction-set level the CPU kernels run with: "avx512", "avx2" or "portable".
+/// Name of the instruction-set level the CPU kernels run with: "avx512+amx", "avx512",
+/// "avx2" or "portable".
 pub fn isa_name() -> &'static str {
-    isa().name()
+    match isa() {
+        Isa::Avx512Bf16 if amx() => "avx512+amx",
+        other => other.name(),
+    }
 }
 
 #[cfg(test)]
@@ -126,10 +154,18 @@ mod tests {
         if Isa::Avx512Bf16.supported() {
             assert!(Isa::Avx2.supported());
         }
+        if amx() {
+            assert_eq!(isa(), Isa::Avx512Bf16);
+        }
         println!(
-            "kernels use {} (detected {})",
+            "kernels use {} (detected {}, AMX-BF16 {})",
             isa_name(),
-            detected().name()
+            detected().name(),
+            if super::super::amx::available() {
+                "usable"
+            } else {
+                "absent"
+            }
         );
     }
 }

@@ -3,6 +3,7 @@
 //! loops are written to auto-vectorise and run under [`simd::vectorize`] (AVX2+FMA when the CPU
 //! has it).
 
+pub(crate) mod amx;
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod full_attention;
@@ -13,6 +14,7 @@ pub(crate) mod layer_norm;
 pub(crate) mod lm_head;
 pub(crate) mod matmul;
 pub(crate) mod mixed;
+pub(crate) mod product_bench;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod rows_matmul;
