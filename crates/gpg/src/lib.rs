@@ -10,10 +10,11 @@
 //!   sampling; rewards; advantages and g_t; AdamW and schedules;
 //! * `model` — the engine (forward, backward, decoders);
 //! * `sampling`, `tokenizer` (with the prompt types), `image` — the next-token sampler, text and
-//!   chat templates, image preprocessing.
+//!   chat templates, image preprocessing;
+//! * `simd` — the vectorisable scalar helpers (exp, dot, reductions) of the CPU kernels and the
+//!   sampler.
 //!
-//! Still reaching up (being removed): `sampling` uses the CPU kernels' SIMD helpers
-//! (`model::ops::cpu::simd`), and `model::cuda_train` uses `optim`'s AdamW settings.
+//! Still reaching up (being removed): `model::cuda_train` uses `optim`'s AdamW settings.
 
 pub mod algo;
 pub mod checkpoint;
@@ -26,6 +27,7 @@ pub mod optim;
 pub mod reward;
 pub mod rollout;
 pub mod sampling;
+pub(crate) mod simd;
 pub mod tokenizer;
 pub mod train;
 

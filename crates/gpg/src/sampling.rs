@@ -13,7 +13,7 @@ use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::ops::cpu::simd::{exp_shift_sum, max, scale, vectorize};
+use crate::simd::{exp_shift_sum, max, scale, vectorize};
 
 /// How to sample completions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

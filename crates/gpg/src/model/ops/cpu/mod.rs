@@ -18,7 +18,7 @@ pub(crate) mod product_bench;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod rows_matmul;
-pub(crate) mod simd;
+pub(crate) use crate::simd;
 pub(crate) mod swiglu;
 
 /// A buffer of `n` zeros for an op's output. A large one is zeroed by the rayon pool: the
