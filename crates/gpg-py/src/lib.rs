@@ -5,9 +5,14 @@
 //! (`gpg::commands`), with the GIL released while it runs. Python reward functions are handed
 //! to the trainer as `in_process` rewards (`gpg::reward::in_process`): the trainer calls them
 //! once per sampling round with the whole batch, taking the GIL only for that call. Values
-//! cross the boundary as JSON text (the Python layer encodes and decodes it).
+//! cross the boundary as JSON text (the Python layer encodes and decodes it). Ctrl-C during a
+//! run sets the trainer's stop flag (src/ctrl_c.rs): the run stops between steps or rollout
+//! rounds and `train` raises KeyboardInterrupt.
+
+mod ctrl_c;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -19,6 +24,7 @@ use gpg::reward::{Reward, RewardInput, RewardSpec};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use pyo3::IntoPyObjectExt;
 
 pyo3::create_exception!(
     _gpg_rl,
@@ -52,7 +58,9 @@ struct PyReward {
     name: String,
     func: Py<PyAny>,
     /// Keyword names under which the gold answers are passed (`answer`, and the recipe's
-    /// `data.fields.answer_field` when it names another column).
+    /// `data.fields.answer_field` when it names another column). A dataset column of one of
+    /// these names, or named `prompts`, `completions` or `completion_lengths`, is not passed
+    /// (the keyword above holds the value).
     answer_keys: Vec<String>,
     failure: FailureSlot,
 }
@@ -66,9 +74,31 @@ impl PyReward {
     }
 
     /// Calls the function on the batch: `f(prompts=[...], completions=[...], answer=[...],
-    /// completion_lengths=[...])`.
+    /// completion_lengths=[...], **columns)`, where each of the dataset's other columns is a
+    /// list with one value per completion (None where a record lacks it), as TRL passes them.
     fn call(&self, py: Python<'_>, batch: &[RewardInput]) -> PyResult<Py<PyAny>> {
         let kwargs = PyDict::new(py);
+        let mut column_names: Vec<&str> = Vec::new();
+        for input in batch {
+            for name in input.columns.keys() {
+                let reserved = ["prompts", "completions", "completion_lengths"]
+                    .contains(&name.as_str())
+                    || self.answer_keys.iter().any(|k| k == name);
+                if !reserved && !column_names.contains(&name.as_str()) {
+                    column_names.push(name);
+                }
+            }
+        }
+        for name in column_names {
+            let values = PyList::empty(py);
+            for input in batch {
+                match input.columns.get(name) {
+                    Some(value) => values.append(json_to_py(py, value)?)?,
+                    None => values.append(py.None())?,
+                }
+            }
+            kwargs.set_item(name, values)?;
+        }
         kwargs.set_item(
             "prompts",
             PyList::new(py, batch.iter().map(|b| b.prompt.as_str()))?,
@@ -171,6 +201,35 @@ impl Reward for PyReward {
                 }
             }
         })
+    }
+}
+
+/// A JSON value as the Python object `json.loads` would make of it.
+fn json_to_py<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value;
+    match value {
+        Value::Null => Ok(py.None().into_bound(py)),
+        Value::Bool(b) => b.into_bound_py_any(py),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_bound_py_any(py),
+            (None, Some(u)) => u.into_bound_py_any(py),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_bound_py_any(py),
+        },
+        Value::String(text) => text.as_str().into_bound_py_any(py),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(json_to_py(py, item)?)?;
+            }
+            Ok(list.into_any())
+        }
+        Value::Object(fields) => {
+            let dict = PyDict::new(py);
+            for (key, item) in fields {
+                dict.set_item(key, json_to_py(py, item)?)?;
+            }
+            Ok(dict.into_any())
+        }
     }
 }
 
@@ -315,20 +374,39 @@ fn train(
         config.reward.functions = specs;
     }
     let demo = recipe.is_demo();
+    // Ctrl-C from here on sets `stop` (the trainer polls it between steps and rollout rounds)
+    // instead of waiting for Python to run its handler, which it cannot while the GIL is
+    // released; Python's handler is back once the guard is dropped.
+    let ctrl_c = ctrl_c::Guard::install()
+        .map_err(|e| GpgError::new_err(format!("cannot install the Ctrl-C handler: {e}")))?;
+    let stop = ctrl_c.flag();
     let result = py.detach(|| {
         train_cmd::run(
             config,
             demo,
             resume,
             Arc::new(gpg::train::collective::SingleProcess),
+            Some(stop.clone()),
         )
     });
+    let interrupted = stop.load(Ordering::SeqCst);
+    drop(ctrl_c);
     drop(registrations);
     let summary = match result {
+        Ok(summary) if interrupted => {
+            return Err(PyKeyboardInterrupt::new_err(format!(
+                "Ctrl-C came as the run ended: all {} steps were done and the model written to {}",
+                summary.step,
+                summary.final_dir.display()
+            )))
+        }
         Ok(summary) => summary,
         Err(e) => {
             let step = e.downcast_ref::<train_cmd::DuringStep>().map(|s| s.0);
-            let taken = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut taken = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if e.chain().any(|c| c.is::<gpg::train::trainer::Stopped>()) {
+                taken = Some(Failure::Interrupted);
+            }
             return Err(match taken {
                 Some(Failure::Interrupted) => PyKeyboardInterrupt::new_err(format!(
                     "training stopped{} by Ctrl-C; the checkpoints written before it are intact (resume=True continues from the newest)",

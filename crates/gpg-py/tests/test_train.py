@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,76 @@ def test_malformed_returns_are_refused(tmp_path, bad, needle):
     with pytest.raises(gpg_rl.RewardFunctionError) as info:
         gpg_rl.train(recipe(tmp_path / "run", steps=1), reward_funcs=[bad], quiet=True)
     assert needle in str(info.value) and "<lambda>" in str(info.value)
+
+
+def test_dataset_columns_reach_python_rewards_as_keyword_lists(tmp_path):
+    data = tmp_path / "train.jsonl"
+    rows = []
+    for i in range(12):
+        row = {"question": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1), "level": i % 3}
+        if i % 2 == 0:
+            row["meta"] = {"source": f"s{i}", "tags": ["even"]}
+        rows.append(row)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_prompt = {r["question"]: r for r in rows}
+    seen = []
+
+    def by_level(prompts, completions, answer, level, meta, **kwargs):
+        assert "question" not in kwargs  # the prompt field is `prompts`
+        assert len(level) == len(meta) == len(completions)
+        for p, a, lv, m in zip(prompts, answer, level, meta):
+            row = by_prompt[p]
+            assert (a, lv, m) == (row["answer"], row["level"], row.get("meta"))
+            seen.append(lv)
+        return [float(lv) for lv in level]
+
+    cfg = recipe(tmp_path / "run", steps=2)
+    cfg["algorithm"]["resample"] = {"min_valid_share": 0.0, "max_rounds": 1}
+    cfg["data"] = {"train": str(data), "max_prompt_tokens": 64,
+                   "fields": {"apply_chat_template": False}}
+    out = gpg_rl.train(cfg, reward_funcs=[by_level], quiet=True)
+    assert out["step"] == 2 and len(seen) == 2 * 4 * 4
+    assert all(isinstance(lv, int) for lv in seen)
+
+
+def checkpoints(run):
+    found = [p for p in run.iterdir() if p.name.startswith("checkpoint-")
+             and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_ctrl_c_stops_a_run_of_builtin_rewards_between_steps(tmp_path):
+    run = tmp_path / "run"
+    cfg = recipe(run, steps=10_000)
+    cfg["logging"]["keep_checkpoints"] = 2
+
+    def interrupt_after_a_checkpoint():
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint-2").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt_after_a_checkpoint)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt) as info:
+        gpg_rl.train(cfg, quiet=True)  # the recipe's built-in reward only: no Python call
+    timer.join()
+    assert "Ctrl-C" in str(info.value)
+    # Stopped between steps or rounds: no half-written checkpoint, no final model, and the
+    # metrics end at the newest checkpoint's step.
+    assert not (run / "final").exists()
+    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    newest = checkpoints(run)[-1]
+    step = int(newest.name.split("-")[1])
+    assert 2 <= step < 10_000
+    assert len(read_metrics(run)) == step
+    # Python's own handler is back.
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    # The newest checkpoint is whole: the run resumes from it.
+    out = gpg_rl.train(cfg, resume=True, steps=step + 1, quiet=True)
+    assert out["start_step"] == step and out["step"] == step + 1
 
 
 def test_ctrl_c_stops_the_run(tmp_path):

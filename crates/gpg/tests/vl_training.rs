@@ -63,6 +63,7 @@ fn cases() -> Vec<(PreparedPrompt, Vec<u32>, Vec<f32>)> {
                     prompt: Prompt::Chat(Vec::new()),
                     answer: None,
                     location: Location::new("cases.json", "case", i + 1),
+                    columns: Default::default(),
                 },
                 ids: ids(&c["prompt_ids"]),
                 images,

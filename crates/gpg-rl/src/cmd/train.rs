@@ -54,7 +54,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let collective = gpg::train::collective::from_environment(std::time::Duration::from_secs_f64(
         config.distributed.timeout_s,
     ))?;
-    let result = train::run(config, recipe.is_demo(), args.resume, collective.clone());
+    let result = train::run(
+        config,
+        recipe.is_demo(),
+        args.resume,
+        collective.clone(),
+        None,
+    );
     match result {
         Ok(summary) => {
             if summary.root {

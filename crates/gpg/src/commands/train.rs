@@ -2,6 +2,7 @@
 //! the held-out evaluation before training, the steps, the final model and curves.png.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -95,12 +96,16 @@ pub struct TrainSummary {
 
 /// Runs training as this rank takes part in it; rank 0 alone prints and writes the run folder.
 /// A demo run (`replace_demo_run`) starts over unless resuming; a recipe's run folder is never
-/// replaced. An error during training names the step it happened in.
+/// replaced. An error during training names the step it happened in. `stop`, when given,
+/// stops the run between steps (or rollout rounds) once it is set, with a
+/// [`Stopped`](crate::train::trainer::Stopped) error ([`Trainer::stop_when`]; the Python
+/// package's Ctrl-C).
 pub fn run(
     config: TrainConfig,
     replace_demo_run: bool,
     resume: bool,
     collective: Arc<dyn Collective>,
+    stop: Option<Arc<AtomicBool>>,
 ) -> Result<TrainSummary> {
     let root = collective.rank() == 0;
     if collective.world() > 1 && root {
@@ -123,6 +128,9 @@ pub fn run(
         })?;
     }
     let mut trainer = Trainer::with_collective(config, resume, collective)?;
+    if let Some(flag) = stop {
+        trainer.stop_when(flag);
+    }
     let start = trainer.step;
     let before = if start == 0 {
         trainer.evaluate()?

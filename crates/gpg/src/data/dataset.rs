@@ -241,6 +241,28 @@ mod tests {
     }
 
     #[test]
+    fn jsonl_records_keep_their_other_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_file(
+            &dir,
+            "cols.jsonl",
+            "{\"question\": \"1+1?\", \"solution\": 2, \"difficulty\": 0.5, \"tags\": [\"a\"], \"meta\": {\"src\": \"x\"}}\n\
+             {\"question\": \"2+2?\", \"solution\": \"4\"}\n",
+        );
+        let d = PromptDataset::load(&path, &raw_config()).unwrap();
+        let first = &d.records[0].columns;
+        // The prompt field is the prompt; the rest is kept by name, JSON values as read.
+        assert!(!first.contains_key("question"));
+        assert_eq!(first["solution"], serde_json::json!(2));
+        assert_eq!(first["difficulty"], serde_json::json!(0.5));
+        assert_eq!(first["tags"], serde_json::json!(["a"]));
+        assert_eq!(first["meta"], serde_json::json!({"src": "x"}));
+        assert_eq!(d.records[0].answer.as_deref(), Some("2"));
+        let second: Vec<&String> = d.records[1].columns.keys().collect();
+        assert_eq!(second, vec!["solution"]);
+    }
+
+    #[test]
     fn jsonl_errors_name_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
@@ -371,6 +393,16 @@ mod tests {
                 d.records.iter().map(|r| r.answer.as_deref()).collect();
             assert_eq!(ids, vec!["10", "11", "12"], "{compression:?}");
             assert_eq!(answers, vec![Some("2"), None, Some("5")], "{compression:?}");
+            // Every column but the prompt's is kept as read (a null where the row has none).
+            let columns = |v: serde_json::Value| v.as_object().unwrap().clone();
+            assert_eq!(
+                d.records[0].columns,
+                columns(serde_json::json!({"answer": "2", "id": 10, "notes": "x"}))
+            );
+            assert_eq!(
+                d.records[1].columns,
+                columns(serde_json::json!({"answer": null, "id": 11, "notes": "y"}))
+            );
             assert_eq!(
                 d.records[1].prompt,
                 Prompt::Chat(vec![

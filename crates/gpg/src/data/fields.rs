@@ -168,11 +168,17 @@ pub fn record_from_fields(
         ),
     };
 
+    let columns = fields
+        .iter()
+        .filter(|(name, _)| name.as_str() != prompt_name)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
     Ok(PromptRecord {
         id,
         prompt,
         answer,
         location,
+        columns,
     })
 }
 
@@ -334,6 +340,31 @@ mod tests {
         );
         assert_eq!(r.prompt.plain_text(), "own\nq");
         assert_eq!(r.answer, None);
+    }
+
+    #[test]
+    fn other_fields_are_kept_as_columns_but_the_prompt_field() {
+        let config = PromptDatasetConfig {
+            prompt_field: Some("messages".into()),
+            ..Default::default()
+        };
+        let f = fields(json!({
+            "messages": [{"role": "user", "content": "q"}],
+            "prompt": "also a column here",
+            "answer": 3,
+            "id": "r1",
+            "weight": null,
+        }));
+        let r = record_from_fields(&f, loc(), &config).unwrap();
+        let names: Vec<&str> = r.columns.keys().map(String::as_str).collect();
+        assert_eq!(names, vec!["answer", "id", "prompt", "weight"]);
+        assert_eq!(r.columns["answer"], json!(3));
+        assert_eq!(r.columns["prompt"], json!("also a column here"));
+        assert_eq!(r.columns["weight"], Value::Null);
+        // Serialized records stay as before when there are no columns.
+        let mut bare = r.clone();
+        bare.columns.clear();
+        assert!(!serde_json::to_string(&bare).unwrap().contains("columns"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 pub use crate::tokenizer::{ChatMessage, Prompt};
 
@@ -44,4 +45,10 @@ pub struct PromptRecord {
     /// The gold answer, when the dataset has one.
     pub answer: Option<String>,
     pub location: Location,
+    /// The record's other fields, by name as in the dataset: every JSON key or Parquet column
+    /// but the prompt's (the answer and id fields included, as read). In-process reward
+    /// functions receive them as keyword lists, as TRL passes dataset columns. Empty for
+    /// generated data (the synthetic task has only its prompt and answer).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub columns: Map<String, Value>,
 }

@@ -136,6 +136,7 @@ impl SyntheticProblem {
             prompt: config.text_prompt(&self.question),
             answer: Some(self.answer.clone()),
             location: Location::new("synthetic", "problem", id + 1),
+            columns: Default::default(),
         }
     }
 }

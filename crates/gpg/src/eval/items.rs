@@ -178,6 +178,7 @@ mod tests {
             prompt: Prompt::Text("p".into()),
             answer: None,
             location: Location::new("heldout.jsonl", "line", 7),
+            columns: Default::default(),
         };
         let err = EvalItem::from_record(&record).unwrap_err().to_string();
         assert!(

@@ -38,6 +38,7 @@ mod tests {
             completion: completion.into(),
             answer: answer.map(str::to_string),
             completion_tokens: 3,
+            columns: Default::default(),
         }
     }
 

@@ -192,6 +192,7 @@ mod tests {
             completion: "\\boxed{3}".into(),
             answer: Some("\\boxed{3}".into()),
             completion_tokens: 5,
+            columns: Default::default(),
         };
         let correct = mathverify::is_correct("\\boxed{3}", "\\boxed{3}");
         assert!(correct);
@@ -249,6 +250,7 @@ mod tests {
             completion: "c".into(),
             answer: None,
             completion_tokens: 1,
+            columns: Default::default(),
         };
         let s = sum.score_all(&[input.clone(), input]).unwrap();
         assert_eq!(s.total, vec![0.75, 0.75]);

@@ -151,6 +151,7 @@ mod tests {
             completion: c.into(),
             answer: Some("7".into()),
             completion_tokens: n,
+            columns: Default::default(),
         };
         let gold_is = |c: &str| mathverify::is_correct("7", c);
         let batch = [mk("7", 5), mk("8", 5), mk("7", 0)];
@@ -175,6 +176,7 @@ mod tests {
             completion: "1".into(),
             answer: None,
             completion_tokens: 1,
+            columns: Default::default(),
         };
         let err = r.score(&[input]).unwrap_err().to_string();
         assert!(

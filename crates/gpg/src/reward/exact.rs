@@ -34,6 +34,7 @@ mod tests {
             completion: c.into(),
             answer: Some(a.into()),
             completion_tokens: 1,
+            columns: Default::default(),
         };
         let batch = [
             mk("yes", "yes"),
@@ -55,6 +56,7 @@ mod tests {
             completion: "a".into(),
             answer: None,
             completion_tokens: 1,
+            columns: Default::default(),
         };
         let err = ExactMatchReward.score(&[input]).unwrap_err().to_string();
         assert!(

@@ -317,6 +317,7 @@ mod tests {
                 completion: c.to_string(),
                 answer: Some("42".into()),
                 completion_tokens: 1,
+                columns: Default::default(),
             })
             .collect()
     }

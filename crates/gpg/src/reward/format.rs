@@ -125,6 +125,7 @@ mod tests {
                 completion: c.to_string(),
                 answer: None,
                 completion_tokens: 0,
+                columns: Default::default(),
             })
             .collect()
     }

@@ -139,6 +139,7 @@ mod tests {
             completion: String::new(),
             answer: None,
             completion_tokens: 0,
+            columns: Default::default(),
         };
         assert_eq!(sum.score_all(&[input]).unwrap().total, vec![6.0]);
         let twice = register("test-prompt-length", Arc::new(PromptLength)).unwrap_err();

@@ -59,6 +59,7 @@ mod tests {
             completion: c.into(),
             answer: None,
             completion_tokens: 1,
+            columns: Default::default(),
         };
         let reward = LengthReward {
             options: LengthOptions { target_chars: 3 },

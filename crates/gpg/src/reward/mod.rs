@@ -18,6 +18,10 @@
 //!
 //! [`WeightedSum`] combines several of them; [`RewardConfig`] builds one from a config file.
 
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
 mod accuracy;
 mod config;
 mod cosine;
@@ -51,6 +55,10 @@ pub struct RewardInput {
     pub answer: Option<String>,
     /// Number of tokens in the completion.
     pub completion_tokens: usize,
+    /// The dataset record's other columns ([`PromptRecord::columns`](crate::data::PromptRecord)),
+    /// shared by the completions of one prompt. The built-in and external rewards ignore them;
+    /// in-process (Python) reward functions get them as keyword lists.
+    pub columns: Arc<Map<String, Value>>,
 }
 
 /// A reward function over a batch of completions.

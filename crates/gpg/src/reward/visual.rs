@@ -159,6 +159,7 @@ mod tests {
             completion: completion.into(),
             answer: Some(answer.into()),
             completion_tokens: 0,
+            columns: Default::default(),
         }
     }
 

@@ -147,6 +147,7 @@ mod tests {
                 completion: c.to_string(),
                 answer: None,
                 completion_tokens: c.len(),
+                columns: Default::default(),
             })
             .collect()
     }

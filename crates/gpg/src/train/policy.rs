@@ -578,6 +578,7 @@ impl VisionPolicy {
                         prompt: Prompt::Chat(item.chat.messages),
                         answer: Some(item.gold),
                         location,
+                        columns: Default::default(),
                     },
                     ids,
                     images: item.chat.images,

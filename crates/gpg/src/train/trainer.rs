@@ -24,6 +24,7 @@ mod rollout;
 mod setup;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -72,7 +73,24 @@ pub struct Trainer {
     /// The frozen initial model, kept when the objective has a KL penalty (β > 0). With LoRA
     /// it is the base with the adapter disabled, sharing the base weights (no second copy).
     reference: Option<Policy>,
+    /// Set by another thread (or a signal handler) to stop the run: see [`Trainer::stop_when`].
+    stop: Option<Arc<AtomicBool>>,
 }
+
+/// The error of a run stopped by its stop flag ([`Trainer::stop_when`]) before `step` (1-based)
+/// was done: nothing of that step was written, the checkpoints before it are intact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    pub step: u64,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped on request before step {} was done", self.step)
+    }
+}
+
+impl std::error::Error for Stopped {}
 
 /// Derives the random seed of (step, round) from the run's seed (SplitMix64 mixing).
 fn derive_seed(seed: u64, step: u64, round: u64) -> u64 {
@@ -84,13 +102,36 @@ fn derive_seed(seed: u64, step: u64, round: u64) -> u64 {
 }
 
 impl Trainer {
-    /// Runs until `config.steps` optimiser steps are done (or `until` when given).
+    /// Stops the run when `flag` becomes true (set by another thread or a signal handler, e.g.
+    /// the Python package's Ctrl-C handler). The flag is polled before every step and between
+    /// a step's rollout rounds, never while a checkpoint or the metrics are written, so
+    /// [`Trainer::train`] then returns a [`Stopped`] error with the run folder as the last
+    /// completed step left it. Single-process runs only: the ranks of a data-parallel run
+    /// would not stop at the same point.
+    pub fn stop_when(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    /// A [`Stopped`] error when the stop flag is set.
+    fn check_stop(&self) -> Result<()> {
+        match &self.stop {
+            Some(flag) if flag.load(Ordering::SeqCst) => Err(Stopped {
+                step: self.step + 1,
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs until `config.steps` optimiser steps are done (or `until` when given), or until
+    /// the stop flag is set ([`Trainer::stop_when`]).
     pub fn train(&mut self, until: Option<u64>) -> Result<()> {
         let end = until.unwrap_or(self.config.steps).min(self.config.steps);
         let progress = (self.config.logging.progress && self.comm.collective.is_root())
             .then(|| super::progress::Progress::new(self.step, self.config.steps));
         let check_every = self.config.distributed.weight_check_every;
         while self.step < end {
+            self.check_stop()?;
             let metrics = self.step()?;
             if let Some(p) = &progress {
                 p.update(&metrics);

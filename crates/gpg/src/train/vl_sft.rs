@@ -97,6 +97,7 @@ fn load_examples(
                     prompt: Prompt::Chat(chat.messages),
                     answer: Some(last.content),
                     location: Location::new(path.display().to_string(), "line", i + 1),
+                    columns: Default::default(),
                 },
                 ids,
                 images: chat.images,

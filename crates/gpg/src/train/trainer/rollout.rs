@@ -5,6 +5,7 @@
 //! gathered (⊕) so that every rank takes the same β_th decision.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -57,6 +58,10 @@ impl Trainer {
         let mut out = RolloutOutcome::default();
         let mut round = 0u64;
         loop {
+            if round > 0 {
+                // A stop request between rounds ends the step here (nothing of it is written).
+                self.check_stop()?;
+            }
             let groups = self.rollout_round(step, round, &mut out)?;
             round += 1;
             if let PoolStatus::Ready { .. } = pool.add_round(groups)? {
@@ -117,15 +122,21 @@ impl Trainer {
         )?;
         out.time_rollout += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
+        // One copy of each prompt's dataset columns, shared by its G completions.
+        let columns: Vec<Arc<serde_json::Map<String, serde_json::Value>>> = prompts
+            .iter()
+            .map(|p| Arc::new(p.record.columns.clone()))
+            .collect();
         let inputs: Vec<RewardInput> = completions
             .iter()
             .map(|c| {
-                let p = &self.prompts[indices[mine.start + c.prompt_index]];
+                let p = prompts[c.prompt_index];
                 RewardInput {
                     prompt: p.record.prompt.plain_text(),
                     completion: c.text.clone(),
                     answer: p.record.answer.clone(),
                     completion_tokens: c.token_ids.len(),
+                    columns: columns[c.prompt_index].clone(),
                 }
             })
             .collect();

@@ -128,6 +128,7 @@ impl Trainer {
             comm,
             eval_prompts,
             reference,
+            stop: None,
         };
         trainer.check_replicas()?;
         Ok(trainer)
