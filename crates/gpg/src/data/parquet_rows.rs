@@ -1,4 +1,4 @@
-//! Reading prompt records from a Parquet file (row API, only the needed columns).
+//! Reading prompt records from a Parquet file (row API).
 
 use std::fs::File;
 use std::path::Path;
@@ -13,8 +13,10 @@ use serde_json::{Map, Number, Value};
 use super::fields::{record_from_fields, PromptDatasetConfig};
 use super::record::{Location, PromptRecord};
 
-/// Reads every row of the Parquet file at `path` into a record. Only the prompt, answer and
-/// id columns are decoded. Rows are numbered from 1 in error messages (`file row N`).
+/// Reads every row of the Parquet file at `path` into a record. The prompt, answer and id
+/// columns must convert to JSON (errors name the row and the column); the other columns are
+/// kept in [`PromptRecord::columns`] when they do, and left out when they do not (decimals,
+/// dates, binary that is not UTF-8). Rows are numbered from 1 in error messages (`file row N`).
 pub fn read_parquet(
     path: &Path,
     config: &PromptDatasetConfig,
@@ -53,18 +55,29 @@ pub fn read_parquet(
         .build()
         .with_context(|| format!("{name}: building the column projection"))?;
 
-    let rows = reader
-        .get_row_iter(Some(projection))
-        .with_context(|| format!("{name}: reading rows"))?;
+    // Every column when the row reader takes them all, else only the needed ones.
+    let rows = match reader.get_row_iter(None) {
+        Ok(rows) => rows,
+        Err(_) => reader
+            .get_row_iter(Some(projection))
+            .with_context(|| format!("{name}: reading rows"))?,
+    };
     let mut records = Vec::new();
     for (i, row) in rows.enumerate() {
         let location = Location::new(name.clone(), "row", i + 1);
         let row = row.with_context(|| format!("{location}: cannot decode the row"))?;
         let mut fields = Map::new();
         for (column, field) in row.get_column_iter() {
-            let value =
-                field_to_json(field).with_context(|| format!("{location}: field `{column}`"))?;
-            fields.insert(column.clone(), value);
+            match field_to_json(field) {
+                Ok(value) => {
+                    fields.insert(column.clone(), value);
+                }
+                Err(e) if wanted.contains(&column.as_str()) => {
+                    return Err(e.context(format!("{location}: field `{column}`")));
+                }
+                // Another column of a type JSON does not hold: not kept.
+                Err(_) => {}
+            }
         }
         records.push(record_from_fields(&fields, location, config)?);
     }
