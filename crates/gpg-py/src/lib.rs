@@ -176,7 +176,8 @@ impl Reward for PyReward {
 
     fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<f32>> {
         Python::attach(|py| {
-            // Ctrl-C while the GIL was released (sampling, the update) is seen here.
+            // A pending Ctrl-C that Python's own handler caught (where `ctrl_c` installs none)
+            // is seen here.
             if py.check_signals().is_err() {
                 self.fail(Failure::Interrupted);
                 anyhow::bail!("interrupted (KeyboardInterrupt)");

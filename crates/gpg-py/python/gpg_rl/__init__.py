@@ -90,8 +90,10 @@ def train(
     reward_funcs: replace the recipe's ``[reward]`` functions. Each is a callable with TRL's
         signature, ``f(prompts, completions, **kwargs) -> list[float | None]``, called once per
         sampling round with the whole batch (keywords: ``prompts``, ``completions``,
-        ``answer`` — the dataset's gold answers, also under ``data.fields.answer_field`` —
-        and ``completion_lengths`` in tokens); or a built-in reward's name (``"accuracy"``,
+        ``answer`` — the dataset's gold answers, also under ``data.fields.answer_field`` —,
+        ``completion_lengths`` in tokens, and every other field of the dataset's records under
+        its own name, one value per completion, as TRL passes dataset columns); or a built-in
+        reward's name (``"accuracy"``,
         ``"format"``, …). None items count 0. The per-function metric is named after the
         function's ``__name__``.
     reward_weights: one weight per reward function (default 1 each).
@@ -106,8 +108,9 @@ def train(
 
     Raises RewardFunctionError when a reward function raises or returns something other than
     one finite float (or None) per completion (the message names the function and the step;
-    the checkpoints written before stay intact), KeyboardInterrupt on Ctrl-C (seen at the next
-    reward call), GpgError for anything else.
+    the checkpoints written before stay intact), KeyboardInterrupt on Ctrl-C (the run stops
+    before its next step or rollout round; its checkpoints stay intact), GpgError for anything
+    else.
     """
     recipe_path: Optional[str] = None
     recipe_json: Optional[str] = None
