@@ -38,7 +38,7 @@ use cudarc::driver::CudaSlice;
 
 use super::cuda_train::{CudaTrainStep, DevParam};
 use super::decoding::{non_finite_logits, DecodeBatch, DecodeEngine};
-use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
+use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj, StepBuf as Buf};
 use super::ops::cuda::ops::{self as dev, AttentionDims, KvPools, RopeTables};
 use super::ops::cuda::plan::{self, BlockTables};
 use super::ops::cuda::Gpu;
@@ -745,22 +745,6 @@ impl<'w> DevLayer<'w> {
             Norm::PostAttention => &self.post_norm,
         }
     }
-}
-
-/// The buffers of [`Acts`], which are the values of a decoding layer (one buffer per kind of
-/// value: the two norms share `xn`, the residual products add into `x` in place).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Buf {
-    X,
-    Xn,
-    Rstd,
-    Q,
-    K,
-    V,
-    Att,
-    Gate,
-    Up,
-    H,
 }
 
 /// The backend of a GPU prefill or decoding step ([`LayerOps`] over [`Acts`]): `rows` rows at

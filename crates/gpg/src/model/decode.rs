@@ -27,7 +27,7 @@ use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj};
+use super::layer::{layer_forward, Heads, LayerOps, LayerPass, Norm, Proj, StepBuf as Buf};
 use super::lora::LoraPair;
 use super::ops::cpu::mixed::rows_x_wt;
 use super::ops::cpu::{rms_norm, swiglu};
@@ -386,23 +386,6 @@ impl<'m> Layer<'m> {
             Norm::PostAttention => &self.post_norm,
         }
     }
-}
-
-/// The buffers of a [`DecodeState`], which are the values of a decoding step's layer (one
-/// buffer per kind of value: the two norms share `xn`, and the residual products add into `x`
-/// in place).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Buf {
-    X,
-    Xn,
-    Rstd,
-    Q,
-    K,
-    V,
-    Att,
-    Gate,
-    Up,
-    H,
 }
 
 impl DecodeState {

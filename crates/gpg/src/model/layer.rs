@@ -118,6 +118,23 @@ pub enum Heads {
     Key,
 }
 
+/// The buffers of an in-place decoding backend (CPU `decode.rs`, GPU `cuda_decode.rs`): one
+/// buffer per kind of value, which is the value's handle (the two norms share `Xn`, the
+/// residual products add into `X` in place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepBuf {
+    X,
+    Xn,
+    Rstd,
+    Q,
+    K,
+    V,
+    Att,
+    Gate,
+    Up,
+    H,
+}
+
 /// What one layer's forward computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerPass {
