@@ -182,6 +182,13 @@ impl Trainer {
             )?;
         }
 
+        // The groups' mean rewards weight their prompts in later epochs (data.sample_strategy;
+        // every rank records the same gathered values).
+        for (k, &prompt) in indices.iter().enumerate() {
+            let mean = gathered[k * g..(k + 1) * g].iter().sum::<f64>() / g as f64;
+            self.sampler.record_group(prompt, mean);
+        }
+
         let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); mine.len()];
         for c in completions {
             by_prompt[c.prompt_index].push(c);

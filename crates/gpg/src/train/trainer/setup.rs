@@ -100,11 +100,22 @@ impl Trainer {
         let start = match &resume_from {
             None => StartPoint {
                 step: 0,
-                sampler: EpochSampler::new(prompts.len(), config.seed)?,
+                sampler: EpochSampler::weighted(
+                    prompts.len(),
+                    config.seed,
+                    config.data.sample_strategy,
+                )?,
                 updater: model.updater(&train_device, AdamW::new(config.optim.adamw)?)?,
                 tokens_seen: 0,
             },
-            Some(dir) => restore(dir, &comm, &mut model, &train_device, prompts.len())?,
+            Some(dir) => restore(
+                dir,
+                &comm,
+                &mut model,
+                &train_device,
+                &config,
+                prompts.len(),
+            )?,
         };
         let log = if root {
             Some(open_run_folder(&config, start.step)?)
@@ -241,6 +252,7 @@ fn restore(
     comm: &Comm,
     model: &mut Policy,
     train_device: &TrainDevice,
+    config: &TrainConfig,
     n_prompts: usize,
 ) -> Result<StartPoint> {
     let collective = &comm.collective;
@@ -267,7 +279,8 @@ fn restore(
         .with_context(|| format!("{}: cannot restore the master weights", dir.display()))?;
     Ok(StartPoint {
         step: state.step,
-        sampler: EpochSampler::resume(state.sampler, n_prompts)?,
+        sampler: EpochSampler::resume(state.sampler, n_prompts, config.data.sample_strategy)
+            .with_context(|| format!("{}: cannot resume the prompt sampler", dir.display()))?,
         updater,
         tokens_seen: state.tokens_seen,
     })
