@@ -43,7 +43,7 @@ use super::batch::{GroupPayload, StepBatch};
 use super::collective::Collective;
 use super::comm::Comm;
 use super::config::TrainConfig;
-use super::metrics::{MetricsLog, StepMetrics};
+use super::metrics::{MetricsLog, RewardStats, StepMetrics};
 use super::policy::Policy;
 use super::updater::Updater;
 
@@ -63,6 +63,8 @@ pub struct Trainer {
     schedule: LrSchedule,
     pub step: u64,
     tokens_seen: u64,
+    /// Prompt + completion tokens of every completion sampled so far (TRL's `num_tokens`).
+    num_tokens: u64,
     /// The metrics files; rank 0 only (it alone writes the run folder).
     log: Option<MetricsLog>,
     /// The ranks of a data-parallel run (a single process by default) and the time spent
@@ -167,6 +169,7 @@ impl Trainer {
         // 3. Advantages, from the global rewards (identical on every rank).
         let (stats, advantages) = self.advantages(&rollout.batch, &batch)?;
         self.tokens_seen += batch.n_tokens as u64;
+        self.num_tokens += rollout.sampled_tokens;
         // 4. The update: micro-batches of forward / g_t / backward, ⊕ all-reduce, AdamW.
         let update = self.update(&rollout.batch, &batch, &advantages, lr)?;
         self.step += 1;
@@ -267,20 +270,30 @@ impl Trainer {
             AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
             AgeScale::SkipUpdate => 0.0,
         };
+        let sampler = self.sampler.state();
         StepMetrics {
             step: self.step,
+            epoch: sampler.epoch as f64 + sampler.cursor as f64 / sampler.dataset_len as f64,
             lr: update.lr as f64,
             loss: update.loss,
             grad_norm: update.grad_norm,
             reward: stats.reward_mean,
-            reward_std: stats.reward_std_mean,
-            rewards: rollout
-                .per_function
-                .iter()
-                .map(|(k, &(s, n))| (k.clone(), s / n.max(1) as f64))
-                .collect(),
-            completion_length: batch.n_tokens as f64 / batch.n_sequences.max(1) as f64,
-            completion_length_max: batch.max_length,
+            reward_std: stats.reward_std,
+            reward_std_within_group: stats.reward_std_mean,
+            frac_reward_zero_std: stats.n_identical as f64 / stats.n_groups.max(1) as f64,
+            rewards: RewardStats {
+                mean: (rollout.per_function.iter())
+                    .map(|(k, m)| (k.clone(), m.mean()))
+                    .collect(),
+                std: (rollout.per_function.iter())
+                    .map(|(k, m)| (k.clone(), m.std()))
+                    .collect(),
+            },
+            completion_length: rollout.lengths.all.mean(),
+            completion_length_min: rollout.lengths.min,
+            completion_length_max: rollout.lengths.max,
+            clipped_ratio: rollout.lengths.clipped_ratio(),
+            terminated_length: rollout.lengths.terminated.mean(),
             groups: stats.n_groups,
             valid_groups: stats.n_valid,
             identical_groups: stats.n_identical,
@@ -293,6 +306,7 @@ impl Trainer {
             kl: update.kl,
             tokens: batch.n_tokens as u64,
             tokens_seen: self.tokens_seen,
+            num_tokens: self.num_tokens,
             skipped: update.skipped.clone(),
             eval_pass_at_1,
             time_rollout_s: rollout.time_rollout,
@@ -445,6 +459,7 @@ impl Trainer {
             step: self.step,
             sampler: self.sampler.state(),
             tokens_seen: self.tokens_seen,
+            num_tokens: self.num_tokens,
             optimizer,
         };
         let generation = serde_json::json!({

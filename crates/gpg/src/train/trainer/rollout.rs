@@ -13,17 +13,22 @@ use anyhow::Result;
 use crate::algo::{AgeScale, GroupPool, PoolStatus, ResampledBatch, ScoredGroup};
 use crate::data::PreparedPrompt;
 use crate::reward::RewardInput;
-use crate::rollout::{Completion, SamplingParams};
+use crate::rollout::{Completion, FinishReason, SamplingParams};
 
 use super::super::batch::GroupPayload;
+use super::super::metrics::{CompletionLengths, Moments};
 use super::{derive_seed, Trainer};
 
 /// What the rollout rounds of a step produced.
 #[derive(Debug)]
 pub(super) struct RolloutOutcome {
     pub batch: ResampledBatch<GroupPayload>,
-    /// (sum, count) of each reward function's scores over every sampled completion.
-    pub per_function: BTreeMap<String, (f64, usize)>,
+    /// Each reward function's scores over every sampled completion.
+    pub per_function: BTreeMap<String, Moments>,
+    /// The lengths of every sampled completion (all rounds).
+    pub lengths: CompletionLengths,
+    /// Prompt + completion tokens of every sampled completion.
+    pub sampled_tokens: u64,
     pub samples_log: Vec<(String, String, f32)>,
     pub time_rollout: f64,
     pub time_reward: f64,
@@ -41,6 +46,8 @@ impl Default for RolloutOutcome {
                 scale: AgeScale::SkipUpdate,
             },
             per_function: BTreeMap::new(),
+            lengths: CompletionLengths::default(),
+            sampled_tokens: 0,
             samples_log: Vec::new(),
             time_rollout: 0.0,
             time_reward: 0.0,
@@ -148,16 +155,20 @@ impl Trainer {
         };
         out.time_reward += t0.elapsed().as_secs_f64();
 
-        // ⊕ The round's rewards, completion lengths and per-function scores of all B·G
-        // completions: each rank fills its share's slots, the sum gathers them (x + 0 = x, so
-        // the values arrive exactly).
+        // ⊕ The round's rewards, completion lengths, per-function scores and whether each hit
+        // max_new_tokens, of all B·G completions: each rank fills its share's slots, the sum
+        // gathers them (x + 0 = x, so the values arrive exactly).
         let n = b * g;
-        let mut gathered = vec![0.0f64; n * (2 + names.len())];
+        let truncated_at = (2 + names.len()) * n;
+        let mut gathered = vec![0.0f64; n * (3 + names.len())];
         let base = mine.start * g;
         if let Some(scores) = &scores {
             for (j, c) in completions.iter().enumerate() {
                 gathered[base + j] = scores.total[j] as f64;
                 gathered[n + base + j] = c.token_ids.len() as f64;
+                if c.finish_reason == FinishReason::Length {
+                    gathered[truncated_at + base + j] = 1.0;
+                }
             }
             for (f, (_, values)) in scores.per_function.iter().enumerate() {
                 for (j, &v) in values.iter().enumerate() {
@@ -167,10 +178,15 @@ impl Trainer {
         }
         self.comm.all_reduce_f64(&mut gathered)?;
         for (f, name) in names.iter().enumerate() {
-            let values = &gathered[(2 + f) * n..(3 + f) * n];
-            let e = out.per_function.entry(name.to_string()).or_insert((0.0, 0));
-            e.0 += values.iter().map(|&v| v as f32 as f64).sum::<f64>();
-            e.1 += values.len();
+            let e = out.per_function.entry(name.to_string()).or_default();
+            for &v in &gathered[(2 + f) * n..(3 + f) * n] {
+                e.add(v as f32 as f64);
+            }
+        }
+        for j in 0..n {
+            let length = gathered[n + j] as usize;
+            out.lengths.add(length, gathered[truncated_at + j] != 0.0);
+            out.sampled_tokens += (self.prompts[indices[j / g]].ids.len() + length) as u64;
         }
         if round == 0 {
             self.gather_logged_completions(

@@ -33,6 +33,9 @@ pub struct TrainerState {
     pub step: u64,
     pub sampler: SamplerState,
     pub tokens_seen: u64,
+    /// Prompt + completion tokens sampled so far (0 in checkpoints from before it was kept).
+    #[serde(default)]
+    pub num_tokens: u64,
     /// AdamW configuration and step counts (moments are in the buffers file).
     pub optimizer: OptimizerMeta,
 }
@@ -43,6 +46,7 @@ struct StartPoint {
     sampler: EpochSampler,
     updater: Updater,
     tokens_seen: u64,
+    num_tokens: u64,
 }
 
 impl Trainer {
@@ -107,6 +111,7 @@ impl Trainer {
                 )?,
                 updater: model.updater(&train_device, AdamW::new(config.optim.adamw)?)?,
                 tokens_seen: 0,
+                num_tokens: 0,
             },
             Some(dir) => restore(
                 dir,
@@ -135,6 +140,7 @@ impl Trainer {
             schedule,
             step: start.step,
             tokens_seen: start.tokens_seen,
+            num_tokens: start.num_tokens,
             log,
             comm,
             eval_prompts,
@@ -283,6 +289,7 @@ fn restore(
             .with_context(|| format!("{}: cannot resume the prompt sampler", dir.display()))?,
         updater,
         tokens_seen: state.tokens_seen,
+        num_tokens: state.num_tokens,
     })
 }
 
