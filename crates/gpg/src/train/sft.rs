@@ -14,10 +14,10 @@ use crate::model::{Activations, Qwen2, TrainBatch};
 use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
+use super::engine::{engine_for, StepOutcome, TrainEngine};
 use super::heldout;
+use super::policy::{Policy, PolicyBatch};
 pub use super::sft_config::SftConfig;
-use super::update::StepOutcome;
-use super::updater::Updater;
 
 /// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
@@ -78,18 +78,20 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let heldout = prepare_prompts(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
 
     let schedule = config.schedule.build(config.lr, config.steps)?;
-    let mut updater = Updater::on_device(&train_device, &model, AdamW::new(config.adamw)?)?;
+    let mut model = Policy::Text(model);
+    let mut engine = engine_for(&train_device, &model, AdamW::new(config.adamw)?)?;
     let mut sampler = EpochSampler::new(pairs.len(), config.seed)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
     let log_path = config.output_dir.join("sft_metrics.jsonl");
     let mut log = std::fs::File::create(&log_path)
         .with_context(|| format!("{}: cannot create", log_path.display()))?;
-    let eval = |model: &Qwen2, updater: &Updater, seed: u64, temperature: f32| {
-        let engine = updater.decode_engine(model)?;
+    let eval = |model: &Policy, engine: &dyn TrainEngine, seed: u64, temperature: f32| {
+        let model = model.text();
+        let decoder = engine.decode_engine(model)?;
         heldout::pass_at_1(
             model,
-            &*engine,
+            &*decoder,
             &tokenizer,
             &heldout,
             config.eval_samples,
@@ -107,20 +109,20 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             .iter()
             .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
             .collect();
-        let batch = TrainBatch::new(&batch_pairs)?;
+        let batch = PolicyBatch::Text(TrainBatch::new(&batch_pairs)?);
         let n = batch.num_completion_tokens();
         // L = −Σ logp / N: g_t = −1/N is known before the forward, so on the CPU the head's
         // logits are formed once (forward and backward in one pass).
         let g = vec![-1.0 / n as f32; n];
-        let lp = if updater.fuses_forward_backward() {
-            updater.forward_backward_into(&model, &batch, 1.0, keep, &g)?
+        let lp = if engine.fuses_forward_backward(&model) {
+            engine.forward_backward_into(&model, &batch, 1.0, keep, &g)?
         } else {
-            let (lp, cache) = updater.forward(&model, &batch, 1.0, keep)?;
-            updater.backward_into(&model, &batch, cache, &g)?;
+            let (lp, cache) = engine.forward(&model, &batch, 1.0, keep)?;
+            engine.backward_into(&model, &batch, cache, &g)?;
             lp
         };
         let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
-        let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
+        let grad_norm = match engine.step(&model, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
                 eprintln!(
@@ -133,8 +135,8 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         let last = step + 1 == config.steps;
         let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
         if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
-            pass = eval(&model, &updater, config.seed, 1.0)?;
-            let greedy = eval(&model, &updater, config.seed, 0.0)?;
+            pass = eval(&model, &*engine, config.seed, 1.0)?;
+            let greedy = eval(&model, &*engine, config.seed, 0.0)?;
             line["heldout_pass_at_1"] = pass.into();
             line["heldout_greedy_accuracy"] = greedy.into();
             eprintln!(
@@ -145,7 +147,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         }
         writeln!(log, "{line}")?;
     }
-    updater.sync_host(&mut model)?;
+    engine.sync_host(&mut model)?;
     model.save_trained(&config.output_dir)?;
     tokenizer.save_pretrained(&config.output_dir)?;
     let generation = serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]});

@@ -28,10 +28,9 @@ use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
 use super::collective::SingleProcess;
+use super::engine::{CpuEngine, StepOutcome, TrainEngine};
 use super::policy::{check_vision_options, Policy, VisionPolicy};
 use super::sft_config::SftConfig;
-use super::update::StepOutcome;
-use super::updater::Updater;
 
 /// One SFT example: the prompt (ids with expanded image pads, image paths) and the target ids.
 struct Example {
@@ -115,7 +114,7 @@ fn load_examples(
 pub fn run_vl_sft(config: &SftConfig) -> Result<f64> {
     check_vision_options(&config.model, config.device.is_cpu(), config.lora.is_some())?;
     let device = config.device.open()?;
-    let mut policy = Policy::load(
+    let policy = Policy::load(
         &config.model,
         &device,
         config.precision,
@@ -145,21 +144,20 @@ pub fn run_vl_sft(config: &SftConfig) -> Result<f64> {
         Activations::All
     };
     let schedule = config.schedule.build(config.lr, config.steps)?;
-    let mut updater =
-        policy.updater(&super::device::TrainDevice::Cpu, AdamW::new(config.adamw)?)?;
+    let mut engine = CpuEngine::new(&policy, AdamW::new(config.adamw)?)?;
     let mut sampler = EpochSampler::new(examples.len(), config.seed)?;
     std::fs::create_dir_all(&config.output_dir)
         .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
     let log_path = config.output_dir.join("sft_metrics.jsonl");
     let mut log = std::fs::File::create(&log_path)
         .with_context(|| format!("{}: cannot create", log_path.display()))?;
-    let eval = |policy: &Policy, updater: &Updater, temperature: f32| -> Result<Option<f64>> {
+    let eval = |policy: &Policy, engine: &CpuEngine, temperature: f32| -> Result<Option<f64>> {
         let Some(prompts) = &heldout else {
             return Ok(None);
         };
         policy
             .heldout_pass_at_1(
-                updater,
+                engine,
                 &tokenizer,
                 prompts,
                 config.eval_samples,
@@ -181,11 +179,11 @@ pub fn run_vl_sft(config: &SftConfig) -> Result<f64> {
             .collect();
         let batch = policy.batch(&pairs)?;
         let n = batch.num_completion_tokens();
-        let (lp, cache) = policy.forward_train_with(&updater, &batch, 1.0, keep)?;
+        let (lp, cache) = engine.forward(&policy, &batch, 1.0, keep)?;
         let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         let g = vec![-1.0 / n as f32; n];
-        policy.backward_into(&mut updater, &batch, cache, &g)?;
-        let grad_norm = match updater.step(policy.text_mut(), lr, config.max_grad_norm)? {
+        engine.backward_into(&policy, &batch, cache, &g)?;
+        let grad_norm = match engine.step(&policy, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
                 eprintln!(
@@ -199,7 +197,7 @@ pub fn run_vl_sft(config: &SftConfig) -> Result<f64> {
         let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
         if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
             if let (Some(p), Some(greedy)) =
-                (eval(&policy, &updater, 1.0)?, eval(&policy, &updater, 0.0)?)
+                (eval(&policy, &engine, 1.0)?, eval(&policy, &engine, 0.0)?)
             {
                 pass = p;
                 line["heldout_pass_at_1"] = p.into();

@@ -19,10 +19,9 @@ use super::super::collective::{Collective, SingleProcess};
 use super::super::comm::Comm;
 use super::super::config::TrainConfig;
 use super::super::device::{RunNeeds, TrainDevice};
+use super::super::engine::{self, OptimizerMeta, TrainEngine};
 use super::super::metrics::MetricsLog;
 use super::super::policy::{check_recipe, Policy};
-use super::super::update::{ModelUpdater, OptimizerMeta};
-use super::super::updater::Updater;
 use super::super::{lora_run, replica};
 use super::Trainer;
 
@@ -41,7 +40,7 @@ pub struct TrainerState {
 struct StartPoint {
     step: u64,
     sampler: EpochSampler,
-    updater: Updater,
+    engine: Box<dyn TrainEngine>,
     tokens_seen: u64,
 }
 
@@ -101,7 +100,7 @@ impl Trainer {
             None => StartPoint {
                 step: 0,
                 sampler: EpochSampler::new(prompts.len(), config.seed)?,
-                updater: model.updater(&train_device, AdamW::new(config.optim.adamw)?)?,
+                engine: engine::engine_for(&train_device, &model, AdamW::new(config.optim.adamw)?)?,
                 tokens_seen: 0,
             },
             Some(dir) => restore(dir, &comm, &mut model, &train_device, prompts.len())?,
@@ -120,7 +119,7 @@ impl Trainer {
             heldout,
             sampler: start.sampler,
             reward,
-            updater: start.updater,
+            engine: start.engine,
             schedule,
             step: start.step,
             tokens_seen: start.tokens_seen,
@@ -259,16 +258,16 @@ fn restore(
     };
     let state: TrainerState = serde_json::from_value(state)
         .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
-    let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
+    let optimizer = engine::restore_optimizer(state.optimizer, &mut buffers)
         .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-    let mut updater = model.updater(train_device, optimizer)?;
-    updater
-        .restore_master(model.text_mut(), &mut buffers)
+    let mut engine = engine::engine_for(train_device, model, optimizer)?;
+    engine
+        .restore_master(model, &mut buffers)
         .with_context(|| format!("{}: cannot restore the master weights", dir.display()))?;
     Ok(StartPoint {
         step: state.step,
         sampler: EpochSampler::resume(state.sampler, n_prompts)?,
-        updater,
+        engine,
         tokens_seen: state.tokens_seen,
     })
 }
