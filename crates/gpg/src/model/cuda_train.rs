@@ -4,7 +4,7 @@
 //! `ops/cuda` and cuBLAS products.
 //!
 //! [`CudaTrainStep`] holds, per parameter, the f32 master weight, for bf16 matrices their bf16
-//! compute copy, the f32 gradient and AdamW's two moments (the CPU `ModelUpdater`'s layout).
+//! compute copy, the f32 gradient and AdamW's two moments.
 //! The layers run the decoder layer defined once in [`super::layer`] (the CPU engine's), over
 //! [`CudaLayerOps`]: a value is an f32 device buffer (with its bf16 rounding made when a bf16
 //! product reads it), each op a kernel or a cuBLAS product. The forward keeps per layer what
@@ -23,14 +23,15 @@
 //!
 //! With bf16 weights every product takes bf16 operands (the activation or gradient operand
 //! rounded to bf16) with f32 accumulation, as on the CPU. Used by the trainer on a CUDA device
-//! (`train::cuda_update::CudaUpdater`: `train`, `sft`, `bench trainer`) and by `bench engine
+//! (`train::engine::CudaEngine`: `train`, `sft`, `bench trainer`) and by `bench engine
 //! --device cuda`, and compared with the CPU engine by `bench/gpu/check.sh`. Verified here only
 //! as far as compiling.
 //!
-//! The optimiser's state goes in and out by parameter name in the CPU layout (AdamW moments,
-//! f32 masters: [`CudaTrainStep::restore_optimizer`], [`CudaTrainStep::moments`],
-//! [`CudaTrainStep::restore_masters`], [`CudaTrainStep::masters`]), so a checkpoint written from
-//! the GPU is the CPU trainer's checkpoint and resumes on either device.
+//! The optimiser itself is the training engine's (`train::engine`): it keeps the step counts and
+//! computes each update's scalars, which [`CudaTrainStep::adamw`] hands to the device kernel;
+//! the moments and masters go in and out by parameter name ([`CudaTrainStep::restore_moments`],
+//! [`CudaTrainStep::moments`], [`CudaTrainStep::restore_masters`], [`CudaTrainStep::masters`]),
+//! so a checkpoint written from the GPU is the CPU trainer's and resumes on either device.
 
 use std::sync::Arc;
 

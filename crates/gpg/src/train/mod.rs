@@ -17,7 +17,6 @@ pub mod sft;
 pub mod sft_config;
 pub mod tensorboard;
 pub mod trainer;
-pub mod vl_sft;
 
 pub use config::TrainConfig;
 pub use metrics::StepMetrics;
