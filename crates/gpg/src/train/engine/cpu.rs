@@ -39,7 +39,13 @@ impl CpuEngine {
         Self::with_trainable(model, Trainable::of(model), optimizer)
     }
 
+    /// The engine training the leaves `which` of `model` (a base model and its adapter do not
+    /// train together: the adapter's backward forms no base gradient).
     pub fn with_trainable(model: &Policy, which: Trainable, optimizer: AdamW) -> Result<Self> {
+        anyhow::ensure!(
+            !(which.decoder && which.adapter),
+            "internal: the decoder's parameters and its LoRA adapter cannot train together"
+        );
         let grads = Gradients::zeros(model, which)?;
         let masters = masters_of(&grads.leaves(model)?)?;
         Ok(CpuEngine {
@@ -203,9 +209,5 @@ impl TrainEngine for CpuEngine {
         buffers: &mut HashMap<String, Vec<f32>>,
     ) -> Result<()> {
         restore_masters(&self.grads.leaves(model)?, &mut self.masters, buffers)
-    }
-
-    fn as_cpu(&self) -> Option<&CpuEngine> {
-        Some(self)
     }
 }

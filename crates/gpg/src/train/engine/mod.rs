@@ -147,11 +147,6 @@ pub trait TrainEngine {
         model: &mut Policy,
         buffers: &mut HashMap<String, Vec<f32>>,
     ) -> Result<()>;
-
-    /// The host engine, for what only it offers (tests: the gradients by name).
-    fn as_cpu(&self) -> Option<&CpuEngine> {
-        None
-    }
 }
 
 /// The engine of a run on `device` training `model`'s leaves chosen by [`Trainable::of`]
