@@ -43,9 +43,9 @@ use super::batch::{GroupPayload, StepBatch};
 use super::collective::Collective;
 use super::comm::Comm;
 use super::config::TrainConfig;
+use super::engine::TrainEngine;
 use super::metrics::{MetricsLog, RewardStats, StepMetrics};
 use super::policy::Policy;
-use super::updater::Updater;
 
 pub use setup::TrainerState;
 
@@ -59,7 +59,7 @@ pub struct Trainer {
     pub heldout: Option<Vec<PreparedPrompt>>,
     sampler: EpochSampler,
     reward: WeightedSum,
-    updater: Updater,
+    engine: Box<dyn TrainEngine>,
     schedule: LrSchedule,
     pub step: u64,
     tokens_seen: u64,
@@ -152,7 +152,7 @@ impl Trainer {
             p.finish();
         }
         // A GPU run's host model is brought up to date for `save_final` (no-op on the CPU).
-        self.updater.sync_host(self.model.text_mut())?;
+        self.engine.sync_host(&mut self.model)?;
         Ok(())
     }
 
@@ -364,7 +364,7 @@ impl Trainer {
         let collective = self.comm.collective.clone();
         self.model
             .heldout_pass_at_1(
-                &self.updater,
+                &*self.engine,
                 &self.tokenizer,
                 prompts,
                 e.samples,
@@ -453,8 +453,8 @@ impl Trainer {
             return Ok(dir);
         };
         log.flush()?;
-        self.updater.sync_host(self.model.text_mut())?;
-        let (optimizer, buffers) = self.updater.checkpoint_state(self.model.text())?;
+        self.engine.sync_host(&mut self.model)?;
+        let (optimizer, buffers) = self.engine.checkpoint_state(&self.model)?;
         let state = TrainerState {
             step: self.step,
             sampler: self.sampler.state(),

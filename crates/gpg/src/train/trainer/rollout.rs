@@ -121,7 +121,7 @@ impl Trainer {
         let params = self.sampling_params(derive_seed(self.config.seed, step, round));
         // The CPU model itself, or the CUDA decoder over the trained device weights.
         let completions = self.model.generate(
-            &self.updater,
+            &*self.engine,
             &self.tokenizer,
             &prompts,
             &params,

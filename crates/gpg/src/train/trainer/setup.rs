@@ -19,10 +19,9 @@ use super::super::collective::{Collective, SingleProcess};
 use super::super::comm::Comm;
 use super::super::config::TrainConfig;
 use super::super::device::{RunNeeds, TrainDevice};
+use super::super::engine::{self, OptimizerMeta, TrainEngine};
 use super::super::metrics::MetricsLog;
 use super::super::policy::{check_recipe, Policy};
-use super::super::update::{ModelUpdater, OptimizerMeta};
-use super::super::updater::Updater;
 use super::super::{lora_run, replica};
 use super::Trainer;
 
@@ -44,7 +43,7 @@ pub struct TrainerState {
 struct StartPoint {
     step: u64,
     sampler: EpochSampler,
-    updater: Updater,
+    engine: Box<dyn TrainEngine>,
     tokens_seen: u64,
     num_tokens: u64,
 }
@@ -109,7 +108,7 @@ impl Trainer {
                     config.seed,
                     config.data.sample_strategy,
                 )?,
-                updater: model.updater(&train_device, AdamW::new(config.optim.adamw)?)?,
+                engine: engine::engine_for(&train_device, &model, AdamW::new(config.optim.adamw)?)?,
                 tokens_seen: 0,
                 num_tokens: 0,
             },
@@ -136,7 +135,7 @@ impl Trainer {
             heldout,
             sampler: start.sampler,
             reward,
-            updater: start.updater,
+            engine: start.engine,
             schedule,
             step: start.step,
             tokens_seen: start.tokens_seen,
@@ -277,17 +276,17 @@ fn restore(
     };
     let state: TrainerState = serde_json::from_value(state)
         .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
-    let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
+    let optimizer = engine::restore_optimizer(state.optimizer, &mut buffers)
         .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-    let mut updater = model.updater(train_device, optimizer)?;
-    updater
-        .restore_master(model.text_mut(), &mut buffers)
+    let mut engine = engine::engine_for(train_device, model, optimizer)?;
+    engine
+        .restore_master(model, &mut buffers)
         .with_context(|| format!("{}: cannot restore the master weights", dir.display()))?;
     Ok(StartPoint {
         step: state.step,
         sampler: EpochSampler::resume(state.sampler, n_prompts, config.data.sample_strategy)
             .with_context(|| format!("{}: cannot resume the prompt sampler", dir.display()))?,
-        updater,
+        engine,
         tokens_seen: state.tokens_seen,
         num_tokens: state.num_tokens,
     })
