@@ -460,3 +460,92 @@ impl Qwen2Config {
         self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> Result<Qwen2Config> {
+        let mut v = serde_json::json!({
+            "vocab_size": 10, "hidden_size": 8, "intermediate_size": 6,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let c: Qwen2Config = serde_json::from_value(v)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn model_type_picks_the_family_and_its_biases() {
+        let q2 = config(serde_json::json!({})).unwrap();
+        assert_eq!(q2.family().unwrap(), ModelFamily::Qwen2);
+        assert!(q2.qkv_bias() && !q2.o_proj_bias() && !q2.qk_norm());
+        let q3 = config(serde_json::json!({"model_type": "qwen3", "head_dim": 6})).unwrap();
+        assert_eq!(q3.family().unwrap(), ModelFamily::Qwen3);
+        assert!(!q3.qkv_bias() && q3.qk_norm() && q3.head_dim() == 6 && q3.q_dim() == 12);
+        let q3b =
+            config(serde_json::json!({"model_type": "qwen3", "attention_bias": true})).unwrap();
+        assert!(q3b.qkv_bias() && q3b.o_proj_bias() && !q3b.mlp_bias());
+        let ll = config(serde_json::json!({"model_type": "llama", "mlp_bias": true})).unwrap();
+        assert!(!ll.qkv_bias() && ll.mlp_bias() && !ll.qk_norm());
+        let err = config(serde_json::json!({"model_type": "mistral"})).unwrap_err();
+        assert!(format!("{err:#}").contains("`model_type`"), "{err:#}");
+        let err = config(serde_json::json!({"model_type": "llama", "attention_bias": "yes"}))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("`attention_bias`"), "{err:#}");
+        let err = config(serde_json::json!({"mlp_bias": true})).unwrap_err();
+        assert!(format!("{err:#}").contains("`mlp_bias`"), "{err:#}");
+    }
+
+    #[test]
+    fn llama3_rope_scaling_follows_transformers_bands_and_unknown_types_are_refused() {
+        let scaling = serde_json::json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0
+        });
+        let c = config(serde_json::json!({"model_type": "llama", "head_dim": 16,
+            "rope_parameters": scaling}))
+        .unwrap();
+        let plain = config(serde_json::json!({"model_type": "llama", "head_dim": 16})).unwrap();
+        let (got, base) = (c.rope_inv_freq().unwrap(), plain.rope_inv_freq().unwrap());
+        // Wavelengths 2π/f: < 16 unchanged, > 64 divided by 8, between: interpolated.
+        for (g, b) in got.iter().zip(&base) {
+            let wavelen = 2.0 * std::f32::consts::PI / b;
+            if wavelen < 16.0 {
+                assert_eq!(g, b);
+            } else if wavelen > 64.0 {
+                assert!((g - b / 8.0).abs() <= 1e-7 * b);
+            } else {
+                assert!(*g < *b && *g > b / 8.0, "{g} {b}");
+            }
+        }
+        assert!(got.iter().zip(&base).any(|(g, b)| g != b));
+        // transformers 4's `rope_scaling` spelling works the same.
+        let mut v4 = scaling.clone();
+        v4.as_object_mut().unwrap().remove("rope_theta");
+        let c4 = config(serde_json::json!({"model_type": "llama", "head_dim": 16,
+            "rope_theta": 10000.0, "rope_scaling": v4}))
+        .unwrap();
+        assert_eq!(c4.rope_inv_freq().unwrap(), got);
+        for (bad, field) in [
+            (
+                serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+                "rope_scaling.rope_type",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}),
+                "rope_parameters.low_freq_factor",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
+                "rope_scaling.rope_type",
+            ),
+        ] {
+            let err = config(bad).unwrap_err();
+            assert!(format!("{err:#}").contains(field), "{err:#}");
+        }
+    }
+}
