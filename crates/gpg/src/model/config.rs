@@ -158,7 +158,7 @@ impl Qwen2Config {
             )
         })?;
         let config: Qwen2Config = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a valid Qwen2 config.json", path.display()))?;
+            .with_context(|| format!("{}: not a valid config.json", path.display()))?;
         config
             .validate()
             .with_context(|| format!("{}: unsupported configuration", path.display()))?;
