@@ -55,8 +55,11 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// (prompt ids, completion ids, weights) of the gradient case, and its loss.
-fn grad_case(v: &Value) -> (Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>, f64) {
+/// (prompt ids, completion ids, weights w_t) of one sequence.
+type Sequence = (Vec<u32>, Vec<u32>, Vec<f32>);
+
+/// The sequences of the gradient case, and its loss.
+fn grad_case(v: &Value) -> (Vec<Sequence>, f64) {
     let seqs = v["sequences"]
         .as_array()
         .unwrap()
@@ -72,7 +75,7 @@ fn grad_case(v: &Value) -> (Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>, f64) {
     (seqs, v["loss"].as_f64().unwrap())
 }
 
-fn batch_of(seqs: &[(Vec<u32>, Vec<u32>, Vec<f32>)]) -> (TrainBatch, Vec<f32>) {
+fn batch_of(seqs: &[Sequence]) -> (TrainBatch, Vec<f32>) {
     let pairs: Vec<(&[u32], &[u32])> = seqs
         .iter()
         .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
