@@ -24,7 +24,14 @@ fn tiny_config(tied: bool) -> Qwen2Config {
 
 /// A random model whose norms and biases are random too, so that their gradients are generic.
 fn tiny_model(tied: bool, seed: u64) -> Qwen2 {
-    let mut model = Qwen2::random(tiny_config(tied), 0.4, seed, &Device::Cpu).unwrap();
+    randomized(
+        Qwen2::random(tiny_config(tied), 0.4, seed, &Device::Cpu).unwrap(),
+        seed,
+    )
+}
+
+/// `model` with random norm weights (around 1) and biases (around 0).
+fn randomized(mut model: Qwen2, seed: u64) -> Qwen2 {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1);
     for (name, p) in model.weights.named_mut() {
         if name.ends_with("norm.weight") || name.ends_with(".bias") {
@@ -97,47 +104,95 @@ fn every_parameter_receives_a_gradient() {
 fn gradients_match_finite_differences() {
     for tied in [true, false] {
         let mut model = tiny_model(tied, 3);
-        let batch = batch_of(&sequences(4));
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let g: Vec<f32> = (0..batch.num_completion_tokens())
-            .map(|_| rng.gen_range(-1.0f32..1.0))
-            .collect();
-        let (_, cache) = model.forward_train(&batch, 1.0).unwrap();
-        let grads = model.backward(&batch, cache, &g).unwrap();
-        let names = model.parameter_names();
-        for (pi, name) in names.iter().enumerate() {
-            let analytic: Vec<f32> = grads.named()[pi].1.clone();
-            let original: Vec<f32> = model.parameters()[pi]
-                .1
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let dims = model.parameters()[pi].1.dims().to_vec();
-            // Check the three largest-gradient entries and two random ones of each tensor.
-            let mut idx: Vec<usize> = (0..analytic.len()).collect();
-            idx.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
-            let mut picks: Vec<usize> = idx[..3.min(idx.len())].to_vec();
-            picks.push(rng.gen_range(0..analytic.len()));
-            picks.push(rng.gen_range(0..analytic.len()));
-            for &i in &picks {
-                let h = 1e-2f32;
-                let mut eval = |delta: f32| {
-                    let mut data = original.clone();
-                    data[i] += delta;
-                    *model.weights.named_mut()[pi].1 =
-                        Tensor::from_vec(data, dims.as_slice(), &Device::Cpu).unwrap();
-                    loss(&model, &batch, &g)
-                };
-                let numeric = (eval(h) - eval(-h)) / (2.0 * h as f64);
+        check_finite_differences(&mut model, &format!("tied={tied}"));
+    }
+}
+
+/// Every parameter's analytic gradient of L = Σ g_t·logp_t against central differences (the
+/// three largest entries and two random ones of each tensor).
+fn check_finite_differences(model: &mut Qwen2, tag: &str) {
+    let batch = batch_of(&sequences(4));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let g: Vec<f32> = (0..batch.num_completion_tokens())
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let (_, cache) = model.forward_train(&batch, 1.0).unwrap();
+    let grads = model.backward(&batch, cache, &g).unwrap();
+    let names = model.parameter_names();
+    for (pi, name) in names.iter().enumerate() {
+        let analytic: Vec<f32> = grads.named()[pi].1.clone();
+        let original: Vec<f32> = model.parameters()[pi]
+            .1
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let dims = model.parameters()[pi].1.dims().to_vec();
+        let mut idx: Vec<usize> = (0..analytic.len()).collect();
+        idx.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+        let mut picks: Vec<usize> = idx[..3.min(idx.len())].to_vec();
+        picks.push(rng.gen_range(0..analytic.len()));
+        picks.push(rng.gen_range(0..analytic.len()));
+        for &i in &picks {
+            let h = 1e-2f32;
+            let mut eval = |delta: f32| {
+                let mut data = original.clone();
+                data[i] += delta;
                 *model.weights.named_mut()[pi].1 =
-                    Tensor::from_vec(original.clone(), dims.as_slice(), &Device::Cpu).unwrap();
-                let a = analytic[i] as f64;
-                let tol = 2e-3 + 2e-2 * a.abs().max(numeric.abs());
-                assert!(
-                    (a - numeric).abs() <= tol,
-                    "{name}[{i}] (tied={tied}): analytic {a:.6} vs finite difference {numeric:.6}"
-                );
+                    Tensor::from_vec(data, dims.as_slice(), &Device::Cpu).unwrap();
+                loss(model, &batch, &g)
+            };
+            let numeric = (eval(h) - eval(-h)) / (2.0 * h as f64);
+            *model.weights.named_mut()[pi].1 =
+                Tensor::from_vec(original.clone(), dims.as_slice(), &Device::Cpu).unwrap();
+            let a = analytic[i] as f64;
+            let tol = 2e-3 + 2e-2 * a.abs().max(numeric.abs());
+            assert!(
+                (a - numeric).abs() <= tol,
+                "{name}[{i}] ({tag}): analytic {a:.6} vs finite difference {numeric:.6}"
+            );
+        }
+    }
+}
+
+/// Qwen3 (QK-norm, head_dim ≠ hidden/heads) and Llama (scaled RoPE) with every optional bias
+/// on (`attention_bias`, `mlp_bias`): gradients match finite differences, and the decoder's
+/// log-probs equal the training forward's.
+#[test]
+fn other_families_with_biases_match_finite_differences_and_the_decoder() {
+    let families = [
+        serde_json::json!({"model_type": "qwen3", "head_dim": 6, "attention_bias": true}),
+        serde_json::json!({"model_type": "llama", "attention_bias": true, "mlp_bias": true,
+            "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    ];
+    for extra in families {
+        let mut v = serde_json::to_value(tiny_config(false)).unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let config: Qwen2Config = serde_json::from_value(v).unwrap();
+        let mut model = randomized(Qwen2::random(config, 0.4, 9, &Device::Cpu).unwrap(), 9);
+        let names = model.parameter_names();
+        assert!(names.iter().any(|n| n.ends_with("o_proj.bias")), "{extra}");
+        check_finite_differences(&mut model, &extra.to_string());
+        let tokenizer =
+            gpg::tokenizer::train_byte_level_bpe(&["a b c d e f g".to_string()], 300).unwrap();
+        let prompts: Vec<Vec<u32>> = sequences(6).into_iter().map(|(p, _)| p).collect();
+        let params = gpg::rollout::SamplingParams {
+            n: 2,
+            max_new_tokens: 8,
+            temperature: 0.9,
+            ignore_eos: true,
+            seed: 2,
+            ..Default::default()
+        };
+        let out = gpg::rollout::generate(&model, &tokenizer, &prompts, &params).unwrap();
+        for c in &out {
+            let b = TrainBatch::new(&[(&prompts[c.prompt_index], &c.token_ids)]).unwrap();
+            let lp = model.logprobs(&b, 1.0 / 0.9).unwrap().logprobs;
+            for (a, b) in lp.iter().zip(&c.logprobs) {
+                assert!((a - b).abs() < 1e-4, "{extra}: decoder {b} vs forward {a}");
             }
         }
     }

@@ -30,6 +30,11 @@ pub struct DataConfig {
     /// plain shuffle. See [`super::difficulty`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_strategy: Option<SampleStrategy>,
+    /// Extra variables of every chat-template rendering (TRL's `chat_template_kwargs`), e.g.
+    /// `{ enable_thinking = false }` for Qwen3 (its template then closes an empty
+    /// `<think></think>` block after the generation prompt).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Sizes and difficulty of the built-in synthetic task.

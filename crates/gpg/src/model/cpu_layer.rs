@@ -6,7 +6,7 @@
 //! pairs ([`LayerView`]): the forward adds s·B(A·d(x)) after each adapted product; with the
 //! adapter's gradient sink the backward never forms a base weight's gradient.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 use super::layer::{Heads, LayerBackwardOps, LayerCache, LayerOps, Norm, Proj};
@@ -117,6 +117,24 @@ impl LayerGrads<'_> {
             LayerGrads::Adapter(_) => None,
         }
     }
+
+    /// The QK-norm weight's gradient buffer (Qwen3), when base parameters are trained.
+    fn head_norm(&mut self, heads: Heads) -> Result<Option<&mut Vec<f32>>> {
+        match self {
+            LayerGrads::Full(g) => {
+                let a = &mut g.self_attn;
+                let buf = match heads {
+                    Heads::Query => a.q_norm.as_mut(),
+                    Heads::Key => a.k_norm.as_mut(),
+                };
+                match buf {
+                    Some(b) => Ok(Some(b)),
+                    None => bail!("internal: the gradient tree has no QK-norm leaf"),
+                }
+            }
+            LayerGrads::Adapter(_) => Ok(None),
+        }
+    }
 }
 
 /// How a pass attends.
@@ -191,6 +209,15 @@ impl<'a, 'g> CpuLayerOps<'a, 'g> {
         }
     }
 
+    fn head_norm_weight(&self, layer: usize, heads: Heads) -> Result<&'a Tensor> {
+        let a = &self.model.weights.layers[layer].self_attn;
+        match heads {
+            Heads::Query => a.q_norm.as_ref(),
+            Heads::Key => a.k_norm.as_ref(),
+        }
+        .with_context(|| format!("internal: layer {layer} has no QK-norm weight"))
+    }
+
     fn sink(&mut self, layer: usize) -> Result<&mut LayerGrads<'g>> {
         match self.grads.get_mut(layer) {
             Some(g) => Ok(g),
@@ -219,6 +246,17 @@ impl LayerOps for CpuLayerOps<'_, '_> {
         residual: Tensor,
     ) -> Result<Tensor> {
         Ok((&residual + self.view(layer).linear(p, x)?)?)
+    }
+
+    fn qk_norm(&self) -> bool {
+        self.model.config.qk_norm()
+    }
+
+    fn head_norm(&mut self, layer: usize, heads: Heads, x: Tensor) -> Result<(Tensor, Tensor)> {
+        let (t, hd, n) = (x.dim(0)?, self.model.config.head_dim(), self.heads(heads));
+        let w = self.head_norm_weight(layer, heads)?;
+        let (y, rstd) = ops::rms_norm(&x.reshape((t * n, hd))?, w, self.model.config.rms_norm_eps)?;
+        Ok((y.reshape((t, n * hd))?, rstd))
     }
 
     fn rope(&mut self, x: Tensor, heads: Heads) -> Result<Tensor> {
@@ -276,6 +314,24 @@ impl LayerBackwardOps for CpuLayerOps<'_, '_> {
             add_into(buf, &dw)?;
         }
         Ok(dx)
+    }
+
+    fn head_norm_backward(
+        &mut self,
+        layer: usize,
+        heads: Heads,
+        dy: &Tensor,
+        x: &Tensor,
+        rstd: &Tensor,
+    ) -> Result<Tensor> {
+        let (t, hd, n) = (x.dim(0)?, self.model.config.head_dim(), self.heads(heads));
+        let w = self.head_norm_weight(layer, heads)?;
+        let (dx, dw) =
+            ops::rms_norm_backward(&dy.reshape((t * n, hd))?, &x.reshape((t * n, hd))?, w, rstd)?;
+        if let Some(buf) = self.sink(layer)?.head_norm(heads)? {
+            add_into(buf, &dw)?;
+        }
+        Ok(dx.reshape((t, n * hd))?)
     }
 
     fn swiglu_backward(

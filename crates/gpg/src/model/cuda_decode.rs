@@ -125,6 +125,8 @@ struct DevLayer<'w> {
     v: DevLinear<'w>,
     o: DevLinear<'w>,
     post_norm: Held<'w, f32>,
+    /// Qwen3's QK-norm weights [head_dim] (query, key).
+    head_norms: Option<(Held<'w, f32>, Held<'w, f32>)>,
     gate: DevLinear<'w>,
     up: DevLinear<'w>,
     down: DevLinear<'w>,
@@ -176,6 +178,13 @@ impl<'w> CudaDecoder<'w> {
                     v: DevLinear::borrowed(&a.v_proj)?,
                     o: DevLinear::borrowed(&a.o_proj)?,
                     post_norm: Cow::Borrowed(&l.post_attention_layernorm.master),
+                    head_norms: match (&a.q_norm, &a.k_norm) {
+                        (Some(q), Some(k)) => {
+                            Some((Cow::Borrowed(&q.master), Cow::Borrowed(&k.master)))
+                        }
+                        (None, None) => None,
+                        _ => anyhow::bail!("internal: a layer has one QK-norm weight of two"),
+                    },
                     gate: DevLinear::borrowed(&m.gate_proj)?,
                     up: DevLinear::borrowed(&m.up_proj)?,
                     down: DevLinear::borrowed(&m.down_proj)?,
@@ -234,6 +243,11 @@ impl<'w> CudaDecoder<'w> {
                     v: DevLinear::new(g, &a.v_proj)?,
                     o: DevLinear::new(g, &a.o_proj)?,
                     post_norm: upload_f32(g, &l.post_attention_layernorm)?,
+                    head_norms: match (&a.q_norm, &a.k_norm) {
+                        (Some(q), Some(k)) => Some((upload_f32(g, q)?, upload_f32(g, k)?)),
+                        (None, None) => None,
+                        _ => anyhow::bail!("internal: a layer has one QK-norm weight of two"),
+                    },
                     gate: DevLinear::new(g, &m.gate_proj)?,
                     up: DevLinear::new(g, &m.up_proj)?,
                     down: DevLinear::new(g, &m.down_proj)?,
@@ -278,6 +292,11 @@ impl<'w> CudaDecoder<'w> {
 
     fn bf16(&self) -> bool {
         matches!(self.embed, Matrix::Bf16(_))
+    }
+
+    /// Whether the layers normalise each head of q and k (Qwen3).
+    fn qk_norm(&self) -> bool {
+        self.layers.iter().any(|l| l.head_norms.is_some())
     }
 }
 
@@ -324,12 +343,18 @@ struct Acts {
     gate: CudaSlice<f32>,
     up: CudaSlice<f32>,
     h: CudaSlice<f32>,
+    /// QK-norm outputs (Qwen3; one element otherwise), swapped with `q` / `k` after each norm.
+    q_normed: CudaSlice<f32>,
+    k_normed: CudaSlice<f32>,
+    /// 1/rms per (row, head) of the QK-norm (not read by decoding).
+    head_rstd: CudaSlice<f32>,
 }
 
 impl Acts {
     fn new(d: &CudaDecoder<'_>, rows: usize) -> Result<Self> {
         let g = &d.gpu;
         let widest = d.hidden.max(d.intermediate).max(d.q_dim());
+        let qk = d.qk_norm();
         Ok(Acts {
             x: dev::zeros(g, rows * d.hidden)?,
             xn: dev::zeros(g, rows * d.hidden)?,
@@ -342,6 +367,9 @@ impl Acts {
             gate: dev::zeros(g, rows * d.intermediate)?,
             up: dev::zeros(g, rows * d.intermediate)?,
             h: dev::zeros(g, rows * d.intermediate)?,
+            q_normed: dev::zeros(g, if qk { rows * d.q_dim() } else { 1 })?,
+            k_normed: dev::zeros(g, if qk { rows * d.kv_dim() } else { 1 })?,
+            head_rstd: dev::zeros(g, if qk { rows * d.dims.heads } else { 1 })?,
         })
     }
 }
@@ -824,6 +852,38 @@ impl LayerOps for CudaStepOps<'_, '_> {
         let dense = d.layers[layer].dense(p);
         linear(&d.gpu, dense, src, &mut a.x_bf16, self.rows, &mut a.x, true)?;
         Ok(Buf::X)
+    }
+
+    fn qk_norm(&self) -> bool {
+        self.d.qk_norm()
+    }
+
+    /// Normalises each head of q or k into its spare buffer, which then becomes `q` / `k` (a
+    /// swap of the two buffers). The returned 1/rms handle is not this norm's (decoding never
+    /// reads it).
+    fn head_norm(&mut self, layer: usize, heads: Heads, x: Buf) -> Result<(Buf, Buf)> {
+        let d = self.d;
+        let a = &mut *self.acts;
+        let Some((wq, wk)) = &d.layers[layer].head_norms else {
+            anyhow::bail!("internal: layer {layer} has no QK-norm weights");
+        };
+        let (src, spare, w, n_heads) = match (x, heads) {
+            (Buf::Q, Heads::Query) => (&mut a.q, &mut a.q_normed, wq, d.dims.heads),
+            (Buf::K, Heads::Key) => (&mut a.k, &mut a.k_normed, wk, d.dims.kv_heads),
+            (other, _) => return Err(wrong_buffer("head_norm", other)),
+        };
+        dev::rms_norm::<f32>(
+            &d.gpu,
+            src,
+            w,
+            d.eps,
+            self.rows * n_heads,
+            d.dims.head_dim,
+            spare,
+            &mut a.head_rstd,
+        )?;
+        std::mem::swap(src, spare);
+        Ok((x, Buf::Rstd))
     }
 
     fn rope(&mut self, x: Buf, heads: Heads) -> Result<Buf> {

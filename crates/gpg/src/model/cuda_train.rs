@@ -923,6 +923,15 @@ impl<L: Deref<Target = [DecoderLayer<DevParam>]>> CudaLayerOps<'_, L> {
             Heads::Key => self.dims.kv_heads,
         }
     }
+
+    fn head_norm_weight(&self, layer: usize, heads: Heads) -> Result<&DevParam> {
+        let a = &self.layers[layer].self_attn;
+        match heads {
+            Heads::Query => a.q_norm.as_ref(),
+            Heads::Key => a.k_norm.as_ref(),
+        }
+        .with_context(|| format!("internal: layer {layer} has no QK-norm weight"))
+    }
 }
 
 impl<L: Deref<Target = [DecoderLayer<DevParam>]>> LayerOps for CudaLayerOps<'_, L> {
@@ -955,6 +964,25 @@ impl<L: Deref<Target = [DecoderLayer<DevParam>]>> LayerOps for CudaLayerOps<'_, 
         let mut out = residual.into_owned(self.gpu)?;
         dev::add_into(self.gpu, &mut out, y.f32(), n)?;
         Ok(Value::new(out))
+    }
+
+    fn qk_norm(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| l.self_attn.q_norm.is_some())
+    }
+
+    fn head_norm(&mut self, layer: usize, heads: Heads, x: Value) -> Result<(Value, Value)> {
+        let (g, rows, hd) = (
+            self.gpu,
+            self.tokens() * self.heads(heads),
+            self.dims.head_dim,
+        );
+        let mut y = dev::zeros::<f32>(g, rows * hd)?;
+        let mut rstd = dev::zeros::<f32>(g, rows)?;
+        let w = &self.head_norm_weight(layer, heads)?.master;
+        dev::rms_norm::<f32>(g, x.f32(), w, self.eps, rows, hd, &mut y, &mut rstd)?;
+        Ok((Value::new(y), Value::new(rstd)))
     }
 
     fn rope(&mut self, x: Value, heads: Heads) -> Result<Value> {
@@ -1017,6 +1045,31 @@ impl<L: DerefMut<Target = [DecoderLayer<DevParam>]>> LayerBackwardOps for CudaLa
         let (dx, dw) =
             dev::rms_norm_backward::<f32>(g, x.f32(), &w.master, rstd.f32(), dy.f32(), t, h)?;
         dev::add_into(g, &mut w.grad, &dw, h)?;
+        Ok(Value::new(dx))
+    }
+
+    fn head_norm_backward(
+        &mut self,
+        layer: usize,
+        heads: Heads,
+        dy: &Value,
+        x: &Value,
+        rstd: &Value,
+    ) -> Result<Value> {
+        let (g, rows, hd) = (
+            self.gpu,
+            self.tokens() * self.heads(heads),
+            self.dims.head_dim,
+        );
+        let a = &mut self.layers[layer].self_attn;
+        let w = match heads {
+            Heads::Query => a.q_norm.as_mut(),
+            Heads::Key => a.k_norm.as_mut(),
+        }
+        .with_context(|| format!("internal: layer {layer} has no QK-norm weight"))?;
+        let (dx, dw) =
+            dev::rms_norm_backward::<f32>(g, x.f32(), &w.master, rstd.f32(), dy.f32(), rows, hd)?;
+        dev::add_into(g, &mut w.grad, &dw, hd)?;
         Ok(Value::new(dx))
     }
 

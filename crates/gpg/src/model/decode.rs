@@ -118,6 +118,8 @@ struct Layer<'m> {
     v: Dense<'m>,
     o: Dense<'m>,
     post_norm: Vec<f32>,
+    /// Qwen3's QK-norm weights [head_dim] (query, key).
+    head_norms: Option<(Vec<f32>, Vec<f32>)>,
     gate: Dense<'m>,
     up: Dense<'m>,
     down: Dense<'m>,
@@ -169,6 +171,11 @@ pub struct DecodeState {
     up: Vec<f32>,
     h: Vec<f32>,
     logits: Vec<f32>,
+    /// QK-norm outputs (Qwen3; empty otherwise), swapped with `q` / `k` after each norm.
+    q_normed: Vec<f32>,
+    k_normed: Vec<f32>,
+    /// 1/rms per (row, head) of the QK-norm (not read by decoding).
+    head_rstd: Vec<f32>,
 }
 
 impl DecodeState {
@@ -209,6 +216,11 @@ impl<'m> Decoder<'m> {
                     v: Dense::new(&a.v_proj, aa.map(|a| &a.v_proj))?,
                     o: Dense::new(&a.o_proj, aa.map(|a| &a.o_proj))?,
                     post_norm: flat(&l.post_attention_layernorm)?,
+                    head_norms: match (&a.q_norm, &a.k_norm) {
+                        (Some(q), Some(k)) => Some((flat(q)?, flat(k)?)),
+                        (None, None) => None,
+                        _ => anyhow::bail!("internal: layer {i} has one QK-norm weight of two"),
+                    },
                     gate: Dense::new(&m.gate_proj, am.map(|m| &m.gate_proj))?,
                     up: Dense::new(&m.up_proj, am.map(|m| &m.up_proj))?,
                     down: Dense::new(&m.down_proj, am.map(|m| &m.down_proj))?,
@@ -248,6 +260,7 @@ impl<'m> Decoder<'m> {
 
     /// An empty state whose buffers fit `capacity` rows.
     pub fn state(&self, capacity: usize) -> DecodeState {
+        let qk = self.layers.iter().any(|l| l.head_norms.is_some()) as usize;
         DecodeState {
             rows: Vec::with_capacity(capacity),
             x: vec![0.0; capacity * self.hidden],
@@ -261,6 +274,9 @@ impl<'m> Decoder<'m> {
             up: vec![0.0; capacity * self.intermediate],
             h: vec![0.0; capacity * self.intermediate],
             logits: vec![0.0; capacity * self.vocab],
+            q_normed: vec![0.0; qk * capacity * self.q_dim()],
+            k_normed: vec![0.0; qk * capacity * self.kv_dim()],
+            head_rstd: vec![0.0; qk * capacity * self.n_heads],
         }
     }
 
@@ -483,6 +499,43 @@ impl LayerOps for StepOps<'_, '_, '_> {
         self.s
             .with_dst(*x, residual, |x, y| dense.apply(x, rows, y, true))?;
         Ok(residual)
+    }
+
+    fn qk_norm(&self) -> bool {
+        self.d.layers.iter().any(|l| l.head_norms.is_some())
+    }
+
+    /// Normalises each head of q or k into its spare buffer, which then becomes `Q` / `K` (a
+    /// pointer swap). The returned 1/rms handle is not this norm's (decoding never reads it).
+    fn head_norm(&mut self, layer: usize, heads: Heads, x: Buf) -> Result<(Buf, Buf)> {
+        let (n_heads, width) = match heads {
+            Heads::Query => (self.d.n_heads, self.d.q_dim()),
+            Heads::Key => (self.d.n_kv_heads, self.d.kv_dim()),
+        };
+        let Some((wq, wk)) = &self.d.layers[layer].head_norms else {
+            anyhow::bail!("internal: layer {layer} has no QK-norm weights");
+        };
+        let (w, spare) = match heads {
+            Heads::Query => (wq, &mut self.s.q_normed),
+            Heads::Key => (wk, &mut self.s.k_normed),
+        };
+        let mut out = std::mem::take(spare);
+        let mut rstd = std::mem::take(&mut self.s.head_rstd);
+        let n = self.rows * width;
+        rms_norm::forward(
+            &self.s.buf(x)[..n],
+            w,
+            self.d.eps,
+            &mut out[..n],
+            &mut rstd[..self.rows * n_heads],
+        );
+        let before = std::mem::replace(self.s.buf_mut(x), out);
+        match heads {
+            Heads::Query => self.s.q_normed = before,
+            Heads::Key => self.s.k_normed = before,
+        }
+        self.s.head_rstd = rstd;
+        Ok((x, Buf::Rstd))
     }
 
     fn rope(&mut self, x: Buf, heads: Heads) -> Result<Buf> {

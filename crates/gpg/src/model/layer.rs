@@ -7,6 +7,7 @@
 //! ```text
 //! xn    = rms_norm(x, input_layernorm)                    rstd1 = 1/rms(x)
 //! q,k,v = xn·Wqᵀ+bq, xn·Wkᵀ+bk, xn·Wvᵀ+bv                q:[T,nh,hd]  k,v:[T,nkv,hd]
+//! q,k   = rms_norm(q, q_norm), rms_norm(k, k_norm)        Qwen3 only: over each head's hd values
 //! qr,kr = rope(q), rope(k)
 //! att   = attend(qr, kr, v)       packed causal (training, prefill) or over the KV cache
 //! xm    = x + att·Woᵀ
@@ -24,6 +25,7 @@
 //! dxm         = dx' + rms_norm_backward(dxn2, xm)         (+ ∂post_attention_layernorm)
 //! datt        = dxm·Wo            (+ ∂Wo)
 //! dq, dk, dv  = attention_backward(datt, qr, kr, v, att, lse); dq, dk = rope_backward(dq, dk)
+//! dq, dk      = rms_norm_backward(dq, q), rms_norm_backward(dk, k)   (Qwen3: + ∂q_norm, ∂k_norm)
 //! dxn         = dq·Wq + dk·Wk + dv·Wv                     (+ ∂Wq, ∂Wk, ∂Wv, ∂b)
 //! dx          = dxm + rms_norm_backward(dxn, x)           (+ ∂input_layernorm)
 //! ```
@@ -176,6 +178,20 @@ pub trait LayerOps {
         residual: Self::Act,
     ) -> Result<Self::Act>;
 
+    /// Whether the model normalises each head of q and k before the rotation (Qwen3's
+    /// QK-norm; then [`Self::head_norm`] runs on q and k).
+    fn qk_norm(&self) -> bool;
+
+    /// Qwen3's QK-norm: (rms_norm of each head of x, weight `q_norm` or `k_norm` [head_dim],
+    /// 1/rms per (row, head)) — the model's RMSNorm on x seen as [rows·heads, head_dim]. x
+    /// from [`Self::linear`] of Q or K; a backend may normalise its storage in place.
+    fn head_norm(
+        &mut self,
+        layer: usize,
+        heads: Heads,
+        x: Self::Act,
+    ) -> Result<(Self::Act, Self::Act)>;
+
     /// x rotated to the pass's positions (x from [`Self::linear`] of Q or K).
     fn rope(&mut self, x: Self::Act, heads: Heads) -> Result<Self::Act>;
 
@@ -210,6 +226,17 @@ pub struct LayerCache<A> {
     pub rstd2: A,
     pub gate: A,
     pub up: A,
+    /// What the QK-norm's backward reads (Qwen3), `None` without QK-norm.
+    pub qk_norm: Option<QkNormCache<A>>,
+}
+
+/// The inputs of Qwen3's QK-norm (q, k before the norm, [rows, heads·hd]) and their 1/rms
+/// per (row, head).
+pub struct QkNormCache<A> {
+    pub q: A,
+    pub k: A,
+    pub rstd_q: A,
+    pub rstd_k: A,
 }
 
 /// The backward ops of a decoder layer. Parameter gradients go where the backend's sink says
@@ -252,6 +279,17 @@ pub trait LayerBackwardOps: LayerOps {
         cache: &LayerCache<Self::Act>,
     ) -> Result<(Self::Act, Self::Act, Self::Act)>;
 
+    /// Backward of [`LayerOps::head_norm`]: given dy = ∂L/∂(normed x) and x before the norm,
+    /// adds ∂q_norm or ∂k_norm to the sink (when norms train) and returns ∂L/∂x.
+    fn head_norm_backward(
+        &mut self,
+        layer: usize,
+        heads: Heads,
+        dy: &Self::Act,
+        x: &Self::Act,
+        rstd: &Self::Act,
+    ) -> Result<Self::Act>;
+
     /// The gradient before the rotation, given the one after it.
     fn rope_backward(&mut self, dx: Self::Act, heads: Heads) -> Result<Self::Act>;
 
@@ -276,11 +314,26 @@ pub fn layer_forward<O: LayerOps>(
     let q = ops.linear(layer, Proj::Q, &xn)?;
     let k = ops.linear(layer, Proj::K, &xn)?;
     let v = ops.linear(layer, Proj::V, &xn)?;
+    let keep = pass != LayerPass::Output;
+    let (q, k, qk_norm) = if ops.qk_norm() {
+        let q_in = keep.then(|| q.clone());
+        let (q, rstd_q) = ops.head_norm(layer, Heads::Query, q)?;
+        let k_in = keep.then(|| k.clone());
+        let (k, rstd_k) = ops.head_norm(layer, Heads::Key, k)?;
+        let cache = q_in.zip(k_in).map(|(q, k)| QkNormCache {
+            q,
+            k,
+            rstd_q,
+            rstd_k,
+        });
+        (q, k, cache)
+    } else {
+        (q, k, None)
+    };
     let q = ops.rope(q, Heads::Query)?;
     let k = ops.rope(k, Heads::Key)?;
     let (att, lse) = ops.attend(layer, &q, &k, &v)?;
     // A backend that updates the residual in place needs x no more once it is kept.
-    let keep = pass != LayerPass::Output;
     let x_kept = keep.then(|| x.clone());
     let xm = ops.residual_linear(layer, Proj::O, &att, x)?;
     let (xn2, rstd2) = ops.rms_norm(layer, Norm::PostAttention, &xm)?;
@@ -307,6 +360,7 @@ pub fn layer_forward<O: LayerOps>(
             rstd2,
             gate,
             up,
+            qk_norm,
         }),
         (Some(_), _, None) => anyhow::bail!(
             "internal: layer {layer}: the pass keeps activations but its attention kept no log-sum-exp"
@@ -341,6 +395,13 @@ pub fn layer_backward<O: LayerBackwardOps>(
     let (dq, dk, dv) = ops.attention_backward(&datt, lc)?;
     let dq = ops.rope_backward(dq, Heads::Query)?;
     let dk = ops.rope_backward(dk, Heads::Key)?;
+    let (dq, dk) = match &lc.qk_norm {
+        Some(n) => (
+            ops.head_norm_backward(layer, Heads::Query, &dq, &n.q, &n.rstd_q)?,
+            ops.head_norm_backward(layer, Heads::Key, &dk, &n.k, &n.rstd_k)?,
+        ),
+        None => (dq, dk),
+    };
     let (xn, _) = ops.rms_norm(layer, Norm::Input, &lc.x)?;
     let dxn_q = ops.linear_backward(layer, Proj::Q, &dq, &xn)?;
     let dxn_k = ops.linear_backward(layer, Proj::K, &dk, &xn)?;

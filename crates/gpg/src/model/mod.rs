@@ -36,7 +36,7 @@ pub use qwen2_vl::{Qwen2VL, Qwen2VLConfig, VlBatch, VlGrads, VlSequence};
 impl Qwen2 {
     /// Writes the model in Hugging Face format (config.json, model.safetensors in the model's
     /// own dtype: f32, or bf16 for a bf16 model), loadable by transformers'
-    /// `Qwen2ForCausalLM.from_pretrained`. Each file is written atomically.
+    /// `{Qwen2,Qwen3,Llama}ForCausalLM.from_pretrained` (the model's family). Each file is written atomically.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         self.save_pretrained_as(dir, self.precision().matrix_dtype())
     }
@@ -45,13 +45,14 @@ impl Qwen2 {
     pub fn save_pretrained_as(&self, dir: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        let family = self.config.family()?;
         let mut config = serde_json::to_value(&self.config)?;
         if let Some(obj) = config.as_object_mut() {
             obj.insert(
                 "architectures".into(),
-                serde_json::json!(["Qwen2ForCausalLM"]),
+                serde_json::json!([family.architecture()]),
             );
-            obj.insert("model_type".into(), "qwen2".into());
+            obj.insert("model_type".into(), family.model_type().into());
             let name = match dtype {
                 DType::BF16 => "bfloat16",
                 DType::F16 => "float16",

@@ -9,12 +9,16 @@
 //! model.layers.N.input_layernorm.weight             [H]
 //! model.layers.N.self_attn.{q,k,v}_proj.{weight,bias}  [q_dim|kv_dim, H], [q_dim|kv_dim]
 //! model.layers.N.self_attn.o_proj.weight            [H, q_dim]
+//! model.layers.N.self_attn.{q,k}_norm.weight        [head_dim]  (Qwen3 only)
 //! model.layers.N.post_attention_layernorm.weight    [H]
 //! model.layers.N.mlp.{gate,up}_proj.weight          [I, H]
 //! model.layers.N.mlp.down_proj.weight               [H, I]
 //! model.norm.weight                                 [H]
 //! lm_head.weight                                    [V, H]   (absent when tied)
 //! ```
+//!
+//! Biases follow the family (config.rs: q/k/v always in Qwen2, `attention_bias` also on o_proj
+//! in Qwen3 and Llama, `mlp_bias` on the MLP in Llama).
 //!
 //! [`Qwen2Params::visit`] yields every leaf with its HF name in this fixed order; `visit_mut`,
 //! `try_map` and [`Qwen2Params::zip_mut`] are built on the same walk. Two trees are matched by
@@ -37,6 +41,10 @@ pub struct Attention<T> {
     pub k_proj: Linear<T>,
     pub v_proj: Linear<T>,
     pub o_proj: Linear<T>,
+    /// Qwen3's RMSNorm weight over each query head [head_dim] (`None` in other families).
+    pub q_norm: Option<T>,
+    /// Qwen3's RMSNorm weight over each key head [head_dim].
+    pub k_norm: Option<T>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,12 +108,12 @@ impl<T> Attention<T> {
     fn linears(&self) -> [&Linear<T>; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
-    fn linears_mut(&mut self) -> [&mut Linear<T>; 4] {
+    /// The QK-norm weights with their HF names (after the projections, as transformers
+    /// lists them).
+    fn head_norms(&self) -> [(&'static str, Option<&T>); 2] {
         [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.o_proj,
+            ("q_norm", self.q_norm.as_ref()),
+            ("k_norm", self.k_norm.as_ref()),
         ]
     }
 }
@@ -179,16 +187,36 @@ impl<T> Qwen2Params<T> {
                 },
             })
         };
+        let (qkv_b, o_b, mlp_b) = (config.qkv_bias(), config.o_proj_bias(), config.mlp_bias());
+        let hd = config.head_dim();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let input_layernorm =
                 leaf(format!("{p}.input_layernorm.weight"), LeafKind::Norm, &[h])?;
+            let q_proj = linear(&mut leaf, format!("{p}.self_attn.q_proj"), qd, h, qkv_b)?;
+            let k_proj = linear(&mut leaf, format!("{p}.self_attn.k_proj"), kvd, h, qkv_b)?;
+            let v_proj = linear(&mut leaf, format!("{p}.self_attn.v_proj"), kvd, h, qkv_b)?;
+            let o_proj = linear(&mut leaf, format!("{p}.self_attn.o_proj"), h, qd, o_b)?;
+            let mut head_norm = |name: &str| -> Result<Option<T>> {
+                config
+                    .qk_norm()
+                    .then(|| {
+                        leaf(
+                            format!("{p}.self_attn.{name}.weight"),
+                            LeafKind::Norm,
+                            &[hd],
+                        )
+                    })
+                    .transpose()
+            };
             let self_attn = Attention {
-                q_proj: linear(&mut leaf, format!("{p}.self_attn.q_proj"), qd, h, true)?,
-                k_proj: linear(&mut leaf, format!("{p}.self_attn.k_proj"), kvd, h, true)?,
-                v_proj: linear(&mut leaf, format!("{p}.self_attn.v_proj"), kvd, h, true)?,
-                o_proj: linear(&mut leaf, format!("{p}.self_attn.o_proj"), h, qd, false)?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                q_norm: head_norm("q_norm")?,
+                k_norm: head_norm("k_norm")?,
             };
             let post_attention_layernorm = leaf(
                 format!("{p}.post_attention_layernorm.weight"),
@@ -196,9 +224,9 @@ impl<T> Qwen2Params<T> {
                 &[h],
             )?;
             let mlp = Mlp {
-                gate_proj: linear(&mut leaf, format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                up_proj: linear(&mut leaf, format!("{p}.mlp.up_proj"), inter, h, false)?,
-                down_proj: linear(&mut leaf, format!("{p}.mlp.down_proj"), h, inter, false)?,
+                gate_proj: linear(&mut leaf, format!("{p}.mlp.gate_proj"), inter, h, mlp_b)?,
+                up_proj: linear(&mut leaf, format!("{p}.mlp.up_proj"), inter, h, mlp_b)?,
+                down_proj: linear(&mut leaf, format!("{p}.mlp.down_proj"), h, inter, mlp_b)?,
             };
             layers.push(DecoderLayer {
                 input_layernorm,
@@ -233,6 +261,11 @@ impl<T> Qwen2Params<T> {
             for (name, lin) in ATTN.iter().zip(layer.self_attn.linears()) {
                 visit_linear(&format!("{p}.self_attn.{name}"), lin, &mut f);
             }
+            for (name, w) in layer.self_attn.head_norms() {
+                if let Some(w) = w {
+                    f(&format!("{p}.self_attn.{name}.weight"), w);
+                }
+            }
             f(
                 &format!("{p}.post_attention_layernorm.weight"),
                 &layer.post_attention_layernorm,
@@ -256,8 +289,19 @@ impl<T> Qwen2Params<T> {
                 &format!("{p}.input_layernorm.weight"),
                 &mut layer.input_layernorm,
             );
-            for (name, lin) in ATTN.iter().zip(layer.self_attn.linears_mut()) {
+            let attn = &mut layer.self_attn;
+            for (name, lin) in ATTN.iter().zip([
+                &mut attn.q_proj,
+                &mut attn.k_proj,
+                &mut attn.v_proj,
+                &mut attn.o_proj,
+            ]) {
                 visit_linear_mut(&format!("{p}.self_attn.{name}"), lin, &mut f);
+            }
+            for (name, w) in [("q_norm", &mut attn.q_norm), ("k_norm", &mut attn.k_norm)] {
+                if let Some(w) = w {
+                    f(&format!("{p}.self_attn.{name}.weight"), w);
+                }
             }
             f(
                 &format!("{p}.post_attention_layernorm.weight"),
@@ -288,6 +332,14 @@ impl<T> Qwen2Params<T> {
                     k_proj: a.k_proj.try_map(&format!("{p}.self_attn.k_proj"), &mut f)?,
                     v_proj: a.v_proj.try_map(&format!("{p}.self_attn.v_proj"), &mut f)?,
                     o_proj: a.o_proj.try_map(&format!("{p}.self_attn.o_proj"), &mut f)?,
+                    q_norm: match &a.q_norm {
+                        Some(w) => Some(f(&format!("{p}.self_attn.q_norm.weight"), w)?),
+                        None => None,
+                    },
+                    k_norm: match &a.k_norm {
+                        Some(w) => Some(f(&format!("{p}.self_attn.k_norm.weight"), w)?),
+                        None => None,
+                    },
                 },
                 post_attention_layernorm: f(
                     &format!("{p}.post_attention_layernorm.weight"),

@@ -239,34 +239,36 @@ impl Qwen2 {
             .collect();
         if !unexpected.is_empty() {
             bail!(
-                "{}: the checkpoint holds tensors this Qwen2 model does not use: {:?}",
+                "{}: the checkpoint holds tensors this {} model does not use: {:?}",
                 dir.display(),
+                config.family()?.architecture(),
                 unexpected
             );
         }
-        Ok(Self::assemble(config, weights, precision, device))
+        Self::assemble(config, weights, precision, device)
     }
 
-    /// The model from its weights (the rotary tables are derived from the config).
+    /// The model from its weights (the rotary tables are derived from the config: its base and
+    /// its scaling, see [`Qwen2Config::rope_inv_freq`]).
     pub fn assemble(
         config: Qwen2Config,
         weights: Weights,
         precision: Precision,
         device: &Device,
-    ) -> Self {
-        let rope = Rope::new(
+    ) -> Result<Self> {
+        let rope = Rope::from_inv_freq(
             config.head_dim(),
-            config.rope_theta(),
+            &config.rope_inv_freq()?,
             config.max_position_embeddings,
         );
-        Self {
+        Ok(Self {
             config,
             weights,
             precision,
             rope,
             device: device.clone(),
             adapter: None,
-        }
+        })
     }
 
     /// The LoRA adapter, when one is attached.
@@ -331,7 +333,7 @@ impl Qwen2 {
                 LeafKind::Norm => Tensor::ones(n, DType::F32, device)?,
             })
         })?;
-        Ok(Self::assemble(config, weights, Precision::F32, device))
+        Self::assemble(config, weights, Precision::F32, device)
     }
 
     /// The same model with its weight matrices converted to `precision` (rounded to nearest
@@ -344,7 +346,7 @@ impl Qwen2 {
             let kind = kinds.get(name).copied().unwrap_or(LeafKind::Norm);
             Ok(t.to_dtype(leaf_dtype(kind, precision))?)
         })?;
-        let mut model = Self::assemble(self.config.clone(), weights, precision, &self.device);
+        let mut model = Self::assemble(self.config.clone(), weights, precision, &self.device)?;
         // The adapter's A and B stay f32 in every precision.
         model.adapter = self.adapter.clone();
         Ok(model)

@@ -466,7 +466,7 @@ impl Qwen2VL {
                 unexpected
             );
         }
-        let text = Qwen2::assemble(config.text.clone(), text_weights, precision, device);
+        let text = Qwen2::assemble(config.text.clone(), text_weights, precision, device)?;
         Ok(Qwen2VL {
             config,
             text,

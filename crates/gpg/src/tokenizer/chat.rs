@@ -78,6 +78,7 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         tokens: &TemplateTokens,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         if messages.is_empty() {
             bail!("cannot apply the chat template to an empty conversation");
@@ -101,6 +102,11 @@ impl ChatTemplate {
             if let Some(token) = token {
                 ctx.insert(name, Value::from(token.as_str()));
             }
+        }
+        // Caller variables (transformers' **kwargs of apply_chat_template, e.g. Qwen3's
+        // `enable_thinking`) come last and override.
+        for (name, value) in kwargs {
+            ctx.insert(name.as_str(), Value::from_serialize(value));
         }
         template
             .render(ctx)
@@ -194,7 +200,7 @@ mod tests {
             eos_token: Some("</s>".into()),
             pad_token: None,
         };
-        ChatTemplate::compile(src)?.render(messages, gen, &tokens)
+        ChatTemplate::compile(src)?.render(messages, gen, &tokens, &serde_json::Map::new())
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct Tokenizer {
     special_token_ids: Vec<u32>,
     /// One more than the largest id.
     vocab_size: usize,
+    /// Extra variables of every chat-template rendering (transformers'
+    /// `apply_chat_template(..., **kwargs)`, TRL's `chat_template_kwargs`), e.g. Qwen3's
+    /// `enable_thinking`.
+    template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -209,6 +213,7 @@ impl Tokenizer {
             pad_token_id,
             special_token_ids,
             vocab_size,
+            template_kwargs: serde_json::Map::new(),
         })
     }
 
@@ -332,6 +337,31 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with(messages, add_generation_prompt, &self.template_kwargs)
+    }
+
+    /// The variables every rendering of the chat template gets besides the conversation (see
+    /// [`Self::set_chat_template_kwargs`]).
+    pub fn chat_template_kwargs(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.template_kwargs
+    }
+
+    /// Sets extra template variables for every later rendering (and so for
+    /// [`Self::encode_prompt`]), as transformers' `apply_chat_template(..., **kwargs)`: e.g.
+    /// `{"enable_thinking": false}` for Qwen3, whose template then closes an empty
+    /// `<think></think>` block after the generation prompt.
+    pub fn set_chat_template_kwargs(&mut self, kwargs: serde_json::Map<String, serde_json::Value>) {
+        self.template_kwargs = kwargs;
+    }
+
+    /// [`Self::apply_chat_template`] with the template variables `kwargs` (they override the
+    /// special-token variables of the same name, as in transformers).
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let Some(template) = &self.chat_template else {
             bail!("this tokenizer has no chat template (tokenizer_config.json has no `chat_template`)");
         };
@@ -340,7 +370,7 @@ impl Tokenizer {
             eos_token: self.config.eos_token.clone(),
             pad_token: self.config.pad_token.clone(),
         };
-        template.render(messages, add_generation_prompt, &tokens)
+        template.render(messages, add_generation_prompt, &tokens, kwargs)
     }
 
     /// Token ids of a dataset prompt: raw text as is, chat messages through the chat template

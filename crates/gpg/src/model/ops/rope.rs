@@ -36,10 +36,17 @@ impl Rope {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
             .collect();
+        Self::from_inv_freq(head_dim, &inv_freq, max_positions)
+    }
+
+    /// Tables for given inverse frequencies (head_dim/2 of them; a scaled RoPE such as Llama
+    /// 3's computes its own, `Qwen2Config::rope_inv_freq`): angle = (pos as f32)·inv_freq_i.
+    pub fn from_inv_freq(head_dim: usize, inv_freq: &[f32], max_positions: usize) -> Rope {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
-            for &f in &inv_freq {
+            for &f in inv_freq {
                 let angle = pos as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());

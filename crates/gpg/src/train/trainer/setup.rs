@@ -88,7 +88,8 @@ impl Trainer {
         })?;
         // Only rank 0 reads the checkpoint's weights; the others receive them below.
         let (mut model, model_dir) = load_policy(&config, resume_from.as_deref().filter(|_| root))?;
-        let tokenizer = Tokenizer::from_dir(&model_dir)?;
+        let mut tokenizer = Tokenizer::from_dir(&model_dir)?;
+        tokenizer.set_chat_template_kwargs(config.data.chat_template_kwargs.clone());
         let reference = load_reference(&config, &model)?;
         let comm = Comm::new(collective.clone());
         comm.timed(|| model.broadcast_weights(&*collective))?;

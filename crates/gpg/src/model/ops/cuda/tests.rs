@@ -818,3 +818,97 @@ fn gpu_train_step_matches_the_cpu_engine() {
         }
     }
 }
+
+/// Qwen3 (QK-norm, head_dim ≠ hidden/heads) and Llama 3 (scaled RoPE, all optional biases) on
+/// the GPU: the train step's log-probs and every gradient (QK-norm weights included) against
+/// the CPU engine, and the GPU decoder's prefill and steps against the CPU decoder (f32).
+#[test]
+fn gpu_qwen3_and_llama_match_the_cpu_engine_and_decoder() {
+    use crate::model::decoding::DecodeEngine;
+    use crate::model::{Activations, Qwen2, TrainBatch};
+    use crate::optim::AdamWConfig;
+    let Some(g) = gpu() else { return };
+    for extra in [
+        serde_json::json!({"model_type": "qwen3", "head_dim": 64}),
+        serde_json::json!({"model_type": "llama", "attention_bias": true, "mlp_bias": true,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ] {
+        let mut v = serde_json::json!({
+            "vocab_size": 300, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": false
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let config: crate::model::Qwen2Config = serde_json::from_value(v).unwrap();
+        let model = Qwen2::random(config, 0.3, 17, &candle_core::Device::Cpu).unwrap();
+        let what = extra.to_string();
+        let (p0, c0) = ([1u32, 2, 3], [4u32, 5, 6, 7, 200]);
+        let (p1, c1) = ([9u32], [10u32, 11, 299]);
+        let batch = TrainBatch::new(&[(&p0[..], &c0[..]), (&p1[..], &c1[..])]).unwrap();
+        let gt = rand_vec(&mut rng(3), batch.targets.len(), 1.0);
+        let (lp, cache) = model
+            .forward_train_with(&batch, 1.0, Activations::All)
+            .unwrap();
+        let cpu_grads = model.backward(&batch, cache, &gt).unwrap();
+        let mut step =
+            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model, AdamWConfig::default())
+                .unwrap();
+        let (lpg, cg) = step.forward(&batch, 1.0).unwrap();
+        close(
+            &lpg.logprobs,
+            &lp.logprobs,
+            1e-5,
+            1e-5,
+            &format!("{what}: logprobs"),
+        );
+        step.backward(&batch, cg, &gt).unwrap();
+        let gpu_grads = step.gradients().unwrap();
+        let cpu_grads = cpu_grads.named();
+        assert_eq!(cpu_grads.len(), gpu_grads.len(), "{what}");
+        for ((name, want), (gname, got)) in cpu_grads.iter().zip(&gpu_grads) {
+            assert_eq!(name, gname);
+            let num: f64 = want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+            let rel = (num / den.max(1e-30)).sqrt();
+            assert!(
+                rel <= 1e-4,
+                "{what}: gradient of {name}: relative L2 error {rel}"
+            );
+        }
+        let cuda = crate::model::cuda_decode::CudaDecoder::new(g.clone(), &model).unwrap();
+        let mut a = DecodeEngine::new_batch(&model, 2, 20).unwrap();
+        let mut b = cuda.new_batch(2, 20).unwrap();
+        let prompts = [vec![3u32, 1, 4, 1, 5], vec![9u32, 2, 6]];
+        for batch in [&mut a, &mut b] {
+            batch.push_prompts(&prompts, 1, 12).unwrap();
+        }
+        close(
+            &b.logits().unwrap(),
+            &a.logits().unwrap(),
+            1e-4,
+            0.0,
+            &format!("{what}: prefill"),
+        );
+        for s in 0..4u32 {
+            let tokens = [s * 13 % 300, s * 29 % 300];
+            let pos = [5 + s, 3 + s];
+            a.step(&tokens, &pos).unwrap();
+            b.step(&tokens, &pos).unwrap();
+            close(
+                &b.logits().unwrap(),
+                &a.logits().unwrap(),
+                1e-4,
+                0.0,
+                &format!("{what}: step {s}"),
+            );
+        }
+    }
+}
