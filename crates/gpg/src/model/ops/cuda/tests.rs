@@ -210,9 +210,9 @@ fn gpu_rope_swiglu_match_the_cpu() {
         rand_vec(&mut r, n, 2.0),
         rand_vec(&mut r, n, 1.0),
     );
-    let (gt, ut) = (tensor(&ga, &[n]), tensor(&ua, &[n]));
+    let (gt, ut) = (tensor(&ga, &[50, n / 50]), tensor(&ua, &[50, n / 50]));
     let h_ref = values(&cpu_ops::swiglu(&gt, &ut).unwrap());
-    let (dg_ref, du_ref) = cpu_ops::swiglu_backward(&tensor(&dh, &[n]), &gt, &ut).unwrap();
+    let (dg_ref, du_ref) = cpu_ops::swiglu_backward(&tensor(&dh, &[50, n / 50]), &gt, &ut).unwrap();
     let (gd, ud, dhd) = (
         dev::upload(&g, &ga).unwrap(),
         dev::upload(&g, &ua).unwrap(),
