@@ -636,6 +636,9 @@ impl DecodeBatch for CudaDecodeBatch<'_> {
             return Ok(());
         }
         d.check_inputs(tokens, positions)?;
+        // Room for this step's position in every row, checked before kv_append writes it (it
+        // writes at lens[r], which must lie inside the row's blocks).
+        self.tables.check_room()?;
         let kvd = d.kv_dim();
         let (table, max_blocks) = self.tables.table();
         let lens_before = self.tables.lens().to_vec();

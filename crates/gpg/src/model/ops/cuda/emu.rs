@@ -285,7 +285,12 @@ impl Emu {
                 .iter_mut()
                 .map(|v| v as *mut u64 as *mut c_void)
                 .collect();
-            let rc = f(&cfg, ptrs.as_mut_ptr(), args.sizes.as_ptr(), args.sizes.len());
+            let rc = f(
+                &cfg,
+                ptrs.as_mut_ptr(),
+                args.sizes.as_ptr(),
+                args.sizes.len(),
+            );
             if rc != 0 {
                 let e: libloading::Symbol<ErrorFn> = self
                     .lib
@@ -375,7 +380,8 @@ impl<'a> Args<'a> {
                 bytes: b.n * std::mem::size_of::<T>(),
             },
         ));
-        self.vals.push(b.ptr() + (offset * std::mem::size_of::<T>()) as u64);
+        self.vals
+            .push(b.ptr() + (offset * std::mem::size_of::<T>()) as u64);
         self.sizes.push(8);
         self
     }
@@ -475,11 +481,9 @@ impl<T: Copy> DevBuf<T> {
 
 impl<T> Drop for DevBuf<T> {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(
-            2 * GUARD + self.n * std::mem::size_of::<T>(),
-            256,
-        )
-        .expect("buffer layout");
+        let layout =
+            std::alloc::Layout::from_size_align(2 * GUARD + self.n * std::mem::size_of::<T>(), 256)
+                .expect("buffer layout");
         // SAFETY: allocated with this layout in `poisoned`.
         unsafe { std::alloc::dealloc(self.base, layout) };
     }

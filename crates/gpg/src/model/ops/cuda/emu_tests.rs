@@ -336,16 +336,30 @@ fn emulated_attention_forward_backward_and_decode_match_the_cpu() {
             let (sd, ed) = (DevBuf::from_slice(&start), DevBuf::from_slice(&end));
             let out = DevBuf::<f32>::poisoned(t * nh * hd);
             let lse = DevBuf::<f32>::poisoned(t * nh);
-            fn dims(a: Args<'_>, t: usize, nh: usize, nkv: usize, hd: usize, scale: f32) -> Args<'_> {
+            fn dims(
+                a: Args<'_>,
+                t: usize,
+                nh: usize,
+                nkv: usize,
+                hd: usize,
+                scale: f32,
+            ) -> Args<'_> {
                 a.i32(t as i32)
                     .i32(nh as i32)
                     .i32(nkv as i32)
                     .i32(hd as i32)
                     .f32(scale)
             }
-            let args = dims(Args::new().buf(&qd).buf(&kd).buf(&vd).buf(&sd), t, nh, nkv, hd, scale)
-                .buf(&out)
-                .buf(&lse);
+            let args = dims(
+                Args::new().buf(&qd).buf(&kd).buf(&vd).buf(&sd),
+                t,
+                nh,
+                nkv,
+                hd,
+                scale,
+            )
+            .buf(&out)
+            .buf(&lse);
             e.run(
                 "attention_fwd",
                 plan::attention_launch(t, nh, 1, hd).unwrap(),
@@ -411,10 +425,28 @@ fn emulated_attention_forward_backward_and_decode_match_the_cpu() {
                 plan::attention_launch(t, nkv, 2, hd).unwrap(),
                 &args,
             );
-            vec![out.to_vec(), lse.to_vec(), dq.to_vec(), dk.to_vec(), dv.to_vec()]
+            vec![
+                out.to_vec(),
+                lse.to_vec(),
+                dq.to_vec(),
+                dk.to_vec(),
+                dv.to_vec(),
+            ]
         });
-        close(&got[0], &values(&out_ref), 1e-5, 0.0, &format!("{what}: out"));
-        close(&got[1], &values(&lse_ref), 1e-5, 0.0, &format!("{what}: lse"));
+        close(
+            &got[0],
+            &values(&out_ref),
+            1e-5,
+            0.0,
+            &format!("{what}: out"),
+        );
+        close(
+            &got[1],
+            &values(&lse_ref),
+            1e-5,
+            0.0,
+            &format!("{what}: lse"),
+        );
         close(&got[2], &values(&dq_ref), 1e-5, 0.0, &format!("{what}: dq"));
         close(&got[3], &values(&dk_ref), 1e-5, 0.0, &format!("{what}: dk"));
         close(&got[4], &values(&dv_ref), 1e-5, 0.0, &format!("{what}: dv"));
@@ -464,7 +496,10 @@ fn emulated_attention_forward_backward_and_decode_match_the_cpu() {
                     .flat_map(|&p| v[p * kvd..(p + 1) * kvd].to_vec())
                     .collect();
                 let (knd, vnd) = (DevBuf::from_slice(&kn), DevBuf::from_slice(&vn));
-                let (td, bd) = (DevBuf::from_slice(&table), DevBuf::from_slice(tables.lens()));
+                let (td, bd) = (
+                    DevBuf::from_slice(&table),
+                    DevBuf::from_slice(tables.lens()),
+                );
                 tables.check_room().unwrap();
                 let args = Args::new()
                     .buf(&knd)
@@ -710,7 +745,7 @@ fn emulated_adamw_and_grad_norm_match_the_cpu() {
     let p0 = rand_vec(&mut r, n, 1.0);
     let grad = rand_vec(&mut r, n, 0.1);
     let cfg = crate::optim::AdamWConfig::default();
-    let mut cpu = crate::optim::AdamW::new(cfg.clone()).unwrap();
+    let mut cpu = crate::optim::AdamW::new(cfg).unwrap();
     let mut p_ref = p0.clone();
     let steps: Vec<_> = (1..=3u64)
         .map(|step| {
@@ -745,7 +780,12 @@ fn emulated_adamw_and_grad_norm_match_the_cpu() {
         let (md, vd) = (DevBuf::filled(n, 0f32), DevBuf::filled(n, 0f32));
         let wb = DevBuf::<u16>::poisoned(n);
         for (i, s) in steps.iter().enumerate() {
-            let mut args = Args::new().buf(&pd).buf(&gd).buf(&md).buf(&vd).u64(n as u64);
+            let mut args = Args::new()
+                .buf(&pd)
+                .buf(&gd)
+                .buf(&md)
+                .buf(&vd)
+                .u64(n as u64);
             for &x in s {
                 args = args.f32(x);
             }
@@ -760,7 +800,11 @@ fn emulated_adamw_and_grad_norm_match_the_cpu() {
 
     // The global norm: two tensors' partials, then their sum in order.
     let grad2 = rand_vec(&mut r, 100_003, 0.5);
-    let want: f64 = grad.iter().chain(&grad2).map(|&x| x as f64 * x as f64).sum();
+    let want: f64 = grad
+        .iter()
+        .chain(&grad2)
+        .map(|&x| x as f64 * x as f64)
+        .sum();
     let blocks = plan::GRAD_NORM_BLOCKS;
     let got = in_both_orders("grad norm", || {
         let partial = DevBuf::<f64>::poisoned(2 * blocks);
@@ -790,10 +834,7 @@ fn emulated_adamw_and_grad_norm_match_the_cpu() {
     for threads in [32u32, 96, 1000, 1024] {
         let partial = DevBuf::<f64>::poisoned(7);
         let gd = DevBuf::from_slice(&grad2);
-        let args = Args::new()
-            .buf(&gd)
-            .u64(grad2.len() as u64)
-            .buf(&partial);
+        let args = Args::new().buf(&gd).u64(grad2.len() as u64).buf(&partial);
         let launch = Launch {
             grid: (7, 1, 1),
             block: threads,
@@ -836,11 +877,7 @@ fn emulated_elementwise_kernels_are_exact() {
             DevBuf::from_slice(&b),
             DevBuf::from_slice(&x),
         );
-        let args = Args::new()
-            .buf(&yd)
-            .buf(&bd)
-            .u64(rows as u64)
-            .i32(n as i32);
+        let args = Args::new().buf(&yd).buf(&bd).u64(rows as u64).i32(n as i32);
         e.run("add_bias_f32", elementwise(rows * n), &args);
         let xb = DevBuf::<u16>::poisoned(rows * n);
         let args = Args::new().buf(&xd).buf(&xb).u64((rows * n) as u64);
@@ -878,7 +915,10 @@ fn emulated_elementwise_kernels_are_exact() {
     for (i, (g, w)) in got[1].iter().zip(&bits).enumerate() {
         let (g, w) = (*g as u16, *w as u16);
         let nan = |h: u16| h & 0x7f80 == 0x7f80 && h & 0x7f != 0;
-        assert!(g == w || (nan(g) && nan(w)), "cast_f32_bf16[{i}]: {g:#x} vs {w:#x}");
+        assert!(
+            g == w || (nan(g) && nan(w)),
+            "cast_f32_bf16[{i}]: {g:#x} vs {w:#x}"
+        );
     }
     assert!(bits_eq(&got[2], &from_bf(&to_bf(&x))), "cast_bf16_f32");
     let doubled: Vec<f32> = y0.iter().zip(&biased).map(|(a, b)| a + b).collect();
@@ -979,7 +1019,11 @@ fn emulated_sampling_matches_the_cpu_sampler() {
     let mut bad = logits.clone();
     bad[vocab + 5] = f32::NAN;
     let got = sample(&bad, 1.0, 0, 1.0, &[0.5; 3]);
-    assert_eq!(got[2], vec![0.0, 1.0, 0.0], "non-finite logits flagged per row");
+    assert_eq!(
+        got[2],
+        vec![0.0, 1.0, 0.0],
+        "non-finite logits flagged per row"
+    );
 }
 
 // ---------------------------------------------------------------- the emulator's own checks
@@ -1068,7 +1112,9 @@ fn the_emulator_reports_races_exits_deadlocks_and_overflows() {
 }
 
 /// [`in_both_orders`] as a Result (the race message) for the emulator's own test.
-fn in_both_orders_result(f: impl Fn() -> Vec<Vec<f32>> + std::panic::RefUnwindSafe) -> Result<(), String> {
+fn in_both_orders_result(
+    f: impl Fn() -> Vec<Vec<f32>> + std::panic::RefUnwindSafe,
+) -> Result<(), String> {
     std::panic::catch_unwind(|| {
         in_both_orders("mirror", &f);
     })

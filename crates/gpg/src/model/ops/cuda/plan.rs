@@ -77,7 +77,11 @@ pub fn row_launch(rows: usize) -> Result<Option<Launch>> {
 /// The RMSNorm backward: (parts, rows per part, the launch: one block per part).
 pub fn rms_norm_backward_launch(rows: usize) -> Result<(usize, usize, Option<Launch>)> {
     let (parts, per) = reduction_parts(rows, RMS_NORM_DW_PARTS);
-    Ok((parts, per, Launch::rows(if rows == 0 { 0 } else { parts }, ROW_THREADS)?))
+    Ok((
+        parts,
+        per,
+        Launch::rows(if rows == 0 { 0 } else { parts }, ROW_THREADS)?,
+    ))
 }
 
 /// The varlen attention kernels over `tokens` rows (one warp per query or key row,
@@ -93,7 +97,10 @@ pub fn attention_launch(
     if tokens == 0 || y == 0 {
         return Ok(None);
     }
-    ensure!(y <= 65535, "cuda attention: {y} heads exceed the grid's y limit");
+    ensure!(
+        y <= 65535,
+        "cuda attention: {y} heads exceed the grid's y limit"
+    );
     Ok(Some(Launch {
         grid: (blocks_for(tokens, ATTENTION_WARPS)?, y as u32, 1),
         block: ATTENTION_WARPS * 32,
@@ -103,11 +110,18 @@ pub fn attention_launch(
 
 /// Decoding attention: one block per (row, head); shared memory holds the scaled q row and
 /// each warp's (m, l, o[head_dim]) for the merge.
-pub fn attention_decode_launch(rows: usize, heads: usize, head_dim: usize) -> Result<Option<Launch>> {
+pub fn attention_decode_launch(
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Option<Launch>> {
     if rows == 0 || heads == 0 {
         return Ok(None);
     }
-    ensure!(heads <= 65535, "cuda attention: {heads} heads exceed the grid's y limit");
+    ensure!(
+        heads <= 65535,
+        "cuda attention: {heads} heads exceed the grid's y limit"
+    );
     Ok(Some(Launch {
         grid: (rows as u32, heads as u32, 1),
         block: ATTENTION_WARPS * 32,
