@@ -27,7 +27,7 @@
 //! never uploaded per `generate` call.
 //!
 //! Verified here only as far as compiling: its kernels compile with NVRTC for sm_90, and
-//! `bench/gpu/check.sh` compares it with the CPU decoder on a GPU.
+//! `bench/gpu/check-a.sh` compares it with the CPU decoder on a GPU.
 
 use std::borrow::Cow;
 use std::sync::Arc;

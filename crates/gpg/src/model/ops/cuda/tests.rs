@@ -5,7 +5,7 @@
 //!   elsewhere.
 //! * `gpu_*` compare every op's CUDA forward and backward with the CPU kernel on random inputs
 //!   (f32: max error ≤ 1e-5 of the largest reference magnitude; bf16: within bf16's precision).
-//!   They need a GPU and skip, printing the reason, without one; `bench/gpu/check.sh` runs them
+//!   They need a GPU and skip, printing the reason, without one; `bench/gpu/check-a.sh` runs them
 //!   on the device machine.
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::model::ops::test_util::{rand_vec, rng, tensor, values};
 use crate::model::ops::{self as cpu_ops, Rope, VarLen};
 
 /// The device, or None (the test then passes, printing why) without one; with
-/// GPG_RL_REQUIRE_GPU=1 (bench/gpu/check.sh) a missing device fails the test instead.
+/// GPG_RL_REQUIRE_GPU=1 (bench/gpu/check-a.sh) a missing device fails the test instead.
 fn gpu() -> Option<Arc<Gpu>> {
     match Gpu::open(0) {
         Ok(g) => Some(g),
