@@ -43,6 +43,7 @@ pub fn step_flops(model: &Qwen2, batch: &TrainBatch) -> f64 {
 /// 4 B · 4/3 ≈ 131 KB per token-layer, · 28 layers · 16,384 tokens ≈ 60 GB (the issue's
 /// ≈ 80 GB with the head's chunk and the allocator's slack); 0.5B: ≈ 75 KB · 24 · 16,384 ≈
 /// 29 GB.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub fn kept_activation_bytes(c: &gpg::model::Qwen2Config, tokens: usize) -> f64 {
     let kv = (c.num_kv_heads() * c.head_dim()) as f64;
     let per = 4.0 * c.hidden_size as f64 + 2.0 * kv + 2.0 * c.intermediate_size as f64;

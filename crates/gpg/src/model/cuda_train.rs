@@ -72,10 +72,6 @@ impl DevParam {
         &self.dims
     }
 
-    fn new(gpu: &Gpu, t: &Tensor) -> Result<Self> {
-        Self::upload(gpu, t, false)
-    }
-
     /// `frozen`: forward only — no gradient, no moments, and for a bf16 leaf no f32 master
     /// (the forward reads the bf16 copy of a bf16 leaf, the master of an f32 one): a bf16
     /// model's copy costs its own size.

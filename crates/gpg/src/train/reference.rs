@@ -15,7 +15,7 @@ use crate::model::TokenLogprobs;
 /// Where the reference's log-probs are computed.
 pub enum Reference {
     /// The host model (CPU runs, LoRA, vision-language models).
-    Host(Policy),
+    Host(Box<Policy>),
     /// A forward-only copy on the run's GPU.
     #[cfg(feature = "cuda")]
     Gpu(Box<crate::model::cuda_train::CudaTrainStep>),
@@ -32,9 +32,9 @@ impl Reference {
             return Ok(None);
         }
         if config.lora.is_some() {
-            return Ok(Some(Reference::Host(Policy::Text(
+            return Ok(Some(Reference::Host(Box::new(Policy::Text(
                 model.text().without_adapter(),
-            ))));
+            )))));
         }
         let host = Policy::load(
             &config.model,
@@ -56,7 +56,7 @@ impl Reference {
                     .context("uploading the KL reference model to the GPU")?;
                 Ok(Some(Reference::Gpu(Box::new(step))))
             }
-            (_, host) => Ok(Some(Reference::Host(host))),
+            (_, host) => Ok(Some(Reference::Host(Box::new(host)))),
         }
     }
 
