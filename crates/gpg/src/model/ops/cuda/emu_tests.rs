@@ -68,7 +68,7 @@ fn every_kernel_is_executed_by_a_test() {
             count += 1;
         }
     }
-    assert_eq!(count, 33, "kernels in sources::ALL");
+    assert_eq!(count, 34, "kernels in sources::ALL");
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -855,7 +855,7 @@ fn emulated_adamw_and_grad_norm_match_the_cpu() {
 #[test]
 fn emulated_elementwise_kernels_are_exact() {
     let Some(e) = emu() else { return };
-    let (rows, n) = (13, 70);
+    let (rows, n) = (300, 70);
     let mut r = rng(7);
     let y0 = rand_vec(&mut r, rows * n, 1.0);
     let b = rand_vec(&mut r, n, 1.0);
@@ -888,13 +888,24 @@ fn emulated_elementwise_kernels_are_exact() {
         let sum = DevBuf::from_slice(&y0);
         let args = Args::new().buf(&sum).buf(&yd).u64((rows * n) as u64);
         e.run("add_f32", elementwise(rows * n), &args);
+        // The bias gradient's two passes, as ops::add_col_sums.
         let cols = DevBuf::from_slice(&b);
+        let (parts, per, launches) = plan::col_sum_launch(rows, n).unwrap();
+        let (first, second) = launches.unwrap();
+        let partial = DevBuf::<f32>::poisoned(parts * n);
         let args = Args::new()
             .buf(&yd)
             .i32(rows as i32)
             .i32(n as i32)
+            .i32(per as i32)
+            .buf(&partial);
+        e.run("col_sum_parts", Some(first), &args);
+        let args = Args::new()
+            .buf(&partial)
+            .i32(parts as i32)
+            .i32(n as i32)
             .buf(&cols);
-        e.run("add_col_sums", elementwise(n), &args);
+        e.run("add_sum_parts", Some(second), &args);
         vec![
             yd.to_vec(),
             xb.to_vec().iter().map(|&h| h as f32).collect(),
@@ -923,16 +934,25 @@ fn emulated_elementwise_kernels_are_exact() {
     assert!(bits_eq(&got[2], &from_bf(&to_bf(&x))), "cast_bf16_f32");
     let doubled: Vec<f32> = y0.iter().zip(&biased).map(|(a, b)| a + b).collect();
     assert_eq!(got[3], doubled, "add_f32");
+    // Rows in order within each part, parts in order: the host's loops in that order.
+    let (parts, per, _) = plan::col_sum_launch(rows, n).unwrap();
     let col_sums: Vec<f32> = (0..n)
         .map(|j| {
-            let mut acc = 0f32;
-            for row in 0..rows {
-                acc += biased[row * n + j];
+            let mut total = 0f32;
+            for p in 0..parts {
+                let mut acc = 0f32;
+                for row in p * per..((p + 1) * per).min(rows) {
+                    acc += biased[row * n + j];
+                }
+                total += acc;
             }
-            b[j] + acc
+            b[j] + total
         })
         .collect();
-    assert_eq!(got[4], col_sums, "add_col_sums: rows in order");
+    assert_eq!(
+        got[4], col_sums,
+        "col_sum_parts + add_sum_parts: a fixed order"
+    );
 }
 
 // ---------------------------------------------------------------- sampling

@@ -295,7 +295,8 @@ pub fn add_into(gpu: &Gpu, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize)
     Ok(())
 }
 
-/// out[j] += Σ_r x[r, j] (rows in order): a bias gradient.
+/// out[j] += Σ_r x[r, j]: a bias gradient, as per-part column sums (rows in order within
+/// each part) then the parts added in order (kernels/elementwise.cu).
 pub fn add_col_sums(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
@@ -305,12 +306,20 @@ pub fn add_col_sums(
 ) -> Result<()> {
     check_len("add_col_sums", "x", x, rows * n)?;
     check_len("add_col_sums", "out", out, n)?;
-    let f = gpu.function(&ELEMENTWISE, "add_col_sums")?;
-    let (r32, n32) = (rows as i32, n as i32);
+    let (parts, per, launches) = plan::col_sum_launch(rows, n)?;
+    let Some((first, second)) = launches else {
+        return Ok(());
+    };
+    let mut partial = uninit::<f32>(gpu, parts * n)?;
+    let f = gpu.function(&ELEMENTWISE, "col_sum_parts")?;
+    let (r32, n32, per32, p32) = (rows as i32, n as i32, per as i32, parts as i32);
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(x).arg(&r32).arg(&n32).arg(out);
-    run(l, Launch::elementwise(n)?, "add_col_sums")?;
-    Ok(())
+    l.arg(x).arg(&r32).arg(&n32).arg(&per32).arg(&mut partial);
+    run(l, Some(first), "add_col_sums")?;
+    let f = gpu.function(&ELEMENTWISE, "add_sum_parts")?;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&partial).arg(&p32).arg(&n32).arg(out);
+    run(l, Some(second), "add_col_sums")
 }
 
 /// The device address of element `offset` of `buf` (for products on parts of a buffer: the

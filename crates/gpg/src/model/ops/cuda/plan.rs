@@ -147,6 +147,26 @@ pub fn sum_f64_launch() -> Launch {
     }
 }
 
+/// Row parts of a bias gradient's column sums: a few hundred blocks over columns × parts.
+pub const COL_SUM_PARTS: usize = 64;
+
+/// A bias gradient over `rows` × `n`: (parts, rows per part, the first pass's launch: column
+/// blocks of [`ELEMENTWISE_THREADS`] × parts, the second pass's: one thread per column); None
+/// for no rows or columns.
+pub fn col_sum_launch(rows: usize, n: usize) -> Result<(usize, usize, Option<(Launch, Launch)>)> {
+    let (parts, per) = reduction_parts(rows, COL_SUM_PARTS);
+    if rows == 0 || n == 0 {
+        return Ok((parts, per, None));
+    }
+    let first = Launch {
+        grid: (blocks_for(n, ELEMENTWISE_THREADS)?, parts as u32, 1),
+        block: ELEMENTWISE_THREADS,
+        shared_bytes: 0,
+    };
+    let second = Launch::elementwise(n)?.unwrap_or(first);
+    Ok((parts, per, Some((first, second))))
+}
+
 /// Sampling: one block of [`SAMPLE_THREADS`] per row.
 pub fn sample_launch(rows: usize) -> Result<Option<Launch>> {
     Launch::rows(rows, SAMPLE_THREADS)
@@ -236,8 +256,17 @@ pub fn reduction_parts(rows: usize, target_parts: usize) -> (usize, usize) {
 
 /// Vocabulary columns per chunk of the fused head: at most `budget` logits alive at once over
 /// `rows` rows, at least 1 column, at most `vocab`.
+///
+/// Rounded down to a multiple of 8 when at least 8 (and short of the whole vocabulary): the
+/// chunk is the leading dimension of the logits cuBLAS writes, and bf16/f32 tensor-core paths
+/// want it 16-byte aligned.
 pub fn head_chunk_columns(budget: usize, rows: usize, vocab: usize) -> usize {
-    (budget / rows.max(1)).clamp(1, vocab.max(1))
+    let cols = (budget / rows.max(1)).clamp(1, vocab.max(1));
+    if cols >= 8 && cols < vocab {
+        cols / 8 * 8
+    } else {
+        cols
+    }
 }
 
 /// The decoding KV cache's block tables: a pool of `n_blocks` blocks of [`KV_BLOCK`] positions
@@ -451,6 +480,15 @@ mod tests {
         assert_eq!(head_chunk_columns(1000, 10, 50), 50);
         assert_eq!(head_chunk_columns(1000, 10, 500), 100);
         assert_eq!(head_chunk_columns(5, 10, 500), 1);
+        // A multiple of 8 below the vocabulary: 64M logits over 16 × 6144 rows = 682 → 680.
+        assert_eq!(head_chunk_columns(64 << 20, 16 * 6144, 151_936), 680);
+        assert_eq!(head_chunk_columns(1000, 10, 97), 97);
+        let (parts, per, l) = col_sum_launch(1000, 300).unwrap();
+        assert!(parts * per >= 1000 && parts <= COL_SUM_PARTS);
+        let (first, second) = l.unwrap();
+        assert_eq!(first.grid, (2, parts as u32, 1));
+        assert_eq!(second.grid, (2, 1, 1));
+        assert!(col_sum_launch(0, 300).unwrap().2.is_none());
     }
 
     #[test]

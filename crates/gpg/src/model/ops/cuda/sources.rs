@@ -91,7 +91,8 @@ pub const ELEMENTWISE: Module = Module {
         "cast_f32_bf16",
         "cast_bf16_f32",
         "add_f32",
-        "add_col_sums",
+        "col_sum_parts",
+        "add_sum_parts",
     ],
 };
 

@@ -810,3 +810,41 @@ fn gpu_train_step_matches_the_cpu_engine() {
         }
     }
 }
+
+/// The forward-only copy (the KL reference of a GPU run) gives the train step's log-probs bit
+/// for bit, f32 and bf16, and refuses a backward.
+#[test]
+fn gpu_frozen_copy_forward_equals_the_train_steps() {
+    use crate::model::{Activations, Precision, Qwen2, TrainBatch};
+    use crate::optim::AdamWConfig;
+    let Some(g) = gpu() else { return };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let config: crate::model::Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let mut model = Qwen2::random(config, 0.3, 17, &candle_core::Device::Cpu).unwrap();
+        if precision == Precision::Bf16 {
+            model = model.to_precision(precision).unwrap();
+        }
+        let batch = TrainBatch::new(&[(&[1u32, 2, 3][..], &[4u32, 5, 6, 7][..])]).unwrap();
+        let step =
+            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model, AdamWConfig::default())
+                .unwrap();
+        let mut frozen =
+            crate::model::cuda_train::CudaTrainStep::frozen(g.clone(), &model).unwrap();
+        let (a, _) = step
+            .forward_with(&batch, 0.9, Activations::LayerInputs)
+            .unwrap();
+        let (b, cache) = frozen
+            .forward_with(&batch, 0.9, Activations::LayerInputs)
+            .unwrap();
+        assert_eq!(a.logprobs, b.logprobs, "{precision}");
+        assert_eq!(a.entropy, b.entropy, "{precision}");
+        let gt = vec![1.0f32; batch.targets.len()];
+        assert!(frozen.backward(&batch, cache, &gt).is_err());
+    }
+}
