@@ -147,13 +147,16 @@ pub fn sum_f64_launch() -> Launch {
     }
 }
 
+/// (parts, rows per part, the two passes' launches) of a bias gradient's column sums.
+pub type ColSumPlan = (usize, usize, Option<(Launch, Launch)>);
+
 /// Row parts of a bias gradient's column sums: a few hundred blocks over columns × parts.
 pub const COL_SUM_PARTS: usize = 64;
 
 /// A bias gradient over `rows` × `n`: (parts, rows per part, the first pass's launch: column
 /// blocks of [`ELEMENTWISE_THREADS`] × parts, the second pass's: one thread per column); None
 /// for no rows or columns.
-pub fn col_sum_launch(rows: usize, n: usize) -> Result<(usize, usize, Option<(Launch, Launch)>)> {
+pub fn col_sum_launch(rows: usize, n: usize) -> Result<ColSumPlan> {
     let (parts, per) = reduction_parts(rows, COL_SUM_PARTS);
     if rows == 0 || n == 0 {
         return Ok((parts, per, None));
