@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds, HERE (no GPU needed), what bench/gpu/check.sh runs on the GPU machine, into .gpu/
+# Builds, HERE (no GPU needed), what bench/gpu/check-a.sh and check-b.sh run on the GPU machine, into .gpu/
 # (ignored by git; name it in the device tool's `carry`):
 #   .gpu/gpg-rl.gz        the CLI built with --features cuda, stripped, gzipped
 #   .gpu/gpg-tests.gz     the gpg library's test binary with --features cuda (the op-by-op

@@ -27,7 +27,7 @@
 //! never uploaded per `generate` call.
 //!
 //! Verified here only as far as compiling: its kernels compile with NVRTC for sm_90, and
-//! `bench/gpu/check.sh` compares it with the CPU decoder on a GPU.
+//! `bench/gpu/check-a.sh` compares it with the CPU decoder on a GPU.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -664,6 +664,9 @@ impl DecodeBatch for CudaDecodeBatch<'_> {
             return Ok(());
         }
         d.check_inputs(tokens, positions)?;
+        // Room for this step's position in every row, checked before kv_append writes it (it
+        // writes at lens[r], which must lie inside the row's blocks).
+        self.tables.check_room()?;
         let kvd = d.kv_dim();
         let (table, max_blocks) = self.tables.table();
         let lens_before = self.tables.lens().to_vec();

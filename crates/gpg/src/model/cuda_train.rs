@@ -24,7 +24,7 @@
 //! With bf16 weights every product takes bf16 operands (the activation or gradient operand
 //! rounded to bf16) with f32 accumulation, as on the CPU. Used by the trainer on a CUDA device
 //! (`train::engine::CudaEngine`: `train`, `sft`, `bench trainer`) and by `bench engine
-//! --device cuda`, and compared with the CPU engine by `bench/gpu/check.sh`. Verified here only
+//! --device cuda`, and compared with the CPU engine by `bench/gpu/check-a.sh`. Verified here only
 //! as far as compiling.
 //!
 //! The optimiser itself is the training engine's (`train::engine`): it keeps the step counts and
@@ -72,8 +72,30 @@ impl DevParam {
         &self.dims
     }
 
-    fn new(gpu: &Gpu, t: &Tensor) -> Result<Self> {
+    /// `frozen`: forward only — no gradient, no moments, and for a bf16 leaf no f32 master
+    /// (the forward reads the bf16 copy of a bf16 leaf, the master of an f32 one): a bf16
+    /// model's copy costs its own size.
+    fn upload(gpu: &Gpu, t: &Tensor, frozen: bool) -> Result<Self> {
         let len = t.elem_count();
+        let state = if frozen { 1 } else { len };
+        if frozen && t.dtype() == DType::BF16 {
+            let bits: Vec<u16> = t
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .into_iter()
+                .map(|b| b.to_bits())
+                .collect();
+            return Ok(DevParam {
+                master: dev::zeros(gpu, 1)?,
+                bf16: Some(dev::upload(gpu, &bits)?),
+                grad: dev::zeros(gpu, 1)?,
+                m: dev::zeros(gpu, 1)?,
+                v: dev::zeros(gpu, 1)?,
+                len,
+                dims: t.dims().to_vec(),
+                dtype: t.dtype(),
+            });
+        }
         let master: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let bf16 = if t.dtype() == DType::BF16 {
             let bits: Vec<u16> = t
@@ -89,9 +111,9 @@ impl DevParam {
         Ok(DevParam {
             master: dev::upload(gpu, &master)?,
             bf16,
-            grad: dev::zeros(gpu, len)?,
-            m: dev::zeros(gpu, len)?,
-            v: dev::zeros(gpu, len)?,
+            grad: dev::zeros(gpu, state)?,
+            m: dev::zeros(gpu, state)?,
+            v: dev::zeros(gpu, state)?,
             len,
             dims: t.dims().to_vec(),
             dtype: t.dtype(),
@@ -177,6 +199,9 @@ pub struct CudaTrainStep {
     bf16: bool,
     /// Logits alive at once in the head (rows × chunk columns).
     head_budget: usize,
+    /// A forward-only copy ([`CudaTrainStep::frozen`]): backward, step and the state
+    /// accessors refuse.
+    frozen: bool,
 }
 
 /// A device copy of `x`.
@@ -268,9 +293,22 @@ impl CudaTrainStep {
     /// Uploads `model`'s parameters (f32 masters, bf16 copies of bf16 leaves) with zero
     /// gradients and moments.
     pub fn new(gpu: Arc<Gpu>, model: &Qwen2) -> Result<Self> {
+        Self::upload(gpu, model, false)
+    }
+
+    /// A forward-only copy of `model` on the device (the frozen KL reference, scoring): the
+    /// weights in the model's dtype, no gradients, moments or f32 masters of bf16 leaves. Its
+    /// [`CudaTrainStep::forward_with`] is the train step's forward, kernel for kernel.
+    pub fn frozen(gpu: Arc<Gpu>, model: &Qwen2) -> Result<Self> {
+        Self::upload(gpu, model, true)
+    }
+
+    fn upload(gpu: Arc<Gpu>, model: &Qwen2, frozen: bool) -> Result<Self> {
         let c = &model.config;
         plan::check_head_dim(c.head_dim())?;
-        let params = model.weights.try_map(|_, t| DevParam::new(&gpu, t))?;
+        let params = model
+            .weights
+            .try_map(|_, t| DevParam::upload(&gpu, t, frozen))?;
         let bf16 = params.embed_tokens.bf16.is_some();
         let rope = RopeTables::new(&gpu, model.rope())?;
         gpu.sync("uploading the parameters")?;
@@ -289,6 +327,7 @@ impl CudaTrainStep {
             head_budget: crate::model::ops::LM_HEAD_CHUNK_LOGITS,
             params,
             gpu,
+            frozen,
         })
     }
 
@@ -318,6 +357,10 @@ impl CudaTrainStep {
         &mut self,
         moments: &std::collections::BTreeMap<String, (&[f32], &[f32])>,
     ) -> Result<()> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no optimiser state"
+        );
         let mut known = 0;
         let g = self.gpu.clone();
         for (name, p) in self.params.named_mut() {
@@ -350,6 +393,10 @@ impl CudaTrainStep {
 
     /// AdamW's moments downloaded, (name, exp_avg, exp_avg_sq) in the parameter tree's order.
     pub fn moments(&self) -> Result<Vec<NamedMoments>> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no moments"
+        );
         let g = &*self.gpu;
         self.params
             .named()
@@ -370,6 +417,10 @@ impl CudaTrainStep {
         &mut self,
         masters: &mut std::collections::HashMap<String, Vec<f32>>,
     ) -> Result<()> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no master weights"
+        );
         let g = self.gpu.clone();
         for (name, p) in self.params.named_mut() {
             let Some(values) = masters.remove(&name) else {
@@ -391,6 +442,10 @@ impl CudaTrainStep {
 
     /// The f32 master weights downloaded, (name, values) in the parameter tree's order.
     pub fn masters(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no master weights"
+        );
         let g = &*self.gpu;
         self.params
             .named()
@@ -405,6 +460,10 @@ impl CudaTrainStep {
 
     /// Sets every gradient to zero (e.g. after a non-finite loss, as the CPU `zero_grad`).
     pub fn zero_grad(&mut self) -> Result<()> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no gradients"
+        );
         let g = self.gpu.clone();
         for (_, p) in self.params.named_mut() {
             g.stream
@@ -610,6 +669,10 @@ impl CudaTrainStep {
         cache: CudaForwardCache,
         g_t: &[f32],
     ) -> Result<()> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no backward"
+        );
         let gpu = self.gpu.clone();
         let g = &*gpu;
         let n = batch.targets.len();
@@ -742,6 +805,10 @@ impl CudaTrainStep {
 
     /// The global L2 norm of every gradient (f64 partial sums, added in order).
     pub fn grad_norm(&self) -> Result<f64> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no gradients"
+        );
         let mut grads: Vec<(&CudaSlice<f32>, usize)> = Vec::new();
         self.params.visit(|_, p| grads.push((&p.grad, p.len)));
         dev::global_grad_norm(&self.gpu, &grads)
@@ -754,6 +821,10 @@ impl CudaTrainStep {
         &mut self,
         mut scalars: impl FnMut(&str) -> Result<dev::AdamWScalars>,
     ) -> Result<()> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no optimiser step"
+        );
         let gpu = self.gpu.clone();
         let mut result = Ok(());
         self.params.visit_mut(|name, p| {
@@ -778,6 +849,10 @@ impl CudaTrainStep {
 
     /// The gradients, downloaded by HF name (checks).
     pub fn gradients(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no gradients"
+        );
         let mut out = Vec::new();
         let mut result = Ok(());
         self.params.visit(|name, p| {
@@ -797,6 +872,10 @@ impl CudaTrainStep {
     /// Writes the device weights back into `model` (its own dtype), e.g. before a checkpoint
     /// or a CPU prefill.
     pub fn write_back(&self, model: &mut Qwen2) -> Result<()> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no master weights"
+        );
         let mut updated: Vec<(String, Tensor)> = Vec::new();
         let mut result = Ok(());
         self.params.visit(|name, p| {

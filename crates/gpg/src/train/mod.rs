@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod plot;
 pub mod policy;
 pub mod progress;
+pub mod reference;
 pub mod replica;
 pub mod sft;
 pub mod sft_config;

@@ -74,7 +74,7 @@ pub struct Trainer {
     eval_prompts: Option<Vec<PreparedPrompt>>,
     /// The frozen initial model, kept when the objective has a KL penalty (β > 0). With LoRA
     /// it is the base with the adapter disabled, sharing the base weights (no second copy).
-    reference: Option<Policy>,
+    reference: Option<super::reference::Reference>,
     /// Set by another thread (or a signal handler) to stop the run: see [`Trainer::stop_when`].
     stop: Option<Arc<AtomicBool>>,
 }

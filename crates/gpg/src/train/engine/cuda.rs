@@ -236,7 +236,7 @@ impl TrainEngine for CudaEngine {
     }
 }
 
-/// On a GPU only (`bench/gpu/check.sh` runs them with GPG_RL_REQUIRE_GPU=1; elsewhere they
+/// On a GPU only (`bench/gpu/check-a.sh` runs them with GPG_RL_REQUIRE_GPU=1; elsewhere they
 /// skip, saying why): the engine's checkpoint state resumes exactly on the GPU and within
 /// tolerance on the CPU; the decoder over the train step's parameters equals the decoder
 /// uploaded from the written-back host model, bit for bit.

@@ -173,7 +173,7 @@ impl Trainer {
                 let mut all = Vec::new();
                 for r in micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
-                    let lp = reference.logprobs_on_host(&batch, objective.inv_temperature)?;
+                    let lp = reference.logprobs(&batch, objective.inv_temperature)?;
                     all.extend(lp.logprobs);
                 }
                 Some(all)

@@ -22,6 +22,7 @@ use super::super::device::{RunNeeds, TrainDevice};
 use super::super::engine::{self, OptimizerMeta, TrainEngine};
 use super::super::metrics::MetricsLog;
 use super::super::policy::{check_recipe, Policy};
+use super::super::reference::Reference;
 use super::super::{lora_run, replica};
 use super::Trainer;
 
@@ -90,7 +91,7 @@ impl Trainer {
         let (mut model, model_dir) = load_policy(&config, resume_from.as_deref().filter(|_| root))?;
         let mut tokenizer = Tokenizer::from_dir(&model_dir)?;
         tokenizer.set_chat_template_kwargs(config.data.chat_template_kwargs.clone());
-        let reference = load_reference(&config, &model)?;
+        let reference = Reference::load(&config, &model, &train_device)?;
         let comm = Comm::new(collective.clone());
         comm.timed(|| model.broadcast_weights(&*collective))?;
         comm.timed(|| replica::broadcast_adapter(model.text(), &*collective))?;
@@ -224,31 +225,6 @@ fn load_policy(config: &TrainConfig, checkpoint: Option<&Path>) -> Result<(Polic
         )?;
     }
     Ok((model, model_dir))
-}
-
-/// The frozen KL reference (when the objective has a KL penalty, β > 0): always the run's
-/// starting model, also when resuming. With LoRA it is the base with the adapter disabled,
-/// sharing the base weights (no second copy).
-fn load_reference(config: &TrainConfig, model: &Policy) -> Result<Option<Policy>> {
-    if !config.algorithm.loss.needs_reference_logp() {
-        return Ok(None);
-    }
-    if config.lora.is_some() {
-        return Ok(Some(Policy::Text(model.text().without_adapter())));
-    }
-    let reference = Policy::load(
-        &config.model,
-        &candle_core::Device::Cpu,
-        config.precision,
-        false,
-    )
-    .with_context(|| {
-        format!(
-            "loading the reference model from {}",
-            config.model.display()
-        )
-    })?;
-    Ok(Some(reference))
 }
 
 /// The state of checkpoint `dir` (⊕ rank 0's files broadcast when there are several ranks):

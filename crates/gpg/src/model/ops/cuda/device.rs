@@ -5,12 +5,12 @@
 //! event tracking is switched off.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use super::sources::Module;
 
@@ -60,8 +60,40 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles `module` to PTX for `arch` (e.g. "sm_90"); the error holds NVRTC's log.
-pub fn compile_for_arch(module: &Module, arch: &str) -> Result<Ptx> {
+/// Compiled kernel images of this process, by (module, arch): a module is compiled once per
+/// process whatever the number of devices opened (each test, bench and decoder opens its own).
+type ImageCache = Mutex<HashMap<(&'static str, String), Arc<Vec<u8>>>>;
+
+fn image_cache() -> &'static ImageCache {
+    static CACHE: OnceLock<ImageCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// NVRTC's version (major, minor), for messages.
+fn nvrtc_version() -> Option<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters.
+    let rc = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (rc == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+}
+
+/// The CUDA version the driver supports (e.g. 12080 → "12.8"), for messages.
+fn driver_version() -> String {
+    let mut v = 0;
+    // SAFETY: one out-parameter.
+    let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if rc == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        format!("{}.{}", v / 1000, v % 1000 / 10)
+    } else {
+        "unknown".into()
+    }
+}
+
+/// Compiles `module` for the real architecture `arch` (e.g. "sm_90") to a CUBIN: machine code
+/// the driver loads as is, so an NVRTC newer than the driver's CUDA version still works (PTX
+/// would have to be JIT-compiled by the driver, which refuses PTX newer than itself). The
+/// error holds NVRTC's log. Cached per process.
+pub fn compile_for_arch(module: &Module, arch: &str) -> Result<Arc<Vec<u8>>> {
     if !nvrtc_available() {
         bail!(
             "cuda: cannot compile kernel module `{}`: libnvrtc not found (looked for {}); put the \
@@ -70,22 +102,100 @@ pub fn compile_for_arch(module: &Module, arch: &str) -> Result<Ptx> {
             candidates("nvrtc")
         );
     }
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-        name: Some(format!("{}.cu", module.name)),
-        ..Default::default()
+    let key = (module.name, arch.to_string());
+    if let Some(image) = image_cache()
+        .lock()
+        .map_err(|_| anyhow!("cuda: kernel cache poisoned"))?
+        .get(&key)
+    {
+        return Ok(image.clone());
+    }
+    let image = Arc::new(compile_cubin(module, arch)?);
+    image_cache()
+        .lock()
+        .map_err(|_| anyhow!("cuda: kernel cache poisoned"))?
+        .insert(key, image.clone());
+    Ok(image)
+}
+
+fn compile_cubin(module: &Module, arch: &str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    let src = std::ffi::CString::new(module.text())
+        .map_err(|_| anyhow!("cuda: kernel module `{}` holds a NUL byte", module.name))?;
+    let name = std::ffi::CString::new(format!("{}.cu", module.name))
+        .map_err(|_| anyhow!("cuda: bad module name"))?;
+    let prog = result::create_program(&src, Some(&name))
+        .map_err(|e| anyhow!("cuda: NVRTC on `{}.cu`: {e:?}", module.name))?;
+    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    // SAFETY: `prog` was created above and is destroyed once, below.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let out = match compiled {
+            Err(_) => {
+                let log = result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&c| c != 0)
+                    .collect();
+                Err(anyhow!(
+                    "cuda: NVRTC failed on kernel module `{}.cu` for {arch}:\n{}",
+                    module.name,
+                    String::from_utf8_lossy(&log)
+                ))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                let rc = sys::nvrtcGetCUBINSize(prog, &mut size);
+                if rc != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                    Err(anyhow!(
+                        "cuda: NVRTC gave no CUBIN for `{}.cu` ({arch} must be a real \
+                         architecture, sm_XY): {rc:?}",
+                        module.name
+                    ))
+                } else {
+                    let mut image = vec![0u8; size];
+                    match sys::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut _) {
+                        sys::nvrtcResult::NVRTC_SUCCESS => Ok(image),
+                        rc => Err(anyhow!("cuda: NVRTC CUBIN of `{}.cu`: {rc:?}", module.name)),
+                    }
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
     };
-    cudarc::nvrtc::compile_ptx_with_opts(module.text(), opts).map_err(|e| match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => anyhow!(
-            "cuda: NVRTC failed on kernel module `{}.cu` for {arch}:\n{}",
-            module.name,
-            log.to_string_lossy()
-        ),
-        other => anyhow!(
-            "cuda: NVRTC failed on kernel module `{}.cu`: {other}",
-            module.name
-        ),
-    })
+    out
+}
+
+/// Raises the device's default memory pool's release threshold to "never": cudarc allocates
+/// with cuMemAllocAsync, and with the default threshold (0) every synchronisation hands the
+/// pool's free memory back to the driver, so each step re-maps its buffers.
+fn keep_pool_memory(ordinal: usize) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut dev: sys::CUdevice = 0;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: out-parameters and a u64 attribute value, as cuMemPoolSetAttribute documents.
+    unsafe {
+        let rc = sys::cuDeviceGet(&mut dev, ordinal as i32);
+        ensure!(rc == sys::CUresult::CUDA_SUCCESS, "cuDeviceGet: {rc:?}");
+        let rc = sys::cuDeviceGetDefaultMemPool(&mut pool, dev);
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cuDeviceGetDefaultMemPool: {rc:?}"
+        );
+        let rc = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        );
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cuMemPoolSetAttribute: {rc:?}"
+        );
+    }
+    Ok(())
 }
 
 /// One opened CUDA device: context, its stream, a cuBLAS handle and the compiled modules.
@@ -137,6 +247,11 @@ impl Gpu {
             .compute_capability()
             .map_err(|e| anyhow!("device `{name}`: {e:?}"))?;
         let gpu_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // Without it, memory is returned to the driver at every synchronisation (slower, not
+        // wrong): a failure is reported and the device is used anyway.
+        if let Err(e) = keep_pool_memory(ordinal) {
+            eprintln!("warning: device `{name}`: memory pool threshold not raised: {e:#}");
+        }
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow!("device `{name}`: cannot create a cuBLAS handle: {e:?}"))?;
@@ -171,10 +286,20 @@ impl Gpu {
             match modules.get(module.name) {
                 Some(m) => m.clone(),
                 None => {
-                    let ptx = compile_for_arch(module, &self.arch)?;
-                    let m = self.ctx.load_module(ptx).map_err(|e| {
-                        anyhow!("cuda: loading kernel module `{}`: {e:?}", module.name)
-                    })?;
+                    let image = compile_for_arch(module, &self.arch)?;
+                    let m = self
+                        .ctx
+                        .load_module(Ptx::from_binary(image.as_ref().clone()))
+                        .map_err(|e| {
+                            anyhow!(
+                                "cuda: loading kernel module `{}` ({} CUBIN from NVRTC {}, \
+                                 driver supports CUDA {}): {e:?}",
+                                module.name,
+                                self.arch,
+                                nvrtc_version().map_or("?".into(), |(a, b)| format!("{a}.{b}")),
+                                driver_version()
+                            )
+                        })?;
                     modules.insert(module.name, m.clone());
                     m
                 }

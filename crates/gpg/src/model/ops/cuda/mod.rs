@@ -14,6 +14,11 @@
 pub mod plan;
 pub mod sources;
 
+#[cfg(test)]
+mod emu;
+#[cfg(test)]
+mod emu_tests;
+
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(test)]

@@ -22,13 +22,14 @@ type Size = unsafe extern "C" fn(Program, *mut usize) -> c_int;
 type Get = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
 type Destroy = unsafe extern "C" fn(*mut Program) -> c_int;
 
-/// Compiles `source` for `arch`; Ok(PTX) or Err(NVRTC's log).
+/// Compiles `source` for `arch`; Ok((PTX, CUBIN size)) or Err(NVRTC's log). The GPU path
+/// loads the CUBIN (machine code for the real architecture), so it must exist.
 fn compile(
     lib: &libloading::Library,
     name: &str,
     source: &str,
     arch: &str,
-) -> Result<String, String> {
+) -> Result<(String, usize), String> {
     // SAFETY: the symbols have NVRTC's documented signatures; every buffer is sized by NVRTC.
     unsafe {
         let create: libloading::Symbol<Create> =
@@ -39,6 +40,8 @@ fn compile(
             lib.get(b"nvrtcGetPTXSize").map_err(|e| e.to_string())?;
         let get_ptx: libloading::Symbol<Get> =
             lib.get(b"nvrtcGetPTX").map_err(|e| e.to_string())?;
+        let cubin_size: libloading::Symbol<Size> =
+            lib.get(b"nvrtcGetCUBINSize").map_err(|e| e.to_string())?;
         let log_size: libloading::Symbol<Size> = lib
             .get(b"nvrtcGetProgramLogSize")
             .map_err(|e| e.to_string())?;
@@ -77,7 +80,12 @@ fn compile(
             ptx_size(prog, &mut n);
             let mut buf = vec![0 as c_char; n.max(1)];
             get_ptx(prog, buf.as_mut_ptr());
-            Ok(CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
+            let mut cubin = 0usize;
+            cubin_size(prog, &mut cubin);
+            Ok((
+                CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned(),
+                cubin,
+            ))
         };
         destroy(&mut prog);
         result
@@ -98,8 +106,9 @@ fn every_kernel_compiles_with_nvrtc_for_sm_90_without_the_feature() {
         }
     };
     for m in ALL {
-        let ptx = compile(&lib, m.name, &m.text(), "sm_90")
+        let (ptx, cubin) = compile(&lib, m.name, &m.text(), "sm_90")
             .unwrap_or_else(|log| panic!("NVRTC failed on {}.cu:\n{log}", m.name));
+        assert!(cubin > 0, "{}.cu: no CUBIN for sm_90", m.name);
         assert!(ptx.contains(".target sm_90"), "{}", m.name);
         for k in m.kernels {
             assert!(
@@ -110,7 +119,7 @@ fn every_kernel_compiles_with_nvrtc_for_sm_90_without_the_feature() {
         }
         if let Some(v) = ptx.lines().find(|l| l.starts_with(".version")) {
             eprintln!(
-                "{}.cu: {} kernels, PTX {}",
+                "{}.cu: {} kernels, PTX {}, CUBIN {cubin} bytes",
                 m.name,
                 m.kernels.len(),
                 v.trim_start_matches(".version").trim()

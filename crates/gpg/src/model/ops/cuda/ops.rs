@@ -8,11 +8,12 @@
 use anyhow::{anyhow, ensure, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 
 use super::device::Gpu;
-use super::plan::{self, ATTENTION_WARPS, ELEMENTWISE_THREADS, ROW_THREADS, SAMPLE_THREADS};
+use super::plan::{self, Launch};
 use super::sources::{
     ATTENTION, ELEMENTWISE, EMBEDDING, LM_HEAD, OPTIM, RMS_NORM, ROPE, SAMPLING, SWIGLU,
 };
@@ -59,20 +60,30 @@ pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, n: usize) -> Result<Cud
     gpu.stream.alloc_zeros(n.max(1)).map_err(err("alloc"))
 }
 
-fn grid1(n: usize, threads: u32) -> Result<LaunchConfig> {
-    Ok(LaunchConfig {
-        grid_dim: (plan::blocks_for(n, threads)?, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    })
+/// A device buffer of `n` elements left unset, for outputs a kernel writes in full (the CPU
+/// emulator's tests start such outputs as NaN and check every element is written).
+pub fn uninit<T: DeviceRepr>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the callers' kernels write every element before anything reads it.
+    unsafe { gpu.stream.alloc(n.max(1)) }.map_err(err("alloc"))
 }
 
-fn rows_cfg(rows: usize, threads: u32, shared: usize) -> LaunchConfig {
+/// cudarc's launch configuration of a plan's geometry.
+fn config(at: Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (rows.max(1) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: shared as u32,
+        grid_dim: at.grid,
+        block_dim: (at.block, 1, 1),
+        shared_mem_bytes: at.shared_bytes,
     }
+}
+
+/// Launches `args` with the plan's geometry; nothing when the plan has no work (None).
+fn run(mut args: LaunchArgs<'_>, at: Option<Launch>, op: &str) -> Result<()> {
+    if let Some(at) = at {
+        // SAFETY: every caller checked its buffers' extents and pushed the kernel's parameters
+        // in the order of its signature (the CPU emulator's tests check count and sizes).
+        unsafe { args.launch(config(at)) }.map_err(|e| anyhow!("cuda {op}: {e:?}"))?;
+    }
+    Ok(())
 }
 
 fn check_len<T>(op: &str, name: &str, buf: &CudaSlice<T>, want: usize) -> Result<()> {
@@ -251,7 +262,7 @@ pub fn add_bias(
     let (rows64, n32) = (rows as u64, n as i32);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(y).arg(b).arg(&rows64).arg(&n32);
-    unsafe { l.launch(grid1(rows * n, ELEMENTWISE_THREADS)?) }.map_err(err("add_bias"))?;
+    run(l, Launch::elementwise(rows * n)?, "add_bias")?;
     Ok(())
 }
 
@@ -268,7 +279,7 @@ pub fn cast_to_bf16(
     let n64 = n as u64;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(x).arg(out).arg(&n64);
-    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("cast"))?;
+    run(l, Launch::elementwise(n)?, "cast")?;
     Ok(())
 }
 
@@ -280,11 +291,12 @@ pub fn add_into(gpu: &Gpu, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize)
     let n64 = n as u64;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(y).arg(x).arg(&n64);
-    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("add"))?;
+    run(l, Launch::elementwise(n)?, "add")?;
     Ok(())
 }
 
-/// out[j] += Σ_r x[r, j] (rows in order): a bias gradient.
+/// out[j] += Σ_r x[r, j]: a bias gradient, as per-part column sums (rows in order within
+/// each part) then the parts added in order (kernels/elementwise.cu).
 pub fn add_col_sums(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
@@ -294,12 +306,20 @@ pub fn add_col_sums(
 ) -> Result<()> {
     check_len("add_col_sums", "x", x, rows * n)?;
     check_len("add_col_sums", "out", out, n)?;
-    let f = gpu.function(&ELEMENTWISE, "add_col_sums")?;
-    let (r32, n32) = (rows as i32, n as i32);
+    let (parts, per, launches) = plan::col_sum_launch(rows, n)?;
+    let Some((first, second)) = launches else {
+        return Ok(());
+    };
+    let mut partial = uninit::<f32>(gpu, parts * n)?;
+    let f = gpu.function(&ELEMENTWISE, "col_sum_parts")?;
+    let (r32, n32, per32, p32) = (rows as i32, n as i32, per as i32, parts as i32);
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(x).arg(&r32).arg(&n32).arg(out);
-    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("add_col_sums"))?;
-    Ok(())
+    l.arg(x).arg(&r32).arg(&n32).arg(&per32).arg(&mut partial);
+    run(l, Some(first), "add_col_sums")?;
+    let f = gpu.function(&ELEMENTWISE, "add_sum_parts")?;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&partial).arg(&p32).arg(&n32).arg(out);
+    run(l, Some(second), "add_col_sums")
 }
 
 /// The device address of element `offset` of `buf` (for products on parts of a buffer: the
@@ -405,7 +425,7 @@ pub fn head_dlogits(
         .arg(targets)
         .arg(lse)
         .arg(g);
-    unsafe { l.launch(grid1(rows * cols, ELEMENTWISE_THREADS)?) }.map_err(err("head_dlogits"))?;
+    run(l, Launch::elementwise(rows * cols)?, "head_dlogits")?;
     Ok(())
 }
 
@@ -431,7 +451,7 @@ pub fn rms_norm<T: Elem>(
     let h32 = h as i32;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(x).arg(w).arg(&eps).arg(&h32).arg(y).arg(rstd);
-    unsafe { l.launch(rows_cfg(rows, ROW_THREADS, 0)) }.map_err(err("rms_norm"))?;
+    run(l, plan::row_launch(rows)?, "rms_norm")?;
     Ok(())
 }
 
@@ -449,10 +469,10 @@ pub fn rms_norm_backward<T: Elem>(
     check_len("rms_norm_backward", "x", x, rows * h)?;
     check_len("rms_norm_backward", "dy", dy, rows * h)?;
     check_len("rms_norm_backward", "rstd", rstd, rows)?;
-    let (parts, per) = plan::reduction_parts(rows, 264);
-    let mut dx = zeros::<T>(gpu, rows * h)?;
-    let mut partial = zeros::<f32>(gpu, parts * h)?;
-    let mut dw = zeros::<f32>(gpu, h)?;
+    let (parts, per, launch) = plan::rms_norm_backward_launch(rows)?;
+    let mut dx = uninit::<T>(gpu, rows * h)?;
+    let mut partial = uninit::<f32>(gpu, parts * h)?;
+    let mut dw = uninit::<f32>(gpu, h)?;
     let f = gpu.function(&RMS_NORM, &format!("rms_norm_bwd_{}", T::SUFFIX))?;
     let (h32, rows32, per32) = (h as i32, rows as i32, per as i32);
     let mut l = gpu.stream.launch_builder(&f);
@@ -464,7 +484,11 @@ pub fn rms_norm_backward<T: Elem>(
         .arg(&rows32)
         .arg(&per32);
     l.arg(&mut dx).arg(&mut partial);
-    unsafe { l.launch(rows_cfg(parts, ROW_THREADS, 0)) }.map_err(err("rms_norm_backward"))?;
+    if launch.is_none() {
+        // No rows: nothing to launch, and dw is zero.
+        return Ok((dx, zeros::<f32>(gpu, h)?));
+    }
+    run(l, launch, "rms_norm_backward")?;
     sum_parts(gpu, &partial, parts, h, &mut dw)?;
     Ok((dx, dw))
 }
@@ -481,7 +505,7 @@ fn sum_parts(
     let (p32, h32) = (parts as i32, h as i32);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(partial).arg(&p32).arg(&h32).arg(out);
-    unsafe { l.launch(grid1(h, ELEMENTWISE_THREADS)?) }.map_err(err("sum_parts"))?;
+    run(l, Launch::elementwise(h)?, "sum_parts")?;
     Ok(())
 }
 
@@ -527,8 +551,7 @@ pub fn rope<T: Elem>(
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(x).arg(positions).arg(&tables.cos).arg(&tables.sin);
     l.arg(&t32).arg(&h32).arg(&d32).arg(&sign);
-    unsafe { l.launch(grid1(tokens * heads * hd / 2, ELEMENTWISE_THREADS)?) }
-        .map_err(err("rope"))?;
+    run(l, Launch::elementwise(tokens * heads * hd / 2)?, "rope")?;
     Ok(())
 }
 
@@ -549,7 +572,7 @@ pub fn swiglu<T: Elem>(
     let n64 = n as u64;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(g).arg(u).arg(h).arg(&n64);
-    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("swiglu"))?;
+    run(l, Launch::elementwise(n)?, "swiglu")?;
     Ok(())
 }
 
@@ -564,13 +587,13 @@ pub fn swiglu_backward<T: Elem>(
     check_len("swiglu_backward", "g", g, n)?;
     check_len("swiglu_backward", "u", u, n)?;
     check_len("swiglu_backward", "dh", dh, n)?;
-    let mut dg = zeros::<T>(gpu, n)?;
-    let mut du = zeros::<T>(gpu, n)?;
+    let mut dg = uninit::<T>(gpu, n)?;
+    let mut du = uninit::<T>(gpu, n)?;
     let f = gpu.function(&SWIGLU, &format!("swiglu_bwd_{}", T::SUFFIX))?;
     let n64 = n as u64;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(g).arg(u).arg(dh).arg(&mut dg).arg(&mut du).arg(&n64);
-    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("swiglu_backward"))?;
+    run(l, Launch::elementwise(n)?, "swiglu_backward")?;
     Ok((dg, du))
 }
 
@@ -600,18 +623,6 @@ impl AttentionDims {
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
-
-    fn grid(&self, y: usize, shared_rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (
-                self.tokens.div_ceil(ATTENTION_WARPS as usize).max(1) as u32,
-                y as u32,
-                1,
-            ),
-            block_dim: (ATTENTION_WARPS * 32, 1, 1),
-            shared_mem_bytes: (ATTENTION_WARPS as usize * shared_rows * self.head_dim * 4) as u32,
-        }
-    }
 }
 
 /// Causal GQA attention within each sequence: (out [T, nh, hd], lse [T, nh]). `bounds` are
@@ -630,8 +641,8 @@ pub fn attention(
     check_len("attention", "k", k, t * nkv * hd)?;
     check_len("attention", "v", v, t * nkv * hd)?;
     check_len("attention", "seq_start", seq_start, t)?;
-    let mut out = zeros::<f32>(gpu, t * nh * hd)?;
-    let mut lse = zeros::<f32>(gpu, t * nh)?;
+    let mut out = uninit::<f32>(gpu, t * nh * hd)?;
+    let mut lse = uninit::<f32>(gpu, t * nh)?;
     let f = gpu.function(&ATTENTION, "attention_fwd")?;
     let (t32, nh32, nkv32, hd32, scale) = (t as i32, nh as i32, nkv as i32, hd as i32, d.scale());
     let mut l = gpu.stream.launch_builder(&f);
@@ -644,7 +655,7 @@ pub fn attention(
         .arg(&nkv32)
         .arg(&hd32);
     l.arg(&scale).arg(&mut out).arg(&mut lse);
-    unsafe { l.launch(d.grid(nh, 1)) }.map_err(err("attention"))?;
+    run(l, plan::attention_launch(t, nh, 1, hd)?, "attention")?;
     Ok((out, lse))
 }
 
@@ -668,23 +679,18 @@ pub fn attention_backward(
     check_len("attention_backward", "out", out, t * nh * hd)?;
     check_len("attention_backward", "lse", lse, t * nh)?;
     check_len("attention_backward", "seq_end", seq_end, t)?;
-    let mut dvec = zeros::<f32>(gpu, t * nh)?;
+    let mut dvec = uninit::<f32>(gpu, t * nh)?;
     let (t32, nh32, nkv32, hd32, scale) = (t as i32, nh as i32, nkv as i32, hd as i32, d.scale());
     let rows32 = (t * nh) as i32;
     let f = gpu.function(&ATTENTION, "attention_bwd_dot")?;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(dout).arg(out).arg(&rows32).arg(&hd32).arg(&mut dvec);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (t * nh).div_ceil(ATTENTION_WARPS as usize).max(1) as u32,
-            1,
-            1,
-        ),
-        block_dim: (ATTENTION_WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { l.launch(cfg) }.map_err(err("attention_backward"))?;
-    let mut dq = zeros::<f32>(gpu, t * nh * hd)?;
+    run(
+        l,
+        plan::attention_launch(t * nh, 1, 0, hd)?,
+        "attention_backward",
+    )?;
+    let mut dq = uninit::<f32>(gpu, t * nh * hd)?;
     let f = gpu.function(&ATTENTION, "attention_bwd_dq")?;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(q)
@@ -700,9 +706,13 @@ pub fn attention_backward(
         .arg(&hd32)
         .arg(&scale)
         .arg(&mut dq);
-    unsafe { l.launch(d.grid(nh, 2)) }.map_err(err("attention_backward"))?;
-    let mut dk = zeros::<f32>(gpu, t * nkv * hd)?;
-    let mut dv = zeros::<f32>(gpu, t * nkv * hd)?;
+    run(
+        l,
+        plan::attention_launch(t, nh, 2, hd)?,
+        "attention_backward",
+    )?;
+    let mut dk = uninit::<f32>(gpu, t * nkv * hd)?;
+    let mut dv = uninit::<f32>(gpu, t * nkv * hd)?;
     let f = gpu.function(&ATTENTION, "attention_bwd_dkv")?;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(q)
@@ -719,7 +729,11 @@ pub fn attention_backward(
         .arg(&scale)
         .arg(&mut dk)
         .arg(&mut dv);
-    unsafe { l.launch(d.grid(nkv, 2)) }.map_err(err("attention_backward"))?;
+    run(
+        l,
+        plan::attention_launch(t, nkv, 2, hd)?,
+        "attention_backward",
+    )?;
     Ok((dq, dk, dv))
 }
 
@@ -762,7 +776,7 @@ pub fn kv_append(
         .arg(&mb32)
         .arg(&b32);
     l.arg(&kd32).arg(&mut pools.k).arg(&mut pools.v);
-    unsafe { l.launch(grid1(rows * kv_dim, ELEMENTWISE_THREADS)?) }.map_err(err("kv_append"))?;
+    run(l, Launch::elementwise(rows * kv_dim)?, "kv_append")?;
     Ok(())
 }
 
@@ -790,7 +804,7 @@ pub fn kv_write_rows(
         .arg(&n32)
         .arg(&kd32);
     l.arg(&mut pools.k).arg(&mut pools.v);
-    unsafe { l.launch(grid1(n * kv_dim, ELEMENTWISE_THREADS)?) }.map_err(err("kv_write_rows"))?;
+    run(l, Launch::elementwise(n * kv_dim)?, "kv_write_rows")?;
     Ok(())
 }
 
@@ -831,12 +845,11 @@ pub fn attention_decode(
         .arg(&mb32)
         .arg(&b32);
     l.arg(&nh32).arg(&nkv32).arg(&hd32).arg(&scale).arg(out);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.max(1) as u32, nh as u32, 1),
-        block_dim: (ATTENTION_WARPS * 32, 1, 1),
-        shared_mem_bytes: ((hd + ATTENTION_WARPS as usize * (2 + hd)) * 4) as u32,
-    };
-    unsafe { l.launch(cfg) }.map_err(err("attention_decode"))?;
+    run(
+        l,
+        plan::attention_decode_launch(rows, nh, hd)?,
+        "attention_decode",
+    )?;
     Ok(())
 }
 
@@ -868,11 +881,12 @@ pub fn lm_head<T: Elem>(
     check_len("lm_head", "w", w, vocab * hidden)?;
     check_len("lm_head", "targets", targets, rows)?;
     let cols = plan::head_chunk_columns(budget, rows, vocab);
-    let mut z = zeros::<f32>(gpu, rows * cols)?;
+    let mut z = uninit::<f32>(gpu, rows * cols)?;
     let mut m = upload(gpu, &vec![f32::NEG_INFINITY; rows])?;
     let mut lsum = zeros::<f32>(gpu, rows)?;
     let mut s = zeros::<f32>(gpu, rows)?;
-    let mut tgt = zeros::<f32>(gpu, rows)?;
+    // Every target lies in one chunk, whose fold writes it.
+    let mut tgt = uninit::<f32>(gpu, rows)?;
     let fold = gpu.function(&LM_HEAD, "head_chunk_fold")?;
     let mut c0 = 0;
     while c0 < vocab {
@@ -883,13 +897,13 @@ pub fn lm_head<T: Elem>(
         let mut l = gpu.stream.launch_builder(&fold);
         l.arg(&z).arg(&c32).arg(&c032).arg(targets);
         l.arg(&mut m).arg(&mut lsum).arg(&mut s).arg(&mut tgt);
-        unsafe { l.launch(rows_cfg(rows, ROW_THREADS, 0)) }.map_err(err("lm_head"))?;
+        run(l, plan::row_launch(rows)?, "lm_head")?;
         c0 += c;
     }
     let mut out = HeadOutput {
-        logprobs: zeros(gpu, rows)?,
-        entropy: zeros(gpu, rows)?,
-        lse: zeros(gpu, rows)?,
+        logprobs: uninit(gpu, rows)?,
+        entropy: uninit(gpu, rows)?,
+        lse: uninit(gpu, rows)?,
     };
     let f = gpu.function(&LM_HEAD, "head_finish")?;
     let r32 = rows as i32;
@@ -898,7 +912,7 @@ pub fn lm_head<T: Elem>(
     l.arg(&mut out.logprobs)
         .arg(&mut out.entropy)
         .arg(&mut out.lse);
-    unsafe { l.launch(grid1(rows, ELEMENTWISE_THREADS)?) }.map_err(err("lm_head"))?;
+    run(l, Launch::elementwise(rows)?, "lm_head")?;
     Ok(out)
 }
 
@@ -968,7 +982,7 @@ pub fn embedding<T: Elem>(
     let h32 = h as i32;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(table).arg(ids).arg(&h32).arg(x);
-    unsafe { l.launch(rows_cfg(tokens, ROW_THREADS, 0)) }.map_err(err("embedding"))?;
+    run(l, plan::row_launch(tokens)?, "embedding")?;
     Ok(())
 }
 
@@ -1004,8 +1018,11 @@ pub fn embedding_backward(
         .arg(&tokens)
         .arg(&h32)
         .arg(d_table);
-    unsafe { l.launch(rows_cfg(groups.unique.len(), ROW_THREADS, 0)) }
-        .map_err(err("embedding_backward"))?;
+    run(
+        l,
+        plan::row_launch(groups.unique.len())?,
+        "embedding_backward",
+    )?;
     Ok(())
 }
 
@@ -1066,14 +1083,14 @@ pub fn adamw(
             l.arg(&null);
         }
     }
-    unsafe { l.launch(grid1(n, ELEMENTWISE_THREADS)?) }.map_err(err("adamw"))?;
+    run(l, Launch::elementwise(n)?, "adamw")?;
     Ok(())
 }
 
 /// √(Σ over every tensor of Σ g²), summed in f64 in a fixed order.
 pub fn global_grad_norm(gpu: &Gpu, grads: &[(&CudaSlice<f32>, usize)]) -> Result<f64> {
-    const BLOCKS: usize = 264;
-    let mut partial = zeros::<f64>(gpu, BLOCKS * grads.len().max(1))?;
+    const BLOCKS: usize = plan::GRAD_NORM_BLOCKS;
+    let mut partial = uninit::<f64>(gpu, BLOCKS * grads.len().max(1))?;
     let f = gpu.function(&OPTIM, "sum_squares")?;
     for (i, (g, n)) in grads.iter().enumerate() {
         check_len("grad_norm", "gradient", g, *n)?;
@@ -1081,19 +1098,14 @@ pub fn global_grad_norm(gpu: &Gpu, grads: &[(&CudaSlice<f32>, usize)]) -> Result
         let mut view = partial.slice_mut(i * BLOCKS..(i + 1) * BLOCKS);
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(*g).arg(&n64).arg(&mut view);
-        let cfg = LaunchConfig {
-            grid_dim: (BLOCKS as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { l.launch(cfg) }.map_err(err("grad_norm"))?;
+        run(l, Some(plan::grad_norm_launch()), "grad_norm")?;
     }
-    let mut total = zeros::<f64>(gpu, 1)?;
+    let mut total = uninit::<f64>(gpu, 1)?;
     let f = gpu.function(&OPTIM, "sum_f64")?;
     let n64 = (BLOCKS * grads.len()) as u64;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&partial).arg(&n64).arg(&mut total);
-    unsafe { l.launch(rows_cfg(1, 32, 0)) }.map_err(err("grad_norm"))?;
+    run(l, Some(plan::sum_f64_launch()), "grad_norm")?;
     let total = download(gpu, &total)?;
     Ok(total[0].sqrt())
 }
@@ -1128,9 +1140,9 @@ pub fn sample(
         uniforms.len()
     );
     let u = gpu.stream.clone_htod(uniforms).map_err(err("sample"))?;
-    let mut tokens = zeros::<u32>(gpu, rows)?;
-    let mut logprobs = zeros::<f32>(gpu, rows)?;
-    let mut status = zeros::<u32>(gpu, rows)?;
+    let mut tokens = uninit::<u32>(gpu, rows)?;
+    let mut logprobs = uninit::<f32>(gpu, rows)?;
+    let mut status = uninit::<u32>(gpu, rows)?;
     let f = gpu.function(&SAMPLING, "sample_rows")?;
     let (v32, k32) = (vocab as i32, top_k.min(i32::MAX as usize) as i32);
     let mut l = gpu.stream.launch_builder(&f);
@@ -1141,7 +1153,7 @@ pub fn sample(
         .arg(&top_p)
         .arg(&u);
     l.arg(&mut tokens).arg(&mut logprobs).arg(&mut status);
-    unsafe { l.launch(rows_cfg(rows, SAMPLE_THREADS, 0)) }.map_err(err("sample"))?;
+    run(l, plan::sample_launch(rows)?, "sample")?;
     let mut drawn = Drawn {
         tokens: download(gpu, &tokens)?,
         logprobs: download(gpu, &logprobs)?,

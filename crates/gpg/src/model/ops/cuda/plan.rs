@@ -16,6 +16,165 @@ pub const KV_BLOCK: usize = 16;
 /// Threads per block of the sampling kernel (kernels/sampling.cu SAMPLE_THREADS).
 pub const SAMPLE_THREADS: u32 = 1024;
 
+/// Blocks of the global gradient norm's first pass (`sum_squares`) per tensor.
+pub const GRAD_NORM_BLOCKS: usize = 264;
+/// Threads per block of `sum_squares` (its `__launch_bounds__`; any block size is correct).
+pub const GRAD_NORM_THREADS: u32 = 1024;
+/// Row parts of the RMSNorm backward's dw reduction (about two waves of an H100's 132 SMs).
+pub const RMS_NORM_DW_PARTS: usize = 264;
+
+/// One kernel launch's geometry: grid, threads per block (x only) and dynamic shared memory.
+/// The GPU path (`ops.rs`) turns it into cudarc's `LaunchConfig`; the CPU emulator of the
+/// kernel tests (`emu.rs`) runs the kernel with the very same values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub shared_bytes: u32,
+}
+
+impl Launch {
+    /// One thread per element, [`ELEMENTWISE_THREADS`] per block; None for no elements (nothing
+    /// is launched).
+    pub fn elementwise(n: usize) -> Result<Option<Launch>> {
+        Self::elementwise_with(n, ELEMENTWISE_THREADS)
+    }
+
+    /// One thread per element, `threads` per block; None for no elements.
+    pub fn elementwise_with(n: usize, threads: u32) -> Result<Option<Launch>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Launch {
+            grid: (blocks_for(n, threads)?, 1, 1),
+            block: threads,
+            shared_bytes: 0,
+        }))
+    }
+
+    /// One block of `threads` per row; None for no rows (a block would read row 0).
+    pub fn rows(rows: usize, threads: u32) -> Result<Option<Launch>> {
+        if rows == 0 {
+            return Ok(None);
+        }
+        ensure!(
+            rows <= i32::MAX as usize,
+            "cuda: {rows} rows exceed the grid limit"
+        );
+        Ok(Some(Launch {
+            grid: (rows as u32, 1, 1),
+            block: threads,
+            shared_bytes: 0,
+        }))
+    }
+}
+
+/// RMSNorm forward, the head's fold, embedding rows: one block of [`ROW_THREADS`] per row.
+pub fn row_launch(rows: usize) -> Result<Option<Launch>> {
+    Launch::rows(rows, ROW_THREADS)
+}
+
+/// The RMSNorm backward: (parts, rows per part, the launch: one block per part).
+pub fn rms_norm_backward_launch(rows: usize) -> Result<(usize, usize, Option<Launch>)> {
+    let (parts, per) = reduction_parts(rows, RMS_NORM_DW_PARTS);
+    Ok((
+        parts,
+        per,
+        Launch::rows(if rows == 0 { 0 } else { parts }, ROW_THREADS)?,
+    ))
+}
+
+/// The varlen attention kernels over `tokens` rows (one warp per query or key row,
+/// [`ATTENTION_WARPS`] per block), `y` blocks along the grid's y (heads or kv heads), with
+/// `shared_rows` rows of `head_dim` f32 per warp in dynamic shared memory (1: the forward's
+/// scaled q; 2: dq's q and dO, dk/dv's k and v); `shared_rows` 0 for `attention_bwd_dot`.
+pub fn attention_launch(
+    tokens: usize,
+    y: usize,
+    shared_rows: usize,
+    head_dim: usize,
+) -> Result<Option<Launch>> {
+    if tokens == 0 || y == 0 {
+        return Ok(None);
+    }
+    ensure!(
+        y <= 65535,
+        "cuda attention: {y} heads exceed the grid's y limit"
+    );
+    Ok(Some(Launch {
+        grid: (blocks_for(tokens, ATTENTION_WARPS)?, y as u32, 1),
+        block: ATTENTION_WARPS * 32,
+        shared_bytes: (ATTENTION_WARPS as usize * shared_rows * head_dim * 4) as u32,
+    }))
+}
+
+/// Decoding attention: one block per (row, head); shared memory holds the scaled q row and
+/// each warp's (m, l, o[head_dim]) for the merge.
+pub fn attention_decode_launch(
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Option<Launch>> {
+    if rows == 0 || heads == 0 {
+        return Ok(None);
+    }
+    ensure!(
+        heads <= 65535,
+        "cuda attention: {heads} heads exceed the grid's y limit"
+    );
+    Ok(Some(Launch {
+        grid: (rows as u32, heads as u32, 1),
+        block: ATTENTION_WARPS * 32,
+        shared_bytes: ((head_dim + ATTENTION_WARPS as usize * (2 + head_dim)) * 4) as u32,
+    }))
+}
+
+/// The gradient norm's first pass over one tensor: [`GRAD_NORM_BLOCKS`] partial sums.
+pub fn grad_norm_launch() -> Launch {
+    Launch {
+        grid: (GRAD_NORM_BLOCKS as u32, 1, 1),
+        block: GRAD_NORM_THREADS,
+        shared_bytes: 0,
+    }
+}
+
+/// `sum_f64`: one warp (only thread 0 works: the partials are few).
+pub fn sum_f64_launch() -> Launch {
+    Launch {
+        grid: (1, 1, 1),
+        block: 32,
+        shared_bytes: 0,
+    }
+}
+
+/// (parts, rows per part, the two passes' launches) of a bias gradient's column sums.
+pub type ColSumPlan = (usize, usize, Option<(Launch, Launch)>);
+
+/// Row parts of a bias gradient's column sums: a few hundred blocks over columns × parts.
+pub const COL_SUM_PARTS: usize = 64;
+
+/// A bias gradient over `rows` × `n`: (parts, rows per part, the first pass's launch: column
+/// blocks of [`ELEMENTWISE_THREADS`] × parts, the second pass's: one thread per column); None
+/// for no rows or columns.
+pub fn col_sum_launch(rows: usize, n: usize) -> Result<ColSumPlan> {
+    let (parts, per) = reduction_parts(rows, COL_SUM_PARTS);
+    if rows == 0 || n == 0 {
+        return Ok((parts, per, None));
+    }
+    let first = Launch {
+        grid: (blocks_for(n, ELEMENTWISE_THREADS)?, parts as u32, 1),
+        block: ELEMENTWISE_THREADS,
+        shared_bytes: 0,
+    };
+    let second = Launch::elementwise(n)?.unwrap_or(first);
+    Ok((parts, per, Some((first, second))))
+}
+
+/// Sampling: one block of [`SAMPLE_THREADS`] per row.
+pub fn sample_launch(rows: usize) -> Result<Option<Launch>> {
+    Launch::rows(rows, SAMPLE_THREADS)
+}
+
 /// Blocks of `threads` covering `n` elements (at least 1), refusing grids CUDA cannot launch.
 pub fn blocks_for(n: usize, threads: u32) -> Result<u32> {
     let blocks = n.div_ceil(threads as usize).max(1);
@@ -100,8 +259,17 @@ pub fn reduction_parts(rows: usize, target_parts: usize) -> (usize, usize) {
 
 /// Vocabulary columns per chunk of the fused head: at most `budget` logits alive at once over
 /// `rows` rows, at least 1 column, at most `vocab`.
+///
+/// Rounded down to a multiple of 8 when at least 8 (and short of the whole vocabulary): the
+/// chunk is the leading dimension of the logits cuBLAS writes, and bf16/f32 tensor-core paths
+/// want it 16-byte aligned.
 pub fn head_chunk_columns(budget: usize, rows: usize, vocab: usize) -> usize {
-    (budget / rows.max(1)).clamp(1, vocab.max(1))
+    let cols = (budget / rows.max(1)).clamp(1, vocab.max(1));
+    if cols >= 8 && cols < vocab {
+        cols / 8 * 8
+    } else {
+        cols
+    }
 }
 
 /// The decoding KV cache's block tables: a pool of `n_blocks` blocks of [`KV_BLOCK`] positions
@@ -198,6 +366,16 @@ impl BlockTables {
         &self.lens
     }
 
+    /// Errors if a row has no room for one more position. Called before a step writes its
+    /// keys and values (`kv_append` writes at position lens[r], which must lie in the row's
+    /// blocks), so a full row is an error, never a write past its blocks.
+    pub fn check_room(&self) -> Result<()> {
+        for (r, (len, cap)) in self.lens.iter().zip(&self.caps).enumerate() {
+            ensure!(*len < *cap, "kv cache: row {r} outgrew its {cap} positions");
+        }
+        Ok(())
+    }
+
     /// One more position for every row (after a step appended it); errors if a row is full.
     pub fn advance(&mut self) -> Result<()> {
         for (r, (len, cap)) in self.lens.iter_mut().zip(&self.caps).enumerate() {
@@ -234,6 +412,21 @@ mod tests {
         assert_eq!(blocks_for(256, 256).unwrap(), 1);
         assert_eq!(blocks_for(257, 256).unwrap(), 2);
         assert!(blocks_for(usize::MAX / 2, 1).is_err());
+    }
+
+    #[test]
+    fn empty_work_launches_nothing() {
+        assert_eq!(Launch::elementwise(0).unwrap(), None);
+        assert_eq!(row_launch(0).unwrap(), None);
+        assert_eq!(rms_norm_backward_launch(0).unwrap().2, None);
+        assert_eq!(attention_launch(0, 4, 1, 64).unwrap(), None);
+        assert_eq!(attention_decode_launch(0, 4, 64).unwrap(), None);
+        assert_eq!(sample_launch(0).unwrap(), None);
+        let l = Launch::elementwise(257).unwrap().unwrap();
+        assert_eq!((l.grid, l.block), ((2, 1, 1), ELEMENTWISE_THREADS));
+        let a = attention_launch(9, 3, 2, 64).unwrap().unwrap();
+        assert_eq!(a.grid, (3, 3, 1));
+        assert_eq!(a.shared_bytes, 4 * 2 * 64 * 4);
     }
 
     #[test]
@@ -288,8 +481,17 @@ mod tests {
     #[test]
     fn head_chunks() {
         assert_eq!(head_chunk_columns(1000, 10, 50), 50);
-        assert_eq!(head_chunk_columns(1000, 10, 500), 100);
+        assert_eq!(head_chunk_columns(1000, 10, 500), 96);
         assert_eq!(head_chunk_columns(5, 10, 500), 1);
+        // A multiple of 8 below the vocabulary: 64M logits over 16 × 6144 rows = 682 → 680.
+        assert_eq!(head_chunk_columns(64 << 20, 16 * 6144, 151_936), 680);
+        assert_eq!(head_chunk_columns(1000, 10, 97), 97);
+        let (parts, per, l) = col_sum_launch(1000, 300).unwrap();
+        assert!(parts * per >= 1000 && parts <= COL_SUM_PARTS);
+        let (first, second) = l.unwrap();
+        assert_eq!(first.grid, (2, parts as u32, 1));
+        assert_eq!(second.grid, (2, 1, 1));
+        assert!(col_sum_launch(0, 300).unwrap().2.is_none());
     }
 
     #[test]
@@ -321,7 +523,10 @@ mod tests {
         assert!(t.retain(&[true, true]).is_err());
         // A full row cannot advance.
         let mut f = BlockTables::new(1);
-        f.push(16, 16).unwrap();
+        f.push(15, 16).unwrap();
+        assert!(f.check_room().is_ok());
+        f.advance().unwrap();
+        assert!(f.check_room().is_err());
         assert!(f.advance().is_err());
     }
 }

@@ -91,7 +91,8 @@ pub const ELEMENTWISE: Module = Module {
         "cast_f32_bf16",
         "cast_bf16_f32",
         "add_f32",
-        "add_col_sums",
+        "col_sum_parts",
+        "add_sum_parts",
     ],
 };
 
@@ -114,6 +115,32 @@ pub const ALL: &[Module] = &[
     SAMPLING,
 ];
 
+/// The `extern "C" __global__` kernels a source defines, in order: (name, the argument of its
+/// `__launch_bounds__` with a `#define`d name resolved, if it has one).
+pub fn kernel_definitions(source: &str) -> Vec<(&str, Option<u32>)> {
+    source
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .map(|rest| {
+            let (bounds, rest) = match rest.trim_start().strip_prefix("__launch_bounds__(") {
+                Some(r) => {
+                    let end = r.find(')').unwrap_or(0);
+                    let arg = r[..end].split(',').next().unwrap_or("").trim();
+                    let value = arg.parse().ok().or_else(|| {
+                        source
+                            .lines()
+                            .find_map(|l| l.strip_prefix(&format!("#define {arg} ")))
+                            .and_then(|v| v.trim().parse().ok())
+                    });
+                    (value, &r[end + 1..])
+                }
+                None => (None, rest),
+            };
+            (rest.split('(').next().unwrap_or("").trim(), bounds)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,11 +150,9 @@ mod tests {
     #[test]
     fn declared_kernels_match_the_sources() {
         for m in ALL {
-            let defined: Vec<&str> = m
-                .source
-                .split("extern \"C\" __global__ void ")
-                .skip(1)
-                .map(|rest| rest.split('(').next().unwrap_or("").trim())
+            let defined: Vec<&str> = kernel_definitions(m.source)
+                .into_iter()
+                .map(|(name, _)| name)
                 .collect();
             let mut declared = m.kernels.to_vec();
             let mut found = defined.clone();

@@ -5,7 +5,7 @@
 //!   elsewhere.
 //! * `gpu_*` compare every op's CUDA forward and backward with the CPU kernel on random inputs
 //!   (f32: max error ≤ 1e-5 of the largest reference magnitude; bf16: within bf16's precision).
-//!   They need a GPU and skip, printing the reason, without one; `bench/gpu/check.sh` runs them
+//!   They need a GPU and skip, printing the reason, without one; `bench/gpu/check-a.sh` runs them
 //!   on the device machine.
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::model::ops::test_util::{rand_vec, rng, tensor, values};
 use crate::model::ops::{self as cpu_ops, Rope, VarLen};
 
 /// The device, or None (the test then passes, printing why) without one; with
-/// GPG_RL_REQUIRE_GPU=1 (bench/gpu/check.sh) a missing device fails the test instead.
+/// GPG_RL_REQUIRE_GPU=1 (bench/gpu/check-a.sh) a missing device fails the test instead.
 fn gpu() -> Option<Arc<Gpu>> {
     match Gpu::open(0) {
         Ok(g) => Some(g),
@@ -66,21 +66,23 @@ fn every_kernel_compiles_with_nvrtc_for_sm_90() {
         return;
     }
     for m in ALL {
-        let ptx = compile_for_arch(m, "sm_90").unwrap_or_else(|e| panic!("{e:#}"));
-        let text = ptx.to_src();
+        let image = compile_for_arch(m, "sm_90").unwrap_or_else(|e| panic!("{e:#}"));
+        // A CUBIN: an ELF image whose symbol table names every kernel.
         assert!(
-            text.contains(".target sm_90"),
-            "{}: {}",
-            m.name,
-            &text[..200]
+            image.starts_with(b"\x7fELF"),
+            "{}: not an ELF CUBIN",
+            m.name
         );
         for k in m.kernels {
             assert!(
-                text.contains(&format!(".entry {k}(")),
-                "kernel {k} missing from the PTX of {}",
+                image.windows(k.len()).any(|w| w == k.as_bytes()),
+                "kernel {k} missing from the CUBIN of {}",
                 m.name
             );
         }
+        // Cached per process: the second call returns the same image.
+        let again = compile_for_arch(m, "sm_90").unwrap();
+        assert!(Arc::ptr_eq(&image, &again), "{}: compiled twice", m.name);
     }
 }
 
@@ -210,9 +212,9 @@ fn gpu_rope_swiglu_match_the_cpu() {
         rand_vec(&mut r, n, 2.0),
         rand_vec(&mut r, n, 1.0),
     );
-    let (gt, ut) = (tensor(&ga, &[n]), tensor(&ua, &[n]));
+    let (gt, ut) = (tensor(&ga, &[50, n / 50]), tensor(&ua, &[50, n / 50]));
     let h_ref = values(&cpu_ops::swiglu(&gt, &ut).unwrap());
-    let (dg_ref, du_ref) = cpu_ops::swiglu_backward(&tensor(&dh, &[n]), &gt, &ut).unwrap();
+    let (dg_ref, du_ref) = cpu_ops::swiglu_backward(&tensor(&dh, &[50, n / 50]), &gt, &ut).unwrap();
     let (gd, ud, dhd) = (
         dev::upload(&g, &ga).unwrap(),
         dev::upload(&g, &ua).unwrap(),
@@ -826,7 +828,6 @@ fn gpu_train_step_matches_the_cpu_engine() {
 fn gpu_qwen3_and_llama_match_the_cpu_engine_and_decoder() {
     use crate::model::decoding::DecodeEngine;
     use crate::model::{Activations, Qwen2, TrainBatch};
-    use crate::optim::AdamWConfig;
     let Some(g) = gpu() else { return };
     for extra in [
         serde_json::json!({"model_type": "qwen3", "head_dim": 64}),
@@ -855,7 +856,7 @@ fn gpu_qwen3_and_llama_match_the_cpu_engine_and_decoder() {
             .unwrap();
         let cpu_grads = model.backward(&batch, cache, &gt).unwrap();
         let mut step =
-            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model, AdamWConfig::default())
+            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model)
                 .unwrap();
         let (lpg, cg) = step.forward(&batch, 1.0).unwrap();
         close(
@@ -910,5 +911,42 @@ fn gpu_qwen3_and_llama_match_the_cpu_engine_and_decoder() {
                 &format!("{what}: step {s}"),
             );
         }
+    }
+}
+
+/// The forward-only copy (the KL reference of a GPU run) gives the train step's log-probs bit
+/// for bit, f32 and bf16, and refuses a backward.
+#[test]
+fn gpu_frozen_copy_forward_equals_the_train_steps() {
+    use crate::model::{Activations, Precision, Qwen2, TrainBatch};
+    let Some(g) = gpu() else { return };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let config: crate::model::Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let mut model = Qwen2::random(config, 0.3, 17, &candle_core::Device::Cpu).unwrap();
+        if precision == Precision::Bf16 {
+            model = model.to_precision(precision).unwrap();
+        }
+        let batch = TrainBatch::new(&[(&[1u32, 2, 3][..], &[4u32, 5, 6, 7][..])]).unwrap();
+        let step =
+            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model)
+                .unwrap();
+        let mut frozen =
+            crate::model::cuda_train::CudaTrainStep::frozen(g.clone(), &model).unwrap();
+        let (a, _) = step
+            .forward_with(&batch, 0.9, Activations::LayerInputs)
+            .unwrap();
+        let (b, cache) = frozen
+            .forward_with(&batch, 0.9, Activations::LayerInputs)
+            .unwrap();
+        assert_eq!(a.logprobs, b.logprobs, "{precision}");
+        assert_eq!(a.entropy, b.entropy, "{precision}");
+        let gt = vec![1.0f32; batch.targets.len()];
+        assert!(frozen.backward(&batch, cache, &gt).is_err());
     }
 }

@@ -29,11 +29,26 @@ extern "C" __global__ void add_f32(float* y, const float* x, u64 n) {
     y[i] += x[i];
 }
 
-// out[j] += Σ_r x[r, j] over `rows` rows of n values, rows in order (a bias gradient).
-extern "C" __global__ void add_col_sums(const float* x, int rows, int n, float* out) {
+// A bias gradient out[j] += Σ_r x[r, j] over `rows` rows of n values, as a two-pass reduction
+// (no atomics, a fixed order): `col_sum_parts` sums each part of `rows_per_part` consecutive
+// rows per column (grid: column blocks × parts; rows in order within a part), then
+// `add_sum_parts` adds the parts in part order to out.
+extern "C" __global__ void col_sum_parts(const float* x, int rows, int n, int rows_per_part,
+                                         float* partial) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    int part = blockIdx.y;
+    int r0 = part * rows_per_part, r1 = min(rows, r0 + rows_per_part);
+    float acc = 0.0f;
+    for (int r = r0; r < r1; ++r) acc += x[(u64)r * n + j];
+    partial[(u64)part * n + j] = acc;
+}
+
+// out[j] += Σ_p partial[p][j], p in increasing order.
+extern "C" __global__ void add_sum_parts(const float* partial, int parts, int n, float* out) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     float acc = 0.0f;
-    for (int r = 0; r < rows; ++r) acc += x[(u64)r * n + j];
+    for (int p = 0; p < parts; ++p) acc += partial[(u64)p * n + j];
     out[j] += acc;
 }

@@ -30,9 +30,11 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
 }
 
 // Global gradient norm, first pass: partial[block] = Σ_{i in the block's grid-stride range} g_i²
-// accumulated in f64 (a fixed order per thread, then the block tree). Second pass: `sum_f64`
+// accumulated in f64 (a fixed order per thread, then a pairwise tree over the block's threads
+// that is correct for any block size ≤ 1024, not only powers of two). Second pass: `sum_f64`
 // adds the partials of every tensor in order on one block. No atomics: same bits every run.
-extern "C" __global__ void sum_squares(const float* g, u64 n, double* partial) {
+extern "C" __global__ void __launch_bounds__(1024) sum_squares(const float* g, u64 n,
+                                                               double* partial) {
     __shared__ double scratch[1024];
     double acc = 0.0;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -40,13 +42,17 @@ extern "C" __global__ void sum_squares(const float* g, u64 n, double* partial) {
         double x = g[i];
         acc += x * x;
     }
-    scratch[threadIdx.x] = acc;
+    int t = threadIdx.x, nt = blockDim.x;
+    scratch[t] = acc;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
+    // Halve the smallest power of two ≥ nt: thread t < s adds t + s when that thread exists.
+    int span = 1;
+    while (span < nt) span <<= 1;
+    for (int s = span >> 1; s > 0; s >>= 1) {
+        if (t < s && t + s < nt) scratch[t] += scratch[t + s];
         __syncthreads();
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = scratch[0];
+    if (t == 0) partial[blockIdx.x] = scratch[0];
 }
 
 // out[0] = Σ_i x[i] in index order (one thread: the partials are few).

@@ -29,9 +29,9 @@ __device__ float masked_count(const float* e, int v, float thr, float* scratch) 
     return block_sum(acc, scratch);
 }
 
-extern "C" __global__ void sample_rows(float* z, int v, float temperature, int top_k, float top_p,
-                                       const double* uniforms, u32* tokens, float* logprobs,
-                                       u32* status) {
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows(float* z, int v, float temperature, int top_k, float top_p,
+                const double* uniforms, u32* tokens, float* logprobs, u32* status) {
     __shared__ float scratch[32];
     __shared__ float chunk_sums[SAMPLE_THREADS];
     u64 r = blockIdx.x;
