@@ -166,8 +166,12 @@ mod tests {
         assert_eq!(l.scored_len(1), 0);
         assert!(!l.is_scored(1) && l.is_scored(2));
         // An all-true mask is no mask; a mask of the wrong length is an error.
-        let plain = TokenLayout::from_lengths(&[1]).with_mask(vec![true]).unwrap();
+        let plain = TokenLayout::from_lengths(&[1])
+            .with_mask(vec![true])
+            .unwrap();
         assert_eq!(plain, TokenLayout::from_lengths(&[1]));
-        assert!(TokenLayout::from_lengths(&[2]).with_mask(vec![true]).is_err());
+        assert!(TokenLayout::from_lengths(&[2])
+            .with_mask(vec![true])
+            .is_err());
     }
 }

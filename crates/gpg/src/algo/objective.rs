@@ -725,7 +725,10 @@ mod tests {
             advantages: &[1.0, -0.5],
         };
         let norm = Normaliser::micro_batch(&layout);
-        assert_eq!(norm.n_tokens, 5.0, "N_tok counts the 5 scored tokens, not 7");
+        assert_eq!(
+            norm.n_tokens, 5.0,
+            "N_tok counts the 5 scored tokens, not 7"
+        );
         // GPG: g = −Â/N_tok = −1/5 (completion 0), +0.5/5 = 0.1 (completion 1), 0 masked.
         // L = −0.2·(−1 − 2 − 0.5) + 0.1·(−1 − 3) = 0.7 − 0.4 = 0.3.
         let out = gpg_loss(&tokens, 1.0, norm).unwrap();
@@ -762,7 +765,12 @@ mod tests {
             let m = out.metrics;
             assert_eq!(m.n_tokens, 5);
             assert_eq!(m.clip_fraction, Some(0.0), "masked tokens are not clipped");
-            assert_close(m.mean_ratio.unwrap(), 1.0, 1e-12, "ratio over scored tokens");
+            assert_close(
+                m.mean_ratio.unwrap(),
+                1.0,
+                1e-12,
+                "ratio over scored tokens",
+            );
         }
         // The same batch without the mask differs (N_tok = 7 and the tool tokens weigh in).
         let plain = TokenLayout::from_lengths(&[5, 2]);
@@ -775,7 +783,12 @@ mod tests {
             Normaliser::micro_batch(&plain),
         )
         .unwrap();
-        assert_close(unmasked.token_weights[2] as f64, -1.0 / 7.0, 1e-7, "unmasked g");
+        assert_close(
+            unmasked.token_weights[2] as f64,
+            -1.0 / 7.0,
+            1e-7,
+            "unmasked g",
+        );
     }
 
     #[test]
