@@ -262,3 +262,7 @@ pub fn generate_with_tools(
     out.sort_by_key(|c| (c.prompt_index, c.sample_index));
     Ok((out, stats))
 }
+
+#[cfg(test)]
+#[path = "multi_turn_tests.rs"]
+mod tests;

@@ -302,6 +302,27 @@ impl Toolbox {
     }
 }
 
+/// Token ids of a dataset prompt with the tools listed: chat messages rendered by the chat
+/// template with `tools = schemas` (Qwen2.5's lists them in its system prompt), raw text
+/// as is (a raw prompt has no place for the list).
+pub fn encode_prompt_with_tools(
+    tokenizer: &Tokenizer,
+    prompt: &crate::tokenizer::Prompt,
+    schemas: &[Value],
+) -> Result<Vec<u32>> {
+    match prompt {
+        crate::tokenizer::Prompt::Text(text) => tokenizer.encode(text, false),
+        crate::tokenizer::Prompt::Chat(messages) => {
+            let messages: Vec<Value> = messages
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<std::result::Result<_, _>>()?;
+            let text = tokenizer.apply_chat_template_json(&messages, Some(schemas), true)?;
+            tokenizer.encode(&text, false)
+        }
+    }
+}
+
 /// The first `max` characters of `text`, marked `…` when cut.
 fn cut_chars(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {

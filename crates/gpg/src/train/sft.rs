@@ -58,22 +58,37 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         ..Default::default()
     };
     ensure!(
-        (0.0..=1.0).contains(&config.direct_answer_share),
-        "direct_answer_share must be in [0, 1]"
+        (0.0..=1.0).contains(&config.direct_answer_share)
+            && (0.0..=1.0).contains(&config.tool_share)
+            && config.direct_answer_share + config.tool_share <= 1.0,
+        "direct_answer_share and tool_share must be in [0, 1] with a sum ≤ 1"
+    );
+    let tool_format = crate::tools::TurnFormat::of(
+        &tokenizer,
+        &[crate::tools::Tool::schema(&crate::tools::Calculator)],
     );
     let mut style_rng = ChaCha8Rng::seed_from_u64(config.seed);
+    // (prompt, completion, loss mask: empty when every token is trained on)
     let mut pairs = Vec::with_capacity(split.train.len());
     for p in &split.train {
         let record = p.prompt_record(0, &fields);
         let prompt = tokenizer.encode_prompt(&record.prompt)?;
-        let target = if style_rng.gen::<f64>() < config.direct_answer_share {
-            format!("\\boxed{{{}}}", p.answer)
+        let draw = style_rng.gen::<f64>();
+        let (mut completion, mut mask) = if draw < config.direct_answer_share {
+            (
+                tokenizer.encode(&format!("\\boxed{{{}}}", p.answer), false)?,
+                Vec::new(),
+            )
+        } else if draw < config.direct_answer_share + config.tool_share {
+            calculator_target(&tokenizer, &tool_format, p)?
         } else {
-            p.solution.clone()
+            (tokenizer.encode(&p.solution, false)?, Vec::new())
         };
-        let mut completion = tokenizer.encode(&target, false)?;
         completion.push(eos);
-        pairs.push((prompt, completion));
+        if !mask.is_empty() {
+            mask.push(true);
+        }
+        pairs.push((prompt, completion, mask));
     }
     let heldout = prepare_prompts(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
 
@@ -108,10 +123,26 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
             .collect();
         let batch = TrainBatch::new(&batch_pairs)?;
-        let n = batch.num_completion_tokens();
-        // L = −Σ logp / N: g_t = −1/N is known before the forward, so on the CPU the head's
-        // logits are formed once (forward and backward in one pass).
-        let g = vec![-1.0 / n as f32; n];
+        // Trained tokens: all but the tool responses of calculator targets (masked).
+        let scored: Vec<bool> = idx
+            .iter()
+            .flat_map(|&i| {
+                let (_, c, m) = &pairs[i];
+                if m.is_empty() {
+                    vec![true; c.len()]
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+        let n = scored.iter().filter(|&&s| s).count().max(1);
+        // L = −Σ_scored logp / N: g_t = −1/N (0 at masked tokens) is known before the
+        // forward, so on the CPU the head's logits are formed once (forward and backward in
+        // one pass).
+        let g: Vec<f32> = scored
+            .iter()
+            .map(|&s| if s { -1.0 / n as f32 } else { 0.0 })
+            .collect();
         let lp = if updater.fuses_forward_backward() {
             updater.forward_backward_into(&model, &batch, 1.0, keep, &g)?
         } else {
@@ -119,7 +150,14 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             updater.backward_into(&model, &batch, cache, &g)?;
             lp
         };
-        let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+        let loss = -lp
+            .logprobs
+            .iter()
+            .zip(&scored)
+            .filter(|(_, &s)| s)
+            .map(|(&l, _)| l as f64)
+            .sum::<f64>()
+            / n as f64;
         let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
@@ -154,4 +192,45 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         serde_json::to_string_pretty(&generation)?.as_bytes(),
     )?;
     Ok(pass)
+}
+
+/// The calculator-calling target of a synthetic problem and its loss mask:
+/// `<tool_call>` with the question's expression (trained), the tool turn with the exact value
+/// (context: masked), then `\boxed{N}` (trained). The EOS is appended by the caller.
+fn calculator_target(
+    tokenizer: &Tokenizer,
+    format: &crate::tools::TurnFormat,
+    problem: &synthetic::SyntheticProblem,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    let expression = problem
+        .question
+        .trim_start_matches("Compute ")
+        .trim_end_matches('.');
+    let value = crate::tools::Calculator::evaluate(expression)
+        .map_err(|e| anyhow::anyhow!("synthetic problem {:?}: {e}", problem.question))?;
+    ensure!(
+        value == problem.answer,
+        "synthetic problem {:?}: the calculator says {value}, the answer is {}",
+        problem.question,
+        problem.answer
+    );
+    // Qwen's layout of a call: `{"name": "…", "arguments": {…}}`, one line.
+    let call = format!(
+        "{}\n{{\"name\": \"calculator\", \"arguments\": {{\"expression\": {}}}}}\n{}",
+        crate::tools::CALL_OPEN,
+        serde_json::Value::from(expression),
+        crate::tools::CALL_CLOSE
+    );
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for (text, trained) in [
+        (call.as_str(), true),
+        (format.render(&value).as_str(), false),
+        (format!("\\boxed{{{}}}", problem.answer).as_str(), true),
+    ] {
+        let part = tokenizer.encode(text, false)?;
+        mask.extend(std::iter::repeat_n(trained, part.len()));
+        ids.extend(part);
+    }
+    Ok((ids, mask))
 }
