@@ -110,3 +110,44 @@ fn the_tiny_template_without_tool_support_falls_back_to_qwen_text() {
         "<|im_end|>\n<|im_start|>user\n<tool_response>\n7\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     );
 }
+
+/// The tool turn and the tool list against transformers' `apply_chat_template` with the
+/// Qwen2.5-Instruct template (tests/fixtures/tools/make_tool_turn.py): the prompt's tokens
+/// with the tools listed, and prompt + the model's call + the tool turn rendered here equal
+/// the whole conversation's tokens.
+#[test]
+fn tool_turn_tokens_match_transformers() {
+    let fixture: Value = serde_json::from_str(include_str!(
+        "../../../../tests/fixtures/tools/tool_turn.json"
+    ))
+    .unwrap();
+    let mut tok = tokenizer();
+    tok.set_chat_template(Some(include_str!(
+        "../tokenizer/testdata/qwen2.5-instruct.chat_template.jinja"
+    )))
+    .unwrap();
+    let tb = Toolbox::new(&config(), &tok).unwrap();
+    assert_eq!(tb.format().source, FormatSource::ChatTemplate);
+    assert_eq!(tb.schemas(), fixture["tools"].as_array().unwrap().clone());
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let prompt = crate::tokenizer::Prompt::Chat(vec![crate::tokenizer::ChatMessage::new(
+        "user",
+        "Compute (23+58)*4-17.",
+    )]);
+    let prompt_ids = encode_prompt_with_tools(&tok, &prompt, &tb.schemas()).unwrap();
+    assert_eq!(prompt_ids, ids(&fixture["prompt"]["ids"]));
+    let call = fixture["call_text"].as_str().unwrap();
+    let turn = tb.format().render(fixture["response"].as_str().unwrap());
+    let mut full = prompt_ids.clone();
+    full.extend(tok.encode(call, false).unwrap());
+    full.extend(tok.encode(&turn, false).unwrap());
+    assert_eq!(full, ids(&fixture["full"]["ids"]));
+    let text = tok.decode(&full, false).unwrap();
+    assert_eq!(text, fixture["full"]["text"].as_str().unwrap());
+}
