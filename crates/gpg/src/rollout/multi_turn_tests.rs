@@ -234,7 +234,7 @@ fn limits_and_errors_end_trajectories_in_bounded_ways() {
         &always_call,
         &toolbox(&tok, 2, Some(1000)),
         2048,
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
     );
     assert!(out
         .iter()
@@ -247,7 +247,7 @@ fn limits_and_errors_end_trajectories_in_bounded_ways() {
         &always_call,
         &toolbox(&tok, 5, Some(call_len + 5)),
         2048,
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
     );
     for c in &out {
         assert_eq!(c.finish_reason, FinishReason::Length);
