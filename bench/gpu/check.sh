@@ -8,8 +8,8 @@
 #      the pip wheels under PyTorch's site-packages)
 #   2. every op's CUDA forward/backward against the CPU kernel, the CUDA sampler against the
 #      CPU sampler, the CUDA decoder against the CPU decoder (f32 and bf16), every kernel
-#      compiled for the device by NVRTC: the `cuda::` tests of the carried test binary; the
-#      trainer's GPU updater (`cuda_update::`: its checkpoint state resumes exactly on the GPU
+#      compiled for the device by NVRTC: the `ops::cuda::` tests of the carried test binary; the
+#      trainer's GPU engine (`engine::cuda::`: its checkpoint state resumes exactly on the GPU
 #      and closely on the CPU; gradient checkpointing gives the same gradients bit for bit; the
 #      decoder over the train step's weights equals an uploaded one)
 #   2b. the trainer end to end (bench/gpu/train_gpu_vs_cpu.sh): a 3-step GPG run of
@@ -49,10 +49,10 @@ gunzip -c .gpu/gpg-rl.gz > $bin/gpg-rl && gunzip -c .gpu/gpg-tests.gz > $bin/gpg
 chmod +x $bin/gpg-rl $bin/gpg-tests
 
 step "2. ops, sampler and decoder: CUDA vs CPU"
-GPG_RL_REQUIRE_GPU=1 timeout 180 $bin/gpg-tests cuda:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -n 40
+GPG_RL_REQUIRE_GPU=1 timeout 180 $bin/gpg-tests ops::cuda:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -n 40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: cuda tests"; fail=1; }
-GPG_RL_REQUIRE_GPU=1 timeout 60 $bin/gpg-tests cuda_update:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/updater.log" | tail -n 12
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: cuda_update tests"; fail=1; }
+GPG_RL_REQUIRE_GPU=1 timeout 60 $bin/gpg-tests engine::cuda:: --test-threads 1 --nocapture 2>&1 | tee "$OUT/engine.log" | tail -n 12
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: engine::cuda tests"; fail=1; }
 
 step "2b. a 3-step GPG run (gpg-rl train) on cpu vs cuda; exact resume on cuda"
 timeout 150 bash bench/gpu/train_gpu_vs_cpu.sh $bin/gpg-rl /tmp/gpg-3step cuda 2>&1 | tee "$OUT/train-3step.log"

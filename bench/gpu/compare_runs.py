@@ -6,8 +6,8 @@ against an uninterrupted one. Needs only numpy (f32 checkpoints; the safetensors
 by hand).
 
 Tolerances (default mode, two devices):
-  * the sampled completions must be the same: per step `tokens`, `completion_length`,
-    `completion_length_max`, `reward`, `valid_groups` equal (the GPU sampler draws from the
+  * the sampled completions must be the same: per step `tokens`, `completions/mean_length`,
+    `completions/max_length`, `reward`, `valid_groups` equal (the GPU sampler draws from the
     same seeded uniforms as the CPU; only a logit difference that moves a draw across a CDF
     boundary changes a token, and then the runs are not comparable: reported as such);
   * loss, grad_norm, entropy per step: |a - b| <= 1e-3 * max(|a|, |b|) + 1e-6;
@@ -61,7 +61,7 @@ def main():
     if len(ma) != len(mb):
         print(f"FAILED: {len(ma)} vs {len(mb)} steps")
         return 1
-    same_samples = ["tokens", "completion_length", "completion_length_max", "reward",
+    same_samples = ["tokens", "completions/mean_length", "completions/max_length", "reward",
                     "valid_groups"]
     close = ["loss", "grad_norm", "entropy"]
     for x, y in zip(ma, mb):

@@ -83,7 +83,7 @@ def test_python_reward_equals_the_cli_with_an_external_reward(tmp_path):
     assert out["step"] == 3 and len(out["metrics"]) == 3
     assert (py_run / "final" / "model.safetensors").is_file()
     assert (py_run / "curves.png").is_file()
-    assert all("length_mod7" in m["rewards"] for m in out["metrics"])
+    assert all("rewards/length_mod7/mean" in m for m in out["metrics"])
 
     script = tmp_path / "score.py"
     script.write_text(EXTERNAL)
@@ -225,7 +225,10 @@ def test_builtin_names_weights_and_overrides(tmp_path):
         overrides={"rollout.max_new_tokens": 16},
         quiet=True,
     )
-    assert set(out["metrics"][0]["rewards"]) == {"accuracy", "length_mod7"}
+    assert {k for k in out["metrics"][0] if k.endswith("/mean") and k.startswith("rewards/")} == {
+        "rewards/accuracy/mean",
+        "rewards/length_mod7/mean",
+    }
     text = (tmp_path / "run" / "config.toml").read_text()
     assert "in_process" in text and "max_new_tokens = 16" in text
     with pytest.raises(ValueError):

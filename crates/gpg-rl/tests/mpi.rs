@@ -113,7 +113,8 @@ fn two_mpi_ranks_match_one_process() {
     for (a, b) in m1.iter().zip(&m2) {
         for key in [
             "reward",
-            "rewards",
+            "reward_std",
+            "rewards/accuracy/mean",
             "groups",
             "valid_groups",
             "identical_groups",
@@ -121,7 +122,10 @@ fn two_mpi_ranks_match_one_process() {
             "resample_rounds",
             "tokens",
             "tokens_seen",
-            "completion_length_max",
+            "completions/max_length",
+            "completions/mean_length",
+            "num_tokens",
+            "epoch",
             "eval_pass_at_1",
             "skipped",
         ] {

@@ -106,7 +106,22 @@ fn metrics_without_times(path: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn train_writes_logs_checkpoints_and_resumes_exactly_after_sigkill() {
-    resumes_exactly_after_sigkill("", "", "model.safetensors");
+    resumes_exactly_after_sigkill("", "", "model.safetensors", &[]);
+}
+
+/// Difficulty-weighted prompt sampling (an epoch of 2 steps, so 6 epochs): the records and the
+/// drawn order ride in the checkpoint and the resumed run draws the same prompts.
+#[test]
+fn weighted_sampling_resumes_exactly_after_sigkill() {
+    resumes_exactly_after_sigkill(
+        "",
+        "",
+        "model.safetensors",
+        &[
+            ("n_train = 200", "n_train = 8"),
+            ("[data]\n", "[data]\nsample_strategy = \"medium\"\n"),
+        ],
+    );
 }
 
 /// LoRA (with adapter dropout): checkpoints and final/ hold the adapter in PEFT format, not
@@ -117,6 +132,7 @@ fn lora_train_writes_peft_adapters_and_resumes_exactly_after_sigkill() {
         "",
         "[lora]\nrank = 4\nalpha = 8\ndropout = 0.1\n",
         "adapter_model.safetensors",
+        &[],
     );
 }
 
@@ -129,17 +145,28 @@ fn bf16_train_resumes_exactly_after_sigkill() {
         "precision = \"bf16\"\ngradient_checkpointing = true\ngradient_checkpointing_layers = 1\n",
         "",
         "model.safetensors",
+        &[],
     );
 }
 
-/// `top_level` keys go before the recipe, `tables` after it; `weights` is the file of
-/// checkpoints and final/ that training rewrites.
-fn resumes_exactly_after_sigkill(top_level: &str, tables: &str, weights: &str) {
+/// `top_level` keys go before the recipe, `tables` after it, `edits` replace text in it;
+/// `weights` is the file of checkpoints and final/ that training rewrites.
+fn resumes_exactly_after_sigkill(
+    top_level: &str,
+    tables: &str,
+    weights: &str,
+    edits: &[(&str, &str)],
+) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     init_model(&model);
     let recipe = |model: &Path, out: &Path, steps: u64| {
-        format!("{top_level}{}{tables}", recipe(model, out, steps))
+        let mut text = recipe(model, out, steps);
+        for (from, to) in edits {
+            assert!(text.contains(from), "recipe lacks {from:?}");
+            text = text.replacen(from, to, 1);
+        }
+        format!("{top_level}{text}{tables}")
     };
 
     // An uninterrupted run of 12 steps.
@@ -158,15 +185,19 @@ fn resumes_exactly_after_sigkill(top_level: &str, tables: &str, weights: &str) {
         "easy_groups",
         "hard_groups",
         "resample_rounds",
-        "lr",
+        "learning_rate",
         "loss",
         "grad_norm",
         "tokens_seen",
-        "completion_length",
+        "num_tokens",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "rewards/accuracy/mean",
+        "rewards/accuracy/std",
     ] {
         assert!(metrics[0].get(key).is_some(), "metrics lack {key}");
     }
-    assert!(metrics[0]["rewards"].get("accuracy").is_some());
     // Resuming is only tested for real if the weights moved.
     let applied = metrics.iter().filter(|m| m["skipped"].is_null()).count();
     assert!(applied >= 3, "only {applied} of 12 steps updated the model");
@@ -201,6 +232,21 @@ fn resumes_exactly_after_sigkill(top_level: &str, tables: &str, weights: &str) {
         assert!(moved > 0.0, "lora_B never left zero");
     }
     assert!(std::fs::read_dir(full.join("tensorboard")).unwrap().count() == 1);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(full.join("checkpoint-3/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let weighting = &state["sampler"]["weighting"];
+    if edits.is_empty() {
+        assert!(weighting.is_null(), "{state}");
+    } else {
+        // Mid-epoch 1: the records of epoch 0 (and this epoch's first step) are kept.
+        assert_eq!(weighting["strategy"], "medium", "{state}");
+        assert!(
+            !weighting["recorded"].as_object().unwrap().is_empty(),
+            "{state}"
+        );
+    }
 
     // The same run killed with SIGKILL once checkpoint-2 exists, then resumed.
     let cut = tmp.path().join("cut");
@@ -338,7 +384,7 @@ fn grpo_with_kl_and_dr_grpo_run_end_to_end() {
         let metrics = metrics_without_times(&out_dir.join("metrics.jsonl"));
         assert_eq!(metrics.len(), 2);
         assert!(
-            metrics[1]["clip_fraction"].is_number(),
+            metrics[1]["clip_ratio/region_mean"].is_number(),
             "{name}: {}",
             metrics[1]
         );

@@ -122,7 +122,7 @@ fn alpha(m: &StepMetrics) -> Option<f64> {
     (m.inverse_alpha > 0.0).then(|| 1.0 / m.inverse_alpha)
 }
 fn accuracy(m: &StepMetrics) -> Option<f64> {
-    Some(m.rewards.get("accuracy").copied().unwrap_or(m.reward))
+    Some(m.rewards.get("accuracy").unwrap_or(m.reward))
 }
 fn step_seconds(m: &StepMetrics) -> Option<f64> {
     Some(m.time_rollout_s + m.time_reward_s + m.time_update_s)

@@ -5,7 +5,8 @@ use gpg::algo::{GpgLoss, Normaliser, PolicyLoss, PolicyTokens, TokenLayout};
 use gpg::candle_core::Device;
 use gpg::model::{Qwen2, Qwen2Config, TrainBatch};
 use gpg::optim::{AdamW, AdamWConfig};
-use gpg::train::update::ModelUpdater;
+use gpg::train::engine::{CpuEngine, TrainEngine};
+use gpg::train::policy::Policy;
 
 #[test]
 fn a_gpg_step_raises_good_and_lowers_bad_completions() {
@@ -15,7 +16,7 @@ fn a_gpg_step_raises_good_and_lowers_bad_completions() {
         "tie_word_embeddings": true
     }))
     .unwrap();
-    let mut model = Qwen2::random(config, 0.2, 9, &Device::Cpu).unwrap();
+    let model = Qwen2::random(config, 0.2, 9, &Device::Cpu).unwrap();
     let prompt = [1u32, 2, 3];
     let good = [5u32, 6, 7, 8];
     let bad = [9u32, 10, 11, 12];
@@ -45,9 +46,15 @@ fn a_gpg_step_raises_good_and_lowers_bad_completions() {
         weight_decay: 0.0,
         ..AdamWConfig::default()
     };
-    let mut updater = ModelUpdater::new(&model, AdamW::new(adamw).unwrap()).unwrap();
-    updater.accumulate(&grads).unwrap();
-    updater.step(&mut model, 1e-3, 0.0).unwrap();
+    let policy = Policy::Text(model.clone());
+    let mut engine = CpuEngine::new(&policy, AdamW::new(adamw).unwrap()).unwrap();
+    let acc = engine.gradients_mut().decoder.as_mut().unwrap();
+    acc.zip_mut(&grads, |_, a, g| {
+        a.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        Ok(())
+    })
+    .unwrap();
+    engine.step(&policy, 1e-3, 0.0).unwrap();
 
     let after_lp = model.logprobs(&batch, 1.0).unwrap().logprobs;
     let after = seq_logp(&after_lp);

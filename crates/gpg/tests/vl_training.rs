@@ -1,8 +1,8 @@
-//! The RL training step of a vision-language policy (train::policy + train::vl_update) on the
+//! The RL training step of a vision-language policy (train::policy + train::engine) on the
 //! tiny Qwen2-VL fixture (tests/fixtures/qwen2_vl, made by make_model_fixtures.py):
 //!
 //! * through the policy seam (image processing from paths, packing, forward, backward into
-//!   the updater's buffers) the gradients of L = Σ g_t·log p_t equal PyTorch's for every
+//!   the engine's buffers) the gradients of L = Σ g_t·log p_t equal PyTorch's for every
 //!   parameter, the vision tower's included;
 //! * the GPG objective's gradient (g_t from the loss) equals central finite differences of the
 //!   objective along the gradient of the tower's and the decoder's tensors;
@@ -18,9 +18,8 @@ use gpg::data::{Location, Prompt, PromptRecord};
 use gpg::model::ops::{update_in_place, WeightSliceMut};
 use gpg::model::{Activations, Precision};
 use gpg::optim::{AdamW, AdamWConfig};
-use gpg::train::device::TrainDevice;
+use gpg::train::engine::{CpuEngine, TrainEngine};
 use gpg::train::policy::{Policy, PolicyBatch};
-use gpg::train::updater::Updater;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2_vl")
@@ -89,16 +88,17 @@ fn packed(policy: &Policy, cases: &[(PreparedPrompt, Vec<u32>, Vec<f32>)]) -> Po
     policy.batch(&seqs).unwrap()
 }
 
-/// (checkpoint name, gradient) of every parameter the updater trains.
-fn named_grads(policy: &Policy, updater: &mut Updater) -> Vec<(String, Vec<f32>)> {
-    let (Policy::Vision(v), Updater::Vision(u)) = (policy, updater) else {
-        panic!("not a vision-language policy and updater");
-    };
-    v.model
-        .named_grads(u.grads_mut())
-        .into_iter()
-        .map(|(n, g)| (n, g.clone()))
-        .collect()
+/// (checkpoint name, gradient) of every parameter the engine trains.
+fn named_grads(policy: &Policy, engine: &mut CpuEngine) -> Vec<(String, Vec<f32>)> {
+    assert!(
+        matches!(policy, Policy::Vision(_)),
+        "not a vision-language policy"
+    );
+    engine.named_gradients(policy).unwrap()
+}
+
+fn engine(policy: &Policy) -> CpuEngine {
+    CpuEngine::new(policy, AdamW::new(AdamWConfig::default()).unwrap()).unwrap()
 }
 
 #[test]
@@ -107,18 +107,11 @@ fn the_policy_step_gives_pytorchs_gradients_including_the_vision_tower() {
     let cases = cases();
     let batch = packed(&policy, &cases);
     let g: Vec<f32> = cases.iter().flat_map(|c| c.2.clone()).collect();
-    let mut updater = policy
-        .updater(
-            &TrainDevice::Cpu,
-            AdamW::new(AdamWConfig::default()).unwrap(),
-        )
+    let mut updater = engine(&policy);
+    let (_, cache) = updater
+        .forward(&policy, &batch, 1.0, Activations::All)
         .unwrap();
-    let (_, cache) = policy
-        .forward_train_with(&updater, &batch, 1.0, Activations::All)
-        .unwrap();
-    policy
-        .backward_into(&mut updater, &batch, cache, &g)
-        .unwrap();
+    updater.backward_into(&policy, &batch, cache, &g).unwrap();
     let expected = safetensors::load(
         fixtures().join("tiny_qwen2_vl/expected_grads.safetensors"),
         &Device::Cpu,
@@ -184,18 +177,13 @@ fn the_gpg_objectives_gradient_matches_finite_differences_through_the_tower() {
             )
             .unwrap()
     };
-    let mut updater = policy
-        .updater(
-            &TrainDevice::Cpu,
-            AdamW::new(AdamWConfig::default()).unwrap(),
-        )
-        .unwrap();
-    let (lp, cache) = policy
-        .forward_train_with(&updater, &batch, 1.0, Activations::All)
+    let mut updater = engine(&policy);
+    let (lp, cache) = updater
+        .forward(&policy, &batch, 1.0, Activations::All)
         .unwrap();
     let out = objective(&lp.logprobs);
-    policy
-        .backward_into(&mut updater, &batch, cache, &out.token_weights)
+    updater
+        .backward_into(&policy, &batch, cache, &out.token_weights)
         .unwrap();
     let grads = named_grads(&policy, &mut updater);
     let Policy::Vision(v) = &policy else {
@@ -247,24 +235,17 @@ fn values(policy: &Policy) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn freeze_vision_keeps_the_tower_fixed_and_out_of_the_optimiser() {
     for train_vision in [true, false] {
-        let mut policy = load(train_vision);
+        let policy = load(train_vision);
         let cases = cases();
         let batch = packed(&policy, &cases);
         let g: Vec<f32> = cases.iter().flat_map(|c| c.2.clone()).collect();
         let before = values(&policy);
-        let mut updater = policy
-            .updater(
-                &TrainDevice::Cpu,
-                AdamW::new(AdamWConfig::default()).unwrap(),
-            )
+        let mut updater = engine(&policy);
+        let (_, cache) = updater
+            .forward(&policy, &batch, 1.0, Activations::All)
             .unwrap();
-        let (_, cache) = policy
-            .forward_train_with(&updater, &batch, 1.0, Activations::All)
-            .unwrap();
-        policy
-            .backward_into(&mut updater, &batch, cache, &g)
-            .unwrap();
-        updater.step(policy.text_mut(), 1e-3, 1.0).unwrap();
+        updater.backward_into(&policy, &batch, cache, &g).unwrap();
+        updater.step(&policy, 1e-3, 1.0).unwrap();
         let after = values(&policy);
         for ((name, a), (_, b)) in before.iter().zip(&after) {
             let moved = a != b;
@@ -274,10 +255,7 @@ fn freeze_vision_keeps_the_tower_fixed_and_out_of_the_optimiser() {
                 assert!(moved, "{name} did not move");
             }
         }
-        let Updater::Vision(u) = &updater else {
-            unreachable!()
-        };
-        let steps = u.optimizer_steps();
+        let steps = updater.optimizer_steps();
         let tower_state = steps.keys().filter(|k| k.starts_with("visual.")).count();
         assert_eq!(tower_state > 0, train_vision, "AdamW state of the tower");
         assert!(steps.keys().any(|k| k.starts_with("model.")));

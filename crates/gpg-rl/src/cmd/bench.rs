@@ -10,7 +10,8 @@ use clap::{Args, Subcommand};
 use gpg::model::TrainBatch;
 use gpg::optim::{AdamW, AdamWConfig};
 use gpg::rollout::{self, SamplingParams};
-use gpg::train::update::ModelUpdater;
+use gpg::train::engine::{CpuEngine, TrainEngine};
+use gpg::train::policy::{Policy, PolicyBatch};
 use rand::{Rng, SeedableRng};
 
 use super::init::{write_model, InitArgs, StorageDtype};
@@ -275,19 +276,20 @@ fn engine(args: &EngineArgs) -> Result<()> {
         } else {
             // The train step updates the model's tensors in place (the sampling below then runs on
             // the updated weights, which does not change its cost).
-            let mut train_model = dir.model.clone();
+            let train_model = Policy::Text(dir.model.clone());
             let keep = if args.gradient_checkpointing {
                 gpg::model::Activations::LayerInputs
             } else {
                 gpg::model::Activations::All
             };
-            let mut updater = ModelUpdater::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
+            let mut engine = CpuEngine::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
+            let batch = PolicyBatch::Text(batch.clone());
             let mut times = Vec::new();
             for step in 0..=args.steps {
                 let t0 = Instant::now();
-                let (_, cache) = train_model.forward_train_with(&batch, 1.0, keep)?;
-                train_model.backward_into(&batch, cache, &g, updater.grads_mut())?;
-                updater.step(&mut train_model, 1e-5, 1.0)?;
+                let (_, cache) = engine.forward(&train_model, &batch, 1.0, keep)?;
+                engine.backward_into(&train_model, &batch, cache, &g)?;
+                engine.step(&train_model, 1e-5, 1.0)?;
                 if step > 0 {
                     times.push(t0.elapsed().as_secs_f64());
                 }

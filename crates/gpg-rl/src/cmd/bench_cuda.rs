@@ -45,21 +45,24 @@ pub fn train_step_seconds(
     g: &[f32],
     steps: usize,
 ) -> Result<f64> {
-    use gpg::model::cuda_train::CudaTrainStep;
-    use gpg::optim::AdamWConfig;
+    use gpg::optim::AdamW;
+    use gpg::train::engine::{CudaEngine, TrainEngine};
+    use gpg::train::policy::{Policy, PolicyBatch};
     use std::time::Instant;
     let gpu = device.open_gpu()?;
     let (free0, total) = gpu
         .ctx
         .mem_get_info()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut step = CudaTrainStep::new(gpu.clone(), model, AdamWConfig::default())?;
+    let host = Policy::Text(model.clone());
+    let mut engine = CudaEngine::new(gpu.clone(), &host, AdamW::new(Default::default())?)?;
+    let train_batch = PolicyBatch::Text(batch.clone());
     let mut times = Vec::new();
     for i in 0..=steps {
         let t0 = Instant::now();
-        let (_, cache) = step.forward(batch, 1.0)?;
-        step.backward(batch, cache, g)?;
-        step.step(1e-5, 1.0)?;
+        let (_, cache) = engine.forward(&host, &train_batch, 1.0, gpg::model::Activations::All)?;
+        engine.backward_into(&host, &train_batch, cache, g)?;
+        engine.step(&host, 1e-5, 1.0)?;
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -334,7 +334,7 @@ fn gpg_rl_side(
             m.time_rollout_s,
             m.time_update_s,
             m.reward,
-            m.reward_std,
+            m.reward_std_within_group,
             m.grad_norm,
             m.tokens
         );

@@ -145,6 +145,9 @@ pub struct GroupStats {
     pub n_hard: usize,
     /// Mean reward over all completions.
     pub reward_mean: f64,
+    /// Unbiased std of the rewards over all completions (TRL's `reward_std`); 0 for fewer than
+    /// two.
+    pub reward_std: f64,
     /// Mean over groups of the group's unbiased reward std (the reference's `reward_std`);
     /// 0 when G < 2.
     pub reward_std_mean: f64,
@@ -160,6 +163,7 @@ impl GroupStats {
             n_easy: 0,
             n_hard: 0,
             reward_mean: group_mean(groups.rewards()),
+            reward_std: group_std_unbiased(groups.rewards()).unwrap_or(0.0),
             reward_std_mean: 0.0,
         };
         let mut std_sum = 0.0;
@@ -296,6 +300,10 @@ mod tests {
         assert_eq!(s.n_hard, 1);
         // mean = (3 + 0 + 1 + 1.5) / 12 = 5.5 / 12
         assert!((s.reward_mean - 5.5 / 12.0).abs() < 1e-12);
+        // batch std: Σr² = 4 + 3·0.25 = 4.75, Σ(r − mean)² = 4.75 − 12·(5.5/12)² = 4.75 − 30.25/12,
+        // over n − 1 = 11
+        let batch_std = ((4.75f64 - 30.25 / 12.0) / 11.0).sqrt();
+        assert!((s.reward_std - batch_std).abs() < 1e-7, "{}", s.reward_std);
         // only [1,0,0] has std: mean 1/3, dev² = 4/9 + 1/9 + 1/9 = 6/9, /2 = 1/3, sqrt = 0.57735;
         // mean over 4 groups = 0.57735 / 4
         assert!((s.reward_std_mean - (1.0f64 / 3.0).sqrt() / 4.0).abs() < 1e-7);

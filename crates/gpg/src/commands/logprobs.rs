@@ -173,11 +173,7 @@ impl Scorer {
                 device
             );
             let gpu = device.open_gpu()?;
-            let step = crate::model::cuda_train::CudaTrainStep::new(
-                gpu,
-                model,
-                crate::optim::AdamWConfig::default(),
-            )?;
+            let step = crate::model::cuda_train::CudaTrainStep::new(gpu, model)?;
             Ok(Scorer::Cuda(Box::new(step)))
         }
         #[cfg(not(feature = "cuda"))]

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::difficulty::SampleStrategy;
 use super::synthetic::{generate_mixed_split, SyntheticConfig, SyntheticSplit};
 use super::{LongPromptPolicy, PromptDatasetConfig};
 
@@ -24,6 +25,11 @@ pub struct DataConfig {
     /// The built-in task's difficulty and sizes (with `train = "synthetic"`).
     #[serde(default)]
     pub synthetic: SyntheticTask,
+    /// Difficulty-weighted prompt sampling (the GPG authors' `--weighted_sample
+    /// --sample_strategy`): `uniform`, `hard`, `soft` or `medium`; absent, every epoch is a
+    /// plain shuffle. See [`super::difficulty`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_strategy: Option<SampleStrategy>,
 }
 
 /// Sizes and difficulty of the built-in synthetic task.

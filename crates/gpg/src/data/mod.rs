@@ -4,7 +4,8 @@
 //!   with a [`PromptDatasetConfig`] into [`PromptRecord`]s (chat messages or raw text, plus
 //!   the gold answer), and applies a maximum prompt length.
 //! * [`EpochSampler`] hands out seeded, epoch-shuffled batches of indices; its
-//!   [`SamplerState`] resumes the exact same stream.
+//!   [`SamplerState`] resumes the exact same stream; with a [`SampleStrategy`] later epochs
+//!   are drawn by difficulty ([`difficulty`]: the GPG authors' weighted sampling).
 //! * [`synthetic`] generates the multi-step arithmetic task used by the demo.
 //! * [`DataConfig`] is the recipe's `[data]` table; [`load_prompts`] turns it into
 //!   [`PreparedPrompt`]s (records with their token ids).
@@ -12,6 +13,7 @@
 pub mod benchmarks;
 mod config;
 mod dataset;
+pub mod difficulty;
 mod fields;
 mod parquet_rows;
 mod prompts;
@@ -22,6 +24,7 @@ pub mod vl_chat;
 
 pub use config::{DataConfig, SyntheticTask};
 pub use dataset::{LongPromptPolicy, PromptDataset};
+pub use difficulty::SampleStrategy;
 pub use fields::{
     record_from_fields, PromptDatasetConfig, DEFAULT_ANSWER_FIELDS, DEFAULT_ID_FIELD,
     DEFAULT_PROMPT_FIELDS,

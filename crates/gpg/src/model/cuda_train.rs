@@ -4,7 +4,7 @@
 //! `ops/cuda` and cuBLAS products.
 //!
 //! [`CudaTrainStep`] holds, per parameter, the f32 master weight, for bf16 matrices their bf16
-//! compute copy, the f32 gradient and AdamW's two moments (the CPU `ModelUpdater`'s layout).
+//! compute copy, the f32 gradient and AdamW's two moments.
 //! The layers run the decoder layer defined once in [`super::layer`] (the CPU engine's), over
 //! [`CudaLayerOps`]: a value is an f32 device buffer (with its bf16 rounding made when a bf16
 //! product reads it), each op a kernel or a cuBLAS product. The forward keeps per layer what
@@ -23,14 +23,15 @@
 //!
 //! With bf16 weights every product takes bf16 operands (the activation or gradient operand
 //! rounded to bf16) with f32 accumulation, as on the CPU. Used by the trainer on a CUDA device
-//! (`train::cuda_update::CudaUpdater`: `train`, `sft`, `bench trainer`) and by `bench engine
+//! (`train::engine::CudaEngine`: `train`, `sft`, `bench trainer`) and by `bench engine
 //! --device cuda`, and compared with the CPU engine by `bench/gpu/check.sh`. Verified here only
 //! as far as compiling.
 //!
-//! The optimiser's state goes in and out by parameter name in the CPU layout (AdamW moments,
-//! f32 masters: [`CudaTrainStep::restore_optimizer`], [`CudaTrainStep::moments`],
-//! [`CudaTrainStep::restore_masters`], [`CudaTrainStep::masters`]), so a checkpoint written from
-//! the GPU is the CPU trainer's checkpoint and resumes on either device.
+//! The optimiser itself is the training engine's (`train::engine`): it keeps the step counts and
+//! computes each update's scalars, which [`CudaTrainStep::adamw`] hands to the device kernel;
+//! the moments and masters go in and out by parameter name ([`CudaTrainStep::restore_moments`],
+//! [`CudaTrainStep::moments`], [`CudaTrainStep::restore_masters`], [`CudaTrainStep::masters`]),
+//! so a checkpoint written from the GPU is the CPU trainer's and resumes on either device.
 
 use std::sync::Arc;
 
@@ -47,7 +48,6 @@ use super::ops::cuda::plan;
 use super::ops::cuda::Gpu;
 use super::params::{DecoderLayer, Linear, Qwen2Params};
 use super::qwen2::{Activations, Qwen2, TokenLogprobs, TrainBatch};
-use crate::optim::AdamWConfig;
 
 /// One parameter's AdamW moments on the host: (HF name, exp_avg, exp_avg_sq).
 pub type NamedMoments = (String, Vec<f32>, Vec<f32>);
@@ -165,17 +165,7 @@ pub struct CudaForwardCache {
     positions: CudaSlice<u32>,
 }
 
-/// Outcome of [`CudaTrainStep::step`].
-#[derive(Debug, Clone, Copy)]
-pub struct CudaStepOutcome {
-    pub grad_norm: f64,
-    /// The factor the gradients were multiplied by (1 when not clipped).
-    pub scale: f32,
-    /// Whether the update was applied (the norm was finite).
-    pub applied: bool,
-}
-
-/// A model's parameters, gradients and AdamW state on a GPU.
+/// A model's parameters, gradients and AdamW moments on a GPU.
 pub struct CudaTrainStep {
     gpu: Arc<Gpu>,
     params: Qwen2Params<DevParam>,
@@ -185,8 +175,6 @@ pub struct CudaTrainStep {
     dims: AttentionDims,
     rope: RopeTables,
     bf16: bool,
-    adamw: AdamWConfig,
-    step: u64,
     /// Logits alive at once in the head (rows × chunk columns).
     head_budget: usize,
 }
@@ -279,8 +267,7 @@ fn linear_bwd(
 impl CudaTrainStep {
     /// Uploads `model`'s parameters (f32 masters, bf16 copies of bf16 leaves) with zero
     /// gradients and moments.
-    pub fn new(gpu: Arc<Gpu>, model: &Qwen2, adamw: AdamWConfig) -> Result<Self> {
-        adamw.validate()?;
+    pub fn new(gpu: Arc<Gpu>, model: &Qwen2) -> Result<Self> {
         let c = &model.config;
         plan::check_head_dim(c.head_dim())?;
         let params = model.weights.try_map(|_, t| DevParam::new(&gpu, t))?;
@@ -299,8 +286,6 @@ impl CudaTrainStep {
             },
             rope,
             bf16,
-            adamw,
-            step: 0,
             head_budget: crate::model::ops::LM_HEAD_CHUNK_LOGITS,
             params,
             gpu,
@@ -327,44 +312,19 @@ impl CudaTrainStep {
         self.bf16
     }
 
-    /// AdamW steps applied so far (every parameter shares the count: a skipped step skips all).
-    pub fn adamw_steps(&self) -> u64 {
-        self.step
-    }
-
-    pub fn adamw_config(&self) -> AdamWConfig {
-        self.adamw
-    }
-
-    /// Sets AdamW's step count and uploads its moments, by parameter name (the CPU optimiser's
-    /// state, e.g. from a checkpoint). Every parameter must have its moments when `step > 0`;
-    /// with `step == 0` the state must be empty (moments are created by the first update).
-    pub fn restore_optimizer(
+    /// Uploads AdamW's moments of the parameters named in `moments` (exp_avg, exp_avg_sq; e.g.
+    /// a checkpoint's); the others keep theirs. A name the model does not have is an error.
+    pub fn restore_moments(
         &mut self,
-        step: u64,
-        state: &std::collections::BTreeMap<String, crate::optim::ParamState>,
+        moments: &std::collections::BTreeMap<String, (&[f32], &[f32])>,
     ) -> Result<()> {
-        if step == 0 {
-            ensure!(
-                state.is_empty(),
-                "optimiser state: {} parameters have moments but the step count is 0",
-                state.len()
-            );
-            self.step = 0;
-            return Ok(());
-        }
-        let mut known = std::collections::BTreeSet::new();
+        let mut known = 0;
         let g = self.gpu.clone();
         for (name, p) in self.params.named_mut() {
-            let s = state.get(&name).ok_or_else(|| {
-                anyhow::anyhow!("optimiser state: no moments for parameter {name}")
-            })?;
-            ensure!(
-                s.step == step,
-                "optimiser state: parameter {name} is at AdamW step {}, the others at {step};                  the GPU optimiser keeps one step count for all parameters",
-                s.step
-            );
-            for (what, values) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
+            let Some((m, v)) = moments.get(&name) else {
+                continue;
+            };
+            for (what, values) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 ensure!(
                     values.len() == p.len,
                     "optimiser state: {what}.{name} has {} values; the parameter has {}",
@@ -372,14 +332,19 @@ impl CudaTrainStep {
                     p.len
                 );
             }
-            upload_into(&g, &s.exp_avg, &mut p.m, "exp_avg")?;
-            upload_into(&g, &s.exp_avg_sq, &mut p.v, "exp_avg_sq")?;
-            known.insert(name);
+            upload_into(&g, m, &mut p.m, "exp_avg")?;
+            upload_into(&g, v, &mut p.v, "exp_avg_sq")?;
+            known += 1;
         }
-        if let Some(extra) = state.keys().find(|k| !known.contains(*k)) {
-            anyhow::bail!("optimiser state: moments for {extra}, which the model does not have");
+        if known < moments.len() {
+            let names: std::collections::BTreeSet<String> =
+                self.params.named().into_iter().map(|(n, _)| n).collect();
+            if let Some(extra) = moments.keys().find(|k| !names.contains(*k)) {
+                anyhow::bail!(
+                    "optimiser state: moments for {extra}, which the model does not have"
+                );
+            }
         }
-        self.step = step;
         g.sync("uploading the optimiser state")
     }
 
@@ -775,47 +740,27 @@ impl CudaTrainStep {
         Ok(())
     }
 
-    /// Global-norm clipping to `max_norm` (≤ 0: none) and one AdamW step at `lr` on every
-    /// parameter; the gradients are zeroed. A non-finite norm skips the update (as the CPU
-    /// `ModelUpdater` does).
-    pub fn step(&mut self, lr: f32, max_norm: f32) -> Result<CudaStepOutcome> {
-        let gpu = self.gpu.clone();
-        let g = &*gpu;
+    /// The global L2 norm of every gradient (f64 partial sums, added in order).
+    pub fn grad_norm(&self) -> Result<f64> {
         let mut grads: Vec<(&CudaSlice<f32>, usize)> = Vec::new();
         self.params.visit(|_, p| grads.push((&p.grad, p.len)));
-        let norm = dev::global_grad_norm(g, &grads)?;
-        let applied = norm.is_finite();
-        let mut clip_scale = 1.0f32;
-        if applied {
-            let mut scale = 1.0f32;
-            if max_norm > 0.0 && max_norm.is_finite() {
-                let coef = max_norm as f64 / (norm + 1e-6);
-                if coef < 1.0 {
-                    scale = coef as f32;
-                }
-            }
-            clip_scale = scale;
-            self.step += 1;
-            let c = &self.adamw;
-            let lr64 = lr as f64;
-            let exponent = i32::try_from(self.step).unwrap_or(i32::MAX);
-            let bc1 = 1.0 - c.beta1.powi(exponent);
-            let bc2 = 1.0 - c.beta2.powi(exponent);
-            let s = dev::AdamWScalars {
-                grad_scale: scale,
-                decay: (1.0 - lr64 * c.weight_decay) as f32,
-                one_minus_beta1: (1.0 - c.beta1) as f32,
-                beta2: c.beta2 as f32,
-                one_minus_beta2: (1.0 - c.beta2) as f32,
-                step_size: (lr64 / bc1) as f32,
-                bias_correction2_sqrt: bc2.sqrt() as f32,
-                eps: c.eps as f32,
-            };
-            let mut result = Ok(());
-            self.params.visit_mut(|_, p| {
-                if result.is_ok() {
-                    result = dev::adamw(
-                        g,
+        dev::global_grad_norm(&self.gpu, &grads)
+    }
+
+    /// One AdamW update of every parameter, in the tree's order, with the scalars `scalars`
+    /// gives for its name (the caller's optimiser keeps the step counts and computes them;
+    /// `grad_scale` is the clipping factor), bf16 compute copies rounded from the new masters.
+    pub fn adamw(
+        &mut self,
+        mut scalars: impl FnMut(&str) -> Result<dev::AdamWScalars>,
+    ) -> Result<()> {
+        let gpu = self.gpu.clone();
+        let mut result = Ok(());
+        self.params.visit_mut(|name, p| {
+            if result.is_ok() {
+                result = scalars(name).and_then(|s| {
+                    dev::adamw(
+                        &gpu,
                         &mut p.master,
                         &p.grad,
                         &mut p.m,
@@ -823,27 +768,12 @@ impl CudaTrainStep {
                         p.len,
                         s,
                         p.bf16.as_mut(),
-                    );
-                }
-            });
-            result?;
-        }
-        let mut result = Ok(());
-        self.params.visit_mut(|_, p| {
-            if result.is_ok() {
-                result = g
-                    .stream
-                    .memset_zeros(&mut p.grad)
-                    .map_err(|e| anyhow::anyhow!("cuda: zeroing a gradient: {e:?}"));
+                    )
+                });
             }
         });
         result?;
-        g.sync("optimiser step")?;
-        Ok(CudaStepOutcome {
-            grad_norm: norm,
-            scale: clip_scale,
-            applied,
-        })
+        gpu.sync("optimiser step")
     }
 
     /// The gradients, downloaded by HF name (checks).

@@ -186,7 +186,7 @@ impl Qwen2VLConfig {
         })
     }
 
-    fn text_name(&self, name: &str) -> String {
+    pub fn text_name(&self, name: &str) -> String {
         match self.weight_names {
             VlLayout::Hub => name.to_string(),
             VlLayout::Nested => match name.strip_prefix("model.") {
@@ -196,7 +196,7 @@ impl Qwen2VLConfig {
         }
     }
 
-    fn vision_name(&self, name: &str) -> String {
+    pub fn vision_name(&self, name: &str) -> String {
         match self.weight_names {
             VlLayout::Hub => format!("visual.{name}"),
             VlLayout::Nested => format!("model.visual.{name}"),
@@ -612,16 +612,29 @@ impl Qwen2VL {
         g: &[f32],
         grads: &mut VlGrads,
     ) -> Result<()> {
+        self.backward_into_parts(batch, cache, g, &mut grads.text, grads.visual.as_mut())
+    }
+
+    /// [`Self::backward_into`] with the decoder's and the tower's buffers apart (`tower`:
+    /// `None` when the tower is frozen).
+    pub fn backward_into_parts(
+        &self,
+        batch: &VlBatch,
+        cache: VlForwardCache,
+        g: &[f32],
+        text: &mut Grads,
+        tower: Option<&mut VisionGrads>,
+    ) -> Result<()> {
         let dx = self
             .text
-            .backward_to_inputs(&batch.text, cache.text, g, &mut grads.text)?;
+            .backward_to_inputs(&batch.text, cache.text, g, text)?;
         let mut is_image = vec![false; batch.text.tokens.len()];
         for &r in &batch.image_rows {
             is_image[r as usize] = true;
         }
         self.text
-            .add_embedding_grad(&dx, &batch.text.tokens, |r| !is_image[r], &mut grads.text)?;
-        if let (Some(vg), Some(vc)) = (grads.visual.as_mut(), cache.vision) {
+            .add_embedding_grad(&dx, &batch.text.tokens, |r| !is_image[r], text)?;
+        if let (Some(vg), Some(vc)) = (tower, cache.vision) {
             let idx = Tensor::from_slice(&batch.image_rows, batch.image_rows.len(), dx.device())?;
             let demb = dx.index_select(&idx, 0)?;
             self.tower().backward(vc, &demb, vg)?;

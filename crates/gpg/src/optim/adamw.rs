@@ -223,24 +223,26 @@ impl AdamW {
     }
 }
 
-/// The per-step scalars, computed once in f64 and rounded to f32 as torch passes them.
+/// The per-step scalars, computed once in f64 and rounded to f32 as torch passes them (the
+/// GPU engine hands the same numbers to its AdamW kernel).
 #[derive(Debug, Clone, Copy)]
-struct StepScalars {
+pub struct StepScalars {
     /// 1 − lr·wd (1 without weight decay).
-    decay: f32,
+    pub decay: f32,
     /// 1 − β1, the lerp weight.
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
     /// lr / (1 − β1^t).
-    step_size: f32,
+    pub step_size: f32,
     /// sqrt(1 − β2^t).
-    bias_correction2_sqrt: f32,
-    eps: f32,
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
 }
 
 impl StepScalars {
-    fn new(config: &AdamWConfig, lr: f64, step: u64, weight_decay: bool) -> Result<Self> {
+    /// The scalars of a parameter's update number `step` (1 on its first) at `lr`.
+    pub fn new(config: &AdamWConfig, lr: f64, step: u64, weight_decay: bool) -> Result<Self> {
         let exponent = i32::try_from(step).unwrap_or(i32::MAX);
         let bias_correction1 = 1.0 - config.beta1.powi(exponent);
         let bias_correction2 = 1.0 - config.beta2.powi(exponent);

@@ -42,6 +42,19 @@ fn sum_of_squares(g: &[f32]) -> f64 {
     partial.iter().sum()
 }
 
+/// The factor a finite global norm `norm` scales the gradients by: max_norm / (norm + 1e-6)
+/// when `max_norm` is finite and > 0 and that is below 1, else 1 (the same for gradients held
+/// anywhere: the GPU engine applies it inside its AdamW kernel).
+pub fn clip_scale(norm: f64, max_norm: f32) -> f32 {
+    if max_norm > 0.0 && max_norm.is_finite() {
+        let coef = max_norm as f64 / (norm + CLIP_EPSILON);
+        if coef < 1.0 {
+            return coef as f32;
+        }
+    }
+    1.0
+}
+
 /// Measures the global norm and, when `max_norm` is finite and > 0 and the norm exceeds it,
 /// scales every gradient by max_norm / (norm + 1e-6). A `max_norm` ≤ 0 or infinite only
 /// measures (HF's `max_grad_norm = 0` / `None`).
@@ -54,15 +67,11 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> GradClip {
             finite: false,
         };
     }
-    let mut scale = 1.0f32;
-    if max_norm > 0.0 && max_norm.is_finite() {
-        let coef = max_norm as f64 / (norm + CLIP_EPSILON);
-        if coef < 1.0 {
-            scale = coef as f32;
-            for g in grads.iter_mut() {
-                g.par_chunks_mut(CHUNK)
-                    .for_each(|c| c.iter_mut().for_each(|x| *x *= scale));
-            }
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
+        for g in grads.iter_mut() {
+            g.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|x| *x *= scale));
         }
     }
     GradClip {

@@ -17,6 +17,6 @@ pub mod adamw;
 pub mod clip;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamGrad, ParamState};
-pub use clip::{clip_grad_norm, global_grad_norm, GradClip};
+pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamGrad, ParamState, StepScalars};
+pub use clip::{clip_grad_norm, clip_scale, global_grad_norm, GradClip};
 pub use schedule::{warmup_steps_for_ratio, LrSchedule, LrScheduleConfig, LrScheduleKind};

@@ -4,11 +4,10 @@ pub mod batch;
 pub mod collective;
 pub mod comm;
 pub mod config;
-pub mod cuda_update;
 pub mod device;
+pub mod engine;
 pub mod heldout;
 pub mod lora_run;
-pub mod lora_update;
 pub mod metrics;
 pub mod plot;
 pub mod policy;
@@ -18,11 +17,6 @@ pub mod sft;
 pub mod sft_config;
 pub mod tensorboard;
 pub mod trainer;
-pub mod update;
-pub mod updater;
-pub mod vl_sft;
-
-pub mod vl_update;
 
 pub use config::TrainConfig;
 pub use metrics::StepMetrics;

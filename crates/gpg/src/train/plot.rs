@@ -41,10 +41,10 @@ pub fn write_curves(metrics: &[StepMetrics], eval: &[(u64, f64)], path: &Path) -
         .map_err(|e| err(&e))?
         .label("batch reward (valid groups)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    if metrics.iter().any(|m| m.rewards.contains_key("accuracy")) {
+    if metrics.iter().any(|m| m.rewards.get("accuracy").is_some()) {
         let acc: Vec<(u64, f64)> = metrics
             .iter()
-            .filter_map(|m| m.rewards.get("accuracy").map(|a| (m.step, *a)))
+            .filter_map(|m| m.rewards.get("accuracy").map(|a| (m.step, a)))
             .collect();
         chart
             .draw_series(LineSeries::new(acc, GREEN.stroke_width(2)))

@@ -26,20 +26,15 @@ use crate::data::{
 use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items, VlEvalItem};
 use crate::image::{load_rgb, ImageProcessor, ProcessedImage};
 use crate::model::lora::Adapter;
-use crate::model::qwen2_vl::VlForwardCache;
 use crate::model::{
-    Activations, Precision, Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs, TrainBatch, VlBatch,
-    VlSequence,
+    Precision, Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs, TrainBatch, VlBatch, VlSequence,
 };
-use crate::optim::AdamW;
 use crate::rollout::{self, Completion, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 use super::collective::Collective;
 use super::config::TrainConfig;
-use super::device::TrainDevice;
-use super::updater::{StepCache, Updater};
-use super::vl_update::VlUpdater;
+use super::engine::TrainEngine;
 
 /// The model being trained (one per run: the variants' sizes do not matter).
 #[allow(clippy::large_enum_variant)]
@@ -72,13 +67,6 @@ impl PolicyBatch {
             PolicyBatch::Vision(b) => b.text.num_completion_tokens(),
         }
     }
-}
-
-/// What the backward needs from the training forward (one per micro-batch).
-#[allow(clippy::large_enum_variant)]
-pub enum PolicyCache {
-    Text(StepCache),
-    Vision(Box<VlForwardCache>),
 }
 
 /// Refuses, before anything is loaded, the combinations a vision-language model does not
@@ -173,19 +161,6 @@ impl Policy {
         }
     }
 
-    /// The updater for this policy: every parameter (the tower's unless frozen), or a text
-    /// model's adapter; a text model's on `device` (a GPU run trains on the device).
-    pub fn updater(&self, device: &TrainDevice, optimizer: AdamW) -> Result<Updater> {
-        match self {
-            Policy::Text(m) => Updater::on_device(device, m, optimizer),
-            Policy::Vision(v) => Ok(Updater::Vision(VlUpdater::new(
-                &v.model,
-                optimizer,
-                !v.train_vision,
-            )?)),
-        }
-    }
-
     /// Packs (prompt, completion) pairs, with the prompts' images for a vision-language policy.
     pub fn batch(&self, seqs: &[(&PreparedPrompt, &[u32])]) -> Result<PolicyBatch> {
         match self {
@@ -222,70 +197,6 @@ impl Policy {
         }
     }
 
-    /// The training forward on the updater's device: log-probs of the completion tokens and
-    /// the cache for backward.
-    pub fn forward_train_with(
-        &self,
-        updater: &Updater,
-        batch: &PolicyBatch,
-        inv_temperature: f32,
-        keep: Activations,
-    ) -> Result<(TokenLogprobs, PolicyCache)> {
-        match (self, batch) {
-            (Policy::Text(m), PolicyBatch::Text(b)) => {
-                let (lp, cache) = updater.forward(m, b, inv_temperature, keep)?;
-                Ok((lp, PolicyCache::Text(cache)))
-            }
-            (Policy::Vision(v), PolicyBatch::Vision(b)) => {
-                let (lp, cache) =
-                    v.model
-                        .forward_scored(b, inv_temperature, Some(keep), v.train_vision)?;
-                let cache = cache.context("internal: the training forward kept no activations")?;
-                Ok((lp, PolicyCache::Vision(Box::new(cache))))
-            }
-            _ => bail!("internal: a batch of the other kind of policy"),
-        }
-    }
-
-    /// Whether [`Self::forward_backward_into`] runs on `updater` (a text model on the CPU).
-    pub fn fuses_forward_backward(&self, updater: &Updater) -> bool {
-        matches!(self, Policy::Text(_)) && updater.fuses_forward_backward()
-    }
-
-    /// Forward and backward of one micro-batch in one call, for token weights g_t known
-    /// before the forward: the gradients are accumulated into `updater`'s buffers as by
-    /// [`Self::backward_into`]; returns the forward's log-probs.
-    pub fn forward_backward_into(
-        &self,
-        updater: &mut Updater,
-        batch: &PolicyBatch,
-        inv_temperature: f32,
-        keep: Activations,
-        g: &[f32],
-    ) -> Result<TokenLogprobs> {
-        match (self, batch) {
-            (Policy::Text(m), PolicyBatch::Text(b)) => {
-                updater.forward_backward_into(m, b, inv_temperature, keep, g)
-            }
-            _ => bail!(
-                "internal: a vision-language policy takes the forward and the backward separately"
-            ),
-        }
-    }
-
-    /// Log-probs only, on the updater's device (old-policy log-probs).
-    pub fn logprobs(
-        &self,
-        updater: &Updater,
-        batch: &PolicyBatch,
-        inv_temperature: f32,
-    ) -> Result<TokenLogprobs> {
-        match (self, batch) {
-            (Policy::Text(m), PolicyBatch::Text(b)) => updater.logprobs(m, b, inv_temperature),
-            _ => self.logprobs_on_host(batch, inv_temperature),
-        }
-    }
-
     /// Log-probs only, computed on the host (the frozen KL reference model).
     pub fn logprobs_on_host(
         &self,
@@ -299,33 +210,11 @@ impl Policy {
         }
     }
 
-    /// Backward of one micro-batch from g_t = ∂L/∂logp_t, accumulated into `updater`'s buffers.
-    pub fn backward_into(
-        &self,
-        updater: &mut Updater,
-        batch: &PolicyBatch,
-        cache: PolicyCache,
-        g: &[f32],
-    ) -> Result<()> {
-        match (self, batch, cache) {
-            (Policy::Text(m), PolicyBatch::Text(b), PolicyCache::Text(c)) => {
-                updater.backward_into(m, b, c, g)
-            }
-            (Policy::Vision(v), PolicyBatch::Vision(b), PolicyCache::Vision(c)) => {
-                let Updater::Vision(u) = updater else {
-                    bail!("internal: a text updater given a vision-language batch");
-                };
-                v.model.backward_into(b, *c, g, u.grads_mut())
-            }
-            _ => bail!("internal: a batch or cache of the other kind of policy"),
-        }
-    }
-
     /// Samples `params.n` completions per prompt; prompt `i` draws from the streams of prompt
     /// `first_prompt_key + i` (see [`rollout::generate_keyed`]).
     pub fn generate(
         &self,
-        updater: &Updater,
+        engine: &dyn TrainEngine,
         tokenizer: &Tokenizer,
         prompts: &[&PreparedPrompt],
         params: &SamplingParams,
@@ -335,7 +224,7 @@ impl Policy {
             Policy::Text(m) => {
                 let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
                 // The CPU model itself, or the CUDA decoder over the trained device weights.
-                let engine = updater.decode_engine(m)?;
+                let engine = engine.decode_engine(m)?;
                 rollout::generate_on(m, &*engine, tokenizer, &ids, params, first_prompt_key)
             }
             Policy::Vision(v) => {
@@ -404,7 +293,7 @@ impl Policy {
     #[allow(clippy::too_many_arguments)]
     pub fn heldout_pass_at_1(
         &self,
-        updater: &Updater,
+        engine: &dyn TrainEngine,
         tokenizer: &Tokenizer,
         prompts: &[PreparedPrompt],
         samples: usize,
@@ -416,7 +305,7 @@ impl Policy {
         match self {
             Policy::Text(m) => super::heldout::pass_at_1_sharded(
                 m,
-                &*updater.decode_engine(m)?,
+                &*engine.decode_engine(m)?,
                 tokenizer,
                 prompts,
                 samples,

@@ -1,25 +1,59 @@
 //! Supervised fine-tuning with the same engine: the mean negative log-likelihood of the
 //! completion tokens, L = −(1/N) Σ_t log π(o_t | context), so g_t = −1/N for every token.
-//! Used for the warm start of the demo model (`gpg-rl sft`).
+//! One loop for every model: the examples are (prompt, target) pairs packed by the policy
+//! (with the prompts' images for a vision-language model, through the tower unless
+//! `freeze_vision`), the training engine of the run's device does the rest.
+//!
+//! Data, by the model's kind:
+//! * a text model trains on the built-in synthetic task (`data = "synthetic"`; the warm start
+//!   of the demo model, `gpg-rl sft`): worked solutions or bare answers, ending with EOS;
+//!   held-out accuracy on the task's held-out split;
+//! * a vision-language model (Qwen2-VL family) on a JSONL file, one chat per line as Hugging
+//!   Face / TRL write it, `{"messages": [{"role": "user", "content": [{"type": "image",
+//!   "image": "a.png"}, {"type": "text", "text": "..."}]}, {"role": "assistant", "content":
+//!   "..."}]}`: the last message is the assistant's target, the ones before it the prompt
+//!   (rendered by the chat template with the generation prompt); the target's tokens are its
+//!   text followed by `<|im_end|>`, as the template closes an assistant turn. Image paths are
+//!   relative to the file. Held-out accuracy (`eval_data`) is measured on image questions in the
+//!   `eval` format.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
 
-use crate::data::{prepare_prompts, synthetic, EpochSampler};
-use crate::model::{Activations, Qwen2, TrainBatch};
+use crate::data::vl_chat::{encode_chat, parse_messages, VlChat};
+use crate::data::{
+    prepare_prompts, synthetic, EpochSampler, Location, PreparedPrompt, Prompt,
+    PromptDatasetConfig, PromptRecord,
+};
+use crate::model::qwen2_vl::IMAGE_PLACEHOLDER;
+use crate::model::{Activations, Qwen2VLConfig};
 use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
+use super::collective::SingleProcess;
+use super::engine::{engine_for, StepOutcome, TrainEngine};
 use super::heldout;
+use super::policy::{check_vision_options, Policy, VisionPolicy};
 pub use super::sft_config::SftConfig;
-use super::update::StepOutcome;
-use super::updater::Updater;
 
-/// Runs SFT and writes the model to `output_dir`. Returns the final held-out pass@1.
+/// What SFT trains on and how it is evaluated, read for the model's kind.
+struct SftData {
+    examples: Vec<Example>,
+    /// Held-out prompts (none: no evaluation).
+    heldout: Option<Vec<PreparedPrompt>>,
+    /// generation_config.json of the written model.
+    generation: Value,
+}
+
+/// Runs SFT and writes the model to `output_dir` (a vision-language model in the layout it came
+/// in, with its tokenizer and preprocessor_config.json). Returns the final held-out pass@1
+/// (sampled at temperature 1; NaN without held-out data).
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let train_device = super::device::TrainDevice::open_for(
         &config.device,
@@ -29,19 +63,31 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             world: 1,
         },
     )?;
-    if crate::model::Qwen2VLConfig::is_vl_dir(&config.model) {
-        return super::vl_sft::run_vl_sft(config);
+    let vision = Qwen2VLConfig::is_vl_dir(&config.model);
+    if vision {
+        check_vision_options(&config.model, config.device.is_cpu(), config.lora.is_some())?;
+    } else {
+        ensure!(
+            config.data == "synthetic" && config.eval_data.is_none() && !config.freeze_vision,
+            "{} is a text model: its SFT trains on the built-in task (data = \"synthetic\", no \
+             eval_data, no freeze_vision)",
+            config.model.display()
+        );
     }
-    ensure!(
-        config.data == "synthetic" && config.eval_data.is_none() && !config.freeze_vision,
-        "{} is a text model: its SFT trains on the built-in task (data = \"synthetic\", no \
-         eval_data, no freeze_vision)",
-        config.model.display()
-    );
     let device = candle_core::Device::Cpu;
-    let mut model = Qwen2::load(&config.model, &device, config.precision)?;
+    let loaded = Policy::load(
+        &config.model,
+        &device,
+        config.precision,
+        !config.freeze_vision,
+    );
+    let mut policy = if vision {
+        loaded.with_context(|| format!("loading the model from {}", config.model.display()))?
+    } else {
+        loaded?
+    };
     if let Some(lora) = &config.lora {
-        super::lora_run::attach_adapter(&mut model, lora, config.seed, &config.model, None)?;
+        super::lora_run::attach_adapter(policy.text_mut(), lora, config.seed, &config.model, None)?;
     }
     let keep = if config.gradient_checkpointing {
         Activations::LayerInputs
@@ -49,6 +95,142 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         Activations::All
     };
     let tokenizer = Tokenizer::from_dir(&config.model)?;
+    let data = match policy.vision() {
+        None => synthetic_data(config, &tokenizer)?,
+        Some(vision) => image_data(config, &policy, vision, &tokenizer)?,
+    };
+    let examples = &data.examples;
+
+    let schedule = config.schedule.build(config.lr, config.steps)?;
+    let mut engine = engine_for(&train_device, &policy, AdamW::new(config.adamw)?)?;
+    let mut sampler = EpochSampler::new(examples.len(), config.seed)?;
+    std::fs::create_dir_all(&config.output_dir)
+        .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
+    let log_path = config.output_dir.join("sft_metrics.jsonl");
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("{}: cannot create", log_path.display()))?;
+    let eval =
+        |policy: &Policy, engine: &dyn TrainEngine, temperature: f32| -> Result<Option<f64>> {
+            let Some(prompts) = &data.heldout else {
+                return Ok(None);
+            };
+            match policy {
+                // The whole split at once (as the demo's warm start always measured it).
+                Policy::Text(model) => heldout::pass_at_1(
+                    model,
+                    &*engine.decode_engine(model)?,
+                    &tokenizer,
+                    prompts,
+                    config.eval_samples,
+                    temperature,
+                    config.eval_max_new_tokens,
+                    config.seed,
+                ),
+                Policy::Vision(_) => policy.heldout_pass_at_1(
+                    engine,
+                    &tokenizer,
+                    prompts,
+                    config.eval_samples,
+                    temperature,
+                    config.eval_max_new_tokens,
+                    config.seed,
+                    &SingleProcess,
+                ),
+            }
+            .map(Some)
+        };
+    let t0 = Instant::now();
+    let mut pass = f64::NAN;
+    for step in 0..config.steps {
+        let lr = schedule.lr_at(step);
+        let idx = sampler.next_batch(config.batch_size);
+        let pairs: Vec<(&PreparedPrompt, &[u32])> = idx
+            .iter()
+            .map(|&i| (&examples[i].prompt, examples[i].target.as_slice()))
+            .collect();
+        let batch = policy.batch(&pairs)?;
+        // Trained tokens: all but the tool responses of calculator targets (masked).
+        let scored: Vec<bool> = idx
+            .iter()
+            .flat_map(|&i| {
+                let e = &examples[i];
+                if e.mask.is_empty() {
+                    vec![true; e.target.len()]
+                } else {
+                    e.mask.clone()
+                }
+            })
+            .collect();
+        let n = scored.iter().filter(|&&s| s).count().max(1);
+        // L = −Σ_scored logp / N: g_t = −1/N (0 at masked tokens) is known before the
+        // forward, so where the engine fuses them (the CPU, a text model) the head's logits
+        // are formed once.
+        let g: Vec<f32> = scored
+            .iter()
+            .map(|&s| if s { -1.0 / n as f32 } else { 0.0 })
+            .collect();
+        let lp = if engine.fuses_forward_backward(&policy) {
+            engine.forward_backward_into(&policy, &batch, 1.0, keep, &g)?
+        } else {
+            let (lp, cache) = engine.forward(&policy, &batch, 1.0, keep)?;
+            engine.backward_into(&policy, &batch, cache, &g)?;
+            lp
+        };
+        let loss = -lp
+            .logprobs
+            .iter()
+            .zip(&scored)
+            .filter(|(_, &s)| s)
+            .map(|(&l, _)| l as f64)
+            .sum::<f64>()
+            / n as f64;
+        let grad_norm = match engine.step(&policy, lr, config.max_grad_norm)? {
+            StepOutcome::Applied(c) => c.norm,
+            StepOutcome::Skipped(c) => {
+                eprintln!(
+                    "sft step {}: non-finite gradient norm, update skipped",
+                    step + 1
+                );
+                c.norm
+            }
+        };
+        let last = step + 1 == config.steps;
+        let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
+        if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
+            if let (Some(p), Some(greedy)) =
+                (eval(&policy, &*engine, 1.0)?, eval(&policy, &*engine, 0.0)?)
+            {
+                pass = p;
+                line["heldout_pass_at_1"] = p.into();
+                line["heldout_greedy_accuracy"] = greedy.into();
+                eprintln!(
+                    "sft step {}: loss {loss:.4}, held-out pass@1 {p:.3} (greedy {greedy:.3}) ({:.0} s)",
+                    step + 1,
+                    t0.elapsed().as_secs_f64()
+                );
+            } else {
+                eprintln!(
+                    "sft step {}: loss {loss:.4} ({:.0} s)",
+                    step + 1,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        writeln!(log, "{line}")?;
+    }
+    engine.sync_host(&mut policy)?;
+    policy.save_trained(&config.output_dir)?;
+    tokenizer.save_pretrained(&config.output_dir)?;
+    crate::model::weights::write_atomic(
+        &config.output_dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&data.generation)?.as_bytes(),
+    )?;
+    Ok(pass)
+}
+
+/// The built-in task's examples (a worked solution, or with probability
+/// `direct_answer_share` the bare boxed answer, then EOS) and its held-out split.
+fn synthetic_data(config: &SftConfig, tokenizer: &Tokenizer) -> Result<SftData> {
     let eos = tokenizer
         .eos_token_id()
         .context("the tokenizer has no EOS token; SFT completions must end with one")?;
@@ -64,15 +246,14 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         "direct_answer_share and tool_share must be in [0, 1] with a sum ≤ 1"
     );
     let tool_format = crate::tools::TurnFormat::of(
-        &tokenizer,
+        tokenizer,
         &[crate::tools::Tool::schema(&crate::tools::Calculator)],
     );
     let mut style_rng = ChaCha8Rng::seed_from_u64(config.seed);
-    // (prompt, completion, loss mask: empty when every token is trained on)
-    let mut pairs = Vec::with_capacity(split.train.len());
+    let mut examples = Vec::with_capacity(split.train.len());
     for p in &split.train {
         let record = p.prompt_record(0, &fields);
-        let prompt = tokenizer.encode_prompt(&record.prompt)?;
+        let ids = tokenizer.encode_prompt(&record.prompt)?;
         let draw = style_rng.gen::<f64>();
         let (mut completion, mut mask) = if draw < config.direct_answer_share {
             (
@@ -80,7 +261,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
                 Vec::new(),
             )
         } else if draw < config.direct_answer_share + config.tool_share {
-            calculator_target(&tokenizer, &tool_format, p)?
+            calculator_target(tokenizer, &tool_format, p)?
         } else {
             (tokenizer.encode(&p.solution, false)?, Vec::new())
         };
@@ -88,110 +269,129 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
         if !mask.is_empty() {
             mask.push(true);
         }
-        pairs.push((prompt, completion, mask));
+        examples.push(Example {
+            prompt: PreparedPrompt {
+                record,
+                ids,
+                images: Vec::new(),
+            },
+            target: completion,
+            mask,
+        });
     }
-    let heldout = prepare_prompts(&tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
+    let heldout = prepare_prompts(tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
+    Ok(SftData {
+        examples,
+        heldout: Some(heldout),
+        generation: serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]}),
+    })
+}
 
-    let schedule = config.schedule.build(config.lr, config.steps)?;
-    let mut updater = Updater::on_device(&train_device, &model, AdamW::new(config.adamw)?)?;
-    let mut sampler = EpochSampler::new(pairs.len(), config.seed)?;
-    std::fs::create_dir_all(&config.output_dir)
-        .with_context(|| format!("{}: cannot create", config.output_dir.display()))?;
-    let log_path = config.output_dir.join("sft_metrics.jsonl");
-    let mut log = std::fs::File::create(&log_path)
-        .with_context(|| format!("{}: cannot create", log_path.display()))?;
-    let eval = |model: &Qwen2, updater: &Updater, seed: u64, temperature: f32| {
-        let engine = updater.decode_engine(model)?;
-        heldout::pass_at_1(
-            model,
-            &*engine,
-            &tokenizer,
-            &heldout,
-            config.eval_samples,
-            temperature,
-            config.eval_max_new_tokens,
-            seed,
-        )
+/// The image chats of `data` and the image questions of `eval_data` (see the module doc).
+fn image_data(
+    config: &SftConfig,
+    policy: &Policy,
+    vision: &VisionPolicy,
+    tokenizer: &Tokenizer,
+) -> Result<SftData> {
+    let end_of_turn = tokenizer
+        .token_to_id("<|im_end|>")
+        .or_else(|| tokenizer.eos_token_id())
+        .context("the tokenizer has neither <|im_end|> nor an EOS token to end the target")?;
+    let examples = image_chat_examples(Path::new(&config.data), vision, tokenizer, end_of_turn)?;
+    let heldout = match &config.eval_data {
+        Some(path) => Some(vision.load_prompts(
+            Path::new(path),
+            &PromptDatasetConfig::default(),
+            tokenizer,
+        )?),
+        None => None,
     };
-    let t0 = Instant::now();
-    let mut pass = f64::NAN;
-    for step in 0..config.steps {
-        let lr = schedule.lr_at(step);
-        let idx = sampler.next_batch(config.batch_size);
-        let batch_pairs: Vec<(&[u32], &[u32])> = idx
-            .iter()
-            .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
-            .collect();
-        let batch = TrainBatch::new(&batch_pairs)?;
-        // Trained tokens: all but the tool responses of calculator targets (masked).
-        let scored: Vec<bool> = idx
-            .iter()
-            .flat_map(|&i| {
-                let (_, c, m) = &pairs[i];
-                if m.is_empty() {
-                    vec![true; c.len()]
-                } else {
-                    m.clone()
-                }
-            })
-            .collect();
-        let n = scored.iter().filter(|&&s| s).count().max(1);
-        // L = −Σ_scored logp / N: g_t = −1/N (0 at masked tokens) is known before the
-        // forward, so on the CPU the head's logits are formed once (forward and backward in
-        // one pass).
-        let g: Vec<f32> = scored
-            .iter()
-            .map(|&s| if s { -1.0 / n as f32 } else { 0.0 })
-            .collect();
-        let lp = if updater.fuses_forward_backward() {
-            updater.forward_backward_into(&model, &batch, 1.0, keep, &g)?
-        } else {
-            let (lp, cache) = updater.forward(&model, &batch, 1.0, keep)?;
-            updater.backward_into(&model, &batch, cache, &g)?;
-            lp
-        };
-        let loss = -lp
-            .logprobs
-            .iter()
-            .zip(&scored)
-            .filter(|(_, &s)| s)
-            .map(|(&l, _)| l as f64)
-            .sum::<f64>()
-            / n as f64;
-        let grad_norm = match updater.step(&mut model, lr, config.max_grad_norm)? {
-            StepOutcome::Applied(c) => c.norm,
-            StepOutcome::Skipped(c) => {
-                eprintln!(
-                    "sft step {}: non-finite gradient norm, update skipped",
-                    step + 1
-                );
-                c.norm
-            }
-        };
-        let last = step + 1 == config.steps;
-        let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "elapsed_s": t0.elapsed().as_secs_f64()});
-        if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
-            pass = eval(&model, &updater, config.seed, 1.0)?;
-            let greedy = eval(&model, &updater, config.seed, 0.0)?;
-            line["heldout_pass_at_1"] = pass.into();
-            line["heldout_greedy_accuracy"] = greedy.into();
-            eprintln!(
-                "sft step {}: loss {loss:.4}, held-out pass@1 {pass:.3} (greedy {greedy:.3}) ({:.0} s)",
-                step + 1,
-                t0.elapsed().as_secs_f64()
-            );
+    Ok(SftData {
+        examples,
+        heldout,
+        generation: serde_json::json!({"eos_token_id": &policy.text().config.eos_token_id}),
+    })
+}
+
+/// One SFT example: the prompt (ids with expanded image pads, image paths) and the target ids.
+struct Example {
+    prompt: PreparedPrompt,
+    target: Vec<u32>,
+    /// Loss mask of the target (false: a tool's response, context only); empty: every token
+    /// is trained on.
+    mask: Vec<bool>,
+}
+
+/// Reads the image chats of `path` (see the module doc) into examples.
+fn image_chat_examples(
+    path: &Path,
+    policy: &VisionPolicy,
+    tokenizer: &Tokenizer,
+    end_of_turn: u32,
+) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
         }
-        writeln!(log, "{line}")?;
+        let what = format!("{}:{}", path.display(), i + 1);
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{what}: not a JSON object"))?;
+        let messages = v.get("messages").with_context(|| {
+            format!("{what}: needs `messages` (the chat, ending with the assistant's answer)")
+        })?;
+        let mut chat = parse_messages(messages, base, &what)?;
+        let Some(last) = chat.messages.pop() else {
+            bail!("{what}: `messages` is empty");
+        };
+        ensure!(
+            last.role == "assistant",
+            "{what}: the last message is the target and must be the assistant's (it is {:?})",
+            last.role
+        );
+        ensure!(
+            !last.content.contains(IMAGE_PLACEHOLDER),
+            "{what}: the assistant's message cannot hold images"
+        );
+        ensure!(
+            !chat.messages.is_empty(),
+            "{what}: no prompt before the assistant's message"
+        );
+        let (ids, _) = encode_chat(
+            &policy.model.config,
+            tokenizer,
+            &policy.processor,
+            &VlChat {
+                messages: chat.messages.clone(),
+                images: chat.images.clone(),
+            },
+            true,
+        )
+        .with_context(|| format!("{what}: encoding the prompt"))?;
+        let mut target = tokenizer.encode(&last.content, false)?;
+        target.push(end_of_turn);
+        out.push(Example {
+            mask: Vec::new(),
+            prompt: PreparedPrompt {
+                record: PromptRecord {
+                    id: (i + 1).to_string(),
+                    prompt: Prompt::Chat(chat.messages),
+                    answer: Some(last.content),
+                    location: Location::new(path.display().to_string(), "line", i + 1),
+                    columns: Default::default(),
+                },
+                ids,
+                images: chat.images,
+            },
+            target,
+        });
     }
-    updater.sync_host(&mut model)?;
-    model.save_trained(&config.output_dir)?;
-    tokenizer.save_pretrained(&config.output_dir)?;
-    let generation = serde_json::json!({"bos_token_id": eos, "eos_token_id": [eos]});
-    crate::model::weights::write_atomic(
-        &config.output_dir.join("generation_config.json"),
-        serde_json::to_string_pretty(&generation)?.as_bytes(),
-    )?;
-    Ok(pass)
+    ensure!(!out.is_empty(), "{}: no examples", path.display());
+    Ok(out)
 }
 
 /// The calculator-calling target of a synthetic problem and its loss mask:

@@ -1,5 +1,5 @@
-//! The SFT recipe (`gpg-rl sft --config …`), shared by text SFT ([`super::sft`]) and
-//! vision-language SFT ([`super::vl_sft`]).
+//! The SFT recipe (`gpg-rl sft --config …`), for text and vision-language models alike
+//! ([`super::sft`]).
 
 use std::path::PathBuf;
 
@@ -40,7 +40,7 @@ pub struct SftConfig {
     pub schedule: LrScheduleConfig,
     /// `synthetic`: the built-in task's question → worked solution pairs (text models); for a
     /// vision-language model, a JSONL file of image chats ending with the assistant's answer
-    /// (see [`super::vl_sft`]).
+    /// (see [`super::sft`]).
     pub data: String,
     /// Vision-language models: image questions for the held-out accuracy (the `eval` format).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -43,9 +43,9 @@ use super::batch::{GroupPayload, StepBatch};
 use super::collective::Collective;
 use super::comm::Comm;
 use super::config::TrainConfig;
-use super::metrics::{MetricsLog, StepMetrics};
+use super::engine::TrainEngine;
+use super::metrics::{MetricsLog, RewardStats, StepMetrics};
 use super::policy::Policy;
-use super::updater::Updater;
 
 pub use setup::TrainerState;
 
@@ -59,10 +59,12 @@ pub struct Trainer {
     pub heldout: Option<Vec<PreparedPrompt>>,
     sampler: EpochSampler,
     reward: WeightedSum,
-    updater: Updater,
+    engine: Box<dyn TrainEngine>,
     schedule: LrSchedule,
     pub step: u64,
     tokens_seen: u64,
+    /// Prompt + completion tokens of every completion sampled so far (TRL's `num_tokens`).
+    num_tokens: u64,
     /// The metrics files; rank 0 only (it alone writes the run folder).
     log: Option<MetricsLog>,
     /// The ranks of a data-parallel run (a single process by default) and the time spent
@@ -152,7 +154,7 @@ impl Trainer {
             p.finish();
         }
         // A GPU run's host model is brought up to date for `save_final` (no-op on the CPU).
-        self.updater.sync_host(self.model.text_mut())?;
+        self.engine.sync_host(&mut self.model)?;
         Ok(())
     }
 
@@ -169,6 +171,7 @@ impl Trainer {
         // 3. Advantages, from the global rewards (identical on every rank).
         let (stats, advantages) = self.advantages(&rollout.batch, &batch)?;
         self.tokens_seen += batch.n_tokens as u64;
+        self.num_tokens += rollout.sampled_tokens;
         // 4. The update: micro-batches of forward / g_t / backward, ⊕ all-reduce, AdamW.
         let update = self.update(&rollout.batch, &batch, &advantages, lr)?;
         self.step += 1;
@@ -269,20 +272,30 @@ impl Trainer {
             AgeScale::Scale { inverse_alpha, .. } => inverse_alpha as f64,
             AgeScale::SkipUpdate => 0.0,
         };
+        let sampler = self.sampler.state();
         StepMetrics {
             step: self.step,
+            epoch: sampler.epoch as f64 + sampler.cursor as f64 / sampler.dataset_len as f64,
             lr: update.lr as f64,
             loss: update.loss,
             grad_norm: update.grad_norm,
             reward: stats.reward_mean,
-            reward_std: stats.reward_std_mean,
-            rewards: rollout
-                .per_function
-                .iter()
-                .map(|(k, &(s, n))| (k.clone(), s / n.max(1) as f64))
-                .collect(),
-            completion_length: batch.n_tokens as f64 / batch.n_sequences.max(1) as f64,
-            completion_length_max: batch.max_length,
+            reward_std: stats.reward_std,
+            reward_std_within_group: stats.reward_std_mean,
+            frac_reward_zero_std: stats.n_identical as f64 / stats.n_groups.max(1) as f64,
+            rewards: RewardStats {
+                mean: (rollout.per_function.iter())
+                    .map(|(k, m)| (k.clone(), m.mean()))
+                    .collect(),
+                std: (rollout.per_function.iter())
+                    .map(|(k, m)| (k.clone(), m.std()))
+                    .collect(),
+            },
+            completion_length: rollout.lengths.all.mean(),
+            completion_length_min: rollout.lengths.min,
+            completion_length_max: rollout.lengths.max,
+            clipped_ratio: rollout.lengths.clipped_ratio(),
+            terminated_length: rollout.lengths.terminated.mean(),
             groups: stats.n_groups,
             valid_groups: stats.n_valid,
             identical_groups: stats.n_identical,
@@ -295,6 +308,7 @@ impl Trainer {
             kl: update.kl,
             tokens: batch.n_tokens as u64,
             tokens_seen: self.tokens_seen,
+            num_tokens: self.num_tokens,
             skipped: update.skipped.clone(),
             eval_pass_at_1,
             time_rollout_s: rollout.time_rollout,
@@ -354,7 +368,7 @@ impl Trainer {
         if let Some(tools) = &self.tools {
             // Multi-turn: the held-out questions answered with the run's tools.
             let model = self.model.text();
-            let engine = self.updater.decode_engine(model)?;
+            let engine = self.engine.decode_engine(model)?;
             return super::heldout::pass_at_1_with_tools(
                 model,
                 &*engine,
@@ -373,7 +387,7 @@ impl Trainer {
         }
         self.model
             .heldout_pass_at_1(
-                &self.updater,
+                &*self.engine,
                 &self.tokenizer,
                 prompts,
                 e.samples,
@@ -462,12 +476,13 @@ impl Trainer {
             return Ok(dir);
         };
         log.flush()?;
-        self.updater.sync_host(self.model.text_mut())?;
-        let (optimizer, buffers) = self.updater.checkpoint_state(self.model.text())?;
+        self.engine.sync_host(&mut self.model)?;
+        let (optimizer, buffers) = self.engine.checkpoint_state(&self.model)?;
         let state = TrainerState {
             step: self.step,
             sampler: self.sampler.state(),
             tokens_seen: self.tokens_seen,
+            num_tokens: self.num_tokens,
             optimizer,
         };
         let generation = serde_json::json!({

@@ -13,8 +13,8 @@ use crate::data::PreparedPrompt;
 use crate::model::Activations;
 
 use super::super::batch::{micro_batches, GroupPayload, Sequence, StepBatch};
+use super::super::engine::StepOutcome;
 use super::super::policy::PolicyBatch;
-use super::super::update::StepOutcome;
 use super::{derive_seed, Trainer};
 
 /// The objective of the step's micro-batches and the engine settings they run with.
@@ -174,8 +174,8 @@ impl Trainer {
                 for r in micro {
                     let batch = self.train_batch(&seqs[r.clone()])?;
                     let lp =
-                        self.model
-                            .logprobs(&self.updater, &batch, objective.inv_temperature)?;
+                        self.engine
+                            .logprobs(&self.model, &batch, objective.inv_temperature)?;
                     all.extend(lp.logprobs);
                 }
                 Some(all)
@@ -198,7 +198,7 @@ impl Trainer {
     }
 
     /// One micro-batch: the engine's forward (logp_t), the objective's token weights g_t and the
-    /// engine's backward, gradients accumulated into the updater's buffers; adds the loss and
+    /// engine's backward, gradients accumulated into the engine's buffers; adds the loss and
     /// metric sums to `sums` and returns the micro-batch's completion tokens. Where g_t does not
     /// depend on logp_t (GPG), it is known before the forward, and the forward and backward run
     /// as one pass (the head's logits formed once).
@@ -245,7 +245,7 @@ impl Trainer {
             advantages: part.advantages,
         };
         let fused = loss.weights_independent_of_logp(old.is_some())
-            && self.model.fuses_forward_backward(&self.updater);
+            && self.engine.fuses_forward_backward(&self.model);
         let (lp, cache, g_before) = if fused {
             let zeros = vec![0.0; n];
             let g = loss
@@ -258,14 +258,12 @@ impl Trainer {
                     normaliser,
                 )?
                 .token_weights;
-            let lp =
-                self.model
-                    .forward_backward_into(&mut self.updater, &batch, inv_t, keep, &g)?;
+            let lp = self
+                .engine
+                .forward_backward_into(&self.model, &batch, inv_t, keep, &g)?;
             (lp, None, Some(g))
         } else {
-            let (lp, cache) = self
-                .model
-                .forward_train_with(&self.updater, &batch, inv_t, keep)?;
+            let (lp, cache) = self.engine.forward(&self.model, &batch, inv_t, keep)?;
             (lp, Some(cache), None)
         };
         let out = loss.compute(
@@ -285,8 +283,8 @@ impl Trainer {
         );
         match (cache, g_before) {
             (Some(cache), _) => {
-                self.model
-                    .backward_into(&mut self.updater, &batch, cache, &out.token_weights)?
+                self.engine
+                    .backward_into(&self.model, &batch, cache, &out.token_weights)?
             }
             (None, Some(g)) => ensure!(
                 g == out.token_weights,
@@ -301,7 +299,7 @@ impl Trainer {
     pub(super) fn all_reduce(&mut self, sums: &mut LossSums) -> Result<()> {
         self.comm.all_reduce_f64(&mut sums.0)?;
         self.comm
-            .all_reduce_grads(self.updater.gradient_buffers_mut())
+            .all_reduce_grads(self.engine.gradient_buffers_mut())
     }
 
     /// Clipping and the AdamW step, unless the loss or the gradient norm is not finite (then
@@ -312,14 +310,11 @@ impl Trainer {
         lr: f32,
     ) -> Result<Option<String>> {
         if !outcome.loss.is_finite() {
-            self.updater.zero_grad()?;
+            self.engine.zero_grad()?;
             return Ok(Some(format!("non-finite loss ({})", outcome.loss)));
         }
         let max_grad_norm = self.config.optim.max_grad_norm;
-        match self
-            .updater
-            .step(self.model.text_mut(), lr, max_grad_norm)?
-        {
+        match self.engine.step(&self.model, lr, max_grad_norm)? {
             StepOutcome::Applied(clip) => {
                 outcome.grad_norm = clip.norm;
                 Ok(None)

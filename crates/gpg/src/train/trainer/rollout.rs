@@ -14,17 +14,22 @@ use crate::algo::{AgeScale, GroupPool, PoolStatus, ResampledBatch, ScoredGroup};
 use crate::data::PreparedPrompt;
 use crate::reward::RewardInput;
 use crate::rollout::multi_turn::{generate_with_tools, ToolStats};
-use crate::rollout::{Completion, SamplingParams};
+use crate::rollout::{Completion, FinishReason, SamplingParams};
 
 use super::super::batch::GroupPayload;
+use super::super::metrics::{CompletionLengths, Moments};
 use super::{derive_seed, Trainer};
 
 /// What the rollout rounds of a step produced.
 #[derive(Debug)]
 pub(super) struct RolloutOutcome {
     pub batch: ResampledBatch<GroupPayload>,
-    /// (sum, count) of each reward function's scores over every sampled completion.
-    pub per_function: BTreeMap<String, (f64, usize)>,
+    /// Each reward function's scores over every sampled completion.
+    pub per_function: BTreeMap<String, Moments>,
+    /// The lengths of every sampled completion (all rounds).
+    pub lengths: CompletionLengths,
+    /// Prompt + completion tokens of every sampled completion.
+    pub sampled_tokens: u64,
     pub samples_log: Vec<(String, String, f32)>,
     pub time_rollout: f64,
     pub time_reward: f64,
@@ -60,6 +65,8 @@ impl Default for RolloutOutcome {
                 scale: AgeScale::SkipUpdate,
             },
             per_function: BTreeMap::new(),
+            lengths: CompletionLengths::default(),
+            sampled_tokens: 0,
             samples_log: Vec::new(),
             time_rollout: 0.0,
             time_reward: 0.0,
@@ -135,7 +142,7 @@ impl Trainer {
         // The CPU model itself, or the CUDA decoder over the trained device weights.
         let completions = match &self.tools {
             None => self.model.generate(
-                &self.updater,
+                &*self.engine,
                 &self.tokenizer,
                 &prompts,
                 &params,
@@ -144,7 +151,7 @@ impl Trainer {
             Some(tools) => {
                 // Multi-turn trajectories (text models: checked at start).
                 let model = self.model.text();
-                let engine = self.updater.decode_engine(model)?;
+                let engine = self.engine.decode_engine(model)?;
                 let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
                 let (completions, _) = generate_with_tools(
                     model,
@@ -186,20 +193,25 @@ impl Trainer {
         };
         out.time_reward += t0.elapsed().as_secs_f64();
 
-        // ⊕ The round's rewards, completion lengths (the model's own tokens) and per-function
-        // scores of all B·G completions, and with tools their calls, errors, turns and tool
-        // tokens: each rank fills its share's slots, the sum gathers them (x + 0 = x, so the
-        // values arrive exactly).
+        // ⊕ The round's rewards, completion lengths (the model's own tokens), per-function
+        // scores and whether each hit max_new_tokens (or the trajectory budget), of all B·G
+        // completions, and with tools their calls, errors, turns and tool tokens: each rank
+        // fills its share's slots, the sum gathers them (x + 0 = x, so the values arrive
+        // exactly).
         let n = b * g;
+        let truncated_at = (2 + names.len()) * n;
         let tool_rows = if self.tools.is_some() { 4 } else { 0 };
-        let mut gathered = vec![0.0f64; n * (2 + names.len() + tool_rows)];
+        let mut gathered = vec![0.0f64; n * (3 + names.len() + tool_rows)];
         let base = mine.start * g;
         if let Some(scores) = &scores {
             for (j, c) in completions.iter().enumerate() {
                 gathered[base + j] = scores.total[j] as f64;
                 gathered[n + base + j] = c.scored_len() as f64;
+                if c.finish_reason == FinishReason::Length {
+                    gathered[truncated_at + base + j] = 1.0;
+                }
                 if tool_rows > 0 {
-                    let t = (2 + names.len()) * n + base + j;
+                    let t = (3 + names.len()) * n + base + j;
                     let errors = c.tool_calls.iter().filter(|r| r.error).count();
                     let turns = 1 + c.tool_calls.len();
                     gathered[t] = c.tool_calls.len() as f64;
@@ -216,7 +228,7 @@ impl Trainer {
         }
         self.comm.all_reduce_f64(&mut gathered)?;
         if tool_rows > 0 {
-            let rows = &gathered[(2 + names.len()) * n..];
+            let rows = &gathered[(3 + names.len()) * n..];
             let sum = |r: usize| rows[r * n..(r + 1) * n].iter().sum::<f64>() as usize;
             out.tool_stats
                 .get_or_insert_with(ToolStats::default)
@@ -230,10 +242,15 @@ impl Trainer {
                 });
         }
         for (f, name) in names.iter().enumerate() {
-            let values = &gathered[(2 + f) * n..(3 + f) * n];
-            let e = out.per_function.entry(name.to_string()).or_insert((0.0, 0));
-            e.0 += values.iter().map(|&v| v as f32 as f64).sum::<f64>();
-            e.1 += values.len();
+            let e = out.per_function.entry(name.to_string()).or_default();
+            for &v in &gathered[(2 + f) * n..(3 + f) * n] {
+                e.add(v as f32 as f64);
+            }
+        }
+        for j in 0..n {
+            let length = gathered[n + j] as usize;
+            out.lengths.add(length, gathered[truncated_at + j] != 0.0);
+            out.sampled_tokens += (self.prompts[indices[j / g]].ids.len() + length) as u64;
         }
         if round == 0 {
             self.gather_logged_completions(
@@ -243,6 +260,13 @@ impl Trainer {
                 &gathered[..n],
                 out,
             )?;
+        }
+
+        // The groups' mean rewards weight their prompts in later epochs (data.sample_strategy;
+        // every rank records the same gathered values).
+        for (k, &prompt) in indices.iter().enumerate() {
+            let mean = gathered[k * g..(k + 1) * g].iter().sum::<f64>() / g as f64;
+            self.sampler.record_group(prompt, mean);
         }
 
         let mut by_prompt: Vec<Vec<Completion>> = vec![Vec::new(); mine.len()];

@@ -19,10 +19,9 @@ use super::super::collective::{Collective, SingleProcess};
 use super::super::comm::Comm;
 use super::super::config::TrainConfig;
 use super::super::device::{RunNeeds, TrainDevice};
+use super::super::engine::{self, OptimizerMeta, TrainEngine};
 use super::super::metrics::MetricsLog;
 use super::super::policy::{check_recipe, Policy};
-use super::super::update::{ModelUpdater, OptimizerMeta};
-use super::super::updater::Updater;
 use super::super::{lora_run, replica};
 use super::Trainer;
 
@@ -33,6 +32,9 @@ pub struct TrainerState {
     pub step: u64,
     pub sampler: SamplerState,
     pub tokens_seen: u64,
+    /// Prompt + completion tokens sampled so far (0 in checkpoints from before it was kept).
+    #[serde(default)]
+    pub num_tokens: u64,
     /// AdamW configuration and step counts (moments are in the buffers file).
     pub optimizer: OptimizerMeta,
 }
@@ -41,8 +43,9 @@ pub struct TrainerState {
 struct StartPoint {
     step: u64,
     sampler: EpochSampler,
-    updater: Updater,
+    engine: Box<dyn TrainEngine>,
     tokens_seen: u64,
+    num_tokens: u64,
 }
 
 impl Trainer {
@@ -118,11 +121,23 @@ impl Trainer {
         let start = match &resume_from {
             None => StartPoint {
                 step: 0,
-                sampler: EpochSampler::new(prompts.len(), config.seed)?,
-                updater: model.updater(&train_device, AdamW::new(config.optim.adamw)?)?,
+                sampler: EpochSampler::weighted(
+                    prompts.len(),
+                    config.seed,
+                    config.data.sample_strategy,
+                )?,
+                engine: engine::engine_for(&train_device, &model, AdamW::new(config.optim.adamw)?)?,
                 tokens_seen: 0,
+                num_tokens: 0,
             },
-            Some(dir) => restore(dir, &comm, &mut model, &train_device, prompts.len())?,
+            Some(dir) => restore(
+                dir,
+                &comm,
+                &mut model,
+                &train_device,
+                &config,
+                prompts.len(),
+            )?,
         };
         let log = if root {
             Some(open_run_folder(&config, start.step)?)
@@ -145,10 +160,11 @@ impl Trainer {
             heldout,
             sampler: start.sampler,
             reward,
-            updater: start.updater,
+            engine: start.engine,
             schedule,
             step: start.step,
             tokens_seen: start.tokens_seen,
+            num_tokens: start.num_tokens,
             log,
             comm,
             eval_prompts,
@@ -267,6 +283,7 @@ fn restore(
     comm: &Comm,
     model: &mut Policy,
     train_device: &TrainDevice,
+    config: &TrainConfig,
     n_prompts: usize,
 ) -> Result<StartPoint> {
     let collective = &comm.collective;
@@ -285,17 +302,19 @@ fn restore(
     };
     let state: TrainerState = serde_json::from_value(state)
         .with_context(|| format!("{}: malformed trainer state", dir.display()))?;
-    let optimizer = ModelUpdater::restore_optimizer(state.optimizer, &mut buffers)
+    let optimizer = engine::restore_optimizer(state.optimizer, &mut buffers)
         .with_context(|| format!("{}: cannot restore the optimiser", dir.display()))?;
-    let mut updater = model.updater(train_device, optimizer)?;
-    updater
-        .restore_master(model.text_mut(), &mut buffers)
+    let mut engine = engine::engine_for(train_device, model, optimizer)?;
+    engine
+        .restore_master(model, &mut buffers)
         .with_context(|| format!("{}: cannot restore the master weights", dir.display()))?;
     Ok(StartPoint {
         step: state.step,
-        sampler: EpochSampler::resume(state.sampler, n_prompts)?,
-        updater,
+        sampler: EpochSampler::resume(state.sampler, n_prompts, config.data.sample_strategy)
+            .with_context(|| format!("{}: cannot resume the prompt sampler", dir.display()))?,
+        engine,
         tokens_seen: state.tokens_seen,
+        num_tokens: state.num_tokens,
     })
 }
 

@@ -706,7 +706,8 @@ fn gpu_decoder_matches_the_cpu_decoder() {
 fn gpu_train_step_matches_the_cpu_engine() {
     use crate::model::{Activations, Precision, Qwen2, TrainBatch};
     use crate::optim::{AdamW, AdamWConfig};
-    use crate::train::update::ModelUpdater;
+    use crate::train::engine::{CpuEngine, CudaEngine, TrainEngine};
+    use crate::train::policy::{Policy, PolicyBatch};
     let Some(g) = gpu() else { return };
     for (tied, precision) in [
         (true, Precision::F32),
@@ -733,16 +734,26 @@ fn gpu_train_step_matches_the_cpu_engine() {
         let (lp, cache) = model
             .forward_train_with(&batch, 0.9, Activations::All)
             .unwrap();
+        let host = Policy::Text(model.clone());
         let mut updater =
-            ModelUpdater::new(&model, AdamW::new(AdamWConfig::default()).unwrap()).unwrap();
+            CpuEngine::new(&host, AdamW::new(AdamWConfig::default()).unwrap()).unwrap();
         model
-            .backward_into(&batch, cache, &gt, updater.grads_mut())
+            .backward_into(
+                &batch,
+                cache,
+                &gt,
+                updater.gradients_mut().decoder.as_mut().unwrap(),
+            )
             .unwrap();
 
-        let mut step =
-            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model, AdamWConfig::default())
-                .unwrap();
-        let (lpg, cg) = step.forward(&batch, 0.9).unwrap();
+        let mut step = CudaEngine::new(
+            g.clone(),
+            &host,
+            AdamW::new(AdamWConfig::default()).unwrap(),
+        )
+        .unwrap();
+        let pb = PolicyBatch::Text(batch.clone());
+        let (lpg, cg) = step.forward(&host, &pb, 0.9, Activations::All).unwrap();
         let (tol_lp, tol_g) = if precision == Precision::F32 {
             (1e-5, 1e-4)
         } else {
@@ -762,14 +773,9 @@ fn gpu_train_step_matches_the_cpu_engine() {
             tol_lp,
             &format!("{what}: entropy"),
         );
-        step.backward(&batch, cg, &gt).unwrap();
-        let cpu_grads = updater
-            .grads_mut()
-            .named()
-            .into_iter()
-            .map(|(n, v)| (n, v.clone()))
-            .collect::<Vec<_>>();
-        let gpu_grads = step.gradients().unwrap();
+        step.backward_into(&host, &pb, cg, &gt).unwrap();
+        let cpu_grads = updater.named_gradients(&host).unwrap();
+        let gpu_grads = step.train_step().gradients().unwrap();
         assert_eq!(cpu_grads.len(), gpu_grads.len(), "{what}");
         for ((name, want), (gname, got)) in cpu_grads.iter().zip(&gpu_grads) {
             assert_eq!(name, gname);
@@ -786,12 +792,16 @@ fn gpu_train_step_matches_the_cpu_engine() {
             );
         }
         // One clipped AdamW step each, then the weights.
-        let mut cpu_model = model.clone();
-        updater.step(&mut cpu_model, 1e-3, 0.5).unwrap();
-        let outcome = step.step(1e-3, 0.5).unwrap();
-        assert!(outcome.applied && outcome.grad_norm.is_finite());
-        let mut gpu_model = model.clone();
-        step.write_back(&mut gpu_model).unwrap();
+        let cpu_model = model.clone();
+        updater.step(&host, 1e-3, 0.5).unwrap();
+        let outcome = step.step(&host, 1e-3, 0.5).unwrap();
+        let crate::train::engine::StepOutcome::Applied(clip) = outcome else {
+            panic!("{what}: the GPU step was skipped");
+        };
+        assert!(clip.finite && clip.norm.is_finite());
+        let mut gpu_model = Policy::Text(model.clone());
+        step.sync_host(&mut gpu_model).unwrap();
+        let gpu_model = gpu_model.text().clone();
         for ((name, a), (_, b)) in cpu_model
             .parameters()
             .iter()
