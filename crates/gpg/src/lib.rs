@@ -29,6 +29,7 @@ pub mod rollout;
 pub mod sampling;
 pub(crate) mod simd;
 pub mod tokenizer;
+pub mod tools;
 pub mod train;
 
 pub use candle_core;

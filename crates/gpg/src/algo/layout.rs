@@ -3,6 +3,12 @@
 //! Per-token quantities (log-probs, weights g_t) of a micro-batch are stored as one flat slice
 //! holding only completion tokens (prompt and padding already removed), sequence after
 //! sequence. Sequence `s` owns positions `offsets[s]..offsets[s + 1]`.
+//!
+//! A layout may carry a **loss mask** (one flag per position): a multi-turn completion holds
+//! tool-response tokens that are in the context but are not the policy's actions. Masked
+//! positions get g_t = 0 and are left out of every count the objectives divide by
+//! ([`TokenLayout::n_scored`], [`TokenLayout::scored_len`]); without a mask every position
+//! is scored.
 
 use std::ops::Range;
 
@@ -15,6 +21,8 @@ use anyhow::{ensure, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenLayout {
     offsets: Vec<usize>,
+    /// `mask[t]`: whether position t is trained on (None: every position).
+    mask: Option<Vec<bool>>,
 }
 
 impl TokenLayout {
@@ -27,7 +35,10 @@ impl TokenLayout {
             end += len;
             offsets.push(end);
         }
-        Self { offsets }
+        Self {
+            offsets,
+            mask: None,
+        }
     }
 
     /// A layout from explicit offsets; errors unless they start at 0 and never decrease.
@@ -44,7 +55,54 @@ impl TokenLayout {
                 offsets[i + 1]
             );
         }
-        Ok(Self { offsets })
+        Ok(Self {
+            offsets,
+            mask: None,
+        })
+    }
+
+    /// The same layout with a loss mask (`mask[t]` false: position t is context only, e.g. a
+    /// tool's response). An all-true mask is dropped (the layout without a mask).
+    pub fn with_mask(mut self, mask: Vec<bool>) -> Result<Self> {
+        ensure!(
+            mask.len() == self.n_tokens(),
+            "loss mask of {} flags for a layout of {} completion tokens",
+            mask.len(),
+            self.n_tokens()
+        );
+        self.mask = if mask.iter().all(|&m| m) {
+            None
+        } else {
+            Some(mask)
+        };
+        Ok(self)
+    }
+
+    /// Whether position `t` is trained on (not masked).
+    pub fn is_scored(&self, t: usize) -> bool {
+        self.mask.as_ref().is_none_or(|m| m[t])
+    }
+
+    /// The loss mask, if some position is masked.
+    pub fn mask(&self) -> Option<&[bool]> {
+        self.mask.as_deref()
+    }
+
+    /// Number of positions trained on (all of them without a mask): the N_tok of the
+    /// normaliser and of the token means.
+    pub fn n_scored(&self) -> usize {
+        match &self.mask {
+            None => self.n_tokens(),
+            Some(m) => m.iter().filter(|&&b| b).count(),
+        }
+    }
+
+    /// Number of positions of sequence `s` trained on: its |o_i| in per-sequence means.
+    pub fn scored_len(&self, s: usize) -> usize {
+        match &self.mask {
+            None => self.sequence_len(s),
+            Some(m) => m[self.range(s)].iter().filter(|&&b| b).count(),
+        }
     }
 
     /// Number of sequences (completions).
@@ -95,5 +153,25 @@ mod tests {
         assert!(TokenLayout::from_offsets(vec![0, 3, 2]).is_err());
         assert!(TokenLayout::from_offsets(vec![]).is_err());
         assert_eq!(TokenLayout::from_lengths(&[]).n_tokens(), 0);
+    }
+
+    #[test]
+    fn mask_counts_only_scored_positions() {
+        let l = TokenLayout::from_lengths(&[3, 2])
+            .with_mask(vec![true, false, true, false, false])
+            .unwrap();
+        assert_eq!(l.n_tokens(), 5);
+        assert_eq!(l.n_scored(), 2);
+        assert_eq!(l.scored_len(0), 2);
+        assert_eq!(l.scored_len(1), 0);
+        assert!(!l.is_scored(1) && l.is_scored(2));
+        // An all-true mask is no mask; a mask of the wrong length is an error.
+        let plain = TokenLayout::from_lengths(&[1])
+            .with_mask(vec![true])
+            .unwrap();
+        assert_eq!(plain, TokenLayout::from_lengths(&[1]));
+        assert!(TokenLayout::from_lengths(&[2])
+            .with_mask(vec![true])
+            .is_err());
     }
 }

@@ -9,6 +9,14 @@
 //! * Â_i: the completion's advantage; α: GPG's gradient scale (1 for plain GRPO);
 //! * N_seq, N_tok: the [`Normaliser`] counts.
 //!
+//! # Loss mask (multi-turn completions with tool responses)
+//!
+//! When the [`TokenLayout`] carries a loss mask m_t (false at a tool's response tokens, which
+//! are context, not actions), every sum below runs over the scored tokens only: g_t = 0 where
+//! m_t is false, N_tok counts scored tokens ([`Normaliser::micro_batch`]), |o_i| in the
+//! per-sequence mean is the completion's scored tokens, and the metrics are means over scored
+//! tokens. The log-probs at masked positions are ignored.
+//!
 //! # GPG (`gpg`): surrogate-free, token-level
 //!
 //! ```text
@@ -143,9 +151,10 @@ impl Normaliser {
         }
     }
 
-    /// The micro-batch's own counts (the reference's per-micro-batch division).
+    /// The micro-batch's own counts (the reference's per-micro-batch division): its
+    /// completions and its scored (unmasked) completion tokens.
     pub fn micro_batch(layout: &TokenLayout) -> Self {
-        Self::new(layout.n_sequences(), layout.n_tokens())
+        Self::new(layout.n_sequences(), layout.n_scored())
     }
 
     /// Both counts multiplied by `micro_batches`: the HF Trainer's extra division of each
@@ -321,8 +330,9 @@ fn check_alpha(alpha: f32) -> Result<()> {
     Ok(())
 }
 
-/// GPG: L = −α Σ_i Σ_t Â_i logp_t / N_tok, g_t = −α Â_i / N_tok.
-/// Old and reference log-probs are ignored (no ratio, no clip, no KL).
+/// GPG: L = −α Σ_i Σ_t m_t Â_i logp_t / N_tok, g_t = −α m_t Â_i / N_tok (m_t: the layout's
+/// loss mask, 1 without one). Old and reference log-probs are ignored (no ratio, no clip, no
+/// KL).
 pub fn gpg_loss(
     tokens: &PolicyTokens<'_>,
     alpha: f32,
@@ -341,15 +351,20 @@ pub fn gpg_loss(
     for (s, range) in tokens.layout.ranges().enumerate() {
         let adv = tokens.advantages[s] as f64;
         let g = -scale * adv;
-        let sum_logp: f64 = tokens.logp[range.clone()].iter().map(|&l| l as f64).sum();
+        let mut sum_logp = 0.0f64;
+        for t in range {
+            if tokens.layout.is_scored(t) {
+                sum_logp += tokens.logp[t] as f64;
+                weights[t] = g as f32;
+            }
+        }
         loss += g * sum_logp;
-        weights[range].fill(g as f32);
     }
     Ok(ObjectiveOutput {
         loss,
         token_weights: weights,
         metrics: ObjectiveMetrics {
-            n_tokens: tokens.layout.n_tokens(),
+            n_tokens: tokens.layout.n_scored(),
             ..Default::default()
         },
     })
@@ -442,6 +457,7 @@ pub fn clipped_surrogate_loss(
     let hi = 1.0 + config.epsilon_high as f64;
     let alpha = alpha as f64;
     let n_tok = tokens.layout.n_tokens();
+    let n_scored = tokens.layout.n_scored();
     let mut weights = vec![0.0f32; n_tok];
     let mut loss = 0.0f64;
     let (mut ratio_sum, mut kl_sum) = (0.0f64, 0.0f64);
@@ -451,7 +467,7 @@ pub fn clipped_surrogate_loss(
         let w = alpha
             * match config.aggregation {
                 LossAggregation::SequenceMean => {
-                    1.0 / ((range.len().max(1) as f64) * normaliser.n_sequences)
+                    1.0 / ((tokens.layout.scored_len(s).max(1) as f64) * normaliser.n_sequences)
                 }
                 LossAggregation::TokenMean => 1.0 / normaliser.n_tokens,
                 LossAggregation::ConstantLength => {
@@ -461,6 +477,9 @@ pub fn clipped_surrogate_loss(
             };
         let adv = tokens.advantages[s] as f64;
         for t in range {
+            if !tokens.layout.is_scored(t) {
+                continue; // a tool's response: context only, g_t = 0
+            }
             let logp = tokens.logp[t] as f64;
             let ratio = match tokens.old_logp {
                 Some(old) => (logp - old[t] as f64).exp(),
@@ -483,12 +502,12 @@ pub fn clipped_surrogate_loss(
         }
     }
 
-    let denom = n_tok.max(1) as f64;
+    let denom = n_scored.max(1) as f64;
     Ok(ObjectiveOutput {
         loss,
         token_weights: weights,
         metrics: ObjectiveMetrics {
-            n_tokens: n_tok,
+            n_tokens: n_scored,
             mean_ratio: Some(ratio_sum / denom),
             clip_fraction_low: Some(n_low as f64 / denom),
             clip_fraction_high: Some(n_high as f64 / denom),
@@ -683,6 +702,93 @@ mod tests {
         };
         let grpo = clipped_surrogate_loss(&tokens, &cfg, 1.5, norm).unwrap();
         assert_eq!(gpg.token_weights, grpo.token_weights);
+    }
+
+    /// A batch with a tool response inside completion 0 (positions 2, 3 masked), worked out by
+    /// hand: the masked tokens get g_t = 0 and are out of every count.
+    #[test]
+    fn masked_tool_tokens_by_hand() {
+        // Completion 0: 5 tokens, mask [1, 1, 0, 0, 1] (3 scored); completion 1: 2 tokens.
+        // Â = [1, −0.5], α = 1, logp = [−1, −2, −9, −9, −0.5 | −1, −3].
+        let layout = TokenLayout::from_lengths(&[5, 2])
+            .with_mask(vec![true, true, false, false, true, true, true])
+            .unwrap();
+        let logp = [-1.0f32, -2.0, -9.0, -9.0, -0.5, -1.0, -3.0];
+        // The old policy is far off at the masked tokens (ρ = e⁵ there): were they counted,
+        // they would be clipped.
+        let old = [-1.0f32, -2.0, -14.0, -14.0, -0.5, -1.0, -3.0];
+        let tokens = PolicyTokens {
+            layout: &layout,
+            logp: &logp,
+            old_logp: Some(&old),
+            ref_logp: None,
+            advantages: &[1.0, -0.5],
+        };
+        let norm = Normaliser::micro_batch(&layout);
+        assert_eq!(
+            norm.n_tokens, 5.0,
+            "N_tok counts the 5 scored tokens, not 7"
+        );
+        // GPG: g = −Â/N_tok = −1/5 (completion 0), +0.5/5 = 0.1 (completion 1), 0 masked.
+        // L = −0.2·(−1 − 2 − 0.5) + 0.1·(−1 − 3) = 0.7 − 0.4 = 0.3.
+        let out = gpg_loss(&tokens, 1.0, norm).unwrap();
+        assert_close(out.loss, 0.3, 1e-7, "gpg loss");
+        let expect = [-0.2, -0.2, 0.0, 0.0, -0.2, 0.1, 0.1];
+        for (g, e) in out.token_weights.iter().zip(expect) {
+            assert_close(*g as f64, e, 1e-7, "gpg g");
+        }
+        assert_eq!(out.metrics.n_tokens, 5);
+        // GRPO on the same tokens (ρ = 1 at every scored token, β = 0): ℓ_t = −Â_i.
+        // sequence-mean: w = 1/(|o_i|·N_seq) with |o_0| = 3 scored → 1/6, |o_1| = 2 → 1/4;
+        //   g = [−1/6 ×3, +0.125 ×2]; L = 3·(−1)/6 + 2·0.5/4 = −0.25.
+        // token-mean: w = 1/5; g = [−0.2, +0.1]; L = (−3 + 1)/5 = −0.4.
+        // constant-length (10): w = 1/20; g = [−0.05, +0.025]; L = −2/20 = −0.1.
+        let sixth = 1.0 / 6.0;
+        let cases = [
+            (LossAggregation::SequenceMean, -0.25, [-sixth, 0.125]),
+            (LossAggregation::TokenMean, -0.4, [-0.2, 0.1]),
+            (LossAggregation::ConstantLength, -0.1, [-0.05, 0.025]),
+        ];
+        for (aggregation, loss, [g0, g1]) in cases {
+            let cfg = ClippedSurrogate {
+                beta: 0.0,
+                aggregation,
+                max_completion_length: Some(10),
+                ..Default::default()
+            };
+            let out = clipped_surrogate_loss(&tokens, &cfg, 1.0, norm).unwrap();
+            assert_close(out.loss, loss, 1e-7, aggregation.name());
+            let expect = [g0, g0, 0.0, 0.0, g0, g1, g1];
+            for (g, e) in out.token_weights.iter().zip(expect) {
+                assert_close(*g as f64, e, 1e-7, aggregation.name());
+            }
+            let m = out.metrics;
+            assert_eq!(m.n_tokens, 5);
+            assert_eq!(m.clip_fraction, Some(0.0), "masked tokens are not clipped");
+            assert_close(
+                m.mean_ratio.unwrap(),
+                1.0,
+                1e-12,
+                "ratio over scored tokens",
+            );
+        }
+        // The same batch without the mask differs (N_tok = 7 and the tool tokens weigh in).
+        let plain = TokenLayout::from_lengths(&[5, 2]);
+        let unmasked = gpg_loss(
+            &PolicyTokens {
+                layout: &plain,
+                ..tokens
+            },
+            1.0,
+            Normaliser::micro_batch(&plain),
+        )
+        .unwrap();
+        assert_close(
+            unmasked.token_weights[2] as f64,
+            -1.0 / 7.0,
+            1e-7,
+            "unmasked g",
+        );
     }
 
     #[test]

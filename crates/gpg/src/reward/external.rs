@@ -222,7 +222,7 @@ fn read_all_in_thread<R: Read + Send + 'static>(
 }
 
 /// Kills the child and (on Unix) every process of its process group, then reaps the child.
-fn kill_tree(child: &mut Child) {
+pub(crate) fn kill_tree(child: &mut Child) {
     #[cfg(unix)]
     {
         if let Ok(pid) = libc::pid_t::try_from(child.id()) {

@@ -26,7 +26,7 @@ mod accuracy;
 mod config;
 mod cosine;
 mod exact;
-mod external;
+pub(crate) mod external;
 mod format;
 pub mod in_process;
 mod length;

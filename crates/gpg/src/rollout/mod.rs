@@ -17,6 +17,8 @@ use crate::model::qwen2_vl::Qwen2VL;
 pub use crate::sampling::{self, SamplingParams, TokenSampler};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
+pub mod multi_turn;
+
 /// Token ids that end a completion: the explicit ones (`params.stop_token_ids`), the model
 /// config's `eos_token_id` (one or several) and the tokenizer's EOS token.
 pub fn stop_token_ids(params: &SamplingParams, model: &Qwen2, tokenizer: &Tokenizer) -> Vec<u32> {
@@ -38,8 +40,11 @@ pub enum FinishReason {
     Eos,
     /// The decoded text now contains one of the stop strings.
     Stop,
-    /// `max_new_tokens` were generated.
+    /// `max_new_tokens` were generated (with tools: the trajectory's token budget or the
+    /// model's positions ran out).
     Length,
+    /// A multi-turn trajectory called a tool once more than `[tools] max_turns` allows.
+    ToolLimit,
 }
 
 /// One sampled completion.
@@ -52,9 +57,41 @@ pub struct Completion {
     /// log π(token) under the sampling distribution softmax(logits / T) before top-k/top-p
     /// truncation (T = 1 for greedy).
     pub logprobs: Vec<f32>,
-    /// The new tokens decoded, special tokens skipped.
+    /// The new tokens decoded, special tokens skipped. For a multi-turn trajectory, the
+    /// model's own turns only (tool responses left out): what the rewards score, so that no
+    /// answer printed by a tool alone earns a reward.
     pub text: String,
+    /// Multi-turn trajectories: the whole trajectory as text, tool turns included (special
+    /// tokens kept), for logs. Empty otherwise.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub transcript: String,
     pub finish_reason: FinishReason,
+    /// Multi-turn trajectories: `loss_mask[t]` is false at the tokens of tool responses
+    /// (context, not the model's actions: no gradient, out of the token counts). Empty: every
+    /// token is the model's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loss_mask: Vec<bool>,
+    /// The tool calls of a multi-turn trajectory, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::tools::ToolCallRecord>,
+}
+
+impl Completion {
+    /// Number of the model's own tokens (the tokens trained on): all of them, less the tool
+    /// responses' of a multi-turn trajectory.
+    pub fn scored_len(&self) -> usize {
+        if self.loss_mask.is_empty() {
+            self.token_ids.len()
+        } else {
+            self.loss_mask.iter().filter(|&&m| m).count()
+        }
+    }
+
+    /// The loss mask (one flag per token), or `None` when every token is the model's.
+    pub fn mask(&self) -> Option<&[bool]> {
+        (!self.loss_mask.is_empty() && self.loss_mask.iter().any(|&m| !m))
+            .then_some(self.loss_mask.as_slice())
+    }
 }
 
 /// State of one unfinished row.
@@ -62,6 +99,8 @@ struct Row {
     prompt_index: usize,
     sample_index: usize,
     prompt_len: usize,
+    /// This row's `max_new_tokens`.
+    max_new_tokens: usize,
     /// Added to each new token's 1-D position (M-RoPE's δ for a prompt with images; 0 else).
     position_offset: i64,
     sampler: TokenSampler,
@@ -140,15 +179,99 @@ pub fn generate_on(
     batch.push_prompts(prompts, params.n, params.max_new_tokens)?;
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let offsets = vec![0; lens.len()];
-    decode_pushed(
-        model,
-        tokenizer,
-        batch,
-        &lens,
-        &offsets,
-        params,
-        first_prompt_key,
-    )
+    let rows = prompt_rows(&lens, &offsets, params, first_prompt_key);
+    decode_pushed(model, tokenizer, batch, rows, params)
+}
+
+/// One row to decode: its context, the stream it draws from and its token limit.
+#[derive(Debug, Clone)]
+pub struct RowSpec {
+    /// The row's tokens so far (prompt, or a trajectory's whole context).
+    pub context: Vec<u32>,
+    /// The random stream: (prompt key, sample index) of [`TokenSampler::new`].
+    pub stream: (u64, u64),
+    /// New tokens at most for this row.
+    pub max_new_tokens: usize,
+    /// Reported as the completion's `prompt_index` / `sample_index`.
+    pub prompt_index: usize,
+    pub sample_index: usize,
+}
+
+/// Samples one continuation per row, each row prefilled from its own context (packed, one
+/// pass) and drawing from its own stream (`params.seed`, `row.stream`); `params.n` and
+/// `params.max_new_tokens` are not used (each row has its own limit). The multi-turn rollout
+/// continues trajectories after a tool response with it.
+pub fn generate_rows(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
+    tokenizer: &Tokenizer,
+    rows: &[RowSpec],
+    params: &SamplingParams,
+) -> Result<Vec<Completion>> {
+    params.validate()?;
+    let max_pos = model.config.max_position_embeddings;
+    for (i, r) in rows.iter().enumerate() {
+        ensure!(!r.context.is_empty(), "row {i}: the context is empty");
+        ensure!(r.max_new_tokens > 0, "row {i}: no room for a new token");
+        ensure!(
+            r.context.len() + r.max_new_tokens <= max_pos,
+            "row {i} has {} tokens; with {} new tokens it exceeds the model's {} positions",
+            r.context.len(),
+            r.max_new_tokens,
+            max_pos
+        );
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let most_new = rows.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
+    let longest = rows.iter().map(|r| r.context.len()).max().unwrap_or(0) + most_new;
+    let mut batch = engine.new_batch(rows.len(), longest)?;
+    let contexts: Vec<Vec<u32>> = rows.iter().map(|r| r.context.clone()).collect();
+    batch.push_prompts(&contexts, 1, most_new)?;
+    let decoded = rows
+        .iter()
+        .map(|r| Row {
+            prompt_index: r.prompt_index,
+            sample_index: r.sample_index,
+            prompt_len: r.context.len(),
+            max_new_tokens: r.max_new_tokens,
+            position_offset: 0,
+            sampler: TokenSampler::new(params, r.stream.0, r.stream.1),
+            token_ids: Vec::with_capacity(r.max_new_tokens),
+            logprobs: Vec::with_capacity(r.max_new_tokens),
+            text: IncrementalDecoder::new(true),
+        })
+        .collect();
+    decode_pushed(model, tokenizer, batch, decoded, params)
+}
+
+/// The rows of `params.n` samples per prompt (prompt-major): prompt i's new tokens sit at 1-D
+/// positions prompt_len + k + `position_offsets[i]` and its rows draw from the streams of
+/// prompt `first_prompt_key + i`.
+fn prompt_rows(
+    prompt_lens: &[usize],
+    position_offsets: &[i64],
+    params: &SamplingParams,
+    first_prompt_key: u64,
+) -> Vec<Row> {
+    let mut rows = Vec::with_capacity(prompt_lens.len() * params.n);
+    for (pi, &prompt_len) in prompt_lens.iter().enumerate() {
+        for si in 0..params.n {
+            rows.push(Row {
+                prompt_index: pi,
+                sample_index: si,
+                prompt_len,
+                max_new_tokens: params.max_new_tokens,
+                position_offset: position_offsets[pi],
+                sampler: TokenSampler::new(params, first_prompt_key + pi as u64, si as u64),
+                token_ids: Vec::with_capacity(params.max_new_tokens),
+                logprobs: Vec::with_capacity(params.max_new_tokens),
+                text: IncrementalDecoder::new(true),
+            });
+        }
+    }
+    rows
 }
 
 /// Samples `params.n` completions for each prompt with its images (token ids with the
@@ -207,46 +330,20 @@ pub fn generate_vl_keyed(
         params.n,
         params.max_new_tokens,
     )?;
-    decode_pushed(
-        text,
-        tokenizer,
-        batch,
-        &lens,
-        &deltas,
-        params,
-        first_prompt_key,
-    )
+    let rows = prompt_rows(&lens, &deltas, params, first_prompt_key);
+    decode_pushed(text, tokenizer, batch, rows, params)
 }
 
-/// The decode loop once every prompt's `params.n` rows are in `batch` (prompt-major): prompt
-/// i's new tokens sit at 1-D positions prompt_len + k + `position_offsets[i]` and its rows draw
-/// from the streams of prompt `first_prompt_key + i`.
+/// The decode loop once every row is in `batch`, in the order of `rows`.
 fn decode_pushed(
     model: &Qwen2,
     tokenizer: &Tokenizer,
     mut batch: Box<dyn DecodeBatch + '_>,
-    prompt_lens: &[usize],
-    position_offsets: &[i64],
+    mut rows: Vec<Row>,
     params: &SamplingParams,
-    first_prompt_key: u64,
 ) -> Result<Vec<Completion>> {
-    let mut done = Vec::with_capacity(prompt_lens.len() * params.n);
+    let mut done = Vec::with_capacity(rows.len());
     let stop_ids = stop_token_ids(params, model, tokenizer);
-    let mut rows = Vec::new();
-    for (pi, &prompt_len) in prompt_lens.iter().enumerate() {
-        for si in 0..params.n {
-            rows.push(Row {
-                prompt_index: pi,
-                sample_index: si,
-                prompt_len,
-                position_offset: position_offsets[pi],
-                sampler: TokenSampler::new(params, first_prompt_key + pi as u64, si as u64),
-                token_ids: Vec::with_capacity(params.max_new_tokens),
-                logprobs: Vec::with_capacity(params.max_new_tokens),
-                text: IncrementalDecoder::new(true),
-            });
-        }
-    }
     ensure!(
         batch.rows() == rows.len(),
         "internal: the decode batch holds {} rows for {} samples",
@@ -255,7 +352,11 @@ fn decode_pushed(
     );
 
     let mut step = 0usize;
-    while !rows.is_empty() && params.max_new_tokens > 0 {
+    if rows.iter().any(|r| r.max_new_tokens == 0) {
+        // max_new_tokens = 0: nothing to sample (`generate_rows` refuses such rows).
+        return Ok(done);
+    }
+    while !rows.is_empty() {
         step += 1;
         // Sample one token per row (rows are independent: parallel).
         let mut samplers: Vec<&mut TokenSampler> =
@@ -283,6 +384,9 @@ fn decode_pushed(
                         token_ids: row.token_ids,
                         logprobs: row.logprobs,
                         finish_reason,
+                        transcript: String::new(),
+                        loss_mask: Vec::new(),
+                        tool_calls: Vec::new(),
                     }),
                 }
             }
@@ -332,7 +436,7 @@ fn finish_reason(
             return Ok(Some(FinishReason::Stop));
         }
     }
-    if row.token_ids.len() >= params.max_new_tokens {
+    if row.token_ids.len() >= row.max_new_tokens {
         return Ok(Some(FinishReason::Length));
     }
     Ok(None)

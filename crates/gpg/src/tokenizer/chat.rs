@@ -83,14 +83,50 @@ impl ChatTemplate {
         if messages.is_empty() {
             bail!("cannot apply the chat template to an empty conversation");
         }
+        self.render_values(
+            Value::from_serialize(messages),
+            None,
+            add_generation_prompt,
+            tokens,
+        )
+    }
+
+    /// Renders a conversation given as JSON messages (which may hold `tool_calls`, and
+    /// `tool` messages) with `tools` (the function schemas, as transformers'
+    /// `apply_chat_template(..., tools=...)`; `None`: no tools).
+    pub(crate) fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        tokens: &TemplateTokens,
+    ) -> Result<String> {
+        if messages.is_empty() {
+            bail!("cannot apply the chat template to an empty conversation");
+        }
+        self.render_values(
+            Value::from_serialize(messages),
+            tools.map(Value::from_serialize),
+            add_generation_prompt,
+            tokens,
+        )
+    }
+
+    fn render_values(
+        &self,
+        messages: Value,
+        tools: Option<Value>,
+        add_generation_prompt: bool,
+        tokens: &TemplateTokens,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
-        ctx.insert("messages", Value::from_serialize(messages));
+        ctx.insert("messages", messages);
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        ctx.insert("tools", Value::from(()));
+        ctx.insert("tools", tools.unwrap_or(Value::from(())));
         ctx.insert("documents", Value::from(()));
         // A special token that is not set is left out (undefined), as in transformers,
         // where `special_tokens_map` holds only the tokens that are set.

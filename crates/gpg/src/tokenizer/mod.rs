@@ -373,6 +373,27 @@ impl Tokenizer {
         template.render(messages, add_generation_prompt, &tokens, kwargs)
     }
 
+    /// [`Self::apply_chat_template`] for JSON messages (assistant `tool_calls`, `tool`
+    /// messages) and function schemas `tools`, as transformers'
+    /// `apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...)`.
+    /// serde_json objects keep their keys sorted, so schemas render in sorted key order.
+    pub fn apply_chat_template_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let Some(template) = &self.chat_template else {
+            bail!("this tokenizer has no chat template (tokenizer_config.json has no `chat_template`)");
+        };
+        let tokens = TemplateTokens {
+            bos_token: self.config.bos_token.clone(),
+            eos_token: self.config.eos_token.clone(),
+            pad_token: self.config.pad_token.clone(),
+        };
+        template.render_json(messages, tools, add_generation_prompt, &tokens)
+    }
+
     /// Token ids of a dataset prompt: raw text as is, chat messages through the chat template
     /// with the generation prompt appended. No special tokens are added beyond the template's.
     pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {

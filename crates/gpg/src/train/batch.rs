@@ -26,6 +26,9 @@ pub(crate) struct Sequence {
     /// Index of the prompt in the training set.
     pub prompt: usize,
     pub completion: Vec<u32>,
+    /// The loss mask of a multi-turn completion (false at tool-response tokens); `None`:
+    /// every token is trained on.
+    pub mask: Option<Vec<bool>>,
 }
 
 /// The step's batch as this rank trains on it.
@@ -35,7 +38,8 @@ pub(crate) struct StepBatch {
     pub seqs: Vec<Sequence>,
     /// Positions in the batch of this rank's groups.
     pub local_groups: Vec<usize>,
-    /// Global counts: sequences, completion tokens, longest completion.
+    /// Global counts: sequences, completion tokens (the model's own: tool responses are
+    /// not counted), longest completion (likewise).
     pub n_sequences: usize,
     pub n_tokens: usize,
     pub max_length: usize,
@@ -58,6 +62,7 @@ impl StepBatch {
                     out.seqs.push(Sequence {
                         prompt: group.payload.prompt,
                         completion: c.token_ids.clone(),
+                        mask: c.mask().map(<[bool]>::to_vec),
                     });
                 }
             }

@@ -66,6 +66,10 @@ pub struct TrainConfig {
     /// optimiser state for it). Default: the tower is trained, as in the GPG reference.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub freeze_vision: bool,
+    /// Multi-turn rollouts with tools (`[tools]`: the tools, turn and token limits); absent:
+    /// single-turn completions. See crate::tools and docs/training.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<crate::tools::ToolsConfig>,
 }
 
 /// Data-parallel runs (`mpirun -np N gpg-rl train …`; ignored by a single process).
@@ -312,6 +316,9 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if let Some(tools) = &self.tools {
+            tools.validate()?;
+        }
         if !(self.distributed.timeout_s.is_finite() && self.distributed.timeout_s > 0.0) {
             bail!(
                 "distributed.timeout_s must be a positive number of seconds, got {}",

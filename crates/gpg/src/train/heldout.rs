@@ -113,3 +113,64 @@ pub fn pass_at_1_sharded(
     collective.all_reduce_sum_u64(&mut counts)?;
     Ok(counts[0] as f64 / (counts[1] as f64 * samples as f64))
 }
+
+/// How the held-out completions are sampled.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingSetup {
+    pub samples: usize,
+    pub temperature: f32,
+    /// Per model turn (the trajectory's budget is `[tools] max_total_tokens`).
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+/// Held-out pass@1 of multi-turn trajectories with `tools`: the mean over prompts and
+/// samples of 1[the model's own text ≡ gold] (mathverify, as the accuracy reward; an answer
+/// printed only by a tool does not count). Sharded over ranks by chunks of 64 prompts like
+/// [`pass_at_1_sharded`], each chunk seeded by its first item, so the figure does not depend
+/// on the number of ranks.
+pub fn pass_at_1_with_tools(
+    model: &Qwen2,
+    engine: &dyn DecodeEngine,
+    tokenizer: &Tokenizer,
+    prompts: &[PreparedPrompt],
+    tools: &crate::tools::Toolbox,
+    setup: &SamplingSetup,
+    collective: &dyn Collective,
+) -> Result<f64> {
+    ensure!(!prompts.is_empty(), "eval: no items to evaluate");
+    let config = eval_config(
+        tokenizer,
+        setup.samples,
+        setup.temperature,
+        setup.max_new_tokens,
+        setup.seed,
+    );
+    let n_chunks = prompts.len().div_ceil(EVAL_CHUNK);
+    let mut counts = [0u64; 2]; // [correct samples, items]
+    for chunk in collective.share(n_chunks) {
+        let first = chunk * EVAL_CHUNK;
+        let part = &prompts[first..(first + EVAL_CHUNK).min(prompts.len())];
+        let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
+        let params = config.sampling_params(first);
+        let (completions, _) = crate::rollout::multi_turn::generate_with_tools(
+            model, engine, tokenizer, &ids, &params, 0, tools,
+        )?;
+        for c in &completions {
+            let gold = part[c.prompt_index]
+                .record
+                .answer
+                .as_deref()
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: the held-out item has no gold answer",
+                        part[c.prompt_index].record.location
+                    )
+                })?;
+            counts[0] += mathverify::is_correct(gold, &c.text) as u64;
+        }
+        counts[1] += part.len() as u64;
+    }
+    collective.all_reduce_sum_u64(&mut counts)?;
+    Ok(counts[0] as f64 / (counts[1] as f64 * setup.samples as f64))
+}

@@ -99,6 +99,25 @@ pub struct StepMetrics {
     #[serde(default)]
     pub time_comm_grad_s: f64,
     pub time_step_s: f64,
+    /// Multi-turn rollouts with tools (`[tools]`): the step's tool counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<ToolMetrics>,
+}
+
+/// Tool use in one step's rollout (all sampling rounds, every rank).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ToolMetrics {
+    /// Tool calls made.
+    pub calls: u64,
+    /// Calls that ended in an error result (malformed call, unknown tool, the tool's error,
+    /// timeout, crash, flood, garbage output).
+    pub errors: u64,
+    /// Mean tool calls per trajectory.
+    pub calls_per_trajectory: f64,
+    /// Mean model turns per trajectory (1 + its answered calls).
+    pub turns_per_trajectory: f64,
+    /// Tokens of tool responses (in the context, masked out of the loss and the counts).
+    pub tool_tokens: u64,
 }
 
 /// Per reward function: mean and unbiased std over every sampled completion, written as TRL
@@ -236,7 +255,7 @@ impl StepMetrics {
         let Ok(serde_json::Value::Object(record)) = serde_json::to_value(self) else {
             return Vec::new();
         };
-        record
+        let mut v: Vec<(String, f64)> = record
             .iter()
             .filter(|(key, _)| key.as_str() != "step")
             .filter_map(|(key, value)| {
@@ -246,7 +265,16 @@ impl StepMetrics {
                     _ => (format!("train/{key}"), v),
                 })
             })
-            .collect()
+            .collect();
+        // The tool counts are a nested object in metrics.jsonl (`"tools": {...}`).
+        if let Some(t) = &self.tools {
+            v.push(("tools/calls".into(), t.calls as f64));
+            v.push(("tools/errors".into(), t.errors as f64));
+            v.push(("tools/calls_per_trajectory".into(), t.calls_per_trajectory));
+            v.push(("tools/turns_per_trajectory".into(), t.turns_per_trajectory));
+            v.push(("tools/tool_tokens".into(), t.tool_tokens as f64));
+        }
+        v
     }
 }
 

@@ -149,10 +149,26 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             .map(|&i| (&examples[i].prompt, examples[i].target.as_slice()))
             .collect();
         let batch = policy.batch(&pairs)?;
-        let n = batch.num_completion_tokens();
-        // L = −Σ logp / N: g_t = −1/N is known before the forward, so where the engine fuses
-        // them (the CPU, a text model) the head's logits are formed once.
-        let g = vec![-1.0 / n as f32; n];
+        // Trained tokens: all but the tool responses of calculator targets (masked).
+        let scored: Vec<bool> = idx
+            .iter()
+            .flat_map(|&i| {
+                let e = &examples[i];
+                if e.mask.is_empty() {
+                    vec![true; e.target.len()]
+                } else {
+                    e.mask.clone()
+                }
+            })
+            .collect();
+        let n = scored.iter().filter(|&&s| s).count().max(1);
+        // L = −Σ_scored logp / N: g_t = −1/N (0 at masked tokens) is known before the
+        // forward, so where the engine fuses them (the CPU, a text model) the head's logits
+        // are formed once.
+        let g: Vec<f32> = scored
+            .iter()
+            .map(|&s| if s { -1.0 / n as f32 } else { 0.0 })
+            .collect();
         let lp = if engine.fuses_forward_backward(&policy) {
             engine.forward_backward_into(&policy, &batch, 1.0, keep, &g)?
         } else {
@@ -160,7 +176,14 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             engine.backward_into(&policy, &batch, cache, &g)?;
             lp
         };
-        let loss = -lp.logprobs.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+        let loss = -lp
+            .logprobs
+            .iter()
+            .zip(&scored)
+            .filter(|(_, &s)| s)
+            .map(|(&l, _)| l as f64)
+            .sum::<f64>()
+            / n as f64;
         let grad_norm = match engine.step(&policy, lr, config.max_grad_norm)? {
             StepOutcome::Applied(c) => c.norm,
             StepOutcome::Skipped(c) => {
@@ -217,21 +240,35 @@ fn synthetic_data(config: &SftConfig, tokenizer: &Tokenizer) -> Result<SftData> 
         ..Default::default()
     };
     ensure!(
-        (0.0..=1.0).contains(&config.direct_answer_share),
-        "direct_answer_share must be in [0, 1]"
+        (0.0..=1.0).contains(&config.direct_answer_share)
+            && (0.0..=1.0).contains(&config.tool_share)
+            && config.direct_answer_share + config.tool_share <= 1.0,
+        "direct_answer_share and tool_share must be in [0, 1] with a sum ≤ 1"
+    );
+    let tool_format = crate::tools::TurnFormat::of(
+        tokenizer,
+        &[crate::tools::Tool::schema(&crate::tools::Calculator)],
     );
     let mut style_rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut examples = Vec::with_capacity(split.train.len());
     for p in &split.train {
         let record = p.prompt_record(0, &fields);
         let ids = tokenizer.encode_prompt(&record.prompt)?;
-        let target = if style_rng.gen::<f64>() < config.direct_answer_share {
-            format!("\\boxed{{{}}}", p.answer)
+        let draw = style_rng.gen::<f64>();
+        let (mut completion, mut mask) = if draw < config.direct_answer_share {
+            (
+                tokenizer.encode(&format!("\\boxed{{{}}}", p.answer), false)?,
+                Vec::new(),
+            )
+        } else if draw < config.direct_answer_share + config.tool_share {
+            calculator_target(tokenizer, &tool_format, p)?
         } else {
-            p.solution.clone()
+            (tokenizer.encode(&p.solution, false)?, Vec::new())
         };
-        let mut completion = tokenizer.encode(&target, false)?;
         completion.push(eos);
+        if !mask.is_empty() {
+            mask.push(true);
+        }
         examples.push(Example {
             prompt: PreparedPrompt {
                 record,
@@ -239,6 +276,7 @@ fn synthetic_data(config: &SftConfig, tokenizer: &Tokenizer) -> Result<SftData> 
                 images: Vec::new(),
             },
             target: completion,
+            mask,
         });
     }
     let heldout = prepare_prompts(tokenizer, synthetic::to_dataset(&split.heldout, &fields)?)?;
@@ -280,6 +318,9 @@ fn image_data(
 struct Example {
     prompt: PreparedPrompt,
     target: Vec<u32>,
+    /// Loss mask of the target (false: a tool's response, context only); empty: every token
+    /// is trained on.
+    mask: Vec<bool>,
 }
 
 /// Reads the image chats of `path` (see the module doc) into examples.
@@ -334,6 +375,7 @@ fn image_chat_examples(
         let mut target = tokenizer.encode(&last.content, false)?;
         target.push(end_of_turn);
         out.push(Example {
+            mask: Vec::new(),
             prompt: PreparedPrompt {
                 record: PromptRecord {
                     id: (i + 1).to_string(),
@@ -350,4 +392,45 @@ fn image_chat_examples(
     }
     ensure!(!out.is_empty(), "{}: no examples", path.display());
     Ok(out)
+}
+
+/// The calculator-calling target of a synthetic problem and its loss mask:
+/// `<tool_call>` with the question's expression (trained), the tool turn with the exact value
+/// (context: masked), then `\boxed{N}` (trained). The EOS is appended by the caller.
+fn calculator_target(
+    tokenizer: &Tokenizer,
+    format: &crate::tools::TurnFormat,
+    problem: &synthetic::SyntheticProblem,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    let expression = problem
+        .question
+        .trim_start_matches("Compute ")
+        .trim_end_matches('.');
+    let value = crate::tools::Calculator::evaluate(expression)
+        .map_err(|e| anyhow::anyhow!("synthetic problem {:?}: {e}", problem.question))?;
+    ensure!(
+        value == problem.answer,
+        "synthetic problem {:?}: the calculator says {value}, the answer is {}",
+        problem.question,
+        problem.answer
+    );
+    // Qwen's layout of a call: `{"name": "…", "arguments": {…}}`, one line.
+    let call = format!(
+        "{}\n{{\"name\": \"calculator\", \"arguments\": {{\"expression\": {}}}}}\n{}",
+        crate::tools::CALL_OPEN,
+        serde_json::Value::from(expression),
+        crate::tools::CALL_CLOSE
+    );
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for (text, trained) in [
+        (call.as_str(), true),
+        (format.render(&value).as_str(), false),
+        (format!("\\boxed{{{}}}", problem.answer).as_str(), true),
+    ] {
+        let part = tokenizer.encode(text, false)?;
+        mask.extend(std::iter::repeat_n(trained, part.len()));
+        ids.extend(part);
+    }
+    Ok((ids, mask))
 }

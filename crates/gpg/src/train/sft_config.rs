@@ -56,6 +56,11 @@ pub struct SftConfig {
     /// that working the steps pays — which is the demo's point.
     #[serde(default)]
     pub direct_answer_share: f64,
+    /// Share of training problems whose target calls the calculator tool in Qwen's format
+    /// (`<tool_call>` with the question's expression, the tool's answer — masked out of the
+    /// loss — then `\boxed{N}`): the warm start of the tool demo (recipes/demo-tools*.toml).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tool_share: f64,
     /// Measure held-out pass@1 (sampled, temperature 1) every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
@@ -75,6 +80,9 @@ fn default_schedule() -> LrScheduleConfig {
         warmup_ratio: Some(0.05),
         min_lr_rate: 0.1,
     }
+}
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 fn default_eval_samples() -> usize {
     1

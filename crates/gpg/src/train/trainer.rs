@@ -77,6 +77,8 @@ pub struct Trainer {
     reference: Option<super::reference::Reference>,
     /// Set by another thread (or a signal handler) to stop the run: see [`Trainer::stop_when`].
     stop: Option<Arc<AtomicBool>>,
+    /// The tools of multi-turn rollouts (`[tools]`), built at start.
+    tools: Option<crate::tools::Toolbox>,
 }
 
 /// The error of a run stopped by its stop flag ([`Trainer::stop_when`]) before `step` (1-based)
@@ -315,6 +317,7 @@ impl Trainer {
             time_comm_s: self.comm.seconds() - clock.comm,
             time_comm_grad_s: self.comm.grad_seconds() - clock.comm_grad,
             time_step_s: clock.start.elapsed().as_secs_f64(),
+            tools: rollout.tool_metrics(),
         }
     }
 
@@ -362,6 +365,26 @@ impl Trainer {
             .unwrap_or(self.config.rollout.max_new_tokens);
         let seed = derive_seed(self.config.seed, u64::MAX, 0);
         let collective = self.comm.collective.clone();
+        if let Some(tools) = &self.tools {
+            // Multi-turn: the held-out questions answered with the run's tools.
+            let model = self.model.text();
+            let engine = self.engine.decode_engine(model)?;
+            return super::heldout::pass_at_1_with_tools(
+                model,
+                &*engine,
+                &self.tokenizer,
+                prompts,
+                tools,
+                &super::heldout::SamplingSetup {
+                    samples: e.samples,
+                    temperature: e.temperature,
+                    max_new_tokens: max_new,
+                    seed,
+                },
+                &*collective,
+            )
+            .map(Some);
+        }
         self.model
             .heldout_pass_at_1(
                 &*self.engine,

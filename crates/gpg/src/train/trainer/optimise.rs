@@ -53,10 +53,24 @@ pub(super) struct MicroBatch<'a> {
 pub(super) struct LossSums([f64; 4]);
 
 impl LossSums {
-    fn add(&mut self, loss: f64, entropy: &[f32], metrics: &ObjectiveMetrics, n: usize) {
+    /// `n`: the micro-batch's scored tokens; the entropy is summed over them (the layout's
+    /// loss mask leaves tool responses out).
+    fn add(
+        &mut self,
+        loss: f64,
+        entropy: &[f32],
+        layout: &TokenLayout,
+        metrics: &ObjectiveMetrics,
+        n: usize,
+    ) {
         let s = &mut self.0;
         s[0] += loss;
-        s[1] += entropy.iter().map(|&e| e as f64).sum::<f64>();
+        s[1] += entropy
+            .iter()
+            .enumerate()
+            .filter(|&(t, _)| layout.is_scored(t))
+            .map(|(_, &e)| e as f64)
+            .sum::<f64>();
         s[2] += metrics.clip_fraction.unwrap_or(0.0) * n as f64;
         s[3] += metrics.mean_kl.unwrap_or(0.0) * n as f64;
     }
@@ -207,7 +221,19 @@ impl Trainer {
             adapter.dropout_seed = part.dropout_seed;
         }
         let lengths: Vec<usize> = part.seqs.iter().map(|s| s.completion.len()).collect();
-        let layout = TokenLayout::from_lengths(&lengths);
+        let mut layout = TokenLayout::from_lengths(&lengths);
+        if part.seqs.iter().any(|s| s.mask.is_some()) {
+            // Multi-turn completions: tool-response tokens are context only (g_t = 0).
+            let mask: Vec<bool> = part
+                .seqs
+                .iter()
+                .flat_map(|s| match &s.mask {
+                    Some(m) => m.clone(),
+                    None => vec![true; s.completion.len()],
+                })
+                .collect();
+            layout = layout.with_mask(mask)?;
+        }
         let n = batch.num_completion_tokens();
         let span = part.first_token..part.first_token + n;
         let old = fixed.old.as_ref().map(|o| &o[span.clone()]);
@@ -248,7 +274,13 @@ impl Trainer {
             alpha,
             normaliser,
         )?;
-        sums.add(out.loss, &lp.entropy, &out.metrics, n);
+        sums.add(
+            out.loss,
+            &lp.entropy,
+            &layout,
+            &out.metrics,
+            layout.n_scored(),
+        );
         match (cache, g_before) {
             (Some(cache), _) => {
                 self.engine

@@ -13,6 +13,7 @@ use anyhow::Result;
 use crate::algo::{AgeScale, GroupPool, PoolStatus, ResampledBatch, ScoredGroup};
 use crate::data::PreparedPrompt;
 use crate::reward::RewardInput;
+use crate::rollout::multi_turn::{generate_with_tools, ToolStats};
 use crate::rollout::{Completion, FinishReason, SamplingParams};
 
 use super::super::batch::GroupPayload;
@@ -32,6 +33,24 @@ pub(super) struct RolloutOutcome {
     pub samples_log: Vec<(String, String, f32)>,
     pub time_rollout: f64,
     pub time_reward: f64,
+    /// Tool use over every round's completions, all ranks (multi-turn rollouts only).
+    pub tool_stats: Option<ToolStats>,
+}
+
+impl RolloutOutcome {
+    /// The step's tool metrics (multi-turn rollouts only).
+    pub fn tool_metrics(&self) -> Option<crate::train::metrics::ToolMetrics> {
+        self.tool_stats.map(|s| {
+            let n = s.trajectories.max(1) as f64;
+            crate::train::metrics::ToolMetrics {
+                calls: s.calls as u64,
+                errors: s.errors as u64,
+                calls_per_trajectory: s.calls as f64 / n,
+                turns_per_trajectory: s.turns as f64 / n,
+                tool_tokens: s.tool_tokens as u64,
+            }
+        })
+    }
 }
 
 impl Default for RolloutOutcome {
@@ -51,6 +70,7 @@ impl Default for RolloutOutcome {
             samples_log: Vec::new(),
             time_rollout: 0.0,
             time_reward: 0.0,
+            tool_stats: None,
         }
     }
 }
@@ -120,13 +140,31 @@ impl Trainer {
         let t0 = Instant::now();
         let params = self.sampling_params(derive_seed(self.config.seed, step, round));
         // The CPU model itself, or the CUDA decoder over the trained device weights.
-        let completions = self.model.generate(
-            &*self.engine,
-            &self.tokenizer,
-            &prompts,
-            &params,
-            mine.start as u64,
-        )?;
+        let completions = match &self.tools {
+            None => self.model.generate(
+                &*self.engine,
+                &self.tokenizer,
+                &prompts,
+                &params,
+                mine.start as u64,
+            )?,
+            Some(tools) => {
+                // Multi-turn trajectories (text models: checked at start).
+                let model = self.model.text();
+                let engine = self.engine.decode_engine(model)?;
+                let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+                let (completions, _) = generate_with_tools(
+                    model,
+                    &*engine,
+                    &self.tokenizer,
+                    &ids,
+                    &params,
+                    mine.start as u64,
+                    tools,
+                )?;
+                completions
+            }
+        };
         out.time_rollout += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         // One copy of each prompt's dataset columns, shared by its G completions.
@@ -142,7 +180,7 @@ impl Trainer {
                     prompt: p.record.prompt.plain_text(),
                     completion: c.text.clone(),
                     answer: p.record.answer.clone(),
-                    completion_tokens: c.token_ids.len(),
+                    completion_tokens: c.scored_len(),
                     columns: columns[c.prompt_index].clone(),
                 }
             })
@@ -155,19 +193,31 @@ impl Trainer {
         };
         out.time_reward += t0.elapsed().as_secs_f64();
 
-        // ⊕ The round's rewards, completion lengths, per-function scores and whether each hit
-        // max_new_tokens, of all B·G completions: each rank fills its share's slots, the sum
-        // gathers them (x + 0 = x, so the values arrive exactly).
+        // ⊕ The round's rewards, completion lengths (the model's own tokens), per-function
+        // scores and whether each hit max_new_tokens (or the trajectory budget), of all B·G
+        // completions, and with tools their calls, errors, turns and tool tokens: each rank
+        // fills its share's slots, the sum gathers them (x + 0 = x, so the values arrive
+        // exactly).
         let n = b * g;
         let truncated_at = (2 + names.len()) * n;
-        let mut gathered = vec![0.0f64; n * (3 + names.len())];
+        let tool_rows = if self.tools.is_some() { 4 } else { 0 };
+        let mut gathered = vec![0.0f64; n * (3 + names.len() + tool_rows)];
         let base = mine.start * g;
         if let Some(scores) = &scores {
             for (j, c) in completions.iter().enumerate() {
                 gathered[base + j] = scores.total[j] as f64;
-                gathered[n + base + j] = c.token_ids.len() as f64;
+                gathered[n + base + j] = c.scored_len() as f64;
                 if c.finish_reason == FinishReason::Length {
                     gathered[truncated_at + base + j] = 1.0;
+                }
+                if tool_rows > 0 {
+                    let t = (3 + names.len()) * n + base + j;
+                    let errors = c.tool_calls.iter().filter(|r| r.error).count();
+                    let turns = 1 + c.tool_calls.len();
+                    gathered[t] = c.tool_calls.len() as f64;
+                    gathered[t + n] = errors as f64;
+                    gathered[t + 2 * n] = turns as f64;
+                    gathered[t + 3 * n] = (c.token_ids.len() - c.scored_len()) as f64;
                 }
             }
             for (f, (_, values)) in scores.per_function.iter().enumerate() {
@@ -177,6 +227,20 @@ impl Trainer {
             }
         }
         self.comm.all_reduce_f64(&mut gathered)?;
+        if tool_rows > 0 {
+            let rows = &gathered[(3 + names.len()) * n..];
+            let sum = |r: usize| rows[r * n..(r + 1) * n].iter().sum::<f64>() as usize;
+            out.tool_stats
+                .get_or_insert_with(ToolStats::default)
+                .add(&ToolStats {
+                    trajectories: n,
+                    calls: sum(0),
+                    errors: sum(1),
+                    turns: sum(2),
+                    tool_tokens: sum(3),
+                    turn_limited: 0,
+                });
+        }
         for (f, name) in names.iter().enumerate() {
             let e = out.per_function.entry(name.to_string()).or_default();
             for &v in &gathered[(2 + f) * n..(3 + f) * n] {
@@ -257,7 +321,12 @@ impl Trainer {
                         .record
                         .prompt
                         .plain_text(),
-                    c.text.clone(),
+                    // A multi-turn trajectory is logged whole, with its tool calls.
+                    if c.transcript.is_empty() {
+                        c.text.clone()
+                    } else {
+                        c.transcript.clone()
+                    },
                     rewards[first_slot + j] as f32,
                 )
             })

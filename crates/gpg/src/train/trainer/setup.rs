@@ -95,7 +95,25 @@ impl Trainer {
         let comm = Comm::new(collective.clone());
         comm.timed(|| model.broadcast_weights(&*collective))?;
         comm.timed(|| replica::broadcast_adapter(model.text(), &*collective))?;
-        let (prompts, heldout) = model.load_prompts(&config, &tokenizer)?;
+        let tools = match &config.tools {
+            Some(t) => {
+                ensure!(
+                    matches!(model, Policy::Text(_)),
+                    "[tools]: multi-turn rollouts with tools run on text models only so far"
+                );
+                Some(crate::tools::Toolbox::new(t, &tokenizer)?)
+            }
+            None => None,
+        };
+        let (mut prompts, mut heldout) = model.load_prompts(&config, &tokenizer)?;
+        if let Some(tools) = &tools {
+            // Chat prompts list the tools (the chat template's `tools`).
+            let schemas = tools.schemas();
+            for p in prompts.iter_mut().chain(heldout.iter_mut().flatten()) {
+                p.ids =
+                    crate::tools::encode_prompt_with_tools(&tokenizer, &p.record.prompt, &schemas)?;
+            }
+        }
         collective.ensure_same(
             &prompts_digest(&prompts),
             "the training prompts (data.train)",
@@ -128,7 +146,14 @@ impl Trainer {
         } else {
             None
         };
-        let eval_prompts = load_eval_prompts(&config, &model, heldout.as_deref(), &tokenizer)?;
+        let mut eval_prompts = load_eval_prompts(&config, &model, heldout.as_deref(), &tokenizer)?;
+        if let Some(tools) = &tools {
+            let schemas = tools.schemas();
+            for p in eval_prompts.iter_mut().flatten() {
+                p.ids =
+                    crate::tools::encode_prompt_with_tools(&tokenizer, &p.record.prompt, &schemas)?;
+            }
+        }
         let trainer = Self {
             config,
             model,
@@ -147,6 +172,7 @@ impl Trainer {
             eval_prompts,
             reference,
             stop: None,
+            tools,
         };
         trainer.check_replicas()?;
         Ok(trainer)

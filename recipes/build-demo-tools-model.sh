@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds runs/demo-tools-sft, the warm start of the tool demo (recipes/demo-tools.toml): the demo
+# model (demo/model) fine-tuned 300 steps on the arithmetic task with half of the targets
+# calling the calculator in Qwen's tool-call format (recipes/demo-tools-sft.toml). ≈5 minutes on
+# 2 cores. Deterministic for a given machine and thread count.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p gpg-rl
+rm -rf runs/demo-tools-sft
+target/release/gpg-rl sft --config recipes/demo-tools-sft.toml
+echo "runs/demo-tools-sft built"
