@@ -63,7 +63,7 @@ const NCA: usize = NRA * 16;
 const A_BLOCK: usize = 768 << 10;
 /// Most bytes of packed A, and of packed B, per product (larger products are cut, see the
 /// module docs).
-pub(crate) const A_CAP: usize = 32 << 20;
+pub(crate) const A_CAP: usize = 16 << 20;
 
 /// Whether this process can run AMX-BF16: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7,
 /// EDX bits 24 and 22) and AVX-512 (for packing), and Linux granted the tile-data state. The
@@ -520,7 +520,16 @@ unsafe fn task_block(
                     // rows i0..i0+mi, columns cj..cj+nj are this task's, inside dst.
                     unsafe {
                         tiles::block_32x32(tiles::ATiles::packed(ap), bp, nch, None, c, NRA * 4);
-                        store(&blk.assume_init_ref().0, d, i0, mi, cj, nj, accumulate, alpha);
+                        store(
+                            &blk.assume_init_ref().0,
+                            d,
+                            i0,
+                            mi,
+                            cj,
+                            nj,
+                            accumulate,
+                            alpha,
+                        );
                     }
                 }
             }
@@ -742,7 +751,14 @@ pub(crate) fn rows_wt(
             // xp holds pairs·32 words; c is a 32×32 block.
             let ct = unsafe {
                 tiles::configure(&cfg);
-                tiles::block_32x32(tiles::ATiles::strided(a, stride), xp, inp / (2 * KT), None, c, NRA * 4);
+                tiles::block_32x32(
+                    tiles::ATiles::strided(a, stride),
+                    xp,
+                    inp / (2 * KT),
+                    None,
+                    c,
+                    NRA * 4,
+                );
                 tiles::release();
                 &blk.assume_init_ref().0
             };
@@ -1275,8 +1291,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm_bf16::tests::{check, values, Stored};
-    use super::super::matmul::{MatRef, MatRefBf16};
+    use super::super::gemm_bf16::tests::{check_case, check_linear_layer_products, values};
+    use super::super::matmul::MatRef;
     use super::*;
     use half::bf16;
 
@@ -1290,56 +1306,23 @@ mod tests {
         }
     }
 
-    /// One product against the f64 reference; `layout` picks operand types (f32/bf16),
-    /// orientations (stored transposed or not) and the dst orientation.
-    #[allow(clippy::too_many_arguments)]
+    /// One product against the f64 reference (`check_case`), packed A and B within `cap`
+    /// bytes.
     fn case(
-        (m, k, n): (usize, usize, usize),
+        mkn: (usize, usize, usize),
         layout: usize,
         acc: bool,
         alpha: f32,
         th: Threads,
         cap: usize,
     ) {
-        let a = Stored::new(
-            &values(m * k, 1 + layout as u32),
-            m,
-            k,
-            layout & 1 == 1,
-            layout & 2 == 2,
-        );
-        let b = Stored::new(
-            &values(k * n, 7 + layout as u32),
-            k,
-            n,
-            layout & 4 == 4,
-            layout & 8 == 8,
-        );
-        let dst_t = layout.is_multiple_of(3);
-        let ld = if dst_t { m + 2 } else { n + 2 };
-        let len = if dst_t { n * ld } else { m * ld };
-        let init = values(len, 99);
-        let mut c = if acc {
-            init.clone()
-        } else {
-            vec![f32::NAN; len]
-        };
-        let view = if dst_t {
-            MatMut::strided(&mut c, n, m, ld).t()
-        } else {
-            MatMut::strided(&mut c, m, n, ld)
-        };
-        gemm_amx_capped(view, a.op(), b.op(), acc, alpha, th, cap);
-        let what = format!("amx layout {layout} acc {acc} alpha {alpha} cap {cap}");
-        check(
-            &what,
-            &c,
-            ld,
-            dst_t,
-            &a,
-            &b,
-            acc.then_some(&init[..]),
+        check_case(
+            &format!("amx cap {cap}"),
+            mkn,
+            layout,
+            acc,
             alpha,
+            &mut |d, a, b| gemm_amx_capped(d, a, b, acc, alpha, th, cap),
         );
     }
 
@@ -1402,61 +1385,9 @@ mod tests {
         if !have_amx("amx_linear_layer_products") {
             return;
         }
-        let (t, inp, out) = (77, 67, 45);
-        let x = values(t * inp, 1);
-        let w: Vec<bf16> = values(out * inp, 2)
-            .iter()
-            .map(|&v| bf16::from_f32(v))
-            .collect();
-        let dy = values(t * out, 3);
-        let r = |v: f32| bf16::from_f32(v).to_f64();
-        let mut y = vec![0.0; t * out];
-        gemm_amx(
-            MatMut::row_major(&mut y, t, out),
-            MatRef::row_major(&x, t, inp).into(),
-            MatRefBf16::row_major(&w, out, inp).t().into(),
-            false,
-            1.0,
-            Threads::All,
-        );
-        let mut dx = vec![0.0; t * inp];
-        gemm_amx(
-            MatMut::row_major(&mut dx, t, inp),
-            MatRef::row_major(&dy, t, out).into(),
-            MatRefBf16::row_major(&w, out, inp).into(),
-            false,
-            1.0,
-            Threads::All,
-        );
-        let mut dw = vec![0.5; out * inp];
-        gemm_amx(
-            MatMut::row_major(&mut dw, out, inp),
-            MatRef::row_major(&dy, t, out).t().into(),
-            MatRef::row_major(&x, t, inp).into(),
-            true,
-            1.0,
-            Threads::All,
-        );
-        let close = |g: f32, s: f64, sa: f64| (g as f64 - s).abs() <= 1e-5 * sa + 1e-30;
-        for i in 0..t {
-            for o in 0..out {
-                let p = (0..inp).map(|q| r(x[i * inp + q]) * w[o * inp + q].to_f64());
-                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                assert!(close(y[i * out + o], s, sa), "y ({i},{o})");
-            }
-            for q in 0..inp {
-                let p = (0..out).map(|o| r(dy[i * out + o]) * w[o * inp + q].to_f64());
-                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                assert!(close(dx[i * inp + q], s, sa), "dx ({i},{q})");
-            }
-        }
-        for o in 0..out {
-            for q in 0..inp {
-                let p = (0..t).map(|i| r(dy[i * out + o]) * r(x[i * inp + q]));
-                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                assert!(close(dw[o * inp + q], 0.5 + s, sa + 0.5), "dw ({o},{q})");
-            }
-        }
+        check_linear_layer_products("amx", (77, 67, 45), &mut |d, a, b, acc| {
+            gemm_amx(d, a, b, acc, 1.0, Threads::All)
+        });
     }
 
     /// The decode product against the f64 reference: rows around the 32-row pass, W rows
