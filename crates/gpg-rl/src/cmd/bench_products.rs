@@ -33,6 +33,11 @@ pub struct ProductsArgs {
     /// with --f32) with as many threads as the rayon pool and print the ratios.
     #[arg(long)]
     pub peer_python: Option<PathBuf>,
+    /// Measure process CPU time (all threads) instead of wall-clock time, on both sides: on a
+    /// machine shared with other work it is barely moved by their load. Use it with one rayon
+    /// thread (RAYON_NUM_THREADS=1), where it is each product's own work.
+    #[arg(long)]
+    pub cpu_time: bool,
 }
 
 /// Runs the torch peer on `cases`; milliseconds per case.
@@ -41,6 +46,7 @@ fn torch_ms(
     cases: &[ProductCase],
     dtype: &str,
     reps: usize,
+    cpu_time: bool,
 ) -> Result<Vec<f64>> {
     let mut args: Vec<std::ffi::OsString> = vec![
         "--threads".into(),
@@ -49,6 +55,8 @@ fn torch_ms(
         reps.to_string().into(),
         "--dtype".into(),
         dtype.into(),
+        "--clock".into(),
+        if cpu_time { "process" } else { "wall" }.into(),
     ];
     for c in cases {
         args.push("--case".into());
@@ -95,17 +103,30 @@ pub fn run(args: &ProductsArgs) -> Result<()> {
         rayon::current_num_threads(),
         args.reps
     );
+    let clock = if args.cpu_time {
+        ops::Clock::ProcessCpu
+    } else {
+        ops::Clock::Wall
+    };
+    println!(
+        "times: {}",
+        if args.cpu_time {
+            "process CPU time (both sides)"
+        } else {
+            "wall clock"
+        }
+    );
     println!(
         "kernels: {}; bf16 products: {}",
         ops::isa_name(),
         ops::bf16_gemm_name()
     );
     let peer_bf16 = match &args.peer_python {
-        Some(py) => Some(torch_ms(py, &cases, "bf16", args.reps)?),
+        Some(py) => Some(torch_ms(py, &cases, "bf16", args.reps, args.cpu_time)?),
         None => None,
     };
     let peer_f32 = match (&args.peer_python, args.f32) {
-        (Some(py), true) => Some(torch_ms(py, &cases, "f32", args.reps)?),
+        (Some(py), true) => Some(torch_ms(py, &cases, "f32", args.reps, args.cpu_time)?),
         _ => None,
     };
     let gf = |c: &ProductCase, ms: f64| c.flops() / (ms * 1e-3) / 1e9;
@@ -125,7 +146,7 @@ pub fn run(args: &ProductsArgs) -> Result<()> {
     println!();
     let (mut ours, mut theirs) = (0.0, 0.0);
     for (i, c) in cases.iter().enumerate() {
-        let ms = ops::time_product(c, true, args.reps);
+        let ms = ops::time_product(c, true, args.reps, clock);
         let (m, k, n) = match c.kind {
             ops::ProductKind::Forward => (c.rows, c.inp, c.out),
             ops::ProductKind::InputGrad => (c.rows, c.out, c.inp),
@@ -145,7 +166,7 @@ pub fn run(args: &ProductsArgs) -> Result<()> {
             print!(" {:>11.0} {:>8.2}×", gf(c, p[i]), p[i] / ms);
         }
         if args.f32 {
-            let ms32 = ops::time_product(c, false, args.reps);
+            let ms32 = ops::time_product(c, false, args.reps, clock);
             print!(" {:>9.0}", gf(c, ms32));
             if let Some(p) = &peer_f32 {
                 print!(" {:>10.0} {:>8.2}×", gf(c, p[i]), p[i] / ms32);

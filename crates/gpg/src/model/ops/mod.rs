@@ -35,7 +35,7 @@ mod test_util;
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
 pub use cpu::isa::isa_name;
 pub use cpu::mixed::bf16_gemm_name;
-pub use cpu::product_bench::{layer_products, time_product, ProductCase, ProductKind};
+pub use cpu::product_bench::{layer_products, time_product, Clock, ProductCase, ProductKind};
 pub use full_attention::{full_attention, full_attention_backward};
 pub use gelu::{gelu, gelu_backward, Gelu};
 pub use layer_norm::{layer_norm, layer_norm_backward};

@@ -22,26 +22,26 @@
 //! - A is packed whole, once per call, into strips of 32 rows: word `((s·nch + c)·32 + r)·16 + q`
 //!   = (a[32s+r, 32c+2q], a[32s+r, 32c+2q+1]), nch = kpp/16, zero past the edges; a 16-row half
 //!   of a strip's chunk is one A tile (row stride 64 bytes), and a strip's k block is contiguous.
-//! - B is packed inside the tasks, one k block at a time, into panels of 32 columns: word
-//!   `(jj·kc + p)·32 + c` = (b[2(p0+p), j0+c], b[2(p0+p)+1, j0+c]); a 16-column half of 16 pair
-//!   rows is one B tile (row stride 128 bytes).
+//! - B is packed whole, once per call (in parallel over panels), into panels of 32 columns
+//!   over all of k: word `(j·kpp + p)·32 + c` = (b[2p, 32j+c], b[2p+1, 32j+c]); a 16-column
+//!   half of 16 pair rows is one B tile (row stride 128 bytes).
 //!
 //! The output is cut into column blocks of [`NCA`] and, where there are too few of them to
 //! keep the threads busy, row groups; one rayon task per (row group, column block) computes
-//! its outputs over all of k, in k blocks of [`KCA`] pairs, so every output element is summed by
-//! one task in a fixed order: the result does not depend on scheduling or the thread count. For
-//! each k block the task packs its B block (KCA × NCA words, 1 MiB, in L2) and runs the
-//! micro-kernel for every (32-row strip, 32-column panel) pair: a 32×32 f32 block in four C
-//! tiles, per 16 pairs two A tiles and two B tiles loaded and four `tdpbf16ps`. A whole block
-//! of a row-major dst with α = 1 is loaded into the C tiles from dst (when adding) and stored
-//! back there; any other block is stored to an aligned scratch block, scaled by α and added to
-//! dst (or written, for the first k block without `accumulate`). Every packing buffer is
-//! 64-byte aligned, so each tile row is one cache line (unaligned rows made the products 3×
-//! slower).
+//! its outputs, each 32×32 block over all of k in four C tiles (per 16 pairs two A tiles and
+//! two B tiles loaded and four `tdpbf16ps`), so every output element is summed by one task in
+//! a fixed order: the result does not depend on scheduling or the thread count, and dst is
+//! read (when adding) and written once. A task walks its rows in blocks of [`A_BLOCK`] bytes of
+//! packed A (kept in L2) and runs each of its B panels against every strip of the block. A
+//! whole block of a row-major dst with α = 1 is loaded into the C tiles from dst (when adding)
+//! and stored back there; any other block is stored to an aligned scratch block, scaled by α
+//! and added to dst (or written). Every packing buffer is 64-byte aligned, so each tile row is
+//! one cache line (unaligned rows made the products 3× slower).
 //!
-//! A product whose packed A would exceed [`A_CAP`] bytes is cut into several along m (or along
-//! k, summed in order), so the packing buffers stay small whatever the shape (the head's
-//! dz·W has k = the vocabulary).
+//! A product whose packed A would exceed [`A_CAP`] bytes is cut into several along m (B packed
+//! once for all of them) or along k (summed in order), one whose packed B would exceed it
+//! along n, so the packing buffers stay small whatever the shape (the head's dz·W has k = the
+//! vocabulary).
 
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -56,15 +56,14 @@ const MRA: usize = 32;
 const NRA: usize = 32;
 /// Pairs of k per tile (its depth).
 const KT: usize = 16;
-/// k pairs per cache block (1,024 values of k): a B block of KCA × NCA words is 1 MiB (in L2).
-/// 128, 256, 512 and 1,024 measured within noise of each other at the 0.5B shapes.
-pub(crate) const KCA: usize = 512;
 /// Output columns per task.
-pub(crate) const NCA: usize = NRA * 16;
-/// Strips per inner row block (256 rows: the A block of one k block is 256 KiB).
-const STRIPS_PER_BLOCK: usize = 8;
-/// Most bytes of packed A per product (larger products are cut, see the module docs).
-pub(crate) const A_CAP: usize = 32 << 20;
+const NCA: usize = NRA * 16;
+/// Bytes of packed A strips per inner row block of a task (kept in L2 while the block's B
+/// panels pass over it).
+const A_BLOCK: usize = 768 << 10;
+/// Most bytes of packed A, and of packed B, per product (larger products are cut, see the
+/// module docs).
+pub(crate) const A_CAP: usize = 16 << 20;
 
 /// Whether this process can run AMX-BF16: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7,
 /// EDX bits 24 and 22) and AVX-512 (for packing), and Linux granted the tile-data state. The
@@ -227,7 +226,8 @@ struct Block([[f32; NRA]; MRA]);
 thread_local! {
     /// Packed A, reused between calls on the calling thread (≤ A_CAP bytes).
     static PACK_A: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
-    /// A task's packed B block (KCA × NCA words).
+    /// Packed B (every panel, all of k), reused between calls on the calling thread (≤ A_CAP
+    /// bytes).
     static PACK_B: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
@@ -284,7 +284,9 @@ fn gemm_amx_capped(
     }
 }
 
-/// The product on raw views, cut along m or k when packed A would exceed `cap` bytes.
+/// The product on raw views: cut along k or m when packed A would exceed `cap` bytes, along n
+/// when packed B would; then B packed once (every panel, all of k) and shared by the tasks of
+/// every row piece.
 ///
 /// # Safety
 /// `a` (m×k), `b` (k×n) and `d` (m×n) must address live matrices; no one else accesses d.
@@ -314,52 +316,107 @@ unsafe fn product(
         return;
     }
     let kpp = k.div_ceil(2 * KT) * KT;
-    let bytes = m.div_ceil(MRA) * MRA * kpp * 4;
-    if bytes > cap {
-        let pairs_fit = cap / (m.div_ceil(MRA) * MRA * 4);
-        if k >= m && pairs_fit >= KT {
-            // Cut k (the head's dz·W: k = vocabulary): pieces of whole tiles, summed in order.
-            let kpiece = pairs_fit / KT * KT * 2;
-            let mut k0 = 0;
-            while k0 < k {
-                let k1 = (k0 + kpiece).min(k);
-                // SAFETY: column k0 of a and row k0 of b are inside (k0 < k).
-                unsafe {
-                    let (ap, bp) = (a.at(0, k0), b.at(k0, 0));
-                    let acc = accumulate || k0 > 0;
-                    product(d, ap, bp, (m, k1 - k0, n), acc, alpha, threads, cap);
-                }
-                k0 = k1;
+    let a_bytes = m.div_ceil(MRA) * MRA * kpp * 4;
+    let pairs_fit = cap / (m.div_ceil(MRA) * MRA * 4);
+    if a_bytes > cap && k >= m && pairs_fit >= KT {
+        // Cut k (the head's dz·W: k = vocabulary): pieces of whole tiles, summed in order.
+        let kpiece = pairs_fit / KT * KT * 2;
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + kpiece).min(k);
+            // SAFETY: column k0 of a and row k0 of b are inside (k0 < k).
+            unsafe {
+                let (ap, bp) = (a.at(0, k0), b.at(k0, 0));
+                let acc = accumulate || k0 > 0;
+                product(d, ap, bp, (m, k1 - k0, n), acc, alpha, threads, cap);
             }
-        } else {
-            // Cut m: independent rows of dst.
-            let rows = (cap / (kpp * 4) / MRA * MRA).max(MRA);
-            let mut i0 = 0;
-            while i0 < m {
-                let i1 = (i0 + rows).min(m);
-                let di = Dst {
-                    // SAFETY: row i0 < m of dst.
-                    ptr: unsafe { d.ptr.offset(i0 as isize * d.rs) },
-                    ..d
-                };
-                // SAFETY: row i0 of a is inside.
-                unsafe {
-                    let ai = a.at(i0, 0);
-                    product(di, ai, b, (i1 - i0, k, n), accumulate, alpha, threads, cap)
-                };
-                i0 = i1;
-            }
+            k0 = k1;
+        }
+        return;
+    }
+    let panels = n.div_ceil(NRA);
+    let ppl = kpp * NRA; // words per packed B panel
+    if panels * ppl * 4 > cap && panels > 1 {
+        // Cut n: independent columns of dst, each piece's B within the cap.
+        let cols = (cap / (ppl * 4)).max(1) * NRA;
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = (j0 + cols).min(n);
+            let dj = Dst {
+                // SAFETY: column j0 < n of dst.
+                ptr: unsafe { d.ptr.offset(j0 as isize * d.cs) },
+                ..d
+            };
+            // SAFETY: column j0 of b is inside.
+            unsafe {
+                let bj = b.at(0, j0);
+                product(dj, a, bj, (m, k, j1 - j0), accumulate, alpha, threads, cap)
+            };
+            j0 = j1;
         }
         return;
     }
 
+    let mut bbuf = PACK_B.with(Cell::take);
+    {
+        let bpack = words(&mut bbuf, panels * ppl);
+        let one = |(j, panel): (usize, &mut [u32])| {
+            // SAFETY: b is k×n (caller's contract); the panel holds kpp·32 words.
+            unsafe { pack_b_panel(b, k, n, 0, kpp, j * NRA, panel) }
+        };
+        match threads {
+            Threads::All if panels > 1 => bpack.par_chunks_mut(ppl).enumerate().for_each(one),
+            _ => bpack.chunks_mut(ppl).enumerate().for_each(one),
+        }
+    }
+    let bpack = &*words(&mut bbuf, panels * ppl);
+    // Rows per piece: packed A within the cap.
+    let rows = if a_bytes > cap {
+        (cap / (kpp * 4) / MRA * MRA).max(MRA)
+    } else {
+        m
+    };
+    let mut i0 = 0;
+    while i0 < m {
+        let i1 = (i0 + rows).min(m);
+        // SAFETY: row i0 < m of a and of dst; the piece is (i1 - i0)×k times the packed B.
+        unsafe {
+            let di = Dst {
+                ptr: d.ptr.offset(i0 as isize * d.rs),
+                ..d
+            };
+            let ai = a.at(i0, 0);
+            rows_piece(di, ai, bpack, (i1 - i0, k, n), accumulate, alpha, threads);
+        }
+        i0 = i1;
+    }
+    PACK_B.with(|c| c.set(bbuf));
+}
+
+/// Rows of the product against the packed B (`bpack`: every 32-column panel over all kpp
+/// pairs): packs A (one strip per task, in parallel), then one rayon task per (row group,
+/// column block).
+///
+/// # Safety
+/// `a` (m×k) and `d` (m×n) must address live matrices; `bpack` holds n.div_ceil(32) panels
+/// of kpp·32 words; no one else accesses d.
+unsafe fn rows_piece(
+    d: Dst,
+    a: View,
+    bpack: &[u32],
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+    alpha: f32,
+    threads: Threads,
+) {
+    let kpp = k.div_ceil(2 * KT) * KT;
     let nch = kpp / KT;
     let strips = m.div_ceil(MRA);
-    let alen = strips * nch * MRA * KT;
+    let spl = nch * MRA * KT; // words per packed A strip
+    let alen = strips * spl;
     let mut abuf = PACK_A.with(Cell::take);
     {
         let apack = words(&mut abuf, alen);
-        let spl = nch * MRA * KT;
         let one = |(s, strip): (usize, &mut [u32])| {
             // SAFETY: a is m×k (caller's contract); the strip holds nch·32·16 words.
             unsafe { pack_a_strip(a, m, k, s, nch, strip) }
@@ -389,8 +446,8 @@ unsafe fn product(
         let s0 = g * per_group;
         let s1 = (s0 + per_group).min(strips);
         // SAFETY: the task writes rows 32·s0.. 32·s1 and columns bj·NCA.. of dst only (inside
-        // the m×n view); apack holds every strip; b is k×n.
-        unsafe { task_block(apack, nch, b, m, k, n, s0, s1, bj, d, accumulate, alpha) };
+        // the m×n view); apack holds every strip, bpack every panel.
+        unsafe { task_block(apack, bpack, nch, m, n, s0, s1, bj, d, accumulate, alpha) };
     };
     match threads {
         Threads::All if groups * nb > 1 => (0..groups * nb).into_par_iter().for_each(task),
@@ -399,17 +456,19 @@ unsafe fn product(
     PACK_A.with(|c| c.set(abuf));
 }
 
-/// One task: strips s0..s1 of A times column block bj of B, over all of k.
+/// One task: strips s0..s1 of A times column block bj of B, over all of k: for each row
+/// block of strips (A_BLOCK bytes, kept in L2), each 32-column panel of the block is run
+/// against every strip (the panel stays in L1/L2); each 32×32 output block is summed over all
+/// of k in its four C tiles, so dst is read (when adding) and written once.
 ///
 /// # Safety
 /// As described at the call site: the task's rows/columns of `d` belong to it alone.
 #[allow(clippy::too_many_arguments)]
 unsafe fn task_block(
     apack: &[u32],
+    bpack: &[u32],
     nch: usize,
-    b: View,
     m: usize,
-    k: usize,
     n: usize,
     s0: usize,
     s1: usize,
@@ -418,67 +477,67 @@ unsafe fn task_block(
     accumulate: bool,
     alpha: f32,
 ) {
-    let j0 = bj * NCA;
-    let nc = NCA.min(n - j0);
-    let panels = nc.div_ceil(NRA);
-    let kcmax = KCA;
-    let mut bline = PACK_B.with(Cell::take);
-    let bbuf = words(&mut bline, kcmax * NCA);
-    let kpp = nch * KT;
+    let spl = nch * MRA * KT;
+    let ppl = nch * KT * NRA;
+    let p0 = bj * NCA / NRA;
+    let p1 = (p0 + NCA / NRA).min(n.div_ceil(NRA));
+    let per_block = (A_BLOCK / (spl * 4)).max(1);
     let cfg = TileConfig::all_16x64();
     // SAFETY: the process has the tile-data permission (gemm_amx checked `available`).
     unsafe { tiles::configure(&cfg) };
-    let mut pc = 0;
-    while pc < kpp {
-        let kc = kcmax.min(kpp - pc);
-        for jj in 0..panels {
-            let panel = &mut bbuf[jj * kc * NRA..(jj + 1) * kc * NRA];
-            // SAFETY: b is k×n; columns j0 + jj·32.. and pairs pc.. are packed (zero outside).
-            unsafe { pack_b_panel(b, k, n, pc, kc, j0 + jj * NRA, panel) };
-        }
-        let add = accumulate || pc > 0;
-        let mut sb = s0;
-        while sb < s1 {
-            let se = (sb + STRIPS_PER_BLOCK).min(s1);
-            for jj in 0..panels {
-                let bp = &bbuf[jj * kc * NRA..(jj + 1) * kc * NRA];
-                let cj = j0 + jj * NRA;
-                let nj = NRA.min(n - cj);
-                for s in sb..se {
-                    let base = (s * nch + pc / KT) * MRA * KT;
-                    let ap = &apack[base..base + kc / KT * MRA * KT];
-                    let (i0, mi) = (s * MRA, MRA.min(m - s * MRA));
-                    let steps = kc / KT;
-                    if alpha == 1.0 && d.cs == 1 && d.rs > 0 && mi == MRA && nj == NRA {
-                        // A whole block, unscaled, in a row-major dst: the C tiles are loaded
-                        // from (when adding) and stored to dst itself.
-                        // SAFETY: rows i0..i0+32, columns cj..cj+32 are this task's, inside
-                        // dst; ap holds `steps` chunks of 32×16 words, bp steps·16×32 words;
-                        // tiles are configured on this thread.
-                        unsafe {
-                            let c = d.ptr.offset(i0 as isize * d.rs + cj as isize);
-                            let stride = d.rs as usize * 4;
-                            tiles::block_32x32(ap, bp, steps, add.then_some(c), c, stride);
-                        }
-                    } else {
-                        let mut blk = std::mem::MaybeUninit::<Block>::uninit();
-                        let c = blk.as_mut_ptr().cast::<f32>();
-                        // SAFETY: as above, the four tiles fill the 32×32 floats of blk; then
-                        // rows i0..i0+mi, columns cj..cj+nj are this task's, inside dst.
-                        unsafe {
-                            tiles::block_32x32(ap, bp, steps, None, c, NRA * 4);
-                            store(&blk.assume_init_ref().0, d, i0, mi, cj, nj, add, alpha);
-                        }
+    let mut sb = s0;
+    while sb < s1 {
+        let se = (sb + per_block).min(s1);
+        for pj in p0..p1 {
+            let bp = &bpack[pj * ppl..(pj + 1) * ppl];
+            let cj = pj * NRA;
+            let nj = NRA.min(n - cj);
+            for s in sb..se {
+                let ap = &apack[s * spl..(s + 1) * spl];
+                let (i0, mi) = (s * MRA, MRA.min(m - s * MRA));
+                if alpha == 1.0 && d.cs == 1 && d.rs > 0 && mi == MRA && nj == NRA {
+                    // A whole block, unscaled, in a row-major dst: the C tiles are loaded
+                    // from (when adding) and stored to dst itself.
+                    // SAFETY: rows i0..i0+32, columns cj..cj+32 are this task's, inside dst;
+                    // ap holds nch chunks of 32×16 words, bp nch·16×32 words; tiles are
+                    // configured on this thread.
+                    unsafe {
+                        let c = d.ptr.offset(i0 as isize * d.rs + cj as isize);
+                        let stride = d.rs as usize * 4;
+                        tiles::block_32x32(
+                            tiles::ATiles::packed(ap),
+                            bp,
+                            nch,
+                            accumulate.then_some(c),
+                            c,
+                            stride,
+                        );
+                    }
+                } else {
+                    let mut blk = std::mem::MaybeUninit::<Block>::uninit();
+                    let c = blk.as_mut_ptr().cast::<f32>();
+                    // SAFETY: as above, the four tiles fill the 32×32 floats of blk; then
+                    // rows i0..i0+mi, columns cj..cj+nj are this task's, inside dst.
+                    unsafe {
+                        tiles::block_32x32(tiles::ATiles::packed(ap), bp, nch, None, c, NRA * 4);
+                        store(
+                            &blk.assume_init_ref().0,
+                            d,
+                            i0,
+                            mi,
+                            cj,
+                            nj,
+                            accumulate,
+                            alpha,
+                        );
                     }
                 }
             }
-            sb = se;
         }
-        pc += kc;
+        sb = se;
     }
     // SAFETY: tiles were configured on this thread.
     unsafe { tiles::release() };
-    PACK_B.with(|c| c.set(bline));
 }
 
 /// dst[i0+r, j0+c] ← (dst if `add`) + α·t[r][c] for r < mi, c < nj.
@@ -692,7 +751,14 @@ pub(crate) fn rows_wt(
             // xp holds pairs·32 words; c is a 32×32 block.
             let ct = unsafe {
                 tiles::configure(&cfg);
-                tiles::block_32x32_strided(a, stride, xp, inp / (2 * KT), c);
+                tiles::block_32x32(
+                    tiles::ATiles::strided(a, stride),
+                    xp,
+                    inp / (2 * KT),
+                    None,
+                    c,
+                    NRA * 4,
+                );
                 tiles::release();
                 &blk.assume_init_ref().0
             };
@@ -783,25 +849,54 @@ mod tiles {
         }
     }
 
-    /// C ← (C₀ or 0) + A·B for a 32-row strip chunk run `a` (`steps` chunks of 32 rows × 16
-    /// pair words) and a 32-column panel `b` (`steps`·16 pair rows × 32 words), C a 32×32 f32
-    /// block at `c` with rows `stride` bytes apart, C₀ read from `c0` (same stride) when
-    /// given. Tiles 0–3 hold the four 16×16 quarters of C, 4–5 the two A halves, 6–7 the two
-    /// B halves.
+    /// Where a 32-row block's A tiles are read: row r of chunk s (32 values of k, 64 bytes)
+    /// at `ptr + s·step + r·rs` bytes.
+    #[derive(Clone, Copy)]
+    pub(super) struct ATiles {
+        ptr: *const u8,
+        rs: usize,
+        step: usize,
+    }
+
+    impl ATiles {
+        /// A packed strip (chunks of 32 rows × 16 pair words, rows 64 bytes apart).
+        pub(super) fn packed(a: &[u32]) -> Self {
+            ATiles {
+                ptr: a.as_ptr().cast(),
+                rs: KT * 4,
+                step: MRA * KT * 4,
+            }
+        }
+
+        /// 32 rows of bf16 as stored at `a`, `rs` bytes apart.
+        pub(super) fn strided(a: *const u16, rs: usize) -> Self {
+            ATiles {
+                ptr: a.cast(),
+                rs,
+                step: 2 * KT * 2,
+            }
+        }
+    }
+
+    /// C ← (C₀ or 0) + A·B for `steps` chunks of 32 k values: A's 32 rows from `a`, B a
+    /// 32-column panel `b` (`steps`·16 pair rows × 32 words), C a 32×32 f32 block at `c` with
+    /// rows `stride` bytes apart, C₀ read from `c0` (same stride) when given. Tiles 0–3 hold
+    /// the four 16×16 quarters of C, 4–5 the two A halves, 6–7 the two B halves.
     ///
     /// # Safety
-    /// Tiles configured by [`configure`] on this thread; `a` and `b` hold `steps·512` words;
-    /// `c` (and `c0`) address 32 rows of 32 floats, `stride` bytes apart, that the caller owns.
+    /// Tiles configured by [`configure`] on this thread; `a` addresses `steps` chunks of 32
+    /// rows; `b` holds `steps·512` words; `c` (and `c0`) address 32 rows of 32 floats,
+    /// `stride` bytes apart, that the caller owns.
     #[inline]
     pub(super) unsafe fn block_32x32(
-        a: &[u32],
+        a: ATiles,
         b: &[u32],
         steps: usize,
         c0: Option<*mut f32>,
         c: *mut f32,
         stride: usize,
     ) {
-        debug_assert!(a.len() >= steps * MRA * KT && b.len() >= steps * KT * NRA);
+        debug_assert!(b.len() >= steps * KT * NRA);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: caller's contract: every load reads 16 rows of 64 bytes inside a, b or C₀,
         // the stores write the 32×32 floats of C.
@@ -828,9 +923,9 @@ mod tiles {
                     options(nostack, nomem, preserves_flags)
                 ),
             }
-            let (ap, bp) = (a.as_ptr(), b.as_ptr());
+            let bp = b.as_ptr();
             for s in 0..steps {
-                let a0 = ap.add(s * MRA * KT);
+                let a0 = a.ptr.add(s * a.step);
                 let b0 = bp.add(s * KT * NRA);
                 asm!(
                     "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -842,10 +937,10 @@ mod tiles {
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm3, tmm5, tmm7",
                     a0 = in(reg) a0,
-                    a1 = in(reg) a0.add(16 * KT),
+                    a1 = in(reg) a0.add(16 * a.rs),
                     b0 = in(reg) b0,
                     b1 = in(reg) b0.add(16),
-                    sa = in(reg) KT * 4,
+                    sa = in(reg) a.rs,
                     sb = in(reg) NRA * 4,
                     options(nostack, readonly, preserves_flags)
                 );
@@ -865,73 +960,6 @@ mod tiles {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (a, b, steps, c0, c, stride);
-    }
-
-    /// C ← A·B with A read from memory as stored: 32 rows of bf16 at `a`, `a_stride` bytes
-    /// apart, `steps`·32 values each; `b` a 32-column panel (`steps`·16 pair rows × 32 words);
-    /// C a 32×32 f32 block at `c` (rows 128 bytes apart).
-    ///
-    /// # Safety
-    /// Tiles configured on this thread; `a` addresses 32 rows of `steps`·32 bf16; `b` holds
-    /// `steps·512` words; `c` 1,024 floats the caller owns.
-    #[inline]
-    pub(super) unsafe fn block_32x32_strided(
-        a: *const u16,
-        a_stride: usize,
-        b: &[u32],
-        steps: usize,
-        c: *mut f32,
-    ) {
-        debug_assert!(b.len() >= steps * KT * NRA);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: caller's contract: the loads read 16 rows of 64 bytes inside a's rows or b,
-        // the stores write the 32×32 floats of c.
-        unsafe {
-            use std::arch::asm;
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem, preserves_flags)
-            );
-            let bp = b.as_ptr();
-            for s in 0..steps {
-                let a0 = a.add(s * 2 * KT);
-                let b0 = bp.add(s * KT * NRA);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0,
-                    a1 = in(reg) a0.byte_add(16 * a_stride),
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b0.add(16),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) NRA * 4,
-                    options(nostack, readonly, preserves_flags)
-                );
-            }
-            asm!(
-                "tilestored [{c00} + {s}*1], tmm0",
-                "tilestored [{c01} + {s}*1], tmm1",
-                "tilestored [{c10} + {s}*1], tmm2",
-                "tilestored [{c11} + {s}*1], tmm3",
-                c00 = in(reg) c,
-                c01 = in(reg) c.add(16),
-                c10 = in(reg) c.add(16 * NRA),
-                c11 = in(reg) c.add(16 * NRA + 16),
-                s = in(reg) NRA * 4,
-                options(nostack, preserves_flags)
-            );
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (a, a_stride, b, steps, c);
     }
 }
 
@@ -1263,8 +1291,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm_bf16::tests::{check, values, Stored};
-    use super::super::matmul::{MatRef, MatRefBf16};
+    use super::super::gemm_bf16::tests::{check_case, check_linear_layer_products, values};
+    use super::super::matmul::MatRef;
     use super::*;
     use half::bf16;
 
@@ -1278,56 +1306,23 @@ mod tests {
         }
     }
 
-    /// One product against the f64 reference; `layout` picks operand types (f32/bf16),
-    /// orientations (stored transposed or not) and the dst orientation.
-    #[allow(clippy::too_many_arguments)]
+    /// One product against the f64 reference (`check_case`), packed A and B within `cap`
+    /// bytes.
     fn case(
-        (m, k, n): (usize, usize, usize),
+        mkn: (usize, usize, usize),
         layout: usize,
         acc: bool,
         alpha: f32,
         th: Threads,
         cap: usize,
     ) {
-        let a = Stored::new(
-            &values(m * k, 1 + layout as u32),
-            m,
-            k,
-            layout & 1 == 1,
-            layout & 2 == 2,
-        );
-        let b = Stored::new(
-            &values(k * n, 7 + layout as u32),
-            k,
-            n,
-            layout & 4 == 4,
-            layout & 8 == 8,
-        );
-        let dst_t = layout.is_multiple_of(3);
-        let ld = if dst_t { m + 2 } else { n + 2 };
-        let len = if dst_t { n * ld } else { m * ld };
-        let init = values(len, 99);
-        let mut c = if acc {
-            init.clone()
-        } else {
-            vec![f32::NAN; len]
-        };
-        let view = if dst_t {
-            MatMut::strided(&mut c, n, m, ld).t()
-        } else {
-            MatMut::strided(&mut c, m, n, ld)
-        };
-        gemm_amx_capped(view, a.op(), b.op(), acc, alpha, th, cap);
-        let what = format!("amx layout {layout} acc {acc} alpha {alpha} cap {cap}");
-        check(
-            &what,
-            &c,
-            ld,
-            dst_t,
-            &a,
-            &b,
-            acc.then_some(&init[..]),
+        check_case(
+            &format!("amx cap {cap}"),
+            mkn,
+            layout,
+            acc,
             alpha,
+            &mut |d, a, b| gemm_amx_capped(d, a, b, acc, alpha, th, cap),
         );
     }
 
@@ -1354,11 +1349,11 @@ mod tests {
         if !have_amx("amx_several_tasks_k_blocks_and_every_layout") {
             return;
         }
-        // More rows than a row block, columns than NCA and pairs than KCA; every layout.
+        // More rows than a task's row block, columns than NCA, k over 2,000; every layout.
         for layout in 0..16 {
             let (m, k, n) = (
-                8 * MRA + 37 - layout,
-                2 * 2 * KCA + 77 + layout,
+                A_BLOCK / (2048 * 2) + 37 - layout,
+                2048 + 77 + layout,
                 NCA + 3 + 5 * layout,
             );
             let th = if layout % 2 == 0 {
@@ -1390,61 +1385,9 @@ mod tests {
         if !have_amx("amx_linear_layer_products") {
             return;
         }
-        let (t, inp, out) = (77, 67, 45);
-        let x = values(t * inp, 1);
-        let w: Vec<bf16> = values(out * inp, 2)
-            .iter()
-            .map(|&v| bf16::from_f32(v))
-            .collect();
-        let dy = values(t * out, 3);
-        let r = |v: f32| bf16::from_f32(v).to_f64();
-        let mut y = vec![0.0; t * out];
-        gemm_amx(
-            MatMut::row_major(&mut y, t, out),
-            MatRef::row_major(&x, t, inp).into(),
-            MatRefBf16::row_major(&w, out, inp).t().into(),
-            false,
-            1.0,
-            Threads::All,
-        );
-        let mut dx = vec![0.0; t * inp];
-        gemm_amx(
-            MatMut::row_major(&mut dx, t, inp),
-            MatRef::row_major(&dy, t, out).into(),
-            MatRefBf16::row_major(&w, out, inp).into(),
-            false,
-            1.0,
-            Threads::All,
-        );
-        let mut dw = vec![0.5; out * inp];
-        gemm_amx(
-            MatMut::row_major(&mut dw, out, inp),
-            MatRef::row_major(&dy, t, out).t().into(),
-            MatRef::row_major(&x, t, inp).into(),
-            true,
-            1.0,
-            Threads::All,
-        );
-        let close = |g: f32, s: f64, sa: f64| (g as f64 - s).abs() <= 1e-5 * sa + 1e-30;
-        for i in 0..t {
-            for o in 0..out {
-                let p = (0..inp).map(|q| r(x[i * inp + q]) * w[o * inp + q].to_f64());
-                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                assert!(close(y[i * out + o], s, sa), "y ({i},{o})");
-            }
-            for q in 0..inp {
-                let p = (0..out).map(|o| r(dy[i * out + o]) * w[o * inp + q].to_f64());
-                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                assert!(close(dx[i * inp + q], s, sa), "dx ({i},{q})");
-            }
-        }
-        for o in 0..out {
-            for q in 0..inp {
-                let p = (0..t).map(|i| r(dy[i * out + o]) * r(x[i * inp + q]));
-                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                assert!(close(dw[o * inp + q], 0.5 + s, sa + 0.5), "dw ({o},{q})");
-            }
-        }
+        check_linear_layer_products("amx", (77, 67, 45), &mut |d, a, b, acc| {
+            gemm_amx(d, a, b, acc, 1.0, Threads::All)
+        });
     }
 
     /// The decode product against the f64 reference: rows around the 32-row pass, W rows
@@ -1507,7 +1450,7 @@ mod tests {
         if !have_amx("amx_deterministic_and_independent_of_threads") {
             return;
         }
-        let (m, k, n) = (300, 2 * 2 * KCA + 1, 2 * NCA + 9);
+        let (m, k, n) = (300, 2049, 2 * NCA + 9);
         let a = values(m * k, 5);
         let b = values(k * n, 6);
         let run = |th| {
@@ -1557,7 +1500,7 @@ mod bench {
                 tiles::configure(&cfg);
                 for _ in 0..calls {
                     let c = blk.0.as_mut_ptr().cast::<f32>();
-                    tiles::block_32x32(a, b, steps, Some(c), c, NRA * 4);
+                    tiles::block_32x32(tiles::ATiles::packed(a), b, steps, Some(c), c, NRA * 4);
                 }
                 tiles::release();
             }

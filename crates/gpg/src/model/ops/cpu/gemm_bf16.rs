@@ -913,17 +913,16 @@ pub(super) mod tests {
         }
     }
 
-    /// One product on one path; `layout` picks operand types and orientations.
-    #[allow(clippy::too_many_arguments)]
-    fn case(
-        kern: Kernel,
-        m: usize,
-        k: usize,
-        n: usize,
+    /// One product `gemm(dst, a, b)` of an m×k by a k×n operand against the f64 reference;
+    /// `layout` picks operand types (f32/bf16), orientations (stored transposed or not) and
+    /// the dst orientation (with two padding columns); `what` names the path.
+    pub(crate) fn check_case(
+        what: &str,
+        (m, k, n): (usize, usize, usize),
         layout: usize,
         acc: bool,
         alpha: f32,
-        th: Threads,
+        gemm: &mut dyn FnMut(MatMut<'_>, Operand<'_>, Operand<'_>),
     ) {
         let a = Stored::new(
             &values(m * k, 1 + layout as u32),
@@ -953,8 +952,8 @@ pub(super) mod tests {
         } else {
             MatMut::strided(&mut c, m, n, ld)
         };
-        gemm_mixed_kernel(kern, view, a.op(), b.op(), acc, alpha, th);
-        let what = format!("{kern:?} layout {layout} acc {acc} alpha {alpha}");
+        gemm(view, a.op(), b.op());
+        let what = format!("{what} layout {layout} acc {acc} alpha {alpha}");
         check(
             &what,
             &c,
@@ -964,6 +963,28 @@ pub(super) mod tests {
             &b,
             acc.then_some(&init[..]),
             alpha,
+        );
+    }
+
+    /// One product on one path.
+    #[allow(clippy::too_many_arguments)]
+    fn case(
+        kern: Kernel,
+        m: usize,
+        k: usize,
+        n: usize,
+        layout: usize,
+        acc: bool,
+        alpha: f32,
+        th: Threads,
+    ) {
+        check_case(
+            &format!("{kern:?}"),
+            (m, k, n),
+            layout,
+            acc,
+            alpha,
+            &mut |d, a, b| gemm_mixed_kernel(kern, d, a, b, acc, alpha, th),
         );
     }
 
@@ -1000,10 +1021,14 @@ pub(super) mod tests {
         }
     }
 
-    /// The three products of a linear layer with a bf16 weight W [out, in].
-    #[test]
-    fn linear_layer_products() {
-        let (t, inp, out) = (37, 67, 45);
+    /// Checks the three products of a linear layer with a bf16 weight W [out, in], run by
+    /// `gemm(dst, a, b, accumulate)` as `mixed.rs` calls them (y = x·Wᵀ, dx = dy·W, dW += dyᵀ·x
+    /// onto 0.5), against f64 sums of the bf16-rounded operands; `what` names the path.
+    pub(crate) fn check_linear_layer_products(
+        what: &str,
+        (t, inp, out): (usize, usize, usize),
+        gemm: &mut dyn FnMut(MatMut<'_>, Operand<'_>, Operand<'_>, bool),
+    ) {
         let x = values(t * inp, 1);
         let w: Vec<bf16> = values(out * inp, 2)
             .iter()
@@ -1011,57 +1036,59 @@ pub(super) mod tests {
             .collect();
         let dy = values(t * out, 3);
         let r = |v: f32| bf16::from_f32(v).to_f64();
-        for kern in kernels() {
-            let mut y = vec![0.0; t * out];
-            gemm_mixed_kernel(
-                kern,
-                MatMut::row_major(&mut y, t, out),
-                MatRef::row_major(&x, t, inp).into(),
-                MatRefBf16::row_major(&w, out, inp).t().into(),
-                false,
-                1.0,
-                Threads::All,
-            );
-            let mut dx = vec![0.0; t * inp];
-            gemm_mixed_kernel(
-                kern,
-                MatMut::row_major(&mut dx, t, inp),
-                MatRef::row_major(&dy, t, out).into(),
-                MatRefBf16::row_major(&w, out, inp).into(),
-                false,
-                1.0,
-                Threads::All,
-            );
-            let mut dw = vec![0.5; out * inp];
-            gemm_mixed_kernel(
-                kern,
-                MatMut::row_major(&mut dw, out, inp),
-                MatRef::row_major(&dy, t, out).t().into(),
-                MatRef::row_major(&x, t, inp).into(),
-                true,
-                1.0,
-                Threads::All,
-            );
-            let close = |g: f32, s: f64, sa: f64| (g as f64 - s).abs() <= 1e-5 * sa + 1e-30;
-            for i in 0..t {
-                for o in 0..out {
-                    let p = (0..inp).map(|q| r(x[i * inp + q]) * w[o * inp + q].to_f64());
-                    let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                    assert!(close(y[i * out + o], s, sa), "{kern:?} y");
-                }
-                for q in 0..inp {
-                    let p = (0..out).map(|o| r(dy[i * out + o]) * w[o * inp + q].to_f64());
-                    let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                    assert!(close(dx[i * inp + q], s, sa), "{kern:?} dx");
-                }
-            }
+        let mut y = vec![0.0; t * out];
+        gemm(
+            MatMut::row_major(&mut y, t, out),
+            MatRef::row_major(&x, t, inp).into(),
+            MatRefBf16::row_major(&w, out, inp).t().into(),
+            false,
+        );
+        let mut dx = vec![0.0; t * inp];
+        gemm(
+            MatMut::row_major(&mut dx, t, inp),
+            MatRef::row_major(&dy, t, out).into(),
+            MatRefBf16::row_major(&w, out, inp).into(),
+            false,
+        );
+        let mut dw = vec![0.5; out * inp];
+        gemm(
+            MatMut::row_major(&mut dw, out, inp),
+            MatRef::row_major(&dy, t, out).t().into(),
+            MatRef::row_major(&x, t, inp).into(),
+            true,
+        );
+        let close = |g: f32, s: f64, sa: f64| (g as f64 - s).abs() <= 1e-5 * sa + 1e-30;
+        for i in 0..t {
             for o in 0..out {
-                for q in 0..inp {
-                    let p = (0..t).map(|i| r(dy[i * out + o]) * r(x[i * inp + q]));
-                    let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
-                    assert!(close(dw[o * inp + q], 0.5 + s, sa + 0.5), "{kern:?} dw");
-                }
+                let p = (0..inp).map(|q| r(x[i * inp + q]) * w[o * inp + q].to_f64());
+                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
+                assert!(close(y[i * out + o], s, sa), "{what} y ({i},{o})");
             }
+            for q in 0..inp {
+                let p = (0..out).map(|o| r(dy[i * out + o]) * w[o * inp + q].to_f64());
+                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
+                assert!(close(dx[i * inp + q], s, sa), "{what} dx ({i},{q})");
+            }
+        }
+        for o in 0..out {
+            for q in 0..inp {
+                let p = (0..t).map(|i| r(dy[i * out + o]) * r(x[i * inp + q]));
+                let (s, sa) = p.fold((0.0, 0.0), |(s, sa), v| (s + v, sa + v.abs()));
+                assert!(
+                    close(dw[o * inp + q], 0.5 + s, sa + 0.5),
+                    "{what} dw ({o},{q})"
+                );
+            }
+        }
+    }
+
+    /// The three products of a linear layer with a bf16 weight W [out, in], every kernel.
+    #[test]
+    fn linear_layer_products() {
+        for kern in kernels() {
+            check_linear_layer_products(&format!("{kern:?}"), (37, 67, 45), &mut |d, a, b, acc| {
+                gemm_mixed_kernel(kern, d, a, b, acc, 1.0, Threads::All)
+            });
         }
     }
 
