@@ -24,6 +24,7 @@ use super::super::metrics::MetricsLog;
 use super::super::policy::{check_recipe, Policy};
 use super::super::{lora_run, replica};
 use super::Trainer;
+use crate::model::ModelKind;
 
 /// What a checkpoint stores besides the model and the optimiser moments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,13 +67,17 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
-        check_recipe(&config)?;
+        // The model's kind, read once from its config.json; a checkpoint resumed from has the
+        // same (it was saved from this model).
+        let kind = ModelKind::of_dir(&config.model);
+        check_recipe(&config, kind)?;
         // The host model lives on the CPU; on a GPU run the trained weights live on the device
         // (train/device.rs), and what the GPU path does not support is refused here.
         let train_device = TrainDevice::open_for(
             &config.device,
             RunNeeds {
                 model: &config.model,
+                kind,
                 lora: config.lora.is_some(),
                 world: collective.world(),
             },
@@ -87,7 +92,8 @@ impl Trainer {
             choose_checkpoint(&config.output_dir, resume)
         })?;
         // Only rank 0 reads the checkpoint's weights; the others receive them below.
-        let (mut model, model_dir) = load_policy(&config, resume_from.as_deref().filter(|_| root))?;
+        let (mut model, model_dir) =
+            load_policy(&config, kind, resume_from.as_deref().filter(|_| root))?;
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         let reference = load_reference(&config, &model)?;
         let comm = Comm::new(collective.clone());
@@ -191,7 +197,11 @@ fn choose_checkpoint(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
 /// The policy to train, from the recipe's model or (`checkpoint`) the checkpoint resumed from,
 /// with its LoRA adapter attached; returns it with the directory its tokenizer comes from.
 /// With LoRA the base always comes from `model` and the adapter from the checkpoint.
-fn load_policy(config: &TrainConfig, checkpoint: Option<&Path>) -> Result<(Policy, PathBuf)> {
+fn load_policy(
+    config: &TrainConfig,
+    kind: ModelKind,
+    checkpoint: Option<&Path>,
+) -> Result<(Policy, PathBuf)> {
     let model_dir = checkpoint.unwrap_or(&config.model).to_path_buf();
     let weights_dir = if config.lora.is_some() {
         &config.model
@@ -200,6 +210,7 @@ fn load_policy(config: &TrainConfig, checkpoint: Option<&Path>) -> Result<(Polic
     };
     let mut model = Policy::load(
         weights_dir,
+        kind,
         &candle_core::Device::Cpu,
         config.precision,
         !config.freeze_vision,
@@ -237,6 +248,7 @@ fn load_reference(config: &TrainConfig, model: &Policy) -> Result<Option<Policy>
     }
     let reference = Policy::load(
         &config.model,
+        model.kind(),
         &candle_core::Device::Cpu,
         config.precision,
         false,
