@@ -75,6 +75,7 @@ fn cases() -> Vec<(PreparedPrompt, Vec<u32>, Vec<f32>)> {
 fn load(train_vision: bool) -> Policy {
     Policy::load(
         &fixtures().join("tiny_qwen2_vl"),
+        gpg::model::ModelKind::VisionLanguage,
         &Device::Cpu,
         Precision::F32,
         train_vision,

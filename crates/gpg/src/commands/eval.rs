@@ -18,7 +18,7 @@ use crate::eval::{
     ItemResult, PromptStyle, DEFAULT_SYSTEM_PROMPT,
 };
 use crate::image::ImageProcessor;
-use crate::model::{DeviceName, Precision, Qwen2VL, Qwen2VLConfig};
+use crate::model::{DeviceName, ModelKind, Precision, Qwen2VL};
 use crate::tokenizer::Tokenizer;
 
 use super::model_dir::{GenerationDefaults, ModelDir};
@@ -138,7 +138,7 @@ pub fn partial_path(path: &Path) -> PathBuf {
 /// Evaluates the model of `options` on its benchmark (image questions for a Qwen2-VL-family
 /// model), streaming per-item results to the results file and progress to stderr.
 pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome> {
-    if Qwen2VLConfig::is_vl_dir(&options.model) {
+    if ModelKind::of_dir(&options.model).has_tower() {
         return evaluate_vl(options);
     }
     let benchmark = load_benchmark(&options.benchmark)

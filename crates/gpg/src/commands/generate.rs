@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use crate::data::vl_chat::{encode_chat, VlChat};
 use crate::image::ImageProcessor;
 use crate::model::qwen2_vl::IMAGE_PLACEHOLDER;
-use crate::model::{DeviceName, Precision, Qwen2VL, Qwen2VLConfig};
+use crate::model::{DeviceName, ModelKind, Precision, Qwen2VL};
 use crate::rollout::{self, Completion, SamplingParams};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -81,7 +81,7 @@ pub struct Generated {
 
 /// Samples `n` completions for every prompt of `options`.
 pub fn generate(options: &GenerateOptions) -> Result<Generated> {
-    let vl = Qwen2VLConfig::is_vl_dir(&options.model);
+    let vl = ModelKind::of_dir(&options.model).has_tower();
     if !options.images.is_empty() {
         if !options.chat {
             bail!(

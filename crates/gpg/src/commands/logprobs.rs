@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::data::vl_chat::{encode_chat, parse_messages};
 use crate::image::{ImageProcessor, ProcessedImage};
 use crate::model::{
-    DeviceName, Precision, Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs, TrainBatch, VlBatch,
+    DeviceName, ModelKind, Precision, Qwen2, Qwen2VL, TokenLogprobs, TrainBatch, VlBatch,
     VlSequence,
 };
 use crate::tokenizer::Tokenizer;
@@ -75,7 +75,7 @@ pub fn logprobs(
     records: Vec<Record>,
     base: &Path,
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
-    if Qwen2VLConfig::is_vl_dir(&options.model) {
+    if ModelKind::of_dir(&options.model).has_tower() {
         anyhow::ensure!(
             options.adapter.is_none(),
             "adapter: LoRA adapters are not supported for Qwen2-VL models yet"

@@ -13,6 +13,7 @@ pub mod cuda_decode;
 pub mod cuda_train;
 pub mod decode;
 pub mod decoding;
+pub mod kind;
 pub mod layer;
 pub mod lora;
 pub mod ops;
@@ -29,6 +30,7 @@ use anyhow::{Context, Result};
 use candle_core::DType;
 
 pub use config::Qwen2Config;
+pub use kind::ModelKind;
 pub use precision::{DeviceName, Precision};
 pub use qwen2::{Activations, ForwardCache, Grads, Qwen2, TokenLogprobs, TrainBatch, Weights};
 pub use qwen2_vl::{Qwen2VL, Qwen2VLConfig, VlBatch, VlGrads, VlSequence};

@@ -209,7 +209,7 @@ impl Qwen2 {
     /// Loads a checkpoint directory with its weight matrices in `precision` (a bf16 file loads
     /// into a bf16 model without widening). Every tensor is checked for NaN/±inf.
     pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
-        if super::qwen2_vl::Qwen2VLConfig::is_vl_dir(dir) {
+        if super::ModelKind::of_dir(dir).has_tower() {
             bail!(
                 "{}: a Qwen2-VL-family (vision-language) checkpoint; this command takes text-only \
                  Qwen2 models (vision-language models: `gpg-rl generate --chat --image`, see \

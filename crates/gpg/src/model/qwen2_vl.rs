@@ -75,19 +75,6 @@ fn token_id(obj: &Value, key: &str, default: u32) -> Result<u32> {
 }
 
 impl Qwen2VLConfig {
-    /// Whether `dir/config.json` declares a Qwen2-VL-family model.
-    pub fn is_vl_dir(dir: &Path) -> bool {
-        std::fs::read_to_string(dir.join("config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| {
-                v.get("model_type")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .is_some_and(|t| t == "qwen2_vl" || t == "qwen2_5_vl")
-    }
-
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)

@@ -88,18 +88,21 @@ impl ChatTemplate {
             None,
             add_generation_prompt,
             tokens,
+            kwargs,
         )
     }
 
     /// Renders a conversation given as JSON messages (which may hold `tool_calls`, and
     /// `tool` messages) with `tools` (the function schemas, as transformers'
-    /// `apply_chat_template(..., tools=...)`; `None`: no tools).
+    /// `apply_chat_template(..., tools=...)`; `None`: no tools) and the template variables
+    /// `kwargs`.
     pub(crate) fn render_json(
         &self,
         messages: &[serde_json::Value],
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
         tokens: &TemplateTokens,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         if messages.is_empty() {
             bail!("cannot apply the chat template to an empty conversation");
@@ -109,6 +112,7 @@ impl ChatTemplate {
             tools.map(Value::from_serialize),
             add_generation_prompt,
             tokens,
+            kwargs,
         )
     }
 
@@ -118,6 +122,7 @@ impl ChatTemplate {
         tools: Option<Value>,
         add_generation_prompt: bool,
         tokens: &TemplateTokens,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         let template = self
             .env

@@ -376,7 +376,8 @@ impl Tokenizer {
     /// [`Self::apply_chat_template`] for JSON messages (assistant `tool_calls`, `tool`
     /// messages) and function schemas `tools`, as transformers'
     /// `apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...)`.
-    /// serde_json objects keep their keys sorted, so schemas render in sorted key order.
+    /// serde_json objects keep their keys sorted, so schemas render in sorted key order. The
+    /// run's template variables ([`Self::set_chat_template_kwargs`]) apply.
     pub fn apply_chat_template_json(
         &self,
         messages: &[serde_json::Value],
@@ -391,7 +392,13 @@ impl Tokenizer {
             eos_token: self.config.eos_token.clone(),
             pad_token: self.config.pad_token.clone(),
         };
-        template.render_json(messages, tools, add_generation_prompt, &tokens)
+        template.render_json(
+            messages,
+            tools,
+            add_generation_prompt,
+            &tokens,
+            &self.template_kwargs,
+        )
     }
 
     /// Token ids of a dataset prompt: raw text as is, chat messages through the chat template

@@ -27,8 +27,10 @@ pub enum TrainDevice {
 /// What a run asks of its device (checked by [`TrainDevice::open_for`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RunNeeds<'a> {
-    /// The model directory (a vision-language checkpoint is refused on a GPU).
+    /// The model directory, for messages.
     pub model: &'a Path,
+    /// Its kind (a vision-language model is refused on a GPU).
+    pub kind: crate::model::ModelKind,
     pub lora: bool,
     /// Ranks of the data-parallel run (1: a single process).
     pub world: usize,
@@ -91,7 +93,7 @@ pub fn refuse_on_gpu(device: &str, needs: RunNeeds<'_>) -> Result<()> {
              device = \"cpu\""
         );
     }
-    if crate::model::Qwen2VLConfig::is_vl_dir(needs.model) {
+    if needs.kind.has_tower() {
         bail!(
             "{}: a vision-language model on device `{device}`: the GPU engine runs the Qwen2 \
              text decoder only; train vision-language models with device = \"cpu\"",
@@ -108,6 +110,7 @@ mod tests {
     fn needs(model: &Path) -> RunNeeds<'_> {
         RunNeeds {
             model,
+            kind: crate::model::ModelKind::of_dir(model),
             lora: false,
             world: 1,
         }

@@ -27,7 +27,7 @@ use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items, VlEvalItem};
 use crate::image::{load_rgb, ImageProcessor, ProcessedImage};
 use crate::model::lora::Adapter;
 use crate::model::{
-    Precision, Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs, TrainBatch, VlBatch, VlSequence,
+    ModelKind, Precision, Qwen2, Qwen2VL, TokenLogprobs, TrainBatch, VlBatch, VlSequence,
 };
 use crate::rollout::{self, Completion, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -70,10 +70,10 @@ impl PolicyBatch {
 }
 
 /// Refuses, before anything is loaded, the combinations a vision-language model does not
-/// support yet, saying what to do instead; and `freeze_vision` on a text model.
-pub fn check_recipe(config: &TrainConfig) -> Result<()> {
-    let vision = Qwen2VLConfig::is_vl_dir(&config.model);
-    if !vision {
+/// support yet, saying what to do instead; and `freeze_vision` on a text model. `kind` is the
+/// recipe's model's ([`ModelKind::of_dir`]).
+pub fn check_recipe(config: &TrainConfig, kind: ModelKind) -> Result<()> {
+    if !kind.has_tower() {
         ensure!(
             !config.freeze_vision,
             "freeze_vision = true: {} is a text model (no vision tower to freeze)",
@@ -104,15 +104,16 @@ pub fn check_vision_options(model: &Path, cpu: bool, lora: bool) -> Result<()> {
 }
 
 impl Policy {
-    /// Loads a model directory: a Qwen2-VL-family checkpoint (config.json `model_type`
-    /// qwen2_vl / qwen2_5_vl) as a vision-language policy, anything else as a text model.
+    /// Loads a model directory of `kind` ([`ModelKind::of_dir`], read once by the run): a
+    /// Qwen2-VL-family checkpoint as a vision-language policy, a text model as a text policy.
     pub fn load(
         dir: &Path,
+        kind: ModelKind,
         device: &Device,
         precision: Precision,
         train_vision: bool,
     ) -> Result<Self> {
-        if !Qwen2VLConfig::is_vl_dir(dir) {
+        if !kind.has_tower() {
             return Ok(Policy::Text(Qwen2::load(dir, device, precision)?));
         }
         let model = Qwen2VL::load(dir, device, precision)?;
@@ -129,6 +130,14 @@ impl Policy {
             preprocessor_config,
             train_vision,
         })))
+    }
+
+    /// Whether the policy has a vision tower.
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Policy::Text(_) => ModelKind::Text,
+            Policy::Vision(_) => ModelKind::VisionLanguage,
+        }
     }
 
     /// The language model (a vision-language model's decoder).

@@ -38,6 +38,7 @@ impl Reference {
         }
         let host = Policy::load(
             &config.model,
+            model.kind(),
             &candle_core::Device::Cpu,
             config.precision,
             false,

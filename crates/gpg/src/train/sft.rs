@@ -32,7 +32,7 @@ use crate::data::{
     PromptDatasetConfig, PromptRecord,
 };
 use crate::model::qwen2_vl::IMAGE_PLACEHOLDER;
-use crate::model::{Activations, Qwen2VLConfig};
+use crate::model::{Activations, ModelKind};
 use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
@@ -55,16 +55,17 @@ struct SftData {
 /// in, with its tokenizer and preprocessor_config.json). Returns the final held-out pass@1
 /// (sampled at temperature 1; NaN without held-out data).
 pub fn run_sft(config: &SftConfig) -> Result<f64> {
+    let kind = ModelKind::of_dir(&config.model);
     let train_device = super::device::TrainDevice::open_for(
         &config.device,
         super::device::RunNeeds {
             model: &config.model,
+            kind,
             lora: config.lora.is_some(),
             world: 1,
         },
     )?;
-    let vision = Qwen2VLConfig::is_vl_dir(&config.model);
-    if vision {
+    if kind.has_tower() {
         check_vision_options(&config.model, config.device.is_cpu(), config.lora.is_some())?;
     } else {
         ensure!(
@@ -77,11 +78,12 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
     let device = candle_core::Device::Cpu;
     let loaded = Policy::load(
         &config.model,
+        kind,
         &device,
         config.precision,
         !config.freeze_vision,
     );
-    let mut policy = if vision {
+    let mut policy = if kind.has_tower() {
         loaded.with_context(|| format!("loading the model from {}", config.model.display()))?
     } else {
         loaded?

@@ -25,6 +25,7 @@ use super::super::policy::{check_recipe, Policy};
 use super::super::reference::Reference;
 use super::super::{lora_run, replica};
 use super::Trainer;
+use crate::model::ModelKind;
 
 /// What a checkpoint stores besides the model and the optimiser moments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,13 +68,17 @@ impl Trainer {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         config.validate()?;
-        check_recipe(&config)?;
+        // The model's kind, read once from its config.json; a checkpoint resumed from has the
+        // same (it was saved from this model).
+        let kind = ModelKind::of_dir(&config.model);
+        check_recipe(&config, kind)?;
         // The host model lives on the CPU; on a GPU run the trained weights live on the device
         // (train/device.rs), and what the GPU path does not support is refused here.
         let train_device = TrainDevice::open_for(
             &config.device,
             RunNeeds {
                 model: &config.model,
+                kind,
                 lora: config.lora.is_some(),
                 world: collective.world(),
             },
@@ -88,7 +93,8 @@ impl Trainer {
             choose_checkpoint(&config.output_dir, resume)
         })?;
         // Only rank 0 reads the checkpoint's weights; the others receive them below.
-        let (mut model, model_dir) = load_policy(&config, resume_from.as_deref().filter(|_| root))?;
+        let (mut model, model_dir) =
+            load_policy(&config, kind, resume_from.as_deref().filter(|_| root))?;
         let mut tokenizer = Tokenizer::from_dir(&model_dir)?;
         tokenizer.set_chat_template_kwargs(config.data.chat_template_kwargs.clone());
         let reference = Reference::load(&config, &model, &train_device)?;
@@ -219,7 +225,11 @@ fn choose_checkpoint(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
 /// The policy to train, from the recipe's model or (`checkpoint`) the checkpoint resumed from,
 /// with its LoRA adapter attached; returns it with the directory its tokenizer comes from.
 /// With LoRA the base always comes from `model` and the adapter from the checkpoint.
-fn load_policy(config: &TrainConfig, checkpoint: Option<&Path>) -> Result<(Policy, PathBuf)> {
+fn load_policy(
+    config: &TrainConfig,
+    kind: ModelKind,
+    checkpoint: Option<&Path>,
+) -> Result<(Policy, PathBuf)> {
     let model_dir = checkpoint.unwrap_or(&config.model).to_path_buf();
     let weights_dir = if config.lora.is_some() {
         &config.model
@@ -228,6 +238,7 @@ fn load_policy(config: &TrainConfig, checkpoint: Option<&Path>) -> Result<(Polic
     };
     let mut model = Policy::load(
         weights_dir,
+        kind,
         &candle_core::Device::Cpu,
         config.precision,
         !config.freeze_vision,
