@@ -855,9 +855,7 @@ fn gpu_qwen3_and_llama_match_the_cpu_engine_and_decoder() {
             .forward_train_with(&batch, 1.0, Activations::All)
             .unwrap();
         let cpu_grads = model.backward(&batch, cache, &gt).unwrap();
-        let mut step =
-            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model)
-                .unwrap();
+        let mut step = crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model).unwrap();
         let (lpg, cg) = step.forward(&batch, 1.0).unwrap();
         close(
             &lpg.logprobs,
@@ -933,9 +931,7 @@ fn gpu_frozen_copy_forward_equals_the_train_steps() {
             model = model.to_precision(precision).unwrap();
         }
         let batch = TrainBatch::new(&[(&[1u32, 2, 3][..], &[4u32, 5, 6, 7][..])]).unwrap();
-        let step =
-            crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model)
-                .unwrap();
+        let step = crate::model::cuda_train::CudaTrainStep::new(g.clone(), &model).unwrap();
         let mut frozen =
             crate::model::cuda_train::CudaTrainStep::frozen(g.clone(), &model).unwrap();
         let (a, _) = step
