@@ -402,6 +402,7 @@ fn bad_chat_template_kwargs_are_refused_naming_the_flag() {
 /// of their family (`--model`), with a small batch and a stand-in dataset: two GPG steps run
 /// end to end (bf16, gradient checkpointing, β_th resampling, medium-weighted sampling, the
 /// held-out evaluation, the recipe's chat-template kwargs), write metrics and save weights.
+/// (A length reward is added: the tiny models solve nothing.)
 #[test]
 fn family_recipes_train_on_the_tiny_fixtures() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -454,6 +455,12 @@ fn family_recipes_train_on_the_tiny_fixtures() {
             ("rollout.max_new_tokens", "8".into()),
             ("algorithm.resample.max_rounds", "2".into()),
             ("logging.save_every", "1".into()),
+            // The tiny model solves nothing: a small length reward gives groups differing
+            // rewards, so that each step computes and applies a gradient.
+            (
+                "reward.functions",
+                r#"[{name = "accuracy"}, {name = "length", weight = 0.01}]"#.into(),
+            ),
         ] {
             args.extend(set(key, value));
         }
@@ -477,6 +484,9 @@ fn family_recipes_train_on_the_tiny_fixtures() {
                 m["loss"].is_number() && m["reward"].is_number(),
                 "{recipe}: {m}"
             );
+            // An update ran (not skipped for want of differing rewards).
+            assert!(m["grad_norm"].as_f64().unwrap() > 0.0, "{recipe}: {m}");
+            assert!(m["valid_groups"].as_u64().unwrap() > 0, "{recipe}: {m}");
         }
         assert!(
             out.join("eval.jsonl").is_file(),
