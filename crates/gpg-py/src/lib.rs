@@ -441,6 +441,16 @@ fn parse_device(device: &str) -> PyResult<gpg::model::DeviceName> {
         .map_err(|e: anyhow::Error| PyValueError::new_err(format!("device: {e}")))
 }
 
+/// `chat_template_kwargs` as JSON text (the Python wrapper serialises the dict).
+fn parse_kwargs(
+    kwargs: Option<String>,
+) -> PyResult<Option<serde_json::Map<String, serde_json::Value>>> {
+    kwargs
+        .map(|text| gpg::tokenizer::parse_chat_template_kwargs(&text))
+        .transpose()
+        .map_err(|e| PyValueError::new_err(format!("chat_template_kwargs: {e:#}")))
+}
+
 fn parse_precision(precision: &str) -> PyResult<gpg::model::Precision> {
     precision
         .parse()
@@ -450,7 +460,7 @@ fn parse_precision(precision: &str) -> PyResult<gpg::model::Precision> {
 /// Samples completions (see `gpg_rl.generate`); returns JSON lines as `gpg-rl generate
 /// --format json` prints them.
 #[pyfunction]
-#[pyo3(signature = (model, prompts, chat, system, images, max_new_tokens, temperature, top_p, top_k, seed, n, ignore_eos, stop, device, precision, adapter))]
+#[pyo3(signature = (model, prompts, chat, system, images, max_new_tokens, temperature, top_p, top_k, seed, n, ignore_eos, stop, device, precision, adapter, chat_template_kwargs))]
 #[allow(clippy::too_many_arguments)]
 fn generate(
     py: Python<'_>,
@@ -470,12 +480,14 @@ fn generate(
     device: &str,
     precision: &str,
     adapter: Option<PathBuf>,
+    chat_template_kwargs: Option<String>,
 ) -> PyResult<Vec<String>> {
     let options = generate_cmd::GenerateOptions {
         model,
         prompts,
         chat,
         system,
+        chat_template_kwargs: parse_kwargs(chat_template_kwargs)?,
         images,
         max_new_tokens,
         temperature,
@@ -514,7 +526,7 @@ fn generate(
 /// Log-probs of completion tokens (see `gpg_rl.logprobs`): `records` as JSON objects, or a
 /// JSONL file; returns the records with `completion_ids` and `logprobs`, as JSON text.
 #[pyfunction]
-#[pyo3(signature = (model, records, path, batch_tokens, device, precision, adapter))]
+#[pyo3(signature = (model, records, path, batch_tokens, device, precision, adapter, chat_template_kwargs))]
 #[allow(clippy::too_many_arguments)]
 fn logprobs(
     py: Python<'_>,
@@ -525,6 +537,7 @@ fn logprobs(
     device: &str,
     precision: &str,
     adapter: Option<PathBuf>,
+    chat_template_kwargs: Option<String>,
 ) -> PyResult<Vec<String>> {
     let options = logprobs_cmd::LogprobsOptions {
         model,
@@ -532,6 +545,7 @@ fn logprobs(
         device: parse_device(device)?,
         precision: parse_precision(precision)?,
         adapter,
+        chat_template_kwargs: parse_kwargs(chat_template_kwargs)?,
     };
     let scored = py
         .detach(|| -> anyhow::Result<_> {
@@ -570,7 +584,7 @@ fn logprobs(
 /// Evaluates a model on a benchmark (see `gpg_rl.eval`); returns the summary as JSON text (what
 /// `gpg-rl eval --json` prints).
 #[pyfunction]
-#[pyo3(signature = (model, benchmark, samples, temperature, top_p, top_k, max_new_tokens, seed, limit, batch_prompts, output, write_output, chat, system, no_system, stop, device, precision, adapter, quiet))]
+#[pyo3(signature = (model, benchmark, samples, temperature, top_p, top_k, max_new_tokens, seed, limit, batch_prompts, output, write_output, chat, system, no_system, stop, device, precision, adapter, quiet, chat_template_kwargs))]
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     py: Python<'_>,
@@ -594,6 +608,7 @@ fn evaluate(
     precision: &str,
     adapter: Option<PathBuf>,
     quiet: bool,
+    chat_template_kwargs: Option<String>,
 ) -> PyResult<String> {
     let options = eval_cmd::EvalOptions {
         model,
@@ -618,6 +633,7 @@ fn evaluate(
         no_chat: !chat,
         system,
         no_system,
+        chat_template_kwargs: parse_kwargs(chat_template_kwargs)?,
         device: parse_device(device)?,
         precision: parse_precision(precision)?,
         adapter,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import gpg_rl
-from test_train import CLI, DEMO_MODEL
+from test_train import CLI, DEMO_MODEL, REPO
 
 
 def test_generate_equals_the_cli():
@@ -45,3 +45,28 @@ def test_eval_summary(tmp_path):
                           chat=False, system=False, quiet=True)
     assert summary["n_items"] == 3 and 0.0 <= summary["pass_at_1"] <= 1.0
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3
+
+
+def test_chat_template_kwargs_reach_generate_and_eval(tmp_path):
+    """Qwen3's template closes an empty think block when `enable_thinking` is false."""
+    qwen3 = REPO / "tests" / "fixtures" / "qwen3" / "tiny"
+    plain = gpg_rl.generate(qwen3, "What is 6 * 7?", chat=True, max_new_tokens=2,
+                            temperature=0.0)[0]["prompt_ids"]
+    closed = gpg_rl.generate(qwen3, "What is 6 * 7?", chat=True, max_new_tokens=2,
+                             temperature=0.0,
+                             chat_template_kwargs={"enable_thinking": False})[0]["prompt_ids"]
+    assert len(closed) > len(plain) and closed[:len(plain)] == plain
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"problem": "What is 2+3?", "answer": "5"}) + "\n")
+    gpg_rl.eval(qwen3, str(bench), max_new_tokens=2, output=tmp_path / "r.jsonl", quiet=True,
+                chat_template_kwargs={"enable_thinking": False})
+    prompt = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])["prompt"]
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    with pytest.raises(ValueError, match="chat_template_kwargs: .*not an array"):
+        gpg_rl.generate(qwen3, "x", chat=True, chat_template_kwargs="[1]")
+    with pytest.raises(ValueError, match="chat_template_kwargs: not valid JSON"):
+        gpg_rl.eval(qwen3, str(bench), chat_template_kwargs="{bad")
+    with pytest.raises(TypeError, match="chat_template_kwargs must be a dict"):
+        gpg_rl.generate(qwen3, "x", chat=True, chat_template_kwargs=[("enable_thinking", False)])
+    with pytest.raises(ValueError, match="needs chat=True"):
+        gpg_rl.generate(qwen3, "x", chat_template_kwargs={"enable_thinking": False})

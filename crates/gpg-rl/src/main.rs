@@ -24,11 +24,12 @@ enum Command {
     Sft(cmd::sft::SftArgs),
     /// pass@1 (mean over k samples) and pass@k on a math benchmark, with per-item results.
     Eval(cmd::eval::EvalArgs),
-    /// Sample completions from a Hugging Face Qwen2 model.
+    /// Sample completions from a Hugging Face model (Qwen2/2.5, Qwen3, Llama 3, Qwen2-VL).
     Generate(cmd::generate::GenerateArgs),
     /// Log-prob of every completion token of {"prompt", "completion"} JSONL lines.
     Logprobs(cmd::logprobs::LogprobsArgs),
-    /// Write a randomly initialised Qwen2 model with a small tokenizer (for tests and benchmarks).
+    /// Write a randomly initialised Qwen2 / Qwen3 / Llama model with a small tokenizer (for tests
+    /// and benchmarks).
     Init(cmd::init::InitArgs),
     /// Merge a LoRA adapter into its base model and write a plain Hugging Face model.
     Merge(cmd::merge::MergeArgs),

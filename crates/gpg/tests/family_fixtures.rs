@@ -12,7 +12,7 @@ use gpg::model::adapter_io::peft_key;
 use gpg::model::config::ModelFamily;
 use gpg::model::{Activations, Precision, Qwen2, TrainBatch};
 use gpg::rollout::{self, SamplingParams};
-use gpg::tokenizer::{ChatMessage, Tokenizer};
+use gpg::tokenizer::{parse_chat_template_kwargs, ChatMessage, Tokenizer};
 use serde_json::Value;
 
 mod fixture_json;
@@ -361,6 +361,47 @@ fn chat_templates_render_as_transformers() {
             t.set_chat_template_kwargs(kwargs.clone());
             assert_eq!(t.apply_chat_template(&messages, add_gen).unwrap(), got);
         }
+    }
+}
+
+/// `--chat-template-kwargs` text: a JSON object parses to the variables the fixtures were
+/// rendered with; anything else is refused saying what it was.
+#[test]
+fn chat_template_kwargs_parse_from_json_objects_only() {
+    let tokenizer = Tokenizer::from_dir(&dir("qwen3", "tiny")).unwrap();
+    for case in jsonl(dir("qwen3", "tiny").join("chat_cases.jsonl")) {
+        let text = case["kwargs"].to_string();
+        let kwargs = parse_chat_template_kwargs(&text).unwrap();
+        assert_eq!(&kwargs, case["kwargs"].as_object().unwrap());
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let add_gen = case["add_generation_prompt"].as_bool().unwrap();
+        let t = tokenizer.clone().with_chat_template_kwargs(Some(kwargs));
+        assert_eq!(
+            t.apply_chat_template(&messages, add_gen).unwrap(),
+            case["rendered"].as_str().unwrap(),
+            "{text}"
+        );
+        // None keeps what was set.
+        let kept = t.clone().with_chat_template_kwargs(None);
+        assert_eq!(kept.chat_template_kwargs(), t.chat_template_kwargs());
+    }
+    let err = format!(
+        "{:#}",
+        parse_chat_template_kwargs("{enable_thinking: false}").unwrap_err()
+    );
+    assert!(err.contains("not valid JSON"), "{err}");
+    for (text, kind) in [
+        ("[1]", "an array"),
+        ("\"x\"", "a string"),
+        ("null", "null"),
+        ("3", "a number"),
+        ("true", "a boolean"),
+    ] {
+        let err = format!("{:#}", parse_chat_template_kwargs(text).unwrap_err());
+        assert!(
+            err.contains(&format!("not {kind}")) && err.contains("JSON object"),
+            "{err}"
+        );
     }
 }
 

@@ -61,6 +61,20 @@ def _overrides(overrides: Union[None, Mapping[str, Any], Sequence[str]]) -> List
     return [str(o) for o in overrides]
 
 
+def _template_kwargs(kwargs: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """``chat_template_kwargs`` (a dict, or JSON text) as JSON text for the core."""
+    if kwargs is None:
+        return None
+    if isinstance(kwargs, str):
+        return kwargs
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(
+            f"chat_template_kwargs must be a dict such as {{'enable_thinking': False}}, "
+            f"not {type(kwargs).__name__}"
+        )
+    return json.dumps(dict(kwargs), default=_json_default)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -163,13 +177,18 @@ def generate(
     device: str = "cpu",
     precision: str = "f32",
     adapter: Optional[PathLike] = None,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Samples ``n`` completions per prompt, as ``gpg-rl generate --format json``.
 
     Returns one dict per completion (prompt-major): ``prompt_index``, ``sample_index``,
     ``prompt``, ``prompt_ids``, ``token_ids``, ``text``, ``logprobs``, ``finish_reason``.
     Sampling defaults (None) come from the model's generation_config.json.
+    chat_template_kwargs: extra chat-template variables (with ``chat=True``), e.g.
+    ``{"enable_thinking": False}`` for Qwen3 (``--chat-template-kwargs``).
     """
+    if chat_template_kwargs is not None and not chat:
+        raise ValueError("chat_template_kwargs needs chat=True (it is passed to the chat template)")
     if isinstance(prompts, str):
         prompts = [prompts]
     lines = _gpg_rl.generate(
@@ -189,6 +208,7 @@ def generate(
         device,
         precision,
         None if adapter is None else os.fspath(adapter),
+        _template_kwargs(chat_template_kwargs),
     )
     return [json.loads(line) for line in lines]
 
@@ -201,11 +221,14 @@ def logprobs(
     device: str = "cpu",
     precision: str = "f32",
     adapter: Optional[PathLike] = None,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Log-prob of every completion token, as ``gpg-rl logprobs``.
 
     records: dicts ``{"prompt": str, "completion": str}`` (Qwen2-VL-family models also
         ``{"messages": [...], "completion": str}``), or a JSONL file of them.
+    chat_template_kwargs: extra chat-template variables for ``messages`` records
+        (Qwen2-VL-family models; a text model's records are raw text).
     Returns each record with ``completion_ids`` and ``logprobs`` added.
     """
     path: Optional[str] = None
@@ -222,6 +245,7 @@ def logprobs(
         device,
         precision,
         None if adapter is None else os.fspath(adapter),
+        _template_kwargs(chat_template_kwargs),
     )
     return [json.loads(line) for line in lines]
 
@@ -246,12 +270,17 @@ def eval(  # noqa: A001 (mirrors `gpg-rl eval`)
     precision: str = "f32",
     adapter: Optional[PathLike] = None,
     quiet: bool = False,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """pass@1 and pass@k on a benchmark, as ``gpg-rl eval --json``; returns the summary dict.
 
     output: per-item results file; None: ``<model>/eval-<benchmark>.jsonl``; False: none.
     system: the instruction before the problem; None: the default; False: none.
+    chat_template_kwargs: extra chat-template variables, e.g. ``{"enable_thinking": False}``
+    for Qwen3 (``--chat-template-kwargs``).
     """
+    if chat_template_kwargs is not None and not chat:
+        raise ValueError("chat_template_kwargs needs chat=True (it is passed to the chat template)")
     write_output = output is not False
     out_path = None if output is None or output is False or output is True else os.fspath(output)
     no_system = system is False
@@ -278,5 +307,6 @@ def eval(  # noqa: A001 (mirrors `gpg-rl eval`)
             precision,
             None if adapter is None else os.fspath(adapter),
             quiet,
+            _template_kwargs(chat_template_kwargs),
         )
     )

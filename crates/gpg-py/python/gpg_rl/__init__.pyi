@@ -27,6 +27,7 @@ def train(
     model: Optional[PathLike] = None,
     resume: bool = False,
     quiet: bool = False,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]: ...
 def generate(
     model: PathLike,
@@ -46,6 +47,7 @@ def generate(
     device: str = "cpu",
     precision: str = "f32",
     adapter: Optional[PathLike] = None,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> List[Dict[str, Any]]: ...
 def logprobs(
     model: PathLike,
@@ -55,6 +57,7 @@ def logprobs(
     device: str = "cpu",
     precision: str = "f32",
     adapter: Optional[PathLike] = None,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> List[Dict[str, Any]]: ...
 def eval(
     model: PathLike,
@@ -76,4 +79,5 @@ def eval(
     precision: str = "f32",
     adapter: Optional[PathLike] = None,
     quiet: bool = False,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]: ...

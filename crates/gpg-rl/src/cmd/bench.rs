@@ -157,6 +157,7 @@ pub fn write_bench_model(parent: &std::path::Path, vocab: usize) -> Result<PathB
     let dir = parent.join("bench-model");
     write_model(&InitArgs {
         out: dir.clone(),
+        family: super::init::FamilyArg::Qwen2,
         hidden: 256,
         layers: 4,
         heads: 4,

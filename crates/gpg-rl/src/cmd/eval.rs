@@ -16,7 +16,7 @@ use gpg::commands::eval::{
 };
 use gpg::eval::EvalConfig;
 
-use super::model_dir::{AdapterFlag, EngineFlags};
+use super::model_dir::{parse_chat_template_kwargs, AdapterFlag, EngineFlags, TemplateKwargs};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -71,6 +71,11 @@ pub struct EvalArgs {
     /// No instruction: the bare problem.
     #[arg(long)]
     pub no_system: bool,
+    /// Extra chat-template variables as a JSON object, as transformers'
+    /// `apply_chat_template(..., **kwargs)` / TRL's `chat_template_kwargs`, e.g.
+    /// '{"enable_thinking": false}' for Qwen3.
+    #[arg(long, value_name = "JSON", conflicts_with = "no_chat", value_parser = parse_chat_template_kwargs)]
+    pub chat_template_kwargs: Option<TemplateKwargs>,
     /// Stop a completion once it contains this text; repeatable.
     #[arg(long)]
     pub stop: Vec<String>,
@@ -108,6 +113,7 @@ impl EvalArgs {
             no_chat: self.no_chat,
             system: self.system.clone(),
             no_system: self.no_system,
+            chat_template_kwargs: self.chat_template_kwargs.clone(),
             device: self.engine.device.clone(),
             precision: self.engine.precision,
             adapter: self.adapter.adapter.clone(),

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use gpg::commands::generate::{generate, GenerateOptions};
 use gpg::rollout;
 
-use super::model_dir::{AdapterFlag, EngineFlags};
+use super::model_dir::{parse_chat_template_kwargs, AdapterFlag, EngineFlags, TemplateKwargs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -24,6 +24,11 @@ pub struct GenerateArgs {
     /// System message (with --chat).
     #[arg(long)]
     pub system: Option<String>,
+    /// Extra chat-template variables as a JSON object (with --chat), as transformers'
+    /// `apply_chat_template(..., **kwargs)` / TRL's `chat_template_kwargs`, e.g.
+    /// '{"enable_thinking": false}' for Qwen3.
+    #[arg(long, value_name = "JSON", requires = "chat", value_parser = parse_chat_template_kwargs)]
+    pub chat_template_kwargs: Option<TemplateKwargs>,
     /// A PNG image placed before the prompt text in the user message (Qwen2-VL / Qwen2.5-VL
     /// models, with --chat); repeat for several images. Every prompt gets the same images.
     #[arg(long)]
@@ -70,6 +75,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         prompts: args.prompt.clone(),
         chat: args.chat,
         system: args.system.clone(),
+        chat_template_kwargs: args.chat_template_kwargs.clone(),
         images: args.image.clone(),
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -1,11 +1,13 @@
-//! `gpg-rl init`: a randomly initialised Qwen2 model in Hugging Face format, with a small
-//! byte-level BPE tokenizer trained on a built-in corpus (or `--corpus FILE`).
+//! `gpg-rl init`: a randomly initialised model in Hugging Face format (Qwen2 by default;
+//! `--family qwen3` or `llama` for those architectures), with a small byte-level BPE tokenizer
+//! and a ChatML chat template trained on a built-in corpus (or `--corpus FILE`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use gpg::candle_core::{DType, Device};
+use gpg::model::config::ModelFamily;
 use gpg::model::{Qwen2, Qwen2Config};
 use gpg::tokenizer::{train_byte_level_bpe_with, PreTokenizerStyle, Tokenizer};
 
@@ -14,6 +16,11 @@ pub struct InitArgs {
     /// Output directory (created).
     #[arg(long)]
     pub out: PathBuf,
+    /// Architecture (config.json `model_type`): qwen2 (q/k/v biases), qwen3 (QK-norm, no
+    /// biases) or llama (Llama 3: no biases). The tokenizer and its ChatML chat template are
+    /// the same for every family.
+    #[arg(long, value_enum, default_value_t = FamilyArg::Qwen2)]
+    pub family: FamilyArg,
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
     #[arg(long, default_value_t = 4)]
@@ -52,6 +59,23 @@ pub struct InitArgs {
     /// PreTrainedTokenizerFast). The committed demo model uses `gpt2`.
     #[arg(long, value_enum, default_value_t = PreTokenizerArg::Qwen2)]
     pub pre_tokenizer: PreTokenizerArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FamilyArg {
+    Qwen2,
+    Qwen3,
+    Llama,
+}
+
+impl FamilyArg {
+    fn family(self) -> ModelFamily {
+        match self {
+            FamilyArg::Qwen2 => ModelFamily::Qwen2,
+            FamilyArg::Qwen3 => ModelFamily::Qwen3,
+            FamilyArg::Llama => ModelFamily::Llama,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,7 +150,14 @@ pub fn write_model(args: &InitArgs) -> Result<Qwen2> {
         eos_token_id: Some(gpg::model::config::TokenIds::One(eos)),
         rope_scaling: None,
         use_sliding_window: false,
-        extra: Default::default(),
+        // The family is read from `model_type` (QK-norm weights for qwen3; no biases for
+        // qwen3 and llama).
+        extra: [(
+            "model_type".to_string(),
+            serde_json::Value::from(args.family.family().model_type()),
+        )]
+        .into_iter()
+        .collect(),
     };
     let model = Qwen2::random(config, args.init_std, args.seed, &Device::Cpu)?;
     save_with_tokenizer(&model, &tokenizer, &args.out, args.dtype.dtype())?;

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use gpg::commands::logprobs::{logprobs, read_jsonl, LogprobsOptions};
+use gpg::model::ModelKind;
 
-use super::model_dir::{AdapterFlag, EngineFlags};
+use super::model_dir::{parse_chat_template_kwargs, AdapterFlag, EngineFlags, TemplateKwargs};
 
 #[derive(Args)]
 pub struct LogprobsArgs {
@@ -26,6 +27,10 @@ pub struct LogprobsArgs {
     /// Tokens per forward pass (lines are grouped up to this many).
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
+    /// Extra chat-template variables as a JSON object for `messages` lines (Qwen2-VL-family
+    /// models; a text model's lines are raw text), e.g. '{"add_vision_id": true}'.
+    #[arg(long, value_name = "JSON", value_parser = parse_chat_template_kwargs)]
+    pub chat_template_kwargs: Option<TemplateKwargs>,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -33,12 +38,21 @@ pub struct LogprobsArgs {
 }
 
 pub fn run(args: &LogprobsArgs) -> Result<()> {
+    if args.chat_template_kwargs.is_some() && !ModelKind::of_dir(&args.model).has_tower() {
+        anyhow::bail!(
+            "--chat-template-kwargs: {} is a text model, whose lines are scored as raw prompt \
+             text (no chat template is rendered); the flag applies to `messages` lines of \
+             Qwen2-VL-family models",
+            args.model.display()
+        );
+    }
     let options = LogprobsOptions {
         model: args.model.clone(),
         batch_tokens: args.batch_tokens,
         device: args.engine.device.clone(),
         precision: args.engine.precision,
         adapter: args.adapter.adapter.clone(),
+        chat_template_kwargs: args.chat_template_kwargs.clone(),
     };
     let records = read_jsonl(&args.input)?;
     let base = args

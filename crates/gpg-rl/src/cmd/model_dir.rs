@@ -30,3 +30,12 @@ pub struct AdapterFlag {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
 }
+
+/// Template variables of `--chat-template-kwargs`.
+pub type TemplateKwargs = serde_json::Map<String, serde_json::Value>;
+
+/// Parses `--chat-template-kwargs JSON` (clap reports an error as "invalid value … for
+/// '--chat-template-kwargs <JSON>': …" and exits with status 2).
+pub fn parse_chat_template_kwargs(text: &str) -> Result<TemplateKwargs, String> {
+    gpg::tokenizer::parse_chat_template_kwargs(text).map_err(|e| format!("{e:#}"))
+}

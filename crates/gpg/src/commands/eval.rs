@@ -52,6 +52,9 @@ pub struct EvalOptions {
     pub system: Option<String>,
     /// No instruction: the bare problem.
     pub no_system: bool,
+    /// Extra chat-template variables, e.g. `{"enable_thinking": false}` for Qwen3; None: the
+    /// template's defaults.
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     pub device: DeviceName,
     pub precision: Precision,
     /// A PEFT LoRA adapter directory applied to `model`.
@@ -72,6 +75,7 @@ impl EvalOptions {
             no_chat: false,
             system: None,
             no_system: false,
+            chat_template_kwargs: None,
             device: DeviceName::default(),
             precision: Precision::F32,
             adapter: None,
@@ -150,7 +154,8 @@ pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome> {
     );
     let dir = ModelDir::load_for_sampling(&options.model, &options.device, options.precision)
         .with_context(|| format!("model {}", options.model.display()))?
-        .with_adapter(options.adapter.as_deref())?;
+        .with_adapter(options.adapter.as_deref())?
+        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
     let engine = crate::model::decoding::engine_for(&dir.model, &options.device)?;
     let config = options.config(dir.generation.stop_token_ids());
     config.validate()?;
@@ -204,7 +209,8 @@ fn evaluate_vl(options: &EvalOptions) -> Result<EvalOutcome> {
     let device = options.device.open()?;
     let model = Qwen2VL::load(&options.model, &device, options.precision)
         .with_context(|| format!("model {}", options.model.display()))?;
-    let tokenizer = Tokenizer::from_dir(&options.model)?;
+    let tokenizer = Tokenizer::from_dir(&options.model)?
+        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
     let processor = ImageProcessor::from_dir(&options.model)?;
     let config = options.config(GenerationDefaults::from_dir(&options.model)?.stop_token_ids());
     config.validate()?;

@@ -25,6 +25,9 @@ pub struct GenerateOptions {
     pub chat: bool,
     /// System message (with `chat`).
     pub system: Option<String>,
+    /// Extra chat-template variables (with `chat`), e.g. `{"enable_thinking": false}` for
+    /// Qwen3; None: the template's defaults.
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// PNG images placed before the prompt text in the user message (Qwen2-VL-family models,
     /// with `chat`); every prompt gets the same images.
     pub images: Vec<PathBuf>,
@@ -56,6 +59,7 @@ impl GenerateOptions {
             prompts,
             chat: false,
             system: None,
+            chat_template_kwargs: None,
             images: Vec::new(),
             max_new_tokens: 256,
             temperature: None,
@@ -104,7 +108,8 @@ pub fn generate(options: &GenerateOptions) -> Result<Generated> {
         return generate_vl(options);
     }
     let dir = ModelDir::load_for_sampling(&options.model, &options.device, options.precision)?
-        .with_adapter(options.adapter.as_deref())?;
+        .with_adapter(options.adapter.as_deref())?
+        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
     let params = sampling_params(options, &dir.generation);
     let mut prompt_ids = Vec::with_capacity(options.prompts.len());
     for prompt in &options.prompts {
@@ -147,7 +152,8 @@ fn messages(options: &GenerateOptions, user: String) -> Vec<ChatMessage> {
 fn generate_vl(options: &GenerateOptions) -> Result<Generated> {
     let device = options.device.open()?;
     let model = Qwen2VL::load(&options.model, &device, options.precision)?;
-    let tokenizer = Tokenizer::from_dir(&options.model)?;
+    let tokenizer = Tokenizer::from_dir(&options.model)?
+        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
     let processor = ImageProcessor::from_dir(&options.model)?;
     let generation = GenerationDefaults::from_dir(&options.model)?;
     let params = sampling_params(options, &generation);

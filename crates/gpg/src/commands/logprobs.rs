@@ -35,6 +35,9 @@ pub struct LogprobsOptions {
     pub precision: Precision,
     /// A PEFT LoRA adapter directory applied to `model`.
     pub adapter: Option<PathBuf>,
+    /// Extra chat-template variables for `messages` records (Qwen2-VL-family models, e.g.
+    /// `{"add_vision_id": true}`); None: the template's defaults.
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl LogprobsOptions {
@@ -46,6 +49,7 @@ impl LogprobsOptions {
             device: DeviceName::default(),
             precision: Precision::F32,
             adapter: None,
+            chat_template_kwargs: None,
         }
     }
 }
@@ -82,6 +86,12 @@ pub fn logprobs(
         );
         return logprobs_vl(options, records, base);
     }
+    anyhow::ensure!(
+        options.chat_template_kwargs.is_none(),
+        "chat_template_kwargs: {} is a text model, whose records are scored as raw prompt text \
+         (no chat template is rendered); they apply to `messages` records of Qwen2-VL-family models",
+        options.model.display()
+    );
     let dir = ModelDir::load_host(&options.model, options.precision)?
         .with_adapter(options.adapter.as_deref())?;
     let scorer = Scorer::open(&dir.model, &options.device)?;
@@ -214,7 +224,8 @@ fn logprobs_vl(
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let device = options.device.open()?;
     let model = Qwen2VL::load(&options.model, &device, options.precision)?;
-    let tokenizer = Tokenizer::from_dir(&options.model)?;
+    let tokenizer = Tokenizer::from_dir(&options.model)?
+        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
     let processor = ImageProcessor::from_dir(&options.model)?;
     let mut lines = Vec::new();
     for (where_, record) in records {

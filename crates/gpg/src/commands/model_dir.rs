@@ -62,6 +62,15 @@ impl ModelDir {
         Ok(self)
     }
 
+    /// Sets the chat template's extra variables (`--chat-template-kwargs`), when given.
+    pub fn with_chat_template_kwargs(
+        mut self,
+        kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Self {
+        self.tokenizer = self.tokenizer.with_chat_template_kwargs(kwargs);
+        self
+    }
+
     /// Loads the model for a command that runs its whole engine on `device` (only the CPU so
     /// far: a CUDA device is refused with the reason).
     pub fn load(dir: &Path, device: &DeviceName, precision: Precision) -> Result<Self> {

@@ -66,6 +66,29 @@ pub struct Tokenizer {
     template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Parses chat-template variables given as JSON text (`--chat-template-kwargs`, the Python
+/// package's `chat_template_kwargs`): a JSON object such as `{"enable_thinking": false}`.
+/// Anything else (invalid JSON, an array, a string …) is an error saying what was found.
+pub fn parse_chat_template_kwargs(
+    json: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        anyhow!("not valid JSON ({e}); expected an object such as '{{\"enable_thinking\": false}}'")
+    })?;
+    let kind = match value {
+        serde_json::Value::Object(map) => return Ok(map),
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+    };
+    bail!(
+        "expected a JSON object of template variables such as '{{\"enable_thinking\": false}}', \
+         not {kind}"
+    )
+}
+
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
@@ -352,6 +375,18 @@ impl Tokenizer {
     /// `<think></think>` block after the generation prompt.
     pub fn set_chat_template_kwargs(&mut self, kwargs: serde_json::Map<String, serde_json::Value>) {
         self.template_kwargs = kwargs;
+    }
+
+    /// The tokenizer with `kwargs` as its template variables ([`Self::set_chat_template_kwargs`]);
+    /// `None` leaves them as they are.
+    pub fn with_chat_template_kwargs(
+        mut self,
+        kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Self {
+        if let Some(kwargs) = kwargs {
+            self.template_kwargs = kwargs;
+        }
+        self
     }
 
     /// [`Self::apply_chat_template`] with the template variables `kwargs` (they override the
