@@ -176,39 +176,8 @@ impl AdamW {
 
     /// Updates one parameter with learning rate `lr` (its step count advances by one).
     pub fn update(&mut self, lr: f32, p: ParamGrad<'_>) -> Result<()> {
-        ensure!(
-            lr.is_finite() && lr >= 0.0,
-            "learning rate must be finite and ≥ 0, got {lr}"
-        );
         let n = p.param.len();
-        ensure!(
-            p.grad.len() == n,
-            "parameter {}: {} values but {} gradient elements",
-            p.name,
-            n,
-            p.grad.len()
-        );
-        let config = self.state.config;
-        let state = self
-            .state
-            .params
-            .entry(p.name.to_string())
-            .or_insert_with(|| ParamState {
-                step: 0,
-                exp_avg: vec![0.0; n],
-                exp_avg_sq: vec![0.0; n],
-            });
-        ensure!(
-            state.exp_avg.len() == n && state.exp_avg_sq.len() == n,
-            "parameter {}: optimiser state has {} elements, parameter {}",
-            p.name,
-            state.exp_avg.len(),
-            n
-        );
-        state.step += 1;
-        let scalars = StepScalars::new(&config, lr as f64, state.step, p.weight_decay)
-            .with_context(|| format!("AdamW step {} of {}", state.step, p.name))?;
-
+        let (scalars, state) = self.begin_update(lr, p.name, n, p.grad, p.weight_decay)?;
         if n >= PARALLEL_MIN_LEN {
             p.param
                 .par_chunks_mut(PARALLEL_CHUNK)
@@ -220,6 +189,53 @@ impl AdamW {
             scalars.apply(p.param, p.grad, &mut state.exp_avg, &mut state.exp_avg_sq);
         }
         Ok(())
+    }
+
+    /// The bookkeeping of one update of parameter `name` (`n` values, gradient `grad`): checks,
+    /// its state (created on its first update), its step count advanced by one, and the step's
+    /// scalars, for a caller that applies [`StepScalars::apply`] to values it holds itself (a
+    /// bf16 leaf's split master, `optim::master`). The update is element-wise, so any cut of
+    /// the values into pieces gives the same result.
+    pub(crate) fn begin_update(
+        &mut self,
+        lr: f32,
+        name: &str,
+        n: usize,
+        grad: &[f32],
+        weight_decay: bool,
+    ) -> Result<(StepScalars, &mut ParamState)> {
+        ensure!(
+            lr.is_finite() && lr >= 0.0,
+            "learning rate must be finite and ≥ 0, got {lr}"
+        );
+        ensure!(
+            grad.len() == n,
+            "parameter {}: {} values but {} gradient elements",
+            name,
+            n,
+            grad.len()
+        );
+        let config = self.state.config;
+        let state = self
+            .state
+            .params
+            .entry(name.to_string())
+            .or_insert_with(|| ParamState {
+                step: 0,
+                exp_avg: vec![0.0; n],
+                exp_avg_sq: vec![0.0; n],
+            });
+        ensure!(
+            state.exp_avg.len() == n && state.exp_avg_sq.len() == n,
+            "parameter {}: optimiser state has {} elements, parameter {}",
+            name,
+            state.exp_avg.len(),
+            n
+        );
+        state.step += 1;
+        let scalars = StepScalars::new(&config, lr as f64, state.step, weight_decay)
+            .with_context(|| format!("AdamW step {} of {}", state.step, name))?;
+        Ok((scalars, state))
     }
 }
 
@@ -267,7 +283,7 @@ impl StepScalars {
     }
 
     /// The element-wise update over matching slices.
-    fn apply(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    pub(crate) fn apply(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
         let w = self.one_minus_beta1;
         let small_weight = w.abs() < 0.5;
         for (((x, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {

@@ -11,7 +11,7 @@ use crate::checkpoint::Buffers;
 use crate::model::decoding::DecodeEngine;
 use crate::model::qwen2_vl::VlForwardCache;
 use crate::model::{Activations, ForwardCache, Qwen2, TokenLogprobs};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, SplitMaster};
 
 use super::super::policy::{Policy, PolicyBatch};
 use super::leaves::{adamw_step, checkpoint_masters, masters_of, restore_masters};
@@ -22,8 +22,8 @@ use super::{
 /// Gradients, master weights and the optimiser of the trained leaves, on the CPU.
 pub struct CpuEngine {
     grads: Gradients,
-    /// The f32 master copy of each trained bf16 leaf, in the walk's order.
-    masters: Vec<Option<Vec<f32>>>,
+    /// The f32 master of each trained bf16 leaf (its lower halves), in the walk's order.
+    masters: Vec<Option<SplitMaster>>,
     optimizer: AdamW,
 }
 

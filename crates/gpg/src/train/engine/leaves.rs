@@ -19,6 +19,9 @@
 //! for each leaf (name, W, g):  AdamW(name) on W's f32 master (bf16 leaves; then W ← bf16(master))
 //!                              or on W in place (f32 leaves)
 //! ```
+//!
+//! A bf16 leaf's f32 master is kept as its lower 16 bits beside W ([`SplitMaster`]: exactly
+//! the f32 master, 2 bytes per parameter instead of 4).
 
 use std::collections::HashMap;
 
@@ -32,7 +35,7 @@ use crate::model::lora::{module_of, AdapterGrads};
 use crate::model::ops::{update_in_place, WeightSliceMut};
 use crate::model::vision::VisionGrads;
 use crate::model::Grads;
-use crate::optim::{clip_grad_norm, AdamW, ParamGrad};
+use crate::optim::{clip_grad_norm, AdamW, ParamGrad, SplitMaster};
 
 use super::super::policy::Policy;
 use super::{StepOutcome, MASTER};
@@ -201,23 +204,25 @@ impl Gradients {
     }
 }
 
-/// The f32 master copy of every trained leaf the model holds in bf16 (`None`: the f32 tensor
-/// is its own master, updated in place), in the walk's order.
-pub(super) fn masters_of(leaves: &[Leaf<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
-    leaves
+/// The f32 master of every trained leaf the model holds in bf16, as its value widened (`None`:
+/// the f32 tensor is its own master, updated in place), in the walk's order.
+pub(super) fn masters_of(leaves: &[Leaf<'_>]) -> Result<Vec<Option<SplitMaster>>> {
+    Ok(leaves
         .iter()
         .map(|l| {
-            Ok(if l.tensor.dtype() == DType::F32 {
-                None
-            } else {
-                Some(f32_values(&l.tensor)?)
-            })
+            (l.tensor.dtype() != DType::F32).then(|| SplitMaster::widened(l.tensor.elem_count()))
         })
-        .collect()
+        .collect())
 }
 
 fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// The f32 values of a bf16 leaf's master.
+fn master_values(t: &Tensor, master: &SplitMaster) -> Result<Vec<f32>> {
+    let w = t.flatten_all()?.to_vec1::<half::bf16>()?;
+    master.values(&w)
 }
 
 /// Clips the gradients to `max_norm`, applies AdamW at `lr` to every trained leaf (through its
@@ -225,7 +230,7 @@ fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
 pub(super) fn adamw_step(
     model: &Policy,
     grads: &mut Gradients,
-    masters: &mut [Option<Vec<f32>>],
+    masters: &mut [Option<SplitMaster>],
     optimizer: &mut AdamW,
     lr: f32,
     max_norm: f32,
@@ -255,23 +260,16 @@ fn apply_adamw(
     optimizer: &mut AdamW,
     lr: f32,
     leaf: &Leaf<'_>,
-    master: Option<&mut Vec<f32>>,
+    master: Option<&mut SplitMaster>,
 ) -> Result<()> {
     let name = leaf.name.as_str();
     let grad = leaf.grad;
     match master {
-        Some(master) => {
-            optimizer.update(
-                lr,
-                ParamGrad {
-                    name,
-                    param: master,
-                    grad,
-                    weight_decay: true,
-                },
-            )?;
-            write_rounded(&leaf.tensor, master)
-        }
+        Some(master) => update_in_place(&leaf.tensor, |slot| match slot {
+            WeightSliceMut::Bf16(w) => master.adamw(optimizer, lr, name, true, w, grad),
+            WeightSliceMut::F32(_) => bail!("internal: f32 parameter {name} has a bf16 master"),
+        })
+        .with_context(|| format!("updating {name}")),
         None => update_in_place(&leaf.tensor, |slot| match slot {
             WeightSliceMut::F32(param) => optimizer.update(
                 lr,
@@ -303,7 +301,7 @@ pub fn master_buffers(masters: impl IntoIterator<Item = (String, Vec<f32>)>) -> 
 /// continues exactly. None when every trained leaf is f32.
 pub(super) fn checkpoint_masters(
     leaves: &[Leaf<'_>],
-    masters: &[Option<Vec<f32>>],
+    masters: &[Option<SplitMaster>],
 ) -> Result<Buffers> {
     if masters.iter().all(Option::is_none) {
         return Ok(Vec::new());
@@ -313,7 +311,7 @@ pub(super) fn checkpoint_masters(
         .zip(masters)
         .map(|(l, m)| {
             let v = match m {
-                Some(m) => m.clone(),
+                Some(m) => master_values(&l.tensor, m)?,
                 None => f32_values(&l.tensor)?,
             };
             Ok((l.name.clone(), v))
@@ -326,7 +324,7 @@ pub(super) fn checkpoint_masters(
 /// their masters and the model's tensors; leaves without a buffer are left as they are.
 pub(super) fn restore_masters(
     leaves: &[Leaf<'_>],
-    masters: &mut [Option<Vec<f32>>],
+    masters: &mut [Option<SplitMaster>],
     buffers: &mut HashMap<String, Vec<f32>>,
 ) -> Result<()> {
     for (leaf, master) in leaves.iter().zip(masters.iter_mut()) {
@@ -341,10 +339,12 @@ pub(super) fn restore_masters(
             leaf.tensor.elem_count()
         );
         match master {
-            Some(m) => {
-                *m = values;
-                write_rounded(&leaf.tensor, m)?;
-            }
+            Some(m) => update_in_place(&leaf.tensor, |slot| match slot {
+                WeightSliceMut::Bf16(w) => m.set(&values, w),
+                WeightSliceMut::F32(_) => {
+                    bail!("internal: f32 parameter {} has a bf16 master", leaf.name)
+                }
+            })?,
             None => write_rounded(&leaf.tensor, &values)?,
         }
     }
