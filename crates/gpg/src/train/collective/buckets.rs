@@ -129,13 +129,13 @@ mod tests {
         assert!(plan.buckets().is_empty());
         // Everything fits: one bucket.
         let plan = BucketPlan::new(&[1, 2, 3], 4, 1 << 20).unwrap();
-        assert_eq!(plan.buckets(), &[0..3]);
+        assert_eq!(plan.buckets(), std::slice::from_ref(&(0..3)));
         // Each leaf over the cap: one bucket each, never split.
         let plan = BucketPlan::new(&[8, 9, 10], 4, 4).unwrap();
         assert_eq!(plan.buckets(), &[0..1, 1..2, 2..3]);
         // Empty leaves ride along.
         let plan = BucketPlan::new(&[0, 0, 4, 0], 4, 16).unwrap();
-        assert_eq!(plan.buckets(), &[0..4]);
+        assert_eq!(plan.buckets(), std::slice::from_ref(&(0..4)));
         // Exactly at the cap stays together.
         let plan = BucketPlan::new(&[2, 2, 1], 4, 16).unwrap();
         assert_eq!(plan.buckets(), &[0..2, 2..3]);

@@ -178,7 +178,7 @@ impl NcclCollective {
             cudarc::nccl::group_start().map_err(|e| anyhow!("NCCL: ncclGroupStart: {e:?}"))?;
             let mut issued = Ok(());
             for buf in bufs[leaves.clone()].iter_mut() {
-                if buf.len() == 0 {
+                if buf.is_empty() {
                     continue;
                 }
                 if let Err(e) = comm.0.all_reduce_in_place(&mut **buf, &ReduceOp::Sum) {
