@@ -395,3 +395,120 @@ mod tests {
         assert!(decode_id(b"").is_err());
     }
 }
+
+/// On a GPU only (`bench/gpu/check-a.sh` runs them with GPG_RL_REQUIRE_GPU=1; elsewhere, or
+/// without libnccl, they skip, saying why): NCCL at world 1 (the device tool lends one GPU) —
+/// the communicator is made from a unique id sent over the host collective, bucketed in-place
+/// sums leave every buffer as it was, and a train step whose gradients went through NCCL, or
+/// through the host, equals one without, bit for bit. Two ranks stay unmeasured.
+#[cfg(test)]
+mod gpu_tests {
+    use std::sync::Arc;
+
+    use crate::model::ops::cuda::Gpu;
+    use crate::model::{Activations, Qwen2, TrainBatch};
+    use crate::optim::AdamW;
+    use crate::train::collective::{BucketPlan, Collective, GradReduce, SingleProcess};
+    use crate::train::engine::{CudaEngine, StepOutcome, TrainEngine};
+    use crate::train::policy::{Policy, PolicyBatch};
+
+    use super::{nccl_missing, NcclCollective};
+
+    fn gpu_with_nccl() -> Option<Arc<Gpu>> {
+        let g = match Gpu::open(0) {
+            Ok(g) => g,
+            Err(e) if std::env::var_os("GPG_RL_REQUIRE_GPU").is_some() => {
+                panic!("GPG_RL_REQUIRE_GPU is set but no GPU opened: {e:#}")
+            }
+            Err(e) => {
+                eprintln!("skipped (no GPU): {e:#}");
+                return None;
+            }
+        };
+        if let Some(m) = nccl_missing() {
+            eprintln!("skipped (no NCCL): {m}");
+            return None;
+        }
+        Some(g)
+    }
+
+    #[test]
+    fn gpu_nccl_at_world_1_sums_device_buffers_in_buckets() {
+        let Some(g) = gpu_with_nccl() else { return };
+        let host: Arc<dyn Collective> = Arc::new(SingleProcess);
+        let comm = NcclCollective::init(host, g.stream.clone()).unwrap();
+        eprintln!("NCCL {}", comm.version());
+        let lens = [5usize, 1, 1000, 3, 70_000, 17];
+        let values: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 1000 + j) as f32 * 0.37 - 3.0).collect())
+            .collect();
+        let mut bufs: Vec<_> = values
+            .iter()
+            .map(|v| g.stream.clone_htod(v).unwrap())
+            .collect();
+        let plan = BucketPlan::new(&lens, 4, 4096).unwrap();
+        assert!(plan.buckets().len() > 2);
+        let mut refs: Vec<_> = bufs.iter_mut().collect();
+        comm.all_reduce_device_f32(&mut refs, &plan).unwrap();
+        for (b, want) in bufs.iter().zip(&values) {
+            assert_eq!(&g.stream.clone_dtoh(b).unwrap(), want);
+        }
+        // A plan of another length is refused, not a wrong launch.
+        let mut refs: Vec<_> = bufs.iter_mut().collect();
+        let short = BucketPlan::new(&lens[..2], 4, 4096).unwrap();
+        assert!(comm.all_reduce_device_f32(&mut refs, &short).is_err());
+    }
+
+    #[test]
+    fn gpu_a_step_through_nccl_or_the_host_at_world_1_is_the_plain_step() {
+        let Some(g) = gpu_with_nccl() else { return };
+        let config: crate::model::Qwen2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let host_model = Policy::Text(
+            Qwen2::random(config, 0.2, 5, &candle_core::Device::Cpu).unwrap(),
+        );
+        let batch = PolicyBatch::Text(
+            TrainBatch::new(&[
+                (&[1u32, 2, 3, 4][..], &[5u32, 6, 7][..]),
+                (&[9u32, 8][..], &[7u32, 6, 5, 4][..]),
+            ])
+            .unwrap(),
+        );
+        let g_t = [0.3f32, -0.2, 0.1, -0.05, 0.2, -0.3, 0.15];
+        let collective: Arc<dyn Collective> = Arc::new(SingleProcess);
+        let mut masters = Vec::new();
+        for reduce in [None, Some(GradReduce::Host), Some(GradReduce::Nccl)] {
+            let mut e = CudaEngine::new(
+                g.clone(),
+                &host_model,
+                AdamW::new(Default::default()).unwrap(),
+            )
+            .unwrap();
+            if let Some(r) = reduce {
+                let what = e.prepare_all_reduce(r, &collective).unwrap();
+                eprintln!("{r:?}: {what}");
+            }
+            let (_, cache) = e
+                .forward(&host_model, &batch, 1.0, Activations::All)
+                .unwrap();
+            e.backward_into(&host_model, &batch, cache, &g_t).unwrap();
+            if reduce.is_some() {
+                e.all_reduce_gradients(&*collective).unwrap();
+            }
+            assert!(matches!(
+                e.step(&host_model, 1e-2, 1.0).unwrap(),
+                StepOutcome::Applied(_)
+            ));
+            masters.push(e.train_step().masters().unwrap());
+        }
+        assert_eq!(masters[0], masters[1], "host-staged sum at world 1");
+        assert_eq!(masters[0], masters[2], "NCCL sum at world 1");
+    }
+}
