@@ -147,7 +147,7 @@ mod tests {
     /// the digest tells different plans apart.
     #[test]
     fn the_plan_is_deterministic_and_its_digest_discriminates() {
-        let lens: Vec<usize> = (0..300).map(|i| (i * 7919) % 5000 + 1).collect();
+        let lens: Vec<usize> = (0..300).map(|i| (i * 7919) % 500 + 1).collect();
         let a = BucketPlan::new(&lens, 4, 4096).unwrap();
         let b = BucketPlan::new(&lens, 4, 4096).unwrap();
         assert_eq!(a, b);
@@ -155,13 +155,11 @@ mod tests {
         check_cover(&a, lens.len());
         assert!(a.buckets().len() > 1);
         let c = BucketPlan::new(&lens, 4, 8192).unwrap();
-        assert_ne!(a.digest(), c.digest());
+        assert!(c.buckets().len() < a.buckets().len());
+        assert!(a.digest() != c.digest());
         let mut other = lens.clone();
         other[17] += 1;
-        assert_ne!(
-            a.digest(),
-            BucketPlan::new(&other, 4, 4096).unwrap().digest()
-        );
+        assert!(a.digest() != BucketPlan::new(&other, 4, 4096).unwrap().digest());
         // A 0.5B-like tree at the default cap: the 136 M-element embedding alone, the layers
         // grouped.
         let mut tree = vec![151_936 * 896];

@@ -471,9 +471,8 @@ mod gpu_tests {
             "tie_word_embeddings": false
         }))
         .unwrap();
-        let host_model = Policy::Text(
-            Qwen2::random(config, 0.2, 5, &candle_core::Device::Cpu).unwrap(),
-        );
+        let host_model =
+            Policy::Text(Qwen2::random(config, 0.2, 5, &candle_core::Device::Cpu).unwrap());
         let batch = PolicyBatch::Text(
             TrainBatch::new(&[
                 (&[1u32, 2, 3, 4][..], &[5u32, 6, 7][..]),
