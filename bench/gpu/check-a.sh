@@ -15,11 +15,21 @@
 #   updater   `engine::cuda::` tests: checkpoint state resumes exactly, gradient checkpointing
 #             equals keeping everything bit for bit, the decoder over the train step's
 #             weights equals an uploaded one                                             ~20–40 s (cap 60)
+#   nccl      `collective::nccl::` tests at world 1 (the tool lends one GPU): the communicator
+#             from a unique id sent over the host collective, bucketed in-place sums, a train
+#             step through NCCL / through the host = the plain step bit for bit; skip (not
+#             fail) when no libnccl.so.2 is found                                        ~5–15 s (cap 30)
 #   train     bench/gpu/train_gpu_vs_cpu.sh: a 3-step GPG `gpg-rl train` on cpu and on cuda
 #             from one recipe (same completions; loss, grad norm, entropy within 1e-3; final
 #             weights within 1e-3 relative L2), exact --resume on cuda, a CPU checkpoint
 #             resumed on cuda                                                           ~60–100 s (cap 130)
 #   total ≈ 2–3.5 min; budget 300 s.
+# Two GPUs (NCCL between ranks) are not checked here: the device tool lends one GPU. On a
+# machine with two, after `cargo build --release -p gpg-rl --features cuda,mpi`:
+#   mpirun -np 2 target/release/gpg-rl train --config R --set device=cuda --set output_dir=/tmp/dp2
+#   target/release/gpg-rl train --config R --set device=cuda --set output_dir=/tmp/dp1
+#   python3 bench/gpu/compare_runs.py /tmp/dp1 /tmp/dp2      # loss, grad norm, final weights
+# (docs/engine.md, "NCCL"); the 2-GPU target (within 10% of linear) stays unmeasured.
 BUDGET_S=300
 source "$(dirname "$0")/common.sh"
 exec > >(tee -a "$OUT/check-a.log") 2>&1
@@ -34,6 +44,9 @@ run_for 100 ops env GPG_RL_REQUIRE_GPU=1 $bin/gpg-tests ops::cuda:: --test-threa
 
 step "updater"
 run_for 60 updater env GPG_RL_REQUIRE_GPU=1 $bin/gpg-tests engine::cuda:: --test-threads 1 2>&1 | tail -n 12
+
+step "NCCL at world 1"
+run_for 30 nccl env GPG_RL_REQUIRE_GPU=1 $bin/gpg-tests collective::nccl:: --test-threads 1 --nocapture 2>&1 | tail -n 12
 
 step "3-step gpg-rl train, cpu vs cuda, resume"
 run_for 130 train bash bench/gpu/train_gpu_vs_cpu.sh $bin/gpg-rl /tmp/gpg-3step cuda 2>&1 | tail -n 25

@@ -34,6 +34,12 @@ libs=""
 for l in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
   f=$(find_lib "$l"); [ -n "$f" ] && libs="$libs:$(dirname "$f")"
 done
+# NCCL (data parallel on GPUs; optional): cudarc loads `libnccl.so`, the nvidia-nccl wheels (and
+# torch's dependencies) ship only `libnccl.so.2`, so a link is made in a directory of our own.
+nccl=$(find_lib libnccl.so.2)
+if [ -n "$nccl" ]; then
+  mkdir -p /tmp/gpg-nccl && ln -sf "$nccl" /tmp/gpg-nccl/libnccl.so && libs="$libs:/tmp/gpg-nccl"
+fi
 export LD_LIBRARY_PATH="${libs#:}:${LD_LIBRARY_PATH:-}"
 
 # The environment in one line: a mismatch shows here, not as a cascade of failures below.
@@ -44,7 +50,7 @@ probe() {
   cuda=$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | awk '{print $3}')
   torchv=$($py -c 'import torch, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU {torch.cuda.is_available()}), transformers {transformers.__version__}")' 2>/dev/null || echo "torch/transformers absent")
   nvrtc=$(find_lib libnvrtc.so.13); cublas=$(find_lib libcublas.so.13)
-  echo "ENV: gpu=${gpu:-none} driver=${driver:-none} driver-cuda=${cuda:-none} | $torchv | libnvrtc.so.13 ${nvrtc:+found}${nvrtc:-MISSING} | libcublas.so.13 ${cublas:+found}${cublas:-MISSING}" | tee -a "$summary"
+  echo "ENV: gpu=${gpu:-none} driver=${driver:-none} driver-cuda=${cuda:-none} | $torchv | libnvrtc.so.13 ${nvrtc:+found}${nvrtc:-MISSING} | libcublas.so.13 ${cublas:+found}${cublas:-MISSING} | libnccl.so.2 ${nccl:+found}${nccl:-absent}" | tee -a "$summary"
   [ -n "$gpu" ] || { verdict probe "FAILED (no GPU: nvidia-smi sees none)"; return 1; }
   [ -n "$nvrtc" ] && [ -n "$cublas" ] || { verdict probe "FAILED (NVRTC/cuBLAS 13 wheels not found under $site)"; return 1; }
   # Kernels are loaded as CUBIN for the device's sm_XY, so NVRTC 13 works with an older driver

@@ -847,6 +847,18 @@ impl CudaTrainStep {
         gpu.sync("optimiser step")
     }
 
+    /// Every gradient buffer, in the tree's order (what a data-parallel run sums in place:
+    /// `train::collective::nccl`).
+    pub fn gradient_buffers_mut(&mut self) -> Result<Vec<&mut CudaSlice<f32>>> {
+        ensure!(
+            !self.frozen,
+            "internal: a forward-only copy on the GPU has no gradients"
+        );
+        let mut out = Vec::new();
+        self.params.visit_mut(|_, p| out.push(&mut p.grad));
+        Ok(out)
+    }
+
     /// The gradients, downloaded by HF name (checks).
     pub fn gradients(&self) -> Result<Vec<(String, Vec<f32>)>> {
         ensure!(

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::collective::Collective;
+use super::engine::TrainEngine;
 
 /// The collective with a clock of the time spent in it.
 pub(crate) struct Comm {
@@ -54,14 +55,15 @@ impl Comm {
         self.timed(|| self.collective.all_reduce_sum_f64(data))
     }
 
-    /// ⊕ Sums the gradient buffers (the model's, or the adapter's A and B) over ranks as one
-    /// flat buffer (packed into chunks).
-    pub(crate) fn all_reduce_grads(&self, mut slices: Vec<&mut [f32]>) -> Result<()> {
+    /// ⊕ Sums the engine's gradients over ranks: host buffers as one flat buffer (packed into
+    /// chunks), or a GPU engine's device buffers (NCCL, or staged through the host), as the
+    /// engine was set up (`TrainEngine::prepare_all_reduce`).
+    pub(crate) fn all_reduce_grads(&self, engine: &mut dyn TrainEngine) -> Result<()> {
         if self.collective.world() == 1 {
             return Ok(());
         }
         let t0 = Instant::now();
-        let out = self.timed(|| self.collective.all_reduce_sum_slices(&mut slices));
+        let out = self.timed(|| engine.all_reduce_gradients(&*self.collective));
         self.grad_seconds
             .set(self.grad_seconds.get() + t0.elapsed().as_secs_f64());
         out

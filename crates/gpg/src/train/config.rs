@@ -83,6 +83,10 @@ pub struct DistributedConfig {
     /// (a rank is stuck or gone). Must exceed the longest imbalance between ranks (e.g. one
     /// rank's slowest rollout).
     pub timeout_s: f64,
+    /// What sums the gradients: `auto` (NCCL on a GPU, the host collective on the CPU),
+    /// `nccl` (GPU runs only) or `host` (MPI; a GPU run stages its gradients through host
+    /// memory). Loss sums, broadcasts and checks always go over the host collective.
+    pub backend: crate::train::collective::GradBackend,
 }
 
 impl Default for DistributedConfig {
@@ -90,6 +94,7 @@ impl Default for DistributedConfig {
         Self {
             weight_check_every: 10,
             timeout_s: 1800.0,
+            backend: Default::default(),
         }
     }
 }

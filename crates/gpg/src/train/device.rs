@@ -6,9 +6,11 @@
 //! (`model::cuda_train::CudaTrainStep`, read in place by the CUDA decoder).
 //!
 //! What a GPU run does not support is refused before the device is opened or anything loaded
-//! ([`TrainDevice::open_for`]): LoRA, data parallel over several ranks (it needs an NCCL
-//! collective, not written) and vision-language models. A build without the `cuda` feature
-//! refuses a CUDA device first, saying how to rebuild.
+//! ([`TrainDevice::open_for`]): LoRA and vision-language models. A build without the `cuda`
+//! feature refuses a CUDA device first, saying how to rebuild. A data-parallel GPU run is one
+//! process per GPU: `device = "cuda"` opens `cuda:<local rank>` (the launcher's node-local
+//! rank), `cuda:N` opens N as written (e.g. with one visible device per rank); the gradients are
+//! summed by NCCL (`train::collective::nccl`) or over the host collective.
 
 use std::path::Path;
 
@@ -59,7 +61,11 @@ impl TrainDevice {
         if !name.is_cpu() && cfg!(feature = "cuda") {
             refuse_on_gpu(&name.to_string(), needs)?;
         }
-        Self::open(name)
+        Self::open(&rank_device(
+            name,
+            needs.world,
+            super::collective::local_rank(),
+        ))
     }
 
     pub fn is_cpu(&self) -> bool {
@@ -76,16 +82,19 @@ impl TrainDevice {
     }
 }
 
+/// The device this rank opens: with several ranks, `cuda` (no index) is `cuda:<local rank>`,
+/// one GPU per process on each node; anything else as written.
+pub fn rank_device(name: &DeviceName, world: usize, local_rank: Option<usize>) -> DeviceName {
+    match local_rank {
+        Some(r) if world > 1 && name.to_string() == "cuda" => format!("cuda:{r}")
+            .parse()
+            .expect("cuda:N is a device name"),
+        _ => name.clone(),
+    }
+}
+
 /// The GPU path's limits (a function of the request only, so that it is tested without a GPU).
 pub fn refuse_on_gpu(device: &str, needs: RunNeeds<'_>) -> Result<()> {
-    if needs.world > 1 {
-        bail!(
-            "device `{device}` with {} ranks: data-parallel training on GPUs needs an NCCL \
-             collective, which is not written yet (the MPI/TCP collectives reduce host buffers); \
-             run one process per GPU job, or train data-parallel on the CPU",
-            needs.world
-        );
-    }
     if needs.lora {
         bail!(
             "device `{device}` with [lora]: LoRA training runs on the CPU only so far (the GPU \
@@ -130,15 +139,29 @@ mod tests {
     }
 
     #[test]
+    fn each_rank_opens_its_node_local_gpu() {
+        let d = |s: &str| s.parse::<DeviceName>().unwrap();
+        assert_eq!(rank_device(&d("cuda"), 4, Some(3)), d("cuda:3"));
+        assert_eq!(rank_device(&d("cuda"), 1, Some(3)), d("cuda"));
+        assert_eq!(rank_device(&d("cuda"), 4, None), d("cuda"));
+        assert_eq!(rank_device(&d("cuda:1"), 4, Some(3)), d("cuda:1"));
+        assert_eq!(rank_device(&d("cpu"), 4, Some(3)), d("cpu"));
+    }
+
+    #[test]
     fn gpu_limits_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         refuse_on_gpu("cuda:0", needs(dir.path())).unwrap();
         let err = |n: RunNeeds<'_>| refuse_on_gpu("cuda:0", n).unwrap_err().to_string();
-        let e = err(RunNeeds {
-            world: 2,
-            ..needs(dir.path())
-        });
-        assert!(e.contains("NCCL") && e.contains("2 ranks"), "{e}");
+        // Several ranks train on GPUs (NCCL), one GPU each.
+        refuse_on_gpu(
+            "cuda",
+            RunNeeds {
+                world: 2,
+                ..needs(dir.path())
+            },
+        )
+        .unwrap();
         let e = err(RunNeeds {
             lora: true,
             ..needs(dir.path())

@@ -8,9 +8,12 @@
 //!   contributions in rank order, so every rank gets bit-identical results);
 //! * `Mpi` (cargo feature `mpi`): one rank per process started by `mpirun` / `srun`
 //!   ([`mpi::MpiCollective`]).
-//! * NCCL (GPU) is meant to be one more implementation of the same trait once the CUDA engine
-//!   holds gradients on the device: cudarc's `nccl` module, its 128-byte unique id broadcast
-//!   over MPI with [`Collective::broadcast_bytes`]; see docs/training.md, "Several machines".
+//! * `Nccl` (feature `cuda`, [`nccl::NcclCollective`]): one rank per process and GPU, over a
+//!   host collective (MPI) that gives the rank, the world and carries NCCL's unique id; the
+//!   host operations of the trait (loss sums, broadcasts, barrier) stay on the host
+//!   collective, and the CUDA engine's gradients are summed in place on the device, in
+//!   buckets ([`BucketPlan`]). Which transport sums the gradients is chosen by
+//!   [`GradReduce::select`] from `[distributed] backend` (docs/training.md).
 //!
 //! # Contract
 //!
@@ -24,13 +27,18 @@
 //! Large buffers go through in chunks of [`CHUNK_ELEMS`] elements (bounded staging memory; MPI
 //! counts are 32-bit).
 
+mod buckets;
 mod threads;
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
+pub use buckets::{BucketPlan, BUCKET_BYTES};
 pub use threads::{ThreadGroup, ThreadMember};
 
 /// Elements per chunk of a large all-reduce (16 Mi elements: 64 MB of f32).
@@ -203,6 +211,79 @@ impl Collective for SingleProcess {
         Ok(())
     }
     fn abort(&self, _: &str) {}
+}
+
+/// What sums the gradients of a data-parallel run (`[distributed] backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GradBackend {
+    /// NCCL when the run trains on a GPU, the host collective on the CPU.
+    #[default]
+    Auto,
+    /// NCCL on the device's gradient buffers (a GPU run only).
+    Nccl,
+    /// The host collective (MPI): a GPU run downloads its gradients, sums them on the host and
+    /// uploads the sums (slower; for a machine without NCCL).
+    Host,
+}
+
+impl std::fmt::Display for GradBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GradBackend::Auto => "auto",
+            GradBackend::Nccl => "nccl",
+            GradBackend::Host => "host",
+        })
+    }
+}
+
+/// How this run sums its gradients over ranks ([`GradReduce::select`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradReduce {
+    /// World 1: nothing to sum.
+    Single,
+    /// The host collective, on host buffers (a GPU run stages through host memory).
+    Host,
+    /// NCCL, on the device buffers of a GPU run.
+    Nccl,
+}
+
+impl GradReduce {
+    /// The choice for `backend` on a run whose device is a GPU (`on_gpu`) with `world` ranks:
+    /// world 1 sums nothing; `auto` is NCCL on a GPU and the host collective on the CPU;
+    /// `nccl` on the CPU is refused (NCCL reduces device buffers).
+    pub fn select(backend: GradBackend, on_gpu: bool, world: usize) -> Result<Self> {
+        if world <= 1 {
+            return Ok(GradReduce::Single);
+        }
+        Ok(match (backend, on_gpu) {
+            (GradBackend::Nccl, false) => bail!(
+                "[distributed] backend = \"nccl\" sums GPU gradients, but this run trains on the \
+                 CPU: use backend = \"auto\" or \"host\", or device = \"cuda\""
+            ),
+            (GradBackend::Auto | GradBackend::Nccl, true) => GradReduce::Nccl,
+            (GradBackend::Auto | GradBackend::Host, _) => GradReduce::Host,
+        })
+    }
+}
+
+/// This process's rank among the ranks of its node, as the launcher announces it (OpenMPI,
+/// MPICH/Hydra, Slurm, torchrun-style `LOCAL_RANK`): a GPU run with several ranks on a node
+/// opens `cuda:<local rank>` for `device = "cuda"`.
+pub fn local_rank() -> Option<usize> {
+    local_rank_from(|v| std::env::var(v).ok())
+}
+
+/// [`local_rank`] over an environment lookup (tests).
+pub fn local_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .into_iter()
+    .find_map(|v| var(v)?.trim().parse().ok())
 }
 
 /// The collective this process was started for: MPI when launched by `mpirun`/`srun` (the

@@ -173,3 +173,92 @@ fn mismatched_operations_are_an_error_not_garbage() {
         .iter()
         .all(|r| r.as_ref().is_err_and(|e| e.contains("mismatch"))));
 }
+
+/// `[distributed] backend`: world 1 sums nothing; `auto` is NCCL on a GPU and the host
+/// collective on the CPU; `nccl` on the CPU is refused with the fix; `host` always stages.
+#[test]
+fn the_gradient_backend_is_selected_from_the_recipe_device_and_world() {
+    use GradBackend::*;
+    for backend in [Auto, Nccl, Host] {
+        for gpu in [false, true] {
+            assert_eq!(
+                GradReduce::select(backend, gpu, 1).unwrap(),
+                GradReduce::Single
+            );
+        }
+    }
+    assert_eq!(GradReduce::select(Auto, true, 2).unwrap(), GradReduce::Nccl);
+    assert_eq!(GradReduce::select(Nccl, true, 8).unwrap(), GradReduce::Nccl);
+    assert_eq!(
+        GradReduce::select(Auto, false, 2).unwrap(),
+        GradReduce::Host
+    );
+    assert_eq!(
+        GradReduce::select(Host, false, 2).unwrap(),
+        GradReduce::Host
+    );
+    assert_eq!(GradReduce::select(Host, true, 2).unwrap(), GradReduce::Host);
+    let e = GradReduce::select(Nccl, false, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("nccl") && e.contains("CPU") && e.contains("host"),
+        "{e}"
+    );
+}
+
+/// The recipe key parses (lowercase names, default `auto`), unknown names are refused.
+#[test]
+fn the_backend_key_parses() {
+    use crate::train::config::DistributedConfig;
+    let parse = |s: &str| toml::from_str::<DistributedConfig>(s);
+    assert_eq!(parse("").unwrap().backend, GradBackend::Auto);
+    assert_eq!(
+        parse("backend = \"nccl\"").unwrap().backend,
+        GradBackend::Nccl
+    );
+    assert_eq!(
+        parse("backend = \"host\"").unwrap().backend,
+        GradBackend::Host
+    );
+    assert_eq!(
+        parse("backend = \"auto\"").unwrap().backend,
+        GradBackend::Auto
+    );
+    assert!(parse("backend = \"gloo\"").is_err());
+    for b in [GradBackend::Auto, GradBackend::Nccl, GradBackend::Host] {
+        let text = toml::to_string(&DistributedConfig {
+            backend: b,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(text.contains(&format!("backend = \"{b}\"")), "{text}");
+        assert_eq!(parse(&text).unwrap().backend, b);
+    }
+}
+
+#[test]
+fn the_node_local_rank_comes_from_the_launcher() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |v: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == v)
+                .map(|(_, x)| x.to_string())
+        }
+    };
+    assert_eq!(local_rank_from(env(&[])), None);
+    assert_eq!(
+        local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
+        Some(3)
+    );
+    assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", "1")])), Some(1));
+    assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "2")])), Some(2));
+    assert_eq!(local_rank_from(env(&[("LOCAL_RANK", "x")])), None);
+    // OpenMPI's variable first.
+    assert_eq!(
+        local_rank_from(env(&[
+            ("LOCAL_RANK", "5"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        ])),
+        Some(0)
+    );
+}

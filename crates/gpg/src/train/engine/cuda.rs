@@ -28,6 +28,8 @@ use crate::model::ops::cuda::Gpu;
 use crate::model::{Activations, Qwen2, TokenLogprobs};
 use crate::optim::{clip_scale, AdamW, AdamWConfig, GradClip, StepScalars};
 
+use super::super::collective::nccl::DeviceGradReduce;
+use super::super::collective::{Collective, GradReduce};
 use super::super::policy::{Policy, PolicyBatch};
 use super::{
     master_buffers, optimizer_checkpoint, state_from_moments, OptimizerMeta, StepCache,
@@ -40,6 +42,8 @@ pub struct CudaEngine {
     config: AdamWConfig,
     /// Per-parameter AdamW step counts (the moments are on the device).
     steps: BTreeMap<String, u64>,
+    /// The gradient sum of a data-parallel run (None: one rank).
+    reduce: Option<DeviceGradReduce>,
 }
 
 impl CudaEngine {
@@ -72,6 +76,7 @@ impl CudaEngine {
                 .iter()
                 .map(|(n, p)| (n.clone(), p.step))
                 .collect(),
+            reduce: None,
         })
     }
 
@@ -156,6 +161,25 @@ impl TrainEngine for CudaEngine {
 
     fn gradient_buffers_mut(&mut self) -> Vec<&mut [f32]> {
         Vec::new()
+    }
+
+    fn prepare_all_reduce(
+        &mut self,
+        reduce: GradReduce,
+        collective: &Arc<dyn Collective>,
+    ) -> Result<String> {
+        let (r, what) = DeviceGradReduce::new(reduce, collective, &mut self.step)?;
+        self.reduce = r;
+        Ok(what)
+    }
+
+    fn all_reduce_gradients(&mut self, collective: &dyn Collective) -> Result<()> {
+        match &self.reduce {
+            Some(r) => r.all_reduce(&mut self.step, collective),
+            None => {
+                bail!("internal: a data-parallel GPU run without its gradient all-reduce set up")
+            }
+        }
     }
 
     fn zero_grad(&mut self) -> Result<()> {

@@ -17,6 +17,7 @@
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ use crate::model::decoding::DecodeEngine;
 use crate::model::{Activations, Qwen2, TokenLogprobs};
 use crate::optim::{AdamW, AdamWConfig, AdamWState, GradClip, ParamState};
 
+use super::collective::{Collective, GradReduce};
 use super::device::TrainDevice;
 use super::policy::{Policy, PolicyBatch};
 
@@ -127,8 +129,34 @@ pub trait TrainEngine {
     fn sync_host(&self, model: &mut Policy) -> Result<()>;
 
     /// Every host gradient buffer the step applies, in a fixed order: what a data-parallel run
-    /// all-reduces (a GPU run has none: it runs on one rank).
+    /// all-reduces (a GPU run has none: its gradients are on the device).
     fn gradient_buffers_mut(&mut self) -> Vec<&mut [f32]>;
+
+    /// Sets up the gradient sum of a data-parallel run (`reduce`, from
+    /// [`GradReduce::select`]) over `collective`'s ranks and says what it is, for the log.
+    /// Default (host gradient buffers): nothing to set up; NCCL is refused.
+    fn prepare_all_reduce(
+        &mut self,
+        reduce: GradReduce,
+        collective: &Arc<dyn Collective>,
+    ) -> Result<String> {
+        match reduce {
+            GradReduce::Nccl => {
+                anyhow::bail!("internal: NCCL sums device gradients; this engine's are on the host")
+            }
+            GradReduce::Host => Ok(format!(
+                "host: gradient buffers summed over {}",
+                collective.backend()
+            )),
+            GradReduce::Single => Ok("single process".into()),
+        }
+    }
+
+    /// ⊕ Sums the gradients over the ranks, in place (every rank at the same point). Default:
+    /// [`Self::gradient_buffers_mut`] as one flat buffer over the host collective.
+    fn all_reduce_gradients(&mut self, collective: &dyn Collective) -> Result<()> {
+        collective.all_reduce_sum_slices(&mut self.gradient_buffers_mut())
+    }
 
     fn zero_grad(&mut self) -> Result<()>;
 

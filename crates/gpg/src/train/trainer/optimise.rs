@@ -298,8 +298,7 @@ impl Trainer {
     /// ⊕ The loss and metric sums; ⊕ the gradient buffer (one chunked all-reduce).
     pub(super) fn all_reduce(&mut self, sums: &mut LossSums) -> Result<()> {
         self.comm.all_reduce_f64(&mut sums.0)?;
-        self.comm
-            .all_reduce_grads(self.engine.gradient_buffers_mut())
+        self.comm.all_reduce_grads(&mut *self.engine)
     }
 
     /// Clipping and the AdamW step, unless the loss or the gradient norm is not finite (then

@@ -15,7 +15,7 @@ use crate::data::{prompts_digest, EpochSampler, PreparedPrompt, SamplerState};
 use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 
-use super::super::collective::{Collective, SingleProcess};
+use super::super::collective::{Collective, GradReduce, SingleProcess};
 use super::super::comm::Comm;
 use super::super::config::TrainConfig;
 use super::super::device::{RunNeeds, TrainDevice};
@@ -72,6 +72,17 @@ impl Trainer {
         // same (it was saved from this model).
         let kind = ModelKind::of_dir(&config.model);
         check_recipe(&config, kind)?;
+        // What sums the gradients ([distributed] backend): chosen before anything is loaded, and
+        // for NCCL every rank checks first that libnccl loads (all fail together otherwise).
+        let reduce = GradReduce::select(
+            config.distributed.backend,
+            !config.device.is_cpu(),
+            collective.world(),
+        )?;
+        #[cfg(feature = "cuda")]
+        if reduce == GradReduce::Nccl {
+            super::super::collective::nccl::check_library(&*collective)?;
+        }
         // The host model lives on the CPU; on a GPU run the trained weights live on the device
         // (train/device.rs), and what the GPU path does not support is refused here.
         let train_device = TrainDevice::open_for(
@@ -126,7 +137,7 @@ impl Trainer {
         )?;
         let reward = config.reward.build()?;
         let schedule = config.optim.schedule.build(config.optim.lr, config.steps)?;
-        let start = match &resume_from {
+        let mut start = match &resume_from {
             None => StartPoint {
                 step: 0,
                 sampler: EpochSampler::weighted(
@@ -147,6 +158,13 @@ impl Trainer {
                 prompts.len(),
             )?,
         };
+        let reduced_by = start.engine.prepare_all_reduce(reduce, &collective)?;
+        if root && collective.world() > 1 {
+            eprintln!(
+                "[distributed] backend = \"{}\": gradients summed by {reduced_by}",
+                config.distributed.backend
+            );
+        }
         let log = if root {
             Some(open_run_folder(&config, start.step)?)
         } else {
