@@ -228,7 +228,14 @@ fn evaluate_vl(options: &EvalOptions) -> Result<EvalOutcome> {
         );
     }
     run_evaluation(options, &name, |on_chunk| {
-        evaluate_vl_with_progress(&model, &tokenizer, &processor, &items, &config, on_chunk)
+        evaluate_vl_with_progress(
+            model.view(),
+            &tokenizer,
+            &processor,
+            &items,
+            &config,
+            on_chunk,
+        )
     })
 }
 

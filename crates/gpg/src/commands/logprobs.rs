@@ -14,8 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::data::vl_chat::{encode_chat, parse_messages};
 use crate::image::{ImageProcessor, ProcessedImage};
 use crate::model::{
-    DeviceName, ModelKind, Precision, Qwen2, Qwen2VL, TokenLogprobs, TrainBatch, VlBatch,
-    VlSequence,
+    Batch, DeviceName, ModelKind, Precision, Qwen2, Qwen2VL, TokenLogprobs, TrainBatch, VlSequence,
 };
 use crate::tokenizer::Tokenizer;
 
@@ -264,7 +263,7 @@ fn logprobs_vl(
                 images: &l.images,
             })
             .collect();
-        let batch = VlBatch::new(&model.config, &seqs)?;
+        let batch = Batch::new(&model.config, &seqs)?;
         let result = model.logprobs(&batch, 1.0)?;
         for (j, l) in lines[start..end].iter().enumerate() {
             let span = batch.text.completion_offsets[j]..batch.text.completion_offsets[j + 1];

@@ -20,9 +20,9 @@ use super::{EvalConfig, EvalProgress, EvalReport, ItemResult, SampleResult};
 use crate::data::vl_chat::{encode_chat, parse_messages, VlChat};
 use crate::data::ChatMessage;
 use crate::image::ImageProcessor;
-use crate::model::qwen2_vl::{Qwen2VL, IMAGE_PLACEHOLDER};
+use crate::model::qwen2_vl::{VlModel, IMAGE_PLACEHOLDER};
 use crate::reward::visual::{answer_text, visual_accuracy};
-use crate::rollout;
+use crate::rollout::{self, PromptImages};
 use crate::tokenizer::Tokenizer;
 
 /// One image question.
@@ -102,7 +102,7 @@ pub fn load_vl_items(path: &Path, system_prompt: Option<&str>) -> Result<Vec<VlE
 /// Samples `config.samples` completions per item with its images and checks them by visual
 /// accuracy; `on_chunk` is called after each chunk as in [`super::evaluate_with_progress`].
 pub fn evaluate_vl_with_progress(
-    model: &Qwen2VL,
+    model: VlModel<'_>,
     tokenizer: &Tokenizer,
     processor: &ImageProcessor,
     items: &[VlEvalItem],
@@ -115,8 +115,9 @@ pub fn evaluate_vl_with_progress(
     let max_positions = model.config.text.max_position_embeddings;
     // Encode every prompt (and process every image) first: a bad item fails before sampling.
     let mut prompts = Vec::with_capacity(items.len());
+    let mut prompt_images = Vec::with_capacity(items.len());
     for item in items {
-        let (ids, images) = encode_chat(&model.config, tokenizer, processor, &item.chat, true)
+        let (ids, images) = encode_chat(model.config, tokenizer, processor, &item.chat, true)
             .with_context(|| format!("eval item {}: encoding its prompt", item.id))?;
         ensure!(
             ids.len() + config.max_new_tokens <= max_positions,
@@ -126,18 +127,26 @@ pub fn evaluate_vl_with_progress(
             config.max_new_tokens,
             max_positions
         );
-        prompts.push((ids, images));
+        prompts.push(ids);
+        prompt_images.push(images);
     }
     let mut per_item = Vec::with_capacity(items.len());
     let mut generated_tokens = 0usize;
     for first in (0..items.len()).step_by(config.batch_prompts) {
         let end = (first + config.batch_prompts).min(items.len());
         let chunk = &items[first..end];
-        let completions = rollout::generate_vl(
+        let images = PromptImages {
             model,
+            images: &prompt_images[first..end],
+        };
+        let completions = rollout::generate_on(
+            model.text,
+            model.text,
             tokenizer,
             &prompts[first..end],
+            Some(images),
             &config.sampling_params(first),
+            0,
         )
         .with_context(|| format!("eval: sampling items {}..={end}", first + 1))?;
         ensure!(

@@ -45,12 +45,12 @@ pub struct CudaEngine {
 impl CudaEngine {
     /// Uploads `model`'s parameters and `optimizer`'s moments (when resuming).
     pub fn new(gpu: Arc<Gpu>, model: &Policy, optimizer: AdamW) -> Result<Self> {
-        let Policy::Text(m) = model else {
-            bail!(
-                "vision-language models do not train on {} yet (no CUDA kernels for the tower)",
-                gpu.description()
-            )
-        };
+        ensure!(
+            model.vision().is_none(),
+            "vision-language models do not train on {} yet (no CUDA kernels for the tower)",
+            gpu.description()
+        );
+        let m = model.text();
         ensure!(
             m.adapter().is_none(),
             "LoRA adapters do not train on {} yet",
@@ -89,10 +89,11 @@ fn text<'a, 'b>(
     model: &'a Policy,
     batch: &'b PolicyBatch,
 ) -> Result<(&'a Qwen2, &'b crate::model::TrainBatch)> {
-    match (model, batch) {
-        (Policy::Text(m), PolicyBatch::Text(b)) => Ok((m, b)),
-        _ => bail!("internal: the GPU engine trains text models only"),
-    }
+    ensure!(
+        model.vision().is_none() && batch.images.is_none(),
+        "internal: the GPU engine trains text models only"
+    );
+    Ok((model.text(), &batch.text))
 }
 
 impl TrainEngine for CudaEngine {
@@ -292,7 +293,7 @@ mod gpu_tests {
     const G: [f32; 7] = [0.3, -0.2, 0.1, -0.05, 0.2, -0.3, 0.15];
 
     fn gpu_step(u: &mut CudaEngine, host: &Policy, b: &TrainBatch) {
-        let b = PolicyBatch::Text(b.clone());
+        let b = PolicyBatch::text_only(b.clone());
         let (_, cache) = u.forward(host, &b, 1.0, Activations::All).unwrap();
         u.backward_into(host, &b, cache, &G).unwrap();
         assert!(matches!(
@@ -314,7 +315,7 @@ mod gpu_tests {
         let Some(g) = gpu() else { return };
         let b = batch();
         for (precision, tied) in [(Precision::F32, true), (Precision::Bf16, false)] {
-            let mut host = Policy::Text(model(precision, tied));
+            let mut host = Policy::from_text(model(precision, tied));
             let mut u = engine(&g, &host, AdamW::new(Default::default()).unwrap());
             gpu_step(&mut u, &host, &b);
             gpu_step(&mut u, &host, &b);
@@ -327,7 +328,7 @@ mod gpu_tests {
             };
             // GPU → GPU: the same third step, bit for bit.
             let (opt, mut map) = restore();
-            let mut resumed_host = Policy::Text(host.text().clone());
+            let mut resumed_host = Policy::from_text(host.text().clone());
             let mut r = engine(&g, &resumed_host, opt);
             r.restore_master(&mut resumed_host, &mut map).unwrap();
             assert!(
@@ -348,10 +349,10 @@ mod gpu_tests {
             );
             // GPU checkpoint → CPU: the third step within the engines' tolerance.
             let (opt, mut map) = restore();
-            let mut cpu_model = Policy::Text(host.text().clone());
+            let mut cpu_model = Policy::from_text(host.text().clone());
             let mut cpu = CpuEngine::new(&cpu_model, opt).unwrap();
             cpu.restore_master(&mut cpu_model, &mut map).unwrap();
-            let pb = PolicyBatch::Text(b.clone());
+            let pb = PolicyBatch::text_only(b.clone());
             let (_, cache) = cpu.forward(&cpu_model, &pb, 1.0, Activations::All).unwrap();
             cpu.backward_into(&cpu_model, &pb, cache, &G).unwrap();
             cpu.step(&cpu_model, 1e-2, 1.0).unwrap();
@@ -396,10 +397,10 @@ mod gpu_tests {
     #[test]
     fn gpu_micro_batch_without_completion_tokens_adds_nothing() {
         let Some(g) = gpu() else { return };
-        let host = Policy::Text(model(Precision::F32, true));
+        let host = Policy::from_text(model(Precision::F32, true));
         let new = || engine(&g, &host, AdamW::new(Default::default()).unwrap());
         let (mut a, mut c) = (new(), new());
-        let empty = PolicyBatch::Text(
+        let empty = PolicyBatch::text_only(
             TrainBatch::new(&[(&[1u32, 2][..], &[][..]), (&[3u32][..], &[][..])]).unwrap(),
         );
         let (lp, cache) = a.forward(&host, &empty, 1.0, Activations::All).unwrap();
@@ -420,8 +421,8 @@ mod gpu_tests {
         let Some(g) = gpu() else { return };
         let b = batch();
         for (precision, tied) in [(Precision::F32, true), (Precision::Bf16, false)] {
-            let host = Policy::Text(model(precision, tied));
-            let pb = PolicyBatch::Text(b.clone());
+            let host = Policy::from_text(model(precision, tied));
+            let pb = PolicyBatch::text_only(b.clone());
             let grads = |keep: Activations| {
                 let mut u = engine(&g, &host, AdamW::new(Default::default()).unwrap());
                 let (lp, cache) = u.forward(&host, &pb, 1.0, keep).unwrap();
@@ -446,7 +447,7 @@ mod gpu_tests {
     fn gpu_decoder_over_the_train_step_equals_the_uploaded_one() {
         let Some(g) = gpu() else { return };
         for precision in [Precision::F32, Precision::Bf16] {
-            let mut host = Policy::Text(model(precision, true));
+            let mut host = Policy::from_text(model(precision, true));
             let mut u = engine(&g, &host, AdamW::new(Default::default()).unwrap());
             gpu_step(&mut u, &host, &batch());
             u.sync_host(&mut host).unwrap();

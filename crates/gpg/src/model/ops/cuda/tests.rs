@@ -736,7 +736,7 @@ fn gpu_train_step_matches_the_cpu_engine() {
         let (lp, cache) = model
             .forward_train_with(&batch, 0.9, Activations::All)
             .unwrap();
-        let host = Policy::Text(model.clone());
+        let host = Policy::from_text(model.clone());
         let mut updater =
             CpuEngine::new(&host, AdamW::new(AdamWConfig::default()).unwrap()).unwrap();
         model
@@ -754,7 +754,7 @@ fn gpu_train_step_matches_the_cpu_engine() {
             AdamW::new(AdamWConfig::default()).unwrap(),
         )
         .unwrap();
-        let pb = PolicyBatch::Text(batch.clone());
+        let pb = PolicyBatch::text_only(batch.clone());
         let (lpg, cg) = step.forward(&host, &pb, 0.9, Activations::All).unwrap();
         let (tol_lp, tol_g) = if precision == Precision::F32 {
             (1e-5, 1e-4)
@@ -801,7 +801,7 @@ fn gpu_train_step_matches_the_cpu_engine() {
             panic!("{what}: the GPU step was skipped");
         };
         assert!(clip.finite && clip.norm.is_finite());
-        let mut gpu_model = Policy::Text(model.clone());
+        let mut gpu_model = Policy::from_text(model.clone());
         step.sync_host(&mut gpu_model).unwrap();
         let gpu_model = gpu_model.text().clone();
         for ((name, a), (_, b)) in cpu_model
