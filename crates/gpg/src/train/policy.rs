@@ -24,7 +24,8 @@ use crate::data::vl_chat::{encode_chat, VlChat};
 use crate::data::{
     Location, LongPromptPolicy, PreparedPrompt, Prompt, PromptDatasetConfig, PromptRecord,
 };
-use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items, VlEvalItem};
+use crate::eval::vl::load_vl_items;
+use crate::eval::{evaluate_on, EvalItem, Vision};
 use crate::image::{load_rgb, ImageProcessor, ProcessedImage};
 use crate::model::lora::{Adapter, AdapterGrads};
 use crate::model::vision::{VisionGrads, VisionWeights};
@@ -431,10 +432,15 @@ impl Policy {
                     max_new_tokens,
                     seed,
                 );
-                let report = evaluate_vl_with_progress(
-                    vl,
+                let vision = Vision {
+                    model: vl,
+                    processor: &v.processor,
+                };
+                let report = evaluate_on(
+                    &self.text,
+                    &*engine.decode_engine(&self.text)?,
+                    Some(vision),
                     tokenizer,
-                    &v.processor,
                     &items,
                     &config,
                     &mut |_, _| Ok(()),
@@ -557,42 +563,46 @@ impl Tower {
             .enumerate()
             .map(|(i, item)| {
                 let location = Location::new(file.clone(), "item", i + 1);
-                let (ids, _) =
-                    encode_chat(&self.config, tokenizer, &self.processor, &item.chat, true)
-                        .with_context(|| {
-                            format!("{location} (id {}): encoding the prompt", item.id)
-                        })?;
+                let Prompt::Chat(messages) = item.prompt else {
+                    bail!("{location}: an image question must be a chat");
+                };
+                let chat = VlChat {
+                    messages,
+                    images: item.images,
+                };
+                let (ids, _) = encode_chat(&self.config, tokenizer, &self.processor, &chat, true)
+                    .with_context(|| {
+                    format!("{location} (id {}): encoding the prompt", item.id)
+                })?;
                 Ok(PreparedPrompt {
                     record: PromptRecord {
                         id: item.id,
-                        prompt: Prompt::Chat(item.chat.messages),
+                        prompt: Prompt::Chat(chat.messages),
                         answer: Some(item.gold),
                         location,
                         columns: Default::default(),
                     },
                     ids,
-                    images: item.chat.images,
+                    images: chat.images,
                 })
             })
             .collect()
     }
 
     /// The evaluation item of a prepared prompt (its chat, images and gold answer).
-    fn eval_item(p: &PreparedPrompt) -> Result<VlEvalItem> {
+    fn eval_item(p: &PreparedPrompt) -> Result<EvalItem> {
         let Prompt::Chat(messages) = &p.record.prompt else {
             bail!("{}: an image prompt must be a chat", p.record.location);
         };
-        Ok(VlEvalItem {
+        Ok(EvalItem {
             id: p.record.id.clone(),
-            chat: VlChat {
-                messages: messages.clone(),
-                images: p.images.clone(),
-            },
+            prompt: Prompt::Chat(messages.clone()),
             gold: p
                 .record
                 .answer
                 .clone()
                 .with_context(|| format!("{}: no gold answer", p.record.location))?,
+            images: p.images.clone(),
         })
     }
 }
