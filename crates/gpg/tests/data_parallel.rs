@@ -81,7 +81,7 @@ fn weights(t: &Trainer) -> anyhow::Result<Weights> {
         .map(|(n, w)| Ok((n, w.flatten_all()?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
     if let Some(v) = t.model.vision() {
-        for (n, w) in v.model.visual.named() {
+        for (n, w) in v.visual.named() {
             out.push((format!("visual.{n}"), w.flatten_all()?.to_vec1::<f32>()?));
         }
     }

@@ -46,7 +46,7 @@ fn a_gpg_step_raises_good_and_lowers_bad_completions() {
         weight_decay: 0.0,
         ..AdamWConfig::default()
     };
-    let policy = Policy::Text(model.clone());
+    let policy = Policy::from_text(model.clone());
     let mut engine = CpuEngine::new(&policy, AdamW::new(adamw).unwrap()).unwrap();
     let acc = engine.gradients_mut().decoder.as_mut().unwrap();
     acc.zip_mut(&grads, |_, a, g| {

@@ -59,7 +59,7 @@ fn image_processor_matches_transformers_bit_for_bit() {
 
 use gpg::candle_core::Tensor;
 use gpg::image::ProcessedImage;
-use gpg::model::{Precision, Qwen2VL, VlBatch, VlSequence};
+use gpg::model::{Batch, Precision, Qwen2VL, VlSequence};
 use serde_json::Value;
 
 mod fixture_json;
@@ -118,7 +118,7 @@ fn cases(name: &str) -> Vec<Case> {
         .collect()
 }
 
-fn batch(model: &Qwen2VL, cases: &[Case]) -> VlBatch {
+fn batch(model: &Qwen2VL, cases: &[Case]) -> Batch {
     let seqs: Vec<VlSequence<'_>> = cases
         .iter()
         .map(|c| VlSequence {
@@ -127,7 +127,7 @@ fn batch(model: &Qwen2VL, cases: &[Case]) -> VlBatch {
             images: &c.images,
         })
         .collect();
-    VlBatch::new(&model.config, &seqs).unwrap()
+    Batch::new(&model.config, &seqs).unwrap()
 }
 
 #[test]

@@ -91,10 +91,7 @@ fn packed(policy: &Policy, cases: &[(PreparedPrompt, Vec<u32>, Vec<f32>)]) -> Po
 
 /// (checkpoint name, gradient) of every parameter the engine trains.
 fn named_grads(policy: &Policy, engine: &mut CpuEngine) -> Vec<(String, Vec<f32>)> {
-    assert!(
-        matches!(policy, Policy::Vision(_)),
-        "not a vision-language policy"
-    );
+    assert!(policy.vision().is_some(), "not a vision-language policy");
     engine.named_gradients(policy).unwrap()
 }
 
@@ -187,11 +184,9 @@ fn the_gpg_objectives_gradient_matches_finite_differences_through_the_tower() {
         .backward_into(&policy, &batch, cache, &out.token_weights)
         .unwrap();
     let grads = named_grads(&policy, &mut updater);
-    let Policy::Vision(v) = &policy else {
-        unreachable!()
-    };
+    let v = policy.vl().unwrap();
     let params: std::collections::HashMap<String, Tensor> =
-        v.model.parameters().unwrap().into_iter().collect();
+        v.parameters().unwrap().into_iter().collect();
     for name in [
         "visual.patch_embed.proj.weight",
         "visual.blocks.0.attn.qkv.weight",
@@ -222,11 +217,8 @@ fn the_gpg_objectives_gradient_matches_finite_differences_through_the_tower() {
 
 /// Every parameter's values by checkpoint name.
 fn values(policy: &Policy) -> Vec<(String, Vec<f32>)> {
-    let Policy::Vision(v) = policy else {
-        unreachable!()
-    };
-    v.model
-        .parameters()
+    let v = policy.vl().unwrap();
+    v.parameters()
         .unwrap()
         .into_iter()
         .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))

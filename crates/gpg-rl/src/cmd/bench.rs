@@ -277,14 +277,14 @@ fn engine(args: &EngineArgs) -> Result<()> {
         } else {
             // The train step updates the model's tensors in place (the sampling below then runs on
             // the updated weights, which does not change its cost).
-            let train_model = Policy::Text(dir.model.clone());
+            let train_model = Policy::from_text(dir.model.clone());
             let keep = if args.gradient_checkpointing {
                 gpg::model::Activations::LayerInputs
             } else {
                 gpg::model::Activations::All
             };
             let mut engine = CpuEngine::new(&train_model, AdamW::new(AdamWConfig::default())?)?;
-            let batch = PolicyBatch::Text(batch.clone());
+            let batch = PolicyBatch::text_only(batch.clone());
             let mut times = Vec::new();
             for step in 0..=args.steps {
                 let t0 = Instant::now();

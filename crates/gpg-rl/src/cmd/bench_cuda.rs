@@ -69,9 +69,9 @@ pub fn train_step_seconds(
         .ctx
         .mem_get_info()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let host = Policy::Text(model.clone());
+    let host = Policy::from_text(model.clone());
     let mut engine = CudaEngine::new(gpu.clone(), &host, AdamW::new(Default::default())?)?;
-    let train_batch = PolicyBatch::Text(batch.clone());
+    let train_batch = PolicyBatch::text_only(batch.clone());
     // Keep every activation when they fit in 60% of the memory left after the weights, the
     // gradients and AdamW's state (18 B per parameter: f32 master, gradient, m, v and the bf16
     // copy); else gradient checkpointing (each layer's input only, the layer recomputed in the

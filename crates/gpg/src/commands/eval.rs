@@ -12,16 +12,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::data::benchmarks::load_benchmark;
-use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items};
+use crate::eval::vl::load_vl_items;
 use crate::eval::{
-    benchmark_items, evaluate_on, write_item_line, EvalConfig, EvalProgress, EvalReport,
-    ItemResult, PromptStyle, DEFAULT_SYSTEM_PROMPT,
+    benchmark_items, evaluate_on, write_item_line, EvalConfig, EvalItem, EvalProgress, EvalReport,
+    ItemResult, PromptStyle, Vision, DEFAULT_SYSTEM_PROMPT,
 };
-use crate::image::ImageProcessor;
-use crate::model::{DeviceName, ModelKind, Precision, Qwen2VL};
-use crate::tokenizer::Tokenizer;
+use crate::model::{DeviceName, Precision};
 
-use super::model_dir::{GenerationDefaults, ModelDir};
+use super::model_dir::ModelDir;
 
 /// Where the per-item results go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,49 +140,50 @@ pub fn partial_path(path: &Path) -> PathBuf {
 /// Evaluates the model of `options` on its benchmark (image questions for a Qwen2-VL-family
 /// model), streaming per-item results to the results file and progress to stderr.
 pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome> {
-    if ModelKind::of_dir(&options.model).has_tower() {
-        return evaluate_vl(options);
-    }
-    let benchmark = load_benchmark(&options.benchmark)
-        .with_context(|| format!("benchmark {}", options.benchmark))?;
-    anyhow::ensure!(
-        !benchmark.items.is_empty(),
-        "{}: the benchmark has no problems",
-        benchmark.path.display()
-    );
-    let dir = ModelDir::load_for_sampling(&options.model, &options.device, options.precision)
+    let dir = ModelDir::load_any_for_sampling(&options.model, &options.device, options.precision)
         .with_context(|| format!("model {}", options.model.display()))?
         .with_adapter(options.adapter.as_deref())?
         .with_chat_template_kwargs(options.chat_template_kwargs.clone());
     let engine = crate::model::decoding::engine_for(&dir.model, &options.device)?;
     let config = options.config(dir.generation.stop_token_ids());
     config.validate()?;
-    let style = options.style();
-    let mut items = benchmark_items(&benchmark, &style, &dir.tokenizer);
+    let Questions {
+        name,
+        mut items,
+        format,
+    } = questions(options, &dir)?;
     if let Some(limit) = options.limit {
         anyhow::ensure!(limit >= 1, "limit must be ≥ 1");
         items.truncate(limit);
     }
     if !options.quiet {
-        eprintln!(
-            "eval: {} ({} problems × {} samples, {}, temperature {}, top-p {}, max {} new tokens)",
-            benchmark.name,
-            items.len(),
-            config.samples,
-            if style.uses_chat(&dir.tokenizer) {
-                "chat template"
-            } else {
-                "raw text"
-            },
-            config.temperature,
-            config.top_p,
-            config.max_new_tokens
-        );
+        match format {
+            Some(format) => eprintln!(
+                "eval: {name} ({} problems × {} samples, {format}, temperature {}, top-p {}, max {} new tokens)",
+                items.len(),
+                config.samples,
+                config.temperature,
+                config.top_p,
+                config.max_new_tokens
+            ),
+            None => eprintln!(
+                "eval: {name} ({} image questions × {} samples, temperature {}, max {} new tokens)",
+                items.len(),
+                config.samples,
+                config.temperature,
+                config.max_new_tokens
+            ),
+        }
     }
-    run_evaluation(options, &benchmark.name, |on_chunk| {
+    let vision = dir.vl().zip(dir.tower.as_deref()).map(|(model, t)| Vision {
+        model,
+        processor: &t.processor,
+    });
+    run_evaluation(options, &name, |on_chunk| {
         evaluate_on(
             &dir.model,
             &*engine,
+            vision,
             &dir.tokenizer,
             &items,
             &config,
@@ -193,48 +192,55 @@ pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome> {
     })
 }
 
-/// A JSONL file of image questions with a Qwen2-VL-family model (answers checked by visual
-/// accuracy; see `crate::eval::vl`).
-fn evaluate_vl(options: &EvalOptions) -> Result<EvalOutcome> {
-    anyhow::ensure!(
-        options.adapter.is_none(),
-        "adapter: LoRA adapters are not supported for Qwen2-VL models yet"
-    );
-    let path = PathBuf::from(&options.benchmark);
-    anyhow::ensure!(
-        path.is_file(),
-        "benchmark {}: a vision-language model is evaluated on a JSONL file of image questions",
-        options.benchmark
-    );
-    let device = options.device.open()?;
-    let model = Qwen2VL::load(&options.model, &device, options.precision)
-        .with_context(|| format!("model {}", options.model.display()))?;
-    let tokenizer = Tokenizer::from_dir(&options.model)?
-        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
-    let processor = ImageProcessor::from_dir(&options.model)?;
-    let config = options.config(GenerationDefaults::from_dir(&options.model)?.stop_token_ids());
-    config.validate()?;
-    // Image questions carry their own instructions; `system` adds one.
-    let mut items = load_vl_items(&path, options.system.as_deref())?;
-    if let Some(limit) = options.limit {
-        anyhow::ensure!(limit >= 1, "limit must be ≥ 1");
-        items.truncate(limit);
-    }
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "images".into());
-    if !options.quiet {
-        eprintln!(
-            "eval: {name} ({} image questions × {} samples, temperature {}, max {} new tokens)",
-            items.len(),
-            config.samples,
-            config.temperature,
-            config.max_new_tokens
+/// The items a model is evaluated on, with the benchmark's name.
+struct Questions {
+    name: String,
+    items: Vec<EvalItem>,
+    /// How a text model is given the problems (chat template or raw text); `None` for image
+    /// questions (they carry their own chat).
+    format: Option<&'static str>,
+}
+
+/// The benchmark's items: a model with a tower reads a JSONL file of image questions (see
+/// `crate::eval::vl`; `system` adds an instruction), a text model a benchmark or JSONL file of
+/// problems asked in the options' style.
+fn questions(options: &EvalOptions, dir: &ModelDir) -> Result<Questions> {
+    if dir.tower.is_some() {
+        let path = PathBuf::from(&options.benchmark);
+        anyhow::ensure!(
+            path.is_file(),
+            "benchmark {}: a vision-language model is evaluated on a JSONL file of image questions",
+            options.benchmark
         );
+        let items = load_vl_items(&path, options.system.as_deref())?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "images".into());
+        return Ok(Questions {
+            name,
+            items,
+            format: None,
+        });
     }
-    run_evaluation(options, &name, |on_chunk| {
-        evaluate_vl_with_progress(&model, &tokenizer, &processor, &items, &config, on_chunk)
+    let benchmark = load_benchmark(&options.benchmark)
+        .with_context(|| format!("benchmark {}", options.benchmark))?;
+    anyhow::ensure!(
+        !benchmark.items.is_empty(),
+        "{}: the benchmark has no problems",
+        benchmark.path.display()
+    );
+    let style = options.style();
+    let items = benchmark_items(&benchmark, &style, &dir.tokenizer);
+    let format = if style.uses_chat(&dir.tokenizer) {
+        "chat template"
+    } else {
+        "raw text"
+    };
+    Ok(Questions {
+        name: benchmark.name,
+        items,
+        format: Some(format),
     })
 }
 

@@ -5,12 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::data::vl_chat::{encode_chat, VlChat};
-use crate::image::ImageProcessor;
 use crate::model::qwen2_vl::IMAGE_PLACEHOLDER;
-use crate::model::{DeviceName, ModelKind, Precision, Qwen2VL};
-use crate::rollout::{self, Completion, SamplingParams};
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::{DeviceName, Precision};
+use crate::rollout::{self, Completion, PromptImages, SamplingParams};
+use crate::tokenizer::ChatMessage;
 
 use super::model_dir::{GenerationDefaults, ModelDir};
 
@@ -83,48 +81,53 @@ pub struct Generated {
     pub completions: Vec<Completion>,
 }
 
-/// Samples `n` completions for every prompt of `options`.
+/// Samples `n` completions for every prompt of `options` (with a vision-language model, its
+/// images go before the text of each chat prompt, as the chat template renders image parts,
+/// processed by the model's preprocessor_config.json).
 pub fn generate(options: &GenerateOptions) -> Result<Generated> {
-    let vl = ModelKind::of_dir(&options.model).has_tower();
-    if !options.images.is_empty() {
-        if !options.chat {
-            bail!(
-                "images need the chat template (--chat; chat=True in Python): they go into the \
-                 user message of the chat template"
-            );
-        }
-        if !vl {
-            bail!(
-                "images: {} is not a Qwen2-VL / Qwen2.5-VL model (config.json model_type)",
-                options.model.display()
-            );
-        }
-    }
-    if vl {
-        anyhow::ensure!(
-            options.adapter.is_none(),
-            "adapter: LoRA adapters are not supported for Qwen2-VL models yet"
+    if !options.images.is_empty() && !options.chat {
+        bail!(
+            "images need the chat template (--chat; chat=True in Python): they go into the \
+             user message of the chat template"
         );
-        return generate_vl(options);
     }
-    let dir = ModelDir::load_for_sampling(&options.model, &options.device, options.precision)?
+    let dir = ModelDir::load_any_for_sampling(&options.model, &options.device, options.precision)?
         .with_adapter(options.adapter.as_deref())?
         .with_chat_template_kwargs(options.chat_template_kwargs.clone());
+    if !options.images.is_empty() && dir.tower.is_none() {
+        bail!(
+            "images: {} is not a Qwen2-VL / Qwen2.5-VL model (config.json model_type)",
+            options.model.display()
+        );
+    }
     let params = sampling_params(options, &dir.generation);
     let mut prompt_ids = Vec::with_capacity(options.prompts.len());
+    let mut prompt_images = Vec::with_capacity(options.prompts.len());
     for prompt in &options.prompts {
-        let text = if options.chat {
-            dir.tokenizer
-                .apply_chat_template(&messages(options, prompt.clone()), true)?
+        let (ids, images) = if options.chat {
+            let user = IMAGE_PLACEHOLDER.repeat(options.images.len()) + prompt;
+            dir.encode_chat(messages(options, user), &options.images)?
         } else {
-            prompt.clone()
+            // Plain text gets no special tokens added.
+            (dir.tokenizer.encode(prompt, false)?, Vec::new())
         };
-        // A chat template already holds its special tokens; plain text gets none added.
-        prompt_ids.push(dir.tokenizer.encode(&text, false)?);
+        prompt_ids.push(ids);
+        prompt_images.push(images);
     }
     let engine = crate::model::decoding::engine_for(&dir.model, &options.device)?;
-    let completions =
-        rollout::generate_with(&dir.model, &*engine, &dir.tokenizer, &prompt_ids, &params)?;
+    let images = dir.vl().map(|model| PromptImages {
+        model,
+        images: &prompt_images,
+    });
+    let completions = rollout::generate_on(
+        &dir.model,
+        &*engine,
+        &dir.tokenizer,
+        &prompt_ids,
+        images,
+        &params,
+        0,
+    )?;
     Ok(Generated {
         prompt_ids,
         completions,
@@ -145,40 +148,6 @@ fn messages(options: &GenerateOptions, user: String) -> Vec<ChatMessage> {
         content: user,
     });
     messages
-}
-
-/// Generation with a Qwen2-VL-family model: the images (before the text, as the chat
-/// template renders image parts) processed by the model's preprocessor_config.json.
-fn generate_vl(options: &GenerateOptions) -> Result<Generated> {
-    let device = options.device.open()?;
-    let model = Qwen2VL::load(&options.model, &device, options.precision)?;
-    let tokenizer = Tokenizer::from_dir(&options.model)?
-        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
-    let processor = ImageProcessor::from_dir(&options.model)?;
-    let generation = GenerationDefaults::from_dir(&options.model)?;
-    let params = sampling_params(options, &generation);
-    let mut prompts = Vec::with_capacity(options.prompts.len());
-    for prompt in &options.prompts {
-        let prompt = if options.chat {
-            let chat = VlChat {
-                messages: messages(
-                    options,
-                    IMAGE_PLACEHOLDER.repeat(options.images.len()) + prompt,
-                ),
-                images: options.images.clone(),
-            };
-            encode_chat(&model.config, &tokenizer, &processor, &chat, true)?
-        } else {
-            (tokenizer.encode(prompt, false)?, Vec::new())
-        };
-        prompts.push(prompt);
-    }
-    let completions = rollout::generate_vl(&model, &tokenizer, &prompts, &params)?;
-    let prompt_ids: Vec<Vec<u32>> = prompts.into_iter().map(|(ids, _)| ids).collect();
-    Ok(Generated {
-        prompt_ids,
-        completions,
-    })
 }
 
 /// The sampling parameters: the options, else generation_config.json's, else the defaults

@@ -12,12 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::data::vl_chat::{encode_chat, parse_messages};
-use crate::image::{ImageProcessor, ProcessedImage};
-use crate::model::{
-    DeviceName, ModelKind, Precision, Qwen2, Qwen2VL, TokenLogprobs, TrainBatch, VlBatch,
-    VlSequence,
-};
-use crate::tokenizer::Tokenizer;
+use crate::image::ProcessedImage;
+use crate::model::{Batch, DeviceName, Precision, TokenLogprobs, VlSequence};
 
 use super::model_dir::ModelDir;
 
@@ -79,49 +75,32 @@ pub fn logprobs(
     records: Vec<Record>,
     base: &Path,
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
-    if ModelKind::of_dir(&options.model).has_tower() {
-        anyhow::ensure!(
-            options.adapter.is_none(),
-            "adapter: LoRA adapters are not supported for Qwen2-VL models yet"
-        );
-        return logprobs_vl(options, records, base);
-    }
+    let dir = ModelDir::load_any_host(&options.model, &options.device, options.precision)?
+        .with_adapter(options.adapter.as_deref())?;
     anyhow::ensure!(
-        options.chat_template_kwargs.is_none(),
+        options.chat_template_kwargs.is_none() || dir.tower.is_some(),
         "chat_template_kwargs: {} is a text model, whose records are scored as raw prompt text \
          (no chat template is rendered); they apply to `messages` records of Qwen2-VL-family models",
         options.model.display()
     );
-    let dir = ModelDir::load_host(&options.model, options.precision)?
-        .with_adapter(options.adapter.as_deref())?;
-    let scorer = Scorer::open(&dir.model, &options.device)?;
+    let dir = dir.with_chat_template_kwargs(options.chat_template_kwargs.clone());
+    let scorer = Scorer::open(&dir, &options.device)?;
     let mut lines = Vec::new();
     for (where_, record) in records {
-        let field = |name: &str| -> Result<String> {
-            match record.get(name) {
-                Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(_) => bail!("{where_}: field `{name}` must be a string"),
-                None => bail!("{where_}: field `{name}` is missing"),
-            }
-        };
-        let prompt = field("prompt")?;
-        let completion = field("completion")?;
-        let prompt_ids = dir.tokenizer.encode(&prompt, false)?;
+        let (prompt_ids, images, completion) = prompt_of(&dir, &record, base, &where_)?;
         let completion_ids = dir.tokenizer.encode(&completion, false)?;
-        if prompt_ids.is_empty() {
-            bail!("{where_}: field `prompt` is empty; a completion needs a prompt token before it");
-        }
         let len = prompt_ids.len() + completion_ids.len();
-        if len > dir.model.config.max_position_embeddings {
+        let max = dir.model.config.max_position_embeddings;
+        if len > max {
             bail!(
-                "{where_}: prompt + completion is {len} tokens, longer than the model's {} positions",
-                dir.model.config.max_position_embeddings
+                "{where_}: prompt + completion is {len} tokens, longer than the model's {max} positions"
             );
         }
         lines.push(Line {
             record,
             prompt_ids,
             completion_ids,
+            images,
         });
     }
     let mut out = Vec::with_capacity(lines.len());
@@ -130,14 +109,18 @@ pub fn logprobs(
         let end = batch_end(start, lines.len(), options.batch_tokens, |i| {
             lines[i].prompt_ids.len() + lines[i].completion_ids.len()
         });
-        let pairs: Vec<(&[u32], &[u32])> = lines[start..end]
+        let seqs: Vec<VlSequence<'_>> = lines[start..end]
             .iter()
-            .map(|l| (l.prompt_ids.as_slice(), l.completion_ids.as_slice()))
+            .map(|l| VlSequence {
+                prompt: &l.prompt_ids,
+                completion: &l.completion_ids,
+                images: &l.images,
+            })
             .collect();
-        let batch = TrainBatch::new(&pairs)?;
-        let result = scorer.logprobs(&dir.model, &batch)?;
+        let batch = dir.batch(&seqs)?;
+        let result = scorer.logprobs(&dir, &batch)?;
         for (j, line) in lines[start..end].iter().enumerate() {
-            let span = batch.completion_offsets[j]..batch.completion_offsets[j + 1];
+            let span = batch.text.completion_offsets[j]..batch.text.completion_offsets[j + 1];
             out.push(with_logprobs(line, &result.logprobs[span]));
         }
         start = end;
@@ -145,10 +128,53 @@ pub fn logprobs(
     Ok(out)
 }
 
+/// A record's prompt ids, its prompt's processed images and its completion text: `prompt`
+/// (a string, tokenized with no special tokens), or with a vision-language model `messages`
+/// (a chat with image parts, rendered by the chat template with the generation prompt).
+fn prompt_of(
+    dir: &ModelDir,
+    record: &serde_json::Map<String, serde_json::Value>,
+    base: &Path,
+    where_: &str,
+) -> Result<(Vec<u32>, Vec<ProcessedImage>, String)> {
+    let field = |name: &str| -> Result<String> {
+        match record.get(name) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(_) => bail!("{where_}: field `{name}` must be a string"),
+            None => bail!("{where_}: field `{name}` is missing"),
+        }
+    };
+    let Some(tower) = dir.tower.as_deref() else {
+        let prompt = field("prompt")?;
+        let completion = field("completion")?;
+        let prompt_ids = dir.tokenizer.encode(&prompt, false)?;
+        if prompt_ids.is_empty() {
+            bail!("{where_}: field `prompt` is empty; a completion needs a prompt token before it");
+        }
+        return Ok((prompt_ids, Vec::new(), completion));
+    };
+    let completion = field("completion")?;
+    let (prompt_ids, images) = match (record.get("messages"), record.get("prompt")) {
+        (Some(m), _) => {
+            let chat = parse_messages(m, base, where_)?;
+            encode_chat(&tower.config, &dir.tokenizer, &tower.processor, &chat, true)
+                .with_context(|| where_.to_string())?
+        }
+        (None, Some(serde_json::Value::String(p))) => (dir.tokenizer.encode(p, false)?, Vec::new()),
+        _ => bail!("{where_}: needs `messages` (chat) or `prompt` (a string)"),
+    };
+    if prompt_ids.is_empty() {
+        bail!("{where_}: the prompt is empty; a completion needs a prompt token before it");
+    }
+    Ok((prompt_ids, images, completion))
+}
+
 struct Line {
     record: serde_json::Map<String, serde_json::Value>,
     prompt_ids: Vec<u32>,
     completion_ids: Vec<u32>,
+    /// The prompt's processed images (a vision-language model's `messages`; else none).
+    images: Vec<ProcessedImage>,
 }
 
 fn with_logprobs(line: &Line, logprobs: &[f32]) -> serde_json::Map<String, serde_json::Value> {
@@ -161,8 +187,8 @@ fn with_logprobs(line: &Line, logprobs: &[f32]) -> serde_json::Map<String, serde
     record
 }
 
-/// Where a text model's packed batches are scored: the host model, or the GPU train step's
-/// forward over weights uploaded once (feature `cuda`).
+/// Where packed batches are scored: the host model (a vision-language model's always), or
+/// the GPU train step's forward over a text model's weights uploaded once (feature `cuda`).
 enum Scorer {
     Host,
     #[cfg(feature = "cuda")]
@@ -170,10 +196,12 @@ enum Scorer {
 }
 
 impl Scorer {
-    fn open(model: &Qwen2, device: &DeviceName) -> Result<Self> {
-        if device.is_cpu() {
+    fn open(dir: &ModelDir, device: &DeviceName) -> Result<Self> {
+        // A model with a tower was loaded on `device` (the host: others are refused there).
+        if device.is_cpu() || dir.tower.is_some() {
             return Ok(Scorer::Host);
         }
+        let model = &dir.model;
         #[cfg(feature = "cuda")]
         {
             anyhow::ensure!(
@@ -194,96 +222,22 @@ impl Scorer {
         }
     }
 
-    fn logprobs(&self, model: &Qwen2, batch: &TrainBatch) -> Result<TokenLogprobs> {
+    fn logprobs(&self, dir: &ModelDir, batch: &Batch) -> Result<TokenLogprobs> {
         match self {
-            Scorer::Host => model.logprobs(batch, 1.0),
+            Scorer::Host => dir.logprobs_on_host(batch),
             #[cfg(feature = "cuda")]
             Scorer::Cuda(step) => {
-                let _ = model;
+                anyhow::ensure!(
+                    batch.images.is_none(),
+                    "internal: an image batch for the GPU scorer"
+                );
                 // Only each layer's input is kept, and dropped at once: a forward-only pass.
                 Ok(step
-                    .forward_with(batch, 1.0, crate::model::Activations::LayerInputs)?
+                    .forward_with(&batch.text, 1.0, crate::model::Activations::LayerInputs)?
                     .0)
             }
         }
     }
-}
-
-/// One record for a vision-language model.
-struct VlLine {
-    line: Line,
-    images: Vec<ProcessedImage>,
-}
-
-/// The Qwen2-VL-family path: `messages` (with images) or `prompt` records, packed up to
-/// `batch_tokens` tokens per forward.
-fn logprobs_vl(
-    options: &LogprobsOptions,
-    records: Vec<Record>,
-    base: &Path,
-) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
-    let device = options.device.open()?;
-    let model = Qwen2VL::load(&options.model, &device, options.precision)?;
-    let tokenizer = Tokenizer::from_dir(&options.model)?
-        .with_chat_template_kwargs(options.chat_template_kwargs.clone());
-    let processor = ImageProcessor::from_dir(&options.model)?;
-    let mut lines = Vec::new();
-    for (where_, record) in records {
-        let completion = match record.get("completion") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(_) => bail!("{where_}: field `completion` must be a string"),
-            None => bail!("{where_}: field `completion` is missing"),
-        };
-        let (prompt_ids, images) = match (record.get("messages"), record.get("prompt")) {
-            (Some(m), _) => {
-                let chat = parse_messages(m, base, &where_)?;
-                encode_chat(&model.config, &tokenizer, &processor, &chat, true)
-                    .with_context(|| where_.clone())?
-            }
-            (None, Some(serde_json::Value::String(p))) => (tokenizer.encode(p, false)?, Vec::new()),
-            _ => bail!("{where_}: needs `messages` (chat) or `prompt` (a string)"),
-        };
-        if prompt_ids.is_empty() {
-            bail!("{where_}: the prompt is empty; a completion needs a prompt token before it");
-        }
-        let completion_ids = tokenizer.encode(&completion, false)?;
-        let len = prompt_ids.len() + completion_ids.len();
-        let max = model.config.text.max_position_embeddings;
-        if len > max {
-            bail!("{where_}: prompt + completion is {len} tokens, longer than the model's {max} positions");
-        }
-        lines.push(VlLine {
-            line: Line {
-                record,
-                prompt_ids,
-                completion_ids,
-            },
-            images,
-        });
-    }
-    let mut out = Vec::with_capacity(lines.len());
-    let mut start = 0;
-    while start < lines.len() {
-        let end = batch_end(start, lines.len(), options.batch_tokens, |i| {
-            lines[i].line.prompt_ids.len() + lines[i].line.completion_ids.len()
-        });
-        let seqs: Vec<VlSequence<'_>> = lines[start..end]
-            .iter()
-            .map(|l| VlSequence {
-                prompt: &l.line.prompt_ids,
-                completion: &l.line.completion_ids,
-                images: &l.images,
-            })
-            .collect();
-        let batch = VlBatch::new(&model.config, &seqs)?;
-        let result = model.logprobs(&batch, 1.0)?;
-        for (j, l) in lines[start..end].iter().enumerate() {
-            let span = batch.text.completion_offsets[j]..batch.text.completion_offsets[j + 1];
-            out.push(with_logprobs(&l.line, &result.logprobs[span]));
-        }
-        start = end;
-    }
-    Ok(out)
 }
 
 /// The end of the batch that starts at line `start` (of `n`): as many lines as fit in `budget`

@@ -5,12 +5,20 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::model::{DeviceName, Precision, Qwen2};
+use crate::data::vl_chat::{encode_chat, VlChat};
+use crate::data::ChatMessage;
+use crate::image::ProcessedImage;
+use crate::model::{
+    Batch, DeviceName, ModelKind, Precision, Qwen2, TokenLogprobs, TrainBatch, VlModel, VlSequence,
+};
 use crate::tokenizer::Tokenizer;
+use crate::train::policy::{Policy, Tower};
 
-/// A Hugging Face model directory, loaded.
+/// A Hugging Face model directory, loaded: the text stack and, for a vision-language model
+/// loaded by [`ModelDir::load_any_for_sampling`], its vision tower (`None` otherwise).
 pub struct ModelDir {
     pub model: Qwen2,
+    pub tower: Option<Box<Tower>>,
     pub tokenizer: Tokenizer,
     pub generation: GenerationDefaults,
 }
@@ -55,6 +63,10 @@ impl ModelDir {
     /// Attaches the PEFT LoRA adapter in `adapter`, when given.
     pub fn with_adapter(mut self, adapter: Option<&Path>) -> Result<Self> {
         if let Some(dir) = adapter {
+            anyhow::ensure!(
+                self.tower.is_none(),
+                "adapter: LoRA adapters are not supported for Qwen2-VL models yet"
+            );
             self.model
                 .load_adapter(dir)
                 .with_context(|| format!("adapter {}", dir.display()))?;
@@ -90,6 +102,107 @@ impl ModelDir {
         Self::load_on(dir, &candle_core::Device::Cpu, precision)
     }
 
+    /// Loads any model directory for a command that samples, its kind read here once
+    /// (config.json's `model_type`): a text model as [`Self::load_for_sampling`]; a
+    /// vision-language model with its tower on the host (the tower runs on the CPU only:
+    /// [`DeviceName::open`] refuses a GPU, saying why).
+    pub fn load_any_for_sampling(
+        dir: &Path,
+        device: &DeviceName,
+        precision: Precision,
+    ) -> Result<Self> {
+        match Self::load_tower_model(dir, device, precision)? {
+            Some(loaded) => Ok(loaded),
+            None => Self::load_for_sampling(dir, device, precision),
+        }
+    }
+
+    /// Loads any model directory on the host for a command that moves what it needs to the
+    /// device itself, its kind read here once: a text model as [`Self::load_host`], a
+    /// vision-language model as in [`Self::load_any_for_sampling`].
+    pub fn load_any_host(dir: &Path, device: &DeviceName, precision: Precision) -> Result<Self> {
+        match Self::load_tower_model(dir, device, precision)? {
+            Some(loaded) => Ok(loaded),
+            None => Self::load_host(dir, precision),
+        }
+    }
+
+    /// A vision-language model with its tower, on the host (`device.open()` refuses a GPU,
+    /// saying why); `None` for a text model.
+    fn load_tower_model(
+        dir: &Path,
+        device: &DeviceName,
+        precision: Precision,
+    ) -> Result<Option<Self>> {
+        let kind = ModelKind::of_dir(dir);
+        if !kind.has_tower() {
+            return Ok(None);
+        }
+        let opened = device.open()?;
+        let Policy { text, tower } = Policy::load(dir, kind, &opened, precision, false)?;
+        Ok(Some(Self {
+            model: text,
+            tower,
+            tokenizer: Tokenizer::from_dir(dir)?,
+            generation: GenerationDefaults::from_dir(dir)?,
+        }))
+    }
+
+    /// Packs (prompt, completion, images) sequences for this model (image inputs and M-RoPE
+    /// tables when it has a tower; a text model takes no images).
+    pub fn batch(&self, seqs: &[VlSequence<'_>]) -> Result<Batch> {
+        if let Some(t) = self.tower.as_deref() {
+            return Batch::new(&t.config, seqs);
+        }
+        anyhow::ensure!(
+            seqs.iter().all(|s| s.images.is_empty()),
+            "internal: images for a text model"
+        );
+        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt, s.completion)).collect();
+        Ok(Batch::text_only(TrainBatch::new(&pairs)?))
+    }
+
+    /// The completion tokens' log-probs of `batch` on the host (temperature 1).
+    pub fn logprobs_on_host(&self, batch: &Batch) -> Result<TokenLogprobs> {
+        match self.vl() {
+            None => self.model.logprobs(&batch.text, 1.0),
+            Some(vl) => vl.logprobs(batch, 1.0),
+        }
+    }
+
+    /// The decoder and the tower as one vision-language model (`None`: no tower).
+    pub fn vl(&self) -> Option<VlModel<'_>> {
+        self.tower.as_deref().map(|t| VlModel {
+            config: &t.config,
+            text: &self.model,
+            visual: &t.visual,
+        })
+    }
+
+    /// A chat's prompt ids, rendered by the chat template with the generation prompt, and its
+    /// images processed (their `<|image_pad|>` runs expanded; images need a tower).
+    pub fn encode_chat(
+        &self,
+        messages: Vec<ChatMessage>,
+        images: &[std::path::PathBuf],
+    ) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
+        match self.tower.as_deref() {
+            Some(t) => {
+                let chat = VlChat {
+                    messages,
+                    images: images.to_vec(),
+                };
+                encode_chat(&t.config, &self.tokenizer, &t.processor, &chat, true)
+            }
+            None => {
+                anyhow::ensure!(images.is_empty(), "internal: images for a text model");
+                let text = self.tokenizer.apply_chat_template(&messages, true)?;
+                // A chat template already holds its special tokens; none are added.
+                Ok((self.tokenizer.encode(&text, false)?, Vec::new()))
+            }
+        }
+    }
+
     /// Loads the model on the host for a command that moves what it needs to the device itself
     /// (`logprobs` uploads the weights to the GPU once); the device is checked there.
     pub fn load_host(dir: &Path, precision: Precision) -> Result<Self> {
@@ -108,6 +221,7 @@ impl ModelDir {
         let generation = GenerationDefaults::from_dir(dir)?;
         Ok(Self {
             model,
+            tower: None,
             tokenizer,
             generation,
         })

@@ -19,8 +19,12 @@ pub struct EvalItem {
     pub id: String,
     /// What the model is given (raw text, or chat messages rendered by the chat template).
     pub prompt: Prompt,
-    /// The reference answer, checked with `mathverify`.
+    /// The reference answer, checked with `mathverify` (by visual accuracy when the model
+    /// has a vision tower).
     pub gold: String,
+    /// The images of a chat prompt, in order (paths; their `<|image_pad|>` placeholders are in
+    /// the messages). Empty for a text question; images need a model with a tower.
+    pub images: Vec<std::path::PathBuf>,
 }
 
 impl EvalItem {
@@ -39,6 +43,7 @@ impl EvalItem {
             id: record.id.clone(),
             prompt: record.prompt.clone(),
             gold,
+            images: Vec::new(),
         })
     }
 }
@@ -98,6 +103,7 @@ pub fn benchmark_items(
             id: item.id.clone(),
             prompt: style.prompt(&item.problem, chat),
             gold: item.answer.clone(),
+            images: Vec::new(),
         })
         .collect()
 }
@@ -143,6 +149,7 @@ mod tests {
                     ChatMessage::new("user", "What is 1+1?"),
                 ]),
                 gold: "2".into(),
+                images: Vec::new(),
             }]
         );
     }

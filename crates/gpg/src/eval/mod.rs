@@ -13,6 +13,9 @@
 //! * [`evaluate`] samples `k` completions per item in chunks of `batch_prompts` prompts (memory
 //!   stays bounded by `batch_prompts × k` rows of KV cache), checks each completion, and
 //!   returns an [`EvalReport`] with the per-item results.
+//! * One path for every model ([`evaluate_on`]): a model with a vision tower ([`Vision`])
+//!   evaluates image questions ([`vl::load_vl_items`]: chats with images), its answers checked
+//!   by visual accuracy; a text model, problems checked by mathematical equivalence.
 
 mod items;
 mod pass_at_k;
@@ -21,14 +24,17 @@ pub mod vl;
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::vl_chat::{encode_chat, VlChat};
 use crate::data::Prompt;
+use crate::image::{ImageProcessor, ProcessedImage};
 use crate::model::decoding::DecodeEngine;
-use crate::model::Qwen2;
-use crate::rollout::{self, SamplingParams};
+use crate::model::{Qwen2, VlModel};
+use crate::reward::visual::{answer_text, visual_accuracy};
+use crate::rollout::{self, PromptImages, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 pub use items::{benchmark_items, EvalItem, PromptStyle, DEFAULT_SYSTEM_PROMPT};
@@ -141,14 +147,26 @@ pub fn evaluate_with_progress(
     config: &EvalConfig,
     on_chunk: &mut dyn FnMut(&[ItemResult], &EvalProgress) -> Result<()>,
 ) -> Result<EvalReport> {
-    evaluate_on(model, model, tokenizer, items, config, on_chunk)
+    evaluate_on(model, model, None, tokenizer, items, config, on_chunk)
+}
+
+/// What a model with a vision tower evaluates with: the tower (with its decoder) and the
+/// image processor of its checkpoint. Its items' prompts are chats with their images, and
+/// answers are checked by the GPG reference's visual accuracy (mathematical equivalence, else
+/// the exact `<answer>` text, else the same choice letter; [`crate::reward::visual`]).
+#[derive(Clone, Copy)]
+pub struct Vision<'a> {
+    pub model: VlModel<'a>,
+    pub processor: &'a ImageProcessor,
 }
 
 /// [`evaluate_with_progress`] with the sampling on `engine` (the CPU model itself, or its GPU
-/// decoder: `model::decoding::engine_for`).
+/// decoder: `model::decoding::engine_for`); with `vision` (a model with a tower), the items'
+/// images are processed and spliced in, and answers checked by visual accuracy.
 pub fn evaluate_on(
     model: &Qwen2,
     engine: &dyn DecodeEngine,
+    vision: Option<Vision<'_>>,
     tokenizer: &Tokenizer,
     items: &[EvalItem],
     config: &EvalConfig,
@@ -158,12 +176,13 @@ pub fn evaluate_on(
     ensure!(!items.is_empty(), "eval: no items to evaluate");
     let start = Instant::now();
 
-    // Encode every prompt first, so that a bad item fails before any sampling.
+    // Encode every prompt (and process every image) first, so that a bad item fails before
+    // any sampling.
     let max_positions = model.config.max_position_embeddings;
     let mut prompt_ids = Vec::with_capacity(items.len());
+    let mut prompt_images = Vec::with_capacity(items.len());
     for item in items {
-        let ids = tokenizer
-            .encode_prompt(&item.prompt)
+        let (ids, images) = encode_item(item, vision, tokenizer)
             .with_context(|| format!("eval item {}: encoding its prompt", item.id))?;
         ensure!(
             !ids.is_empty(),
@@ -179,26 +198,37 @@ pub fn evaluate_on(
             max_positions
         );
         prompt_ids.push(ids);
+        prompt_images.push(images);
     }
 
-    let opts = mathverify::Options::default();
     let mut per_item: Vec<ItemResult> = Vec::with_capacity(items.len());
     let mut generated_tokens = 0usize;
     for first in (0..items.len()).step_by(config.batch_prompts) {
         let end = (first + config.batch_prompts).min(items.len());
         let chunk = &items[first..end];
         let params = config.sampling_params(first);
-        let completions =
-            rollout::generate_with(model, engine, tokenizer, &prompt_ids[first..end], &params)
-                .with_context(|| {
-                    format!(
-                        "eval: sampling items {}..={} (ids {} to {})",
-                        first + 1,
-                        end,
-                        chunk[0].id,
-                        chunk[chunk.len() - 1].id
-                    )
-                })?;
+        let images = vision.map(|v| PromptImages {
+            model: v.model,
+            images: &prompt_images[first..end],
+        });
+        let completions = rollout::generate_on(
+            model,
+            engine,
+            tokenizer,
+            &prompt_ids[first..end],
+            images,
+            &params,
+            0,
+        )
+        .with_context(|| {
+            format!(
+                "eval: sampling items {}..={} (ids {} to {})",
+                first + 1,
+                end,
+                chunk[0].id,
+                chunk[chunk.len() - 1].id
+            )
+        })?;
         ensure!(
             completions.len() == chunk.len() * config.samples,
             "eval: the sampler returned {} completions for {} prompts × {} samples",
@@ -207,40 +237,11 @@ pub fn evaluate_on(
             config.samples
         );
         generated_tokens += completions.iter().map(|c| c.token_ids.len()).sum::<usize>();
-
-        // Check every completion (in parallel; mathverify bounds its work per call).
-        let golds: Vec<Vec<mathverify::Answer>> = chunk
-            .par_iter()
-            .map(|item| mathverify::parse_gold(&item.gold, &opts))
-            .collect();
-        let samples: Vec<SampleResult> = completions
-            .into_par_iter()
-            .map(|c| {
-                let gold = &golds[c.prompt_index];
-                let pred = mathverify::extract_answers(&c.text, &opts);
-                SampleResult {
-                    correct: !gold.is_empty() && mathverify::verify(gold, &pred, &opts),
-                    extracted: pred.first().map(mathverify::Answer::display),
-                    completion_tokens: c.token_ids.len(),
-                    finish_reason: c.finish_reason,
-                    text: c.text,
-                }
-            })
-            .collect();
-
-        // Completions come sorted by (prompt, sample): k consecutive ones per item.
-        let mut samples = samples.into_iter();
-        let mut new_results = Vec::with_capacity(chunk.len());
-        for (item, gold) in chunk.iter().zip(&golds) {
-            let item_samples: Vec<SampleResult> = samples.by_ref().take(config.samples).collect();
-            new_results.push(ItemResult::new(
-                item.id.clone(),
-                render_prompt(tokenizer, &item.prompt)?,
-                item.gold.clone(),
-                gold.first().map(mathverify::Answer::display),
-                item_samples,
-            ));
-        }
+        let new_results = if vision.is_some() {
+            check_visual(chunk, completions, config.samples, tokenizer)?
+        } else {
+            check_math(chunk, completions, config.samples, tokenizer)?
+        };
         per_item.extend(new_results);
         let done = per_item.len();
         let progress = EvalProgress {
@@ -253,6 +254,105 @@ pub fn evaluate_on(
         on_chunk(&per_item[first..], &progress)?;
     }
     EvalReport::from_items(per_item, config.samples, start.elapsed().as_secs_f64())
+}
+
+/// An item's prompt ids and processed images: a text model's prompt as the tokenizer encodes
+/// it (no images allowed), a chat with its images through the tower's chat encoding.
+fn encode_item(
+    item: &EvalItem,
+    vision: Option<Vision<'_>>,
+    tokenizer: &Tokenizer,
+) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
+    let Some(v) = vision else {
+        ensure!(
+            item.images.is_empty(),
+            "the item has images: they need a vision-language model (Qwen2-VL family)"
+        );
+        return Ok((tokenizer.encode_prompt(&item.prompt)?, Vec::new()));
+    };
+    let Prompt::Chat(messages) = &item.prompt else {
+        bail!("a vision-language model's item must be a chat");
+    };
+    let chat = VlChat {
+        messages: messages.clone(),
+        images: item.images.clone(),
+    };
+    encode_chat(v.model.config, tokenizer, v.processor, &chat, true)
+}
+
+/// The results of a chunk's completions (sorted by (prompt, sample): k consecutive ones per
+/// item), each checked by `mathverify` against the item's gold answer (in parallel;
+/// mathverify bounds its work per call).
+fn check_math(
+    chunk: &[EvalItem],
+    completions: Vec<rollout::Completion>,
+    k: usize,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<ItemResult>> {
+    let opts = mathverify::Options::default();
+    let golds: Vec<Vec<mathverify::Answer>> = chunk
+        .par_iter()
+        .map(|item| mathverify::parse_gold(&item.gold, &opts))
+        .collect();
+    let samples: Vec<SampleResult> = completions
+        .into_par_iter()
+        .map(|c| {
+            let gold = &golds[c.prompt_index];
+            let pred = mathverify::extract_answers(&c.text, &opts);
+            SampleResult {
+                correct: !gold.is_empty() && mathverify::verify(gold, &pred, &opts),
+                extracted: pred.first().map(mathverify::Answer::display),
+                completion_tokens: c.token_ids.len(),
+                finish_reason: c.finish_reason,
+                text: c.text,
+            }
+        })
+        .collect();
+    let mut samples = samples.into_iter();
+    let mut results = Vec::with_capacity(chunk.len());
+    for (item, gold) in chunk.iter().zip(&golds) {
+        let item_samples: Vec<SampleResult> = samples.by_ref().take(k).collect();
+        results.push(ItemResult::new(
+            item.id.clone(),
+            render_prompt(tokenizer, &item.prompt)?,
+            item.gold.clone(),
+            gold.first().map(mathverify::Answer::display),
+            item_samples,
+        ));
+    }
+    Ok(results)
+}
+
+/// [`check_math`] for image questions: each completion checked by visual accuracy.
+fn check_visual(
+    chunk: &[EvalItem],
+    completions: Vec<rollout::Completion>,
+    k: usize,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<ItemResult>> {
+    let samples: Vec<SampleResult> = completions
+        .into_par_iter()
+        .map(|c| SampleResult {
+            correct: visual_accuracy(&chunk[c.prompt_index].gold, &c.text) > 0.0,
+            extracted: Some(answer_text(&c.text).to_string()),
+            completion_tokens: c.token_ids.len(),
+            finish_reason: c.finish_reason,
+            text: c.text,
+        })
+        .collect();
+    let mut samples = samples.into_iter();
+    let mut results = Vec::with_capacity(chunk.len());
+    for item in chunk {
+        let item_samples: Vec<SampleResult> = samples.by_ref().take(k).collect();
+        results.push(ItemResult::new(
+            item.id.clone(),
+            render_prompt(tokenizer, &item.prompt)?,
+            item.gold.clone(),
+            Some(answer_text(&item.gold).to_string()),
+            item_samples,
+        ));
+    }
+    Ok(results)
 }
 
 /// The prompt text the model is given: raw text as is, chat messages rendered by the template

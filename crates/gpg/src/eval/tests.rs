@@ -57,6 +57,7 @@ fn text_items(n: usize, gold: &str) -> Vec<EvalItem> {
             id: format!("q{i}"),
             prompt: Prompt::Text(format!("Compute {i}+{}=", 3 * i + 1)),
             gold: gold.to_string(),
+            images: Vec::new(),
         })
         .collect()
 }
@@ -308,6 +309,7 @@ fn bad_input_is_a_clear_error() {
         id: "long-one".into(),
         prompt: Prompt::Text("~".repeat(300)),
         gold: "1".into(),
+        images: Vec::new(),
     }];
     let msg = err(&long, &greedy(4));
     assert!(
@@ -318,6 +320,7 @@ fn bad_input_is_a_clear_error() {
         id: "blank".into(),
         prompt: Prompt::Text(String::new()),
         gold: "1".into(),
+        images: Vec::new(),
     }];
     assert!(err(&empty, &greedy(4)).contains("blank"));
 }

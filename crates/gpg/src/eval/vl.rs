@@ -1,7 +1,6 @@
-//! Evaluation of a Qwen2-VL-family model on image questions: the same pass@1 / pass@k as
-//! [`super::evaluate`], with prompts that carry images and answers checked by the GPG
-//! reference's visual accuracy (mathematical equivalence, else the exact `<answer>` text,
-//! else the same choice letter; [`crate::reward::visual`]).
+//! Image questions for a Qwen2-VL-family model, evaluated by [`super::evaluate_on`] with its
+//! tower ([`super::Vision`]): the same pass@1 / pass@k, answers checked by the GPG
+//! reference's visual accuracy.
 //!
 //! Items come from a JSONL file, one per line: either `{"messages": [...]}` (chat messages
 //! with image parts, [`crate::data::vl_chat`]) or a question field (`problem`, `question` or
@@ -10,28 +9,14 @@
 //! Image paths are relative to the file.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{EvalConfig, EvalProgress, EvalReport, ItemResult, SampleResult};
-use crate::data::vl_chat::{encode_chat, parse_messages, VlChat};
-use crate::data::ChatMessage;
-use crate::image::ImageProcessor;
-use crate::model::qwen2_vl::{Qwen2VL, IMAGE_PLACEHOLDER};
-use crate::reward::visual::{answer_text, visual_accuracy};
-use crate::rollout;
-use crate::tokenizer::Tokenizer;
-
-/// One image question.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VlEvalItem {
-    pub id: String,
-    pub chat: VlChat,
-    pub gold: String,
-}
+use super::EvalItem;
+use crate::data::vl_chat::{parse_messages, VlChat};
+use crate::data::{ChatMessage, Prompt};
+use crate::model::qwen2_vl::IMAGE_PLACEHOLDER;
 
 fn string_field<'a>(obj: &'a serde_json::Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
     keys.iter().find_map(|k| obj.get(*k))
@@ -39,7 +24,7 @@ fn string_field<'a>(obj: &'a serde_json::Map<String, Value>, keys: &[&str]) -> O
 
 /// Reads the items of a JSONL file (see the module doc); `system_prompt` is put first when a
 /// line's chat has no system message.
-pub fn load_vl_items(path: &Path, system_prompt: Option<&str>) -> Result<Vec<VlEvalItem>> {
+pub fn load_vl_items(path: &Path, system_prompt: Option<&str>) -> Result<Vec<EvalItem>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
@@ -93,95 +78,13 @@ pub fn load_vl_items(path: &Path, system_prompt: Option<&str>) -> Result<Vec<VlE
             Some(Value::Number(n)) => n.to_string(),
             _ => (i + 1).to_string(),
         };
-        items.push(VlEvalItem { id, chat, gold });
+        items.push(EvalItem {
+            id,
+            prompt: Prompt::Chat(chat.messages),
+            gold,
+            images: chat.images,
+        });
     }
     ensure!(!items.is_empty(), "{}: no items", path.display());
     Ok(items)
-}
-
-/// Samples `config.samples` completions per item with its images and checks them by visual
-/// accuracy; `on_chunk` is called after each chunk as in [`super::evaluate_with_progress`].
-pub fn evaluate_vl_with_progress(
-    model: &Qwen2VL,
-    tokenizer: &Tokenizer,
-    processor: &ImageProcessor,
-    items: &[VlEvalItem],
-    config: &EvalConfig,
-    on_chunk: &mut dyn FnMut(&[ItemResult], &EvalProgress) -> Result<()>,
-) -> Result<EvalReport> {
-    config.validate()?;
-    ensure!(!items.is_empty(), "eval: no items to evaluate");
-    let start = Instant::now();
-    let max_positions = model.config.text.max_position_embeddings;
-    // Encode every prompt (and process every image) first: a bad item fails before sampling.
-    let mut prompts = Vec::with_capacity(items.len());
-    for item in items {
-        let (ids, images) = encode_chat(&model.config, tokenizer, processor, &item.chat, true)
-            .with_context(|| format!("eval item {}: encoding its prompt", item.id))?;
-        ensure!(
-            ids.len() + config.max_new_tokens <= max_positions,
-            "eval item {}: the prompt has {} tokens; with max_new_tokens {} that exceeds the model's {} positions",
-            item.id,
-            ids.len(),
-            config.max_new_tokens,
-            max_positions
-        );
-        prompts.push((ids, images));
-    }
-    let mut per_item = Vec::with_capacity(items.len());
-    let mut generated_tokens = 0usize;
-    for first in (0..items.len()).step_by(config.batch_prompts) {
-        let end = (first + config.batch_prompts).min(items.len());
-        let chunk = &items[first..end];
-        let completions = rollout::generate_vl(
-            model,
-            tokenizer,
-            &prompts[first..end],
-            &config.sampling_params(first),
-        )
-        .with_context(|| format!("eval: sampling items {}..={end}", first + 1))?;
-        ensure!(
-            completions.len() == chunk.len() * config.samples,
-            "eval: the sampler returned {} completions for {} prompts × {} samples",
-            completions.len(),
-            chunk.len(),
-            config.samples
-        );
-        generated_tokens += completions.iter().map(|c| c.token_ids.len()).sum::<usize>();
-        let samples: Vec<SampleResult> = completions
-            .into_par_iter()
-            .map(|c| SampleResult {
-                correct: visual_accuracy(&chunk[c.prompt_index].gold, &c.text) > 0.0,
-                extracted: Some(answer_text(&c.text).to_string()),
-                completion_tokens: c.token_ids.len(),
-                finish_reason: c.finish_reason,
-                text: c.text,
-            })
-            .collect();
-        let mut samples = samples.into_iter();
-        for item in chunk {
-            let item_samples: Vec<SampleResult> = samples.by_ref().take(config.samples).collect();
-            per_item.push(ItemResult::new(
-                item.id.clone(),
-                tokenizer.apply_chat_template(&item.chat.messages, true)?,
-                item.gold.clone(),
-                Some(answer_text(&item.gold).to_string()),
-                item_samples,
-            ));
-        }
-        let done = per_item.len();
-        let progress = EvalProgress {
-            items_done: done,
-            items_total: items.len(),
-            pass_at_1_so_far: per_item
-                .iter()
-                .map(|r: &ItemResult| r.pass_at_1)
-                .sum::<f64>()
-                / done as f64,
-            generated_tokens,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        on_chunk(&per_item[first..], &progress)?;
-    }
-    EvalReport::from_items(per_item, config.samples, start.elapsed().as_secs_f64())
 }

@@ -33,7 +33,9 @@ pub use config::Qwen2Config;
 pub use kind::ModelKind;
 pub use precision::{DeviceName, Precision};
 pub use qwen2::{Activations, ForwardCache, Grads, Qwen2, TokenLogprobs, TrainBatch, Weights};
-pub use qwen2_vl::{Qwen2VL, Qwen2VLConfig, VlBatch, VlGrads, VlSequence};
+pub use qwen2_vl::{
+    Batch, ImageInputs, Qwen2VL, Qwen2VLConfig, VlForwardCache, VlGrads, VlModel, VlSequence,
+};
 
 impl Qwen2 {
     /// Writes the model in Hugging Face format (config.json, model.safetensors in the model's

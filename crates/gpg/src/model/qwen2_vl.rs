@@ -334,9 +334,9 @@ pub struct VlSequence<'a> {
     pub images: &'a [ProcessedImage],
 }
 
-/// A packed batch for the training forward: the text batch plus the images and M-RoPE tables.
-pub struct VlBatch {
-    pub text: TrainBatch,
+/// The image side of a packed batch: every image's patches, the rows of their
+/// `<|image_pad|>` tokens and the M-RoPE positions of every packed token.
+pub struct ImageInputs {
     /// Every image's patches, in order of appearance over the batch [N, patch_dim].
     pub pixel_values: Vec<f32>,
     pub grids: Vec<[usize; 3]>,
@@ -346,7 +346,34 @@ pub struct VlBatch {
     pub positions: [Vec<u32>; 3],
 }
 
-impl VlBatch {
+/// A packed batch for the training forward of any model: the tokens ([`TrainBatch`]) and, for
+/// a model with a vision tower, its [`ImageInputs`]. Invariant: `images` is `Some` exactly
+/// when the batch was packed for a model with a tower ([`Batch::new`]; a text prompt then has
+/// no images and 1-D positions on all three axes), `None` for a text model
+/// ([`Batch::text_only`]).
+pub struct Batch {
+    pub text: TrainBatch,
+    pub images: Option<Box<ImageInputs>>,
+}
+
+impl Batch {
+    /// A text model's batch (no image inputs).
+    pub fn text_only(text: TrainBatch) -> Self {
+        Batch { text, images: None }
+    }
+
+    pub fn num_completion_tokens(&self) -> usize {
+        self.text.num_completion_tokens()
+    }
+
+    /// The image inputs of a batch packed for a model with a tower.
+    pub fn images(&self) -> Result<&ImageInputs> {
+        self.images
+            .as_deref()
+            .context("internal: a text batch for a model with a vision tower")
+    }
+
+    /// Packs sequences with their images for a model with a tower of `config`.
     pub fn new(config: &Qwen2VLConfig, seqs: &[VlSequence<'_>]) -> Result<Self> {
         let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt, s.completion)).collect();
         let text = TrainBatch::new(&pairs)?;
@@ -389,20 +416,23 @@ impl VlBatch {
             "internal: the packed batch has {} rows, the sequences {row}",
             text.tokens.len()
         );
-        Ok(VlBatch {
+        Ok(Batch {
             text,
-            pixel_values,
-            grids,
-            image_rows,
-            positions,
+            images: Some(Box::new(ImageInputs {
+                pixel_values,
+                grids,
+                image_rows,
+                positions,
+            })),
         })
     }
 }
 
-/// What [`Qwen2VL::backward_into`] needs from the forward.
+/// What a training forward keeps for the backward: the decoder's cache and, when the tower
+/// trains, the tower's (`None` for a text model or a frozen tower).
 pub struct VlForwardCache {
-    text: ForwardCache,
-    vision: Option<VisionCache>,
+    pub text: ForwardCache,
+    pub vision: Option<VisionCache>,
 }
 
 impl Qwen2VL {
@@ -461,6 +491,80 @@ impl Qwen2VL {
         })
     }
 
+    /// The model as a borrowed decoder + tower (what every pass runs on).
+    pub fn view(&self) -> VlModel<'_> {
+        VlModel {
+            config: &self.config,
+            text: &self.text,
+            visual: &self.visual,
+        }
+    }
+
+    /// See [`VlModel::parameters`].
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        self.view().parameters()
+    }
+
+    /// See [`VlModel::save_pretrained`].
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.view().save_pretrained(dir)
+    }
+
+    /// See [`VlModel::zero_grads`].
+    pub fn zero_grads(&self, freeze_vision: bool) -> Result<VlGrads> {
+        self.view().zero_grads(freeze_vision)
+    }
+
+    /// See [`VlModel::forward_scored`].
+    pub fn forward_scored(
+        &self,
+        batch: &Batch,
+        inv_temperature: f32,
+        keep: Option<Activations>,
+        train_vision: bool,
+    ) -> Result<(TokenLogprobs, Option<VlForwardCache>)> {
+        self.view()
+            .forward_scored(batch, inv_temperature, keep, train_vision)
+    }
+
+    /// See [`VlModel::logprobs`].
+    pub fn logprobs(&self, batch: &Batch, inv_temperature: f32) -> Result<TokenLogprobs> {
+        self.view().logprobs(batch, inv_temperature)
+    }
+
+    /// See [`VlModel::backward_into`].
+    pub fn backward_into(
+        &self,
+        batch: &Batch,
+        cache: VlForwardCache,
+        g: &[f32],
+        grads: &mut VlGrads,
+    ) -> Result<()> {
+        self.view().backward_into(batch, cache, g, grads)
+    }
+
+    /// See [`VlModel::named_grads`].
+    pub fn named_grads<'g>(&self, grads: &'g VlGrads) -> Vec<(String, &'g Vec<f32>)> {
+        self.view().named_grads(grads)
+    }
+
+    /// See [`VlModel::parameter_count`].
+    pub fn parameter_count(&self) -> usize {
+        self.view().parameter_count()
+    }
+}
+
+/// A vision-language model borrowed as its parts: the decoder and the tower may be held apart
+/// (the training policy keeps the decoder as its text model and the tower beside it).
+#[derive(Clone, Copy)]
+pub struct VlModel<'a> {
+    pub config: &'a Qwen2VLConfig,
+    /// The language model (its config is `config.text`).
+    pub text: &'a Qwen2,
+    pub visual: &'a VisionWeights,
+}
+
+impl<'a> VlModel<'a> {
     /// Every parameter with its checkpoint name and shape (the layout the model was loaded
     /// from; the patch embedding back in its Conv3d shape).
     pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
@@ -504,10 +608,10 @@ impl Qwen2VL {
         )
     }
 
-    pub fn tower(&self) -> VisionTower<'_> {
+    pub fn tower(&self) -> VisionTower<'a> {
         VisionTower {
             config: &self.config.vision,
-            weights: &self.visual,
+            weights: self.visual,
         }
     }
 
@@ -518,7 +622,7 @@ impl Qwen2VL {
             visual: if freeze_vision {
                 None
             } else {
-                Some(vision::zero_grads(&self.visual, &self.config.vision)?)
+                Some(vision::zero_grads(self.visual, &self.config.vision)?)
             },
         })
     }
@@ -566,19 +670,20 @@ impl Qwen2VL {
     /// (the tower's activations only when `train_vision`).
     pub fn forward_scored(
         &self,
-        batch: &VlBatch,
+        batch: &Batch,
         inv_temperature: f32,
         keep: Option<Activations>,
         train_vision: bool,
     ) -> Result<(TokenLogprobs, Option<VlForwardCache>)> {
+        let images = batch.images()?;
         let (x, vision) = self.stack_inputs(
             &batch.text.tokens,
-            &batch.image_rows,
-            &batch.pixel_values,
-            &batch.grids,
+            &images.image_rows,
+            &images.pixel_values,
+            &images.grids,
             keep.is_some() && train_vision,
         )?;
-        let rope = self.config.mrope_tables(&batch.positions)?;
+        let rope = self.config.mrope_tables(&images.positions)?;
         let (lp, cache) =
             self.text
                 .forward_embedded(&batch.text, x, Some(rope), inv_temperature, keep)?;
@@ -586,7 +691,7 @@ impl Qwen2VL {
     }
 
     /// Log-probs only.
-    pub fn logprobs(&self, batch: &VlBatch, inv_temperature: f32) -> Result<TokenLogprobs> {
+    pub fn logprobs(&self, batch: &Batch, inv_temperature: f32) -> Result<TokenLogprobs> {
         Ok(self.forward_scored(batch, inv_temperature, None, false)?.0)
     }
 
@@ -594,7 +699,7 @@ impl Qwen2VL {
     /// `grads.visual` is present and the forward kept its activations).
     pub fn backward_into(
         &self,
-        batch: &VlBatch,
+        batch: &Batch,
         cache: VlForwardCache,
         g: &[f32],
         grads: &mut VlGrads,
@@ -606,23 +711,24 @@ impl Qwen2VL {
     /// `None` when the tower is frozen).
     pub fn backward_into_parts(
         &self,
-        batch: &VlBatch,
+        batch: &Batch,
         cache: VlForwardCache,
         g: &[f32],
         text: &mut Grads,
         tower: Option<&mut VisionGrads>,
     ) -> Result<()> {
+        let image_rows = &batch.images()?.image_rows;
         let dx = self
             .text
             .backward_to_inputs(&batch.text, cache.text, g, text)?;
         let mut is_image = vec![false; batch.text.tokens.len()];
-        for &r in &batch.image_rows {
+        for &r in image_rows {
             is_image[r as usize] = true;
         }
         self.text
             .add_embedding_grad(&dx, &batch.text.tokens, |r| !is_image[r], text)?;
         if let (Some(vg), Some(vc)) = (tower, cache.vision) {
-            let idx = Tensor::from_slice(&batch.image_rows, batch.image_rows.len(), dx.device())?;
+            let idx = Tensor::from_slice(image_rows, image_rows.len(), dx.device())?;
             let demb = dx.index_select(&idx, 0)?;
             self.tower().backward(vc, &demb, vg)?;
         }

@@ -11,7 +11,7 @@ use anyhow::{ensure, Result};
 use crate::image::ProcessedImage;
 use crate::model::decoding::{push_prefilled, DecodeBatch, DecodeEngine};
 use crate::model::qwen2::Qwen2;
-use crate::model::qwen2_vl::Qwen2VL;
+use crate::model::qwen2_vl::{Qwen2VL, VlModel};
 /// The sampling types live below the engine ([`crate::sampling`]); re-exported here, where
 /// callers set up a rollout.
 pub use crate::sampling::{self, SamplingParams, TokenSampler};
@@ -117,7 +117,7 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
-    generate_on(model, model, tokenizer, prompts, params, 0)
+    generate_on(model, model, tokenizer, prompts, None, params, 0)
 }
 
 /// [`generate`] for prompts that are a slice of a larger batch starting at position
@@ -131,7 +131,15 @@ pub fn generate_keyed(
     params: &SamplingParams,
     first_prompt_key: u64,
 ) -> Result<Vec<Completion>> {
-    generate_on(model, model, tokenizer, prompts, params, first_prompt_key)
+    generate_on(
+        model,
+        model,
+        tokenizer,
+        prompts,
+        None,
+        params,
+        first_prompt_key,
+    )
 }
 
 /// [`generate`] with the prefill and the decode steps on `engine` (the CPU model itself, or a
@@ -144,17 +152,29 @@ pub fn generate_with(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
-    generate_on(model, engine, tokenizer, prompts, params, 0)
+    generate_on(model, engine, tokenizer, prompts, None, params, 0)
+}
+
+/// The images of a batch of prompts and the tower that embeds them (a model with a vision
+/// tower). Invariant: one entry of `images` per prompt, in order (empty for a text prompt),
+/// and `model.text` is the decoder being sampled.
+#[derive(Clone, Copy)]
+pub struct PromptImages<'a> {
+    pub model: VlModel<'a>,
+    pub images: &'a [Vec<ProcessedImage>],
 }
 
 /// The sampler behind [`generate`], [`generate_keyed`] and [`generate_with`]: prompts
 /// decoded on `engine`, prompt `i`'s rows drawing from the streams of prompt
-/// `first_prompt_key + i`.
+/// `first_prompt_key + i`. With `images` (a model with a tower) the prompts are prefilled with
+/// their images spliced in at M-RoPE positions and their new tokens sit at 1-D positions
+/// shifted by each prompt's δ; without, `engine` prefills them itself.
 pub fn generate_on(
     model: &Qwen2,
     engine: &dyn DecodeEngine,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
+    images: Option<PromptImages<'_>>,
     params: &SamplingParams,
     first_prompt_key: u64,
 ) -> Result<Vec<Completion>> {
@@ -170,15 +190,49 @@ pub fn generate_on(
             max_pos
         );
     }
+    if let Some(im) = &images {
+        ensure!(
+            im.images.len() == prompts.len(),
+            "internal: images for {} prompts, {} prompts",
+            im.images.len(),
+            prompts.len()
+        );
+    }
     if prompts.is_empty() || params.n == 0 {
         return Ok(Vec::new());
     }
-    // Prefill every prompt once and add its n rows (prompt-major), on the engine's device.
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + params.max_new_tokens;
-    let mut batch = engine.new_batch(prompts.len() * params.n, longest)?;
-    batch.push_prompts(prompts, params.n, params.max_new_tokens)?;
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let offsets = vec![0; lens.len()];
+    let longest = lens.iter().max().copied().unwrap_or(0) + params.max_new_tokens;
+    let (batch, offsets) = match images {
+        // Prefill every prompt once and add its n rows (prompt-major), on the engine's device.
+        None => {
+            let mut batch = engine.new_batch(prompts.len() * params.n, longest)?;
+            batch.push_prompts(prompts, params.n, params.max_new_tokens)?;
+            (batch, vec![0; lens.len()])
+        }
+        // Prefill with the images spliced in (M-RoPE positions), then n rows per prompt, each
+        // with its own copy of the prompt's cache; new tokens shifted by each prompt's δ.
+        Some(im) => {
+            let refs: Vec<(&[u32], &[ProcessedImage])> = prompts
+                .iter()
+                .zip(im.images)
+                .map(|(p, im)| (p.as_slice(), im.as_slice()))
+                .collect();
+            let (h_last, kv, seqs, deltas) = im.model.prefill(&refs)?;
+            let prompt_logits = model.logits(&h_last)?.to_vec2::<f32>()?;
+            let mut batch = engine.new_batch(prompts.len() * params.n, longest)?;
+            push_prefilled(
+                &mut *batch,
+                model,
+                &kv,
+                &seqs,
+                &prompt_logits,
+                params.n,
+                params.max_new_tokens,
+            )?;
+            (batch, deltas)
+        }
+    };
     let rows = prompt_rows(&lens, &offsets, params, first_prompt_key);
     decode_pushed(model, tokenizer, batch, rows, params)
 }
@@ -275,63 +329,22 @@ fn prompt_rows(
 }
 
 /// Samples `params.n` completions for each prompt with its images (token ids with the
-/// `<|image_pad|>` runs already expanded) from a Qwen2-VL-family model, on the CPU.
+/// `<|image_pad|>` runs already expanded) from a Qwen2-VL-family model, on the CPU
+/// ([`generate_on`] with [`PromptImages`]).
 pub fn generate_vl(
     model: &Qwen2VL,
     tokenizer: &Tokenizer,
     prompts: &[(Vec<u32>, Vec<ProcessedImage>)],
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
-    generate_vl_keyed(model, tokenizer, prompts, params, 0)
-}
-
-/// [`generate_vl`] for prompts that are a slice of a larger batch starting at position
-/// `first_prompt_key` (see [`generate_keyed`]).
-pub fn generate_vl_keyed(
-    model: &Qwen2VL,
-    tokenizer: &Tokenizer,
-    prompts: &[(Vec<u32>, Vec<ProcessedImage>)],
-    params: &SamplingParams,
-    first_prompt_key: u64,
-) -> Result<Vec<Completion>> {
-    params.validate()?;
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|(p, _)| p.clone()).collect();
+    let images: Vec<Vec<ProcessedImage>> = prompts.iter().map(|(_, im)| im.clone()).collect();
+    let images = PromptImages {
+        model: model.view(),
+        images: &images,
+    };
     let text = &model.text;
-    let max_pos = text.config.max_position_embeddings;
-    for (i, (p, _)) in prompts.iter().enumerate() {
-        ensure!(!p.is_empty(), "prompt {i} is empty");
-        ensure!(
-            p.len() + params.max_new_tokens <= max_pos,
-            "prompt {i} has {} tokens; with max_new_tokens {} it exceeds the model's {} positions",
-            p.len(),
-            params.max_new_tokens,
-            max_pos
-        );
-    }
-    if prompts.is_empty() || params.n == 0 {
-        return Ok(Vec::new());
-    }
-    let refs: Vec<(&[u32], &[ProcessedImage])> = prompts
-        .iter()
-        .map(|(p, im)| (p.as_slice(), im.as_slice()))
-        .collect();
-    // Prefill with the images spliced in (M-RoPE positions), then n rows per prompt, each
-    // with its own copy of the prompt's cache, on the CPU decoder.
-    let (h_last, kv, seqs, deltas) = model.prefill(&refs)?;
-    let prompt_logits = text.logits(&h_last)?.to_vec2::<f32>()?;
-    let lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
-    let longest = lens.iter().max().copied().unwrap_or(0) + params.max_new_tokens;
-    let mut batch = text.new_batch(prompts.len() * params.n, longest)?;
-    push_prefilled(
-        &mut *batch,
-        text,
-        &kv,
-        &seqs,
-        &prompt_logits,
-        params.n,
-        params.max_new_tokens,
-    )?;
-    let rows = prompt_rows(&lens, &deltas, params, first_prompt_key);
-    decode_pushed(text, tokenizer, batch, rows, params)
+    generate_on(text, text, tokenizer, &ids, Some(images), params, 0)
 }
 
 /// The decode loop once every row is in `batch`, in the order of `rows`.

@@ -133,6 +133,7 @@ pub fn generate_with_tools(
         engine,
         tokenizer,
         prompts,
+        None,
         &turn_params,
         first_prompt_key,
     )?;

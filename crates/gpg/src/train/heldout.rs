@@ -55,6 +55,7 @@ pub fn pass_at_1(
     Ok(evaluate_on(
         model,
         engine,
+        None,
         tokenizer,
         &items,
         &config,
@@ -98,6 +99,7 @@ pub fn pass_at_1_sharded(
         let report = evaluate_on(
             model,
             engine,
+            None,
             tokenizer,
             part,
             &chunk_config,

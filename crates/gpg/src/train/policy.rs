@@ -1,12 +1,13 @@
-//! The policy a run trains: a text model ([`Qwen2`]) or a vision-language model ([`Qwen2VL`],
-//! Qwen2-VL / Qwen2.5-VL). This is the one place that tells them apart: loading, the
-//! prompts' data (a vision-language policy's prompts carry images), the packed training batch,
-//! forward/backward, sampling, held-out accuracy and saving. The trainer and SFT call these and
-//! are otherwise the same for both.
+//! The policy a run trains: one model type, a text stack ([`Qwen2`]) with an optional vision
+//! tower ([`Tower`]: a Qwen2-VL / Qwen2.5-VL checkpoint's, with its image processor). A text
+//! model is a vision-language model without a tower. Loading reads the checkpoint of the
+//! [`ModelKind`] the run read once; past that, what differs is data, not code paths: a
+//! prompt's images (none for a text model), the batch's optional [`ImageInputs`] (image
+//! patches, `<|image_pad|>` rows, M-RoPE positions), the tower's leaves among the trained
+//! ones. The trainer, SFT and the training engine call these and never ask the model's kind.
 //!
-//! For a vision-language policy the training step is the text step with images: the batch is
-//! a [`VlBatch`] (image patches, `<|image_pad|>` rows, M-RoPE positions), the forward splices
-//! the tower's embeddings into the decoder's input, and the backward carries ∂L/∂(image rows)
+//! With a tower the training step is the text step with images: the forward splices the
+//! tower's embeddings into the decoder's input, and the backward carries ∂L/∂(image rows)
 //! into the tower unless `freeze_vision` (then the tower keeps no activations and has no
 //! gradient or optimiser state). g_t, the objective and the optimiser are the text ones.
 //!
@@ -23,51 +24,51 @@ use crate::data::vl_chat::{encode_chat, VlChat};
 use crate::data::{
     Location, LongPromptPolicy, PreparedPrompt, Prompt, PromptDatasetConfig, PromptRecord,
 };
-use crate::eval::vl::{evaluate_vl_with_progress, load_vl_items, VlEvalItem};
+use crate::eval::vl::load_vl_items;
+use crate::eval::{evaluate_on, EvalItem, Vision};
 use crate::image::{load_rgb, ImageProcessor, ProcessedImage};
-use crate::model::lora::Adapter;
+use crate::model::lora::{Adapter, AdapterGrads};
+use crate::model::vision::{VisionGrads, VisionWeights};
+#[cfg(doc)]
+use crate::model::ImageInputs;
 use crate::model::{
-    ModelKind, Precision, Qwen2, Qwen2VL, TokenLogprobs, TrainBatch, VlBatch, VlSequence,
+    Activations, Grads, ModelKind, Precision, Qwen2, Qwen2VL, Qwen2VLConfig, TokenLogprobs,
+    TrainBatch, VlForwardCache, VlModel, VlSequence,
 };
-use crate::rollout::{self, Completion, SamplingParams};
+use crate::rollout::{self, Completion, PromptImages, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 use super::collective::Collective;
 use super::config::TrainConfig;
 use super::engine::TrainEngine;
 
-/// The model being trained (one per run: the variants' sizes do not matter).
-#[allow(clippy::large_enum_variant)]
-pub enum Policy {
-    Text(Qwen2),
-    Vision(Box<VisionPolicy>),
+/// The model being trained: a text stack ([`Qwen2`]) and, for a vision-language model, its
+/// vision tower. A text model is a vision-language model without a tower: every pass runs the
+/// decoder, and the tower (when present) adds its image embeddings at the `<|image_pad|>`
+/// rows and its leaves to the trained ones.
+pub struct Policy {
+    /// The decoder (a vision-language model's language model).
+    pub text: Qwen2,
+    /// The vision tower with its image processor (`None`: a text model).
+    pub tower: Option<Box<Tower>>,
 }
 
-/// A vision-language model with its image processor.
-pub struct VisionPolicy {
-    pub model: Qwen2VL,
+/// A vision-language model's tower with its image processor.
+pub struct Tower {
+    /// The vision-language config (its `text` part is the decoder's config).
+    pub config: Qwen2VLConfig,
+    pub visual: VisionWeights,
     pub processor: ImageProcessor,
     /// preprocessor_config.json as read (written beside every saved copy of the model).
     preprocessor_config: Option<Vec<u8>>,
     /// Whether the tower is trained (`freeze_vision = false`): its activations are kept in the
     /// training forward and its gradients computed.
-    pub train_vision: bool,
+    pub train: bool,
 }
 
-/// A packed batch of (prompt, completion) sequences for the policy's forward.
-pub enum PolicyBatch {
-    Text(TrainBatch),
-    Vision(Box<VlBatch>),
-}
-
-impl PolicyBatch {
-    pub fn num_completion_tokens(&self) -> usize {
-        match self {
-            PolicyBatch::Text(b) => b.num_completion_tokens(),
-            PolicyBatch::Vision(b) => b.text.num_completion_tokens(),
-        }
-    }
-}
+/// A packed batch of (prompt, completion) sequences for the policy's forward (with the
+/// images and M-RoPE tables when the policy has a tower).
+pub use crate::model::Batch as PolicyBatch;
 
 /// Refuses, before anything is loaded, the combinations a vision-language model does not
 /// support yet, saying what to do instead; and `freeze_vision` on a text model. `kind` is the
@@ -104,8 +105,13 @@ pub fn check_vision_options(model: &Path, cpu: bool, lora: bool) -> Result<()> {
 }
 
 impl Policy {
+    /// A text model (no tower).
+    pub fn from_text(text: Qwen2) -> Self {
+        Policy { text, tower: None }
+    }
+
     /// Loads a model directory of `kind` ([`ModelKind::of_dir`], read once by the run): a
-    /// Qwen2-VL-family checkpoint as a vision-language policy, a text model as a text policy.
+    /// Qwen2-VL-family checkpoint as its decoder with its tower, a text model without one.
     pub fn load(
         dir: &Path,
         kind: ModelKind,
@@ -114,9 +120,13 @@ impl Policy {
         train_vision: bool,
     ) -> Result<Self> {
         if !kind.has_tower() {
-            return Ok(Policy::Text(Qwen2::load(dir, device, precision)?));
+            return Ok(Policy::from_text(Qwen2::load(dir, device, precision)?));
         }
-        let model = Qwen2VL::load(dir, device, precision)?;
+        let Qwen2VL {
+            config,
+            text,
+            visual,
+        } = Qwen2VL::load(dir, device, precision)?;
         let processor = ImageProcessor::from_dir(dir)?;
         let path = dir.join("preprocessor_config.json");
         let preprocessor_config = if path.exists() {
@@ -124,86 +134,174 @@ impl Policy {
         } else {
             None
         };
-        Ok(Policy::Vision(Box::new(VisionPolicy {
-            model,
-            processor,
-            preprocessor_config,
-            train_vision,
-        })))
+        Ok(Policy {
+            text,
+            tower: Some(Box::new(Tower {
+                config,
+                visual,
+                processor,
+                preprocessor_config,
+                train: train_vision,
+            })),
+        })
     }
 
     /// Whether the policy has a vision tower.
     pub fn kind(&self) -> ModelKind {
-        match self {
-            Policy::Text(_) => ModelKind::Text,
-            Policy::Vision(_) => ModelKind::VisionLanguage,
+        if self.tower.is_some() {
+            ModelKind::VisionLanguage
+        } else {
+            ModelKind::Text
         }
     }
 
     /// The language model (a vision-language model's decoder).
     pub fn text(&self) -> &Qwen2 {
-        match self {
-            Policy::Text(m) => m,
-            Policy::Vision(v) => &v.model.text,
-        }
+        &self.text
     }
 
     pub fn text_mut(&mut self) -> &mut Qwen2 {
-        match self {
-            Policy::Text(m) => m,
-            Policy::Vision(v) => &mut v.model.text,
+        &mut self.text
+    }
+
+    /// The tower, for a vision-language model.
+    pub fn vision(&self) -> Option<&Tower> {
+        self.tower.as_deref()
+    }
+
+    /// The decoder and the tower as one vision-language model (`None`: a text model).
+    pub fn vl(&self) -> Option<VlModel<'_>> {
+        self.tower.as_deref().map(|t| VlModel {
+            config: &t.config,
+            text: &self.text,
+            visual: &t.visual,
+        })
+    }
+
+    /// A decoder parameter's checkpoint name (a vision-language model's in the layout it was
+    /// loaded in).
+    pub fn text_name(&self, name: String) -> String {
+        match &self.tower {
+            None => name,
+            Some(t) => t.config.text_name(&name),
         }
     }
 
-    pub fn vision(&self) -> Option<&VisionPolicy> {
-        match self {
-            Policy::Text(_) => None,
-            Policy::Vision(v) => Some(v),
-        }
-    }
-
-    /// The LoRA adapter (text models only).
+    /// The LoRA adapter (text models only: a vision-language run refuses LoRA).
     pub fn adapter_mut(&mut self) -> Option<&mut Adapter> {
-        match self {
-            Policy::Text(m) => m.adapter_mut(),
-            Policy::Vision(_) => None,
+        self.text.adapter_mut()
+    }
+
+    /// Packs (prompt, completion) pairs, with the prompts' images when the policy has a tower.
+    pub fn batch(&self, seqs: &[(&PreparedPrompt, &[u32])]) -> Result<PolicyBatch> {
+        let Some(tower) = self.vision() else {
+            let pairs: Vec<(&[u32], &[u32])> =
+                seqs.iter().map(|(p, c)| (p.ids.as_slice(), *c)).collect();
+            return Ok(PolicyBatch::text_only(TrainBatch::new(&pairs)?));
+        };
+        // Sequences of one prompt are adjacent (groups): process its images once.
+        let mut images: Vec<std::rc::Rc<Vec<ProcessedImage>>> = Vec::new();
+        for (i, (p, _)) in seqs.iter().enumerate() {
+            if i > 0 && std::ptr::eq(*p, seqs[i - 1].0) {
+                let last = images[i - 1].clone();
+                images.push(last);
+            } else {
+                images.push(std::rc::Rc::new(tower.process_images(p)?));
+            }
+        }
+        let vl: Vec<VlSequence<'_>> = seqs
+            .iter()
+            .zip(&images)
+            .map(|((p, c), im)| VlSequence {
+                prompt: &p.ids,
+                completion: c,
+                images: im.as_slice(),
+            })
+            .collect();
+        PolicyBatch::new(&tower.config, &vl)
+    }
+
+    /// The training forward on the host: the completion tokens' log-probs and the cache for
+    /// [`Self::backward_on_host`] (the tower's activations only when `train_tower`).
+    pub fn forward_on_host(
+        &self,
+        batch: &PolicyBatch,
+        inv_temperature: f32,
+        keep: Activations,
+        train_tower: bool,
+    ) -> Result<(TokenLogprobs, VlForwardCache)> {
+        match self.vl() {
+            None => {
+                ensure!(
+                    batch.images.is_none(),
+                    "internal: an image batch for a text model"
+                );
+                let (lp, text) =
+                    self.text
+                        .forward_train_with(&batch.text, inv_temperature, keep)?;
+                Ok((lp, VlForwardCache { text, vision: None }))
+            }
+            Some(vl) => {
+                let (lp, cache) =
+                    vl.forward_scored(batch, inv_temperature, Some(keep), train_tower)?;
+                let cache = cache.context("internal: the training forward kept no activations")?;
+                Ok((lp, cache))
+            }
         }
     }
 
-    /// Packs (prompt, completion) pairs, with the prompts' images for a vision-language policy.
-    pub fn batch(&self, seqs: &[(&PreparedPrompt, &[u32])]) -> Result<PolicyBatch> {
-        match self {
-            Policy::Text(_) => {
-                let pairs: Vec<(&[u32], &[u32])> =
-                    seqs.iter().map(|(p, c)| (p.ids.as_slice(), *c)).collect();
-                Ok(PolicyBatch::Text(TrainBatch::new(&pairs)?))
+    /// Whether [`Self::forward_backward_on_host`] serves this policy: the fused pass is the
+    /// text stack's (a tower's image rows take the separate backward).
+    pub fn fuses_forward_backward(&self) -> bool {
+        self.tower.is_none()
+    }
+
+    /// Forward and backward in one pass on the host (a policy without a tower), gradients
+    /// added into the decoder's buffers, or else the adapter's.
+    pub fn forward_backward_on_host(
+        &self,
+        batch: &PolicyBatch,
+        inv_temperature: f32,
+        keep: Activations,
+        g: &[f32],
+        decoder: Option<&mut Grads>,
+        adapter: Option<&mut AdapterGrads>,
+    ) -> Result<TokenLogprobs> {
+        ensure!(
+            self.fuses_forward_backward() && batch.images.is_none(),
+            "internal: a vision-language policy takes the forward and the backward separately"
+        );
+        let (m, b) = (&self.text, &batch.text);
+        match (decoder, adapter) {
+            (Some(grads), _) => m.forward_backward_into(b, inv_temperature, keep, g, grads),
+            (None, Some(grads)) => {
+                m.forward_backward_adapter_into(b, inv_temperature, keep, g, grads)
             }
-            Policy::Vision(v) => {
-                // Sequences of one prompt are adjacent (groups): process its images once.
-                let mut images: Vec<std::rc::Rc<Vec<ProcessedImage>>> = Vec::new();
-                for (i, (p, _)) in seqs.iter().enumerate() {
-                    if i > 0 && std::ptr::eq(*p, seqs[i - 1].0) {
-                        let last = images[i - 1].clone();
-                        images.push(last);
-                    } else {
-                        images.push(std::rc::Rc::new(v.process_images(p)?));
-                    }
-                }
-                let vl: Vec<VlSequence<'_>> = seqs
-                    .iter()
-                    .zip(&images)
-                    .map(|((p, c), im)| VlSequence {
-                        prompt: &p.ids,
-                        completion: c,
-                        images: im.as_slice(),
-                    })
-                    .collect();
-                Ok(PolicyBatch::Vision(Box::new(VlBatch::new(
-                    &v.model.config,
-                    &vl,
-                )?)))
-            }
+            (None, None) => bail!("internal: nothing of the decoder trains"),
         }
+    }
+
+    /// The backward from g_t on the host, added into the trained groups' buffers: the
+    /// decoder's (or else the adapter's) and, when the forward kept them, the tower's.
+    pub fn backward_on_host(
+        &self,
+        batch: &PolicyBatch,
+        cache: VlForwardCache,
+        g: &[f32],
+        decoder: Option<&mut Grads>,
+        adapter: Option<&mut AdapterGrads>,
+        tower: Option<&mut VisionGrads>,
+    ) -> Result<()> {
+        let Some(vl) = self.vl() else {
+            let (m, b) = (&self.text, &batch.text);
+            return match (decoder, adapter) {
+                (Some(d), _) => m.backward_into(b, cache.text, g, d),
+                (None, Some(a)) => m.backward_adapter_into(b, cache.text, g, a),
+                (None, None) => bail!("internal: nothing of the decoder trains"),
+            };
+        };
+        let decoder = decoder.context("internal: a vision-language decoder without gradients")?;
+        vl.backward_into_parts(batch, cache, g, decoder, tower)
     }
 
     /// Log-probs only, computed on the host (the frozen KL reference model).
@@ -212,10 +310,9 @@ impl Policy {
         batch: &PolicyBatch,
         inv_temperature: f32,
     ) -> Result<TokenLogprobs> {
-        match (self, batch) {
-            (Policy::Text(m), PolicyBatch::Text(b)) => m.logprobs(b, inv_temperature),
-            (Policy::Vision(v), PolicyBatch::Vision(b)) => v.model.logprobs(b, inv_temperature),
-            _ => bail!("internal: a batch of the other kind of policy"),
+        match self.vl() {
+            None => self.text.logprobs(&batch.text, inv_temperature),
+            Some(vl) => vl.logprobs(batch, inv_temperature),
         }
     }
 
@@ -229,71 +326,70 @@ impl Policy {
         params: &SamplingParams,
         first_prompt_key: u64,
     ) -> Result<Vec<Completion>> {
-        match self {
-            Policy::Text(m) => {
-                let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-                // The CPU model itself, or the CUDA decoder over the trained device weights.
-                let engine = engine.decode_engine(m)?;
-                rollout::generate_on(m, &*engine, tokenizer, &ids, params, first_prompt_key)
-            }
-            Policy::Vision(v) => {
-                let with_images = prompts
-                    .iter()
-                    .map(|p| Ok((p.ids.clone(), v.process_images(p)?)))
-                    .collect::<Result<Vec<_>>>()?;
-                rollout::generate_vl_keyed(
-                    &v.model,
-                    tokenizer,
-                    &with_images,
-                    params,
-                    first_prompt_key,
-                )
-            }
-        }
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let images = self.prompt_images(prompts)?;
+        // The CPU model itself, or the CUDA decoder over the trained device weights.
+        let m = &self.text;
+        let engine = engine.decode_engine(m)?;
+        let images = self
+            .vl()
+            .zip(images.as_deref())
+            .map(|(model, images)| PromptImages { model, images });
+        rollout::generate_on(
+            m,
+            &*engine,
+            tokenizer,
+            &ids,
+            images,
+            params,
+            first_prompt_key,
+        )
+    }
+
+    /// Each prompt's processed images when the policy has a tower (`None`: a text model).
+    pub fn prompt_images(
+        &self,
+        prompts: &[&PreparedPrompt],
+    ) -> Result<Option<Vec<Vec<ProcessedImage>>>> {
+        self.vision()
+            .map(|t| prompts.iter().map(|p| t.process_images(p)).collect())
+            .transpose()
     }
 
     /// ⊕ Replaces every rank's weights (the tower's included) by rank 0's; a no-op at world 1.
     pub fn broadcast_weights(&self, collective: &dyn Collective) -> Result<()> {
         super::replica::broadcast_weights(self.text(), collective)?;
-        if let Policy::Vision(v) = self {
-            super::replica::broadcast_tensors(&v.model.visual.named(), collective)?;
+        if let Some(t) = self.vision() {
+            super::replica::broadcast_tensors(&t.visual.named(), collective)?;
         }
         Ok(())
     }
 
     /// SHA-256 of every parameter (the tower's included), compared between ranks.
     pub fn weights_digest(&self) -> Result<[u8; 32]> {
-        match self {
-            Policy::Text(m) => super::replica::weights_digest(m),
-            Policy::Vision(v) => {
-                let tower: Vec<(String, &candle_core::Tensor)> = v
-                    .model
-                    .visual
-                    .named()
-                    .into_iter()
-                    .map(|(n, t)| (format!("visual.{n}"), t))
-                    .collect();
-                super::replica::weights_digest_with(&v.model.text, &tower)
-            }
-        }
+        let Some(t) = self.vision() else {
+            return super::replica::weights_digest(&self.text);
+        };
+        let tower: Vec<(String, &candle_core::Tensor)> = t
+            .visual
+            .named()
+            .into_iter()
+            .map(|(n, t)| (format!("visual.{n}"), t))
+            .collect();
+        super::replica::weights_digest_with(&self.text, &tower)
     }
 
     /// Writes the trained model in Hugging Face format (a vision-language model in the layout
     /// it was loaded in, with its preprocessor_config.json; a LoRA run's adapter).
     pub fn save_trained(&self, dir: &Path) -> Result<()> {
-        match self {
-            Policy::Text(m) => m.save_trained(dir),
-            Policy::Vision(v) => {
-                v.model.save_pretrained(dir)?;
-                if let Some(bytes) = &v.preprocessor_config {
-                    crate::model::weights::write_atomic(
-                        &dir.join("preprocessor_config.json"),
-                        bytes,
-                    )?;
-                }
-                Ok(())
-            }
+        let (Some(vl), Some(t)) = (self.vl(), self.vision()) else {
+            return self.text.save_trained(dir);
+        };
+        vl.save_pretrained(dir)?;
+        if let Some(bytes) = &t.preprocessor_config {
+            crate::model::weights::write_atomic(&dir.join("preprocessor_config.json"), bytes)?;
         }
+        Ok(())
     }
 
     /// Held-out pass@1 (the mean over prompts and `samples` completions of the task's
@@ -311,10 +407,10 @@ impl Policy {
         seed: u64,
         collective: &dyn Collective,
     ) -> Result<f64> {
-        match self {
-            Policy::Text(m) => super::heldout::pass_at_1_sharded(
-                m,
-                &*engine.decode_engine(m)?,
+        match (self.vl(), self.vision()) {
+            (None, _) | (_, None) => super::heldout::pass_at_1_sharded(
+                &self.text,
+                &*engine.decode_engine(&self.text)?,
                 tokenizer,
                 prompts,
                 samples,
@@ -324,10 +420,10 @@ impl Policy {
                 collective,
             ),
             // Every rank evaluates every item (greedy or seeded: the same figure on each).
-            Policy::Vision(v) => {
+            (Some(vl), Some(v)) => {
                 let items = prompts
                     .iter()
-                    .map(VisionPolicy::eval_item)
+                    .map(Tower::eval_item)
                     .collect::<Result<Vec<_>>>()?;
                 let config = super::heldout::eval_config(
                     tokenizer,
@@ -336,10 +432,15 @@ impl Policy {
                     max_new_tokens,
                     seed,
                 );
-                let report = evaluate_vl_with_progress(
-                    &v.model,
+                let vision = Vision {
+                    model: vl,
+                    processor: &v.processor,
+                };
+                let report = evaluate_on(
+                    &self.text,
+                    &*engine.decode_engine(&self.text)?,
+                    Some(vision),
                     tokenizer,
-                    &v.processor,
                     &items,
                     &config,
                     &mut |_, _| Ok(()),
@@ -355,7 +456,7 @@ impl Policy {
         config: &TrainConfig,
         tokenizer: &Tokenizer,
     ) -> Result<(Vec<PreparedPrompt>, Option<Vec<PreparedPrompt>>)> {
-        let Policy::Vision(v) = self else {
+        let Some(v) = self.vision() else {
             return crate::data::load_prompts(&config.data, tokenizer);
         };
         let data = &config.data;
@@ -405,17 +506,17 @@ impl Policy {
         fields: &PromptDatasetConfig,
         tokenizer: &Tokenizer,
     ) -> Result<Vec<PreparedPrompt>> {
-        match self {
-            Policy::Text(_) => {
+        match self.vision() {
+            None => {
                 let ds = crate::data::PromptDataset::load(path, fields)?;
                 crate::data::prepare_prompts(tokenizer, ds)
             }
-            Policy::Vision(v) => v.load_prompts(Path::new(path), fields, tokenizer),
+            Some(v) => v.load_prompts(Path::new(path), fields, tokenizer),
         }
     }
 }
 
-impl VisionPolicy {
+impl Tower {
     /// The processed images of a prompt, in order.
     pub fn process_images(&self, prompt: &PreparedPrompt) -> Result<Vec<ProcessedImage>> {
         prompt
@@ -462,45 +563,46 @@ impl VisionPolicy {
             .enumerate()
             .map(|(i, item)| {
                 let location = Location::new(file.clone(), "item", i + 1);
-                let (ids, _) = encode_chat(
-                    &self.model.config,
-                    tokenizer,
-                    &self.processor,
-                    &item.chat,
-                    true,
-                )
-                .with_context(|| format!("{location} (id {}): encoding the prompt", item.id))?;
+                let Prompt::Chat(messages) = item.prompt else {
+                    bail!("{location}: an image question must be a chat");
+                };
+                let chat = VlChat {
+                    messages,
+                    images: item.images,
+                };
+                let (ids, _) = encode_chat(&self.config, tokenizer, &self.processor, &chat, true)
+                    .with_context(|| {
+                    format!("{location} (id {}): encoding the prompt", item.id)
+                })?;
                 Ok(PreparedPrompt {
                     record: PromptRecord {
                         id: item.id,
-                        prompt: Prompt::Chat(item.chat.messages),
+                        prompt: Prompt::Chat(chat.messages),
                         answer: Some(item.gold),
                         location,
                         columns: Default::default(),
                     },
                     ids,
-                    images: item.chat.images,
+                    images: chat.images,
                 })
             })
             .collect()
     }
 
     /// The evaluation item of a prepared prompt (its chat, images and gold answer).
-    fn eval_item(p: &PreparedPrompt) -> Result<VlEvalItem> {
+    fn eval_item(p: &PreparedPrompt) -> Result<EvalItem> {
         let Prompt::Chat(messages) = &p.record.prompt else {
             bail!("{}: an image prompt must be a chat", p.record.location);
         };
-        Ok(VlEvalItem {
+        Ok(EvalItem {
             id: p.record.id.clone(),
-            chat: VlChat {
-                messages: messages.clone(),
-                images: p.images.clone(),
-            },
+            prompt: Prompt::Chat(messages.clone()),
             gold: p
                 .record
                 .answer
                 .clone()
                 .with_context(|| format!("{}: no gold answer", p.record.location))?,
+            images: p.images.clone(),
         })
     }
 }

@@ -32,7 +32,7 @@ impl Reference {
             return Ok(None);
         }
         if config.lora.is_some() {
-            return Ok(Some(Reference::Host(Box::new(Policy::Text(
+            return Ok(Some(Reference::Host(Box::new(Policy::from_text(
                 model.text().without_adapter(),
             )))));
         }
@@ -49,15 +49,16 @@ impl Reference {
                 config.model.display()
             )
         })?;
-        match (device, host) {
+        match device {
             #[cfg(feature = "cuda")]
-            (TrainDevice::Cuda(gpu), Policy::Text(m)) => {
+            TrainDevice::Cuda(gpu) if host.vision().is_none() => {
                 // Uploaded once; the host copy is dropped here.
-                let step = crate::model::cuda_train::CudaTrainStep::frozen(gpu.clone(), &m)
-                    .context("uploading the KL reference model to the GPU")?;
+                let step =
+                    crate::model::cuda_train::CudaTrainStep::frozen(gpu.clone(), host.text())
+                        .context("uploading the KL reference model to the GPU")?;
                 Ok(Some(Reference::Gpu(Box::new(step))))
             }
-            (_, host) => Ok(Some(Reference::Host(Box::new(host)))),
+            _ => Ok(Some(Reference::Host(Box::new(host)))),
         }
     }
 
@@ -66,13 +67,20 @@ impl Reference {
         match self {
             Reference::Host(policy) => policy.logprobs_on_host(batch, inv_temperature),
             #[cfg(feature = "cuda")]
-            Reference::Gpu(step) => match batch {
+            Reference::Gpu(step) => {
+                anyhow::ensure!(
+                    batch.images.is_none(),
+                    "internal: a vision-language batch for a text reference"
+                );
                 // Each layer's input is kept and dropped at once: a forward-only pass.
-                PolicyBatch::Text(b) => Ok(step
-                    .forward_with(b, inv_temperature, crate::model::Activations::LayerInputs)?
-                    .0),
-                _ => anyhow::bail!("internal: a vision-language batch for a text reference"),
-            },
+                Ok(step
+                    .forward_with(
+                        &batch.text,
+                        inv_temperature,
+                        crate::model::Activations::LayerInputs,
+                    )?
+                    .0)
+            }
         }
     }
 }

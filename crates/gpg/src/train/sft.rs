@@ -39,7 +39,7 @@ use crate::tokenizer::Tokenizer;
 use super::collective::SingleProcess;
 use super::engine::{engine_for, StepOutcome, TrainEngine};
 use super::heldout;
-use super::policy::{check_vision_options, Policy, VisionPolicy};
+use super::policy::{check_vision_options, Policy, Tower};
 pub use super::sft_config::SftConfig;
 
 /// What SFT trains on and how it is evaluated, read for the model's kind.
@@ -116,11 +116,11 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
             let Some(prompts) = &data.heldout else {
                 return Ok(None);
             };
-            match policy {
+            match policy.vision() {
                 // The whole split at once (as the demo's warm start always measured it).
-                Policy::Text(model) => heldout::pass_at_1(
-                    model,
-                    &*engine.decode_engine(model)?,
+                None => heldout::pass_at_1(
+                    policy.text(),
+                    &*engine.decode_engine(policy.text())?,
                     &tokenizer,
                     prompts,
                     config.eval_samples,
@@ -128,7 +128,7 @@ pub fn run_sft(config: &SftConfig) -> Result<f64> {
                     config.eval_max_new_tokens,
                     config.seed,
                 ),
-                Policy::Vision(_) => policy.heldout_pass_at_1(
+                Some(_) => policy.heldout_pass_at_1(
                     engine,
                     &tokenizer,
                     prompts,
@@ -293,7 +293,7 @@ fn synthetic_data(config: &SftConfig, tokenizer: &Tokenizer) -> Result<SftData> 
 fn image_data(
     config: &SftConfig,
     policy: &Policy,
-    vision: &VisionPolicy,
+    vision: &Tower,
     tokenizer: &Tokenizer,
 ) -> Result<SftData> {
     let end_of_turn = tokenizer
@@ -328,7 +328,7 @@ struct Example {
 /// Reads the image chats of `path` (see the module doc) into examples.
 fn image_chat_examples(
     path: &Path,
-    policy: &VisionPolicy,
+    policy: &Tower,
     tokenizer: &Tokenizer,
     end_of_turn: u32,
 ) -> Result<Vec<Example>> {
@@ -364,7 +364,7 @@ fn image_chat_examples(
             "{what}: no prompt before the assistant's message"
         );
         let (ids, _) = encode_chat(
-            &policy.model.config,
+            &policy.config,
             tokenizer,
             &policy.processor,
             &VlChat {

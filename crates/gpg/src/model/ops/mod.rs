@@ -30,7 +30,7 @@ mod varlen;
 #[cfg(test)]
 mod bench;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 
 pub use attention::{attention, attention_backward, attention_decode, DecodeCache};
 pub use cpu::isa::isa_name;

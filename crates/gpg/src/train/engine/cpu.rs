@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
 use crate::checkpoint::Buffers;
 use crate::model::decoding::DecodeEngine;
 use crate::model::qwen2_vl::VlForwardCache;
-use crate::model::{Activations, ForwardCache, Qwen2, TokenLogprobs};
+use crate::model::{Activations, Qwen2, TokenLogprobs};
 use crate::optim::{AdamW, SplitMaster};
 
 use super::super::policy::{Policy, PolicyBatch};
@@ -25,12 +25,6 @@ pub struct CpuEngine {
     /// The f32 master of each trained bf16 leaf (its lower halves), in the walk's order.
     masters: Vec<Option<SplitMaster>>,
     optimizer: AdamW,
-}
-
-/// What a CPU training forward keeps.
-enum CpuCache {
-    Text(ForwardCache),
-    Vision(Box<VlForwardCache>),
 }
 
 impl CpuEngine {
@@ -84,27 +78,13 @@ impl TrainEngine for CpuEngine {
         inv_temperature: f32,
         keep: Activations,
     ) -> Result<(TokenLogprobs, StepCache)> {
-        match (model, batch) {
-            (Policy::Text(m), PolicyBatch::Text(b)) => {
-                let (lp, cache) = m.forward_train_with(b, inv_temperature, keep)?;
-                Ok((lp, StepCache::new(CpuCache::Text(cache))))
-            }
-            (Policy::Vision(v), PolicyBatch::Vision(b)) => {
-                let (lp, cache) = v.model.forward_scored(
-                    b,
-                    inv_temperature,
-                    Some(keep),
-                    self.grads.tower.is_some(),
-                )?;
-                let cache = cache.context("internal: the training forward kept no activations")?;
-                Ok((lp, StepCache::new(CpuCache::Vision(Box::new(cache)))))
-            }
-            _ => bail!("internal: a batch of the other kind of policy"),
-        }
+        let train_tower = self.grads.tower.is_some();
+        let (lp, cache) = model.forward_on_host(batch, inv_temperature, keep, train_tower)?;
+        Ok((lp, StepCache::new(cache)))
     }
 
     fn fuses_forward_backward(&self, model: &Policy) -> bool {
-        matches!(model, Policy::Text(_))
+        model.fuses_forward_backward()
     }
 
     fn forward_backward_into(
@@ -115,18 +95,15 @@ impl TrainEngine for CpuEngine {
         keep: Activations,
         g: &[f32],
     ) -> Result<TokenLogprobs> {
-        let (Policy::Text(m), PolicyBatch::Text(b)) = (model, batch) else {
-            bail!(
-                "internal: a vision-language policy takes the forward and the backward separately"
-            )
-        };
-        match (&mut self.grads.decoder, &mut self.grads.adapter) {
-            (Some(grads), _) => m.forward_backward_into(b, inv_temperature, keep, g, grads),
-            (None, Some(grads)) => {
-                m.forward_backward_adapter_into(b, inv_temperature, keep, g, grads)
-            }
-            (None, None) => bail!("internal: nothing of the decoder trains"),
-        }
+        let grads = &mut self.grads;
+        model.forward_backward_on_host(
+            batch,
+            inv_temperature,
+            keep,
+            g,
+            grads.decoder.as_mut(),
+            grads.adapter.as_mut(),
+        )
     }
 
     fn backward_into(
@@ -137,24 +114,14 @@ impl TrainEngine for CpuEngine {
         g: &[f32],
     ) -> Result<()> {
         let grads = &mut self.grads;
-        match (model, batch, cache.take::<CpuCache>()?) {
-            (Policy::Text(m), PolicyBatch::Text(b), CpuCache::Text(c)) => {
-                match (&mut grads.decoder, &mut grads.adapter) {
-                    (Some(d), _) => m.backward_into(b, c, g, d),
-                    (None, Some(a)) => m.backward_adapter_into(b, c, g, a),
-                    (None, None) => bail!("internal: nothing of the decoder trains"),
-                }
-            }
-            (Policy::Vision(v), PolicyBatch::Vision(b), CpuCache::Vision(c)) => {
-                let decoder = grads
-                    .decoder
-                    .as_mut()
-                    .context("internal: a vision-language decoder without gradients")?;
-                v.model
-                    .backward_into_parts(b, *c, g, decoder, grads.tower.as_mut())
-            }
-            _ => bail!("internal: a batch or cache of the other kind of policy"),
-        }
+        model.backward_on_host(
+            batch,
+            cache.take::<VlForwardCache>()?,
+            g,
+            grads.decoder.as_mut(),
+            grads.adapter.as_mut(),
+            grads.tower.as_mut(),
+        )
     }
 
     fn logprobs(

@@ -55,17 +55,11 @@ impl Trainable {
     /// What `model` trains: a text model with an adapter its adapter, one without every
     /// parameter; a vision-language model its decoder and, when `train_vision`, its tower.
     pub fn of(model: &Policy) -> Self {
-        match model {
-            Policy::Text(m) => Trainable {
-                decoder: m.adapter().is_none(),
-                adapter: m.adapter().is_some(),
-                tower: false,
-            },
-            Policy::Vision(v) => Trainable {
-                decoder: true,
-                adapter: false,
-                tower: v.train_vision,
-            },
+        let adapter = model.text().adapter().is_some();
+        Trainable {
+            decoder: !adapter,
+            adapter,
+            tower: model.vision().is_some_and(|t| t.train),
         }
     }
 }
@@ -98,13 +92,16 @@ impl Gradients {
         } else {
             None
         };
-        let tower = match (which.tower, model) {
-            (false, _) => None,
-            (true, Policy::Vision(v)) => Some(crate::model::vision::zero_grads(
-                &v.model.visual,
-                &v.model.config.vision,
-            )?),
-            (true, Policy::Text(_)) => bail!("internal: a text model has no tower to train"),
+        let tower = if which.tower {
+            let t = model
+                .vision()
+                .context("internal: a text model has no tower to train")?;
+            Some(crate::model::vision::zero_grads(
+                &t.visual,
+                &t.config.vision,
+            )?)
+        } else {
+            None
         };
         Ok(Gradients {
             decoder: which.decoder.then(|| text.zero_grads()).transpose()?,
@@ -150,12 +147,8 @@ impl Gradients {
                 "internal: the model and gradient trees differ"
             );
             for ((name, tensor), (_, grad)) in weights.into_iter().zip(grads) {
-                let name = match model {
-                    Policy::Text(_) => name,
-                    Policy::Vision(v) => v.model.config.text_name(&name),
-                };
                 out.push(Leaf {
-                    name,
+                    name: model.text_name(name),
                     tensor: tensor.clone(),
                     grad,
                 });
@@ -183,10 +176,10 @@ impl Gradients {
             }
         }
         if let Some(grads) = &self.tower {
-            let Policy::Vision(v) = model else {
-                bail!("internal: tower gradients for a text model");
-            };
-            let weights = v.model.visual.named();
+            let v = model
+                .vision()
+                .context("internal: tower gradients for a text model")?;
+            let weights = v.visual.named();
             let grads = grads.named();
             ensure!(
                 weights.len() == grads.len(),
@@ -194,7 +187,7 @@ impl Gradients {
             );
             for ((name, tensor), (_, grad)) in weights.into_iter().zip(grads) {
                 out.push(Leaf {
-                    name: v.model.config.vision_name(&name),
+                    name: v.config.vision_name(&name),
                     tensor: tensor.clone(),
                     grad,
                 });

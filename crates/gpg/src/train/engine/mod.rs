@@ -297,10 +297,11 @@ mod tests {
     #[test]
     fn gpu_checkpoint_layout_is_the_cpu_updaters() {
         for precision in [Precision::F32, Precision::Bf16] {
-            let model = Policy::Text(tiny(precision));
+            let model = Policy::from_text(tiny(precision));
             let mut u = CpuEngine::new(&model, AdamW::new(Default::default()).unwrap()).unwrap();
-            let batch =
-                PolicyBatch::Text(TrainBatch::new(&[(&[1u32, 2, 3][..], &[4u32, 5][..])]).unwrap());
+            let batch = PolicyBatch::text_only(
+                TrainBatch::new(&[(&[1u32, 2, 3][..], &[4u32, 5][..])]).unwrap(),
+            );
             for _ in 0..2 {
                 let (_, cache) = u.forward(&model, &batch, 1.0, Activations::All).unwrap();
                 u.backward_into(&model, &batch, cache, &[0.5, -0.25])

@@ -115,7 +115,7 @@ impl Trainer {
         let tools = match &config.tools {
             Some(t) => {
                 ensure!(
-                    matches!(model, Policy::Text(_)),
+                    model.vision().is_none(),
                     "[tools]: multi-turn rollouts with tools run on text models only so far"
                 );
                 Some(crate::tools::Toolbox::new(t, &tokenizer)?)
